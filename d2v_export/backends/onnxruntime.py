@@ -1,0 +1,81 @@
+"""ONNX Runtime target: the ONNX file itself, run by the CPU execution provider."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..spec import Artifact, D2VError, ExitCode, ExportedGraph, Precision
+from .base import Availability, BuildRequest, RunnerBase
+
+MODEL_FILE = "model.onnx"
+
+
+class OrtRunner(RunnerBase):
+    def __init__(self, path: Path, threads: int, name: str = "onnxruntime") -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.name = name
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(self.outputs, dict(feed))))
+
+    def close(self) -> None:
+        self.session = None
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+    extra = ""
+    precisions = (Precision.FP32, Precision.INT8)
+
+    def available(self) -> Availability:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return Availability(False, f"onnxruntime does not import ({exc}); pip install onnxruntime")
+        return Availability(True, version=ort.__version__, devices=tuple(ort.get_available_providers()))
+
+    def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / MODEL_FILE
+        if request.precision is Precision.FP32:
+            _copy_onnx(graph.path, target)
+        elif request.precision is Precision.INT8 and request.quant is not None:
+            from ..quantize import quantize_onnx
+
+            quantize_onnx(graph, target, request.quant, request.calibration)
+        else:
+            raise D2VError(
+                f"onnxruntime builds fp32 or int8 on CPU, not {request.precision.value}; use --target openvino or tensorrt for it",
+                ExitCode.TARGET_UNAVAILABLE,
+            )
+        files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+        return Artifact(self.name, request.precision, folder, target, files, quantization=request.quant)
+
+    def runner(self, artifact: Artifact, *, threads: int) -> OrtRunner:
+        return OrtRunner(artifact.model_file, threads, name=f"{self.name}-{artifact.precision.value}")
+
+
+def _copy_onnx(source: Path, target: Path) -> None:
+    """Copy an ONNX file and any external-data file beside it (hard links when the disk allows)."""
+    for src in [source, *source.parent.glob(source.name + ".data")]:
+        dst = target.parent / src.name.replace(source.name, target.name)
+        try:
+            dst.hardlink_to(src)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+BACKEND: Any = OnnxRuntimeBackend()

@@ -1,0 +1,209 @@
+"""The `d2v-export` command line: parse options, build a spec, call the pipeline. The only Click module."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .heads import DEFAULT_TASK, tasks
+from .spec import D2VError, ExitCode, Modality
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success                          4  ONNX does not match PyTorch
+  1  internal error (a bug)           5  accuracy drift over budget
+  2  bad option (usage)               6  target not available here
+  3  bad input (model, task, paths)   7  regression against a baseline"""
+
+
+def _range(kind: type) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    """Parse MIN:OPT:MAX, or N for a fixed size."""
+
+    def parse(_ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        parts = value.split(":")
+        try:
+            nums = [kind(p) for p in parts]
+        except ValueError:
+            raise click.BadParameter(f"'{value}' is not MIN:OPT:MAX or a single number") from None
+        if len(nums) == 1:
+            nums = nums * 3
+        if len(nums) != 3 or not (0 < nums[0] <= nums[1] <= nums[2]):
+            raise click.BadParameter(f"'{value}': give MIN:OPT:MAX with 0 < MIN <= OPT <= MAX, or a single number")
+        return tuple(nums)
+
+    return parse
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except D2VError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(int(exc.code))
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written to the output folder", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug: one line, the traceback with D2V_DEBUG=1
+            if os.environ.get("D2V_DEBUG"):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"error: internal error {exc.__class__.__name__}: {first} (rerun with D2V_DEBUG=1 for the traceback)", err=True)
+            sys.exit(int(ExitCode.INTERNAL))
+
+    return wrapper
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    epilog="""\b
+Examples:
+  d2v-export vision --model preset:base --target onnxruntime --output out/vision
+  d2v-export text --model ./my-checkpoint --task question-answering
+  d2v-export audio --model facebook/data2vec-audio-base-960h --json > report.json
+
+"""
+    + EXIT_CODES_HELP,
+)
+@click.version_option(__version__, prog_name="d2v-export")
+def main() -> None:
+    """Export Data2Vec models to ONNX, check them against PyTorch, compile them for a target and report
+    accuracy drift and latency."""
+
+
+def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    from . import backends
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option("--model", "-m", "model", default="preset:base", show_default=True, metavar="SOURCE",
+                         help="A Hugging Face hub id, a local checkpoint folder, or preset:tiny|base|large (offline, random weights)."),
+            click.option("--task", "-t", type=click.Choice(tasks(modality)), default=None,
+                         help=f"Hugging Face task name. Default: the checkpoint's own head ({DEFAULT_TASK[modality]} for presets)."),
+            click.option("--target", "targets", multiple=True, default=("onnxruntime",), show_default=True,
+                         type=click.Choice(backends.names()), help="Runtime to build for; repeat for several."),
+            click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
+                         help=f"Folder for artifacts and report.json/report.md. Default: out/{modality.value}."),
+            click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
+            click.option("--batch-size", callback=_range(int), default=None, metavar="MIN:OPT:MAX",
+                         help="Dynamic batch range (default 1:1:8); a single N fixes the batch at N. Latency is measured at OPT."),
+            click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                         help="Threads for every runtime and the PyTorch reference; 0 = all cores available."),
+            click.option("--bench-seconds", type=click.FloatRange(min=0), default=8.0, show_default=True,
+                         help="Time budget for the interleaved latency measurement (at least 10 runs each)."),
+            click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (progress goes to stderr)."),
+            click.option("--quiet", "-q", is_flag=True, help="No progress on stderr."),
+        ]  # fmt: skip
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return decorate
+
+
+def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
+    from .bench import BenchSettings
+    from .models import parse_source
+    from .pipeline import RunOptions, ShapeRequest, run
+
+    quiet = kw["quiet"]
+
+    def progress(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[d2v-export] {msg}", err=True)
+
+    bar: dict[str, Any] = {}
+
+    def bench_progress(done: int, total: int) -> None:
+        if quiet or not sys.stderr.isatty():
+            return
+        from tqdm import tqdm
+
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, desc="latency rounds", unit="round", file=sys.stderr, leave=False)
+        b = bar["bar"]
+        b.total = max(total, done)
+        b.update(done - b.n)
+
+    spec = parse_source(kw["model"], modality, kw["task"])
+    output = kw["output"] or Path("out") / modality.value
+    options = RunOptions(
+        output=output,
+        targets=tuple(dict.fromkeys(kw["targets"])),
+        force=kw["force"],
+        threads=kw["threads"],
+        bench=BenchSettings(seconds=kw["bench_seconds"]),
+    )
+    shapes = ShapeRequest(batch=kw["batch_size"], **shape_kwargs)
+    report = run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
+    if "bar" in bar:
+        bar["bar"].close()
+    if kw["as_json"]:
+        click.echo((output / "report.json").read_text(encoding="utf-8"), nl=False)
+    else:
+        _summary(report, output)
+
+
+def _summary(report: Any, output: Path) -> None:
+    if report.model.random_weights:
+        click.secho("RANDOM WEIGHTS: latency is real; accuracy numbers only measure conversion drift.", fg="yellow", bold=True)
+    ref = report.reference_latency
+    click.echo(f"{report.model.modality.value}/{report.model.task} ({report.model.class_name}), report: {output / 'report.md'}")
+    click.echo(f"  {'pytorch-fp32 (reference)':28s} p50 {ref.p50:9.2f} ms")
+    for v in report.variants:
+        lat = v.latency
+        speed = f"{v.speedup_vs_reference:.2f}x" if v.speedup_vs_reference else "-"
+        verdict = "ok" if v.drift.passed else f"DRIFT over budget: {', '.join(v.drift.failed)}"
+        p50 = f"{lat.p50:9.2f} ms" if lat else "not measured"
+        click.echo(f"  {v.artifact:28s} p50 {p50}  {speed:>7s} vs PyTorch  drift {verdict}")
+
+
+@main.command(epilog="""\b
+Examples:
+  d2v-export vision                                   # preset:base (data2vec-vision-base-ft1k shape) to ONNX Runtime
+  d2v-export vision --model ./ckpt --task semantic-segmentation --batch-size 1:2:4
+  d2v-export vision --model preset:tiny --output out/tiny --force --json
+""")  # fmt: skip
+@_common(Modality.VISION)
+@click.option("--image-size", type=click.IntRange(min=8), default=None, help="Input resolution; must be the checkpoint's (fixed by its position bias).")
+@_handle_errors
+def vision(image_size: int | None, **kw: Any) -> None:
+    """Data2VecVision (BEiT-style 224x224 images)."""
+    _run(Modality.VISION, {"image_size": image_size}, **kw)
+
+
+@main.command(epilog="""\b
+Examples:
+  d2v-export text                                     # preset:base (data2vec-text-base shape), text-classification
+  d2v-export text --model ./my-checkpoint --task question-answering --sequence-length 16:384:512
+  d2v-export text --task multiple-choice --num-choices 4
+""")  # fmt: skip
+@_common(Modality.TEXT)
+@click.option("--sequence-length", callback=_range(int), default=None, metavar="MIN:OPT:MAX", help="Token range (default 8:128:512).")
+@click.option("--num-choices", callback=_range(int), default=None, metavar="MIN:OPT:MAX", help="Choices per question for multiple-choice (default 2:4:4).")
+@_handle_errors
+def text(sequence_length: Any, num_choices: Any, **kw: Any) -> None:
+    """Data2VecText (RoBERTa-style BPE tokens)."""
+    _run(Modality.TEXT, {"sequence": sequence_length, "choices": num_choices}, **kw)
+
+
+@main.command(epilog="""\b
+Examples:
+  d2v-export audio                                    # preset:base (data2vec-audio-base-960h shape), CTC
+  d2v-export audio --model ./ckpt --task audio-classification --audio-seconds 1:2:10
+""")  # fmt: skip
+@_common(Modality.AUDIO)
+@click.option("--audio-seconds", callback=_range(float), default=None, metavar="MIN:OPT:MAX", help="Clip length range in seconds at 16 kHz (default 0.5:1:10).")
+@_handle_errors
+def audio(audio_seconds: Any, **kw: Any) -> None:
+    """Data2VecAudio (wav2vec2-style 16 kHz waveforms)."""
+    _run(Modality.AUDIO, {"audio_seconds": audio_seconds}, **kw)

@@ -1,0 +1,159 @@
+"""Every Data2Vec head d2v-export supports, as one table of plain data.
+
+A head is a (modality, Hugging Face task) pair. It names the transformers class, the ONNX inputs
+and outputs, the tolerance of the export check and the kind of drift metric that judges it.
+Adding a head is adding a row; tests are parametrized over this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .spec import D2VError, Modality, ShapeProfile, TensorSpec
+
+
+@dataclass(frozen=True)
+class Head:
+    modality: Modality
+    task: str  # Hugging Face / optimum task name
+    class_name: str  # transformers class
+    outputs: tuple[str, ...]  # ONNX output names, taken from the model's output object
+    metric: str  # how drift is judged: see validate.py
+    tolerance: float = 1e-4  # export check: max |onnx - torch| <= tolerance * max(1, max |torch|)
+    init_kwargs: tuple[tuple[str, object], ...] = ()  # extra constructor arguments of the class
+
+    @property
+    def multiple_choice(self) -> bool:
+        return self.task == "multiple-choice"
+
+    @property
+    def key(self) -> str:
+        return f"{self.modality.value}/{self.task}"
+
+
+HEADS: tuple[Head, ...] = (
+    # vision: BEiT-style 224x224 input
+    Head(Modality.VISION, "feature-extraction", "Data2VecVisionModel", ("last_hidden_state", "pooler_output"), "embedding", init_kwargs=(("add_pooling_layer", True),)),
+    Head(Modality.VISION, "image-classification", "Data2VecVisionForImageClassification", ("logits",), "classification"),
+    Head(Modality.VISION, "semantic-segmentation", "Data2VecVisionForSemanticSegmentation", ("logits",), "segmentation"),
+    # text: RoBERTa-style BPE input
+    Head(Modality.TEXT, "feature-extraction", "Data2VecTextModel", ("last_hidden_state", "pooler_output"), "embedding"),
+    Head(Modality.TEXT, "fill-mask", "Data2VecTextForMaskedLM", ("logits",), "language-model"),
+    Head(Modality.TEXT, "text-generation", "Data2VecTextForCausalLM", ("logits",), "language-model"),
+    Head(Modality.TEXT, "text-classification", "Data2VecTextForSequenceClassification", ("logits",), "classification"),
+    Head(Modality.TEXT, "multiple-choice", "Data2VecTextForMultipleChoice", ("logits",), "classification"),
+    Head(Modality.TEXT, "token-classification", "Data2VecTextForTokenClassification", ("logits",), "token-classification"),
+    Head(Modality.TEXT, "question-answering", "Data2VecTextForQuestionAnswering", ("start_logits", "end_logits"), "question-answering"),
+    # audio: wav2vec2-style 16 kHz input
+    Head(Modality.AUDIO, "feature-extraction", "Data2VecAudioModel", ("last_hidden_state",), "embedding"),
+    Head(Modality.AUDIO, "automatic-speech-recognition", "Data2VecAudioForCTC", ("logits",), "ctc"),
+    Head(Modality.AUDIO, "audio-classification", "Data2VecAudioForSequenceClassification", ("logits",), "classification"),
+    Head(Modality.AUDIO, "audio-frame-classification", "Data2VecAudioForAudioFrameClassification", ("logits",), "token-classification"),
+    Head(Modality.AUDIO, "audio-xvector", "Data2VecAudioForXVector", ("logits", "embeddings"), "embedding"),
+)
+
+# The head a preset builds when no --task is given: the head of the real checkpoint it copies.
+DEFAULT_TASK: dict[Modality, str] = {
+    Modality.VISION: "image-classification",
+    Modality.TEXT: "text-classification",
+    Modality.AUDIO: "automatic-speech-recognition",
+}
+
+SAMPLING_RATE = 16_000
+
+
+def tasks(modality: Modality) -> tuple[str, ...]:
+    return tuple(h.task for h in HEADS if h.modality is modality)
+
+
+def head_for(modality: Modality, task: str) -> Head:
+    for h in HEADS:
+        if h.modality is modality and h.task == task:
+            return h
+    raise D2VError(
+        f"task '{task}' does not exist for {modality.value}; choose one of: {', '.join(tasks(modality))}"
+    )
+
+
+def head_for_class(class_name: str) -> Head | None:
+    for h in HEADS:
+        if h.class_name == class_name:
+            return h
+    return None
+
+
+def input_specs(head: Head) -> tuple[TensorSpec, ...]:
+    """ONNX inputs, with named dynamic axes."""
+    if head.modality is Modality.VISION:
+        return (TensorSpec("pixel_values", "float32", ("batch", 3, "height", "width")),)
+    if head.modality is Modality.AUDIO:
+        return (TensorSpec("input_values", "float32", ("batch", "samples")),)
+    axes: tuple[int | str, ...] = ("batch", "choices", "sequence") if head.multiple_choice else ("batch", "sequence")
+    return (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes))
+
+
+def dynamic_axes(head: Head) -> dict[str, tuple[str, ...]]:
+    """For each input, the axes that vary at run time (vision keeps its image size fixed)."""
+    static = {"height", "width"}
+    return {
+        t.name: tuple(a for a in t.shape if isinstance(a, str) and a not in static) for t in input_specs(head)
+    }
+
+
+def concrete_shape(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(a if isinstance(a, int) else sizes[a] for a in spec.shape)
+
+
+def shape_points(profile: ShapeProfile) -> list[dict[str, int]]:
+    """The shapes the export check runs at: min, opt, an odd size in between, the largest batch at the
+    optimal length and the longest input at the smallest batch (cheaper than max everything).
+
+    The trace uses ``trace_point`` (batch 2), which differs from the min and opt points.
+    """
+    lo, opt, hi = profile.point("min"), profile.point("opt"), profile.point("max")
+    mid = {k: (opt[k] + hi[k] + 1) // 2 if opt[k] < hi[k] else opt[k] for k in opt}
+    mid = {k: v - 1 if k != "batch" and v - 1 >= lo[k] and v % 2 == 0 else v for k, v in mid.items()}
+    widest = dict(opt, batch=hi["batch"]) if "batch" in hi else dict(hi)
+    longest = dict(hi, batch=lo["batch"]) if "batch" in hi else dict(hi)
+    points: list[dict[str, int]] = []
+    for p in (lo, opt, mid, widest, longest):
+        if p not in points:
+            points.append(p)
+    return points
+
+
+def trace_point(profile: ShapeProfile) -> dict[str, int]:
+    """A shape for tracing with no axis at 1 (an axis of size 1 gets specialized by exporters)."""
+    opt = profile.point("opt")
+    out = {}
+    for d in profile.dims:
+        out[d.name] = min(max(2, d.opt), d.max) if d.max >= 2 else d.opt
+    return opt | out
+
+
+def dummy_inputs(head: Head, config: Any, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the given sizes, shaped like real ones (text rows padded to varied lengths)."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in input_specs(head):
+        shape = concrete_shape(spec, sizes | {"height": sizes.get("image_size", 0), "width": sizes.get("image_size", 0)})
+        if spec.name == "pixel_values":
+            feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32)
+        elif spec.name == "input_values":
+            feeds[spec.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif spec.name == "input_ids":
+            cfg = config
+            ids = rng.integers(3, cfg.vocab_size, size=shape, dtype=np.int64)
+            ids[..., 0] = cfg.bos_token_id if cfg.bos_token_id is not None else 0
+            mask = np.ones(shape, dtype=np.int64)
+            seq = shape[-1]
+            flat_ids, flat_mask = ids.reshape(-1, seq), mask.reshape(-1, seq)
+            for row in range(1, flat_ids.shape[0]):  # every row after the first is padded a little
+                keep = max(2, seq - int(rng.integers(0, max(1, seq // 2))))
+                flat_ids[row, keep:] = cfg.pad_token_id if cfg.pad_token_id is not None else 1
+                flat_mask[row, keep:] = 0
+            feeds["input_ids"], feeds["attention_mask"] = flat_ids.reshape(shape), flat_mask.reshape(shape)
+    return feeds

@@ -1,0 +1,235 @@
+"""report.json (versioned schema, see docs/report-schema.md) and report.md."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Mapping
+
+from .spec import Drift, LatencyStats, Report, Variant
+
+SCHEMA_VERSION = "1.0"
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """Versions, CPU and threads: where the numbers came from."""
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("d2v-export", "torch", "transformers", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "versions": versions,
+        "cpu": _cpu_name(),
+        "cpu_flags": _cpu_flags(),
+        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "device": "CPU",
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx_vnni")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def latency_dict(lat: LatencyStats | None) -> dict[str, Any] | None:
+    if lat is None:
+        return None
+    return {
+        "p50": lat.p50,
+        "p90": lat.p90,
+        "p99": lat.p99,
+        "mean": lat.mean,
+        "stdev": lat.stdev,
+        "n": lat.n,
+        "batch": lat.batch,
+        "shape": dict(lat.shape),
+        "throughput_per_s": lat.throughput,
+        "samples": list(lat.samples_ms),
+    }
+
+
+def drift_dict(drift: Drift) -> dict[str, Any]:
+    return _plain(drift)
+
+
+def variant_name(v: Variant) -> str:
+    return Path(v.artifact).name
+
+
+def to_dict(report: Report, root: Path) -> dict[str, Any]:
+    """The JSON document. Paths are relative to ``root``, the folder the report is written to."""
+    graph = report.export
+
+    def rel(p: Path) -> str:
+        try:
+            return str(Path(p).relative_to(root))
+        except ValueError:
+            return str(p)
+
+    return {
+        "schema_version": report.schema_version,
+        "tool": {"name": "d2v-export", "version": report.tool_version},
+        "created": report.created,
+        "passed": report.passed,
+        "model": {
+            "source": report.model.source,
+            "modality": report.model.modality.value,
+            "task": report.model.task,
+            "class": report.model.class_name,
+            "random_weights": report.model.random_weights,
+            "parameters": report.model.parameters,
+            "preset": report.model.preset,
+        },
+        "environment": _plain(report.environment),
+        "export": {
+            "exporter": graph.exporter,
+            "opset": graph.opset,
+            "seconds": round(graph.seconds, 3),
+            "inputs": _plain(graph.inputs),
+            "outputs": _plain(graph.outputs),
+            "shapes": {d.name: {"min": d.min, "opt": d.opt, "max": d.max} for d in graph.profile.dims},
+            "static": dict(graph.profile.static),
+            "check": drift_dict(graph.check),
+        },
+        "reference": {"name": "pytorch-fp32", "latency_ms": latency_dict(report.reference_latency)},
+        "variants": [
+            {
+                "name": variant_name(v),
+                "target": v.target,
+                "precision": v.precision.value,
+                "quantization": _plain(v.quantization),
+                "artifact": v.artifact,
+                "drift": drift_dict(v.drift),
+                "latency_ms": latency_dict(v.latency),
+                "speedup_vs_reference": v.speedup_vs_reference,
+                "notes": list(v.notes),
+            }
+            for v in report.variants
+        ],
+        "warnings": list(report.warnings),
+    }
+
+
+def write(report: Report, folder: Path) -> tuple[Path, Path]:
+    doc = to_dict(report, folder)
+    json_path, md_path = folder / "report.json", folder / "report.md"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(markdown(doc), encoding="utf-8")
+    return json_path, md_path
+
+
+def _ms(lat: Mapping[str, Any] | None, key: str) -> str:
+    return f"{lat[key]:.2f}" if lat else "–"
+
+
+def _metric_summary(drift: Mapping[str, Any]) -> str:
+    metrics = drift.get("metrics") or {}
+    budget = drift.get("budget") or {}
+    shown = list(budget) or list(metrics)[:2]
+    parts = []
+    for name in shown:
+        value = metrics.get(name)
+        limit = budget.get(name)
+        text = "n/a" if value is None else f"{value:.3g}"
+        parts.append(f"{name} {text}" + (f" (limit {limit:g})" if limit is not None else ""))
+    return "; ".join(parts)
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """A short Markdown report that fits a CI step summary."""
+    model, env = doc["model"], doc["environment"]
+    lines = [f"# d2v-export report: {model['modality']} / {model['task']}", ""]
+    if model["random_weights"]:
+        lines += ["> **RANDOM WEIGHTS** — this preset has the real architecture but untrained weights: "
+                  "latency is meaningful, accuracy numbers only measure conversion drift.", ""]  # fmt: skip
+    verdict = "PASSED" if doc["passed"] else "FAILED"
+    lines += [
+        f"**Verdict: {verdict}** — model `{model['source']}` ({model['class']}, {model['parameters']:,} parameters)",
+        "",
+    ]
+    ref = doc["reference"]["latency_ms"]
+    lines += [
+        "| variant | precision | p50 ms | p90 ms | p99 ms | speedup vs PyTorch | drift | |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+        f"| pytorch (reference) | fp32 | {_ms(ref, 'p50')} | {_ms(ref, 'p90')} | {_ms(ref, 'p99')} | 1.00× | – | |",
+    ]
+    for v in doc["variants"]:
+        lat = v["latency_ms"]
+        speed = f"{v['speedup_vs_reference']:.2f}×" if v["speedup_vs_reference"] else "–"
+        ok = "✅" if v["drift"]["passed"] else "❌"
+        lines.append(
+            f"| {v['name']} | {v['precision']} | {_ms(lat, 'p50')} | {_ms(lat, 'p90')} | {_ms(lat, 'p99')} | {speed} | {_metric_summary(v['drift'])} | {ok} |"
+        )
+    shape = (ref or {}).get("shape") or {}
+    n = (ref or {}).get("n", 0)
+    lines += [
+        "",
+        f"Latency: batch {ref['batch'] if ref else '?'}, shape {shape}, {n} interleaved timed runs per variant after warm-up, "
+        f"{env['threads']} threads on {env['cpu']} ({env['cores_available']} cores available).",
+        "",
+        "## Export check",
+        "",
+        f"{doc['export']['exporter']}, opset {doc['export']['opset']}, {doc['export']['seconds']:.1f} s. "
+        f"{doc['export']['check']['detail']}.",
+        "",
+        "| axis | min | opt | max |",
+        "|---|---:|---:|---:|",
+    ]
+    for axis, r in doc["export"]["shapes"].items():
+        lines.append(f"| {axis} | {r['min']} | {r['opt']} | {r['max']} |")
+    for name, size in doc["export"]["static"].items():
+        lines.append(f"| {name} (static) | {size} | {size} | {size} |")
+    for v in doc["variants"]:
+        if v["drift"]["detail"]:
+            lines += ["", f"- **{v['name']}**: {v['drift']['detail']}"]
+        for note in v["notes"]:
+            lines.append(f"  - {note}")
+    if doc["warnings"]:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in doc["warnings"]]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    lines += ["", f"<sub>{versions}. Created {doc['created']}. Schema {doc['schema_version']}.</sub>", ""]
+    return "\n".join(lines)

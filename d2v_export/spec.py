@@ -1,0 +1,237 @@
+"""The data that flows through d2v-export: frozen dataclasses and enums.
+
+    ModelSpec --export--> ExportedGraph --quantize--> QuantizedGraph --compile--> Artifact
+                                                                                   |
+    fp32 PyTorch reference ------------------ validate + bench <-------------------+
+                                                   |
+                                                 Report
+
+Nothing in here imports torch, onnx or a runtime: these types are plain data.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+
+class Modality(str, enum.Enum):
+    VISION = "vision"
+    TEXT = "text"
+    AUDIO = "audio"
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+class SourceKind(str, enum.Enum):
+    PRESET = "preset"  # built offline from a known architecture, random weights
+    LOCAL = "local"  # a Hugging Face checkpoint folder on disk
+    HUB = "hub"  # a Hugging Face hub id
+
+
+class ExitCode(enum.IntEnum):
+    """Documented exit codes of the command line (see docs/cli.md)."""
+
+    OK = 0
+    INTERNAL = 1  # a bug: please report it
+    USAGE = 2  # Click's own code for a bad option
+    BAD_INPUT = 3  # model path, checkpoint, task, calibration data or output folder is wrong
+    EXPORT_MISMATCH = 4  # ONNX does not match PyTorch within the head's tolerance
+    DRIFT_BUDGET = 5  # a variant's accuracy drift is over its budget
+    TARGET_UNAVAILABLE = 6  # a requested target cannot run here (package or device missing)
+    REGRESSION = 7  # slower or less accurate than the baseline
+
+
+class D2VError(Exception):
+    """An error the user can fix. The message is one line that names the problem and the fix."""
+
+    code: ExitCode = ExitCode.BAD_INPUT
+
+    def __init__(self, message: str, code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a checkpoint comes from and what to build from it."""
+
+    source: str  # as the user gave it: "preset:base", a folder, or a hub id
+    kind: SourceKind
+    modality: Modality
+    task: str | None = None  # Hugging Face task name; None means the checkpoint's own head
+
+    @property
+    def preset(self) -> str | None:
+        return self.source.split(":", 1)[1] if self.kind is SourceKind.PRESET else None
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One dynamic axis with the range a deployed model must accept."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise D2VError(
+                f"{self.name}: need 1 <= min <= opt <= max, got {self.min}:{self.opt}:{self.max}; "
+                "pass MIN:OPT:MAX in increasing order"
+            )
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """Dynamic axes (min/opt/max) plus the static sizes a modality needs (image size, choices)."""
+
+    dims: tuple[Dim, ...]
+    static: Mapping[str, int] = field(default_factory=dict)
+
+    def dim(self, name: str) -> Dim:
+        for d in self.dims:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def point(self, which: str) -> dict[str, int]:
+        """Sizes of every axis at "min", "opt" or "max"."""
+        return {d.name: getattr(d, which) for d in self.dims} | dict(self.static)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64"
+    shape: tuple[int | str, ...]  # an int is static, a str names a dynamic axis
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far a candidate is from the fp32 PyTorch reference. Data, never an exception."""
+
+    reference: str  # e.g. "pytorch-fp32"
+    samples: int  # inputs compared
+    metrics: Mapping[str, float]  # metric name -> measured value
+    budget: Mapping[str, float]  # metric name -> limit ("max_abs_error" is an upper bound, agreement a lower one)
+    passed: bool
+    failed: tuple[str, ...] = ()  # metrics over budget
+    detail: str = ""  # one line: the worst output, the shapes compared, where the inputs came from
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    stdev: float
+    n: int
+    batch: int
+    shape: Mapping[str, int] = field(default_factory=dict)
+    samples_ms: tuple[float, ...] = ()  # raw timings, kept for statistical comparison
+
+    @property
+    def throughput(self) -> float:
+        """Items per second at the median."""
+        return 1000.0 * self.batch / self.p50 if self.p50 > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    path: Path  # the fp32 ONNX file
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profile: ShapeProfile
+    opset: int
+    exporter: str
+    check: Drift  # ONNX Runtime against PyTorch at several shapes
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How an INT8 graph was made. Plain data so that reports can show it."""
+
+    mode: str  # "static" | "dynamic"
+    method: str = "minmax"  # calibration method for static
+    samples: int = 0
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    op_types: tuple[str, ...] = ()
+    excluded_nodes: tuple[str, ...] = ()
+    tool: str = "onnxruntime.quantization"
+
+
+@dataclass(frozen=True)
+class QuantizedGraph:
+    path: Path
+    graph: ExportedGraph  # the fp32 graph it came from
+    recipe: QuantRecipe
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a target built: a folder with the model file and what is needed to load it."""
+
+    target: str
+    precision: Precision
+    path: Path  # the variant folder
+    model_file: Path  # the file a runtime loads
+    files: tuple[Path, ...]
+    quantization: QuantRecipe | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class Variant:
+    target: str
+    precision: Precision
+    artifact: str  # path relative to the report
+    drift: Drift
+    latency: LatencyStats | None
+    speedup_vs_reference: float | None
+    quantization: QuantRecipe | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str
+    modality: Modality
+    task: str
+    class_name: str
+    random_weights: bool
+    parameters: int
+    preset: str | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    schema_version: str
+    tool_version: str
+    created: str  # ISO 8601, UTC
+    model: ModelInfo
+    environment: Mapping[str, object]
+    export: ExportedGraph
+    reference_latency: LatencyStats | None
+    variants: tuple[Variant, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return all(v.drift.passed for v in self.variants)

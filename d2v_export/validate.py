@@ -1,0 +1,104 @@
+"""Run the reference and a candidate on the same inputs and measure how far apart they are.
+
+Returns data (``Drift``); never raises because of drift. Two kinds of check:
+
+- ``shape_check``: random inputs at every shape point of the profile, max error scaled by the
+  output's magnitude, against the head's tolerance. This is the export check of fp32 artifacts.
+- ``task_drift``: task-aware metrics (top-1 agreement, CER/WER, span match, ...) on real
+  evaluation samples, against a budget. This judges quantized artifacts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .heads import dummy_inputs, shape_points
+from .models import LoadedModel
+from .spec import Drift, ShapeProfile
+
+REFERENCE = "pytorch-fp32"
+
+Infer = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+def shape_check(
+    model: LoadedModel,
+    reference: Any,
+    infer: Infer,
+    profile: ShapeProfile,
+    *,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> Drift:
+    """Compare ``infer`` with the PyTorch ``reference`` wrapper at each shape point; name the worst output."""
+    from .export import torch_forward
+
+    head = model.head
+    worst_rel, worst_abs, worst_where = 0.0, 0.0, ""
+    points = shape_points(profile)
+    for i, sizes in enumerate(points):
+        progress(f"checking against PyTorch at {fmt_sizes(sizes)}")
+        feeds = dummy_inputs(head, model.config, sizes, seed=100 + i)
+        ref = torch_forward(reference, feeds, head.outputs)
+        got = infer(feeds)
+        for name in head.outputs:
+            if name not in got or got[name].shape != ref[name].shape:
+                shape = got[name].shape if name in got else "nothing"
+                why = f"output '{name}' has shape {shape} but PyTorch gives {ref[name].shape} at {fmt_sizes(sizes)}"
+                return _failed(head.tolerance, why, len(points))
+            cand = np.asarray(got[name], dtype=np.float64)
+            if not np.all(np.isfinite(cand)):
+                err = rel = float("inf")
+            elif ref[name].size:
+                err = float(np.max(np.abs(cand - ref[name])))
+                rel = err / max(1.0, float(np.max(np.abs(ref[name]))))
+            else:
+                err = rel = 0.0
+            if rel >= worst_rel:
+                worst_rel, worst_abs, worst_where = rel, err, f"output '{name}' at {fmt_sizes(sizes)}"
+    passed = worst_rel <= head.tolerance
+    return Drift(
+        reference=REFERENCE,
+        samples=len(points),
+        metrics={"max_abs_error": worst_abs, "max_scaled_error": worst_rel},
+        budget={"max_scaled_error": head.tolerance},
+        passed=passed,
+        failed=() if passed else ("max_scaled_error",),
+        detail=f"random inputs at {len(points)} shapes ({'; '.join(fmt_sizes(p) for p in points)}); worst: {worst_where}",
+    )
+
+
+def task_drift(
+    model: LoadedModel,
+    reference: Infer,
+    candidate: Infer,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    budget: Mapping[str, float],
+    *,
+    labels: Sequence[object] | None = None,
+    source: str = "",
+) -> Drift:
+    """Task-aware metrics of a candidate against the reference on real samples."""
+    from . import metrics
+
+    head = model.head
+    refs = [dict(reference(f)) for f in feeds]
+    cands = [dict(candidate(f)) for f in feeds]
+    id2char = None
+    if head.metric == "ctc" and model.tokenizer is not None:
+        id2char = {i: t for t, i in model.tokenizer.get_vocab().items()}
+    masks = [np.asarray(f["attention_mask"]) for f in feeds] if "attention_mask" in feeds[0] and not head.multiple_choice else None
+    values = metrics.compute(
+        head.metric, refs, cands, output_names=head.outputs, labels=list(labels) if labels else None, id2char=id2char, attention_masks=masks
+    )
+    passed, failed = metrics.judge(values, dict(budget))
+    return Drift(REFERENCE, len(feeds), values, dict(budget), passed, failed, detail=f"{len(feeds)} samples from {source}")
+
+
+def _failed(tolerance: float, why: str, samples: int) -> Drift:
+    return Drift(REFERENCE, samples, {"max_scaled_error": float("inf")}, {"max_scaled_error": tolerance}, False, ("max_scaled_error",), why)
+
+
+def fmt_sizes(sizes: Mapping[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sizes.items())
