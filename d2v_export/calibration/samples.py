@@ -1,0 +1,208 @@
+"""`Samples`, the seeded selection every reader shares, and the .npz calibration cache.
+
+A reader turns a path into a list of `Candidate`s (cheap: a name and a function that reads it) and
+hands them to `collect`, which reads them in a seeded order until it has `count` good ones, reports
+the unreadable ones in `Samples.skipped`, and returns the chosen ones in their sorted order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..spec import D2VError
+
+Feed = dict[str, np.ndarray]
+
+CACHE_KEY = "__d2v_cache__"  # the JSON metadata array that marks an .npz as a calibration cache
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no single truth value
+class Samples:
+    """Model-ready inputs read from a file or folder, one feed per sample, each with batch axis 1."""
+
+    feeds: tuple[Feed, ...]  # {onnx_input_name: array with leading batch axis 1}
+    names: tuple[str, ...]  # file name relative to the source, or "file.txt:17"
+    labels: tuple[object, ...] | None  # None when no sample has a label; else one entry (maybe None) each
+    skipped: tuple[tuple[str, str], ...]  # (name, reason) of unreadable entries
+    source: str  # what was read, for the report
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def __iter__(self) -> Iterator[Feed]:
+        return iter(self.feeds)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.feeds[0]) if self.feeds else ()
+
+    @property
+    def shapes(self) -> tuple[dict[str, tuple[int, ...]], ...]:
+        """The distinct input shapes, in order of first appearance (few, thanks to bucketing)."""
+        seen: list[dict[str, tuple[int, ...]]] = []
+        for feed in self.feeds:
+            shape = {k: tuple(int(n) for n in v.shape) for k, v in feed.items()}
+            if shape not in seen:
+                seen.append(shape)
+        return tuple(seen)
+
+
+class Unreadable(Exception):
+    """One entry cannot be used; its message (one line) lands in `Samples.skipped`."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    read: Callable[[], tuple[Feed, object]]  # -> (feed, label or None); raises Unreadable
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def check_count(count: int | None) -> None:
+    if count is not None and (not isinstance(count, (int, np.integer)) or count < 1):
+        raise D2VError(f"calibration sample count must be a positive integer, got {count!r}; pass 1 or more")
+
+
+def collect(
+    candidates: Sequence[Candidate],
+    *,
+    count: int | None,
+    seed: int,
+    source: str,
+    what: str,
+    fix: str,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> Samples:
+    """Read `count` candidates (all when None) picked with default_rng(seed), in their sorted order.
+
+    With `count` below the number of candidates, a seeded permutation is walked until `count` of them
+    read well, so an unreadable one is replaced by the next in that order rather than lost.
+    """
+    check_count(count)
+    n = len(candidates)
+    if count is None or count >= n:
+        order: Sequence[int] = range(n)
+    else:
+        order = [int(i) for i in np.random.default_rng(seed).permutation(n)]
+    bad = list(skipped)
+    good: list[tuple[int, Feed, object]] = []
+    for i in order:
+        if count is not None and len(good) >= count:
+            break
+        try:
+            feed, label = candidates[i].read()
+        except Unreadable as exc:
+            bad.append((candidates[i].name, " ".join(str(exc).split())))
+            continue
+        good.append((i, feed, label))
+    if not good:
+        detail = f" ({len(bad)} unreadable, e.g. {bad[0][0]}: {bad[0][1]})" if bad else ""
+        raise D2VError(f"no readable {what} in '{source}'{detail}; {fix}")
+    good.sort(key=lambda t: t[0])
+    labels = tuple(label for _, _, label in good)
+    return Samples(
+        feeds=tuple(feed for _, feed, _ in good),
+        names=tuple(candidates[i].name for i, _, _ in good),
+        labels=labels if any(label is not None for label in labels) else None,
+        skipped=tuple(bad),
+        source=source,
+    )
+
+
+def visible_files(root: Path, accept: Callable[[Path], bool]) -> list[Path]:
+    """Files under root (or root itself), sorted by relative path, hidden ones left out."""
+    if root.is_file():
+        return [root]
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if accept(path):
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def rel_name(path: Path, root: Path) -> str:
+    return path.name if root.is_file() else path.relative_to(root).as_posix()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def save_cache(samples: Samples, path: Path) -> Path:
+    """Write samples to one .npz (no pickle): arrays as `s000000.<input>`, the rest as JSON.
+
+    The write is atomic (temporary file, then rename), so a crashed run leaves no half cache.
+    """
+    path = Path(path)
+    meta = {
+        "version": CACHE_VERSION,
+        "source": samples.source,
+        "names": list(samples.names),
+        "labels": None if samples.labels is None else list(samples.labels),
+        "skipped": [list(s) for s in samples.skipped],
+        "inputs": [list(feed) for feed in samples.feeds],
+    }
+    arrays: dict[str, np.ndarray] = {CACHE_KEY: np.array(json.dumps(meta, default=_jsonable))}
+    for i, feed in enumerate(samples.feeds):
+        for name, value in feed.items():
+            arrays[f"s{i:06d}.{name}"] = np.ascontiguousarray(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".cache-", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_cache(path: Path) -> Samples:
+    """Read a file written by `save_cache`."""
+    path = Path(path)
+    if not path.is_file():
+        raise D2VError(f"calibration cache '{path}' does not exist; run once without it to create it")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if CACHE_KEY not in data.files:
+                raise D2VError(f"'{path}' is an .npz but not a d2v-export calibration cache; delete it or pass it as plain feeds")
+            meta = json.loads(str(data[CACHE_KEY][()]))
+            if meta.get("version") != CACHE_VERSION:
+                raise D2VError(
+                    f"calibration cache '{path}' has version {meta.get('version')}, this tool reads {CACHE_VERSION}; delete it to rebuild"
+                )
+            feeds = tuple({name: data[f"s{i:06d}.{name}"] for name in names} for i, names in enumerate(meta["inputs"]))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise D2VError(f"calibration cache '{path}' cannot be read ({one_line(exc)}); delete it to rebuild") from None
+    labels = meta["labels"]
+    return Samples(
+        feeds=feeds,
+        names=tuple(meta["names"]),
+        labels=None if labels is None else tuple(labels),
+        skipped=tuple((str(a), str(b)) for a, b in meta["skipped"]),
+        source=str(meta["source"]),
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
