@@ -70,6 +70,8 @@ Examples:
   d2v-export vision --model preset:base --target onnxruntime --output out/vision
   d2v-export text --model ./my-checkpoint --task question-answering
   d2v-export audio --model facebook/data2vec-audio-base-960h --json > report.json
+  d2v-export vision --model preset:base --target onnxruntime --int8
+  d2v-export text --model ./ckpt --int8 --quant dynamic --max-drift top1_agreement=0.99
 
 """
     + EXIT_CODES_HELP,
@@ -100,6 +102,20 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
                          help="Threads for every runtime and the PyTorch reference; 0 = all cores available."),
             click.option("--bench-seconds", type=click.FloatRange(min=0), default=8.0, show_default=True,
                          help="Time budget for the interleaved latency measurement (at least 10 runs each)."),
+            click.option("--int8", is_flag=True, help="Also build INT8 variants (static, calibrated on the bundled real samples unless --calibration)."),
+            click.option("--quant", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+                         help="INT8 mode: static (calibrated activations) or dynamic (ORT: runtime activation ranges; OpenVINO: weight-only)."),
+            click.option("--calibration", type=click.Path(path_type=Path, exists=True), default=None,
+                         help="Calibration samples: a folder of images/audio, a .txt/.jsonl text file, .npz feeds, or a calibration-cache.npz."),
+            click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration samples to use (seeded pick)."),
+            click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
+            click.option("--eval", "eval_path", type=click.Path(path_type=Path, exists=True), default=None,
+                         help="Held-out samples for the drift check (labels optional). Default: the bundled evaluation split."),
+            click.option("--eval-samples", type=click.IntRange(min=1), default=16, show_default=True),
+            click.option("--max-drift", multiple=True, metavar="METRIC=VALUE",
+                         help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable."),
+            click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
+                         help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds."),
             click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (progress goes to stderr)."),
             click.option("--quiet", "-q", is_flag=True, help="No progress on stderr."),
         ]  # fmt: skip
@@ -113,7 +129,8 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
 def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
     from .bench import BenchSettings
     from .models import parse_source
-    from .pipeline import RunOptions, ShapeRequest, run
+    from .metrics import parse_budget
+    from .pipeline import QuantOptions, RunOptions, ShapeRequest, run
 
     quiet = kw["quiet"]
 
@@ -135,6 +152,20 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         b.update(done - b.n)
 
     spec = parse_source(kw["model"], modality, kw["task"])
+    int8 = None
+    if kw["int8"]:
+        int8 = QuantOptions(
+            mode=kw["quant"],
+            method=kw["calib_method"],
+            calibration=kw["calibration"],
+            samples=kw["calib_samples"],
+            evaluation=kw["eval_path"],
+            eval_samples=kw["eval_samples"],
+            budget=parse_budget(list(kw["max_drift"])),
+            fallback=kw["fallback"] == "auto",
+        )
+    elif kw["max_drift"] or kw["calibration"] or kw["eval_path"] or kw["fallback"] == "auto":
+        raise D2VError("--calibration, --eval, --max-drift and --fallback apply to INT8; add --int8")
     output = kw["output"] or Path("out") / modality.value
     options = RunOptions(
         output=output,
@@ -142,6 +173,7 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         force=kw["force"],
         threads=kw["threads"],
         bench=BenchSettings(seconds=kw["bench_seconds"]),
+        int8=int8,
     )
     shapes = ShapeRequest(batch=kw["batch_size"], **shape_kwargs)
     report = run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
@@ -151,6 +183,16 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         click.echo((output / "report.json").read_text(encoding="utf-8"), nl=False)
     else:
         _summary(report, output)
+    if not report.passed:
+        bad = []
+        for v in report.variants:
+            if not v.drift.passed:
+                worst = ", ".join(f"{m} {v.drift.metrics.get(m, float('nan')):.4g} vs {v.drift.budget.get(m, float('nan')):g}" for m in v.drift.failed)
+                bad.append(f"{v.artifact} ({worst})")
+        raise D2VError(
+            f"drift over budget: {'; '.join(bad)}; see {output / 'report.md'}, try --fallback auto or --quant dynamic",
+            ExitCode.DRIFT_BUDGET,
+        )
 
 
 def _summary(report: Any, output: Path) -> None:

@@ -273,7 +273,9 @@ def _load_checkpoint(spec: ModelSpec) -> LoadedModel:
     except OSError as exc:
         raise D2VError(f"cannot load weights from '{where}': {str(exc).splitlines()[0]}; the folder needs model.safetensors or pytorch_model.bin") from None
     module.eval()
-    processor, tokenizer = _checkpoint_processors(spec.modality, where, config, head)
+    processor, tokenizer, missing = _checkpoint_processors(spec.modality, where, config, head)
+    if missing:
+        warnings.append(missing)
     return LoadedModel(
         module=module,
         config=config,
@@ -288,7 +290,7 @@ def _load_checkpoint(spec: ModelSpec) -> LoadedModel:
     )
 
 
-def _checkpoint_processors(modality: Modality, where: str | Path, config: Any, head: Head) -> tuple[Any | None, Any | None]:
+def _checkpoint_processors(modality: Modality, where: str | Path, config: Any, head: Head) -> tuple[Any | None, Any | None, str | None]:
     import transformers
 
     def attempt(fn: Any) -> Any | None:
@@ -306,8 +308,15 @@ def _checkpoint_processors(modality: Modality, where: str | Path, config: Any, h
             tokenizer = attempt(transformers.AutoTokenizer.from_pretrained)
     else:
         tokenizer = attempt(transformers.AutoTokenizer.from_pretrained)
+    # A checkpoint without its own processor files gets the preset's, which may not match its training.
+    missing = None
+    if modality is Modality.TEXT and tokenizer is None:
+        missing = (f"'{where}' has no tokenizer files: using the bundled GPT-2 byte-level BPE in RoBERTa's layout, "
+                   "whose ids differ from real RoBERTa/data2vec-text vocabularies; copy the checkpoint's tokenizer files in")  # fmt: skip
+    elif modality is not Modality.TEXT and processor is None:
+        missing = f"'{where}' has no preprocessor_config.json: using the preset's {modality.value} processor settings"
     default_proc, default_tok = preset_processors(modality, config, head)
-    return processor or default_proc, tokenizer or default_tok
+    return processor or default_proc, tokenizer or default_tok, missing
 
 
 def _hub(fn: Any, hub_id: str) -> Any:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from . import __version__, backends, bench, report as report_mod
 from .backends.base import BuildRequest
@@ -25,8 +25,12 @@ from .backends.torch_ref import NAME as REFERENCE_NAME, TorchRunner
 from .export import export, make_wrapper
 from .heads import SAMPLING_RATE, dummy_inputs
 from .models import LoadedModel, load
+from .calibration.samples import Samples
 from .spec import (
+    Artifact,
     D2VError,
+    Drift,
+    ExportedGraph,
     Dim,
     ExitCode,
     LatencyStats,
@@ -38,7 +42,7 @@ from .spec import (
     ShapeProfile,
     Variant,
 )
-from .validate import shape_check
+from .validate import shape_check, task_drift
 
 Range = tuple[float, float, float]
 
@@ -61,12 +65,28 @@ DEFAULT_AUDIO_SECONDS: Range = (0.5, 1.0, 10.0)
 
 
 @dataclass(frozen=True)
+class QuantOptions:
+    """INT8 as the user asked for it. The target turns it into its own recipe (quantize.make_recipe)."""
+
+    mode: str = "static"  # "static" (calibrated activations) | "dynamic" (ORT: runtime activation ranges; OpenVINO: weight-only)
+    method: str = "minmax"  # static calibration: minmax | entropy | percentile
+    calibration: Path | None = None  # None: the bundled real samples
+    samples: int = 32  # calibration samples
+    evaluation: Path | None = None  # held-out samples; None: the bundled evaluation split
+    eval_samples: int = 16
+    budget: Mapping[str, float] = field(default_factory=dict)  # overrides of metrics.DEFAULT_BUDGETS
+    fallback: bool = False  # return the most sensitive nodes to float until the budget holds
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RunOptions:
     output: Path
     targets: tuple[str, ...] = ("onnxruntime",)
     force: bool = False
     threads: int = 0  # 0: every core this process may use
     bench: bench.BenchSettings = field(default_factory=bench.BenchSettings)
+    int8: QuantOptions | None = None  # None: float variants only
 
 
 Progress = Callable[[str], None]
@@ -148,7 +168,11 @@ def run(
     progress: Progress = lambda _msg: None,
     bench_progress: BenchProgress = lambda _done, _total: None,
 ) -> Report:
-    """Export, check, compile for every target, validate, benchmark and write the report."""
+    """Export, check, compile for every target, validate, benchmark and write the report.
+
+    Raises D2VError for bad input or an export mismatch (nothing is written then). Drift over budget
+    does not raise: the report says which metric failed and ``Report.passed`` is False.
+    """
     check_targets(options.targets)
     threads = options.threads or default_threads()
     with staging(options.output, options.force) as root:
@@ -157,6 +181,8 @@ def run(
         for w in model.warnings:
             progress(f"WARNING: {w}")
         profile = resolve_profile(model, shapes)
+        warnings = list(model.warnings)
+        calib, evaluation = _samples(model, profile, options.int8, root, progress, warnings)
         work = root / ".work"
         graph = export(model, profile, work / "model.onnx", progress=progress)
         if not graph.check.passed:
@@ -166,29 +192,39 @@ def run(
                 ExitCode.EXPORT_MISMATCH,
             )
         reference = make_wrapper(model)
-        artifacts = []
+        ref_outputs: list[dict[str, Any]] = []
+        if evaluation is not None:
+            progress(f"running the PyTorch reference on {len(evaluation)} evaluation samples")
+            with TorchRunner(reference, model.head.outputs, threads) as ref_runner:
+                ref_outputs = [ref_runner.infer(f) for f in evaluation.feeds]
+
+        built: list[tuple[Any, Artifact, Drift, tuple[str, ...]]] = []
         for target in options.targets:
             backend = backends.get(target)
-            request = BuildRequest(precision=Precision.FP32, threads=threads)
-            folder = root / f"{target}-{request.precision.value}"
-            progress(f"building {folder.name}")
-            artifact = backend.compile(graph, folder, request)
-            model.save_pretrained_files(folder)
-            artifacts.append((backend, artifact))
+            for request in _requests(backend, options.int8, calib, threads):
+                name = f"{target}-{request.precision.value}" + (f"-{request.quant.mode}" if request.quant else "")
+                folder = root / name
+                progress(f"building {name}")
+                artifact = backend.compile(graph, folder, request)
+                model.save_pretrained_files(folder)
+                with backend.runner(artifact, threads=threads) as runner:
+                    if request.quant is None:
+                        drift = graph.check if _same_file(artifact.model_file, graph.path) else shape_check(model, reference, runner.infer, profile)
+                    else:
+                        drift = _judge(model, ref_outputs, runner.infer, evaluation, options.int8)
+                notes: tuple[str, ...] = ()
+                if request.quant is not None and not drift.passed and options.int8 and options.int8.fallback:
+                    artifact, drift, notes = _fall_back(backend, graph, folder, request, model, ref_outputs, evaluation, options.int8, threads, progress)
+                elif request.quant is not None and not drift.passed:
+                    notes = (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
+                built.append((backend, artifact, drift, notes))
 
         opt = profile.point("opt")
         feed = dummy_inputs(model.head, model.config, opt, seed=7)
-        drifts = {}
         with contextlib.ExitStack() as stack:
             runners = {REFERENCE_NAME: stack.enter_context(TorchRunner(reference, model.head.outputs, threads))}
-            for backend, artifact in artifacts:
-                runner = stack.enter_context(backend.runner(artifact, threads=threads))
-                runners[artifact.name] = runner
-                if _same_file(artifact.model_file, graph.path):
-                    drifts[artifact.name] = graph.check  # this very file passed the export check
-                else:
-                    progress(f"checking {artifact.name} against PyTorch")
-                    drifts[artifact.name] = shape_check(model, reference, runner.infer, profile)
+            for backend, artifact, _drift, _notes in built:
+                runners[artifact.name] = stack.enter_context(backend.runner(artifact, threads=threads))
             progress(f"measuring latency at {opt} with {threads} threads (interleaved, {options.bench.seconds:g} s budget)")
             latency = bench.measure(runners, feed, batch=opt["batch"], shape=opt, settings=options.bench, progress=bench_progress)
         ref_latency = latency[REFERENCE_NAME]
@@ -197,13 +233,13 @@ def run(
                 target=artifact.target,
                 precision=artifact.precision,
                 artifact=artifact.name,
-                drift=drifts[artifact.name],
+                drift=drift,
                 latency=latency[artifact.name],
                 speedup_vs_reference=_speedup(ref_latency, latency[artifact.name]),
                 quantization=artifact.quantization,
-                notes=artifact.notes,
+                notes=artifact.notes + notes,
             )
-            for _backend, artifact in artifacts
+            for _backend, artifact, drift, notes in built
         )
         result = Report(
             schema_version=report_mod.SCHEMA_VERSION,
@@ -222,11 +258,120 @@ def run(
             export=graph,
             reference_latency=ref_latency,
             variants=variants,
-            warnings=model.warnings,
+            warnings=tuple(warnings),
         )
         shutil.rmtree(work)
         report_mod.write(result, root)
     return result
+
+
+def _requests(backend: Any, int8: QuantOptions | None, calib: Samples | None, threads: int) -> list[BuildRequest]:
+    """fp32 always (it is the baseline of every comparison), plus INT8 when asked for."""
+    requests = [BuildRequest(precision=Precision.FP32, threads=threads)]
+    if int8 is not None:
+        from .quantize import make_recipe
+
+        samples = len(calib) if calib is not None and int8.mode == "static" else 0
+        recipe = make_recipe(backend.name, int8.mode, method=int8.method, samples=samples)
+        feeds = tuple(calib.feeds) if calib is not None and int8.mode == "static" else ()
+        requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=threads))
+    return requests
+
+
+def budget_for(model: LoadedModel, int8: QuantOptions) -> dict[str, float]:
+    from .metrics import DEFAULT_BUDGETS
+
+    return dict(DEFAULT_BUDGETS.get(model.head.metric, {})) | dict(int8.budget)
+
+
+def _judge(model: LoadedModel, ref_outputs: list[dict[str, Any]], infer: Callable[..., Any], evaluation: Samples | None, int8: QuantOptions | None) -> Drift:
+    assert evaluation is not None and int8 is not None
+    return task_drift(model, ref_outputs, infer, evaluation.feeds, budget_for(model, int8), labels=evaluation.labels, source=evaluation.source)
+
+
+def _fall_back(
+    backend: Any,
+    graph: ExportedGraph,
+    folder: Path,
+    request: BuildRequest,
+    model: LoadedModel,
+    ref_outputs: list[dict[str, Any]],
+    evaluation: Samples | None,
+    int8: QuantOptions,
+    threads: int,
+    progress: Progress,
+) -> tuple[Artifact, Drift, tuple[str, ...]]:
+    """Ask the backend to return the most sensitive nodes to float until the budget holds."""
+    recover = getattr(backend, "recover", None)
+    if recover is None:
+        raise D2VError(f"--fallback auto is not supported by target '{backend.name}' yet; use --fallback off", ExitCode.TARGET_UNAVAILABLE)
+
+    def evaluate(artifact: Artifact) -> Drift:
+        with backend.runner(artifact, threads=threads) as runner:
+            return _judge(model, ref_outputs, runner.infer, evaluation, int8)
+
+    progress(f"{folder.name}: drift over budget, falling back node by node")
+    result: tuple[Artifact, Drift, tuple[str, ...]] = recover(graph, folder, request, evaluate, progress=progress)
+    return result
+
+
+def _samples(
+    model: LoadedModel, profile: ShapeProfile, int8: QuantOptions | None, root: Path, progress: Progress, warnings: list[str]
+) -> tuple[Samples | None, Samples | None]:
+    """Calibration and evaluation samples (only when INT8 is asked for), with a reusable cache."""
+    if int8 is None:
+        return None, None
+    from .calibration import load_samples
+
+    calib = None
+    if int8.mode == "static":
+        calib = _cached(model, profile, int8.calibration, "calibration", int8.samples, int8.seed, progress)
+        progress(f"calibration: {len(calib)} samples from {calib.source}")
+    evaluation = load_samples(int8.evaluation, model, profile, split="evaluation", count=int8.eval_samples, seed=int8.seed)
+    progress(f"evaluation: {len(evaluation)} samples from {evaluation.source}")
+    for s in (calib, evaluation):
+        if s is not None and s.skipped:
+            warnings.append(f"skipped {len(s.skipped)} unreadable file(s) in {s.source}: " + "; ".join(f"{n} ({why})" for n, why in s.skipped[:5]))
+    if calib is not None and evaluation is not None and int8.calibration is None and int8.evaluation is None:
+        overlap = set(calib.names) & set(evaluation.names)
+        if overlap:
+            raise D2VError(f"calibration and evaluation samples overlap ({sorted(overlap)[:3]}); pass a separate --eval set")
+    if calib is not None:
+        from .calibration import save_cache
+
+        save_cache(calib, root / "calibration-cache.npz")
+    return calib, evaluation
+
+
+def _cached(model: LoadedModel, profile: ShapeProfile, path: Path | None, split: str, count: int, seed: int, progress: Progress) -> Samples:
+    """load_samples through a cache keyed by the source (paths, sizes, mtimes), the processor and the shapes."""
+    import hashlib
+    import json
+
+    from .calibration import bundled_path, load_cache, load_samples, save_cache
+
+    source = path if path is not None else bundled_path(model.head.modality, split, model.head.task)
+    if source.is_file() and source.suffix == ".npz":
+        from .calibration.samples import is_cache
+
+        if is_cache(source):
+            return load_cache(source)
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    proc = model.processor.to_json_string() if model.processor is not None and hasattr(model.processor, "to_json_string") else ""
+    tok = type(model.tokenizer).__name__ + str(len(model.tokenizer)) if model.tokenizer is not None else ""
+    key_src = json.dumps([stamp, proc, tok, model.head.key, str(profile), count, seed, split], sort_keys=True, default=str)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2v-export" / f"{split}-{key}.npz"
+    if cache.is_file():
+        progress(f"reusing the {split} cache {cache}")
+        return load_cache(cache)
+    samples = load_samples(path, model, profile, split=split, count=count, seed=seed)
+    try:
+        save_cache(samples, cache)
+    except OSError:
+        pass  # a read-only home is no reason to fail
+    return samples
 
 
 def _same_file(a: Path, b: Path) -> bool:

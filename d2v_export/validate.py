@@ -71,7 +71,7 @@ def shape_check(
 
 def task_drift(
     model: LoadedModel,
-    reference: Infer,
+    reference: Sequence[Mapping[str, np.ndarray]],
     candidate: Infer,
     feeds: Sequence[Mapping[str, np.ndarray]],
     budget: Mapping[str, float],
@@ -79,21 +79,41 @@ def task_drift(
     labels: Sequence[object] | None = None,
     source: str = "",
 ) -> Drift:
-    """Task-aware metrics of a candidate against the reference on real samples."""
+    """Task-aware metrics of a candidate against the reference outputs on the same real samples."""
     from . import metrics
 
     head = model.head
-    refs = [dict(reference(f)) for f in feeds]
     cands = [dict(candidate(f)) for f in feeds]
     id2char = None
     if head.metric == "ctc" and model.tokenizer is not None:
         id2char = {i: t for t, i in model.tokenizer.get_vocab().items()}
     masks = [np.asarray(f["attention_mask"]) for f in feeds] if "attention_mask" in feeds[0] and not head.multiple_choice else None
+    usable_labels = usable_labels_for(model, labels)
     values = metrics.compute(
-        head.metric, refs, cands, output_names=head.outputs, labels=list(labels) if labels else None, id2char=id2char, attention_masks=masks
+        head.metric,
+        [dict(r) for r in reference],
+        cands,
+        output_names=head.outputs,
+        labels=usable_labels,
+        id2char=id2char,
+        attention_masks=masks,
     )
     passed, failed = metrics.judge(values, dict(budget))
-    return Drift(REFERENCE, len(feeds), values, dict(budget), passed, failed, detail=f"{len(feeds)} samples from {source}")
+    return Drift(REFERENCE, len(feeds), values, dict(budget), passed, failed, detail=f"{len(feeds)} real samples from {source}")
+
+
+def usable_labels_for(model: LoadedModel, labels: Sequence[object] | None) -> list[object] | None:
+    """Labels the task's metrics can use: transcripts for CTC, class ids (or names in id2label) for classifiers."""
+    if not labels or any(x is None for x in labels):
+        return None
+    if model.head.metric == "ctc" and all(isinstance(x, str) for x in labels):
+        return list(labels)
+    if model.head.metric == "classification":
+        label2id = {str(k): int(v) for k, v in (getattr(model.config, "label2id", None) or {}).items()}
+        ids = [x if isinstance(x, int) else label2id.get(str(x)) for x in labels]
+        if all(isinstance(i, int) for i in ids):
+            return list(ids)
+    return None
 
 
 def _failed(tolerance: float, why: str, samples: int) -> Drift:
