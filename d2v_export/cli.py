@@ -12,7 +12,7 @@ import click
 
 from . import __version__
 from .heads import DEFAULT_TASK, tasks
-from .spec import D2VError, ExitCode, Modality
+from .spec import D2VError, ExitCode, Modality, Precision
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -71,6 +71,7 @@ Examples:
   d2v-export text --model ./my-checkpoint --task question-answering
   d2v-export audio --model facebook/data2vec-audio-base-960h --json > report.json
   d2v-export vision --model preset:base --target onnxruntime --int8
+  d2v-export vision --target tensorrt --int8 --defer-build     # Q/DQ graph + trtexec recipe; engine built on the device
   d2v-export text --model ./ckpt --int8 --quant dynamic --max-drift top1_agreement=0.99
 
 """
@@ -116,6 +117,10 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
                          help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable."),
             click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
                          help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds."),
+            click.option("--fp16", is_flag=True, help="Also build fp16 variants on targets that support it (OpenVINO, TensorRT)."),
+            click.option("--bf16", is_flag=True, help="Also build bf16 variants on targets that support it (OpenVINO on CPUs with bf16)."),
+            click.option("--defer-build", is_flag=True,
+                         help="TensorRT where no TensorRT/GPU is present: write the Q/DQ graph, build recipe and simulated drift; build the engine on the device later."),
             click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (progress goes to stderr)."),
             click.option("--quiet", "-q", is_flag=True, help="No progress on stderr."),
         ]  # fmt: skip
@@ -174,6 +179,8 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         threads=kw["threads"],
         bench=BenchSettings(seconds=kw["bench_seconds"]),
         int8=int8,
+        half=tuple(p for p, on in ((Precision.FP16, kw["fp16"]), (Precision.BF16, kw["bf16"])) if on),
+        defer_build=kw["defer_build"],
     )
     shapes = ShapeRequest(batch=kw["batch_size"], **shape_kwargs)
     report = run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
@@ -190,7 +197,10 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
                 worst = ", ".join(f"{m} {v.drift.metrics.get(m, float('nan')):.4g} vs {v.drift.budget.get(m, float('nan')):g}" for m in v.drift.failed)
                 bad.append(f"{v.artifact} ({worst})")
         raise D2VError(
-            f"drift over budget: {'; '.join(bad)}; see {output / 'report.md'}, try --fallback auto or --quant dynamic",
+            f"drift over budget: {'; '.join(bad)}; see {output / 'report.md'}"
+            + ("" if kw["fallback"] == "auto" else "; try --fallback auto")
+            + (", --quant dynamic" if kw["quant"] == "static" else "")
+            + " or loosen a budget with --max-drift",
             ExitCode.DRIFT_BUDGET,
         )
 
@@ -207,6 +217,8 @@ def _summary(report: Any, output: Path) -> None:
         verdict = "ok" if v.drift.passed else f"DRIFT over budget: {', '.join(v.drift.failed)}"
         p50 = f"{lat.p50:9.2f} ms" if lat else "not measured"
         click.echo(f"  {v.artifact:28s} p50 {p50}  {speed:>7s} vs PyTorch  drift {verdict}")
+        for note in v.notes:
+            click.echo(f"      - {note}")
 
 
 @main.command(epilog="""\b
@@ -249,3 +261,27 @@ Examples:
 def audio(audio_seconds: Any, **kw: Any) -> None:
     """Data2VecAudio (wav2vec2-style 16 kHz waveforms)."""
     _run(Modality.AUDIO, {"audio_seconds": audio_seconds}, **kw)
+
+
+@main.command("build-engine", epilog="""\b
+Examples:
+  d2v-export vision --target tensorrt --int8 --defer-build --output out/vision   # on any machine
+  d2v-export build-engine out/vision/tensorrt-int8-static                        # on the GPU device (e.g. a Jetson)
+  d2v-export build-engine out/vision --timing-cache ~/.cache/trt-timing.cache     # every TensorRT bundle in a run
+""")  # fmt: skip
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--workspace-gb", type=click.FloatRange(min=0.1), default=4.0, show_default=True, help="Builder workspace memory limit.")
+@click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Persistent timing cache (default: in the bundle).")
+@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True, help="Timed engine runs after warm-up.")
+@_handle_errors
+def build_engine(bundle: Path, workspace_gb: float, timing_cache: Path | None, iterations: int) -> None:
+    """Build and benchmark the TensorRT engine of a deferred bundle on this device (needs TensorRT and an NVIDIA GPU)."""
+    from .backends.tensorrt import build_engine as build, find_bundles
+
+    found = find_bundles(bundle)
+    if not found:
+        raise D2VError(f"'{bundle}' holds no TensorRT bundle (build_recipe.json); pass a folder written with --target tensorrt --defer-build")
+    for folder in found:
+        plan = build(folder, workspace_gb=workspace_gb, timing_cache=timing_cache, iterations=iterations,
+                     progress=lambda msg: click.echo(f"[d2v-export] {msg}", err=True))  # fmt: skip
+        click.echo(f"built {plan}")

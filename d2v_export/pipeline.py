@@ -87,6 +87,8 @@ class RunOptions:
     threads: int = 0  # 0: every core this process may use
     bench: bench.BenchSettings = field(default_factory=bench.BenchSettings)
     int8: QuantOptions | None = None  # None: float variants only
+    half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
+    defer_build: bool = False  # TensorRT without TensorRT or a GPU here: write the portable half only
 
 
 Progress = Callable[[str], None]
@@ -128,13 +130,19 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def check_targets(targets: tuple[str, ...]) -> None:
-    """Fail fast, before any export, when a target cannot run here."""
+def check_targets(targets: tuple[str, ...], *, defer_build: bool = False, half: tuple[Precision, ...] = ()) -> None:
+    """Fail fast, before any export, when a target cannot run here (or cannot build what was asked)."""
     for name in targets:
         backend = backends.get(name)
         avail = backend.available()
-        if not avail.ok:
+        if not avail.ok and not (defer_build and getattr(backend, "can_defer", False)):
             raise D2VError(f"target '{name}' is not available here: {avail.reason}", ExitCode.TARGET_UNAVAILABLE)
+    for precision in half:
+        if not any(precision in backends.get(name).precisions for name in targets):
+            raise D2VError(
+                f"no requested target builds {precision.value} ({', '.join(targets)}); add --target openvino or --target tensorrt",
+                ExitCode.TARGET_UNAVAILABLE,
+            )
 
 
 @contextlib.contextmanager
@@ -173,7 +181,7 @@ def run(
     Raises D2VError for bad input or an export mismatch (nothing is written then). Drift over budget
     does not raise: the report says which metric failed and ``Report.passed`` is False.
     """
-    check_targets(options.targets)
+    check_targets(options.targets, defer_build=options.defer_build, half=options.half)
     threads = options.threads or default_threads()
     with staging(options.output, options.force) as root:
         progress(f"loading {spec.source}")
@@ -201,7 +209,7 @@ def run(
         built: list[tuple[Any, Artifact, Drift, tuple[str, ...]]] = []
         for target in options.targets:
             backend = backends.get(target)
-            for request in _requests(backend, options.int8, calib, threads):
+            for request in _requests(backend, options, calib, threads):
                 name = f"{target}-{request.precision.value}" + (f"-{request.quant.mode}" if request.quant else "")
                 folder = root / name
                 progress(f"building {name}")
@@ -265,16 +273,19 @@ def run(
     return result
 
 
-def _requests(backend: Any, int8: QuantOptions | None, calib: Samples | None, threads: int) -> list[BuildRequest]:
-    """fp32 always (it is the baseline of every comparison), plus INT8 when asked for."""
-    requests = [BuildRequest(precision=Precision.FP32, threads=threads)]
+def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads: int) -> list[BuildRequest]:
+    """fp32 always (it is the baseline of every comparison), plus fp16/bf16 where supported, plus INT8 when asked for."""
+    defer = options.defer_build
+    requests = [BuildRequest(precision=Precision.FP32, threads=threads, defer_build=defer)]
+    requests += [BuildRequest(precision=p, threads=threads, defer_build=defer) for p in options.half if p in backend.precisions]
+    int8 = options.int8
     if int8 is not None:
         from .quantize import make_recipe
 
         samples = len(calib) if calib is not None and int8.mode == "static" else 0
         recipe = make_recipe(backend.name, int8.mode, method=int8.method, samples=samples)
         feeds = tuple(calib.feeds) if calib is not None and int8.mode == "static" else ()
-        requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=threads))
+        requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=threads, defer_build=defer))
     return requests
 
 
