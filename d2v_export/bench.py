@@ -1,10 +1,28 @@
-"""Latency: warm-up, then timed iterations, interleaved across runners so machine drift hits all alike."""
+"""Latency: warm-up until timings settle, then timed rounds interleaved across runners.
+
+Every round runs each runner once, in an order that rotates from round to round, so that slow machine
+drift (frequency scaling, another process) hits the reference and every variant alike. The raw
+timings are kept (``LatencyStats.samples_ms``) so that two reports can be compared statistically
+(see compare.py).
+
+Warm-up: at least ``warmup`` untimed rounds, then more until every runner has *settled* — the median
+of its last ``settle_window`` warm-up timings is within ``settle_tolerance`` of the median of the
+``settle_window`` before — or until ``max_warmup`` rounds / ``max_warmup_seconds`` (default: as
+long as the timed budget ``seconds``, at least 2 s; a runner that
+never settles is timed anyway; ``BenchResult.settled`` says so). PyTorch needs this: its first few
+calls can be a hundred times slower than the steady state.
+
+Timed rounds: at least ``min_iterations``, at most ``max_iterations``, stopping once ``seconds`` have
+passed. A fixed count is ``min_iterations == max_iterations``; a pure time budget is a large
+``max_iterations``.
+"""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -15,10 +33,36 @@ from .spec import LatencyStats
 
 @dataclass(frozen=True)
 class BenchSettings:
-    warmup: int = 3  # untimed rounds first (ORT and OpenVINO allocate on the first runs)
+    warmup: int = 3  # untimed rounds at least (ORT and OpenVINO allocate on the first runs)
     min_iterations: int = 10
     max_iterations: int = 200
     seconds: float = 8.0  # time budget for the timed rounds, all runners together
+    settle_window: int = 5  # warm-up: compare the median of the last N timings with the N before
+    settle_tolerance: float = 0.05  # ... and call it settled within this fraction
+    max_warmup: int = 50  # warm-up rounds at most
+    max_warmup_seconds: float | None = None  # warm-up time at most, all runners together; None: ``seconds``, at least 2 s
+    disable_gc: bool = True  # no Python garbage collection pauses inside timed runs
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Everything ``measure_full`` learned; ``measure`` returns only ``stats``."""
+
+    stats: dict[str, LatencyStats]
+    warmup_rounds: int
+    settled: dict[str, bool] = field(default_factory=dict)  # False: hit the warm-up cap still drifting
+    timed_rounds: int = 0
+    seconds: float = 0.0  # wall time of the timed rounds
+
+    def to_dict(self) -> dict[str, object]:
+        """For report.json: how the numbers were taken."""
+        return {
+            "warmup_rounds": self.warmup_rounds,
+            "settled": dict(self.settled),
+            "timed_rounds": self.timed_rounds,
+            "seconds": round(self.seconds, 3),
+            "interleaved": True,
+        }
 
 
 def measure(
@@ -31,25 +75,95 @@ def measure(
     progress: Callable[[int, int], None] = lambda _done, _total: None,
 ) -> dict[str, LatencyStats]:
     """Time ``infer(feed)`` of every runner, round-robin (the order rotates each round)."""
+    return measure_full(runners, feed, batch=batch, shape=shape, settings=settings, progress=progress).stats
+
+
+def measure_full(
+    runners: Mapping[str, Runner],
+    feed: Mapping[str, np.ndarray],
+    *,
+    batch: int,
+    shape: Mapping[str, int],
+    settings: BenchSettings = BenchSettings(),
+    progress: Callable[[int, int], None] = lambda _done, _total: None,
+) -> BenchResult:
+    """``measure`` plus the warm-up rounds, which runners settled and the timed wall time."""
     names = list(runners)
-    for _ in range(settings.warmup):
-        for name in names:
-            runners[name].infer(feed)
-    timings: dict[str, list[float]] = {name: [] for name in names}
+    if not names:
+        return BenchResult({}, 0)
+    gc_was_enabled = gc.isenabled()
+    if settings.disable_gc:
+        gc.collect()
+        gc.disable()
+    try:
+        warm, settled = _warm_up(runners, feed, names, settings)
+        timings: dict[str, list[float]] = {name: [] for name in names}
+        started = time.perf_counter()
+        rounds = 0
+        while rounds < max(1, settings.max_iterations):
+            for name in _order(names, rounds):
+                t0 = time.perf_counter()
+                runners[name].infer(feed)
+                timings[name].append((time.perf_counter() - t0) * 1000.0)
+            rounds += 1
+            elapsed = time.perf_counter() - started
+            progress(rounds, _expected_rounds(rounds, elapsed, settings))
+            if rounds >= settings.min_iterations and elapsed >= settings.seconds:
+                break
+        elapsed = time.perf_counter() - started
+    finally:
+        if settings.disable_gc and gc_was_enabled:
+            gc.enable()
+    stats_by_name = {name: stats(values, batch=batch, shape=shape) for name, values in timings.items()}
+    return BenchResult(stats_by_name, warm, settled, rounds, elapsed)
+
+
+def _order(names: list[str], rounds: int) -> list[str]:
+    k = rounds % len(names)
+    return names[k:] + names[:k]
+
+
+def _warm_up(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], names: list[str], settings: BenchSettings) -> tuple[int, dict[str, bool]]:
+    """Untimed (for the report) rounds until every runner's timings stop drifting, or the cap."""
+    history: dict[str, list[float]] = {name: [] for name in names}
+    settled = {name: False for name in names}
     started = time.perf_counter()
     rounds = 0
-    while rounds < settings.max_iterations:
-        order = names[rounds % len(names):] + names[: rounds % len(names)]
-        for name in order:
+    floor = max(0, settings.warmup)
+    cap = max(floor, settings.max_warmup)
+    while rounds < cap:
+        for name in _order(names, rounds):
             t0 = time.perf_counter()
             runners[name].infer(feed)
-            timings[name].append((time.perf_counter() - t0) * 1000.0)
+            history[name].append(time.perf_counter() - t0)
         rounds += 1
-        elapsed = time.perf_counter() - started
-        progress(rounds, _expected_rounds(rounds, elapsed, settings))
-        if rounds >= settings.min_iterations and elapsed >= settings.seconds:
+        for name in names:
+            settled[name] = is_settled(history[name], settings.settle_window, settings.settle_tolerance)
+        if rounds >= floor and all(settled.values()):
             break
-    return {name: stats(values, batch=batch, shape=shape) for name, values in timings.items()}
+        if rounds >= floor and time.perf_counter() - started >= warmup_budget(settings):
+            break
+    if settings.settle_window <= 0:
+        settled = {name: True for name in names}
+    return rounds, settled
+
+
+def warmup_budget(settings: BenchSettings) -> float:
+    """Seconds the warm-up may take at most (after its ``warmup`` rounds)."""
+    if settings.max_warmup_seconds is not None:
+        return settings.max_warmup_seconds
+    return max(2.0, settings.seconds)
+
+
+def is_settled(values: list[float], window: int, tolerance: float) -> bool:
+    """Median of the last ``window`` values within ``tolerance`` (a fraction) of the ``window`` before."""
+    if window <= 0:
+        return True
+    if len(values) < 2 * window:
+        return False
+    last = statistics.median(values[-window:])
+    before = statistics.median(values[-2 * window : -window])
+    return before > 0 and abs(last - before) <= tolerance * before
 
 
 def _expected_rounds(rounds: int, elapsed: float, settings: BenchSettings) -> int:

@@ -73,6 +73,9 @@ Examples:
   d2v-export vision --model preset:base --target onnxruntime --int8
   d2v-export vision --target tensorrt --int8 --defer-build     # Q/DQ graph + trtexec recipe; engine built on the device
   d2v-export text --model ./ckpt --int8 --quant dynamic --max-drift top1_agreement=0.99
+  d2v-export vision --int8 --baseline last/report.json            # exit 7 when slower or less accurate
+  d2v-export compare last/report.json out/report.json --latency-tolerance 10%
+  d2v-export matrix --model preset:base --modality vision --target onnxruntime --target openvino --precision fp32 --precision int8
 
 """
     + EXIT_CODES_HELP,
@@ -121,6 +124,11 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
             click.option("--bf16", is_flag=True, help="Also build bf16 variants on targets that support it (OpenVINO on CPUs with bf16)."),
             click.option("--defer-build", is_flag=True,
                          help="TensorRT where no TensorRT/GPU is present: write the Q/DQ graph, build recipe and simulated drift; build the engine on the device later."),
+            click.option("--baseline", type=click.Path(path_type=Path, exists=True), default=None,
+                         help="A previous report.json (or its folder): compare latency and drift; exit 7 on a regression."),
+            click.option("--latency-tolerance", default="10%", show_default=True, help="Slowdown allowed before --baseline flags it (10% or 0.1)."),
+            click.option("--drift-tolerance", type=float, default=0.005, show_default=True, help="Worsening of a drift metric allowed against --baseline."),
+            click.option("--relative-to-reference", is_flag=True, help="Compare latency as a ratio to each run's PyTorch reference."),
             click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (progress goes to stderr)."),
             click.option("--quiet", "-q", is_flag=True, help="No progress on stderr."),
         ]  # fmt: skip
@@ -134,6 +142,7 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
 def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
     from .bench import BenchSettings
     from .models import parse_source
+    from .compare import parse_tolerance
     from .metrics import parse_budget
     from .pipeline import QuantOptions, RunOptions, ShapeRequest, run
 
@@ -181,6 +190,10 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         int8=int8,
         half=tuple(p for p, on in ((Precision.FP16, kw["fp16"]), (Precision.BF16, kw["bf16"])) if on),
         defer_build=kw["defer_build"],
+        baseline=kw["baseline"],
+        latency_tolerance=parse_tolerance(kw["latency_tolerance"]),
+        drift_tolerance=kw["drift_tolerance"],
+        relative_to_reference=kw["relative_to_reference"],
     )
     shapes = ShapeRequest(batch=kw["batch_size"], **shape_kwargs)
     report = run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
@@ -203,6 +216,10 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
             + " or loosen a budget with --max-drift",
             ExitCode.DRIFT_BUDGET,
         )
+    if report.comparison is not None:
+        click.echo(f"against the baseline: {'no regression' if report.comparison['passed'] else 'REGRESSION'} (see {output / 'comparison.md'})", err=True)
+        if not report.comparison["passed"]:
+            raise D2VError(f"regression against {kw['baseline']}: {', '.join(report.comparison['regressions'])}; see {output / 'comparison.md'}", ExitCode.REGRESSION)
 
 
 def _summary(report: Any, output: Path) -> None:
@@ -285,3 +302,88 @@ def build_engine(bundle: Path, workspace_gb: float, timing_cache: Path | None, i
         plan = build(folder, workspace_gb=workspace_gb, timing_cache=timing_cache, iterations=iterations,
                      progress=lambda msg: click.echo(f"[d2v-export] {msg}", err=True))  # fmt: skip
         click.echo(f"built {plan}")
+
+
+@main.command(epilog="""\b
+Examples:
+  d2v-export compare last/report.json out/report.json --latency-tolerance 10%
+  d2v-export compare last/ out/ --json > comparison.json
+""")  # fmt: skip
+@click.argument("baseline", type=click.Path(path_type=Path, exists=True))
+@click.argument("current", type=click.Path(path_type=Path, exists=True))
+@click.option("--latency-tolerance", default="10%", show_default=True, help="Slowdown allowed (10% or 0.1).")
+@click.option("--drift-tolerance", type=float, default=0.005, show_default=True, help="Worsening of a drift metric allowed.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True, help="Significance level of the latency test.")
+@click.option("--relative-to-reference", is_flag=True, help="Compare latency as a ratio to each run's PyTorch reference.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None, help="Also write comparison.json and comparison.md here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@_handle_errors
+def compare(baseline: Path, current: Path, latency_tolerance: str, drift_tolerance: float, alpha: float,
+            relative_to_reference: bool, output: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Compare two reports: per variant, latency (statistical test on the raw timings) and drift. Exit 7 on a regression."""
+    import json
+
+    from . import compare as cmp
+
+    c = cmp.compare(
+        cmp.load_report(baseline),
+        cmp.load_report(current),
+        latency_tolerance=cmp.parse_tolerance(latency_tolerance),
+        drift_tolerance=drift_tolerance,
+        alpha=alpha,
+        relative_to_reference=relative_to_reference,
+    )
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        cmp.write(c, output)
+    click.echo(json.dumps(cmp.to_dict(c), indent=2) if as_json else cmp.markdown(c))
+    sys.exit(cmp.exit_code(c))
+
+
+@main.command(epilog="""\b
+Examples:
+  d2v-export matrix --model preset:base --modality vision --target onnxruntime --target openvino --precision fp32 --precision int8
+  d2v-export matrix --model preset:tiny --modality vision --modality text --modality audio --shard 1/3 --output out/m1
+  d2v-export matrix-merge out/m1 out/m2 out/m3 --output out/matrix
+""")  # fmt: skip
+@click.option("--model", "-m", default="preset:base", show_default=True, help="preset:NAME (per modality), or a checkpoint for one modality.")
+@click.option("--modality", "modalities", multiple=True, type=click.Choice([m.value for m in Modality]), default=("vision", "text", "audio"), show_default=True)
+@click.option("--target", "targets", multiple=True, default=("onnxruntime", "openvino", "tensorrt"), show_default=True)
+@click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), default=("fp32", "int8"), show_default=True)
+@click.option("--task", default=None, help="Task for every modality (default: the model's own head).")
+@click.option("--quant", type=click.Choice(["static", "dynamic"]), default="static", show_default=True)
+@click.option("--shard", default=None, metavar="I/N", help="Run only shard I of N (1-based); merge with matrix-merge.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("out/matrix"), show_default=True)
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--bench-seconds", type=click.FloatRange(min=0), default=8.0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+@_handle_errors
+def matrix(model: str, modalities: tuple[str, ...], targets: tuple[str, ...], precisions: tuple[str, ...], task: str | None,
+           quant: str, shard: str | None, output: Path, force: bool, threads: int, bench_seconds: float, quiet: bool) -> None:  # fmt: skip
+    """Run modalities x targets x precisions into one report (matrix.json/.md/.html) naming the latency-vs-drift front."""
+    from . import matrix as mx
+    from .bench import BenchSettings
+    from .pipeline import QuantOptions
+
+    doc = mx.run_matrix(
+        model, modalities, targets, precisions, output,
+        shard=mx.parse_shard(shard), bench=BenchSettings(seconds=bench_seconds), quant=QuantOptions(mode=quant),
+        threads=threads, task=task, force=force,
+        progress=(lambda _m: None) if quiet else (lambda m: click.echo(f"[d2v-export] {m}", err=True)),
+    )  # fmt: skip
+    click.echo(mx.markdown(doc))
+    sys.exit(mx.exit_code(doc))
+
+
+@main.command("matrix-merge")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True)
+@_handle_errors
+def matrix_merge(shards: tuple[Path, ...], output: Path) -> None:
+    """Merge the matrix.json of several shards into one matrix report."""
+    from . import matrix as mx
+
+    doc = mx.merge_files(list(shards), output)
+    click.echo(mx.markdown(doc))
+    sys.exit(mx.exit_code(doc))

@@ -11,6 +11,7 @@ The CLI is a thin layer over ``run``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -87,6 +88,10 @@ class RunOptions:
     threads: int = 0  # 0: every core this process may use
     bench: bench.BenchSettings = field(default_factory=bench.BenchSettings)
     int8: QuantOptions | None = None  # None: float variants only
+    baseline: Path | None = None  # a report.json (or its folder) to compare against
+    latency_tolerance: float = 0.10
+    drift_tolerance: float = 0.005
+    relative_to_reference: bool = False
     half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
     defer_build: bool = False  # TensorRT without TensorRT or a GPU here: write the portable half only
 
@@ -183,6 +188,11 @@ def run(
     """
     check_targets(options.targets, defer_build=options.defer_build, half=options.half)
     threads = options.threads or default_threads()
+    baseline = None
+    if options.baseline is not None:
+        from .compare import load_report
+
+        baseline = load_report(options.baseline)  # a bad baseline fails before minutes of work
     with staging(options.output, options.force) as root:
         progress(f"loading {spec.source}")
         model = load(spec)
@@ -234,7 +244,8 @@ def run(
             for backend, artifact, _drift, _notes in built:
                 runners[artifact.name] = stack.enter_context(backend.runner(artifact, threads=threads))
             progress(f"measuring latency at {opt} with {threads} threads (interleaved, {options.bench.seconds:g} s budget)")
-            latency = bench.measure(runners, feed, batch=opt["batch"], shape=opt, settings=options.bench, progress=bench_progress)
+            measured = bench.measure_full(runners, feed, batch=opt["batch"], shape=opt, settings=options.bench, progress=bench_progress)
+        latency = measured.stats
         ref_latency = latency[REFERENCE_NAME]
         variants = tuple(
             Variant(
@@ -267,8 +278,22 @@ def run(
             reference_latency=ref_latency,
             variants=variants,
             warnings=tuple(warnings),
+            bench=measured.to_dict(),
         )
         shutil.rmtree(work)
+        if baseline is not None:
+            from . import compare
+
+            progress(f"comparing with the baseline {options.baseline}")
+            c = compare.compare(
+                baseline,
+                report_mod.to_dict(result, root),
+                latency_tolerance=options.latency_tolerance,
+                drift_tolerance=options.drift_tolerance,
+                relative_to_reference=options.relative_to_reference,
+            )
+            compare.write(c, root)
+            result = dataclasses.replace(result, comparison=compare.to_dict(c))
         report_mod.write(result, root)
     return result
 

@@ -103,13 +103,6 @@ def variant_name(v: Variant) -> str:
 def to_dict(report: Report, root: Path) -> dict[str, Any]:
     """The JSON document. Paths are relative to ``root``, the folder the report is written to."""
     graph = report.export
-
-    def rel(p: Path) -> str:
-        try:
-            return str(Path(p).relative_to(root))
-        except ValueError:
-            return str(p)
-
     return {
         "schema_version": report.schema_version,
         "tool": {"name": "d2v-export", "version": report.tool_version},
@@ -151,15 +144,21 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
             for v in report.variants
         ],
         "warnings": list(report.warnings),
+        "bench": _plain(report.bench),
+        "comparison": _plain(report.comparison) if report.comparison is not None else None,
     }
 
 
-def write(report: Report, folder: Path) -> tuple[Path, Path]:
+def write(report: Report, folder: Path) -> tuple[Path, Path, Path]:
+    """report.json for machines, report.md for a CI step summary, report.html (self-contained) for people."""
+    from .html_report import write_html
+
     doc = to_dict(report, folder)
-    json_path, md_path = folder / "report.json", folder / "report.md"
+    json_path, md_path, html_path = folder / "report.json", folder / "report.md", folder / "report.html"
     json_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     md_path.write_text(markdown(doc), encoding="utf-8")
-    return json_path, md_path
+    write_html(doc, html_path)
+    return json_path, md_path, html_path
 
 
 def _ms(lat: Mapping[str, Any] | None, key: str) -> str:
@@ -228,6 +227,10 @@ def markdown(doc: Mapping[str, Any]) -> str:
             lines += ["", f"- **{v['name']}**: {v['drift']['detail']}"]
         for note in v["notes"]:
             lines.append(f"  - {note}")
+    comparison = doc.get("comparison")
+    if comparison:
+        verdict = "no regression" if comparison.get("passed") else "REGRESSION in " + ", ".join(comparison.get("regressions", []))
+        lines += ["", "## Against the baseline", "", f"{verdict} — the table is in comparison.md."]
     if doc["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in doc["warnings"]]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())

@@ -231,6 +231,8 @@ class Report:
     reference_latency: LatencyStats | None
     variants: tuple[Variant, ...]
     warnings: tuple[str, ...] = ()
+    bench: Mapping[str, object] = field(default_factory=dict)  # how latency was taken (warm-up, rounds)
+    comparison: Mapping[str, object] | None = None  # against --baseline (compare.to_dict)
 
     @property
     def passed(self) -> bool:

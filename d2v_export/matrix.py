@@ -1,0 +1,436 @@
+"""The matrix: modalities x targets x precisions, one combined report, the latency-versus-drift front.
+
+    from d2v_export.matrix import run_matrix
+    doc = run_matrix("preset:base", ["vision"], ["onnxruntime", "openvino"], ["fp32", "int8"], Path("out/matrix"))
+
+A *cell* is (modality, target, precision). ``plan`` lists them in a fixed order — modalities as in
+``Modality`` (vision, text, audio), targets by name, precisions as in ``Precision`` (fp32, fp16, bf16,
+int8) — whatever order the options came in. ``shard=(i, n)`` (1 <= i <= n, written "i/n") keeps the
+cells whose 0-based position k in that list has k % n == i - 1: shard 1/3 takes cells 0, 3, 6, ...
+Every shard of a CI fan-out computes the same list, so the shards cover it exactly once;
+``merge`` joins their matrix.json files.
+
+Cells of one (modality, target) run in one ``pipeline.run`` (fp32 is always built; int8 when an int8
+cell is in the shard); the precision picks which variants of that run land in the matrix. A target
+whose backend is not available here, an unknown target, or a precision the target or pipeline does
+not build is *skipped* with the reason; an error in one run marks its cells *failed* and the others
+go on.
+
+Pareto front, per modality: variant a dominates b when a's p50 <= b's p50 and a's drift score <= b's,
+one of them strictly. The drift score (``compare.drift_score``) is the largest share of any budget
+metric the variant uses: value / limit for errors, (1 - value) / (1 - limit) for agreement and cosine
+metrics; 0 is identical to the reference, 1 is at the budget. fp32 variants are judged by their
+export tolerance (max_scaled_error), INT8 variants by their task budget.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from . import __version__
+from .bench import BenchSettings
+from .compare import drift_score
+from .spec import D2VError, ExitCode, Modality, Precision
+
+SCHEMA_VERSION = "1.0"
+BUILT_PRECISIONS = ("fp32", "int8")  # what pipeline.run builds today
+
+
+@dataclass(frozen=True)
+class Cell:
+    modality: str
+    target: str
+    precision: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.modality}/{self.target}/{self.precision}"
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"2/4"`` -> (2, 4); None or "" -> None. 1 <= i <= n."""
+    if text is None or str(text).strip() == "":
+        return None
+    left, sep, right = str(text).strip().partition("/")
+    try:
+        i, n = int(left), int(right)
+    except ValueError:
+        raise D2VError(f"--shard '{text}': give i/n, e.g. 1/4 (the first of four shards)") from None
+    if not sep or not (1 <= i <= n):
+        raise D2VError(f"--shard '{text}': need 1 <= i <= n, e.g. 1/4 (the first of four shards)")
+    return i, n
+
+
+def _ordered(values: Iterable[str], canonical: Sequence[str]) -> list[str]:
+    seen = list(dict.fromkeys(str(v).strip().lower() for v in values if str(v).strip()))
+    rank = {name: i for i, name in enumerate(canonical)}
+    return sorted(seen, key=lambda v: (rank.get(v, len(rank)), v))
+
+
+def plan(
+    modalities: Iterable[str],
+    targets: Iterable[str],
+    precisions: Iterable[str],
+    *,
+    shard: tuple[int, int] | None = None,
+) -> list[Cell]:
+    """Every cell in a fixed order; with ``shard=(i, n)`` only cells i-1, i-1+n, ... (0-based)."""
+    mods = _ordered(modalities, [m.value for m in Modality])
+    for m in mods:
+        if m not in {x.value for x in Modality}:
+            raise D2VError(f"unknown modality '{m}'; choose from: {', '.join(x.value for x in Modality)}")
+    tgts = _ordered(targets, [])
+    precs = _ordered(precisions, [p.value for p in Precision])
+    for p in precs:
+        if p not in {x.value for x in Precision}:
+            raise D2VError(f"unknown precision '{p}'; choose from: {', '.join(x.value for x in Precision)}")
+    cells = [Cell(m, t, p) for m in mods for t in tgts for p in precs]
+    if shard is not None:
+        i, n = shard
+        if not (1 <= i <= n):
+            raise D2VError(f"shard {i}/{n}: need 1 <= i <= n")
+        cells = [c for k, c in enumerate(cells) if k % n == i - 1]
+    return cells
+
+
+def _skip_reason(cell: Cell) -> str | None:
+    """Why a cell cannot run here, or None."""
+    from . import backends
+
+    if cell.target not in backends.names():
+        return f"unknown target '{cell.target}'; known: {', '.join(backends.names())}"
+    backend = backends.get(cell.target)
+    avail = backend.available()
+    if not avail.ok:
+        return f"target not available here: {avail.reason}"
+    if cell.precision not in {p.value for p in backend.precisions}:
+        return f"{cell.target} does not build {cell.precision}"
+    if cell.precision not in BUILT_PRECISIONS:
+        return f"the pipeline builds {' and '.join(BUILT_PRECISIONS)}; {cell.precision} is not built yet"
+    return None
+
+
+def run_matrix(
+    model: str,
+    modalities: Iterable[str],
+    targets: Iterable[str],
+    precisions: Iterable[str],
+    output: Path,
+    *,
+    shard: tuple[int, int] | None = None,
+    shapes: Any = None,
+    bench: BenchSettings = BenchSettings(),
+    quant: Any = None,
+    threads: int = 0,
+    task: str | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> dict[str, Any]:
+    """Run the cells (of one shard), write matrix.json/.md/.html into ``output``, return the document.
+
+    ``shapes``: a pipeline.ShapeRequest (default: the model's defaults). ``quant``: the
+    pipeline.QuantOptions for int8 cells (default QuantOptions()). ``task``: None for each
+    modality's default head. Per-cell reports go to ``output/cells/<modality>-<target>/``.
+    """
+    from .models import parse_source
+    from .pipeline import QuantOptions, RunOptions, ShapeRequest, run
+
+    output = Path(output)
+    if (output / "matrix.json").exists() and not force:
+        raise D2VError(f"'{output}' already holds a matrix.json; pass --force to replace it or choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    shapes = shapes if shapes is not None else ShapeRequest()
+    cells = plan(modalities, targets, precisions, shard=shard)
+    results: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        reason = _skip_reason(cell)
+        if reason is not None:
+            progress(f"{cell.key}: skipped ({reason})")
+            results[cell.key] = _cell_doc(cell, "skipped", reason)
+        else:
+            groups.setdefault((cell.modality, cell.target), []).append(cell)
+
+    warnings: list[str] = []
+    random_weights = False
+    for (modality, target), group in groups.items():
+        folder = output / "cells" / f"{modality}-{target}"
+        want_int8 = any(c.precision == "int8" for c in group)
+        progress(f"{modality}/{target}: running ({', '.join(c.precision for c in group)})")
+        try:
+            spec = parse_source(model, Modality(modality), task)
+            options = RunOptions(
+                output=folder,
+                targets=(target,),
+                force=True,
+                threads=threads,
+                bench=bench,
+                int8=(quant if quant is not None else QuantOptions()) if want_int8 else None,
+            )
+            run(spec, shapes, options, progress=_prefixed(progress, f"{modality}/{target}"))
+            report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        except Exception as exc:  # one cell's failure must not stop the others
+            reason = _one_line(exc)
+            progress(f"{modality}/{target}: failed ({reason})")
+            code = int(getattr(exc, "code", ExitCode.INTERNAL)) if isinstance(exc, D2VError) else int(ExitCode.INTERNAL)
+            for cell in group:
+                results[cell.key] = _cell_doc(cell, "failed", reason, exit_code=code)
+            continue
+        random_weights = random_weights or bool((report.get("model") or {}).get("random_weights"))
+        for cell in group:
+            results[cell.key] = _cell_from_report(cell, report, folder, output)
+    doc = _document(
+        model=model,
+        cells=[results[c.key] for c in cells],
+        modalities=_ordered(modalities, [m.value for m in Modality]),
+        targets=_ordered(targets, []),
+        precisions=_ordered(precisions, [p.value for p in Precision]),
+        shard=f"{shard[0]}/{shard[1]}" if shard else None,
+        random_weights=random_weights,
+        warnings=warnings,
+    )
+    write(doc, output)
+    return doc
+
+
+def _prefixed(progress: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    def emit(msg: str) -> None:
+        progress(f"{prefix}: {msg}")
+
+    return emit
+
+
+def exit_code(doc: Mapping[str, Any]) -> int:
+    """0 when every cell ran or was skipped and every variant is within budget; else the first failed
+    cell's code (3 bad input, 4 export mismatch, 1 internal, ...); else 5 (a variant over its drift budget)."""
+    for cell in doc.get("cells") or []:
+        if cell.get("status") == "failed":
+            return int(cell.get("exit_code") or ExitCode.INTERNAL)
+    if any(v.get("drift_passed") is False for c in doc.get("cells") or [] for v in c.get("variants") or []):
+        return int(ExitCode.DRIFT_BUDGET)
+    return int(ExitCode.OK)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return first if getattr(exc, "code", None) is not None and first else f"{exc.__class__.__name__}: {first}".rstrip(": ")
+
+
+def _cell_doc(cell: Cell, status: str, reason: str = "", **extra: Any) -> dict[str, Any]:
+    return {"modality": cell.modality, "target": cell.target, "precision": cell.precision, "status": status, "reason": reason,
+            "report": None, "task": None, "reference_p50_ms": None, "variants": []} | extra  # fmt: skip
+
+
+def _cell_from_report(cell: Cell, report: Mapping[str, Any], folder: Path, output: Path) -> dict[str, Any]:
+    ref = (report.get("reference") or {}).get("latency_ms") or {}
+    variants = [v for v in report.get("variants") or [] if v.get("precision") == cell.precision]
+    html = folder / "report.html"
+    link = os.path.relpath(html if html.exists() else folder / "report.md", output)
+    if not variants:
+        return _cell_doc(cell, "failed", f"the run built no {cell.precision} variant", report=link)
+    entries = [_variant_entry(v, ref.get("p50")) for v in variants]
+    failed = [e["name"] for e in entries if e["drift_passed"] is False]
+    reason = f"drift over budget: {', '.join(failed)}" if failed else ""
+    return _cell_doc(cell, "ran", reason, report=link, task=(report.get("model") or {}).get("task"),
+                     reference_p50_ms=ref.get("p50"), variants=entries)  # fmt: skip
+
+
+def _variant_entry(v: Mapping[str, Any], ref_p50: float | None) -> dict[str, Any]:
+    lat = v.get("latency_ms") or {}
+    drift = v.get("drift") or {}
+    budget = drift.get("budget") or {}
+    key = next(iter(budget), None) or next(iter(drift.get("metrics") or {}), None)
+    score = drift_score(drift)
+    return {
+        "name": v.get("name"),
+        "target": v.get("target"),
+        "precision": v.get("precision"),
+        "quantization": (v.get("quantization") or {}).get("mode") if v.get("quantization") else None,
+        "p50_ms": lat.get("p50"),
+        "p90_ms": lat.get("p90"),
+        "p99_ms": lat.get("p99"),
+        "speedup_vs_reference": v.get("speedup_vs_reference"),
+        "drift_passed": drift.get("passed"),
+        "drift_score": score if score is None or math.isfinite(score) else None,
+        "key_metric": key,
+        "key_metric_value": (drift.get("metrics") or {}).get(key) if key else None,
+        "failed_metrics": list(drift.get("failed") or []),
+    }
+
+
+def pareto(variants: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Names on the front (lower p50 and lower drift score both better), fastest first."""
+    pts = [v for v in variants if v.get("p50_ms") is not None and v.get("drift_score") is not None]
+    front = []
+    for a in pts:
+        dominated = any(
+            b is not a
+            and b["p50_ms"] <= a["p50_ms"]
+            and b["drift_score"] <= a["drift_score"]
+            and (b["p50_ms"] < a["p50_ms"] or b["drift_score"] < a["drift_score"])
+            for b in pts
+        )
+        if not dominated:
+            front.append(a)
+    front.sort(key=lambda v: (v["p50_ms"], v["drift_score"], v["name"]))
+    return [v["name"] for v in front]
+
+
+def summarize(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per modality: its task, the reference p50 (median over runs), every variant, the front."""
+    out: dict[str, Any] = {}
+    for cell in cells:
+        if cell.get("status") != "ran":
+            continue
+        info = out.setdefault(cell["modality"], {"task": cell.get("task"), "refs": [], "variants": []})
+        if cell.get("reference_p50_ms") is not None:
+            info["refs"].append(cell["reference_p50_ms"])
+        known = {v["name"] for v in info["variants"]}
+        info["variants"] += [dict(v, report=cell.get("report")) for v in cell.get("variants") or [] if v["name"] not in known]
+    for info in out.values():
+        refs = info.pop("refs")
+        info["reference_p50_ms"] = statistics.median(refs) if refs else None
+        info["variants"].sort(key=lambda v: (v.get("p50_ms") is None, v.get("p50_ms") or 0.0, v["name"]))
+        info["pareto"] = pareto(info["variants"])
+    return out
+
+
+def _document(*, model: str, cells: list[dict[str, Any]], modalities: list[str], targets: list[str], precisions: list[str],
+              shard: str | None, random_weights: bool, warnings: list[str]) -> dict[str, Any]:  # fmt: skip
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "matrix",
+        "tool": {"name": "d2v-export", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "random_weights": random_weights,
+        "modalities": modalities,
+        "targets": targets,
+        "precisions": precisions,
+        "shard": shard,
+        "cells": cells,
+        "modalities_detail": summarize(cells),
+        "warnings": warnings,
+        "passed": all(c["status"] != "failed" for c in cells) and all(
+            v.get("drift_passed") is not False for c in cells for v in c.get("variants") or []
+        ),
+    }
+
+
+def merge(docs: Sequence[Mapping[str, Any]], *, relocate: Callable[[Mapping[str, Any], str], str] | None = None) -> dict[str, Any]:
+    """Join the matrix.json documents of several shards (a cell that ran wins over a skipped/failed copy)."""
+    if not docs:
+        raise D2VError("nothing to merge: pass the matrix.json of every shard")
+    models = {d.get("model") for d in docs}
+    warnings = [w for d in docs for w in d.get("warnings") or []]
+    if len(models) > 1:
+        warnings.append(f"merged shards of different models: {', '.join(sorted(map(str, models)))}")
+    rank = {"ran": 0, "failed": 1, "skipped": 2}
+    cells: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        for c in d.get("cells") or []:
+            c = dict(c)
+            if relocate is not None and c.get("report"):
+                c["report"] = relocate(d, c["report"])
+            key = f"{c['modality']}/{c['target']}/{c['precision']}"
+            if key not in cells or rank.get(c["status"], 9) < rank.get(cells[key]["status"], 9):
+                cells[key] = c
+    mods = _ordered((m for d in docs for m in d.get("modalities") or []), [m.value for m in Modality])
+    tgts = _ordered((t for d in docs for t in d.get("targets") or []), [])
+    precs = _ordered((p for d in docs for p in d.get("precisions") or []), [p.value for p in Precision])
+    order = [c.key for c in plan(mods, tgts, precs)]
+    ordered = [cells[k] for k in order if k in cells] + [c for k, c in cells.items() if k not in order]
+    missing = [k for k in order if k not in cells]
+    if missing:
+        warnings.append(f"{len(missing)} cell(s) in no shard: {', '.join(missing[:6])}" + (" …" if len(missing) > 6 else ""))
+    return _document(model=str(next(iter(models))), cells=ordered, modalities=mods, targets=tgts, precisions=precs, shard=None,
+                     random_weights=any(d.get("random_weights") for d in docs), warnings=warnings)  # fmt: skip
+
+
+def merge_files(paths: Sequence[Path], output: Path) -> dict[str, Any]:
+    """Read the shards' matrix.json files, merge, write matrix.json/.md/.html into ``output``."""
+    from .compare import load_report
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    docs, where = [], {}
+    for p in paths:
+        p = Path(p)
+        p = p / "matrix.json" if p.is_dir() else p
+        d = load_report(p)
+        if d.get("kind") != "matrix":
+            raise D2VError(f"'{p}' is not a matrix.json (no \"kind\": \"matrix\"); pass the matrix.json of each shard")
+        docs.append(d)
+        where[id(d)] = p.parent
+
+    def relocate(d: Mapping[str, Any], link: str) -> str:
+        return os.path.relpath(where[id(d)] / link, output)
+
+    doc = merge(docs, relocate=relocate)
+    write(doc, output)
+    return doc
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    lines = [f"# d2v-export matrix: {doc.get('model')}", ""]
+    if doc.get("random_weights"):
+        lines += ["> **RANDOM WEIGHTS** — presets have the real architecture but untrained weights: latency is meaningful, "
+                  "accuracy numbers only measure conversion drift.", ""]  # fmt: skip
+    if doc.get("shard"):
+        lines += [f"Shard {doc['shard']} of the matrix.", ""]
+    lines += ["| modality | target | precision | status | reason |", "|---|---|---|---|---|"]
+    for c in doc.get("cells") or []:
+        lines.append(f"| {c['modality']} | {c['target']} | {c['precision']} | {c['status']} | {_md(c.get('reason') or '')} |")
+    for modality, info in (doc.get("modalities_detail") or {}).items():
+        front = info.get("pareto") or []
+        lines += ["", f"## {modality}: {info.get('task')}", ""]
+        ref = info.get("reference_p50_ms")
+        if ref is not None:
+            lines += [f"PyTorch fp32 reference p50 {ref:.3f} ms.", ""]
+        lines += ["| variant | p50 ms | speedup | drift score | key metric | drift | front |", "|---|---:|---:|---:|---|---|---|"]
+        for v in info.get("variants") or []:
+            p50 = f"{v['p50_ms']:.3f}" if v.get("p50_ms") is not None else "–"
+            sp = f"{v['speedup_vs_reference']:.2f}×" if v.get("speedup_vs_reference") else "–"
+            score = f"{v['drift_score']:.3g}" if v.get("drift_score") is not None else "–"
+            key = f"{v['key_metric']} {v['key_metric_value']:.4g}" if v.get("key_metric") and v.get("key_metric_value") is not None else "–"
+            ok = {True: "✅", False: "❌"}.get(v.get("drift_passed"), "–")
+            lines.append(f"| {v['name']} | {p50} | {sp} | {score} | {key} | {ok} | {'★' if v['name'] in front else ''} |")
+        lines += ["", f"Latency-versus-drift front: {', '.join(front) or 'none'}."]
+    if doc.get("warnings"):
+        lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in doc["warnings"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write(doc: Mapping[str, Any], output: Path) -> tuple[Path, Path, Path]:
+    """matrix.json, matrix.md and matrix.html in ``output``."""
+    from .html_report import write_matrix_html
+
+    output = Path(output)
+    j, m, h = output / "matrix.json", output / "matrix.md", output / "matrix.html"
+    j.write_text(json.dumps(_finite(doc), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    m.write_text(markdown(doc), encoding="utf-8")
+    write_matrix_html(doc, h)
+    return j, m, h
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x

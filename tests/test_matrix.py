@@ -1,0 +1,126 @@
+"""The matrix: deterministic plan and shards, a real run with skipped and failed cells, the front."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from d2v_export import backends, bench
+from d2v_export.matrix import Cell, exit_code, merge, pareto, parse_shard, plan, run_matrix
+from d2v_export.pipeline import ShapeRequest
+from d2v_export.spec import D2VError, ExitCode
+
+from .conftest import TINY_SHAPES
+
+QUICK = bench.BenchSettings(warmup=2, min_iterations=10, max_iterations=100, seconds=0.3, max_warmup_seconds=5.0)
+
+
+def test_plan_is_deterministic_whatever_the_option_order() -> None:
+    a = plan(["text", "vision"], ["openvino", "onnxruntime"], ["int8", "fp32"])
+    b = plan(["vision", "text", "vision"], ["onnxruntime", "openvino"], ["fp32", "int8"])
+    assert a == b
+    assert a[0] == Cell("vision", "onnxruntime", "fp32") and a[1] == Cell("vision", "onnxruntime", "int8")
+    assert [c.modality for c in a] == ["vision"] * 4 + ["text"] * 4
+
+
+def test_shards_cover_the_plan_exactly_once() -> None:
+    full = plan(["vision", "text", "audio"], ["onnxruntime", "openvino", "tensorrt"], ["fp32", "int8"])
+    for n in (1, 2, 3, 5, 7, 40):
+        shards = [plan(["vision", "text", "audio"], ["onnxruntime", "openvino", "tensorrt"], ["fp32", "int8"], shard=(i, n)) for i in range(1, n + 1)]
+        seen = [c for s in shards for c in s]
+        assert sorted(seen, key=full.index) == full and len(seen) == len(full)
+    first = plan(["vision", "text", "audio"], ["onnxruntime", "openvino", "tensorrt"], ["fp32", "int8"], shard=(1, 4))
+    assert first == [full[0], full[4], full[8], full[12], full[16]]  # 1-based i: cells i-1, i-1+n, ... (0-based)
+
+
+def test_parse_shard() -> None:
+    assert parse_shard("2/4") == (2, 4) and parse_shard(None) is None and parse_shard("") is None
+    for bad in ("0/4", "5/4", "1", "a/b", "1/0"):
+        with pytest.raises(D2VError):
+            parse_shard(bad)
+    with pytest.raises(D2VError, match="unknown modality"):
+        plan(["video"], ["onnxruntime"], ["fp32"])
+
+
+def test_pareto_front() -> None:
+    vs: list[dict[str, Any]] = [
+        {"name": "fast-noisy", "p50_ms": 1.0, "drift_score": 0.8},
+        {"name": "slow-exact", "p50_ms": 5.0, "drift_score": 0.001},
+        {"name": "dominated", "p50_ms": 6.0, "drift_score": 0.5},
+        {"name": "middle", "p50_ms": 2.0, "drift_score": 0.1},
+        {"name": "no-latency", "p50_ms": None, "drift_score": 0.0},
+    ]
+    assert pareto(vs) == ["fast-noisy", "middle", "slow-exact"]
+
+
+@pytest.fixture(scope="module")
+def matrix_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """vision on onnxruntime (runs), tensorrt (not available here) and a bogus target; fp32 and fp16;
+    text with a sequence range its checkpoint rejects (fails), so one failure does not stop the rest."""
+    out = tmp_path_factory.mktemp("matrix") / "m"
+    shapes = ShapeRequest(batch=TINY_SHAPES.batch, sequence=(8, 16, 100_000), audio_seconds=TINY_SHAPES.audio_seconds)
+    messages: list[str] = []
+    doc = run_matrix("preset:tiny", ["vision", "text"], ["onnxruntime", "tensorrt", "no-such-target"], ["fp32", "fp16"], out,
+                     shapes=shapes, bench=QUICK, threads=1, progress=messages.append)  # fmt: skip
+    return doc, out
+
+
+def test_matrix_reports_every_cell_with_a_status(matrix_run: tuple[dict[str, Any], Path]) -> None:
+    doc, out = matrix_run
+    cells = {(c["modality"], c["target"], c["precision"]): c for c in doc["cells"]}
+    assert len(cells) == 2 * 3 * 2
+    assert cells[("vision", "onnxruntime", "fp32")]["status"] == "ran"
+    assert cells[("vision", "onnxruntime", "fp16")]["status"] == "skipped"
+    assert "fp16" in cells[("vision", "onnxruntime", "fp16")]["reason"]
+    trt = cells[("vision", "tensorrt", "fp32")]
+    if "tensorrt" in backends.names() and not backends.get("tensorrt").available().ok:
+        assert trt["status"] == "skipped" and trt["reason"].startswith("target not available here")
+        assert backends.get("tensorrt").available().reason in trt["reason"]
+    bogus = cells[("vision", "no-such-target", "fp32")]
+    assert bogus["status"] == "skipped" and "unknown target" in bogus["reason"]
+    text = cells[("text", "onnxruntime", "fp32")]
+    assert text["status"] == "failed" and "sequence" in text["reason"] and "\n" not in text["reason"]
+    assert exit_code(doc) == text["exit_code"] == int(ExitCode.BAD_INPUT)
+    # files
+    on_disk = json.loads((out / "matrix.json").read_text())
+    assert on_disk["schema_version"] == "1.0" and on_disk["kind"] == "matrix"
+    assert (out / "matrix.md").read_text().count("| skipped |") >= 4
+    page = (out / "matrix.html").read_text()
+    assert 'data-plot="pareto"' in page and "<script" not in page
+    assert (out / cells[("vision", "onnxruntime", "fp32")]["report"]).exists()  # the cell's own report
+
+
+def test_matrix_names_the_front(matrix_run: tuple[dict[str, Any], Path]) -> None:
+    doc, _out = matrix_run
+    vision = doc["modalities_detail"]["vision"]
+    names = [v["name"] for v in vision["variants"]]
+    assert names == ["onnxruntime-fp32"]
+    assert vision["pareto"] == ["onnxruntime-fp32"]
+    v = vision["variants"][0]
+    assert v["p50_ms"] > 0 and v["drift_passed"] is True and 0 <= v["drift_score"] < 1
+    assert v["key_metric"] == "max_scaled_error"
+    assert "text" not in doc["modalities_detail"]
+    assert re.search(r"front: onnxruntime-fp32", (_out / "matrix.md").read_text())
+
+
+def test_merge_of_shards_equals_the_whole(matrix_run: tuple[dict[str, Any], Path]) -> None:
+    doc, _out = matrix_run
+    cells = doc["cells"]
+    shard_docs = [dict(doc, cells=cells[i::3], shard=f"{i + 1}/3") for i in range(3)]
+    merged = merge(shard_docs)
+    assert merged["cells"] == cells
+    assert merged["modalities_detail"]["vision"]["pareto"] == ["onnxruntime-fp32"]
+    partial = merge(shard_docs[:2])
+    assert any("in no shard" in w for w in partial["warnings"])
+
+
+def test_existing_matrix_needs_force(matrix_run: tuple[dict[str, Any], Path]) -> None:
+    _doc, out = matrix_run
+    with pytest.raises(D2VError, match="--force"):
+        run_matrix("preset:tiny", ["vision"], ["no-such-target"], ["fp32"], out)
+    doc = run_matrix("preset:tiny", ["vision"], ["no-such-target"], ["fp32"], out / "only-skipped")
+    assert [c["status"] for c in doc["cells"]] == ["skipped"]
