@@ -120,6 +120,10 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
                          help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable."),
             click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
                          help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds."),
+            click.option("--target-profile", default=None, metavar="NAME|FILE",
+                         help="A device profile from targets/ (xeon-vnni, generic-avx2, nvidia-t4, jetson-orin) or a TOML file: "
+                              "target, precision, threads, shapes and a latency budget that becomes a verdict."),
+            click.option("--device", default=None, help="Backend device: OpenVINO CPU/GPU/AUTO, TensorRT cuda:0 (default: CPU, or the profile's)."),
             click.option("--fp16", is_flag=True, help="Also build fp16 variants on targets that support it (OpenVINO, TensorRT)."),
             click.option("--bf16", is_flag=True, help="Also build bf16 variants on targets that support it (OpenVINO on CPUs with bf16)."),
             click.option("--defer-build", is_flag=True,
@@ -166,6 +170,28 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         b.update(done - b.n)
 
     spec = parse_source(kw["model"], modality, kw["task"])
+    profile = None
+    targets = tuple(dict.fromkeys(kw["targets"]))
+    threads = kw["threads"]
+    shapes = ShapeRequest(batch=kw["batch_size"], **shape_kwargs)
+    half = tuple(p for p, on in ((Precision.FP16, kw["fp16"]), (Precision.BF16, kw["bf16"])) if on)
+    if kw["target_profile"]:
+        from .profiles import load_profile, missing_cpu_flags
+
+        profile = load_profile(kw["target_profile"])
+        ctx = click.get_current_context()
+        if ctx.get_parameter_source("targets") is click.core.ParameterSource.DEFAULT:
+            targets = profile.targets
+        threads = threads or profile.threads
+        shapes = profile.shape_request(shapes)
+        if profile.int8 and not kw["int8"]:
+            kw["int8"] = True
+            if ctx.get_parameter_source("quant") is click.core.ParameterSource.DEFAULT and profile.quantize:
+                kw["quant"] = profile.quantize
+        if profile.precision in (Precision.FP16, Precision.BF16) and profile.precision not in half:
+            half += (profile.precision,)
+        for flag in missing_cpu_flags(profile):
+            progress(f"WARNING: profile {profile.name} expects the CPU flag {flag}, which this machine lacks: latency here does not predict the device")
     int8 = None
     if kw["int8"]:
         int8 = QuantOptions(
@@ -183,19 +209,20 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
     output = kw["output"] or Path("out") / modality.value
     options = RunOptions(
         output=output,
-        targets=tuple(dict.fromkeys(kw["targets"])),
+        targets=targets,
         force=kw["force"],
-        threads=kw["threads"],
+        threads=threads,
         bench=BenchSettings(seconds=kw["bench_seconds"]),
         int8=int8,
-        half=tuple(p for p, on in ((Precision.FP16, kw["fp16"]), (Precision.BF16, kw["bf16"])) if on),
+        half=half,
+        device=kw["device"] or (profile.device if profile else "CPU"),
+        profile=profile,
         defer_build=kw["defer_build"],
         baseline=kw["baseline"],
         latency_tolerance=parse_tolerance(kw["latency_tolerance"]),
         drift_tolerance=kw["drift_tolerance"],
         relative_to_reference=kw["relative_to_reference"],
     )
-    shapes = ShapeRequest(batch=kw["batch_size"], **shape_kwargs)
     report = run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
     if "bar" in bar:
         bar["bar"].close()
@@ -216,6 +243,9 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
             + " or loosen a budget with --max-drift",
             ExitCode.DRIFT_BUDGET,
         )
+    if not report.within_latency_budget:
+        over = [f"{v.artifact} {v.latency_budget['detail']}" for v in report.variants if v.latency_budget and v.latency_budget.get("passed") is False]
+        raise D2VError(f"over the latency budget of profile {kw['target_profile']}: {'; '.join(over)}", ExitCode.REGRESSION)
     if report.comparison is not None:
         click.echo(f"against the baseline: {'no regression' if report.comparison['passed'] else 'REGRESSION'} (see {output / 'comparison.md'})", err=True)
         if not report.comparison["passed"]:
@@ -387,3 +417,36 @@ def matrix_merge(shards: tuple[Path, ...], output: Path) -> None:
     doc = mx.merge_files(list(shards), output)
     click.echo(mx.markdown(doc))
     sys.exit(mx.exit_code(doc))
+
+
+@main.command("run", epilog="""\b
+Examples:
+  d2v-export run out/vision/onnxruntime-int8-static cat.jpg dog.png     # top-5 labels
+  d2v-export run out/audio/openvino-fp32 speech.wav --json             # transcript
+  d2v-export run out/text/onnxruntime-fp32 "Who wrote it? ||| It was written by Ada."
+""")  # fmt: skip
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@_handle_errors
+def run_bundle(bundle: Path, inputs: tuple[str, ...], top_k: int, threads: int, as_json: bool) -> None:
+    """Run a bundle on raw inputs (image/audio files, text; pairs as "A ||| B"): checksums verified first."""
+    from .predict import format_text, predict, to_json
+
+    results = predict(bundle, list(inputs), threads=threads, top_k=top_k)
+    click.echo(to_json(results) if as_json else format_text(results), nl=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON.")
+@_handle_errors
+def doctor(as_json: bool) -> None:
+    """Versions, CPU features, and which targets and devices work here (and why not)."""
+    import json
+
+    from . import doctor as doc
+
+    d = doc.diagnose()
+    click.echo(json.dumps(d, indent=2) if as_json else doc.format_text(d))

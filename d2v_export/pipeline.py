@@ -92,6 +92,8 @@ class RunOptions:
     latency_tolerance: float = 0.10
     drift_tolerance: float = 0.005
     relative_to_reference: bool = False
+    device: str = "CPU"  # the backend's device (OpenVINO: CPU/GPU/AUTO; TensorRT: cuda:0)
+    profile: Any = None  # a profiles.DeviceProfile whose latency budget becomes a verdict
     half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
     defer_build: bool = False  # TensorRT without TensorRT or a GPU here: write the portable half only
 
@@ -257,6 +259,7 @@ def run(
                 speedup_vs_reference=_speedup(ref_latency, latency[artifact.name]),
                 quantization=artifact.quantization,
                 notes=artifact.notes + notes,
+                latency_budget=options.profile.latency_verdict(spec.modality, latency[artifact.name]) if options.profile else None,
             )
             for _backend, artifact, drift, notes in built
         )
@@ -294,15 +297,20 @@ def run(
             )
             compare.write(c, root)
             result = dataclasses.replace(result, comparison=compare.to_dict(c))
+        from .bundle import write_manifest
+
+        doc = report_mod.to_dict(result, root)
+        for (_backend, artifact, _drift, _notes), entry in zip(built, doc["variants"]):
+            write_manifest(artifact.path, artifact=artifact, model=model, graph=graph, variant_verdict=entry, environment=doc["environment"])
         report_mod.write(result, root)
     return result
 
 
 def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads: int) -> list[BuildRequest]:
     """fp32 always (it is the baseline of every comparison), plus fp16/bf16 where supported, plus INT8 when asked for."""
-    defer = options.defer_build
-    requests = [BuildRequest(precision=Precision.FP32, threads=threads, defer_build=defer)]
-    requests += [BuildRequest(precision=p, threads=threads, defer_build=defer) for p in options.half if p in backend.precisions]
+    common = dict(threads=threads, defer_build=options.defer_build, device=options.device)
+    requests = [BuildRequest(precision=Precision.FP32, **common)]  # type: ignore[arg-type]
+    requests += [BuildRequest(precision=p, **common) for p in options.half if p in backend.precisions]  # type: ignore[arg-type]
     int8 = options.int8
     if int8 is not None:
         from .quantize import make_recipe
@@ -310,7 +318,7 @@ def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads:
         samples = len(calib) if calib is not None and int8.mode == "static" else 0
         recipe = make_recipe(backend.name, int8.mode, method=int8.method, samples=samples)
         feeds = tuple(calib.feeds) if calib is not None and int8.mode == "static" else ()
-        requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=threads, defer_build=defer))
+        requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, **common))  # type: ignore[arg-type]
     return requests
 
 

@@ -140,6 +140,7 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
                 "latency_ms": latency_dict(v.latency),
                 "speedup_vs_reference": v.speedup_vs_reference,
                 "notes": list(v.notes),
+                "latency_budget": _plain(v.latency_budget),
             }
             for v in report.variants
         ],
@@ -227,6 +228,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
             lines += ["", f"- **{v['name']}**: {v['drift']['detail']}"]
         for note in v["notes"]:
             lines.append(f"  - {note}")
+        budget = v.get("latency_budget")
+        if budget and budget.get("passed") is not None:
+            lines.append(f"  - latency budget ({budget['profile']}): {'within' if budget['passed'] else 'OVER'} — {budget['detail']}")
     comparison = doc.get("comparison")
     if comparison:
         verdict = "no regression" if comparison.get("passed") else "REGRESSION in " + ", ".join(comparison.get("regressions", []))

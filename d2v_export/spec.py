@@ -207,6 +207,7 @@ class Variant:
     speedup_vs_reference: float | None
     quantization: QuantRecipe | None = None
     notes: tuple[str, ...] = ()
+    latency_budget: Mapping[str, object] | None = None  # a device profile's verdict (profiles.latency_verdict)
 
 
 @dataclass(frozen=True)
@@ -236,4 +237,9 @@ class Report:
 
     @property
     def passed(self) -> bool:
+        """Every variant within its drift budget (latency budgets are judged by ``within_latency_budget``)."""
         return all(v.drift.passed for v in self.variants)
+
+    @property
+    def within_latency_budget(self) -> bool:
+        return all(not v.latency_budget or v.latency_budget.get("passed") is not False for v in self.variants)

@@ -1,0 +1,529 @@
+"""Self-contained variant folders ("bundles"): manifest.json, checksums, verification, a README.
+
+    write_manifest(folder, artifact=..., model=..., graph=..., variant_verdict=..., environment=...)
+    manifest = verify(folder)       # raises D2VError (BAD_INPUT) on anything it does not trust
+
+A bundle is one variant folder of a run (`<output>/<target>-<precision>[-<mode>]`): the model files a
+runtime loads, `config.json` and the processor / tokenizer files, `README.md` and `manifest.json`.
+The manifest lists every other file with its size and sha256 and says how inputs are prepared, what
+the outputs mean and how the variant fared in the report. See docs/bundles.md for the schema.
+
+`verify` trusts nothing in the folder: it refuses manifest paths that are absolute or leave the
+folder, symbolic links that point outside it, files that are missing, changed or not listed, and any
+file that holds a Python pickle (found by content, not by name: OpenVINO's `openvino_model.bin` is
+raw weights and passes; a torch checkpoint named `.bin` does not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickletools
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Mapping
+
+from .spec import D2VError, Modality
+
+SCHEMA_VERSION = "1.0"
+MANIFEST = "manifest.json"
+README = "README.md"
+PAIR_SEPARATOR = "|||"  # "question ||| context", "text ||| text pair", "prompt ||| choice ||| choice"
+
+# Files a Hugging Face tokenizer may write with save_pretrained.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "sentencepiece.bpe.model", "spm.model", "tokenizer.model",
+)  # fmt: skip
+_PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib"})
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative, POSIX separators
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A verified manifest.json. ``data`` is the whole document; the fields are its most used parts."""
+
+    folder: Path
+    schema_version: str
+    modality: Modality
+    task: str
+    class_name: str
+    target: str
+    precision: str
+    model_file: str  # relative path of the file the runtime loads
+    files: tuple[FileEntry, ...]
+    inputs: tuple[Mapping[str, Any], ...]
+    outputs: tuple[Mapping[str, Any], ...]
+    preprocessing: Mapping[str, Any]
+    labels: Mapping[int, str] | None
+    quantization: Mapping[str, Any] | None
+    verdict: Mapping[str, Any] | None
+    data: Mapping[str, Any] = field(repr=False, default_factory=dict)
+
+    def dims(self) -> dict[str, tuple[int, int, int]]:
+        """{axis: (min, opt, max)} of every dynamic input axis."""
+        out: dict[str, tuple[int, int, int]] = {}
+        for spec in self.inputs:
+            for axis, r in (spec.get("dynamic") or {}).items():
+                out[axis] = (int(r["min"]), int(r["opt"]), int(r["max"]))
+        return out
+
+    def static(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in (self.data.get("static") or {}).items()}
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every regular file under folder (sorted by relative POSIX path), manifest.json left out.
+
+    Symbolic links are refused: a bundle is copied to devices, and a link would not travel with it.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                raise D2VError(
+                    f"'{path.relative_to(folder).as_posix()}' in bundle '{folder}' is a symbolic link"
+                    f"{' pointing outside the bundle' if not _inside(folder, path) else ''}; bundles hold plain files only"
+                )
+        for name in filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def _tensor_doc(spec: Any, dims: Mapping[str, Any], static: Mapping[str, int]) -> dict[str, Any]:
+    shape = list(spec.shape)
+    dynamic = {a: {"min": dims[a].min, "opt": dims[a].opt, "max": dims[a].max} for a in shape if isinstance(a, str) and a in dims}
+    fixed = {a: static["image_size"] for a in shape if a in ("height", "width") and "image_size" in static}
+    return {"name": spec.name, "dtype": spec.dtype, "shape": shape, "dynamic": dynamic, "fixed": fixed}
+
+
+def _processor_dict(proc: Any) -> dict[str, Any]:
+    try:
+        data = proc.to_dict()
+    except Exception:  # noqa: BLE001 - a processor without to_dict: fall back to its public attributes
+        data = {k: v for k, v in vars(proc).items() if not k.startswith("_")}
+    return json.loads(json.dumps(data, default=str))
+
+
+def preprocessing(model: Any, graph: Any, folder: Path) -> dict[str, Any]:
+    """How raw inputs become the model's inputs, as recorded in the manifest."""
+    modality = model.head.modality
+    static = dict(graph.profile.static)
+    out: dict[str, Any] = {"modality": modality.value}
+    if modality is Modality.VISION and model.processor is not None:
+        p = _processor_dict(model.processor)
+        keys: tuple[str, ...] = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                "do_normalize", "image_mean", "image_std", "do_reduce_labels")  # fmt: skip
+        out |= {
+            "processor": type(model.processor).__name__,
+            "config_file": "preprocessor_config.json",
+            "image_size": static.get("image_size"),
+            "decode": "Pillow; EXIF orientation applied; converted to RGB",
+            "layout": "NCHW float32",
+        } | {k: p[k] for k in keys if k in p}
+    elif modality is Modality.AUDIO and model.processor is not None:
+        p = _processor_dict(model.processor)
+        keys = ("sampling_rate", "do_normalize", "padding_value", "feature_size", "return_attention_mask")
+        out |= {
+            "processor": type(model.processor).__name__,
+            "config_file": "preprocessor_config.json",
+            "decode": "soundfile; channels averaged to mono; resampled with scipy.signal.resample_poly",
+            "layout": "(batch, samples) float32",
+        } | {k: p[k] for k in keys if k in p}
+    tok = model.tokenizer
+    if tok is not None:
+        seq = next((d for d in graph.profile.dims if d.name == "sequence"), None)
+        out["tokenizer"] = {
+            "class": type(tok).__name__,
+            "files": sorted(name for name in TOKENIZER_FILES if (folder / name).is_file()),
+            "max_length": seq.max if seq is not None else None,
+            "model_max_length": int(getattr(tok, "model_max_length", 0) or 0) or None,
+            "padding_side": getattr(tok, "padding_side", "right"),
+            "special_tokens": {k: str(v) for k, v in (getattr(tok, "special_tokens_map", {}) or {}).items()},
+        }
+        if modality is Modality.TEXT:
+            out["pair_separator"] = PAIR_SEPARATOR
+    return out
+
+
+def _labels(config: Any) -> dict[str, str] | None:
+    id2label = getattr(config, "id2label", None)
+    if not id2label:
+        return None
+    return {str(int(k)): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
+
+
+def _plain(value: Any) -> Any:
+    from .report import _plain as plain
+
+    return plain(value)
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    artifact: Any,
+    model: Any,
+    graph: Any,
+    variant_verdict: Mapping[str, Any] | None,
+    environment: Mapping[str, Any],
+) -> Path:
+    """Write README.md and manifest.json into a finished variant folder; returns the manifest's path.
+
+    Call it last, once every file of the variant is in place (the manifest lists and hashes them),
+    inside the staging folder, before it is renamed into place.
+
+    ``artifact`` is the backend's Artifact, ``model`` the LoadedModel, ``graph`` the ExportedGraph,
+    ``variant_verdict`` this variant's entry of report.json (``report.to_dict(...)["variants"][i]``,
+    or None when there is no report), ``environment`` ``report.environment(threads)``.
+    """
+    from . import __version__, backends
+
+    folder = Path(folder)
+    head = model.head
+    dims = {d.name: d for d in graph.profile.dims}
+    static = dict(graph.profile.static)
+    try:
+        avail = backends.get(artifact.target).available()
+        runtime = {"name": artifact.target, "version": avail.version or None}
+    except D2VError:
+        runtime = {"name": artifact.target, "version": None}
+    model_file = Path(artifact.model_file)
+    rel_model = model_file.relative_to(folder).as_posix() if model_file.is_absolute() and _inside(folder, model_file) else model_file.name
+    verdict = None
+    if variant_verdict is not None:
+        v = dict(variant_verdict)
+        drift = v.get("drift") or {}
+        verdict = {
+            "passed": drift.get("passed"),
+            "drift": drift,
+            "latency_ms": {k: (v.get("latency_ms") or {}).get(k) for k in ("p50", "p90", "p99", "batch", "shape")} if v.get("latency_ms") else None,
+            "speedup_vs_reference": v.get("speedup_vs_reference"),
+            "notes": list(v.get("notes") or ()),
+        } | {k: v[k] for k in ("budget", "latency_budget") if k in v}
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "name": folder.name,
+        "tool": {"name": "d2v-export", "version": __version__},
+        "model": {
+            "modality": head.modality.value,
+            "task": head.task,
+            "class": head.class_name,
+            "description": model.description,
+            "random_weights": bool(model.random_weights),
+            "parameters": int(model.parameters),
+        },
+        "target": artifact.target,
+        "precision": artifact.precision.value,
+        "model_file": rel_model,
+        "runtime": runtime,
+        "quantization": _plain(artifact.quantization),
+        "notes": list(artifact.notes),
+        "inputs": [_tensor_doc(t, dims, static) for t in graph.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": [a if isinstance(a, int) else str(a) for a in t.shape]} for t in graph.outputs],
+        "static": static,
+        "export": {"exporter": graph.exporter, "opset": graph.opset},
+        "preprocessing": preprocessing(model, graph, folder),
+        "labels": _labels(model.config),
+        "environment": _plain(dict(environment)),
+        "verdict": verdict,
+    }
+    (folder / README).write_text(readme(doc), encoding="utf-8")
+    doc["files"] = [
+        {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)
+    ]
+    path = folder / MANIFEST
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def readme(doc: Mapping[str, Any]) -> str:
+    """The bundle's README.md: what it is and how to run it with and without d2v-export."""
+    m = doc["model"]
+    name, target, model_file = doc["name"], doc["target"], doc["model_file"]
+    modality, task = m["modality"], m["task"]
+    example = {"vision": "cat.jpg", "audio": "speech.wav", "text": '"A sentence to classify."'}[modality]
+    if task == "question-answering":
+        example = f'"Who wrote it? {PAIR_SEPARATOR} It was written by Ada."'
+    elif task == "fill-mask":
+        example = '"Paris is the <mask> of France."'
+    elif task == "multiple-choice":
+        example = f'"The sky is {PAIR_SEPARATOR} blue {PAIR_SEPARATOR} green"'
+    lines = [
+        f"# {name}: data2vec-{modality} {task} for {target} ({doc['precision']})",
+        "",
+        f"Model `{m['class']}` ({m['description']}), exported by d2v-export {doc['tool']['version']}.",
+    ]
+    if m["random_weights"]:
+        lines += ["", "**RANDOM WEIGHTS**: a preset with the real architecture and untrained weights; its outputs mean nothing."]
+    lines += [
+        "",
+        "`manifest.json` lists every file with its size and sha256, the inputs and outputs, the preprocessing, "
+        "the labels and the verdict of the report this bundle came from.",
+        "",
+        "## Run it with d2v-export",
+        "",
+        "```sh",
+        f"d2v-export run {name}/ {example}",
+        f"d2v-export run {name}/ {example} --json",
+        "```",
+        "",
+        "`run` checks every checksum first and refuses a changed bundle. Text pairs are written "
+        f"`A {PAIR_SEPARATOR} B` (question {PAIR_SEPARATOR} context for question answering).",
+        "",
+        "## Run it with the runtime alone",
+        "",
+        "Accepted input sizes:",
+        "",
+    ]
+    for t in doc["inputs"]:
+        ranges = ", ".join(f"{axis} {r['min']}..{r['max']} (best at {r['opt']})" for axis, r in t["dynamic"].items())
+        fixed = ", ".join(f"{axis} {n}" for axis, n in t["fixed"].items())
+        lines.append(f"- `{t['name']}` {t['dtype']} {tuple(t['shape'])}" + (f": {ranges}" if ranges else "") + (f"; {fixed}" if fixed else ""))
+    lines += ["", "```python", "import numpy as np"]
+    pre = doc["preprocessing"]
+    if modality == "vision":
+        lines += [
+            "from PIL import Image, ImageOps",
+            "from transformers import AutoImageProcessor",
+            "",
+            f'processor = AutoImageProcessor.from_pretrained("{name}")',
+            'image = ImageOps.exif_transpose(Image.open("cat.jpg")).convert("RGB")',
+            'feed = {"pixel_values": processor(images=image, return_tensors="np")["pixel_values"].astype(np.float32)}',
+        ]
+    elif modality == "audio":
+        rate = int(pre.get("sampling_rate") or 16000)
+        lines += [
+            "import soundfile as sf",
+            "from scipy.signal import resample_poly",
+            "from transformers import AutoFeatureExtractor",
+            "",
+            f'extractor = AutoFeatureExtractor.from_pretrained("{name}")',
+            'wave, rate = sf.read("speech.wav", dtype="float32", always_2d=True)',
+            f"wave = resample_poly(wave.mean(axis=1), {rate}, rate) if rate != {rate} else wave.mean(axis=1)  # mono, {rate} Hz",
+            f'feed = {{"input_values": extractor(wave, sampling_rate={rate}, return_tensors="np")["input_values"].astype(np.float32)}}',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+            'enc = tokenizer("A sentence.", return_tensors="np")' + ("  # for QA: tokenizer(question, context, ...)" if task == "question-answering" else ""),
+            'feed = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}',
+        ]
+        if task == "multiple-choice":
+            lines.append('feed = {k: v[:, None] for k, v in feed.items()}  # (batch, choices, sequence): one row per choice')
+    lines.append("")
+    if target == "openvino":
+        lines += [
+            "import openvino as ov",
+            "",
+            f'compiled = ov.Core().compile_model("{name}/{model_file}", "CPU")',
+            "outputs = compiled(feed)",
+        ]
+    else:
+        onnx_file = model_file if model_file.endswith(".onnx") else "model.onnx"
+        lines += [
+            "import onnxruntime as ort",
+            "",
+            f'session = ort.InferenceSession("{name}/{onnx_file}", providers=["CPUExecutionProvider"])',
+            "outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))",
+        ]
+    outs = ", ".join(f"`{o['name']}` {tuple(o['shape'])}" for o in doc["outputs"])
+    lines += ["```", "", f"Outputs: {outs}."]
+    if doc.get("labels"):
+        lines.append("Class ids map to names through `labels` in manifest.json (also `id2label` in config.json).")
+    if target == "tensorrt":
+        lines += ["", "A TensorRT engine (`model.plan`) runs only on the GPU model and TensorRT version it was built with; "
+                  "without one, `d2v-export run` runs `model.onnx` with ONNX Runtime and says so."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------- checking
+
+
+def _fail(folder: Path, what: str) -> D2VError:
+    return D2VError(f"bundle '{folder}' {what}")
+
+
+def _safe_rel(folder: Path, raw: object) -> str:
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
+        raise _fail(folder, f"lists a bad path {raw!r} in {MANIFEST}; rebuild it with d2v-export")
+    pure = PurePosixPath(raw)
+    if pure.is_absolute() or raw.startswith(("/", "\\")) or "\\" in raw or (len(raw) > 1 and raw[1] == ":"):
+        raise _fail(folder, f"lists an absolute or non-POSIX path '{raw}' in {MANIFEST}; refusing it (paths are relative, '/'-separated, inside the bundle)")
+    if any(part in ("..", "") for part in raw.split("/")) or pure.parts[0] == ".":
+        raise _fail(folder, f"lists the path '{raw}' that escapes the bundle in {MANIFEST}; refusing it")
+    if not _inside(folder, folder / raw):
+        raise _fail(folder, f"has '{raw}' resolving outside the bundle (a symbolic link?); refusing it")
+    return raw
+
+
+def _npy_has_objects(head: bytes) -> bool:
+    # An .npy header is a Python literal dict; object arrays ("|O") are stored as pickles.
+    return b"'descr': '|O'" in head or b"'descr': 'O'" in head or b"|O" in head[:256]
+
+
+def pickle_reason(path: Path) -> str | None:
+    """Why a file is (or holds) a Python pickle, or None. Decided by content, not by extension."""
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        return f"has a pickle file extension ({path.suffix})"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(65536)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if _looks_like_pickle(head):
+        return "is a Python pickle (torch.save / pickle.dump format)"
+    if head.startswith(b"\x93NUMPY") and _npy_has_objects(head[:512]):
+        return "is a numpy array of Python objects (stored as a pickle)"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    low = info.filename.lower()
+                    if low.endswith((".pkl", ".pickle")):
+                        return f"is a zip holding the pickle '{info.filename}' (a torch checkpoint?)"
+                    if low.endswith(".npy"):
+                        with zf.open(info) as member:
+                            if member.read(6) == b"\x93NUMPY" and _npy_has_objects(member.read(506)):
+                                return f"holds '{info.filename}', a numpy array of Python objects (a pickle)"
+                    elif info.file_size and not info.is_dir():
+                        with zf.open(info) as member:
+                            if _looks_like_pickle(member.read(4096)):
+                                return f"is a zip holding the pickle '{info.filename}'"
+        except (zipfile.BadZipFile, OSError, RuntimeError):
+            return None
+    return None
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """A pickle of protocol 2+ starts with PROTO (0x80, 2..5); check that the next opcodes parse too,
+    so that raw weights which happen to begin with those two bytes are not mistaken for one."""
+    if len(head) < 3 or head[0] != 0x80 or head[1] not in (2, 3, 4, 5):
+        return False
+    ops = 0
+    try:
+        for op, _arg, _pos in pickletools.genops(io.BytesIO(head)):
+            ops += 1
+            if op.name == "STOP" or ops >= 4:
+                return True
+    except Exception:  # noqa: BLE001 - genops raises ValueError or others on bytes that are not a pickle
+        return ops >= 4
+    return ops >= 2
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise D2VError(f"bundle '{folder}' is not a folder; pass a variant folder such as out/vision/onnxruntime-fp32")
+    if path.is_symlink() or not path.is_file():
+        raise _fail(folder, f"has no {MANIFEST}; pass a variant folder written by d2v-export (not the run's top folder)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _fail(folder, f"has an unreadable {MANIFEST} ({exc.__class__.__name__}); rebuild it") from None
+    if not isinstance(doc, dict):
+        raise _fail(folder, f"has a {MANIFEST} that is not a JSON object; rebuild it")
+    version = str(doc.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise _fail(folder, f"has manifest schema {version or 'none'}, this d2v-export reads {SCHEMA_VERSION}; rebuild or upgrade")
+    return doc
+
+
+def verify(folder: Path) -> Manifest:
+    """Check a bundle against its manifest; return the manifest or raise a one-line D2VError (BAD_INPUT)."""
+    folder = Path(folder)
+    doc = _read_manifest(folder)
+    entries = doc.get("files")
+    if not isinstance(entries, list) or not entries:
+        raise _fail(folder, f"has no file list in {MANIFEST}; rebuild it")
+    listed: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise _fail(folder, f"has a malformed file entry in {MANIFEST}; rebuild it")
+        rel = _safe_rel(folder, entry.get("path"))
+        if rel == MANIFEST or rel in listed:
+            raise _fail(folder, f"lists '{rel}' twice or lists the manifest itself; rebuild it")
+        listed[rel] = entry
+    present = _files(folder)  # refuses symbolic links
+    for path in present:
+        why = pickle_reason(path)
+        if why:
+            raise _fail(folder, f"holds '{path.relative_to(folder).as_posix()}', which {why}; bundles must not contain pickles")
+    names = {p.relative_to(folder).as_posix() for p in present}
+    extra = sorted(names - set(listed))
+    if extra:
+        raise _fail(folder, f"holds {len(extra)} file(s) not in {MANIFEST} (e.g. '{extra[0]}'); remove them or rebuild the bundle")
+    missing = sorted(set(listed) - names)
+    if missing:
+        raise _fail(folder, f"is missing '{missing[0]}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; copy the whole folder again")
+    for rel, entry in listed.items():
+        path = folder / rel
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            raise _fail(folder, f"file '{rel}' has {size} bytes, the manifest says {entry.get('size')}: it was changed; refusing it")
+        if sha256_file(path) != str(entry.get("sha256", "")).lower():
+            raise _fail(folder, f"file '{rel}' does not match its sha256 in {MANIFEST}: it was changed; refusing it")
+    model_file = _safe_rel(folder, doc.get("model_file"))
+    if model_file not in listed:
+        raise _fail(folder, f"names the model file '{model_file}', which it does not list; rebuild it")
+    m = doc.get("model") or {}
+    try:
+        modality = Modality(m.get("modality"))
+    except ValueError:
+        raise _fail(folder, f"has an unknown modality {m.get('modality')!r} in {MANIFEST}; rebuild it") from None
+    labels = doc.get("labels")
+    return Manifest(
+        folder=folder,
+        schema_version=str(doc["schema_version"]),
+        modality=modality,
+        task=str(m.get("task", "")),
+        class_name=str(m.get("class", "")),
+        target=str(doc.get("target", "")),
+        precision=str(doc.get("precision", "")),
+        model_file=model_file,
+        files=tuple(FileEntry(rel, int(e["size"]), str(e["sha256"])) for rel, e in listed.items()),
+        inputs=tuple(doc.get("inputs") or ()),
+        outputs=tuple(doc.get("outputs") or ()),
+        preprocessing=dict(doc.get("preprocessing") or {}),
+        labels={int(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else None,
+        quantization=doc.get("quantization"),
+        verdict=doc.get("verdict"),
+        data=doc,
+    )

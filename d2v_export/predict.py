@@ -1,0 +1,574 @@
+"""`d2v-export run BUNDLE INPUT...`: verify a bundle, load it with its runtime, run raw inputs through it.
+
+    results = predict(Path("out/vision/onnxruntime-fp32"), ["cat.jpg"], top_k=5)
+    print(format_text(results))
+
+Inputs, per modality (see docs/bundles.md):
+
+- vision: image files (any format Pillow reads; EXIF orientation applied, converted to RGB), prepared
+  by the bundle's own image processor (`preprocessor_config.json`).
+- audio: audio files of any sampling rate and channel count (averaged to mono, resampled to the
+  processor's rate with scipy's polyphase resampler), prepared by the bundle's feature extractor;
+  clips longer than the bundle's largest shape are cut (said in the result's notes).
+- text: each argument is one text. ``A ||| B`` is a text pair: question ||| context for
+  question-answering, prompt ||| choice ||| choice ... for multiple-choice, text ||| text pair for
+  classification. Fill-mask needs the tokenizer's mask token (``<mask>``) in the text. An argument
+  that names an existing ``.txt`` file gives one text per non-blank line; a ``.jsonl`` file takes the
+  calibration formats ({"text", "text_pair"}, {"question", "context"}, {"prompt", "choices"}).
+
+The same reading steps as the calibration readers are used (d2v_export.calibration), so a bundle sees
+inputs prepared exactly as during calibration and validation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .bundle import PAIR_SEPARATOR, Manifest, verify
+from .spec import Artifact, D2VError, Dim, ExitCode, Modality, Precision, ShapeProfile
+
+MAX_ANSWER_TOKENS = 30
+_ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+@dataclass
+class _Prepared:
+    feed: dict[str, np.ndarray]
+    notes: list[str] = field(default_factory=list)
+    valid: float = 1.0  # audio: the fraction of samples that is signal, not padding
+    text: str = ""
+    ids: list[int] = field(default_factory=list)  # text: the token ids of the row, unpadded
+    start: int = 0  # text: where the row starts in the padded sequence (left padding)
+    offsets: list[tuple[int, int]] | None = None  # text: character span of each token
+    segment: list[int | None] | None = None  # text: sequence id of each token (QA context is 1)
+    context: str = ""  # QA: the context text
+    choices: list[str] = field(default_factory=list)  # multiple-choice
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _artifact(manifest: Manifest, target: str, model_file: str) -> Artifact:
+    folder = manifest.folder
+    try:
+        precision = Precision(manifest.precision)
+    except ValueError:
+        raise D2VError(f"bundle '{folder}' has an unknown precision '{manifest.precision}'; rebuild it") from None
+    return Artifact(
+        target=target,
+        precision=precision,
+        path=folder,
+        model_file=folder / model_file,
+        files=tuple(folder / f.path for f in manifest.files),
+    )
+
+
+def open_runtime(manifest: Manifest) -> tuple[Any, Artifact, list[str]]:
+    """The backend and artifact that run this bundle, and notes (e.g. a TensorRT bundle run by ONNX Runtime)."""
+    from . import backends
+
+    target = manifest.target
+    if target == "tensorrt":
+        return _tensorrt(manifest)
+    backend = backends.get(target)
+    avail = backend.available()
+    if not avail.ok:
+        raise D2VError(f"bundle '{manifest.folder}' needs {target}, which is not available here: {avail.reason}", ExitCode.TARGET_UNAVAILABLE)
+    return backend, _artifact(manifest, target, manifest.model_file), []
+
+
+def _tensorrt(manifest: Manifest) -> tuple[Any, Artifact, list[str]]:
+    """A TensorRT bundle: its engine where one was built and TensorRT runs here, else its ONNX file on
+    ONNX Runtime (the same graph the engine was or will be built from), said in the notes."""
+    from . import backends
+
+    listed = {f.path for f in manifest.files}
+    engine = next((f for f in sorted(listed) if f.endswith(_ENGINE_SUFFIXES)), None)
+    onnx = _onnx_file(manifest)
+    try:
+        backend = backends.get("tensorrt")
+        avail = backend.available()
+        ok, why = avail.ok, avail.reason
+    except D2VError as exc:
+        backend, ok, why = None, False, str(exc)
+    if engine is not None and ok and backend is not None:
+        return backend, _artifact(manifest, "tensorrt", engine), []
+    if onnx is None:
+        raise D2VError(
+            f"bundle '{manifest.folder}' has " + ("an engine, but TensorRT cannot run here" if engine else "no TensorRT engine")
+            + f" and no ONNX file to run instead ({why or 'no engine'})",
+            ExitCode.TARGET_UNAVAILABLE,
+        )
+    reason = "the bundle has no TensorRT engine" if engine is None else f"TensorRT cannot run its engine here ({why})"
+    note = f"{reason}: ran its ONNX file '{onnx}' with ONNX Runtime on the CPU instead (not engine accuracy or latency)"
+    return backends.get("onnxruntime"), _artifact(manifest, "onnxruntime", onnx), [note]
+
+
+def _onnx_file(manifest: Manifest) -> str | None:
+    onnx = [f.path for f in manifest.files if f.path.endswith(".onnx")]
+    if "model.onnx" in onnx:
+        return "model.onnx"
+    return onnx[0] if onnx else None
+
+
+def _load_parts(manifest: Manifest) -> tuple[Any | None, Any | None]:
+    """The bundle's processor and tokenizer, read from its own files (never from the network)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    folder = str(manifest.folder)
+    pre = manifest.preprocessing
+    processor = tokenizer = None
+    try:
+        if manifest.modality is Modality.VISION:
+            processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        elif manifest.modality is Modality.AUDIO:
+            processor = transformers.AutoFeatureExtractor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        if pre.get("tokenizer"):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise D2VError(f"bundle '{folder}': cannot load its processor or tokenizer ({first[:200]}); rebuild the bundle") from None
+    return processor, tokenizer
+
+
+def _profile(manifest: Manifest) -> ShapeProfile:
+    dims = tuple(Dim(name, *r) for name, r in manifest.dims().items())
+    return ShapeProfile(dims, manifest.static())
+
+
+# --------------------------------------------------------------------------------------- inputs
+
+
+def expand_inputs(manifest: Manifest, inputs: list[str]) -> list[tuple[str, Any]]:
+    """(display name, raw input) pairs: paths for images and audio; text, or records from .txt/.jsonl."""
+    if not inputs:
+        what = {"vision": "image files", "audio": "audio files", "text": "texts"}[manifest.modality.value]
+        raise D2VError(f"no inputs: pass one or more {what} after the bundle folder")
+    out: list[tuple[str, Any]] = []
+    for raw in inputs:
+        if manifest.modality is not Modality.TEXT:
+            path = Path(raw).expanduser()
+            if not path.is_file():
+                raise D2VError(f"input '{raw}' is not a file; pass {'image' if manifest.modality is Modality.VISION else 'audio'} files")
+            out.append((raw, path))
+            continue
+        path = Path(raw).expanduser()
+        if path.suffix.lower() in (".txt", ".jsonl") and path.is_file():
+            from .calibration.text import _record
+
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise D2VError(f"input '{raw}' is not a readable UTF-8 text file ({exc.__class__.__name__})") from None
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    try:
+                        out.append((f"{raw}:{number}", _record(path, line.strip())))
+                    except Exception as exc:  # noqa: BLE001 - Unreadable, one line
+                        raise D2VError(f"input '{raw}' line {number}: {exc}") from None
+        else:
+            out.append((raw, {"text": raw}))
+    return out
+
+
+def _segments(record: Mapping[str, Any]) -> list[str]:
+    """A text record as its parts: 'A ||| B' -> [A, B]; JSONL fields in the same order."""
+    if "question" in record and "context" in record:
+        return [str(record["question"]), str(record["context"])]
+    if "prompt" in record and "choices" in record:
+        return [str(record["prompt"]), *[str(c) for c in record["choices"]]]
+    if "text_pair" in record and record.get("text_pair") is not None:
+        return [str(record.get("text", "")), str(record["text_pair"])]
+    text = str(record.get("text", ""))
+    return [part.strip() for part in text.split(PAIR_SEPARATOR)] if PAIR_SEPARATOR in text else [text]
+
+
+class Preparer:
+    """Raw input -> feed, with the bundle's processor / tokenizer and the calibration readers' steps."""
+
+    def __init__(self, manifest: Manifest, processor: Any | None, tokenizer: Any | None) -> None:
+        self.manifest = manifest
+        self.processor = processor
+        self.tokenizer = tokenizer
+        self.profile = _profile(manifest)
+        dims = manifest.dims()
+        self.batch = dims.get("batch", (1, 1, 1))[0]
+        self.pixels: Any = None
+        self.encoder: Any = None
+        if manifest.modality is Modality.VISION:
+            from .calibration.images import _Pixels
+
+            if processor is None:
+                raise D2VError(f"bundle '{manifest.folder}' has no image processor (preprocessor_config.json); rebuild it")
+            size = self.profile.static.get("image_size")
+            self.pixels = _Pixels(processor, int(size) if size else None)
+        elif manifest.modality is Modality.AUDIO and processor is None:
+            raise D2VError(f"bundle '{manifest.folder}' has no feature extractor (preprocessor_config.json); rebuild it")
+        elif manifest.modality is Modality.TEXT:
+            from .calibration.text import _Encoder
+
+            if tokenizer is None:
+                raise D2VError(f"bundle '{manifest.folder}' has no tokenizer files; rebuild it")
+            self.encoder = _Encoder(tokenizer, self.profile)
+
+    def __call__(self, raw: Any) -> _Prepared:
+        modality = self.manifest.modality
+        if modality is Modality.VISION:
+            prepared = self._image(raw)
+        elif modality is Modality.AUDIO:
+            prepared = self._audio(raw)
+        else:
+            prepared = self._text(raw)
+        if self.batch > 1:  # a profile whose smallest batch is above 1: repeat the input, read the first row
+            prepared.feed = {k: np.repeat(v, self.batch, axis=0) for k, v in prepared.feed.items()}
+        return prepared
+
+    def _image(self, path: Path) -> _Prepared:
+        from .calibration.images import open_rgb
+        from .calibration.samples import Unreadable
+
+        assert self.pixels is not None
+        try:
+            value = self.pixels(open_rgb(path))
+        except Unreadable as exc:
+            raise D2VError(f"input '{path}': {exc}; pass an image file") from None
+        if value.ndim == 3:
+            value = value[None]
+        return _Prepared({"pixel_values": np.ascontiguousarray(value, dtype=np.float32)})
+
+    def _audio(self, path: Path) -> _Prepared:
+        from .calibration.audio import bucket, read_mono
+        from .calibration.samples import Unreadable
+        from .heads import SAMPLING_RATE
+
+        proc = self.processor
+        assert proc is not None
+        rate = int(getattr(proc, "sampling_rate", None) or SAMPLING_RATE)
+        try:
+            wave = read_mono(path, rate)
+        except Unreadable as exc:
+            raise D2VError(f"input '{path}': {exc}; pass an audio file (wav, flac, ogg, ...)") from None
+        keep, target = bucket(len(wave), self.profile)
+        notes = []
+        if keep < len(wave):
+            notes.append(f"cut to {keep / rate:g} s of {len(wave) / rate:.2f} s: the bundle's longest input")
+        values = proc(wave[:keep], sampling_rate=rate, return_tensors="np")["input_values"]
+        values = np.asarray(values, dtype=np.float32).reshape(1, -1)
+        if values.shape[1] < target:
+            pad = float(getattr(proc, "padding_value", 0.0) or 0.0)
+            values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=pad)
+        return _Prepared({"input_values": values}, notes=notes, valid=min(1.0, keep / max(1, values.shape[1])))
+
+    def _text(self, record: Mapping[str, Any]) -> _Prepared:
+        enc, tok = self.encoder, self.tokenizer
+        assert enc is not None and tok is not None
+        task = self.manifest.task
+        parts = _segments(record)
+        if any(not p.strip() for p in parts):
+            raise D2VError(f"empty text in '{record.get('text', record)}'; pass non-empty text (pairs as 'A {PAIR_SEPARATOR} B')")
+        if task == "multiple-choice":
+            return self._choices(parts)
+        if len(parts) > 2:
+            raise D2VError(f"'{PAIR_SEPARATOR}' splits a text into at most two parts for {task}; got {len(parts)}")
+        notes: list[str] = []
+        offsets = segment = None
+        if task == "question-answering":
+            if len(parts) != 2:
+                raise D2VError(f"question-answering needs 'question {PAIR_SEPARATOR} context'; got no '{PAIR_SEPARATOR}' in '{parts[0][:60]}'")
+            row, offsets, segment = self._encode_with_offsets(parts[0], parts[1], only_second=True)
+        elif task == "token-classification":
+            row, offsets, segment = self._encode_with_offsets(parts[0], parts[1] if len(parts) > 1 else None)
+        else:
+            row = enc.ids(parts[0], parts[1] if len(parts) > 1 else None)
+        if task == "text-generation" and len(row) > 1 and row[-1] == tok.eos_token_id:
+            row = row[:-1]  # predict the token after the text, not after the end-of-text marker
+        if task == "fill-mask" and tok.mask_token_id not in row:
+            raise D2VError(f"fill-mask needs {tok.mask_token} in the text: '{parts[0][:60]}'; write e.g. 'Paris is the {tok.mask_token} of France.'")
+        if self._too_long(parts):
+            notes.append(f"truncated to {enc.hi} tokens: the bundle's longest sequence")
+        ids, mask = enc.pad([row])
+        start = ids.shape[1] - min(len(row), ids.shape[1]) if enc.left else 0
+        return _Prepared(
+            {"input_ids": ids, "attention_mask": mask},
+            notes=notes,
+            text=parts[-1] if task == "question-answering" else parts[0],
+            ids=row[: ids.shape[1]],
+            start=start,
+            offsets=offsets,
+            segment=segment,
+            context=parts[1] if task == "question-answering" else "",
+        )
+
+    def _too_long(self, parts: list[str]) -> bool:
+        enc, tok = self.encoder, self.tokenizer
+        assert enc is not None and tok is not None
+        try:
+            full = tok(parts[0], parts[1] if len(parts) > 1 else None, truncation=False)["input_ids"]
+        except Exception:  # noqa: BLE001 - only for the note
+            return False
+        return len(full) > enc.hi
+
+    def _encode_with_offsets(self, text: str, pair: str | None, *, only_second: bool = False) -> tuple[list[int], list[tuple[int, int]] | None, list[int | None] | None]:
+        enc, tok = self.encoder, self.tokenizer
+        assert enc is not None and tok is not None
+        if not getattr(tok, "is_fast", False):
+            return enc.ids(text, pair, only_second=only_second), None, None
+        truncation: Any = "only_second" if only_second else True
+        try:
+            out = tok(text, pair, truncation=truncation, max_length=enc.hi, return_offsets_mapping=True)
+        except Exception:  # noqa: BLE001 - "only_second" fails when the question alone is too long
+            out = tok(text, pair, truncation=True, max_length=enc.hi, return_offsets_mapping=True)
+        ids = list(out["input_ids"])
+        offsets = [tuple(o) for o in out["offset_mapping"]]
+        segment = list(out.sequence_ids(0)) if hasattr(out, "sequence_ids") else None
+        return ids, offsets, segment  # type: ignore[return-value]
+
+    def _choices(self, parts: list[str]) -> _Prepared:
+        enc = self.encoder
+        assert enc is not None
+        prompt, choices = parts[0], parts[1:]
+        lo, _opt, hi = self.manifest.dims().get("choices", (len(choices),) * 3)
+        if not lo <= len(choices) <= hi:
+            raise D2VError(
+                f"multiple-choice: {len(choices)} choice(s) given, this bundle takes {lo} to {hi}; "
+                f"write 'prompt {PAIR_SEPARATOR} choice {PAIR_SEPARATOR} choice ...'"
+            )
+        ids, mask = enc.pad([enc.ids(prompt, c) for c in choices])
+        return _Prepared({"input_ids": ids[None], "attention_mask": mask[None]}, text=prompt, choices=choices)
+
+
+# --------------------------------------------------------------------------------------- outputs
+
+
+def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _label(labels: Mapping[int, str] | None, i: int) -> str:
+    return labels.get(int(i), f"LABEL_{int(i)}") if labels else f"LABEL_{int(i)}"
+
+
+def _topk(probs: np.ndarray, k: int, labels: Mapping[int, str] | None) -> list[dict[str, Any]]:
+    order = np.argsort(-probs, kind="stable")[: max(1, k)]
+    return [{"label": _label(labels, i), "id": int(i), "score": round(float(probs[i]), 6)} for i in order]
+
+
+def _fractions(classes: np.ndarray, k: int, labels: Mapping[int, str] | None) -> list[dict[str, Any]]:
+    ids, counts = np.unique(classes.reshape(-1), return_counts=True)
+    order = np.argsort(-counts, kind="stable")[: max(1, k)]
+    total = int(classes.size)
+    return [{"label": _label(labels, ids[i]), "id": int(ids[i]), "fraction": round(float(counts[i]) / total, 6)} for i in order]
+
+
+def _token_text(tok: Any, token_id: int) -> str:
+    return str(tok.decode([int(token_id)])).strip() or str(tok.convert_ids_to_tokens(int(token_id)))
+
+
+class Interpreter:
+    """Outputs of one input -> a JSON-able, task-appropriate result."""
+
+    def __init__(self, manifest: Manifest, tokenizer: Any | None, top_k: int) -> None:
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.k = top_k
+        self.labels = manifest.labels
+        self.names = [str(o["name"]) for o in manifest.outputs]
+
+    def __call__(self, out: Mapping[str, np.ndarray], p: _Prepared) -> dict[str, Any]:
+        task = self.manifest.task
+        first = np.asarray(out[self.names[0]] if self.names and self.names[0] in out else next(iter(out.values())))
+        if task in ("image-classification", "audio-classification", "text-classification"):
+            return {"labels": _topk(_softmax(first[0]), self.k, self.labels)}
+        if task == "multiple-choice":
+            probs = _softmax(first[0])
+            order = np.argsort(-probs, kind="stable")
+            return {"choices": [{"choice": p.choices[i], "index": int(i), "score": round(float(probs[i]), 6)} for i in order]}
+        if task == "automatic-speech-recognition":
+            return self._ctc(first[0], p)
+        if task == "semantic-segmentation":
+            classes = first[0].argmax(0)
+            return {"mask_shape": list(classes.shape), "classes": _fractions(classes, self.k, self.labels)}
+        if task == "audio-frame-classification":
+            frames = max(1, math.ceil(first.shape[1] * p.valid))
+            classes = first[0, :frames].argmax(-1)
+            return {"frames": frames, "classes": _fractions(classes, self.k, self.labels)}
+        if task == "question-answering":
+            return self._qa(np.asarray(out["start_logits"])[0], np.asarray(out["end_logits"])[0], p)
+        if task == "token-classification":
+            return self._tags(first[0], p)
+        if task == "fill-mask":
+            return self._masks(first[0], p)
+        if task == "text-generation":
+            probs = _softmax(first[0, p.start + len(p.ids) - 1])
+            return {"next_tokens": self._tokens(probs)}
+        if task == "audio-xvector":
+            emb = np.asarray(out.get("embeddings", first))[0]
+            return {"embedding_shape": list(emb.shape), "embedding_norm": round(float(np.linalg.norm(emb)), 6)}
+        return self._embedding(out, p)
+
+    def _tokens(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        assert self.tokenizer is not None
+        order = np.argsort(-probs, kind="stable")[: max(1, self.k)]
+        return [{"token": _token_text(self.tokenizer, i), "id": int(i), "score": round(float(probs[i]), 6)} for i in order]
+
+    def _ctc(self, logits: np.ndarray, p: _Prepared) -> dict[str, Any]:
+        from .metrics import ctc_greedy_decode
+
+        tok = self.tokenizer
+        if tok is None:
+            raise D2VError(f"bundle '{self.manifest.folder}' has no CTC vocabulary (vocab.json); rebuild it")
+        frames = max(1, math.ceil(logits.shape[0] * p.valid))
+        id2char = {int(i): str(t) for t, i in tok.get_vocab().items()}
+        blank = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+        delimiter = str(getattr(tok, "word_delimiter_token", None) or "|")
+        for special in (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id):
+            if special is not None and special != blank:
+                id2char[int(special)] = ""  # special tokens are not characters
+        return {"transcript": ctc_greedy_decode(logits[:frames], id2char, blank=blank, delimiter=delimiter), "frames": frames}
+
+    def _qa(self, start: np.ndarray, end: np.ndarray, p: _Prepared) -> dict[str, Any]:
+        seq = start.shape[-1]
+        n = len(p.ids)
+        allowed = np.zeros(seq, dtype=bool)
+        if p.segment is not None:
+            for i, s in enumerate(p.segment[:n]):
+                allowed[p.start + i] = s == 1
+        else:  # no sequence ids (a slow tokenizer): anywhere but the first and last token
+            allowed[p.start + 1 : p.start + n - 1] = True
+        if not allowed.any():
+            return {"answer": "", "score": 0.0, "start_token": None, "end_token": None}
+        first, last = np.arange(seq)[:, None], np.arange(seq)[None, :]
+        valid = (last >= first) & (last - first < MAX_ANSWER_TOKENS) & allowed[:, None] & allowed[None, :]
+        ls, le = start - np.logaddexp.reduce(start), end - np.logaddexp.reduce(end)
+        score = np.where(valid, ls[:, None].astype(np.float64) + le[None, :], -np.inf)
+        s, e = divmod(int(score.argmax()), seq)
+        a, b = s - p.start, e - p.start
+        if p.offsets is not None:
+            answer = p.context[p.offsets[a][0] : p.offsets[b][1]]
+        else:
+            assert self.tokenizer is not None
+            answer = str(self.tokenizer.decode(p.ids[a : b + 1])).strip()
+        return {"answer": answer, "score": round(float(math.exp(score[s, e])), 6), "start_token": a, "end_token": b}
+
+    def _tags(self, logits: np.ndarray, p: _Prepared) -> dict[str, Any]:
+        tok = self.tokenizer
+        assert tok is not None
+        probs = _softmax(logits)
+        special = set(getattr(tok, "all_special_ids", ()) or ())
+        tags = []
+        for i, token_id in enumerate(p.ids):
+            if token_id in special:
+                continue
+            row = probs[p.start + i]
+            best = int(row.argmax())
+            if p.offsets is not None and p.offsets[i][1] > p.offsets[i][0]:
+                text = p.text[p.offsets[i][0] : p.offsets[i][1]]
+            else:
+                text = _token_text(tok, token_id)
+            tags.append({"token": text, "tag": _label(self.labels, best), "score": round(float(row[best]), 6)})
+        return {"tags": tags}
+
+    def _masks(self, logits: np.ndarray, p: _Prepared) -> dict[str, Any]:
+        tok = self.tokenizer
+        assert tok is not None
+        masks = []
+        for i, token_id in enumerate(p.ids):
+            if token_id == tok.mask_token_id:
+                masks.append({"position": i, "tokens": self._tokens(_softmax(logits[p.start + i]))})
+        return {"masks": masks}
+
+    def _embedding(self, out: Mapping[str, np.ndarray], p: _Prepared) -> dict[str, Any]:
+        hidden = np.asarray(out.get("last_hidden_state", next(iter(out.values()))))
+        if "pooler_output" in out:
+            emb, how = np.asarray(out["pooler_output"])[0], "pooler_output"
+        elif "input_ids" in p.feed:
+            mask = p.feed["attention_mask"][0].astype(bool)
+            emb, how = hidden[0][mask].mean(0), "mean of last_hidden_state over the tokens"
+        else:
+            frames = max(1, math.ceil(hidden.shape[1] * p.valid))
+            emb, how = hidden[0, :frames].mean(0), "mean of last_hidden_state over the frames"
+        return {
+            "hidden_shape": list(hidden.shape[1:]),
+            "embedding_shape": list(emb.shape),
+            "embedding_norm": round(float(np.linalg.norm(emb)), 6),
+            "pooling": how,
+        }
+
+
+# --------------------------------------------------------------------------------------- API
+
+
+def predict(bundle: Path, inputs: list[str], *, threads: int = 0, top_k: int = 5) -> list[dict[str, Any]]:
+    """Verify the bundle, run every input through it, return one JSON-able result per input.
+
+    Each result has "input", "task", "runtime", "notes" and the task's own keys: "labels" (top-k
+    label/id/score), "transcript", "answer", "tags", "masks", "next_tokens", "classes" (mask or frame
+    summary), "choices", or "embedding_shape"/"embedding_norm".
+    Raises D2VError: a changed or unsafe bundle, a missing runtime, an unreadable input.
+    """
+    if top_k < 1:
+        raise D2VError(f"--top-k {top_k}: give 1 or more")
+    manifest = verify(Path(bundle))
+    items = expand_inputs(manifest, list(inputs))
+    backend, artifact, notes = open_runtime(manifest)
+    processor, tokenizer = _load_parts(manifest)
+    prepare = Preparer(manifest, processor, tokenizer)
+    interpret = Interpreter(manifest, tokenizer, top_k)
+    version = backend.available().version
+    runtime = f"{artifact.target} {version}".strip() + f" ({manifest.precision}, {artifact.model_file.name})"
+    results = []
+    with backend.runner(artifact, threads=threads) as runner:
+        for name, raw in items:
+            prepared = prepare(raw)
+            out = runner.infer(prepared.feed)
+            result: dict[str, Any] = {"input": name, "task": manifest.task, "runtime": runtime}
+            result |= interpret(out, prepared)
+            result["notes"] = notes + prepared.notes
+            results.append(result)
+    if manifest.data.get("model", {}).get("random_weights"):
+        for r in results:
+            r["notes"].append("RANDOM WEIGHTS: this bundle's outputs mean nothing")
+    return results
+
+
+def to_json(results: list[dict[str, Any]]) -> str:
+    return json.dumps(results, indent=2, ensure_ascii=False) + "\n"
+
+
+def format_text(results: list[dict[str, Any]]) -> str:
+    """Results for the console: one block per input."""
+    lines: list[str] = []
+    for r in results:
+        lines.append(f"{r['input']}  [{r['task']}, {r['runtime']}]")
+        if "labels" in r:
+            lines += [f"  {i}. {x['label']:<40s} {x['score']:.4f}" for i, x in enumerate(r["labels"], 1)]
+        if "transcript" in r:
+            lines.append(f"  transcript: {r['transcript']!r}")
+        if "answer" in r:
+            lines.append(f"  answer: {r['answer']!r} (score {r['score']:.4f})")
+        if "choices" in r:
+            lines += [f"  {i}. {x['choice']!r:<40s} {x['score']:.4f}" for i, x in enumerate(r["choices"], 1)]
+        if "tags" in r:
+            lines.append("  " + " ".join(f"{t['token']}/{t['tag']}" for t in r["tags"]))
+        if "masks" in r:
+            for m in r["masks"]:
+                lines.append(f"  mask at token {m['position']}: " + ", ".join(f"{t['token']!r} {t['score']:.3f}" for t in m["tokens"]))
+        if "next_tokens" in r:
+            lines.append("  next token: " + ", ".join(f"{t['token']!r} {t['score']:.3f}" for t in r["next_tokens"]))
+        if "classes" in r:
+            where = f"{r['mask_shape'][0]}x{r['mask_shape'][1]} mask" if "mask_shape" in r else f"{r.get('frames')} frames"
+            lines.append(f"  {where}: " + ", ".join(f"{c['label']} {100 * c['fraction']:.1f}%" for c in r["classes"]))
+        if "embedding_norm" in r:
+            lines.append(f"  embedding {tuple(r['embedding_shape'])}, L2 norm {r['embedding_norm']:.4f}")
+        for note in r.get("notes", ()):
+            lines.append(f"  note: {note}")
+    return "\n".join(lines) + ("\n" if lines else "")
