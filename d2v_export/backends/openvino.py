@@ -1,0 +1,424 @@
+"""OpenVINO target: the fp32 ONNX converted to OpenVINO IR (`openvino_model.xml` + `.bin`), optionally
+quantized or weight-compressed by NNCF, run by an OpenVINO device plugin (CPU by default).
+
+    folder/openvino_model.xml    the IR graph (the name optimum-intel's OVModelFor* classes load)
+    folder/openvino_model.bin    its weights
+    folder/openvino_config.json  how to load it: device, INFERENCE_PRECISION_HINT, threads, output names
+
+Precisions (see docs/openvino.md):
+
+- fp32: f32 IR, run with INFERENCE_PRECISION_HINT=f32. Without the hint OpenVINO runs "fp32" models in
+  bf16 on a CPU with AMX/AVX512-BF16, which is not an fp32 reference.
+- bf16: f32 IR, run with the hint bf16; only where the device lists BF16 in OPTIMIZATION_CAPABILITIES.
+- fp16: IR weights stored in f16 (half the file). GPUs run it in f16; a CPU without native f16 decompresses
+  the weights and runs at its own default precision (said in the artifact's notes).
+- int8: static (``QuantRecipe.mode == "static"``): ``nncf.quantize`` with model_type=TRANSFORMER and the
+  MIXED preset on the calibration feeds (FakeQuantize nodes in the IR). Dynamic: ``nncf.compress_weights``,
+  INT8 weight-only compression; activations stay float (said in the notes, since it is not ORT's dynamic
+  quantization). The float parts keep OpenVINO's default precision hint; the notes record which one.
+
+``quantize_with_accuracy_control`` wraps ``nncf.quantize_with_accuracy_control`` for a later
+``--fallback auto``: it returns the quantized model and the operations NNCF reverted to float.
+
+openvino and nncf are imported inside functions: without them the target is "not available", not a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..spec import Artifact, D2VError, ExitCode, ExportedGraph, Precision, QuantRecipe
+from .base import Availability, BuildRequest, RunnerBase
+
+MODEL_FILE = "openvino_model.xml"  # optimum-intel's OV_XML_FILE_NAME
+WEIGHTS_FILE = "openvino_model.bin"
+CONFIG_FILE = "openvino_config.json"
+CONFIG_VERSION = 1
+INSTALL = "pip install 'd2v-export[openvino]'"
+
+# The INFERENCE_PRECISION_HINT each float precision runs with; None leaves the device's default.
+_HINT = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.FP16: "f16"}
+
+
+# --------------------------------------------------------------------------------------- runner
+
+
+class OVRunner(RunnerBase):
+    """One compiled model and one infer request, reused: latency-oriented, one stream."""
+
+    def __init__(self, xml: Path, threads: int, name: str = "openvino") -> None:
+        import openvino as ov
+
+        settings = read_config(xml.parent)
+        device = str(settings.get("device") or "CPU")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        if device.startswith("CPU") and threads > 0:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        hint = settings.get("inference_precision_hint")
+        if hint:
+            config["INFERENCE_PRECISION_HINT"] = str(hint)
+        self.name = name
+        self.device = device
+        self.config = config
+        core = ov.Core()
+        self.compiled = core.compile_model(str(xml), device, config)
+        self.request = self.compiled.create_infer_request()
+        self._inputs = [(port.get_any_name(), port.get_element_type().to_dtype()) for port in self.compiled.inputs]
+        self._outputs = _output_map(self.compiled.outputs, settings.get("outputs") or ())
+
+    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name, _dtype in self._inputs if name not in feed]
+        if missing:
+            raise D2VError(f"the feed lacks input(s) {', '.join(missing)} of this model; it has {', '.join(feed) or 'none'}")
+        inputs = {name: np.ascontiguousarray(feed[name], dtype=dtype) for name, dtype in self._inputs}
+        # share_outputs: no copy inside OpenVINO; the request reuses those buffers, so copy once here.
+        result = self.request.infer(inputs, share_inputs=True, share_outputs=True)
+        return {name: np.array(result[index], copy=True) for name, index in self._outputs}
+
+    def close(self) -> None:
+        self.request = None
+        self.compiled = None
+
+
+def _output_map(ports: Sequence[Any], onnx_names: Sequence[str]) -> list[tuple[str, int]]:
+    """(ONNX output name, output index) in the ONNX order; the IR's outputs keep the ONNX tensor names."""
+    pairs: list[tuple[str, int]] = []
+    left = list(range(len(ports)))
+    for name in onnx_names:
+        index = next((i for i in left if name in ports[i].get_names()), None)
+        if index is not None:
+            pairs.append((name, index))
+            left.remove(index)
+    pairs.extend((ports[i].get_any_name(), i) for i in left)
+    return pairs
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The load settings written by ``compile`` (empty when the folder has none: OpenVINO defaults)."""
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise D2VError(f"'{path}' is not valid JSON ({exc}); rebuild the openvino artifact") from None
+    return data if isinstance(data, dict) else {}
+
+
+# --------------------------------------------------------------------------------------- backend
+
+
+class OpenVinoBackend:
+    name = "openvino"
+    extra = "openvino"
+    precisions = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8)
+
+    def available(self) -> Availability:
+        try:
+            import openvino as ov
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] == "openvino":
+                return Availability(False, INSTALL)
+            return Availability(False, f"openvino does not import ({exc}); {INSTALL}")
+        except ImportError as exc:
+            return Availability(False, f"openvino does not import ({' '.join(str(exc).split())}); {INSTALL}")
+        try:
+            devices = tuple(ov.Core().available_devices)
+        except RuntimeError as exc:
+            return Availability(False, f"OpenVINO finds no device ({' '.join(str(exc).split())[:200]})", ov.__version__)
+        return Availability(True, version=ov.__version__, devices=devices)
+
+    def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
+        import openvino as ov
+
+        avail = self.available()
+        if not avail.ok:
+            raise D2VError(f"target 'openvino' is not available here: {avail.reason}", ExitCode.TARGET_UNAVAILABLE)
+        core = ov.Core()
+        device = _check_device(core, request.device)
+        precision = request.precision
+        if precision not in self.precisions:
+            raise D2VError(
+                f"openvino builds {', '.join(p.value for p in self.precisions)}, not {precision.value}; choose one of them",
+                ExitCode.TARGET_UNAVAILABLE,
+            )
+        if precision is Precision.INT8 and (request.quant is None or request.quant.mode not in ("static", "dynamic")):
+            raise D2VError("openvino int8 needs a quantization mode, static or dynamic; pass --quantize static or dynamic")
+        if precision is Precision.INT8 and request.quant is not None and request.quant.mode == "static" and not request.calibration:
+            raise D2VError(
+                "static int8 for openvino needs calibration samples and got none; pass --calibration DATA, "
+                "leave it out to use the bundled samples, or use --quantize dynamic"
+            )
+        if precision is Precision.INT8:
+            _require_nncf()
+        caps = _capabilities(core, device)
+        hint = _HINT.get(precision)
+        notes = [f"converted from ONNX with openvino.convert_model (OpenVINO {ov.__version__.split('-')[0]}); device {device}"]
+        if precision is Precision.BF16 and "BF16" not in caps:
+            raise D2VError(
+                f"{device} has no native bf16 (OPTIMIZATION_CAPABILITIES: {', '.join(caps) or 'unknown'}); "
+                "use --precision fp32, or a CPU with AVX512-BF16 or AMX",
+                ExitCode.TARGET_UNAVAILABLE,
+            )
+        if precision is Precision.FP16 and "FP16" not in caps:
+            hint = None  # the plugin rejects an f16 hint it cannot run; it decompresses f16 weights instead
+            default = _default_hint(core, device) or "precision"
+            notes.append(f"fp16 IR: {device} has no native f16, it runs the model in its default {default}")
+
+        folder.mkdir(parents=True, exist_ok=True)
+        model = ov.convert_model(str(graph.path))
+        quant = request.quant
+        if precision is Precision.INT8:
+            assert quant is not None
+            if quant.mode == "static":
+                model, quant, more = _quantize_static(model, quant, request.calibration)
+            else:
+                model, quant, more = _compress_weights(model, quant)
+            notes.extend(more)
+            default = _default_hint(core, device)
+            where = f"{default} on {device}" if default else f"whatever {device} picks"
+            notes.append(f"runtime precision hint: none set, the device default ({where}) for the parts left in float")
+        elif hint:
+            notes.append(f"runtime precision hint: INFERENCE_PRECISION_HINT={hint}")
+        if precision is Precision.FP32 and device.startswith("CPU") and "BF16" in caps:
+            notes.append("without the f32 hint OpenVINO would run this model in bf16 on this CPU")
+        threads = f"{request.threads} threads" if request.threads > 0 else "all cores"
+        notes.append(f"runner: PERFORMANCE_HINT=LATENCY, 1 stream, {threads} (openvino_config.json)")
+        compress = precision is Precision.FP16
+        notes.append(f"IR weights stored as {'f16' if compress else 'f32'}" + (" (int8 where quantized)" if quant else ""))
+
+        xml = folder / MODEL_FILE
+        ov.save_model(model, str(xml), compress_to_fp16=compress)
+        settings = {
+            "format": CONFIG_VERSION,
+            "precision": precision.value,
+            "device": device,
+            "inference_precision_hint": hint,
+            "performance_hint": "LATENCY",
+            "num_streams": 1,
+            "threads": int(request.threads),
+            "inputs": [t.name for t in graph.inputs],
+            "outputs": [t.name for t in graph.outputs],
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+        return Artifact(self.name, precision, folder, xml, files, quantization=quant, notes=tuple(notes))
+
+    def runner(self, artifact: Artifact, *, threads: int) -> OVRunner:
+        return OVRunner(artifact.model_file, threads, name=f"{self.name}-{artifact.precision.value}")
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _check_device(core: Any, wanted: str) -> str:
+    """'CPU', 'GPU', 'GPU.1' or 'AUTO' (a virtual device: OpenVINO picks among the real ones)."""
+    device = (wanted or "CPU").strip().upper()
+    found = tuple(core.available_devices)
+    if device == "AUTO" and found:
+        return device
+    if any(d == device or d.startswith(device + ".") for d in found):
+        return device
+    raise D2VError(
+        f"OpenVINO device '{wanted}' is not available here (found: {', '.join(found) or 'none'}); use --device CPU",
+        ExitCode.TARGET_UNAVAILABLE,
+    )
+
+
+def _require_nncf() -> None:
+    try:
+        import nncf  # noqa: F401
+    except ImportError as exc:
+        raise D2VError(
+            f"int8 for openvino needs NNCF, which does not import ({' '.join(str(exc).split())}); {INSTALL}",
+            ExitCode.TARGET_UNAVAILABLE,
+        ) from None
+
+
+def _capabilities(core: Any, device: str) -> tuple[str, ...]:
+    try:
+        return tuple(str(c) for c in core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+    except RuntimeError:  # AUTO has none of its own
+        return ()
+
+
+def _default_hint(core: Any, device: str) -> str:
+    try:
+        value = core.get_property(device, "INFERENCE_PRECISION_HINT")
+    except RuntimeError:  # AUTO: no precision of its own
+        return ""
+    return str(getattr(value, "type_name", None) or value)
+
+
+def _quantize_static(model: Any, quant: QuantRecipe, calibration: Sequence[Mapping[str, np.ndarray]]) -> tuple[Any, QuantRecipe, list[str]]:
+    import nncf
+
+    feeds = list(calibration)
+    with _nncf_quiet():
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(feeds),
+            model_type=nncf.ModelType.TRANSFORMER,
+            preset=nncf.QuantizationPreset.MIXED,  # NNCF's own choice for transformers; see docs/openvino.md
+            subset_size=len(feeds),
+        )
+    recipe = dataclasses.replace(
+        quant, method="minmax", samples=len(feeds), per_channel=True, symmetric_activations=False, tool=f"nncf {nncf.__version__}"
+    )
+    notes = [
+        (
+            f"NNCF {nncf.__version__} quantize: model_type=TRANSFORMER (SmoothQuant, attention kept accurate), "
+            f"preset=MIXED (symmetric per-channel weights, asymmetric activations), {len(feeds)} calibration samples"
+        )
+    ]
+    return quantized, recipe, notes
+
+
+def _compress_weights(model: Any, quant: QuantRecipe) -> tuple[Any, QuantRecipe, list[str]]:
+    import nncf
+
+    with _nncf_quiet():
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    recipe = dataclasses.replace(
+        quant, method="weight-only", samples=0, per_channel=True, symmetric_activations=False, tool=f"nncf {nncf.__version__} compress_weights"
+    )
+    notes = [
+        "INT8 weight-only compression (activations stay float)",
+        "NNCF compress_weights mode=INT8_ASYM: per-channel u8 weights, dequantized on the fly",
+    ]
+    return compressed, recipe, notes
+
+
+class _nncf_quiet:
+    """NNCF prints progress bars and INFO lines meant for its own users; keep the console clean."""
+
+    def __enter__(self) -> None:
+        self._logger = logging.getLogger("nncf")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.WARNING)
+        self._stdout = contextlib.redirect_stdout(io.StringIO())  # its rich progress bars
+        self._stdout.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stdout.__exit__(None, None, None)
+        self._logger.setLevel(self._level)
+
+
+# --------------------------------------------------------------------------------------- accuracy control
+
+
+MetricFn = Callable[[Sequence[int], Sequence[dict[str, np.ndarray]]], float]
+
+
+def quantize_with_accuracy_control(
+    ov_model: Any,
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    validation_feeds: Sequence[Mapping[str, np.ndarray]],
+    metric_fn: MetricFn,
+    max_drop: float,
+    *,
+    max_iterations: int | None = None,
+) -> tuple[Any, tuple[str, ...]]:
+    """Static INT8 with NNCF's accuracy control: quantize, then revert the most harmful layers to float
+    until ``metric(int8) >= metric(fp32) - max_drop`` (absolute drop) or nothing is left to revert.
+
+    ``metric_fn(indices, outputs)`` scores the model's outputs on ``validation_feeds[i] for i in indices``
+    (same order; each output dict is keyed by the OpenVINO/ONNX output name); higher is better. A usual
+    one is top-1 agreement with reference outputs the caller computed once. NNCF calls it on the whole
+    set and on single items (to rank layers), with the models compiled at f32 precision.
+
+    Returns the (maybe partly reverted) quantized ``ov.Model`` and the names of the operations reverted
+    to float. NNCF does not return its report: the names come from its INFO log record
+    ("... were reverted back to the floating-point precision:"), empty when none were reverted.
+    """
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    calib = list(calibration)
+    feeds = [dict(f) for f in validation_feeds]
+    if not calib or not feeds:
+        raise D2VError("accuracy-controlled int8 needs calibration and validation samples; pass both")
+
+    def validation_fn(compiled: Any, items: Any) -> float:
+        indices = [int(i) for i in items]
+        names = _output_map(compiled.outputs, ())
+        request = compiled.create_infer_request()
+        outs = []
+        for i in indices:
+            result = request.infer(feeds[i])
+            outs.append({name: np.array(result[index], copy=True) for name, index in names})
+        return float(metric_fn(indices, outs))
+
+    params = AdvancedAccuracyRestorerParameters()
+    if max_iterations is not None:
+        params.max_num_iterations = max_iterations
+    with _capture_reverted() as reverted:
+        quantized = nncf.quantize_with_accuracy_control(
+            ov_model,
+            nncf.Dataset(calib),
+            nncf.Dataset(list(range(len(feeds))), lambda i: feeds[i]),
+            validation_fn,
+            max_drop=max_drop,
+            drop_type=nncf.DropType.ABSOLUTE,
+            model_type=nncf.ModelType.TRANSFORMER,
+            preset=nncf.QuantizationPreset.MIXED,
+            subset_size=len(calib),
+            advanced_accuracy_restorer_parameters=params,
+        )
+    return quantized, tuple(reverted)
+
+
+class _capture_reverted:
+    """Collect the operation names of NNCF's "N out of M were reverted ..." INFO record."""
+
+    MARK = "were reverted back to the floating-point precision:"
+
+    def __enter__(self) -> list[str]:
+        self.names: list[str] = []
+        names = self.names
+        mark = self.MARK
+
+        class Grab(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                text = record.getMessage()
+                if mark in text:
+                    names.extend(line.strip() for line in text.split(mark, 1)[1].splitlines() if line.strip())
+
+        self._logger = logging.getLogger("nncf")
+        self._level = self._logger.level
+        self._quieted = [(h, h.level) for h in self._logger.handlers]
+        for h, level in self._quieted:  # its own console handlers: warnings only, as elsewhere
+            h.setLevel(max(level, logging.WARNING))
+        self._handler = Grab(level=logging.INFO)
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.INFO)
+        self._stdout = contextlib.redirect_stdout(io.StringIO())  # its rich progress bars
+        self._stdout.__enter__()
+        return names
+
+    def __exit__(self, *exc: object) -> None:
+        self._stdout.__exit__(None, None, None)
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
+        for h, level in self._quieted:
+            h.setLevel(level)
+
+
+def fake_quantize_count(xml: Path | Any) -> int:
+    """How many FakeQuantize / FakeConvert nodes an IR (path or ov.Model) holds: 0 means not quantized."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml)) if isinstance(xml, (str, Path)) else xml
+    return sum(op.get_type_name() in ("FakeQuantize", "FakeConvert") for op in model.get_ops())
+
+
+BACKEND: Any = OpenVinoBackend()
