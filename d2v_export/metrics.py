@@ -424,3 +424,32 @@ def compute(
         masks=_Masks(attention_masks, len(reference)),
     )
     return {"max_abs_error": worst, "mean_abs_error": total / count if count else 0.0} | out
+
+
+# The one number per task that fallback and accuracy control optimize (a CTC transcript is judged by
+# its character error rate, everything else by agreement with the reference).
+PRIMARY: dict[str, str] = {
+    "classification": "top1_agreement",
+    "ctc": "cer",
+    "token-classification": "token_agreement",
+    "question-answering": "span_exact_match",
+    "language-model": "top1_token_agreement",
+    "segmentation": "pixel_agreement",
+    "embedding": "embedding_cosine",
+}
+
+
+def primary_score(kind: str, reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]], *, output_names: tuple[str, ...], id2char: dict[int, str] | None = None) -> float:
+    """The task's primary metric as a score: higher is better, 1.0 = identical to the reference."""
+    name = PRIMARY[kind]
+    value = float(compute(kind, reference, candidate, output_names=output_names, id2char=id2char)[name])
+    return value if METRICS[name].higher_is_better else 1.0 - value
+
+
+def allowed_drop(kind: str, budget: dict[str, float]) -> float:
+    """How far the primary score may fall below 1.0 under ``budget`` (1 % when the budget does not name it)."""
+    name = PRIMARY[kind]
+    limit = budget.get(name)
+    if limit is None:
+        return 0.01
+    return max(0.0, 1.0 - limit) if METRICS[name].higher_is_better else max(0.0, limit)

@@ -234,7 +234,9 @@ def run(
                         drift = _judge(model, ref_outputs, runner.infer, evaluation, options.int8)
                 notes: tuple[str, ...] = ()
                 if request.quant is not None and not drift.passed and options.int8 and options.int8.fallback:
-                    artifact, drift, notes = _fall_back(backend, graph, folder, request, model, ref_outputs, evaluation, options.int8, threads, progress)
+                    artifact, drift, notes = _fall_back(
+                        backend, graph, folder, request, model, ref_outputs, evaluation, calib, options.int8, threads, progress
+                    )
                 elif request.quant is not None and not drift.passed:
                     notes = (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
                 built.append((backend, artifact, drift, notes))
@@ -341,22 +343,40 @@ def _fall_back(
     model: LoadedModel,
     ref_outputs: list[dict[str, Any]],
     evaluation: Samples | None,
+    calibration: Samples | None,
     int8: QuantOptions,
     threads: int,
     progress: Progress,
 ) -> tuple[Artifact, Drift, tuple[str, ...]]:
-    """Ask the backend to return the most sensitive nodes to float until the budget holds."""
-    recover = getattr(backend, "recover", None)
-    if recover is None:
-        raise D2VError(f"--fallback auto is not supported by target '{backend.name}' yet; use --fallback off", ExitCode.TARGET_UNAVAILABLE)
+    """Ask the backend to return the most sensitive parts to float until the budget holds."""
+    from .backends.base import Recovers, Recovery
+    from .metrics import allowed_drop, primary_score
+
+    assert evaluation is not None
+    if not isinstance(backend, Recovers):
+        raise D2VError(f"--fallback auto is not supported by target '{backend.name}'; use --fallback off", ExitCode.TARGET_UNAVAILABLE)
 
     def evaluate(artifact: Artifact) -> Drift:
         with backend.runner(artifact, threads=threads) as runner:
             return _judge(model, ref_outputs, runner.infer, evaluation, int8)
 
-    progress(f"{folder.name}: drift over budget, falling back node by node")
-    result: tuple[Artifact, Drift, tuple[str, ...]] = recover(graph, folder, request, evaluate, progress=progress)
-    return result
+    id2char = {i: t for t, i in model.tokenizer.get_vocab().items()} if model.head.metric == "ctc" and model.tokenizer else None
+
+    def score(indices: Any, outputs: Any) -> float:
+        refs = [ref_outputs[i] for i in indices]
+        return primary_score(model.head.metric, refs, [dict(o) for o in outputs], output_names=model.head.outputs, id2char=id2char)
+
+    recovery = Recovery(
+        evaluate=evaluate,
+        feeds=tuple(evaluation.feeds),
+        reference=tuple(ref_outputs),
+        score=score,
+        max_drop=allowed_drop(model.head.metric, budget_for(model, int8)),
+        calibration=tuple(calibration.feeds) if calibration is not None else (),
+        progress=progress,
+    )
+    progress(f"{folder.name}: drift over budget, returning the most sensitive parts to float")
+    return backend.recover(graph, folder, request, recovery)
 
 
 def _samples(
@@ -368,7 +388,7 @@ def _samples(
     from .calibration import load_samples
 
     calib = None
-    if int8.mode == "static":
+    if int8.mode == "static" or int8.fallback:  # fallback ranks nodes on calibration samples in both modes
         calib = _cached(model, profile, int8.calibration, "calibration", int8.samples, int8.seed, progress)
         progress(f"calibration: {len(calib)} samples from {calib.source}")
     evaluation = load_samples(int8.evaluation, model, profile, split="evaluation", count=int8.eval_samples, seed=int8.seed)

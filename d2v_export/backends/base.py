@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ..spec import Artifact, ExportedGraph, Precision, QuantRecipe
+from ..spec import Artifact, Drift, ExportedGraph, Precision, QuantRecipe
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,26 @@ class BuildRequest:
     threads: int = 1
     device: str = "CPU"
     defer_build: bool = False  # TensorRT: write the portable half only
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the pipeline hands a backend whose INT8 artifact broke its drift budget (``--fallback auto``)."""
+
+    evaluate: Callable[[Artifact], Drift]  # task-aware drift of a built artifact against the reference
+    feeds: tuple[Mapping[str, np.ndarray], ...]  # the evaluation samples
+    reference: tuple[Mapping[str, np.ndarray], ...]  # PyTorch fp32 outputs on them
+    score: Callable[[Sequence[int], Sequence[Mapping[str, np.ndarray]]], float]  # primary metric on a subset, higher is better
+    max_drop: float  # how far the score may fall below the reference's (which scores 1.0 against itself)
+    calibration: tuple[Mapping[str, np.ndarray], ...] = ()  # calibration samples (also for dynamic mode)
+    progress: Callable[[str], None] = lambda _msg: None
+
+
+@runtime_checkable
+class Recovers(Protocol):
+    """A backend that can return the most sensitive parts of an INT8 model to float."""
+
+    def recover(self, graph: ExportedGraph, folder: Path, request: "BuildRequest", recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]: ...
 
 
 @runtime_checkable

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..spec import Artifact, D2VError, ExitCode, ExportedGraph, Precision
-from .base import Availability, BuildRequest, RunnerBase
+from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
+from .base import Availability, BuildRequest, Recovery, RunnerBase
 
 MODEL_FILE = "model.onnx"
 
@@ -50,19 +50,43 @@ class OnnxRuntimeBackend:
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / MODEL_FILE
+        recipe = request.quant
         if request.precision is Precision.FP32:
             _copy_onnx(graph.path, target)
         elif request.precision is Precision.INT8 and request.quant is not None:
             from ..quantize import quantize_onnx
 
-            quantize_onnx(graph, target, request.quant, request.calibration)
+            recipe = quantize_onnx(graph, target, request.quant, request.calibration).recipe  # what really stayed float
         else:
             raise D2VError(
                 f"onnxruntime builds fp32 or int8 on CPU, not {request.precision.value}; use --target openvino or tensorrt for it",
                 ExitCode.TARGET_UNAVAILABLE,
             )
         files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
-        return Artifact(self.name, request.precision, folder, target, files, quantization=request.quant)
+        return Artifact(self.name, request.precision, folder, target, files, quantization=recipe)
+
+    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+        """Rank nodes by the error their quantization adds; keep the worst in float until the budget holds."""
+        from ..fallback import fallback
+
+        assert request.quant is not None
+        target = folder / MODEL_FILE
+
+        def evaluate(path: Path) -> Drift:
+            files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+            return recovery.evaluate(Artifact(self.name, request.precision, folder, path, files, quantization=request.quant))
+
+        result = fallback(graph, request.quant, recovery.calibration, evaluate, target=target, progress=recovery.progress)
+        files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+        artifact = Artifact(self.name, request.precision, folder, target, files, quantization=result.quantized.recipe)
+        kept = ", ".join(f"{name} ({err:.3g})" for name, err in result.kept_float[:12])
+        more = f" and {len(result.kept_float) - 12} more" if len(result.kept_float) > 12 else ""
+        notes = (
+            f"fallback: {len(result.steps)} step(s); kept {len(result.kept_float)} of {len(result.ranking)} quantizable nodes in float"
+            + (f": {kept}{more} (node, relative output error its INT8 adds)" if kept else ""),
+            *(f"fallback step {i}: {len(step.excluded)} float — {step.summary}" for i, step in enumerate(result.steps)),
+        )
+        return artifact, result.drift, notes
 
     def runner(self, artifact: Artifact, *, threads: int) -> OrtRunner:
         return OrtRunner(artifact.model_file, threads, name=f"{self.name}-{artifact.precision.value}")

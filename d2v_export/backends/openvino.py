@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ..spec import Artifact, D2VError, ExitCode, ExportedGraph, Precision, QuantRecipe
-from .base import Availability, BuildRequest, RunnerBase
+from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
+from .base import Availability, BuildRequest, Recovery, RunnerBase
 
 MODEL_FILE = "openvino_model.xml"  # optimum-intel's OV_XML_FILE_NAME
 WEIGHTS_FILE = "openvino_model.bin"
@@ -137,7 +137,8 @@ class OpenVinoBackend:
             return Availability(False, f"OpenVINO finds no device ({' '.join(str(exc).split())[:200]})", ov.__version__)
         return Availability(True, version=ov.__version__, devices=devices)
 
-    def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
+    def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest, *, control: Recovery | None = None) -> Artifact:
+        """Build the IR; with ``control`` (from ``recover``), static INT8 runs NNCF's accuracy control."""
         import openvino as ov
 
         avail = self.available()
@@ -152,11 +153,11 @@ class OpenVinoBackend:
                 ExitCode.TARGET_UNAVAILABLE,
             )
         if precision is Precision.INT8 and (request.quant is None or request.quant.mode not in ("static", "dynamic")):
-            raise D2VError("openvino int8 needs a quantization mode, static or dynamic; pass --quantize static or dynamic")
+            raise D2VError("openvino int8 needs a quantization mode, static or dynamic; pass --quant static or dynamic")
         if precision is Precision.INT8 and request.quant is not None and request.quant.mode == "static" and not request.calibration:
             raise D2VError(
                 "static int8 for openvino needs calibration samples and got none; pass --calibration DATA, "
-                "leave it out to use the bundled samples, or use --quantize dynamic"
+                "leave it out to use the bundled samples, or use --quant dynamic"
             )
         if precision is Precision.INT8:
             _require_nncf()
@@ -179,14 +180,24 @@ class OpenVinoBackend:
         quant = request.quant
         if precision is Precision.INT8:
             assert quant is not None
-            if quant.mode == "static":
+            if quant.mode == "static" and control is not None:
+                model, reverted = quantize_with_accuracy_control(
+                    model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8
+                )
+                quant = dataclasses.replace(quant, excluded_nodes=reverted, tool="nncf quantize_with_accuracy_control")
+                more = [f"NNCF accuracy control: {len(reverted)} operation(s) reverted to float" + (f": {', '.join(reverted[:12])}" if reverted else "")]
+            elif quant.mode == "static":
                 model, quant, more = _quantize_static(model, quant, request.calibration)
             else:
                 model, quant, more = _compress_weights(model, quant)
             notes.extend(more)
             default = _default_hint(core, device)
             where = f"{default} on {device}" if default else f"whatever {device} picks"
-            notes.append(f"runtime precision hint: none set, the device default ({where}) for the parts left in float")
+            if control is not None:  # what accuracy control reverted to float must run in float
+                hint = _HINT.get(Precision.FP32)
+                notes.append(f"runtime precision hint: INFERENCE_PRECISION_HINT={hint}, so the reverted operations run in f32")
+            else:
+                notes.append(f"runtime precision hint: none set, the device default ({where}) for the parts left in float")
         elif hint:
             notes.append(f"runtime precision hint: INFERENCE_PRECISION_HINT={hint}")
         if precision is Precision.FP32 and device.startswith("CPU") and "BF16" in caps:
@@ -212,6 +223,14 @@ class OpenVinoBackend:
         (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
         return Artifact(self.name, precision, folder, xml, files, quantization=quant, notes=tuple(notes))
+
+    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+        """Static INT8 again, through nncf.quantize_with_accuracy_control driven by the task's primary metric."""
+        if request.quant is None or request.quant.mode != "static":
+            raise D2VError("openvino fallback applies to static INT8 (weight-only compression has nothing to revert); use --quant static", ExitCode.BAD_INPUT)
+        artifact = self.compile(graph, folder, request, control=recovery)
+        drift = recovery.evaluate(artifact)
+        return artifact, drift, ()
 
     def runner(self, artifact: Artifact, *, threads: int) -> OVRunner:
         return OVRunner(artifact.model_file, threads, name=f"{self.name}-{artifact.precision.value}")

@@ -1,0 +1,434 @@
+"""INT8 through onnxruntime.quantization: dynamic and static, with one recipe per target, as data.
+
+    recipe = make_recipe("onnxruntime", "static", method="minmax", samples=len(feeds))
+    qgraph = quantize_onnx(graph, Path("out/model.onnx"), recipe, feeds)
+
+What a recipe means (measured on this package's Data2Vec graphs; see docs/quantization.md):
+
+- ``op_types`` are the only ops whose inputs get quantized: MatMul, Gemm, Conv. Every other op
+  (LayerNormalization, Softmax, the GELU's Erf, residual Adds, embedding Gathers) stays float and
+  reads float inputs. onnxruntime's QDQ quantizer shares one Q/DQ pair between all readers of a
+  tensor (a LayerNorm output that feeds Q/K/V *and* the residual Add), so after quantizing, every
+  reader that is not a quantized node is wired back to the float tensor (``_float_readers``).
+- Static mode calibrates once, writes onnxruntime's own range cache and quantizes from it: the
+  fallback re-quantizes with different excluded nodes without re-running calibration. Calibration
+  runs one shape group at a time, which is what makes the histogram methods (entropy, percentile)
+  work on inputs of varied lengths.
+- ``excluded_nodes`` are node names of the *pre-processed* graph (onnxruntime's optimizer keeps
+  the exporter's node names for MatMul/Gemm/Conv); the QuantizedGraph's recipe lists every node
+  that stayed float: the recipe's own plus those ``excluded_for_transformer`` picks.
+
+Nothing here passes string-keyed ``extra_options`` to callers: QuantRecipe fields map to them here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .spec import D2VError, ExitCode, ExportedGraph, QuantizedGraph, QuantRecipe
+
+MODES = ("static", "dynamic")
+METHODS = ("minmax", "entropy", "percentile")
+TOOL = "onnxruntime.quantization"
+MATMUL_OPS = ("MatMul", "Gemm", "Conv")
+
+# Op types that must read float values whatever the target: normalisation, attention probabilities,
+# the GELU, embedding look-ups (a quantized table loses rare tokens), residual and bias additions.
+# They are outside every recipe's op_types and ``_float_readers`` guarantees no DequantizeLinear
+# feeds them; tests check it.
+FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Gather", "Add")
+
+
+@dataclass(frozen=True)
+class RecipeTemplate:
+    """What one target wants from INT8 in one mode. Data only: ``make_recipe`` turns it into a QuantRecipe."""
+
+    description: str
+    mode: str  # "static" | "dynamic"
+    op_types: tuple[str, ...]  # ops whose inputs are quantized (static: Q/DQ pairs; dynamic: integer ops)
+    symmetric_activations: bool = False  # int8 activations with zero point 0 (TensorRT's explicit quantization)
+    per_channel: bool = True  # one weight scale per output channel, symmetric int8
+
+
+RECIPES: dict[str, RecipeTemplate] = {
+    "onnxruntime-static": RecipeTemplate(
+        "QDQ: uint8 activations calibrated per tensor, int8 weights per channel, on MatMul/Gemm/Conv inputs only",
+        "static",
+        MATMUL_OPS,
+    ),
+    "onnxruntime-dynamic": RecipeTemplate(
+        "MatMulInteger: uint8 activation ranges measured at run time, int8 weights per channel, MatMul/Gemm only "
+        "(ConvInteger is slow on CPU)",
+        "dynamic",
+        ("MatMul", "Gemm"),
+    ),
+    "tensorrt": RecipeTemplate(
+        "explicit quantization: symmetric int8 Q/DQ (zero point 0) on MatMul/Gemm/Conv inputs only, int8 weights per channel",
+        "static",
+        MATMUL_OPS,
+        symmetric_activations=True,
+    ),
+    "openvino-static": RecipeTemplate(
+        "NNCF transformer preset: int8 activations and per-channel weights on MatMul/Gemm/Conv",
+        "static",
+        MATMUL_OPS,
+    ),
+    "openvino-dynamic": RecipeTemplate("NNCF weight compression: int8 weights only", "dynamic", ("MatMul", "Gemm")),
+}
+
+
+def make_recipe(
+    target: str,
+    mode: str,
+    *,
+    method: str = "minmax",
+    samples: int = 0,
+    excluded: Sequence[str] = (),
+) -> QuantRecipe:
+    """The QuantRecipe of ``target`` ("onnxruntime", "tensorrt", ... or a RECIPES key) in ``mode``."""
+    if mode not in MODES:
+        raise D2VError(f"unknown quantization mode '{mode}'; choose one of: {', '.join(MODES)}")
+    if method not in METHODS:
+        raise D2VError(f"unknown calibration method '{method}'; choose one of: {', '.join(METHODS)}")
+    template = RECIPES.get(f"{target}-{mode}") or RECIPES.get(target)
+    if template is None:
+        known = sorted({k.removesuffix("-static").removesuffix("-dynamic") for k in RECIPES})
+        raise D2VError(f"no INT8 recipe for target '{target}'; choose one of: {', '.join(known)}")
+    if template.mode != mode:
+        raise D2VError(f"target '{target}' has no {mode} INT8; use --quantize {template.mode}", ExitCode.TARGET_UNAVAILABLE)
+    return QuantRecipe(
+        mode=mode,
+        method=method if mode == "static" else "none",
+        samples=samples if mode == "static" else 0,
+        per_channel=template.per_channel,
+        symmetric_activations=template.symmetric_activations,
+        op_types=template.op_types,
+        excluded_nodes=tuple(excluded),
+        tool=TOOL,
+    )
+
+
+# ------------------------------------------------------------------------------- public entry
+
+
+def quantize_onnx(
+    graph: ExportedGraph,
+    target: Path,
+    recipe: QuantRecipe,
+    calibration: Sequence[Mapping[str, np.ndarray]] = (),
+) -> QuantizedGraph:
+    """Write the INT8 model of ``graph`` to ``target`` following ``recipe``; only ``target`` is written."""
+    if recipe.mode not in MODES:
+        raise D2VError(f"unknown quantization mode '{recipe.mode}'; choose one of: {', '.join(MODES)}")
+    if recipe.mode == "static" and not calibration:
+        raise D2VError("static INT8 needs calibration samples and got none; pass --calibration DIR (or use --quantize dynamic)")
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="d2v-quant-") as tmp:
+        session = QuantSession(graph.path, Path(tmp), recipe)
+        if recipe.mode == "static":
+            session.calibrate(calibration)
+        excluded = session.write(target, recipe.excluded_nodes)
+    return QuantizedGraph(path=target, graph=graph, recipe=replace(recipe, excluded_nodes=excluded))
+
+
+class QuantSession:
+    """Pre-processes once and (static) calibrates once; ``write`` then quantizes any number of times.
+
+    This is what the fallback uses: each step only re-runs the cheap quantizer with more nodes excluded.
+    """
+
+    def __init__(self, source: Path, workdir: Path, recipe: QuantRecipe) -> None:
+        self.recipe = recipe
+        self.workdir = workdir
+        self.source = Path(source)
+        self.prepared = workdir / "prepared.onnx"
+        self.cache = workdir / "ranges.json"
+        self.large = _size(self.source) > 1_800_000_000
+        _preprocess(self.source, self.prepared, self.large)
+        self.rule_excluded = excluded_for_transformer(self.prepared, recipe.op_types)
+
+    @property
+    def method(self) -> Any:
+        from onnxruntime.quantization import CalibrationMethod
+
+        return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[
+            self.recipe.method
+        ]
+
+    def calibrate(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Measure activation ranges on ``feeds`` (one shape group at a time) into the range cache."""
+        from onnxruntime.quantization.calibrate import (
+            create_calibrator,
+            save_tensors_data,
+        )
+
+        if self.recipe.method not in METHODS:
+            raise D2VError(f"unknown calibration method '{self.recipe.method}'; choose one of: {', '.join(METHODS)}")
+        options: dict[str, Any] = {"symmetric": self.recipe.symmetric_activations}
+        if self.recipe.method == "percentile":
+            options |= {"percentile": 99.999, "num_bins": 2048}
+        with _quiet():
+            calibrator = create_calibrator(
+                self.prepared,
+                list(self.recipe.op_types),
+                augmented_model_path=str(self.workdir / "augmented.onnx"),
+                calibrate_method=self.method,
+                use_external_data_format=self.large,
+                extra_options=options,
+            )
+            try:
+                for group in _shape_groups(feeds):
+                    calibrator.collect_data(_Reader(group))
+                ranges = calibrator.compute_data()
+            except ValueError as exc:  # numpy's "Too many bins for data range" and friends
+                raise D2VError(
+                    f"{self.recipe.method} calibration failed ({str(exc).splitlines()[0][:200]}); use --calibration-method minmax"
+                ) from exc
+            finally:
+                del calibrator
+        _check_ranges(ranges)
+        save_tensors_data(ranges, self.cache)
+
+    def write(self, target: Path, excluded: Sequence[str] = ()) -> tuple[str, ...]:
+        """Quantize the prepared graph into ``target`` with ``excluded`` (plus the rule's picks) left float."""
+        from onnxruntime.quantization import (
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
+
+        names = _node_names(self.prepared)
+        unknown = [n for n in excluded if n not in names]
+        if unknown:
+            raise D2VError(f"excluded node(s) not in the graph: {', '.join(unknown[:5])}; list node names with `python -m onnx` or Netron")
+        keep_float = tuple(dict.fromkeys([*excluded, *self.rule_excluded]))
+        raw = self.workdir / "quantized.onnx"
+        with _quiet():
+            if self.recipe.mode == "dynamic":
+                quantize_dynamic(
+                    self.prepared,
+                    raw,
+                    op_types_to_quantize=list(self.recipe.op_types),
+                    per_channel=self.recipe.per_channel,
+                    weight_type=QuantType.QInt8,
+                    # quantize_dynamic first rewrites a Gemm X into a MatMul named "X_MatMul" and then
+                    # checks exclusions against the new name: exclude both (measured, onnxruntime 1.32).
+                    nodes_to_exclude=[*keep_float, *(f"{n}_MatMul" for n in keep_float)],
+                    use_external_data_format=self.large,
+                    extra_options={"MatMulConstBOnly": True},
+                )
+            else:
+                if not self.cache.is_file():
+                    raise D2VError("static INT8 needs calibration first; pass --calibration DIR")
+                quantize_static(
+                    self.prepared,
+                    raw,
+                    calibration_data_reader=None,
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(self.recipe.op_types),
+                    per_channel=self.recipe.per_channel,
+                    activation_type=QuantType.QInt8 if self.recipe.symmetric_activations else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(keep_float),
+                    use_external_data_format=self.large,
+                    calibrate_method=self.method,
+                    calibration_cache_path=self.cache,
+                    extra_options={
+                        "ActivationSymmetric": self.recipe.symmetric_activations,
+                        "WeightSymmetric": True,
+                        "MatMulConstBOnly": False,
+                    },
+                )
+        _finish(raw, target, self.prepared, set(self.recipe.op_types), set(keep_float), self.large)
+        return keep_float
+
+
+# ------------------------------------------------------------------------------- float nodes
+
+
+# Ops that only move or reshape data: a node reached from a graph input through these reads raw input.
+_SHAPE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Cast", "Identity", "Flatten", "Expand")
+
+
+def excluded_for_transformer(onnx_path: Path, op_types: Sequence[str] = MATMUL_OPS) -> tuple[str, ...]:
+    """Nodes of ``op_types`` that stay float although the recipe quantizes their op type.
+
+    One rule, measured: the layer that reads the raw model input (the waveform convolution of audio
+    models, the patch convolution of vision models) stays float. An 8-bit per-tensor waveform is what
+    broke static INT8 on audio (CTC frame agreement 0.78 -> 0.93 with this one node float, tiny
+    preset); the layer is a fraction of a percent of the FLOPs. Text reads its input through
+    embedding Gathers, which are not quantized at all.
+
+    Everything else that must stay float is an op type outside ``op_types`` (LayerNormalization,
+    Softmax, the GELU's Erf, Gather, residual Adds): the quantizer never touches those, and
+    ``_float_readers`` makes sure no quantized value reaches them.
+    """
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    raw = {i.name for i in graph.input}
+    found: list[str] = []
+    for node in graph.node:  # topological order
+        data = [i for i in node.input[:1] if i]
+        if not data or data[0] not in raw:
+            continue
+        if node.op_type in _SHAPE_OPS:
+            raw.update(node.output)
+        elif node.op_type in op_types:
+            found.append(node.name)
+    return tuple(found)
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self._it: Iterator[Mapping[str, np.ndarray]] = iter(feeds)
+        self._n = len(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self._it, None)
+        return None if feed is None else {k: np.ascontiguousarray(v) for k, v in feed.items()}
+
+    def __iter__(self) -> _Reader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+    def __len__(self) -> int:
+        return self._n
+
+
+def _shape_groups(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[list[Mapping[str, np.ndarray]]]:
+    """Feeds grouped by their shapes (first appearance order): the histogram collectors stack arrays."""
+    groups: dict[tuple[Any, ...], list[Mapping[str, np.ndarray]]] = {}
+    for feed in feeds:
+        key = tuple((k, np.shape(v)) for k, v in sorted(feed.items()))
+        groups.setdefault(key, []).append(feed)
+    return list(groups.values())
+
+
+def _check_ranges(ranges: Any) -> None:
+    for name, data in ranges.items():
+        values = np.asarray(data.range_value, dtype=np.float64) if hasattr(data, "range_value") else np.asarray(data)
+        if not np.all(np.isfinite(values)):
+            raise D2VError(f"calibration gave a non-finite range for tensor '{name}'; check the calibration samples for NaN/inf")
+
+
+def _preprocess(source: Path, target: Path, large: bool) -> None:
+    """onnxruntime's quantization pre-processing: graph optimisation and ONNX shape inference.
+
+    Symbolic shape inference fails on these graphs ("Incomplete symbolic shape inference"): skipped.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with _quiet():
+        try:
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=True, save_as_external_data=large)
+        except Exception as exc:  # onnxruntime raises many types; one line is what the user needs
+            raise D2VError(f"quantization pre-processing of '{source.name}' failed: {str(exc).splitlines()[0][:200]}", ExitCode.INTERNAL) from exc
+
+
+def _finish(raw: Path, target: Path, prepared: Path, quantized_ops: set[str], excluded: set[str], large: bool) -> None:
+    import onnx
+
+    model = onnx.load(str(raw))
+    _float_readers(model, onnx.load(str(prepared)), quantized_ops, excluded)
+    if not large:  # the checker cannot take a protobuf over 2 GB in memory
+        onnx.checker.check_model(model)
+    if large:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data")
+    else:
+        onnx.save_model(model, str(target))
+
+
+def _float_readers(model: Any, original: Any, quantized_ops: set[str], excluded: set[str]) -> None:
+    """Give every reader of a DequantizeLinear output that is not a quantized node the float tensor back.
+
+    onnxruntime's QDQ quantizer rewires *all* readers of a quantized tensor to its DequantizeLinear
+    (a LayerNorm output read by Q/K/V and by the residual Add; a weight shared by an excluded node).
+    """
+
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    originals = {i.name: i for i in original.graph.initializer}
+    suffix = "_DequantizeLinear_Output"
+    dq_source: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        q = producers.get(node.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            dq_source[node.output[0]] = q.input[0]
+        elif node.output[0].endswith(suffix) and node.output[0][: -len(suffix)] in originals:
+            dq_source[node.output[0]] = node.output[0][: -len(suffix)]
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if node.op_type in quantized_ops and node.name not in excluded:
+            continue
+        for i, name in enumerate(node.input):
+            if name in dq_source:
+                src = dq_source[name]
+                if src not in inits and src not in producers and src in originals:
+                    graph.initializer.append(originals[src])
+                    inits.add(src)
+                node.input[i] = src
+    _prune(model)
+
+
+def _prune(model: Any) -> None:
+    """Drop nodes and initializers nothing reads any more."""
+    graph = model.graph
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def _node_names(path: Path) -> set[str]:
+    import onnx
+
+    return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in [path, *path.parent.glob(path.name + ".data")] if p.is_file())
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime.quantization prints progress and logs advice at WARNING; keep the console clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
