@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .metrics import METRICS
+from .report import jsonable
 from .spec import D2VError, ExitCode
 
 REFERENCE = "pytorch-fp32"
@@ -387,17 +388,7 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
     doc["passed"] = comparison.passed
     doc["regressions"] = [v.name for v in comparison.regressions]
     doc["exit_code"] = exit_code(comparison)
-    return _finite(doc)
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+    return jsonable(doc)
 
 
 _ICON = {REGRESSION: "❌ regression", IMPROVEMENT: "✅ improvement", UNCHANGED: "unchanged", NEW: "🆕 new", MISSING: "missing"}

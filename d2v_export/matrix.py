@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from . import __version__
 from .bench import BenchSettings
 from .compare import drift_score
+from .report import jsonable
 from .spec import D2VError, ExitCode, Modality, Precision
 
 SCHEMA_VERSION = "1.0"
@@ -420,17 +421,7 @@ def write(doc: Mapping[str, Any], output: Path) -> tuple[Path, Path, Path]:
 
     output = Path(output)
     j, m, h = output / "matrix.json", output / "matrix.md", output / "matrix.html"
-    j.write_text(json.dumps(_finite(doc), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    j.write_text(json.dumps(jsonable(doc), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     m.write_text(markdown(doc), encoding="utf-8")
     write_matrix_html(doc, h)
     return j, m, h
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x

@@ -59,7 +59,8 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def _plain(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Plain JSON data: enums by value, paths as strings, dataclasses as dicts, non-finite floats as null."""
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, Path):
@@ -67,11 +68,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in asdict(value).items()}
+        return {k: jsonable(v) for k, v in asdict(value).items()}
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -93,7 +94,7 @@ def latency_dict(lat: LatencyStats | None) -> dict[str, Any] | None:
 
 
 def drift_dict(drift: Drift) -> dict[str, Any]:
-    return _plain(drift)
+    return jsonable(drift)
 
 
 def variant_name(v: Variant) -> str:
@@ -117,13 +118,13 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
             "parameters": report.model.parameters,
             "preset": report.model.preset,
         },
-        "environment": _plain(report.environment),
+        "environment": jsonable(report.environment),
         "export": {
             "exporter": graph.exporter,
             "opset": graph.opset,
             "seconds": round(graph.seconds, 3),
-            "inputs": _plain(graph.inputs),
-            "outputs": _plain(graph.outputs),
+            "inputs": jsonable(graph.inputs),
+            "outputs": jsonable(graph.outputs),
             "shapes": {d.name: {"min": d.min, "opt": d.opt, "max": d.max} for d in graph.profile.dims},
             "static": dict(graph.profile.static),
             "check": drift_dict(graph.check),
@@ -134,19 +135,19 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
                 "name": variant_name(v),
                 "target": v.target,
                 "precision": v.precision.value,
-                "quantization": _plain(v.quantization),
+                "quantization": jsonable(v.quantization),
                 "artifact": v.artifact,
                 "drift": drift_dict(v.drift),
                 "latency_ms": latency_dict(v.latency),
                 "speedup_vs_reference": v.speedup_vs_reference,
                 "notes": list(v.notes),
-                "latency_budget": _plain(v.latency_budget),
+                "latency_budget": jsonable(v.latency_budget),
             }
             for v in report.variants
         ],
         "warnings": list(report.warnings),
-        "bench": _plain(report.bench),
-        "comparison": _plain(report.comparison) if report.comparison is not None else None,
+        "bench": jsonable(report.bench),
+        "comparison": jsonable(report.comparison) if report.comparison is not None else None,
     }
 
 
