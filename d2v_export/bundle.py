@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from .report import jsonable
 from .spec import D2VError, Modality
 
 SCHEMA_VERSION = "1.0"
@@ -186,12 +187,6 @@ def _labels(config: Any) -> dict[str, str] | None:
     return {str(int(k)): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
 
 
-def _plain(value: Any) -> Any:
-    from .report import _plain as plain
-
-    return plain(value)
-
-
 def write_manifest(
     folder: Path,
     *,
@@ -250,7 +245,7 @@ def write_manifest(
         "precision": artifact.precision.value,
         "model_file": rel_model,
         "runtime": runtime,
-        "quantization": _plain(artifact.quantization),
+        "quantization": jsonable(artifact.quantization),
         "notes": list(artifact.notes),
         "inputs": [_tensor_doc(t, dims, static) for t in graph.inputs],
         "outputs": [{"name": t.name, "dtype": t.dtype, "shape": [a if isinstance(a, int) else str(a) for a in t.shape]} for t in graph.outputs],
@@ -258,7 +253,7 @@ def write_manifest(
         "export": {"exporter": graph.exporter, "opset": graph.opset},
         "preprocessing": preprocessing(model, graph, folder),
         "labels": _labels(model.config),
-        "environment": _plain(dict(environment)),
+        "environment": jsonable(dict(environment)),
         "verdict": verdict,
     }
     (folder / README).write_text(readme(doc), encoding="utf-8")
