@@ -320,3 +320,17 @@ def test_dynamic_ranking_finds_planted_outliers(cases: dict[Modality, Case], tmp
     session.write(tmp_path / "dynamic.onnx")
     ranking = rank_nodes(session, tmp_path / "dynamic.onnx", case.calibration[:2])
     assert ranking and ranking[0][0] == classifier, ranking[:3]
+
+
+def test_static_int8_never_rounds_a_graph_output(tmp_path: Path) -> None:
+    """Logits must not come out of a DequantizeLinear: that clamps them to the calibration range."""
+    from d2v_export.quantize import make_recipe, quantize_onnx
+
+    model, profile = tiny(head_for(Modality.TEXT, "text-classification"))
+    graph = export(model, profile, tmp_path / "model.onnx")
+    feeds = [dummy_inputs(model.head, model.config, profile.point("opt"), seed=i) for i in range(4)]
+    quantize_onnx(graph, tmp_path / "int8.onnx", make_recipe("onnxruntime", "static", samples=4), feeds)
+    proto = onnx.load(str(tmp_path / "int8.onnx"))
+    outputs = {o.name for o in proto.graph.output}
+    producers = [n.op_type for n in proto.graph.node if outputs & set(n.output)]
+    assert producers and "DequantizeLinear" not in producers
