@@ -142,7 +142,7 @@ def test_fill_mask_ranks_tokens_for_each_mask(bundles: Bundles) -> None:
 def test_segmentation_summarizes_the_mask(bundles: Bundles) -> None:
     folder = bundles("vision", "semantic-segmentation")["onnxruntime-fp32"]
     (r,) = predict.predict(folder, [str(CAT)], top_k=3)
-    assert 1 <= len(r["classes"]) <= 3 and sum(c["fraction"] for c in r["classes"]) <= 1 + 1e-6
+    assert len(r["classes"]) in (1, 2, 3) and sum(c["fraction"] for c in r["classes"]) <= 1 + 1e-6
     assert {c["label"] for c in r["classes"]} <= id2label(folder)  # ADE20k names
     assert "mask" in predict.format_text([r])
 
