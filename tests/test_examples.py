@@ -109,7 +109,6 @@ def test_vision_quick(tmp_path: Path) -> None:
     assert eval_names and not eval_names & {p.name for p in (folder / "calibration").rglob("*.png")}
 
 
-@pytest.mark.slow
 @needs_speech
 def test_audio_quick(tmp_path: Path) -> None:
     run_quick("train_audio.py", tmp_path / "audio")
