@@ -110,7 +110,8 @@ def reader_accuracy(model: Any, path: Path) -> tuple[float, int]:
         raise SystemExit(f"d2v-export finds no usable labels in {path} (got {samples.labels[:3] if samples.labels else None})")
     right = 0
     with torch.no_grad():
-        for feed, y in zip(samples.feeds, labels):
+        for feed, y in zip(samples.feeds, labels, strict=True):
+            assert isinstance(y, int)
             logits = model.module(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits
             right += int(int(logits.argmax(-1)[0]) == int(y))
     return right / len(labels), len(labels)

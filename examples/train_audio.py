@@ -45,7 +45,17 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Timer, check_loads, folder_size, fresh_dir, log, parser, reader_accuracy, seed_everything, write_meta  # noqa: E402
+from _common import (
+    Timer,
+    check_loads,
+    folder_size,
+    fresh_dir,
+    log,
+    parser,
+    reader_accuracy,
+    seed_everything,
+    write_meta,
+)
 
 LETTERS = ("A", "F", "H", "L", "O", "Q", "R", "W", "X", "Y")
 RATE = 16_000
@@ -106,7 +116,7 @@ def pcm16(x: np.ndarray) -> np.ndarray:
 
 def speed(x: np.ndarray, factor: float) -> np.ndarray:
     """Speed perturbation (tempo and pitch together) by resampling."""
-    num = int(round(100 / factor))
+    num = round(100 / factor)
     return resample(x, 100, num) if num != 100 else x
 
 
@@ -150,18 +160,18 @@ def build_clips(seed: int, per_class: dict[str, int], flite_settings: dict[str, 
     clips: dict[str, list[tuple[str, np.ndarray, int]]] = {"train": [], "eval": [], "calibration": []}
     with tempfile.TemporaryDirectory() as tmpname:
         tmp = Path(tmpname)
-        for split in clips:
+        for split, bucket in clips.items():
             for y, letter in enumerate(LETTERS):
                 for k in range(per_class[split]):
                     accent, var = ACCENTS[rng.integers(len(ACCENTS))], variants[split][rng.integers(len(variants[split]))]
                     wpm, pitch = int(rng.integers(120, 211)), int(rng.integers(15, 86))
                     wave = espeak(letter, f"{accent}+{var}", wpm, pitch, tmp)
-                    clips[split].append((f"espeak_{accent}+{var}_s{wpm}_p{pitch}_{k}", trim(wave), y))
+                    bucket.append((f"espeak_{accent}+{var}_s{wpm}_p{pitch}_{k}", trim(wave), y))
                 for voice in FLITE[split]:
                     for k in range(flite_settings[split]):
                         stretch, f0 = float(rng.uniform(0.85, 1.3)), int(rng.integers(80, 220))
                         wave = flite(letter, voice, stretch, f0, tmp)
-                        clips[split].append((f"flite_{voice}_d{stretch:.2f}_f{f0}_{k}", trim(wave), y))
+                        bucket.append((f"flite_{voice}_d{stretch:.2f}_f{f0}_{k}", trim(wave), y))
     for y, letter in enumerate(LETTERS):
         clips["eval"].append(("klettres_en_GB", trim(klettres("en_GB", letter)), y))
         real = klettres("en", letter)

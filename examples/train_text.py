@@ -31,7 +31,17 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Timer, check_loads, folder_size, fresh_dir, log, parser, reader_accuracy, seed_everything, write_meta  # noqa: E402
+from _common import (
+    Timer,
+    check_loads,
+    folder_size,
+    fresh_dir,
+    log,
+    parser,
+    reader_accuracy,
+    seed_everything,
+    write_meta,
+)
 
 FORTUNES = Path("/usr/share/games/fortunes")
 CATEGORIES = ("computers", "politics", "science", "songs-poems")
@@ -148,7 +158,7 @@ def copy_error(model: Any, tok: Any, folder: Path, sentences: tuple[str, ...] = 
 def read_category(name: str) -> list[str]:
     raw = (FORTUNES / name).read_text(encoding="utf-8", errors="replace")
     out = []
-    for cookie in re.split(r"^%$", raw, flags=re.M):
+    for cookie in re.split(r"^%$", raw, flags=re.MULTILINE):
         text = " ".join(cookie.split())
         if 20 <= len(text) <= 400 and all(32 <= ord(ch) < 127 for ch in text) and sum(ch.isalpha() for ch in text) >= 0.6 * len(text):
             out.append(text)
@@ -175,8 +185,8 @@ def splits(tok: Any, seed: int, n_train: int, n_eval: int, n_calib: int) -> dict
         out["eval"] += [(t, label) for t in texts[:n_eval]]
         out["calibration"] += [(t, label) for t in texts[n_eval : n_eval + n_calib]]
         out["train"] += [(t, label) for t in texts[n_eval + n_calib : n_eval + n_calib + n_train]]
-    for key in out:
-        out[key] = [out[key][i] for i in rng.permutation(len(out[key]))]
+    for key, rows in out.items():
+        out[key] = [rows[i] for i in rng.permutation(len(rows))]
     return out
 
 

@@ -29,7 +29,17 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Timer, check_loads, folder_size, fresh_dir, log, parser, reader_accuracy, seed_everything, write_meta  # noqa: E402
+from _common import (
+    Timer,
+    check_loads,
+    folder_size,
+    fresh_dir,
+    log,
+    parser,
+    reader_accuracy,
+    seed_everything,
+    write_meta,
+)
 
 LABELS = tuple(str(d) for d in range(10))
 
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "labels": list(LABELS),
         "heldout_accuracy": acc,
         "train_accuracy": train_acc,
-        "splits": {k: int(len(v)) for k, v in split.items()},
+        "splits": {k: len(v) for k, v in split.items()},
         "train_steps": step,
         "epochs": args.epochs,
         "seed": args.seed,
