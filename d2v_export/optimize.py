@@ -16,15 +16,13 @@ see docs/PERFORMANCE.md for what each lever gave.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import io
-import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .quantize import _quiet
 from .spec import D2VError, ExitCode, ExportedGraph, Modality
 
 # onnxruntime.transformers' model_type per modality: the fusion patterns it tries.
@@ -122,15 +120,3 @@ def op_histogram(path: Path) -> dict[str, int]:
     import onnx
 
     return dict(collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node).most_common())
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
