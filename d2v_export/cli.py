@@ -118,6 +118,9 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
             click.option("--eval-samples", type=click.IntRange(min=1), default=16, show_default=True),
             click.option("--max-drift", multiple=True, metavar="METRIC=VALUE",
                          help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable."),
+            click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                         help="ONNX Runtime INT8 with 7-bit weights, exact on x86 CPUs without VNNI (their u8 x s8 kernel saturates "
+                              "with 8-bit weights). auto: on when the --target-profile's CPU, else this one, lacks VNNI."),
             click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
                          help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds."),
             click.option("--target-profile", default=None, metavar="NAME|FILE",
@@ -203,6 +206,7 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
             eval_samples=kw["eval_samples"],
             budget=parse_budget(list(kw["max_drift"])),
             fallback=kw["fallback"] == "auto",
+            reduce_range=kw["reduce_range"],
         )
     elif kw["max_drift"] or kw["calibration"] or kw["eval_path"] or kw["fallback"] == "auto":
         raise D2VError("--calibration, --eval, --max-drift and --fallback apply to INT8; add --int8")

@@ -78,6 +78,7 @@ class QuantOptions:
     budget: Mapping[str, float] = field(default_factory=dict)  # overrides of metrics.DEFAULT_BUDGETS
     fallback: bool = False  # return the most sensitive nodes to float until the budget holds
     seed: int = 0
+    reduce_range: str = "auto"  # ONNX Runtime 7-bit weights: "auto" (when the deployment CPU lacks VNNI), "on", "off"
 
 
 @dataclass(frozen=True)
@@ -318,10 +319,24 @@ def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads:
         from .quantize import make_recipe
 
         samples = len(calib) if calib is not None and int8.mode == "static" else 0
-        recipe = make_recipe(backend.name, int8.mode, method=int8.method, samples=samples)
+        recipe = make_recipe(backend.name, int8.mode, method=int8.method, samples=samples, reduce_range=wants_reduce_range(int8, options.profile))
         feeds = tuple(calib.feeds) if calib is not None and int8.mode == "static" else ()
         requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, **common))  # type: ignore[arg-type]
     return requests
+
+
+def wants_reduce_range(int8: QuantOptions, profile: Any = None) -> bool:
+    """7-bit ONNX Runtime weights? "auto": when the CPU the artifact is for has no VNNI/AMX (quantize.saturates).
+
+    That CPU is the device profile's (its requires_cpu_flags), else this machine, where the drift is measured.
+    """
+    if int8.reduce_range in ("on", "off"):
+        return int8.reduce_range == "on"
+    from .doctor import cpu_flags
+    from .quantize import saturates
+
+    flags = getattr(profile, "requires_cpu_flags", ()) or ()
+    return saturates(flags) if flags else saturates(cpu_flags())
 
 
 def budget_for(model: LoadedModel, int8: QuantOptions) -> dict[str, float]:

@@ -27,7 +27,7 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,7 @@ def make_recipe(
     method: str = "minmax",
     samples: int = 0,
     excluded: Sequence[str] = (),
+    reduce_range: bool = False,
 ) -> QuantRecipe:
     """The QuantRecipe of ``target`` ("onnxruntime", "tensorrt", ... or a RECIPES key) in ``mode``."""
     if mode not in MODES:
@@ -114,7 +115,30 @@ def make_recipe(
         op_types=template.op_types,
         excluded_nodes=tuple(excluded),
         tool=TOOL,
+        # Only ONNX Runtime's CPU kernels have the u8 x s8 saturation; TensorRT (GPU) and NNCF (its own
+        # overflow fix) take 8-bit weights.
+        reduce_range=reduce_range and not template.symmetric_activations and target.startswith("onnxruntime"),
     )
+
+
+# x86 instruction sets whose INT8 dot product accumulates u8 x s8 in 32 bits (no 16-bit saturation).
+EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def saturates(flags: Iterable[str], machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's u8 x s8 MatMul can saturate on a CPU with these /proc/cpuinfo flags.
+
+    x86 without VNNI/AMX runs U8S8 through VPMADDUBSW, which adds two u8 x s8 products into a saturating
+    int16: 2 x 255 x 127 = 64770 > 32767. Measured on an AVX2-only AMD EPYC (onnxruntime 1.32): full-range
+    operands gave errors up to 10 % of the output range; 7-bit weights (|w| <= 64) were exact. Arm kernels
+    (SDOT/UDOT, NEON widening) do not saturate.
+    """
+    import platform
+
+    arch = (machine or platform.machine()).lower()
+    if arch not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    return not (EXACT_INT8_FLAGS & set(flags))
 
 
 # ------------------------------------------------------------------------------- public entry
@@ -221,6 +245,7 @@ class QuantSession:
                     raw,
                     op_types_to_quantize=list(self.recipe.op_types),
                     per_channel=self.recipe.per_channel,
+                    reduce_range=self.recipe.reduce_range,
                     weight_type=QuantType.QInt8,
                     # quantize_dynamic first rewrites a Gemm X into a MatMul named "X_MatMul" and then
                     # checks exclusions against the new name: exclude both (measured, onnxruntime 1.32).
@@ -238,6 +263,7 @@ class QuantSession:
                     quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(self.recipe.op_types),
                     per_channel=self.recipe.per_channel,
+                    reduce_range=self.recipe.reduce_range,
                     activation_type=QuantType.QInt8 if self.recipe.symmetric_activations else QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=list(keep_float),

@@ -171,6 +171,9 @@ class QuantRecipe:
     op_types: tuple[str, ...] = ()
     excluded_nodes: tuple[str, ...] = ()
     tool: str = "onnxruntime.quantization"
+    # 7-bit weights (ONNX Runtime's reduce_range): u8 x s8 products stay exact on x86 CPUs without VNNI,
+    # whose AVX2 kernel (VPMADDUBSW) saturates 16-bit pair sums with full 8-bit weights (docs/quantization.md).
+    reduce_range: bool = False
 
 
 @dataclass(frozen=True)

@@ -155,3 +155,14 @@ def test_help_shows_examples_and_exit_codes() -> None:
     for sub in ("vision", "text", "audio"):
         res = cli(sub, "--help")
         assert res.returncode == 0 and "Examples:" in res.stdout and f"d2v-export {sub}" in res.stdout
+
+
+@pytest.mark.parametrize("choice", ["on", "off"])
+def test_reduce_range_reaches_the_int8_artifact(choice: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = cli("text", "--model", "preset:tiny", "--int8", "--quant", "dynamic", "--reduce-range", choice,
+              "--output", str(out), "--json", *FAST)  # fmt: skip
+    assert res.returncode in (0, ExitCode.DRIFT_BUDGET), res.stderr
+    (int8,) = [v for v in json.loads(res.stdout)["variants"] if v["precision"] == "int8"]
+    assert int8["quantization"]["reduce_range"] is (choice == "on")
+    assert any(n.startswith("7-bit weights (reduce_range)") for n in int8["notes"]) is (choice == "on")

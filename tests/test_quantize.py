@@ -334,3 +334,78 @@ def test_static_int8_never_rounds_a_graph_output(tmp_path: Path) -> None:
     outputs = {o.name for o in proto.graph.output}
     producers = [n.op_type for n in proto.graph.node if outputs & set(n.output)]
     assert producers and "DequantizeLinear" not in producers
+
+
+# ------------------------------------------------------------------------------- weight range
+
+
+def _int8_weights(path: Path) -> list[np.ndarray]:
+    """The int8 weight tensors of a quantized graph (static Q/DQ or dynamic MatMulInteger)."""
+    model = onnx.load(str(path))
+    return [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 16]
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_reduce_range_writes_7bit_weights(cases: dict[Modality, Case], mode: str, tmp_path: Path) -> None:
+    case = cases[Modality.TEXT]
+    calib = case.calibration if mode == "static" else ()
+    full = quantize_onnx(case.graph, tmp_path / "full.onnx", make_recipe("onnxruntime", mode, samples=len(calib)), calib)
+    reduced = quantize_onnx(case.graph, tmp_path / "reduced.onnx", make_recipe("onnxruntime", mode, samples=len(calib), reduce_range=True), calib)
+    assert reduced.recipe.reduce_range and not full.recipe.reduce_range
+    full_w, reduced_w = _int8_weights(full.path), _int8_weights(reduced.path)
+    assert full_w and len(full_w) == len(reduced_w)
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in full_w) == 127  # per-channel symmetric: the max maps to 127
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in reduced_w) <= 64  # 2 x 255 x 64 < 32767: no int16 saturation
+    _check_runs(case, reduced.path)
+
+
+def test_reduce_range_only_where_the_kernel_saturates() -> None:
+    from d2v_export.quantize import saturates
+
+    assert saturates(["avx2", "fma"], "x86_64") and saturates(["avx512f", "avx2"], "x86_64")  # Skylake-SP: AVX-512 without VNNI
+    assert not saturates(["avx2", "avx512_vnni"], "x86_64") and not saturates(["avx2", "avx_vnni"], "x86_64")
+    assert not saturates([], "aarch64")
+    assert make_recipe("onnxruntime", "static", reduce_range=True).reduce_range
+    assert not make_recipe("tensorrt", "static", reduce_range=True).reduce_range  # GPU: symmetric int8, no such kernel
+    assert not make_recipe("openvino", "static", reduce_range=True).reduce_range  # NNCF has its own overflow fix
+
+
+def test_reduce_range_auto_follows_the_profile_cpu() -> None:
+    from d2v_export.doctor import cpu_flags
+    from d2v_export.pipeline import QuantOptions, wants_reduce_range
+    from d2v_export.profiles import load_profile
+    from d2v_export.quantize import saturates
+
+    auto = QuantOptions()
+    assert wants_reduce_range(auto, load_profile("generic-avx2")) is True
+    assert wants_reduce_range(auto, load_profile("xeon-vnni")) is False
+    assert wants_reduce_range(auto) is saturates(cpu_flags())  # no profile: this machine, where drift is measured
+    assert wants_reduce_range(QuantOptions(reduce_range="on"), load_profile("xeon-vnni")) is True
+    assert wants_reduce_range(QuantOptions(reduce_range="off"), load_profile("generic-avx2")) is False
+
+
+def test_the_saturation_rule_matches_this_cpu(tmp_path: Path) -> None:
+    """ONNX Runtime's u8 x s8 MatMulInteger, full-range operands: exact exactly where ``saturates`` says so."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from d2v_export.doctor import cpu_flags
+    from d2v_export.quantize import saturates
+
+    rng = np.random.default_rng(0)
+    m, k, n = 32, 256, 64
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    results = {}
+    for bound in (127, 64):
+        b = rng.integers(-bound, bound + 1, (k, n)).astype(np.int8)
+        graph = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mm",
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])], [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
+            initializer=[numpy_helper.from_array(b, "B")],
+        )  # fmt: skip
+        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        got = session.run(None, {"A": a})[0]
+        results[bound] = bool(np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64)))
+    assert results[64], "7-bit weights must be exact on every CPU"
+    assert results[127] is not saturates(cpu_flags()), f"full-range u8 x s8 exact={results[127]} on a CPU with {sorted(cpu_flags())}"

@@ -51,23 +51,25 @@ class OnnxRuntimeBackend:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / MODEL_FILE
         recipe = request.quant
+        notes: tuple[str, ...] = ()
         if request.precision is Precision.FP32:
             _copy_onnx(graph.path, target)
         elif request.precision is Precision.INT8 and request.quant is not None:
             from ..quantize import quantize_onnx
 
             recipe = quantize_onnx(graph, target, request.quant, request.calibration).recipe  # what really stayed float
+            notes = _range_notes(recipe)
         else:
             raise D2VError(
                 f"onnxruntime builds fp32 or int8 on CPU, not {request.precision.value}; use --target openvino or tensorrt for it",
                 ExitCode.TARGET_UNAVAILABLE,
             )
         files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
-        return Artifact(self.name, request.precision, folder, target, files, quantization=recipe)
+        return Artifact(self.name, request.precision, folder, target, files, quantization=recipe, notes=notes)
 
     def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """Rank nodes by the error their quantization adds; keep the worst in float until the budget holds."""
-        from ..fallback import fallback
+        from ..fallback import describe, fallback
 
         assert request.quant is not None
         target = folder / MODEL_FILE
@@ -78,18 +80,26 @@ class OnnxRuntimeBackend:
 
         result = fallback(graph, request.quant, recovery.calibration, evaluate, target=target, progress=recovery.progress)
         files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
-        artifact = Artifact(self.name, request.precision, folder, target, files, quantization=result.quantized.recipe)
-        kept = ", ".join(f"{name} ({err:.3g})" for name, err in result.kept_float[:12])
-        more = f" and {len(result.kept_float) - 12} more" if len(result.kept_float) > 12 else ""
-        notes = (
-            f"fallback: {len(result.steps)} step(s); kept {len(result.kept_float)} of {len(result.ranking)} quantizable nodes in float"
-            + (f": {kept}{more} (node, relative output error its INT8 adds)" if kept else ""),
-            *(f"fallback step {i}: {len(step.excluded)} float — {step.summary}" for i, step in enumerate(result.steps)),
-        )
-        return artifact, result.drift, notes
+        artifact = Artifact(self.name, request.precision, folder, target, files, quantization=result.quantized.recipe,
+                            notes=_range_notes(result.quantized.recipe))  # fmt: skip
+        return artifact, result.drift, describe(result)
 
     def runner(self, artifact: Artifact, *, threads: int) -> OrtRunner:
         return OrtRunner(artifact.model_file, threads, name=f"{self.name}-{artifact.precision.value}")
+
+
+def _range_notes(recipe: Any) -> tuple[str, ...]:
+    """Say which weight range the INT8 graph has, and when 8-bit weights may saturate on this CPU."""
+    from ..doctor import cpu_flags
+    from ..quantize import saturates
+
+    if recipe.reduce_range:
+        return ("7-bit weights (reduce_range): u8 x s8 products stay exact on x86 CPUs without VNNI; "
+                "--reduce-range off gives 8-bit weights for VNNI/AMX CPUs",)  # fmt: skip
+    if saturates(cpu_flags()):
+        return ("8-bit weights on a CPU without VNNI: ONNX Runtime's u8 x s8 kernel here can saturate 16-bit sums; "
+                "the drift above was measured with it. --reduce-range on (7-bit weights) makes it exact",)  # fmt: skip
+    return ()
 
 
 def _copy_onnx(source: Path, target: Path) -> None:
