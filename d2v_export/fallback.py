@@ -72,13 +72,15 @@ def fallback(
     target: Path | None = None,
     max_steps: int = 8,
     progress: Callable[[str], None] = lambda _msg: None,
+    postprocess: Callable[[Path], None] | None = None,
 ) -> FallbackResult:
     """Quantize ``graph`` with ``recipe``; while ``evaluate`` fails, keep more of the worst nodes float.
 
     ``target`` (default: ``<graph stem>.int8.onnx`` beside the fp32 graph) receives the last model
     that passed, or the last one tried when none did. ``max_steps`` bounds the evaluations after
     the first. Calibration feeds are needed in both modes: static calibrates on them and both rank
-    nodes on them.
+    nodes on them. ``postprocess`` rewrites each candidate in place before it is evaluated (a target's
+    own fix-ups, e.g. TensorRT's), so what is judged is what ships.
     """
     if not calibration:
         raise D2VError("the INT8 fallback needs calibration samples to rank nodes and got none; pass --calibration DIR")
@@ -96,6 +98,8 @@ def fallback(
         def attempt(ranked: Sequence[tuple[str, float]], count: int) -> Drift:
             path = work / f"candidate-{count}.onnx"
             excluded = session.write(path, [*recipe.excluded_nodes, *(n for n, _ in ranked[:count])])
+            if postprocess is not None:
+                postprocess(path)
             drift = evaluate(path)
             tried[count] = (path, drift, excluded)
             steps.append(FallbackStep(excluded, drift.passed, summarize(drift)))
@@ -116,6 +120,17 @@ def fallback(
     kept = tuple(ranking[:chosen])
     quantized = QuantizedGraph(path=target, graph=graph, recipe=replace(recipe, excluded_nodes=excluded))
     return FallbackResult(quantized, drift, kept, tuple(steps), tuple(ranking))
+
+
+def describe(result: FallbackResult) -> tuple[str, ...]:
+    """The report notes of a fallback: what stayed float, and each step's verdict."""
+    kept = ", ".join(f"{name} ({err:.3g})" for name, err in result.kept_float[:12])
+    more = f" and {len(result.kept_float) - 12} more" if len(result.kept_float) > 12 else ""
+    return (
+        f"fallback: {len(result.steps)} step(s); kept {len(result.kept_float)} of {len(result.ranking)} quantizable nodes in float"
+        + (f": {kept}{more} (node, relative output error its INT8 adds)" if kept else ""),
+        *(f"fallback step {i}: {len(step.excluded)} float — {step.summary}" for i, step in enumerate(result.steps)),
+    )
 
 
 def _search(ranking: Sequence[tuple[str, float]], attempt: Callable[[Sequence[tuple[str, float]], int], Drift], max_steps: int) -> int:

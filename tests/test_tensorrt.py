@@ -12,6 +12,7 @@ every precision, run them, compare with PyTorch, and `build_engine` on a deferre
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import math
@@ -567,3 +568,49 @@ def test_tensorrt_code_type_checks_against_the_stubs(tmp_path: Path) -> None:
     assert "INetworkDefinition" in seen.stdout, seen.stdout[-2000:]
     result = subprocess.run([*cmd, *files], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------ fallback
+
+
+def test_fallback_keeps_nodes_float_in_the_qdq_bundle(built: Built, tmp_path: Path) -> None:
+    """--fallback auto for TensorRT: candidates judged as shipped (fix-ups applied), the chosen graph bundled."""
+    from d2v_export.backends.base import Recovers, Recovery
+    from d2v_export.spec import Drift
+
+    head = HEADS[0]
+    model, _, graph = built.graph(head)
+    calib, evaluation = built.samples(head, "calibration"), built.samples(head, "evaluation")
+    with TorchRunner(make_wrapper(model), head.outputs, THREADS) as ref:
+        reference = [ref.infer(f) for f in evaluation.feeds]
+    floats: list[int] = []
+
+    def evaluate(artifact: Artifact) -> Drift:
+        assert not qdq_problems(artifact.model_file)  # every candidate is a graph TensorRT accepts
+        floats.append(len(onnx_float_matmuls(artifact.model_file)))
+        with BACKEND.runner(artifact, threads=THREADS) as runner:
+            drift = task_drift(model, reference, runner.infer, evaluation.feeds, DEFAULT_BUDGETS[head.metric])
+        # a budget that holds only once two more nodes than the plain recipe's are float: the search must
+        # move, and the bundle must hold the graph it stopped at
+        ok = floats[-1] >= floats[0] + 2
+        return dataclasses.replace(drift, passed=ok, failed=() if ok else ("planted",))
+
+    assert isinstance(BACKEND, Recovers)
+    recovery = Recovery(evaluate=evaluate, feeds=tuple(evaluation.feeds), reference=tuple(reference),
+                        score=lambda *_: 0.0, max_drop=0.0, calibration=tuple(calib.feeds))  # fmt: skip
+    folder = tmp_path / "tensorrt-int8"
+    artifact, drift, notes = BACKEND.recover(graph, folder, built.request(head, Precision.INT8), recovery)
+    assert drift.passed and len(floats) >= 2 and floats[0] < floats[-1]
+    assert artifact.quantization is not None and len(artifact.quantization.excluded_nodes) >= 2
+    recipe = json.loads((folder / "build_recipe.json").read_text())
+    assert recipe["quantization"]["excluded_nodes"] == list(artifact.quantization.excluded_nodes)
+    assert (folder / "build_engine.sh").is_file() and not qdq_problems(folder / "model.onnx")
+    assert set(artifact.quantization.excluded_nodes) <= onnx_float_matmuls(folder / "model.onnx")
+    assert notes and notes[0].startswith("fallback:")
+
+
+def onnx_float_matmuls(path: Path) -> set[str]:
+    """Names of the MatMul/Gemm/Conv nodes that no DequantizeLinear feeds (left float)."""
+    model = _onnx(path)
+    dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and not any(i in dq for i in n.input)}

@@ -48,8 +48,8 @@ import numpy as np
 
 from .. import trt_engine
 from ..heads import concrete_shape
-from ..spec import Artifact, D2VError, ExitCode, ExportedGraph, Precision, QuantRecipe
-from .base import Availability, BuildRequest, RunnerBase
+from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
+from .base import Availability, BuildRequest, Recovery, RunnerBase
 from .onnxruntime import OrtRunner, _copy_onnx
 
 NAME = "tensorrt"
@@ -357,6 +357,36 @@ class TensorRTBackend:
             quant = self._quantize(graph, onnx_path, request)
         else:
             _copy_onnx(graph.path, onnx_path)
+        return self._bundle(graph, folder, precision, quant, build_here)
+
+    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+        """``--fallback auto``: the Q/DQ graph with the most sensitive nodes left float until the budget holds.
+
+        Candidates are judged as ``compile`` ships them (TensorRT fix-ups applied) on ONNX Runtime, the Q/DQ
+        simulation; with TensorRT here the engine is built once, from the chosen graph.
+        """
+        from ..fallback import _copy, describe, fallback
+
+        probe = trt_engine.probe()
+        if not probe.ok and not request.defer_build:
+            raise D2VError(f"tensorrt cannot build an engine here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
+        recipe = _check_recipe(request.quant)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PLAN_FILE).unlink(missing_ok=True)  # an engine of the first build must not answer for the candidates
+        onnx_path = folder / ONNX_FILE
+
+        def evaluate(candidate: Path) -> Drift:
+            _copy(candidate, onnx_path)  # the runner reads the bundle's model.onnx
+            files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+            return recovery.evaluate(Artifact(self.name, Precision.INT8, folder, onnx_path, files, quantization=recipe))
+
+        result = fallback(graph, recipe, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=_fix_and_check)
+        artifact = self._bundle(graph, folder, Precision.INT8, result.quantized.recipe, probe.ok and not request.defer_build)
+        return artifact, result.drift, describe(result)
+
+    def _bundle(self, graph: ExportedGraph, folder: Path, precision: Precision, quant: QuantRecipe | None, build_here: bool) -> Artifact:
+        """Recipe, script and (with TensorRT here) the engine, around the bundle's model.onnx."""
+        onnx_path = folder / ONNX_FILE
         recipe = make_build_recipe(graph, precision, quant)
         (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
         script = folder / SCRIPT_FILE
@@ -385,19 +415,9 @@ class TensorRTBackend:
     def _quantize(self, graph: ExportedGraph, target: Path, request: BuildRequest) -> QuantRecipe:
         from ..quantize import quantize_onnx
 
-        recipe = request.quant
-        if recipe is None:
-            raise D2VError("tensorrt int8 needs a quantization recipe; build it with quantize.make_recipe('tensorrt', 'static')", ExitCode.INTERNAL)
-        if recipe.mode != "static" or not recipe.symmetric_activations:
-            raise D2VError(
-                "TensorRT INT8 is explicit quantization: static, symmetric Q/DQ from calibration samples; use --quantize static",
-                ExitCode.TARGET_UNAVAILABLE,
-            )
+        recipe = _check_recipe(request.quant)
         qgraph = quantize_onnx(graph, target, recipe, request.calibration)
-        tensorrt_fixups(target)
-        problems = qdq_problems(target)
-        if problems:
-            raise D2VError(f"the Q/DQ graph is not what TensorRT accepts: {problems[0]} (and {len(problems) - 1} more)", ExitCode.INTERNAL)
+        _fix_and_check(target)
         return qgraph.recipe
 
     def runner(self, artifact: Artifact, *, threads: int) -> Any:
@@ -407,6 +427,25 @@ class TensorRTBackend:
             return EngineRunnerAdapter(trt_engine.EngineRunner(plan, name=label))
         what = "Q/DQ graph simulated on ONNX Runtime" if artifact.precision is Precision.INT8 else "engine not built: fp32 graph on ONNX Runtime"
         return OrtRunner(artifact.path / ONNX_FILE, threads, name=f"{label} ({what})")
+
+
+def _check_recipe(recipe: QuantRecipe | None) -> QuantRecipe:
+    if recipe is None:
+        raise D2VError("tensorrt int8 needs a quantization recipe; build it with quantize.make_recipe('tensorrt', 'static')", ExitCode.INTERNAL)
+    if recipe.mode != "static" or not recipe.symmetric_activations:
+        raise D2VError(
+            "TensorRT INT8 is explicit quantization: static, symmetric Q/DQ from calibration samples; use --quant static",
+            ExitCode.TARGET_UNAVAILABLE,
+        )
+    return recipe
+
+
+def _fix_and_check(path: Path) -> None:
+    """TensorRT's fix-ups on a freshly quantized graph, then the structural check of what it accepts."""
+    tensorrt_fixups(path)
+    problems = qdq_problems(path)
+    if problems:
+        raise D2VError(f"the Q/DQ graph is not what TensorRT accepts: {problems[0]} (and {len(problems) - 1} more)", ExitCode.INTERNAL)
 
 
 class EngineRunnerAdapter(RunnerBase):
