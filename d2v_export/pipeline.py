@@ -235,9 +235,15 @@ def run(
                         drift = _judge(model, ref_outputs, runner.infer, evaluation, options.int8)
                 notes: tuple[str, ...] = ()
                 if request.quant is not None and not drift.passed and options.int8 and options.int8.fallback:
+                    plain = drift
                     artifact, drift, notes = _fall_back(
                         backend, graph, folder, request, model, ref_outputs, evaluation, calib, options.int8, threads, progress
                     )
+                    if not drift.passed and _worse(model.head.metric, drift, plain):
+                        # never ship a fallback that made things worse (seen: NNCF accuracy control on audio)
+                        progress(f"{name}: the fallback scored worse than plain INT8; rebuilding the plain artifact")
+                        why = f"--fallback auto did not reach the budget and scored worse ({_summary(drift)}); the plain INT8 artifact is kept"
+                        artifact, drift, notes = backend.compile(graph, folder, request), plain, (why, *notes)
                 elif request.quant is not None and not drift.passed:
                     notes = (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
                 built.append((backend, artifact, drift, notes))
@@ -337,6 +343,23 @@ def wants_reduce_range(int8: QuantOptions, profile: Any = None) -> bool:
 
     flags = getattr(profile, "requires_cpu_flags", ()) or ()
     return saturates(flags) if flags else saturates(cpu_flags())
+
+
+def _worse(kind: str, candidate: Drift, plain: Drift) -> bool:
+    """Whether ``candidate`` is worse than ``plain`` on accuracy against labels (when known) or the task's primary metric."""
+    from .metrics import METRICS, PRIMARY
+
+    a, b = candidate.metrics, plain.metrics
+    if a.get("accuracy_drop") is not None and b.get("accuracy_drop") is not None and a["accuracy_drop"] != b["accuracy_drop"]:
+        return a["accuracy_drop"] > b["accuracy_drop"]
+    name = PRIMARY[kind]
+    if a.get(name) is None or b.get(name) is None:
+        return False
+    return a[name] < b[name] if METRICS[name].higher_is_better else a[name] > b[name]
+
+
+def _summary(drift: Drift) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in drift.metrics.items() if k in ("accuracy_drop", "top1_agreement", "logit_cosine", "cer", "wer"))
 
 
 def budget_for(model: LoadedModel, int8: QuantOptions) -> dict[str, float]:

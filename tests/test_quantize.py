@@ -409,3 +409,27 @@ def test_the_saturation_rule_matches_this_cpu(tmp_path: Path) -> None:
         results[bound] = bool(np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64)))
     assert results[64], "7-bit weights must be exact on every CPU"
     assert results[127] is not saturates(cpu_flags()), f"full-range u8 x s8 exact={results[127]} on a CPU with {sorted(cpu_flags())}"
+
+
+def test_a_fallback_that_scores_worse_is_not_shipped() -> None:
+    """The pipeline keeps the plain INT8 artifact when --fallback auto ends over budget *and* worse."""
+    from d2v_export.pipeline import _worse
+    from d2v_export.spec import Drift
+
+    def drift(**m: float) -> Drift:
+        return Drift("pytorch-fp32", 160, m, {}, passed=False)
+
+    # measured on the trained audio example: NNCF accuracy control reverted 7 ops and lost 3.1 points, plain lost 1.9
+    assert _worse("classification", drift(accuracy_drop=0.031, top1_agreement=0.95), drift(accuracy_drop=0.019, top1_agreement=0.956))
+    assert not _worse("classification", drift(accuracy_drop=0.01, top1_agreement=0.95), drift(accuracy_drop=0.019, top1_agreement=0.99))
+    assert _worse("classification", drift(top1_agreement=0.95), drift(top1_agreement=0.96))  # no labels: the primary metric
+    assert _worse("ctc", drift(cer=0.05), drift(cer=0.03)) and not _worse("ctc", drift(cer=0.02), drift(cer=0.03))
+    assert not _worse("classification", drift(logit_cosine=0.9), drift(logit_cosine=0.99))  # nothing comparable: keep the fallback
+
+
+def test_the_ort_runner_does_not_spin(cases: dict[Modality, Case]) -> None:
+    """d2v-export's ONNX Runtime sessions run without busy-waiting workers (docs/PERFORMANCE.md, "spinning")."""
+    from d2v_export.backends.onnxruntime import SPINNING
+
+    with OrtRunner(cases[Modality.VISION].graph.path, threads=2) as runner:
+        assert runner.session.get_session_options().get_session_config_entry(SPINNING) == "0"

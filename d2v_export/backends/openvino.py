@@ -187,7 +187,9 @@ class OpenVinoBackend:
                 quant = dataclasses.replace(quant, excluded_nodes=reverted, tool="nncf quantize_with_accuracy_control")
                 more = [f"NNCF accuracy control: {len(reverted)} operation(s) reverted to float" + (f": {', '.join(reverted[:12])}" if reverted else "")]
             elif quant.mode == "static":
-                model, quant, more = _quantize_static(model, quant, request.calibration)
+                from ..quantize import excluded_for_transformer
+
+                model, quant, more = _quantize_static(model, quant, request.calibration, excluded_for_transformer(graph.path))
             else:
                 model, quant, more = _compress_weights(model, quant)
             notes.extend(more)
@@ -278,10 +280,14 @@ def _default_hint(core: Any, device: str) -> str:
     return str(getattr(value, "type_name", None) or value)
 
 
-def _quantize_static(model: Any, quant: QuantRecipe, calibration: Sequence[Mapping[str, np.ndarray]]) -> tuple[Any, QuantRecipe, list[str]]:
+def _quantize_static(
+    model: Any, quant: QuantRecipe, calibration: Sequence[Mapping[str, np.ndarray]], keep_float: Sequence[str] = ()
+) -> tuple[Any, QuantRecipe, list[str]]:
+    """``keep_float``: ONNX node names left float (the layer that reads the raw input, as for ONNX Runtime)."""
     import nncf
 
     feeds = list(calibration)
+    present = _ov_names(model, keep_float)
     with _nncf_quiet():
         quantized = nncf.quantize(
             model,
@@ -289,17 +295,27 @@ def _quantize_static(model: Any, quant: QuantRecipe, calibration: Sequence[Mappi
             model_type=nncf.ModelType.TRANSFORMER,
             preset=nncf.QuantizationPreset.MIXED,  # NNCF's own choice for transformers; see docs/openvino.md
             subset_size=len(feeds),
+            ignored_scope=nncf.IgnoredScope(names=present) if present else None,
         )
     recipe = dataclasses.replace(
-        quant, method="minmax", samples=len(feeds), per_channel=True, symmetric_activations=False, tool=f"nncf {nncf.__version__}"
-    )
+        quant, method="minmax", samples=len(feeds), per_channel=True, symmetric_activations=False, tool=f"nncf {nncf.__version__}",
+        excluded_nodes=tuple(dict.fromkeys([*quant.excluded_nodes, *present])),
+    )  # fmt: skip
     notes = [
         (
             f"NNCF {nncf.__version__} quantize: model_type=TRANSFORMER (SmoothQuant, attention kept accurate), "
             f"preset=MIXED (symmetric per-channel weights, asymmetric activations), {len(feeds)} calibration samples"
         )
     ]
+    if present:
+        notes.append(f"kept float (reads the raw model input, as for ONNX Runtime): {', '.join(present)}")
     return quantized, recipe, notes
+
+
+def _ov_names(model: Any, onnx_names: Sequence[str]) -> list[str]:
+    """The OpenVINO operations converted from these ONNX nodes (a Conv or Gemm with bias becomes "<name>/WithoutBiases")."""
+    ops = {op.get_friendly_name() for op in model.get_ops()}
+    return [candidate for n in onnx_names for candidate in (n, f"{n}/WithoutBiases") if candidate in ops]
 
 
 def _compress_weights(model: Any, quant: QuantRecipe) -> tuple[Any, QuantRecipe, list[str]]:
