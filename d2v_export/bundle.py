@@ -356,7 +356,9 @@ def readme(doc: Mapping[str, Any]) -> str:
         lines += [
             "import onnxruntime as ort",
             "",
-            f'session = ort.InferenceSession("{name}/{onnx_file}", providers=["CPUExecutionProvider"])',
+            "opts = ort.SessionOptions()",
+            'opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as d2v-export measured it',
+            f'session = ort.InferenceSession("{name}/{onnx_file}", opts, providers=["CPUExecutionProvider"])',
             "outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))",
         ]
     outs = ", ".join(f"`{o['name']}` {tuple(o['shape'])}" for o in doc["outputs"])

@@ -12,6 +12,7 @@ from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
 from .base import Availability, BuildRequest, Recovery, RunnerBase
 
 MODEL_FILE = "model.onnx"
+SPINNING = "session.intra_op.allow_spinning"
 
 
 class OrtRunner(RunnerBase):
@@ -24,6 +25,11 @@ class OrtRunner(RunnerBase):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # No busy-waiting workers after a run (ORT's default spins them). Measured on a 2-core Zen 3: alone,
+        # 0-3 % slower on the base models; but a spinning session stole 35-60 % from whatever ran next in the
+        # same process (another ORT session in an interleaved benchmark; the application's own code on an
+        # edge device that shares its cores). docs/PERFORMANCE.md has the numbers.
+        opts.add_session_config_entry(SPINNING, "0")
         self.name = name
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
