@@ -105,7 +105,7 @@ def make_recipe(
         known = sorted({k.removesuffix("-static").removesuffix("-dynamic") for k in RECIPES})
         raise D2VError(f"no INT8 recipe for target '{target}'; choose one of: {', '.join(known)}")
     if template.mode != mode:
-        raise D2VError(f"target '{target}' has no {mode} INT8; use --quantize {template.mode}", ExitCode.TARGET_UNAVAILABLE)
+        raise D2VError(f"target '{target}' has no {mode} INT8; use --quant {template.mode}", ExitCode.TARGET_UNAVAILABLE)
     return QuantRecipe(
         mode=mode,
         method=method if mode == "static" else "none",
@@ -154,7 +154,7 @@ def quantize_onnx(
     if recipe.mode not in MODES:
         raise D2VError(f"unknown quantization mode '{recipe.mode}'; choose one of: {', '.join(MODES)}")
     if recipe.mode == "static" and not calibration:
-        raise D2VError("static INT8 needs calibration samples and got none; pass --calibration DIR (or use --quantize dynamic)")
+        raise D2VError("static INT8 needs calibration samples and got none; pass --calibration DIR (or use --quant dynamic)")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="d2v-quant-") as tmp:
@@ -216,7 +216,7 @@ class QuantSession:
                 ranges = calibrator.compute_data()
             except ValueError as exc:  # numpy's "Too many bins for data range" and friends
                 raise D2VError(
-                    f"{self.recipe.method} calibration failed ({str(exc).splitlines()[0][:200]}); use --calibration-method minmax"
+                    f"{self.recipe.method} calibration failed ({str(exc).splitlines()[0][:200]}); use --calib-method minmax"
                 ) from exc
             finally:
                 del calibrator
