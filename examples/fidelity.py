@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -31,6 +32,9 @@ ROOT = HERE.parent
 
 TARGETS_TEXT = {"accuracy_drop": 0.005, "wer_increase": 0.003, "cer_increase": 0.003}  # issue 8: 0.5 / 0.3 points
 RUNS = (("static", "off"), ("dynamic", "off"), ("static", "auto"))
+# ONNX Runtime also with 8-bit weights: on a CPU without VNNI the default (--reduce-range auto) is 7-bit
+# weights, and the 8-bit rows show what the u8 x s8 saturation costs (on a VNNI CPU both are 8-bit).
+FULL_RANGE = {"onnxruntime": (("static", "off"), ("dynamic", "off"))}
 EXIT_DRIFT, EXIT_UNAVAILABLE = 5, 6
 
 
@@ -67,19 +71,31 @@ def targets_available() -> list[str]:
     return list(backends.names())
 
 
-def run_one(ref: Ref, folder: Path, target: str, quant: str, fallback: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    out = work / ref.name / f"{target}-int8-{quant}{'-fallback' if fallback == 'auto' else ''}"
+# TensorRT cannot run here: its bundle is built with --defer-build and its INT8 accuracy is the explicit
+# Q/DQ graph simulated on ONNX Runtime (what the engine build consumes); it has no dynamic INT8.
+DEFER = {"tensorrt"}
+NO_DYNAMIC = {"tensorrt": "TensorRT has no dynamic INT8 (explicit Q/DQ only)"}
+
+
+def run_one(ref: Ref, folder: Path, target: str, quant: str, fallback: str, work: Path, args: argparse.Namespace, full_range: bool = False) -> dict[str, Any]:
+    out = work / ref.name / f"{target}-int8-{quant}{'-fallback' if fallback == 'auto' else ''}{'-8bit' if full_range else ''}"
+    if quant == "dynamic" and target in NO_DYNAMIC:
+        return {"target": target, "quant": quant, "fallback": fallback, "rc": None, "seconds": 0.0, "command": "", "error": NO_DYNAMIC[target]}
     cmd = [
         cli(), ref.modality, "--model", str(folder), "--target", target, "--int8", "--quant", quant, "--fallback", fallback,
         "--calibration", str(folder / ref.calibration), "--calib-samples", str(ref.count(folder, ref.calibration)),
         "--eval", str(folder / ref.evaluation), "--eval-samples", str(ref.count(folder, ref.evaluation)),
         "--output", str(out), "--force", "--quiet", "--bench-seconds", str(args.bench_seconds), "--threads", str(args.threads),
-    ]  # fmt: skip
+    ] + (["--defer-build"] if target in DEFER else []) + (["--reduce-range", "off"] if full_range else [])  # fmt: skip
+    report = out / "report.json"
+    if args.reuse and report.is_file() and report.stat().st_mtime > (folder / "model.safetensors").stat().st_mtime:
+        print(f"[fidelity] {ref.name} {target} {quant} fallback={fallback}: reusing {report}", file=sys.stderr)
+        return {"target": target, "quant": quant, "fallback": fallback, "rc": 0, "seconds": 0.0, "command": " ".join(cmd[1:]),
+                "report": json.loads(report.read_text(encoding="utf-8")), "reused": True}  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     result: dict[str, Any] = {"target": target, "quant": quant, "fallback": fallback, "rc": proc.returncode,
                               "seconds": round(time.perf_counter() - started, 1), "command": " ".join(cmd[1:])}  # fmt: skip
-    report = out / "report.json"
     if proc.returncode in (0, EXIT_DRIFT) and report.is_file():
         result["report"] = json.loads(report.read_text(encoding="utf-8"))
     else:
@@ -115,6 +131,8 @@ def variant_rows(result: dict[str, Any], seen_fp32: set[str]) -> list[str]:
             recipe = "fp32"
         else:
             recipe = f"int8 {q.get('mode', result['quant'])}" + (" + fallback" if result["fallback"] == "auto" else "")
+            if v["name"].startswith("onnxruntime"):
+                recipe += ", 7-bit weights" if q.get("reduce_range") else ", 8-bit weights"
             excluded = len(q.get("excluded_nodes") or [])
             if excluded:
                 recipe += f" ({excluded} node{'s' if excluded > 1 else ''} kept float)"
@@ -129,6 +147,54 @@ def variant_rows(result: dict[str, Any], seen_fp32: set[str]) -> list[str]:
             f"| {'–' if meets is None else ('yes' if meets else 'NO')} |"
         )
     return rows
+
+
+def summary(per_model: list[tuple[Ref, list[dict[str, Any]]]]) -> list[str]:
+    """Per model and target: the fastest INT8 artifact that meets the issue's target (speed within its own run)."""
+    lines = [
+        "## Summary",
+        "",
+        "Per model and target, the INT8 artifact that meets the issue target and runs fastest relative to its own "
+        "fp32 artifact (both timed in the same run); \"none\" when no recipe meets it. Details per model below.",
+        "",
+        "| model | target | meets the target | recipe | Δ acc (points) | INT8 × fp32 (same run) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ref, results in per_model:
+        for target in dict.fromkeys(r["target"] for r in results):
+            best: tuple[float, str, float] | None = None
+            worst_drop: float | None = None
+            for r in results:
+                if r["target"] != target or "report" not in r:
+                    continue
+                variants = r["report"].get("variants", [])
+                fp32 = next((v for v in variants if v.get("precision") == "fp32"), None)
+                for v in variants:
+                    if v.get("precision") != "int8":
+                        continue
+                    m = (v.get("drift") or {}).get("metrics", {})
+                    judged = {k: m[k] for k in TARGETS_TEXT if m.get(k) is not None}
+                    if not judged:
+                        continue
+                    drop = float(m.get("accuracy_drop", 0.0))
+                    worst_drop = drop if worst_drop is None else min(worst_drop, drop)
+                    if not all(float(val) <= TARGETS_TEXT[k] + 1e-12 for k, val in judged.items()):
+                        continue
+                    gain = fp32["latency_ms"]["p50"] / v["latency_ms"]["p50"] if fp32 and fp32.get("latency_ms") and v.get("latency_ms") else 0.0
+                    q = v.get("quantization") or {}
+                    recipe = f"{q.get('mode', r['quant'])}" + (" + fallback" if r["fallback"] == "auto" else "")
+                    if target == "onnxruntime":
+                        recipe += ", 7-bit" if q.get("reduce_range") else ", 8-bit"
+                    # TensorRT's latency here is ORT's, not the engine's: pick it by accuracy alone
+                    better = drop < best[2] if best is not None and target in DEFER else best is None or gain > best[0]
+                    if better:
+                        best = (gain, recipe, drop)
+            if best is None:
+                lines.append(f"| {ref.name} | {target} | **none** | – | {pts(-worst_drop) if worst_drop is not None else '–'} (best) | – |")
+            else:
+                speed = "n/a (Q/DQ simulated on ORT, not engine latency)" if target in DEFER else f"{best[0]:.2f}×"
+                lines.append(f"| {ref.name} | {target} | yes | {best[1]} | {pts(-best[2])} | {speed} |")
+    return lines + [""]
 
 
 def section(ref: Ref, folder: Path, results: list[dict[str, Any]]) -> list[str]:
@@ -160,9 +226,9 @@ def section(ref: Ref, folder: Path, results: list[dict[str, Any]]) -> list[str]:
         lines.append("")
     for r in results:
         if "report" not in r:
-            why = "target not available here" if r["rc"] == EXIT_UNAVAILABLE else f"failed (exit {r['rc']})"
+            why = "not built" if r["rc"] is None else "target not available here" if r["rc"] == EXIT_UNAVAILABLE else f"failed (exit {r['rc']})"
             lines.append(f"- {r['target']} int8 {r['quant']}{' + fallback' if r['fallback'] == 'auto' else ''}: {why}: {r.get('error', '')}")
-    lines += ["", "Commands (after `d2v-export`):", ""] + [f"    {r['command']}" for r in results] + [""]
+    lines += ["", "Commands (after `d2v-export`):", ""] + [f"    {r['command']}" for r in results if r["command"]] + [""]
     return lines
 
 
@@ -175,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="model names to run (default: all found)")
     p.add_argument("--bench-seconds", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="re-render from the report.json of earlier runs newer than the checkpoint")
+    p.add_argument("--note", default="", help="a sentence added to the document's header (e.g. how loaded the machine was)")
     args = p.parse_args(argv)
 
     targets = args.targets or targets_available()
@@ -184,31 +252,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no trained models under {args.models}; run examples/train_*.py first", file=sys.stderr)
         return 1
     body: list[str] = []
+    every: list[dict[str, Any]] = []
+    per_model: list[tuple[Ref, list[dict[str, Any]]]] = []
     first_env: dict[str, Any] = {}
+    load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     for ref, folder in found:
         results = [run_one(ref, folder, t, q, f, args.work, args) for t in targets for q, f in RUNS]
+        results += [run_one(ref, folder, t, q, f, args.work, args, full_range=True) for t in targets for q, f in FULL_RANGE.get(t, ())]
         first_env = first_env or next((r["report"].get("environment", {}) for r in results if "report" in r), {})
         body += section(ref, folder, results)
+        every += results
+        per_model.append((ref, results))
+    all_reused = bool(every) and all(r.get("reused") or r["rc"] is None for r in every)
     missing = [r for r in refs if (r, args.models / r.name) not in found]
     env = first_env
     head = [
         "# Fidelity of INT8 artifacts on real data",
         "",
         (f"Generated by `examples/fidelity.py` on {time.strftime('%Y-%m-%d', time.gmtime())} "
-         f"({env.get('cpu') or platform.processor() or platform.machine()}, {env.get('threads', '?')} threads; "
-         f"versions {json.dumps(env.get('versions', {}))})."),
+         f"({env.get('cpu') or platform.processor() or platform.machine()} with {', '.join(env.get('cpu_flags') or []) or 'no listed SIMD flags'}, "
+         f"{env.get('threads', '?')} threads; versions {json.dumps(env.get('versions', {}))}). "
+         "The CPU's instruction set decides INT8 speed (VNNI or not) and, for ONNX Runtime's u8×s8 kernels on CPUs "
+         "without VNNI, can decide accuracy too (docs/quantization.md). "
+         + (f"Load average (1/5/15 min) at start {load_start}, at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}."
+          if not all_reused else "Rendered with --reuse from the report.json of earlier runs (their load is not recorded in the reports).")
+         + (f" {args.note}" if args.note else "")),
         "",
         ("Models: small Data2Vec classifiers with real trained weights (`examples/README.md`). Each INT8 "
          "artifact is calibrated on the model's calibration split and judged against the PyTorch fp32 "
          "reference and the labels on the whole held-out split. Issue targets: accuracy drop ≤ 0.5 points "
          "(vision, text), WER/CER rise ≤ 0.3 points (audio CTC). Δ acc is candidate − reference. Latency: "
-         "p50 at batch 1, interleaved with the reference in the same run; on a shared machine treat it as indicative."),
+         "p50 at batch 1, interleaved with the reference in the same run; on a shared machine treat it as indicative. "
+         "TensorRT rows (no TensorRT or GPU here): the deferred bundle's explicit Q/DQ graph, which the engine build "
+         "consumes, run on ONNX Runtime on this CPU; its accuracy is the Q/DQ simulation and its latency is not "
+         "engine latency (`d2v-export build-engine` measures both on the device)."),
         "",
     ]
     if missing:
         head += ["Not built here: " + ", ".join(f"{r.name} (run `examples/{r.script}`)" for r in missing) + ".", ""]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(head + body).rstrip() + "\n", encoding="utf-8")
+    args.output.write_text("\n".join(head + summary(per_model) + body).rstrip() + "\n", encoding="utf-8")
     print(f"[fidelity] wrote {args.output}", file=sys.stderr)
     return 0
 
