@@ -13,6 +13,7 @@ import functools
 import json
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -112,14 +113,18 @@ def test_warm_up_continues_until_timings_settle() -> None:
     assert result.to_dict()["timed_rounds"] == 10
 
 
-def test_warm_up_is_capped_when_timings_never_settle() -> None:
+def test_warm_up_is_capped_when_timings_never_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake clock: with real sleeps a loaded machine stretched the 1 ms blocks until they "settled".
+    clock = [0.0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
     class Alternating(RunnerBase):
         name = "alternating"
         calls = 0
 
         def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             self.calls += 1
-            time.sleep(0.001 * (1 + (self.calls // 5) % 2 * 4))  # 1 ms and 5 ms in blocks of five
+            clock[0] += 0.001 * (1 + (self.calls // 5) % 2 * 4)  # 1 ms and 5 ms in blocks of five
             return {}
 
     settings = bench.BenchSettings(warmup=1, min_iterations=3, max_iterations=3, seconds=0.0, max_warmup=12)
