@@ -116,7 +116,7 @@ def fallback(
             if ranking and chosen == len(ranking):
                 progress("fallback: every quantized node is float now; INT8 gives nothing on this model")
         path, drift, excluded = tried[chosen]
-        _copy(path, target)
+        copy_model(path, target)
     kept = tuple(ranking[:chosen])
     quantized = QuantizedGraph(path=target, graph=graph, recipe=replace(recipe, excluded_nodes=excluded))
     return FallbackResult(quantized, drift, kept, tuple(steps), tuple(ranking))
@@ -160,7 +160,7 @@ def _search(ranking: Sequence[tuple[str, float]], attempt: Callable[[Sequence[tu
     return high
 
 
-def _copy(source: Path, target: Path) -> None:
+def copy_model(source: Path, target: Path) -> None:
     """Copy a candidate to the target (re-saved when its weights live in an external-data file)."""
     for old in [target, *target.parent.glob(target.name + ".data")]:
         old.unlink(missing_ok=True)

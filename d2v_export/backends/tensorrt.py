@@ -365,7 +365,7 @@ class TensorRTBackend:
         Candidates are judged as ``compile`` ships them (TensorRT fix-ups applied) on ONNX Runtime, the Q/DQ
         simulation; with TensorRT here the engine is built once, from the chosen graph.
         """
-        from ..fallback import _copy, describe, fallback
+        from ..fallback import copy_model, describe, fallback
 
         probe = trt_engine.probe()
         if not probe.ok and not request.defer_build:
@@ -376,7 +376,7 @@ class TensorRTBackend:
         onnx_path = folder / ONNX_FILE
 
         def evaluate(candidate: Path) -> Drift:
-            _copy(candidate, onnx_path)  # the runner reads the bundle's model.onnx
+            copy_model(candidate, onnx_path)  # the runner reads the bundle's model.onnx
             files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
             return recovery.evaluate(Artifact(self.name, Precision.INT8, folder, onnx_path, files, quantization=recipe))
 
