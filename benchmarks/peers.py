@@ -58,8 +58,8 @@ from d2v_export import backends, bench, export as export_mod, models  # noqa: E4
 from d2v_export.backends.base import BuildRequest, RunnerBase  # noqa: E402
 from d2v_export.backends.torch_ref import TorchRunner  # noqa: E402
 from d2v_export.heads import dummy_inputs, dynamic_axes, input_specs  # noqa: E402
-from d2v_export.pipeline import ShapeRequest, budget_for, resolve_profile, QuantOptions, wants_reduce_range  # noqa: E402
-from d2v_export.quantize import make_recipe  # noqa: E402
+from d2v_export.pipeline import ShapeRequest, budget_for, resolve_profile, QuantOptions  # noqa: E402
+from d2v_export.quantize import make_recipe, saturates  # noqa: E402
 from d2v_export.spec import Modality, Precision  # noqa: E402
 from d2v_export.validate import task_drift  # noqa: E402
 
@@ -365,7 +365,7 @@ def build_paths(model: Any, profile: Any, calib: list[dict[str, np.ndarray]], wo
     log(f"  d2v export (dynamo) {s:.1f} s, check {graph.check.metrics.get('max_scaled_error', float('nan')):.2g}")
     ort_b, ov_b = backends.get("onnxruntime"), backends.get("openvino")
     base = dict(threads=threads)
-    rr = wants_reduce_range(QuantOptions())  # what d2v-export picks on this CPU (--reduce-range auto)
+    rr = saturates()  # what d2v-export picks on this CPU (--reduce-range auto)
     bits = "7-bit weights (no VNNI here)" if rr else "8-bit weights"
     builds: list[tuple[str, Any, BuildRequest, str]] = [
         ("d2v: ORT fp32", ort_b, BuildRequest(Precision.FP32, **base), "dynamo export, opset 18"),

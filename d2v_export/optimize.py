@@ -83,8 +83,7 @@ def max_difference(a: Path, b: Path, feeds: Sequence[Mapping[str, np.ndarray]]) 
 
 def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, np.ndarray]], work: Path) -> list[tuple[str, str, str, Callable[[], Path]]]:
     """(name, precision, how, build) for each ORT lever variant; ``build()`` writes the file and returns its path."""
-    from .pipeline import QuantOptions, wants_reduce_range
-    from .quantize import make_recipe, quantize_onnx
+    from .quantize import make_recipe, quantize_onnx, saturates
 
     cache: dict[str, Any] = {}
 
@@ -102,7 +101,7 @@ def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, 
 
     def int8(mode: str) -> Callable[[], Path]:
         def build() -> Path:
-            recipe = make_recipe("onnxruntime", mode, samples=len(calib) if mode == "static" else 0, reduce_range=wants_reduce_range(QuantOptions()))
+            recipe = make_recipe("onnxruntime", mode, samples=len(calib) if mode == "static" else 0, reduce_range=saturates())
             target = work / f"fused-int8-{mode}.onnx"
             quantize_onnx(fused(), target, recipe, list(calib) if mode == "static" else ())
             return target

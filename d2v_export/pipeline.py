@@ -241,8 +241,10 @@ def run(
                     )
                     if not drift.passed and _worse(model.head.metric, drift, plain):
                         # never ship a fallback that made things worse (seen: NNCF accuracy control on audio)
+                        from .fallback import summarize
+
                         progress(f"{name}: the fallback scored worse than plain INT8; rebuilding the plain artifact")
-                        why = f"--fallback auto did not reach the budget and scored worse ({_summary(drift)}); the plain INT8 artifact is kept"
+                        why = f"--fallback auto did not reach the budget and scored worse ({summarize(drift)}); the plain INT8 artifact is kept"
                         artifact, drift, notes = backend.compile(graph, folder, request), plain, (why, *notes)
                 elif request.quant is not None and not drift.passed:
                     notes = (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
@@ -338,11 +340,9 @@ def wants_reduce_range(int8: QuantOptions, profile: Any = None) -> bool:
     """
     if int8.reduce_range in ("on", "off"):
         return int8.reduce_range == "on"
-    from .doctor import cpu_flags
     from .quantize import saturates
 
-    flags = getattr(profile, "requires_cpu_flags", ()) or ()
-    return saturates(flags) if flags else saturates(cpu_flags())
+    return saturates(getattr(profile, "requires_cpu_flags", ()) or None)
 
 
 def _worse(kind: str, candidate: Drift, plain: Drift) -> bool:
@@ -356,10 +356,6 @@ def _worse(kind: str, candidate: Drift, plain: Drift) -> bool:
     if a.get(name) is None or b.get(name) is None:
         return False
     return a[name] < b[name] if METRICS[name].higher_is_better else a[name] > b[name]
-
-
-def _summary(drift: Drift) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in drift.metrics.items() if k in ("accuracy_drop", "top1_agreement", "logit_cosine", "cer", "wer"))
 
 
 def budget_for(model: LoadedModel, int8: QuantOptions) -> dict[str, float]:

@@ -125,8 +125,8 @@ def make_recipe(
 EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def saturates(flags: Iterable[str], machine: str | None = None) -> bool:
-    """Whether ONNX Runtime's u8 x s8 MatMul can saturate on a CPU with these /proc/cpuinfo flags.
+def saturates(flags: Iterable[str] | None = None, machine: str | None = None) -> bool:
+    """Whether ONNX Runtime's u8 x s8 MatMul can saturate on a CPU with these /proc/cpuinfo flags (default: this CPU's).
 
     x86 without VNNI/AMX runs U8S8 through VPMADDUBSW, which adds two u8 x s8 products into a saturating
     int16: 2 x 255 x 127 = 64770 > 32767. Measured on an AVX2-only AMD EPYC (onnxruntime 1.32): full-range
@@ -138,6 +138,10 @@ def saturates(flags: Iterable[str], machine: str | None = None) -> bool:
     arch = (machine or platform.machine()).lower()
     if arch not in ("x86_64", "amd64", "i686", "x86"):
         return False
+    if flags is None:
+        from .doctor import cpu_flags
+
+        flags = cpu_flags()
     return not (EXACT_INT8_FLAGS & set(flags))
 
 

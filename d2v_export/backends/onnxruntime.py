@@ -96,13 +96,12 @@ class OnnxRuntimeBackend:
 
 def _range_notes(recipe: Any) -> tuple[str, ...]:
     """Say which weight range the INT8 graph has, and when 8-bit weights may saturate on this CPU."""
-    from ..doctor import cpu_flags
     from ..quantize import saturates
 
     if recipe.reduce_range:
         return ("7-bit weights (reduce_range): u8 x s8 products stay exact on x86 CPUs without VNNI; "
                 "--reduce-range off gives 8-bit weights for VNNI/AMX CPUs",)  # fmt: skip
-    if saturates(cpu_flags()):
+    if saturates():
         return ("8-bit weights on a CPU without VNNI: ONNX Runtime's u8 x s8 kernel here can saturate 16-bit sums; "
                 "the drift above was measured with it. --reduce-range on (7-bit weights) makes it exact",)  # fmt: skip
     return ()
