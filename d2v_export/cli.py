@@ -72,6 +72,7 @@ Examples:
   d2v-export audio --model facebook/data2vec-audio-base-960h --json > report.json
   d2v-export vision --model preset:base --target onnxruntime --int8
   d2v-export vision --target tensorrt --int8 --defer-build     # Q/DQ graph + trtexec recipe; engine built on the device
+  d2v-export audio --target onnxruntime --target openvino --pick  # build the candidates, ship the fastest within budget
   d2v-export text --model ./ckpt --int8 --quant dynamic --max-drift top1_agreement=0.99
   d2v-export vision --int8 --baseline last/report.json            # exit 7 when slower or less accurate
   d2v-export compare last/report.json out/report.json --latency-tolerance 10%
@@ -129,6 +130,13 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
             click.option("--device", default=None, help="Backend device: OpenVINO CPU/GPU/AUTO, TensorRT cuda:0 (default: CPU, or the profile's)."),
             click.option("--fp16", is_flag=True, help="Also build fp16 variants on targets that support it (OpenVINO, TensorRT)."),
             click.option("--bf16", is_flag=True, help="Also build bf16 variants on targets that support it (OpenVINO on CPUs with bf16)."),
+            click.option("--pick", is_flag=True,
+                         help="Build every target's candidate recipes (INT8 static/dynamic, graph clean-up on/off, weight widths, NNCF presets, "
+                              "and fp32), drop those over the drift budget, time the rest interleaved and ship the fastest (report.json 'pick'). "
+                              "Implies --int8."),
+            click.option("--rewrite/--no-rewrite", default=True, show_default=True,
+                         help="Exact Data2Vec graph clean-up before compiling, for the targets that gain from it (OpenVINO): constant "
+                              "folding, layer-scale and query-scale folding, channel LayerNorm without transposes."),
             click.option("--defer-build", is_flag=True,
                          help="TensorRT where no TensorRT/GPU is present: write the Q/DQ graph, build recipe and simulated drift; build the engine on the device later."),
             click.option("--baseline", type=click.Path(path_type=Path, exists=True), default=None,
@@ -196,6 +204,8 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         for flag in missing_cpu_flags(profile):
             progress(f"WARNING: profile {profile.name} expects the CPU flag {flag}, which this machine lacks: latency here does not predict the device")
     int8 = None
+    if kw["pick"]:
+        kw["int8"] = True  # the candidates are INT8 recipes (fp32 competes too)
     if kw["int8"]:
         int8 = QuantOptions(
             mode=kw["quant"],
@@ -226,6 +236,8 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         latency_tolerance=parse_tolerance(kw["latency_tolerance"]),
         drift_tolerance=kw["drift_tolerance"],
         relative_to_reference=kw["relative_to_reference"],
+        rewrite=kw["rewrite"],
+        pick=kw["pick"],
     )
     report = run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
     if "bar" in bar:
@@ -270,6 +282,12 @@ def _summary(report: Any, output: Path) -> None:
         click.echo(f"  {v.artifact:28s} p50 {p50}  {speed:>7s} vs PyTorch  drift {verdict}")
         for note in v.notes:
             click.echo(f"      - {note}")
+    if report.pick:
+        pick = report.pick
+        click.secho(f"picked: {pick['name']} ({pick['candidate']}): {pick['why']}", bold=True)
+        for c in pick["candidates"]:
+            if c["outcome"] != "picked":
+                click.echo(f"  {c['name']:34s} p50 {c['p50_ms']:9.2f} ms  {c['outcome']}")
 
 
 @main.command(epilog="""\b

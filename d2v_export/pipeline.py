@@ -97,6 +97,8 @@ class RunOptions:
     profile: Any = None  # a profiles.DeviceProfile whose latency budget becomes a verdict
     half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
     defer_build: bool = False  # TensorRT without TensorRT or a GPU here: write the portable half only
+    rewrite: bool = True  # the exact graph clean-up (d2v_export.rewrite) for the targets that ask for it
+    pick: bool = False  # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.pick)
 
 
 Progress = Callable[[str], None]
@@ -219,14 +221,31 @@ def run(
             with TorchRunner(reference, model.head.outputs, threads) as ref_runner:
                 ref_outputs = [ref_runner.infer(f) for f in evaluation.feeds]
 
+        rewritten: dict[tuple[str, ...], tuple[ExportedGraph, dict[str, int]]] = {(): (graph, {})}
+
+        def graph_for(names: tuple[str, ...]) -> tuple[ExportedGraph, dict[str, int]]:
+            if names not in rewritten:
+                from .rewrite import rewrite_graph
+
+                progress(f"graph clean-up: {', '.join(names)}")
+                feeds = [dummy_inputs(model.head, model.config, profile.point(p), seed=3) for p in ("opt", "min")]
+                rewritten[names] = rewrite_graph(graph, names, work / f"clean-{len(rewritten)}" / "model.onnx", feeds, model.head.tolerance)
+            return rewritten[names]
+
         built: list[tuple[Any, Artifact, Drift, tuple[str, ...]]] = []
+        described: dict[str, str] = {}  # --pick: variant name -> what the candidate is
         for target in options.targets:
             backend = backends.get(target)
-            for request in _requests(backend, options, calib, threads):
-                name = f"{target}-{request.precision.value}" + (f"-{request.quant.mode}" if request.quant else "")
+            for name, request, names, what in _plan(backend, options, calib, threads):
                 folder = root / name
+                described[name] = what
                 progress(f"building {name}")
-                artifact = backend.compile(graph, folder, request)
+                graph_used, done = graph_for(names)
+                artifact = backend.compile(graph_used, folder, request)
+                if done:
+                    from .rewrite import describe
+
+                    artifact = dataclasses.replace(artifact, notes=(*artifact.notes, describe(done)))
                 model.save_pretrained_files(folder)
                 with backend.runner(artifact, threads=threads) as runner:
                     if request.quant is None:
@@ -237,7 +256,7 @@ def run(
                 if request.quant is not None and not drift.passed and options.int8 and options.int8.fallback:
                     plain = drift
                     artifact, drift, notes = _fall_back(
-                        backend, graph, folder, request, model, ref_outputs, evaluation, calib, options.int8, threads, progress
+                        backend, graph_used, folder, request, model, ref_outputs, evaluation, calib, options.int8, threads, progress
                     )
                     if not drift.passed and _worse(model.head.metric, drift, plain):
                         # never ship a fallback that made things worse (seen: NNCF accuracy control on audio)
@@ -245,7 +264,7 @@ def run(
 
                         progress(f"{name}: the fallback scored worse than plain INT8; rebuilding the plain artifact")
                         why = f"--fallback auto did not reach the budget and scored worse ({summarize(drift)}); the plain INT8 artifact is kept"
-                        artifact, drift, notes = backend.compile(graph, folder, request), plain, (why, *notes)
+                        artifact, drift, notes = backend.compile(graph_used, folder, request), plain, (why, *notes)
                 elif request.quant is not None and not drift.passed:
                     notes = (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
                 built.append((backend, artifact, drift, notes))
@@ -260,7 +279,7 @@ def run(
             measured = bench.measure_full(runners, feed, batch=opt["batch"], shape=opt, settings=options.bench, progress=bench_progress)
         latency = measured.stats
         ref_latency = latency[REFERENCE_NAME]
-        variants = tuple(
+        variants: tuple[Variant, ...] = tuple(
             Variant(
                 target=artifact.target,
                 precision=artifact.precision,
@@ -274,6 +293,18 @@ def run(
             )
             for _backend, artifact, drift, notes in built
         )
+        picked: dict[str, Any] | None = None
+        if options.pick:
+            from . import pick as pick_mod
+
+            picked = pick_mod.choose(variants, described, model.head.metric, options.profile, deferred=_deferred(options))
+            progress(f"picked {picked['artifact']}: {picked['why']}")
+            kept = set(pick_mod.kept(variants, picked))
+            for _backend, artifact, _drift, _notes in built:
+                if artifact.name not in kept:
+                    shutil.rmtree(artifact.path, ignore_errors=True)
+            built = [b for b in built if b[1].name in kept]
+            variants = tuple(v for v in variants if v.artifact in kept)
         result = Report(
             schema_version=report_mod.SCHEMA_VERSION,
             tool_version=__version__,
@@ -293,6 +324,7 @@ def run(
             variants=variants,
             warnings=tuple(warnings),
             bench=measured.to_dict(),
+            pick=picked,
         )
         shutil.rmtree(work)
         if baseline is not None:
@@ -315,6 +347,64 @@ def run(
             write_manifest(artifact.path, artifact=artifact, model=model, graph=graph, variant_verdict=entry, environment=doc["environment"])
         report_mod.write(result, root)
     return result
+
+
+def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int) -> list[tuple[str, BuildRequest, tuple[str, ...], str]]:
+    """(variant name, request, graph rewrites, description) for every variant of one target.
+
+    Without --pick: fp32, the extra float precisions and the INT8 recipe the user asked for. With it: fp32,
+    the float precisions and every INT8 lever the backend offers (``pick_levers``), less those that cannot
+    be exact on the deployment CPU (8-bit ONNX Runtime weights where the u8 x s8 kernel saturates) and
+    duplicates of one another.
+    """
+    default_rewrites = tuple(getattr(backend, "rewrites", ())) if options.rewrite else ()
+    plan = []
+    for request in _requests(backend, options, calib, threads):
+        if options.pick and request.quant is not None:
+            continue
+        name = f"{backend.name}-{request.precision.value}" + (f"-{request.quant.mode}" if request.quant else "")
+        what = f"{request.precision.value}" + (f" {request.quant.mode}" if request.quant else "")
+        plan.append((name, request, default_rewrites, what))
+    if not options.pick or options.int8 is None:
+        return plan
+    from .quantize import make_recipe, saturates
+
+    int8 = options.int8
+    run_rr = wants_reduce_range(int8, options.profile)
+    exact_8bit = not saturates(getattr(options.profile, "requires_cpu_flags", ()) or None)
+    seen = set()
+    for lever in getattr(backend, "pick_levers", ()):
+        if lever.mode == "static" and calib is None:
+            continue
+        rr = run_rr if lever.reduce_range is None else lever.reduce_range
+        if rr is False and lever.reduce_range is False and not exact_8bit:
+            continue  # 8-bit weights saturate on this CPU (quantize.saturates)
+        if lever.rewrite and not options.rewrite:
+            continue  # --no-rewrite: no clean-up anywhere
+        names = default_rewrites if lever.rewrite is None else (_ALL_REWRITES() if lever.rewrite else ())
+        samples = len(calib) if calib is not None and lever.mode == "static" else 0
+        recipe = make_recipe(backend.name, lever.mode, method=int8.method, samples=samples, reduce_range=rr)
+        if lever.symmetric_activations is not None:
+            recipe = dataclasses.replace(recipe, symmetric_activations=lever.symmetric_activations)
+        key = (recipe, names)
+        if key in seen:
+            continue
+        seen.add(key)
+        feeds = tuple(calib.feeds) if calib is not None and lever.mode == "static" else ()
+        request = BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=threads, defer_build=options.defer_build, device=options.device)
+        plan.append((f"{backend.name}-int8-{lever.mode}{lever.suffix}", request, names, lever.description or lever.mode))
+    return plan
+
+
+def _ALL_REWRITES() -> tuple[str, ...]:
+    from .rewrite import DEFAULT
+
+    return DEFAULT
+
+
+def _deferred(options: RunOptions) -> set[str]:
+    """Targets whose artifacts are not run on their own runtime here (a deferred TensorRT build)."""
+    return {t for t in options.targets if options.defer_build and getattr(backends.get(t), "can_defer", False)}
 
 
 def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads: int) -> list[BuildRequest]:

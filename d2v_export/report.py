@@ -148,6 +148,7 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
         "warnings": list(report.warnings),
         "bench": jsonable(report.bench),
         "comparison": jsonable(report.comparison) if report.comparison is not None else None,
+        "pick": jsonable(report.pick) if report.pick is not None else None,
     }
 
 

@@ -38,6 +38,22 @@ class BuildRequest:
 
 
 @dataclass(frozen=True)
+class Lever:
+    """One INT8 candidate a backend offers ``--pick``: a recipe variation and whether the graph clean-up runs.
+
+    ``None`` fields keep the run's own choice. ``suffix`` names the variant folder (``openvino-int8-static``
+    + suffix); the default recipe of a mode has suffix "".
+    """
+
+    mode: str  # "static" | "dynamic"
+    suffix: str = ""
+    rewrite: bool | None = None  # graph clean-up (d2v_export.rewrite); None: the backend's default
+    reduce_range: bool | None = None  # ONNX Runtime 7-bit weights; None: --reduce-range's choice
+    symmetric_activations: bool | None = None  # OpenVINO: NNCF's PERFORMANCE preset (symmetric activations)
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class Recovery:
     """What the pipeline hands a backend whose INT8 artifact broke its drift budget (``--fallback auto``)."""
 

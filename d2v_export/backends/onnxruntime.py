@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
-from .base import Availability, BuildRequest, Recovery, RunnerBase
+from .base import Availability, BuildRequest, Lever, Recovery, RunnerBase
 
 MODEL_FILE = "model.onnx"
 SPINNING = "session.intra_op.allow_spinning"
@@ -45,6 +45,18 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
     extra = ""
     precisions = (Precision.FP32, Precision.INT8)
+    # The graph clean-up (d2v_export.rewrite) is off by default here: ONNX Runtime folds constants itself at
+    # load time and the other rewrites measured within noise on its kernels; --pick tries it.
+    rewrites: tuple[str, ...] = ()
+    pick_levers = (
+        Lever("static", description="QDQ, uint8 activations, per-channel int8 weights"),
+        Lever("dynamic", description="MatMulInteger, activation ranges at run time"),
+        Lever("static", "-7bit", reduce_range=True, description="QDQ with 7-bit weights"),
+        Lever("dynamic", "-7bit", reduce_range=True, description="MatMulInteger with 7-bit weights"),
+        Lever("static", "-8bit", reduce_range=False, description="QDQ with 8-bit weights (CPUs with VNNI/AMX only)"),
+        Lever("dynamic", "-8bit", reduce_range=False, description="MatMulInteger with 8-bit weights (CPUs with VNNI/AMX only)"),
+        Lever("static", "-clean", rewrite=True, description="QDQ after the graph clean-up"),
+    )
 
     def available(self) -> Availability:
         try:

@@ -1,0 +1,115 @@
+"""``--pick``: the tool chooses the artifact to ship.
+
+The pipeline builds every candidate the targets offer (``Backend.pick_levers``: INT8 static and dynamic,
+with and without the graph clean-up, 8- and 7-bit ONNX Runtime weights where the CPU allows, NNCF's
+presets; plus every float variant), judges each on the evaluation split and times all of them
+interleaved in one run. ``choose`` then keeps, among the candidates within their drift budget and
+measured on their own runtime, the fastest one at the latency statistic that matters (p50, or the
+device profile's percentile), and says why every other candidate lost. Candidates are data: the
+report keeps a footprint of all of them (drift, latency, outcome) and the latency-versus-drift front.
+
+The float variants are candidates too: where INT8 is not faster on a CPU (it happens: OpenVINO INT8 on
+AVX2 without VNNI), fp32 wins and the report says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .spec import Precision, Variant
+
+
+def _stat(variant: Variant, statistic: str) -> float:
+    return float(getattr(variant.latency, statistic))
+
+
+def _drift_doc(variant: Variant) -> dict[str, Any]:
+    d = variant.drift
+    return {"metrics": dict(d.metrics), "budget": dict(d.budget), "failed": list(d.failed), "passed": d.passed}
+
+
+def choose(
+    variants: Sequence[Variant],
+    described: Mapping[str, str],
+    metric_kind: str,
+    profile: Any = None,
+    *,
+    deferred: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The pick among ``variants`` (all built and measured by one pipeline run).
+
+    ``described``: variant name -> what the candidate is. ``profile``: a device profile, whose
+    ``latency_percentile`` (p50/p90/p99) is the statistic compared. ``deferred``: targets whose artifacts
+    did not run on their own runtime here (never picked: their latency is not theirs).
+    """
+    from .compare import drift_score
+    from .matrix import pareto
+    from .metrics import PRIMARY
+
+    statistic = str(getattr(profile, "latency_percentile", "") or "p50")
+    deferred = set(deferred)
+    name = {id(v): v.artifact.split("/")[-1] for v in variants}
+    eligible = [v for v in variants if v.drift.passed and v.target not in deferred]
+    if not eligible:  # cannot happen while fp32 is built for every target; say so rather than crash
+        eligible = [v for v in variants if v.target not in deferred] or list(variants)
+    best = min(eligible, key=lambda v: (_stat(v, statistic), v.precision is not Precision.FP32, name[id(v)]))
+    best_t = _stat(best, statistic)
+    runner_up = sorted((v for v in eligible if v is not best), key=lambda v: _stat(v, statistic))
+    primary = PRIMARY.get(metric_kind)
+
+    candidates = []
+    for v in variants:
+        t = _stat(v, statistic)
+        if v is best:
+            outcome = "picked"
+        elif v.target in deferred:
+            outcome = "not measured on its own runtime here (deferred build): not eligible"
+        elif not v.drift.passed:
+            outcome = f"over the drift budget ({', '.join(v.drift.failed) or 'failed'})"
+        else:
+            outcome = f"slower: {t:.2f} ms vs {best_t:.2f} ms ({t / best_t:.2f}x the pick's {statistic})" if best_t > 0 else "slower"
+        candidates.append(
+            {
+                "name": name[id(v)],
+                "target": v.target,
+                "precision": v.precision.value,
+                "candidate": described.get(name[id(v)], v.precision.value),
+                "p50_ms": v.latency.p50,
+                "p90_ms": v.latency.p90,
+                "compared_ms": t,
+                "drift_passed": v.drift.passed,
+                "drift_score": drift_score(_drift_doc(v)),
+                "key_metric": primary,
+                "key_metric_value": v.drift.metrics.get(primary) if primary else None,
+                "outcome": outcome,
+            }
+        )
+    front = pareto([{"name": c["name"], "p50_ms": c["p50_ms"], "drift_score": c["drift_score"]} for c in candidates if c["drift_score"] is not None])
+    if runner_up:
+        nxt = runner_up[0]
+        why = (
+            f"fastest of {len(eligible)} candidates within the drift budget at {statistic}: {best_t:.2f} ms, "
+            f"{_stat(nxt, statistic) / best_t:.2f}x faster than the next ({name[id(nxt)]}, {_stat(nxt, statistic):.2f} ms)"
+        )
+    else:
+        why = f"the only candidate within the drift budget ({best_t:.2f} ms at {statistic})"
+    fp32 = [v for v in eligible if v.precision is Precision.FP32 and v.target == best.target]
+    if fp32 and best is not fp32[0] and best_t > 0:
+        why += f"; {_stat(fp32[0], statistic) / best_t:.2f}x its target's fp32"
+    return {
+        "artifact": best.artifact,
+        "name": name[id(best)],
+        "target": best.target,
+        "precision": best.precision.value,
+        "candidate": described.get(name[id(best)], best.precision.value),
+        "statistic": statistic,
+        "why": why,
+        "candidates": sorted(candidates, key=lambda c: (c["outcome"] != "picked", c["p50_ms"])),
+        "front": front,
+    }
+
+
+def kept(variants: Sequence[Variant], picked: Mapping[str, Any]) -> list[str]:
+    """The variants a --pick run ships: the pick and each target's fp32 (the baseline every report compares with)."""
+    return [v.artifact for v in variants if v.artifact == picked["artifact"] or v.precision is Precision.FP32]
