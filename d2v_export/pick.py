@@ -85,7 +85,10 @@ def choose(
                 "outcome": outcome,
             }
         )
-    front = pareto([{"name": c["name"], "p50_ms": c["p50_ms"], "drift_score": c["drift_score"]} for c in candidates if c["drift_score"] is not None])
+    front = pareto([
+        {"name": c["name"], "p50_ms": c["compared_ms"], "drift_score": c["drift_score"]}
+        for c in candidates if c["drift_score"] is not None and c["target"] not in deferred
+    ])  # fmt: skip
     if runner_up:
         nxt = runner_up[0]
         why = (

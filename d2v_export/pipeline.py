@@ -225,11 +225,10 @@ def run(
 
         def graph_for(names: tuple[str, ...]) -> tuple[ExportedGraph, dict[str, int]]:
             if names not in rewritten:
-                from .rewrite import rewrite_graph
+                from .rewrite import for_model
 
                 progress(f"graph clean-up: {', '.join(names)}")
-                feeds = [dummy_inputs(model.head, model.config, profile.point(p), seed=3) for p in ("opt", "min")]
-                rewritten[names] = rewrite_graph(graph, names, work / f"clean-{len(rewritten)}" / "model.onnx", feeds, model.head.tolerance)
+                rewritten[names] = for_model(graph, names, model, profile, work / f"clean-{len(rewritten)}" / "model.onnx")
             return rewritten[names]
 
         built: list[tuple[Any, Artifact, Drift, tuple[str, ...]]] = []

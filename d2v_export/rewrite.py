@@ -458,3 +458,11 @@ def describe(done: dict[str, int]) -> str:
     """One line for an artifact's notes: what the clean-up changed."""
     changed = [f"{name} x{count}" for name, count in done.items() if count]
     return "graph clean-up before compiling (exact): " + (", ".join(changed) if changed else "nothing applied")
+
+
+def for_model(graph: Any, names: Iterable[str], model: Any, profile: Any, target: Any) -> tuple[Any, dict[str, int]]:
+    """``rewrite_graph`` checked on the model's own dummy inputs at the profile's opt and min shapes, within the head's tolerance."""
+    from .heads import dummy_inputs
+
+    feeds = [dummy_inputs(model.head, model.config, profile.point(p), seed=3) for p in ("opt", "min")]
+    return rewrite_graph(graph, names, target, feeds, model.head.tolerance)
