@@ -443,6 +443,10 @@ def render(doc: Mapping[str, Any]) -> str:
                 "<figcaption>x: the largest share of any drift budget a variant uses (value / limit for errors, (1 − value) / (1 − limit) for agreements); "
                 "right of the dashed line is over budget. y: reference p50 / variant p50.</figcaption></figure>")
 
+    pick = doc.get("pick")
+    if isinstance(pick, Mapping):
+        body.append(render_pick_section(pick, (doc.get("reference") or {}).get("latency_ms")))
+
     comparison = doc.get("comparison")
     if isinstance(comparison, Mapping):
         body.append(render_comparison_section(comparison))
@@ -486,6 +490,31 @@ def render(doc: Mapping[str, Any]) -> str:
     env_rows += [[k, v] for k, v in (env.get("versions") or {}).items()]
     body.append("<h2>Environment</h2>" + _table(["", ""], env_rows))
     return _page(title, body)
+
+
+def render_pick_section(pick: Mapping[str, Any], reference: Mapping[str, Any] | None) -> str:
+    """--pick: the chosen candidate, why, every candidate's outcome and the latency-versus-drift front."""
+    front = list(pick.get("front") or [])
+    cands = list(pick.get("candidates") or [])
+    parts = [
+        "<h2>The pick</h2>",
+        f"<p><b>{esc(pick.get('name'))}</b> ({esc(pick.get('candidate'))}): {esc(pick.get('why'))}.</p>",
+        _table(
+            ["candidate", "recipe", "p50 ms", f"{esc(pick.get('statistic', 'p50'))} ms", "drift score", "key metric", "outcome"],
+            [
+                [_Raw(f"<b>{esc(c['name'])}</b>" + (" ★" if c["name"] in front else "")), c.get("candidate"), fmt_num(c.get("p50_ms")),
+                 fmt_num(c.get("compared_ms")), fmt_num(c.get("drift_score"), 3),
+                 f"{c.get('key_metric')} {fmt_num(c.get('key_metric_value'), 4)}" if c.get("key_metric") else "–", c.get("outcome")]
+                for c in cands
+            ],
+            numeric=(2, 3, 4),
+        ),
+    ]  # fmt: skip
+    points = [{"name": c["name"], "x": c.get("drift_score"), "y": c.get("compared_ms"), "ok": c.get("drift_passed")} for c in cands]
+    ref = (reference or {}).get(str(pick.get("statistic", "p50")))
+    parts.append("<figure>" + scatter_plot(points, y_label=f"{pick.get('statistic', 'p50')} latency (ms)", y_higher_better=False, reference_y=ref, front=front, kind="pareto") +
+                 "<figcaption>Every candidate --pick built. Blue ring and line: the latency-versus-drift front (★); right of the dashed line is over budget.</figcaption></figure>")  # fmt: skip
+    return "".join(parts)
 
 
 def render_comparison_section(c: Mapping[str, Any]) -> str:

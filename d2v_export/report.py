@@ -233,6 +233,15 @@ def markdown(doc: Mapping[str, Any]) -> str:
         budget = v.get("latency_budget")
         if budget and budget.get("passed") is not None:
             lines.append(f"  - latency budget ({budget['profile']}): {'within' if budget['passed'] else 'OVER'} — {budget['detail']}")
+    pick = doc.get("pick")
+    if pick:
+        lines += ["", "## The pick", "", f"**{pick['name']}** ({pick['candidate']}): {pick['why']}.", "",
+                  f"| candidate | recipe | p50 ms | {pick['statistic']} ms | drift score | outcome |", "|---|---|---:|---:|---:|---|"]  # fmt: skip
+        for c in pick["candidates"]:
+            score = "–" if c.get("drift_score") is None else f"{c['drift_score']:.3g}"
+            star = " ★" if c["name"] in (pick.get("front") or ()) else ""
+            lines.append(f"| {c['name']}{star} | {c['candidate']} | {c['p50_ms']:.3f} | {c['compared_ms']:.3f} | {score} | {c['outcome']} |")
+        lines += ["", "★: on the latency-versus-drift front (no other candidate is both faster and closer to the reference)."]
     comparison = doc.get("comparison")
     if comparison:
         verdict = "no regression" if comparison.get("passed") else "REGRESSION in " + ", ".join(comparison.get("regressions", []))
