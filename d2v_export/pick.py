@@ -21,7 +21,7 @@ from .spec import Precision, Variant
 
 
 def _stat(variant: Variant, statistic: str) -> float:
-    return float(getattr(variant.latency, statistic))
+    return float(getattr(variant.latency, statistic)) if variant.latency is not None else float("inf")
 
 
 def _drift_doc(variant: Variant) -> dict[str, Any]:
@@ -75,8 +75,8 @@ def choose(
                 "target": v.target,
                 "precision": v.precision.value,
                 "candidate": described.get(name[id(v)], v.precision.value),
-                "p50_ms": v.latency.p50,
-                "p90_ms": v.latency.p90,
+                "p50_ms": _stat(v, "p50"),
+                "p90_ms": _stat(v, "p90"),
                 "compared_ms": t,
                 "drift_passed": v.drift.passed,
                 "drift_score": drift_score(_drift_doc(v)),

@@ -49,7 +49,7 @@ class _Graph:
         self.g = model.graph
         self.inits = {t.name: t for t in self.g.initializer}
         self.const_nodes = {n.output[0]: n for n in self.g.node if n.op_type == "Constant" and len(n.output) == 1}
-        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.producer: dict[str, Any] = {o: n for n in self.g.node for o in n.output}
         self.consumers: dict[str, list[Any]] = collections.defaultdict(list)
         for n in self.g.node:
             for i in n.input:
@@ -67,7 +67,7 @@ class _Graph:
                     return self._np.to_array(a.t)
         return None
 
-    def only_consumer(self, name: str) -> Any | None:
+    def only_consumer(self, name: str) -> Any:  # a NodeProto or None
         users = self.consumers.get(name, [])
         return users[0] if len(users) == 1 and name not in self.outputs else None
 
@@ -182,7 +182,7 @@ def _weight_bias(gr: _Graph, add: Any) -> tuple[Any, int, int] | None:
     return None
 
 
-def _scale_projection(gr: _Graph, add: Any, mm: Any, bias_index: int, scale: np.ndarray) -> None:
+def _scale_projection(gr: _Graph, add: Any, mm: Any, bias_index: int, scale: Any) -> None:
     w = gr.value(mm.input[1])
     b = gr.value(add.input[bias_index])
     assert w is not None and b is not None
@@ -365,7 +365,7 @@ def merge_qkv(model: Any) -> int:
         widths = [int(w.shape[1]) for w in weights]  # type: ignore[union-attr]
         has_bias = any(a is not None for _, a, _ in parts)
         name = gr.fresh(f"qkv_{count}")
-        w_all = np.concatenate(weights, axis=1)  # type: ignore[arg-type]
+        w_all: np.ndarray = np.concatenate(weights, axis=1)  # type: ignore[arg-type]
         new_nodes = [helper.make_node("MatMul", [x, gr.set_initializer(f"{name}_w", w_all)], [f"{name}_mm"], name=f"{name}_mm")]
         last = f"{name}_mm"
         if has_bias:
