@@ -342,8 +342,10 @@ Examples:
 @click.option("--workspace-gb", type=click.FloatRange(min=0.1), default=4.0, show_default=True, help="Builder workspace memory limit.")
 @click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Persistent timing cache (default: in the bundle).")
 @click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True, help="Timed engine runs after warm-up.")
+@click.option("--device", default="cuda:0", show_default=True, help="CUDA device to build on (cuda:N).")
+@click.option("--no-verify", is_flag=True, help="Build a bundle that has no manifest.json (its files are then unchecked).")
 @_handle_errors
-def build_engine(bundle: Path, workspace_gb: float, timing_cache: Path | None, iterations: int) -> None:
+def build_engine(bundle: Path, workspace_gb: float, timing_cache: Path | None, iterations: int, device: str, no_verify: bool) -> None:
     """Build and benchmark the TensorRT engine of a deferred bundle on this device (needs TensorRT and an NVIDIA GPU)."""
     from .backends.tensorrt import build_engine as build, find_bundles
 
@@ -351,8 +353,8 @@ def build_engine(bundle: Path, workspace_gb: float, timing_cache: Path | None, i
     if not found:
         raise D2VError(f"'{bundle}' holds no TensorRT bundle (build_recipe.json); pass a folder written with --target tensorrt --defer-build")
     for folder in found:
-        plan = build(folder, workspace_gb=workspace_gb, timing_cache=timing_cache, iterations=iterations,
-                     progress=lambda msg: click.echo(f"[d2v-export] {msg}", err=True))  # fmt: skip
+        plan = build(folder, workspace_gb=workspace_gb, timing_cache=timing_cache, iterations=iterations, device=device,
+                     verify=not no_verify, progress=lambda msg: click.echo(f"[d2v-export] {msg}", err=True))  # fmt: skip
         click.echo(f"built {plan}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("d2v-export", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
-            "openvino", "nncf", "tensorrt", "optimum", "optimum-intel", "numpy")  # fmt: skip
+            "openvino", "nncf", "tensorrt", "cuda-python", "optimum", "optimum-intel", "numpy")  # fmt: skip
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp")  # fmt: skip
 # Targets d2v-export knows even when their backend module is not installed in this build.

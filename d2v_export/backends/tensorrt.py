@@ -23,9 +23,12 @@ precision builder flags are deprecated since 10.12 and removed in 11):
   default whatever the builder flags (TensorRT API docs: to avoid overflow).
   Needs TensorRT 10.x (TensorRT 11 removed the flag: convert the graph to mixed precision first).
 - int8: Q/DQ graph (``quantize.make_recipe("tensorrt", "static")``: symmetric int8, per-channel
-  weights, Q/DQ only on the inputs of MatMul/Gemm/Conv), built **strongly typed** (``--stronglyTyped``,
-  no precision flags): int8 exactly where the Q/DQ pairs are, fp32 elsewhere, which is also what
-  ONNX Runtime runs when it simulates the graph here.
+  weights, Q/DQ only on the inputs of MatMul/Gemm/Conv) whose float remainder is rewritten to fp16
+  (``fp16_remainder``: fp32 graph inputs/outputs with casts at the boundaries, fp16 Q/DQ scales,
+  LayerNormalization and Softmax computed in fp32), built **strongly typed** (``--stronglyTyped``, no
+  precision flags; TensorRT >= 10.12): int8 where the Q/DQ pairs are, fp16 elsewhere, fp32 exactly
+  where the graph says. Its accuracy is simulated on ONNX Runtime with graph optimisations off, so the
+  Q/DQ pairs stay float fake-quantization (``SimulationRunner``), never ORT's integer kernels.
 
 Without TensorRT or a GPU: ``compile`` raises D2VError(TARGET_UNAVAILABLE) naming ``--defer-build``;
 with ``BuildRequest.defer_build`` it writes the portable half only, and ``runner`` runs ``model.onnx`` on
@@ -35,9 +38,9 @@ ONNX Runtime, named and noted as a simulation (never engine accuracy or latency)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shlex
+import shutil
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,26 +49,30 @@ from typing import Any
 
 import numpy as np
 
-from .. import trt_engine
+from .. import trt_device, trt_engine
 from ..heads import concrete_shape
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
 from .base import Availability, BuildRequest, Recovery, RunnerBase
-from .onnxruntime import OrtRunner, _copy_onnx
+from .onnxruntime import SPINNING, OrtRunner, _copy_onnx
 
 NAME = "tensorrt"
 ONNX_FILE = "model.onnx"
-PLAN_FILE = "model.plan"
-RECIPE_FILE = "build_recipe.json"
+PLAN_FILE = trt_device.PLAN_FILE
+RECIPE_FILE = trt_device.RECIPE_FILE
 SCRIPT_FILE = "build_engine.sh"
-ENGINE_MANIFEST = "engine_manifest.json"
-TIMING_CACHE = "timing.cache"
-RECIPE_FORMAT = "d2v-export/tensorrt-build-recipe"
-RECIPE_VERSION = 1
+DEVICE_SCRIPT = trt_device.DEVICE_SCRIPT
+ENGINE_MANIFEST = trt_device.ENGINE_MANIFEST
+TIMING_CACHE = trt_device.TIMING_CACHE
+RECIPE_FORMAT = trt_device.RECIPE_FORMAT
+RECIPE_VERSION = trt_device.RECIPE_VERSION
 DEFAULT_WORKSPACE_GB = 4.0
 
 DEFER_HINT = "use --defer-build to write the portable half here"
 NOT_BUILT = "engine not built here: run `d2v-export build-engine <bundle>` (or build_engine.sh) on the target device"
-SIMULATED_INT8 = "accuracy: Q/DQ graph, simulated on ONNX Runtime — not engine accuracy"
+SIMULATED_INT8 = (
+    "accuracy: Q/DQ graph with its fp16 remainder, simulated on ONNX Runtime with graph optimisations off "
+    "(Q/DQ kept as float fake-quantization, fp16 tensors rounded as in the graph) — not engine accuracy"
+)
 SIMULATED_FLOAT = "accuracy: the fp32 ONNX graph on ONNX Runtime — {p} engine accuracy is measured by build-engine on the device"
 SIMULATED_LATENCY = "latency: ONNX Runtime on this CPU — not engine latency"
 
@@ -87,9 +94,12 @@ BUILDS: dict[Precision, Build] = {
         False, ("FP16",), (), ("--fp16",),
         "fp32 graph, weakly typed with the FP16 flag (TensorRT 10.x; removed in 11: convert the graph to mixed precision there)",
     ),
+    # TF32 is cleared in the Python build (harmless: no GEMM of this graph stays fp32); trtexec keeps its
+    # default, so an fp32 GEMM left by hand in the graph may run in TF32 there.
     Precision.INT8: Build(
-        True, (), (), ("--stronglyTyped",),
-        "explicit Q/DQ graph, strongly typed: int8 where the Q/DQ pairs are, fp32 elsewhere (TensorRT 10 docs: no precision flags with Q/DQ)",
+        True, (), ("TF32",), ("--stronglyTyped",),
+        "explicit Q/DQ graph with an fp16 remainder (fp32 I/O, LayerNorm/Softmax in fp32), strongly typed: "
+        "int8 where the Q/DQ pairs are, fp16 elsewhere (TensorRT docs: no precision flags with Q/DQ)",
     ),
 }  # fmt: skip
 
@@ -124,7 +134,12 @@ def make_build_recipe(graph: ExportedGraph, precision: Precision, quant: QuantRe
         "onnx": ONNX_FILE,
         "engine": PLAN_FILE,
         "precision": precision.value,
-        "tensorrt": {"min_version": f"{trt_engine.MIN_MAJOR}.0", "max_version_exclusive": "11" if build.builder_flags else None},
+        "tensorrt": {
+            # strongly typed INT8 Q/DQ is complete from 10.12; weak typing (the FP16 flag) is gone in 11
+            "min_version": "{}.{}".format(*(trt_engine.INT8_MIN_VERSION if precision is Precision.INT8 else trt_engine.MIN_VERSION)),
+            "max_version_exclusive": "11" if build.builder_flags else None,
+        },
+        "device_script": DEVICE_SCRIPT,
         "strongly_typed": build.strongly_typed,
         "builder_flags": list(build.builder_flags),
         "cleared_flags": list(build.cleared_flags),
@@ -144,6 +159,7 @@ def make_build_recipe(graph: ExportedGraph, precision: Precision, quant: QuantRe
         ],
         "outputs": [t.name for t in graph.outputs],
         "quantization": dataclasses.asdict(quant) if quant is not None else None,
+        "float_remainder": FP16_REMAINDER_NOTE if precision is Precision.INT8 else None,
     }
     doc["trtexec"] = shlex.join(trtexec_command(doc))
     return doc
@@ -177,7 +193,8 @@ def build_script(recipe: Mapping[str, Any]) -> str:
 # Build (and benchmark) the TensorRT engine of this bundle on the device that will run it:
 # engines are tied to the GPU, the TensorRT and the CUDA version they were built with.
 # Needs TensorRT {recipe['tensorrt']['min_version']} or newer; trtexec from $TRTEXEC, PATH or /usr/src/tensorrt/bin (JetPack).
-# The same build from Python: d2v-export build-engine <this folder>  (also writes {ENGINE_MANIFEST}).
+# The same build from Python: python3 {DEVICE_SCRIPT} build  (TensorRT + cuda-python + numpy, Python 3.10+),
+# or d2v-export build-engine <this folder>; both also write {ENGINE_MANIFEST}.
 # Precision {recipe['precision']}: {recipe['why']}.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -188,31 +205,8 @@ TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)
 """
 
 
-def read_recipe(bundle: Path) -> dict[str, Any]:
-    path = Path(bundle) / RECIPE_FILE
-    if not path.is_file():
-        raise D2VError(f"'{bundle}' has no {RECIPE_FILE}; pass a tensorrt variant folder written by d2v-export (e.g. OUTPUT/tensorrt-int8-static)")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise D2VError(f"{path} is not readable JSON ({exc}); rebuild the bundle") from None
-    if not isinstance(doc, dict) or doc.get("format") != RECIPE_FORMAT or doc.get("version") != RECIPE_VERSION:
-        raise D2VError(f"{path} is not a version-{RECIPE_VERSION} d2v-export TensorRT recipe; rebuild the bundle with this d2v-export")
-    return doc
-
-
-def settings_from(recipe: Mapping[str, Any], *, workspace_bytes: int | None = None, timing_cache: Path | None = None) -> trt_engine.BuildSettings:
-    return trt_engine.BuildSettings(
-        precision=str(recipe["precision"]),
-        inputs=tuple(
-            trt_engine.InputProfile(str(i["name"]), tuple(i["min"]), tuple(i["opt"]), tuple(i["max"])) for i in recipe["inputs"]
-        ),
-        strongly_typed=bool(recipe["strongly_typed"]),
-        builder_flags=tuple(recipe["builder_flags"]),
-        cleared_flags=tuple(recipe["cleared_flags"]),
-        workspace_bytes=int(workspace_bytes if workspace_bytes is not None else recipe["workspace_bytes"]),
-        timing_cache=timing_cache,
-    )
+read_recipe = trt_device.read_recipe
+settings_from = trt_device.settings_from
 
 
 # ------------------------------------------------------------------------------------ Q/DQ guard
@@ -322,6 +316,125 @@ def tensorrt_fixups(path: Path) -> dict[str, int]:
     return counts
 
 
+# Ops computed in fp32 inside the fp16 remainder (casts around them). LayerNormalization: its mean/variance
+# over hundreds of channels is where fp16 loses most (TensorRT's INormalizationLayer also prefers fp32
+# accumulation); Softmax: exp() of the attention scores. Measured on ONNX Runtime's simulation
+# (docs/tensorrt.md): a few casts, no drift cost, and the rest of the network still fp16.
+FP32_OPS = ("LayerNormalization", "Softmax")
+# Inputs the ONNX schema types on their own (must not follow the data to fp16): Resize's roi and scales.
+_TYPED_INPUTS = {"Resize": (1, 2)}
+FP16_REMAINDER_NOTE = (
+    "int8 at the Q/DQ pairs; everything else fp16 (weights, activations, Q/DQ scales), graph inputs and outputs "
+    f"fp32 with casts at the boundaries, {' and '.join(FP32_OPS)} computed in fp32"
+)
+
+
+def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str, int]:
+    """Rewrite a Q/DQ graph (in place) so that its float remainder is fp16, for a strongly typed build.
+
+    A strongly typed TensorRT build runs every tensor in the type the graph gives it: an fp32 Q/DQ graph
+    would run everything outside the int8 GEMMs in fp32. Here: float initializers (weights, biases, Q/DQ
+    scales) become fp16, ``Cast(to=float)`` and float ``Constant``s inside the graph become fp16, float graph
+    inputs are cast to fp16 once, graph outputs are cast back to fp32, and ``fp32_ops`` run in fp32 between
+    casts. Q/DQ with fp16 scales needs opset 19, to which the graph is raised (18 -> 19 changes no op used
+    here). Returns counts; idempotent (a graph already rewritten is left alone).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+    model = onnx.load(str(path))
+    graph = model.graph
+    if any(n.name.endswith("_d2v_to_fp16") for n in graph.node) or any(i.data_type == HALF for i in graph.initializer):
+        return {"initializers": 0, "casts": 0, "fp32_nodes": 0}
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < 19:
+            op.version = 19
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types |= {i.name: i.data_type for i in graph.initializer}
+    fixed = {n.input[i] for n in graph.node for i in _TYPED_INPUTS.get(n.op_type, ()) if i < len(n.input) and n.input[i]}
+    counts = {"initializers": 0, "casts": 0, "fp32_nodes": 0}
+    fp32_copies: dict[str, str] = {}
+    for init in list(graph.initializer):
+        if init.data_type != FLOAT or init.name in fixed:
+            continue
+        values = numpy_helper.to_array(init)
+        if any(n.op_type in fp32_ops and init.name in n.input for n in graph.node):  # e.g. LayerNorm gamma/beta: keep fp32 copies
+            fp32_copies[init.name] = f"{init.name}_fp32"
+            graph.initializer.append(numpy_helper.from_array(values, fp32_copies[init.name]))
+        init.CopyFrom(numpy_helper.from_array(_to_half(values), init.name))
+        counts["initializers"] += 1
+    for node in graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
+                attr.i = HALF
+            elif node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" and attr.t.data_type == FLOAT:
+                if not any(o in fixed for o in node.output):
+                    attr.t.CopyFrom(numpy_helper.from_array(_to_half(numpy_helper.to_array(attr.t)), attr.t.name))
+    nodes: list[Any] = []
+    renamed: dict[str, str] = {}
+    for inp in graph.input:
+        if inp.type.tensor_type.elem_type == FLOAT:
+            renamed[inp.name] = f"{inp.name}_fp16"
+            nodes.append(helper.make_node("Cast", [inp.name], [renamed[inp.name]], to=HALF, name=f"{inp.name}_d2v_to_fp16"))
+            counts["casts"] += 1
+    float_outputs = {o.name for o in graph.output if o.type.tensor_type.elem_type == FLOAT}
+    done_outputs: set[str] = set()
+    for node in list(graph.node):
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        keep = node.op_type in fp32_ops
+        if keep:
+            counts["fp32_nodes"] += 1
+            for i, name in enumerate(node.input):
+                if name in fp32_copies:
+                    node.input[i] = fp32_copies[name]
+                elif name and types.get(name) == FLOAT or name in renamed.values():
+                    cast = f"{node.name}_in{i}_fp32"
+                    nodes.append(helper.make_node("Cast", [name], [cast], to=FLOAT, name=cast))
+                    node.input[i] = cast
+                    counts["casts"] += 1
+        nodes.append(node)
+        if keep:
+            for i, name in enumerate(node.output):
+                if not name or types.get(name) != FLOAT:
+                    continue
+                node.output[i] = f"{name}_fp32"
+                if name in float_outputs:
+                    nodes.append(helper.make_node("Identity", [node.output[i]], [name], name=f"{node.name}_out{i}"))
+                    done_outputs.add(name)
+                else:
+                    nodes.append(helper.make_node("Cast", [node.output[i]], [name], to=HALF, name=f"{node.name}_out{i}_fp16"))
+                    counts["casts"] += 1
+    for out in graph.output:
+        if out.name not in float_outputs or out.name in done_outputs:
+            continue
+        half = f"{out.name}_fp16"
+        for node in nodes:
+            for i, name in enumerate(node.output):
+                if name == out.name:
+                    node.output[i] = half
+            for i, name in enumerate(node.input):
+                if name == out.name:
+                    node.input[i] = half
+        nodes.append(helper.make_node("Cast", [half], [out.name], to=FLOAT, name=f"{out.name}_d2v_to_fp32"))
+        counts["casts"] += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return counts
+
+
+def _to_half(values: np.ndarray) -> np.ndarray:
+    """fp32 -> fp16, saturating at +-65504: an attention mask's "minus infinity" (float32 min) must stay finite,
+    or ``mask * min`` gives 0 * inf = NaN."""
+    half_max = float(np.finfo(np.float16).max)
+    return np.clip(values, -half_max, half_max).astype(np.float16)
+
+
 def _axis(node: Any, rank: int) -> int:
     axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
     return axis % rank
@@ -346,7 +459,8 @@ class TensorRTBackend:
         precision = request.precision
         if precision not in BUILDS:
             raise D2VError(f"tensorrt builds {', '.join(p.value for p in BUILDS)}, not {precision.value}", ExitCode.TARGET_UNAVAILABLE)
-        probe = trt_engine.probe()
+        device = trt_engine.device_index(request.device)
+        probe = trt_engine.probe(device)
         build_here = probe.ok and not request.defer_build
         if not probe.ok and not request.defer_build:  # fail before the (slow) quantization
             raise D2VError(f"tensorrt cannot build an engine here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
@@ -357,17 +471,20 @@ class TensorRTBackend:
             quant = self._quantize(graph, onnx_path, request)
         else:
             _copy_onnx(graph.path, onnx_path)
-        return self._bundle(graph, folder, precision, quant, build_here)
+        return self._bundle(graph, folder, precision, quant, build_here, device)
 
     def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """``--fallback auto``: the Q/DQ graph with the most sensitive nodes left float until the budget holds.
 
-        Candidates are judged as ``compile`` ships them (TensorRT fix-ups applied) on ONNX Runtime, the Q/DQ
-        simulation; with TensorRT here the engine is built once, from the chosen graph.
+        Candidates are judged as ``compile`` ships them (TensorRT fix-ups and fp16 remainder applied) on the
+        ONNX Runtime simulation (an engine build per candidate would take minutes). With TensorRT here the
+        engine is then built once from the chosen graph and the returned drift is judged *on that engine*,
+        the same footing as the plain INT8 variant, whose drift the pipeline measured on its engine.
         """
         from ..fallback import copy_model, describe, fallback
 
-        probe = trt_engine.probe()
+        device = trt_engine.device_index(request.device)
+        probe = trt_engine.probe(device)
         if not probe.ok and not request.defer_build:
             raise D2VError(f"tensorrt cannot build an engine here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
         recipe = _check_recipe(request.quant)
@@ -381,22 +498,28 @@ class TensorRTBackend:
             return recovery.evaluate(Artifact(self.name, Precision.INT8, folder, onnx_path, files, quantization=recipe))
 
         result = fallback(graph, recipe, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=_fix_and_check)
-        artifact = self._bundle(graph, folder, Precision.INT8, result.quantized.recipe, probe.ok and not request.defer_build)
-        return artifact, result.drift, describe(result)
+        build_here = probe.ok and not request.defer_build
+        artifact = self._bundle(graph, folder, Precision.INT8, result.quantized.recipe, build_here, device)
+        drift = result.drift
+        if build_here:
+            recovery.progress(f"{folder.name}: judging the engine built from the chosen graph")
+            drift = recovery.evaluate(artifact)  # the runner is the engine now
+        return artifact, drift, describe(result)
 
-    def _bundle(self, graph: ExportedGraph, folder: Path, precision: Precision, quant: QuantRecipe | None, build_here: bool) -> Artifact:
-        """Recipe, script and (with TensorRT here) the engine, around the bundle's model.onnx."""
+    def _bundle(self, graph: ExportedGraph, folder: Path, precision: Precision, quant: QuantRecipe | None, build_here: bool, device: int = 0) -> Artifact:
+        """Recipe, script, device module and (with TensorRT here) the engine, around the bundle's model.onnx."""
         onnx_path = folder / ONNX_FILE
         recipe = make_build_recipe(graph, precision, quant)
-        (folder / RECIPE_FILE).write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+        trt_engine.atomic_write_json(folder / RECIPE_FILE, recipe)
         script = folder / SCRIPT_FILE
-        script.write_text(build_script(recipe), encoding="utf-8")
+        trt_engine.atomic_write(script, build_script(recipe).encode("utf-8"))
         script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        shutil.copyfile(Path(trt_device.__file__), folder / DEVICE_SCRIPT)
 
         if build_here:
             cache = folder / TIMING_CACHE
-            manifest = trt_engine.build(onnx_path, folder / PLAN_FILE, settings_from(recipe, timing_cache=cache))
-            _write_engine_manifest(folder, manifest, onnx_path)
+            manifest = trt_engine.build(onnx_path, folder / PLAN_FILE, settings_from(recipe, timing_cache=cache, device=device))
+            trt_device.write_engine_manifest(folder, manifest, onnx_path)
             model_file = folder / PLAN_FILE
             notes: tuple[str, ...] = (
                 (
@@ -423,10 +546,50 @@ class TensorRTBackend:
     def runner(self, artifact: Artifact, *, threads: int) -> Any:
         plan = artifact.path / PLAN_FILE
         label = f"{self.name}-{artifact.precision.value}"
-        if plan.is_file() and trt_engine.probe().ok:
-            return EngineRunnerAdapter(trt_engine.EngineRunner(plan, name=label))
-        what = "Q/DQ graph simulated on ONNX Runtime" if artifact.precision is Precision.INT8 else "engine not built: fp32 graph on ONNX Runtime"
-        return OrtRunner(artifact.path / ONNX_FILE, threads, name=f"{label} ({what})")
+        device = _engine_device(artifact.path)
+        if plan.is_file() and trt_engine.probe(device).ok:
+            return EngineRunnerAdapter(trt_engine.EngineRunner(plan, name=label, device=device))
+        if artifact.precision is Precision.INT8:
+            return SimulationRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (Q/DQ graph, fp16 remainder, simulated on ONNX Runtime)")
+        return OrtRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (engine not built: fp32 graph on ONNX Runtime)")
+
+
+def _engine_device(folder: Path) -> int:
+    """The CUDA device the bundle's engine was built on (engine_manifest.json), 0 when unknown."""
+    try:
+        return int(json.loads((folder / ENGINE_MANIFEST).read_text(encoding="utf-8")).get("device_index", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
+class SimulationRunner(RunnerBase):
+    """ONNX Runtime on the TensorRT graph with graph optimisations off: a faithful float simulation.
+
+    With ORT's default (ORT_ENABLE_ALL) the Q/DQ pairs become integer CPU kernels (QLinearMatMul,
+    MatMulInteger), which accumulate and saturate like this CPU does, not like TensorRT. With
+    ORT_DISABLE_ALL every QuantizeLinear/DequantizeLinear runs as its own float op (round, clip, scale:
+    fake-quantization) and the GEMMs run in float on the dequantized values. fp16 tensors of the graph are
+    rounded to fp16 as the graph says; ORT computes an fp16 op without a CPU fp16 kernel in fp32 between
+    casts it inserts, so what is simulated is fp16 *storage* of every fp16 tensor, not fp16 arithmetic."""
+
+    def __init__(self, path: Path, threads: int, name: str) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        opts.add_session_config_entry(SPINNING, "0")
+        self.name = name
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.session.run(self.outputs, dict(feed))))
+
+    def close(self) -> None:
+        self.session = None
 
 
 def _check_recipe(recipe: QuantRecipe | None) -> QuantRecipe:
@@ -441,8 +604,9 @@ def _check_recipe(recipe: QuantRecipe | None) -> QuantRecipe:
 
 
 def _fix_and_check(path: Path) -> None:
-    """TensorRT's fix-ups on a freshly quantized graph, then the structural check of what it accepts."""
+    """TensorRT's fix-ups on a freshly quantized graph, its fp16 remainder, then the check of what TensorRT accepts."""
     tensorrt_fixups(path)
+    fp16_remainder(path)
     problems = qdq_problems(path)
     if problems:
         raise D2VError(f"the Q/DQ graph is not what TensorRT accepts: {problems[0]} (and {len(problems) - 1} more)", ExitCode.INTERNAL)
@@ -479,62 +643,49 @@ def build_engine(
     workspace_gb: float = DEFAULT_WORKSPACE_GB,
     timing_cache: Path | None = None,
     iterations: int = 200,
+    device: str | int | None = None,
+    verify: bool = True,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> Path:
     """Build the engine of a deferred bundle on this device, benchmark it and check it; returns model.plan.
 
-    Reads build_recipe.json (and, when present, verifies the bundle's manifest.json first: a bundle is
-    copied between machines). Writes model.plan, the timing cache and engine_manifest.json (versions,
-    GPU, build settings, GPU latency measured with CUDA events after a warm-up, and the largest
-    difference between the engine and ONNX Runtime running the same model.onnx at min/opt/max shapes).
-    Raises D2VError(TARGET_UNAVAILABLE) without TensorRT >= 10 or a GPU.
+    First verifies the bundle against its manifest.json (every file's sha256; no pickles): a bundle is
+    copied between machines, and one without a manifest is refused unless ``verify`` is False
+    (``--no-verify``). The recipe's ``onnx``/``engine``/``timing_cache`` paths must stay inside the bundle
+    (the manifest's rule). Writes model.plan, the timing cache and engine_manifest.json atomically
+    (versions, GPU, build settings, GPU latency with CUDA events, and the largest difference between the
+    engine and ONNX Runtime running the same model.onnx at min/opt/max shapes). The build itself is
+    ``trt_device.build_bundle``, the same code the bundle's own ``trt_device.py`` runs on a device without
+    d2v-export. Raises D2VError(TARGET_UNAVAILABLE) without TensorRT (at the recipe's version) or a GPU.
     """
-    from .. import bench
-
     bundle = Path(bundle_dir)
-    recipe = read_recipe(bundle)
-    has_manifest = (bundle / "manifest.json").is_file()
-    if has_manifest:
+    read_recipe(bundle)
+    if verify:
+        if not (bundle / "manifest.json").is_file():
+            raise D2VError(
+                f"bundle '{bundle}' has no manifest.json, so what would be built cannot be checked; "
+                "pass a bundle written by d2v-export, or --no-verify to build it unchecked"
+            )
         from .. import bundle as bundle_mod
 
         bundle_mod.verify(bundle)
-    probe = trt_engine.probe()
-    if not probe.ok:
-        raise D2VError(f"build-engine runs on the target device: {probe.reason}", ExitCode.TARGET_UNAVAILABLE)
-    onnx_path = bundle / str(recipe["onnx"])
-    plan = bundle / str(recipe["engine"])
-    cache = Path(timing_cache) if timing_cache is not None else bundle / str(recipe.get("timing_cache") or TIMING_CACHE)
-    progress(f"building {plan.name} ({recipe['precision']}) with TensorRT {probe.version} on {probe.device}")
-    settings = settings_from(recipe, workspace_bytes=int(workspace_gb * (1 << 30)), timing_cache=cache)
-    manifest = trt_engine.build(onnx_path, plan, settings)
-
-    specs = [(str(i["name"]), str(i["dtype"])) for i in recipe["inputs"]]
-    feeds = {w: trt_engine.synthetic_feed([(n, d, tuple(i[w])) for (n, d), i in zip(specs, recipe["inputs"])], seed=k) for k, w in enumerate(("min", "opt", "max"))}
-    progress(f"benchmarking at the opt shapes ({iterations} runs after warm-up, CUDA events)")
-    with trt_engine.EngineRunner(plan, name=f"tensorrt-{recipe['precision']}") as engine:
-        times = engine.gpu_times_ms(feeds["opt"], warmup=max(10, iterations // 10), iterations=iterations)
-        engine_out = {w: engine.infer(f) for w, f in feeds.items()}
-    opt_shape = {i["name"]: list(i["opt"]) for i in recipe["inputs"]}
-    batch = int(recipe["inputs"][0]["opt"][0])
-    stats = bench.stats(times, batch=batch, shape={})
-    manifest["benchmark"] = {
-        "what": "engine only (execute_async_v3), CUDA events, after warm-up; host copies excluded",
-        "input_shapes": opt_shape,
-        "p50_ms": stats.p50, "p90_ms": stats.p90, "p99_ms": stats.p99, "mean_ms": stats.mean, "n": stats.n,
-        "throughput_items_per_s": stats.throughput,
-    }  # fmt: skip
-    progress("checking the engine against ONNX Runtime on the same model.onnx")
-    manifest["check_vs_onnxruntime"] = _compare_with_ort(onnx_path, feeds, engine_out)
-    _write_engine_manifest(bundle, manifest, onnx_path)
-    if has_manifest:
-        _relist(bundle)
+    plan, _manifest = trt_device.build_bundle(
+        bundle,
+        verify=False,  # checked above, with the package's full rules
+        workspace_bytes=int(workspace_gb * (1 << 30)),
+        timing_cache=Path(timing_cache) if timing_cache is not None else None,
+        iterations=iterations,
+        device=trt_engine.device_index(device),
+        check=_compare_with_ort,
+        progress=progress,
+    )
     return plan
 
 
 def _compare_with_ort(onnx_path: Path, feeds: Mapping[str, Mapping[str, np.ndarray]], engine_out: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
     """Largest |engine - ONNX Runtime| per shape point, absolute and scaled by max(1, max |ORT|)."""
     result: dict[str, Any] = {}
-    with OrtRunner(onnx_path, threads=0, name="onnxruntime") as ort_runner:
+    with SimulationRunner(onnx_path, threads=0, name="onnxruntime") as ort_runner:
         for which, feed in feeds.items():
             ref = ort_runner.infer(feed)
             worst_abs = worst_scaled = 0.0
@@ -548,34 +699,6 @@ def _compare_with_ort(onnx_path: Path, feeds: Mapping[str, Mapping[str, np.ndarr
                 worst_scaled = max(worst_scaled, err / max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0))
             result[which] = {"max_abs_error": worst_abs, "max_scaled_error": worst_scaled}
     return result
-
-
-def _write_engine_manifest(folder: Path, manifest: Mapping[str, Any], onnx_path: Path) -> None:
-    doc = dict(manifest) | {"onnx": onnx_path.name, "onnx_sha256": _sha256(onnx_path), "engine": PLAN_FILE}
-    (folder / ENGINE_MANIFEST).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-def _relist(folder: Path) -> None:
-    """Add the files build-engine wrote to the bundle's manifest.json, so that the bundle still verifies."""
-    path = folder / "manifest.json"
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    entries = {e["path"]: e for e in doc.get("files", []) if isinstance(e, dict) and "path" in e}
-    for name in (PLAN_FILE, ENGINE_MANIFEST, TIMING_CACHE):
-        p = folder / name
-        if p.is_file():
-            entries[name] = {"path": name, "size": p.stat().st_size, "sha256": _sha256(p)}
-    doc["files"] = sorted(entries.values(), key=lambda e: str(e["path"]))
-    tmp = folder / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 BACKEND: Any = TensorRTBackend()
