@@ -156,7 +156,7 @@ def probe(device: int = 0) -> Probe:
     trt = import_tensorrt()
     if trt is None:
         stub = _stub_only()
-        what = "only the tensorrt type stubs are installed, not TensorRT" if stub else "TensorRT is not installed"
+        what = "TensorRT is not installed (only its type stubs are)" if stub else "TensorRT is not installed"
         return Probe(False, f"{what} ({INSTALL_HINT}; {TRTEXEC_HINT})")
     version = str(getattr(trt, "__version__", "0"))
     if parse_version(version) < MIN_VERSION:

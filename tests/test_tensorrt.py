@@ -281,7 +281,7 @@ def test_simulated_drift_of_the_qdq_graph(head: Head, built: Built) -> None:
     with TorchRunner(make_wrapper(model), head.outputs, THREADS) as ref:
         reference = [ref.infer(f) for f in evaluation.feeds]
     with BACKEND.runner(artifact, threads=THREADS) as runner:
-        assert runner.name == "tensorrt-int8 (Q/DQ graph simulated on ONNX Runtime)"
+        assert runner.name == "tensorrt-int8 (Q/DQ graph, fp16 remainder, simulated on ONNX Runtime)"
         drift = task_drift(
             model, reference, runner.infer, evaluation.feeds, DEFAULT_BUDGETS[head.metric],
             labels=evaluation.labels, source=evaluation.source,
@@ -404,8 +404,10 @@ def test_without_tensorrt_build_fails_fast_naming_defer_build(precision: Precisi
 def test_build_engine_needs_the_device(built: Built, tmp_path: Path) -> None:
     folder = tmp_path / "bundle"
     shutil.copytree(built.deferred(HEADS[1], Precision.FP32).path, folder)
-    with pytest.raises(D2VError) as info:
+    with pytest.raises(D2VError, match="--no-verify"):  # compile() alone writes no manifest.json: refused unless told
         build_engine(folder)
+    with pytest.raises(D2VError) as info:
+        build_engine(folder, verify=False)
     assert info.value.code == ExitCode.TARGET_UNAVAILABLE and "target device" in str(info.value)
     assert not (folder / PLAN_FILE).exists()
 
@@ -557,11 +559,11 @@ def test_tensorrt_code_type_checks_against_the_stubs(tmp_path: Path) -> None:
         "disallow_untyped_defs = True\ncheck_untyped_defs = True\nwarn_redundant_casts = True\n"
         "[mypy-tensorrt.*,tensorrt_bindings.*]\nignore_errors = True\n"
         "[mypy-torch.*,transformers.*,onnx.*,onnxruntime.*,onnxscript.*,openvino.*,nncf.*,scipy.*]\nfollow_imports = skip\n"
-        "[mypy-d2v_export.*]\ndisallow_untyped_defs = False\n[mypy-d2v_export.trt_engine,d2v_export.backends.tensorrt]\ndisallow_untyped_defs = True\n"
+        "[mypy-d2v_export.*]\ndisallow_untyped_defs = False\n[mypy-d2v_export.trt_engine,d2v_export.trt_device,d2v_export.backends.tensorrt]\ndisallow_untyped_defs = True\n"
     )
     probe = tmp_path / "probe_types.py"  # proves that the stubs are really read (not Any)
     probe.write_text("import tensorrt as trt\nreveal_type(trt.Builder.create_network)\n")
-    files = [str(ROOT / "d2v_export" / "trt_engine.py"), str(ROOT / "d2v_export" / "backends" / "tensorrt.py")]
+    files = [str(ROOT / "d2v_export" / name) for name in ("trt_device.py", "trt_engine.py", "backends/tensorrt.py")]
     env = dict(os.environ, MYPYPATH=str(stubs))
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", str(tmp_path / "cache"), "--no-incremental"]
     seen = subprocess.run([*cmd, str(probe)], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

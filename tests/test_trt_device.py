@@ -100,6 +100,11 @@ def test_int8_bundle_has_an_fp16_remainder_with_fp32_io_and_builds_strongly_type
     assert recipe["strongly_typed"] is True and recipe["builder_flags"] == [] and recipe["tensorrt"]["min_version"] == "10.12"
     assert recipe["float_remainder"] and "fp16" in recipe["float_remainder"]
     assert (folder / DEVICE_SCRIPT).read_bytes() == Path(trt_device.__file__).read_bytes()
+    # ModelOpt's GEMV rule, adopted: the classifier on the pooled vector (batch 1) has no Q/DQ and is listed
+    dq_out = {n.output[0] for n in qdq if n.op_type == "DequantizeLinear"}
+    classifier = [n for n in g.node if n.op_type == "Gemm"]
+    assert classifier and all(not any(i in dq_out for i in n.input) for n in classifier)
+    assert {n.name for n in classifier} <= set(recipe["quantization"]["excluded_nodes"])
 
 
 def test_simulated_drift_of_the_fp16_remainder_is_in_the_report(run_dir: Path) -> None:

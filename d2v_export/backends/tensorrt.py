@@ -428,6 +428,58 @@ def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str
     return counts
 
 
+# NVIDIA's int8 Tensor Core GEMMs need K and N of at least 16 (TensorRT Model Optimizer's rule).
+MIN_GEMM_DIM = 16
+
+
+def gemv_nodes(graph: ExportedGraph) -> tuple[str, ...]:
+    """MatMul/Gemm nodes that are GEMV-shaped at the opt shapes (an output row or column of 1, e.g. a
+    classifier on the pooled vector at batch 1) or have K or N below 16: no Q/DQ for them.
+
+    The rule is TensorRT Model Optimizer's (measured there: Q/DQ on such GEMMs makes TensorRT slower, as they
+    cannot use int8 Tensor Cores); adopted after comparing placements (docs/tensorrt.md). They run in the
+    fp16 remainder instead. Shapes come from ONNX shape inference with the inputs fixed to the opt shapes."""
+    import onnx
+
+    model = onnx.load(str(graph.path), load_external_data=False)
+    opt = {p.name: p.opt for p in input_profiles(graph)}
+    for inp in model.graph.input:
+        if inp.name in opt:
+            for dim, size in zip(inp.type.tensor_type.shape.dim, opt[inp.name]):
+                dim.Clear()
+                dim.dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 -- shape inference is best effort here; without shapes only the weight rule applies
+        inferred = model
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim]
+        for v in (*inferred.graph.value_info, *inferred.graph.output)
+    }
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        w = weights.get(node.input[1])
+        small = False
+        if w is not None and len(w) == 2:
+            trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            k, n = (w[1], w[0]) if trans_b else (w[0], w[1])
+            small = k < MIN_GEMM_DIM or n < MIN_GEMM_DIM
+        y = shapes.get(node.output[0], [])
+        gemv = len(y) >= 2 and (y[-1] == 1 or y[-2] == 1)
+        if small or gemv:
+            found.append(node.name)
+    return tuple(found)
+
+
+def _with_placement_rules(graph: ExportedGraph, recipe: QuantRecipe) -> QuantRecipe:
+    """The TensorRT recipe plus the GEMV / small-GEMM nodes left unquantized."""
+    extra = [n for n in gemv_nodes(graph) if n not in recipe.excluded_nodes]
+    return dataclasses.replace(recipe, excluded_nodes=(*recipe.excluded_nodes, *extra)) if extra else recipe
+
+
 def _to_half(values: np.ndarray) -> np.ndarray:
     """fp32 -> fp16, saturating at +-65504: an attention mask's "minus infinity" (float32 min) must stay finite,
     or ``mask * min`` gives 0 * inf = NaN."""
@@ -487,17 +539,19 @@ class TensorRTBackend:
         probe = trt_engine.probe(device)
         if not probe.ok and not request.defer_build:
             raise D2VError(f"tensorrt cannot build an engine here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
-        recipe = _check_recipe(request.quant)
+        recipe = _with_placement_rules(graph, _check_recipe(request.quant))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PLAN_FILE).unlink(missing_ok=True)  # an engine of the first build must not answer for the candidates
         onnx_path = folder / ONNX_FILE
 
         def evaluate(candidate: Path) -> Drift:
             copy_model(candidate, onnx_path)  # the runner reads the bundle's model.onnx
+            _fp16_and_check(onnx_path)  # judged as shipped; the candidate itself stays fp32 for the node ranking
             files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
             return recovery.evaluate(Artifact(self.name, Precision.INT8, folder, onnx_path, files, quantization=recipe))
 
-        result = fallback(graph, recipe, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=_fix_and_check)
+        result = fallback(graph, recipe, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=_fixups)
+        _fp16_and_check(onnx_path)  # the chosen candidate, copied to the bundle by fallback(), gets its fp16 remainder
         build_here = probe.ok and not request.defer_build
         artifact = self._bundle(graph, folder, Precision.INT8, result.quantized.recipe, build_here, device)
         drift = result.drift
@@ -538,7 +592,7 @@ class TensorRTBackend:
     def _quantize(self, graph: ExportedGraph, target: Path, request: BuildRequest) -> QuantRecipe:
         from ..quantize import quantize_onnx
 
-        recipe = _check_recipe(request.quant)
+        recipe = _with_placement_rules(graph, _check_recipe(request.quant))
         qgraph = quantize_onnx(graph, target, recipe, request.calibration)
         _fix_and_check(target)
         return qgraph.recipe
@@ -605,8 +659,22 @@ def _check_recipe(recipe: QuantRecipe | None) -> QuantRecipe:
 
 def _fix_and_check(path: Path) -> None:
     """TensorRT's fix-ups on a freshly quantized graph, its fp16 remainder, then the check of what TensorRT accepts."""
+    _fixups(path)
+    _fp16_and_check(path)
+
+
+def _fixups(path: Path) -> None:
+    """The fix-ups alone (the fallback's candidates: its node ranking compares them with the fp32 graph)."""
     tensorrt_fixups(path)
-    fp16_remainder(path)
+    _check(path)
+
+
+def _fp16_and_check(path: Path) -> None:
+    fp16_remainder(path)  # idempotent
+    _check(path)
+
+
+def _check(path: Path) -> None:
     problems = qdq_problems(path)
     if problems:
         raise D2VError(f"the Q/DQ graph is not what TensorRT accepts: {problems[0]} (and {len(problems) - 1} more)", ExitCode.INTERNAL)
@@ -669,16 +737,21 @@ def build_engine(
         from .. import bundle as bundle_mod
 
         bundle_mod.verify(bundle)
-    plan, _manifest = trt_device.build_bundle(
-        bundle,
-        verify=False,  # checked above, with the package's full rules
-        workspace_bytes=int(workspace_gb * (1 << 30)),
-        timing_cache=Path(timing_cache) if timing_cache is not None else None,
-        iterations=iterations,
-        device=trt_engine.device_index(device),
-        check=_compare_with_ort,
-        progress=progress,
-    )
+    try:
+        plan, _manifest = trt_device.build_bundle(
+            bundle,
+            verify=False,  # checked above, with the package's full rules
+            workspace_bytes=int(workspace_gb * (1 << 30)),
+            timing_cache=Path(timing_cache) if timing_cache is not None else None,
+            iterations=iterations,
+            device=trt_engine.device_index(device),
+            check=_compare_with_ort,
+            progress=progress,
+        )
+    except D2VError as exc:
+        if exc.code == ExitCode.TARGET_UNAVAILABLE:
+            raise D2VError(f"build-engine runs on the target device: {exc}", exc.code) from None
+        raise
     return plan
 
 
