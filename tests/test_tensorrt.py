@@ -481,13 +481,13 @@ def test_build_engine_on_a_deferred_bundle(built: Built, tmp_path: Path) -> None
     folder = tmp_path / "bundle"
     shutil.copytree(built.deferred(HEADS[0], Precision.FP32).path, folder)
     cache = tmp_path / "shared.cache"
-    plan = build_engine(folder, workspace_gb=1.0, timing_cache=cache, iterations=50)
+    plan = build_engine(folder, workspace_gb=1.0, timing_cache=cache, iterations=50, verify=False)  # compile() writes no manifest.json
     assert plan == folder / PLAN_FILE and plan.stat().st_size > 0 and cache.stat().st_size > 0
     manifest = json.loads((folder / ENGINE_MANIFEST).read_text())
     assert manifest["precision"] == "fp32" and manifest["workspace_bytes"] == 1 << 30
-    assert manifest["benchmark"]["p50_ms"] > 0 and manifest["benchmark"]["n"] == 50
+    assert manifest["benchmark"]["p50_ms"] > 0 and manifest["benchmark"]["runs"] == 50  # 5 rounds of 10 between one event pair
     assert all(v["max_scaled_error"] < 1e-3 for v in manifest["check_vs_onnxruntime"].values()), manifest["check_vs_onnxruntime"]
-    again = build_engine(folder, workspace_gb=1.0, timing_cache=cache, iterations=10)  # the timing cache is reused
+    again = build_engine(folder, workspace_gb=1.0, timing_cache=cache, iterations=10, verify=False)  # the timing cache is reused
     assert again == plan and json.loads((folder / ENGINE_MANIFEST).read_text())["timing_cache_reused"] is True
 
 

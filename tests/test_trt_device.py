@@ -161,8 +161,8 @@ def _clean_venv(root: Path) -> Path:
     return python
 
 
-def _run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd)}
+def _run(python: Path, *args: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd), **extra_env}
     return subprocess.run([str(python), "-I", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
@@ -208,6 +208,60 @@ def test_device_half_gates_on_the_tensorrt_version_and_names_cuda_python(int8_bu
         res = _run(python, "-c", runner, cwd=tmp_path)
         assert res.returncode == int(ExitCode.TARGET_UNAVAILABLE), res.stderr
         assert expect in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+FAKES = Path(__file__).resolve().parent / "fake_trt"
+
+
+@no_gpu
+def test_device_half_builds_and_runs_end_to_end_on_stand_ins(int8_bundle: Path, tmp_path: Path) -> None:
+    """The whole device path in the clean venv, with stand-ins for TensorRT and cuda-python (tests/fake_trt):
+    manifest check, confined recipe paths, build (strongly typed, TF32 cleared), atomic plan / cache /
+    engine manifest, manifest relisted, benchmark in rounds between one event pair, pinned host buffers,
+    run on an .npz, device selection. The toy engine sums the image over its last axis."""
+    python = _clean_venv(tmp_path / "venv")
+    script = int8_bundle / DEVICE_SCRIPT
+
+    def device(*args: str) -> subprocess.CompletedProcess[str]:
+        code = textwrap.dedent(f"""
+            import json, runpy, sys
+            sys.path.insert(0, {str(FAKES)!r})
+            sys.argv = [{str(script)!r}, *{list(args)!r}]
+            try:
+                runpy.run_path({str(script)!r}, run_name="__main__")
+                status = 0
+            except SystemExit as exc:
+                status = exc.code
+            from cuda.bindings import runtime
+            print(json.dumps([c[0] for c in runtime.CALLS]), file=sys.stderr)
+            sys.exit(status)
+        """)
+        return _run(python, "-c", code, cwd=tmp_path)
+
+    built = device("build", "--iterations", "40")
+    assert built.returncode == 0, built.stderr
+    calls = json.loads(built.stderr.strip().splitlines()[-1])
+    assert calls.count("cudaEventRecord") == 2 * 4  # 40 runs: 4 rounds of 10, one event pair per round
+    assert "cudaMallocHost" in calls and "pageable copy" not in calls
+    plan = (int8_bundle / "model.plan").read_bytes()
+    doc = json.loads(plan[len(b"FAKEPLAN"):])
+    assert doc["strongly_typed"] is True and doc["cleared"] == [7]  # BuilderFlag.TF32 of the stand-in
+    engine = json.loads((int8_bundle / "engine_manifest.json").read_text())
+    assert engine["benchmark"]["runs"] == 40 and engine["benchmark"]["n"] == 4 and engine["device_index"] == 0
+    assert engine["onnx_sha256"] == trt_device.sha256_file(int8_bundle / "model.onnx")
+    assert (int8_bundle / "timing.cache").is_file()
+    assert not [p.name for p in int8_bundle.iterdir() if p.name.startswith(".")]  # no temporary files left
+    bundle_mod.verify(int8_bundle)  # the files build wrote were added to manifest.json
+
+    image = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", pixel_values=image)
+    ran = device("run", str(tmp_path / "inputs.npz"), "--output", str(tmp_path / "out.npz"))
+    assert ran.returncode == 0, ran.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["logits"], image.sum(axis=-1), rtol=1e-6)
+
+    other = device("run", str(tmp_path / "inputs.npz"), "--device", "cuda:1")
+    assert other.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "cuda:1 does not exist" in other.stderr, other.stderr
 
 
 def test_device_module_is_python_3_10(tmp_path: Path) -> None:
@@ -256,7 +310,7 @@ def test_build_engine_refuses_recipe_paths_outside_the_bundle(field: str, raw: s
     recipe = json.loads(recipe_path.read_text())
     recipe[field] = raw
     recipe_path.write_text(json.dumps(recipe))
-    with pytest.raises(D2VError, match="sha256"):  # verified first: the edited recipe no longer matches
+    with pytest.raises(D2VError, match="was changed"):  # verified first: the edited recipe no longer matches
         build_engine(int8_bundle)
     with pytest.raises(D2VError, match="outside the bundle|escapes the bundle|absolute") as err:
         build_engine(int8_bundle, verify=False)
