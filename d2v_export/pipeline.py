@@ -359,8 +359,8 @@ def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int
     default_rewrites = tuple(getattr(backend, "rewrites", ())) if options.rewrite else ()
     plan = []
     for request in _requests(backend, options, calib, threads):
-        if options.pick and request.quant is not None:
-            continue
+        if options.pick and request.quant is not None and getattr(backend, "pick_levers", ()):
+            continue  # replaced by the backend's candidates below
         name = f"{backend.name}-{request.precision.value}" + (f"-{request.quant.mode}" if request.quant else "")
         what = f"{request.precision.value}" + (f" {request.quant.mode}" if request.quant else "")
         plan.append((name, request, default_rewrites, what))
