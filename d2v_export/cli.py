@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -50,9 +51,10 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except D2VError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(int(exc.code))
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written to the output folder", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (pipeline.Interrupted): exit 128 + the signal
+            signum = int(getattr(exc, "signum", signal.SIGINT))
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing was written to the output folder", err=True)
+            sys.exit(128 + signum)
         except Exception as exc:  # a bug: one line, the traceback with D2V_DEBUG=1
             if os.environ.get("D2V_DEBUG"):
                 raise
