@@ -612,9 +612,12 @@ def _samples(
         progress(f"calibration: {len(calib)} samples from {calib.source}")
     evaluation = load_samples(int8.evaluation, model, profile, split="evaluation", count=int8.eval_samples, seed=int8.seed)
     progress(f"evaluation: {len(evaluation)} samples from {evaluation.source}")
+    from .calibration.samples import describe_skipped
+
     for s in (calib, evaluation):
         if s is not None and s.skipped:
-            warnings.append(f"skipped {len(s.skipped)} unreadable file(s) in {s.source}: " + "; ".join(f"{n} ({why})" for n, why in s.skipped[:5]))
+            warnings.append(f"skipped {len(s.skipped)} unreadable sample(s) in {s.source}: {describe_skipped(s.skipped)}")
+            progress(f"WARNING: {warnings[-1]}")
     if calib is not None and evaluation is not None and int8.calibration is None and int8.evaluation is None:
         overlap = set(calib.names) & set(evaluation.names)
         if overlap:

@@ -351,3 +351,44 @@ def test_assets():
     assert ids == {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 50264}
     assert tok.model_max_length == 512
     assert tok.decode(tok("Hello world, it's me.")["input_ids"], skip_special_tokens=True) == "Hello world, it's me."
+
+
+# --------------------------------------------------------------------------- bad lines and bad values (issue 12)
+
+
+def test_invalid_utf8_lines_are_skipped_and_numbered(tmp_path, text):
+    from d2v_export.calibration.samples import describe_skipped
+
+    (tmp_path / "calib.txt").write_bytes(b"a good line\nbad \xff\xfe bytes\nanother good line\n\xc3\x28\n\nlast good line\n")
+    s = load_samples(tmp_path / "calib.txt", text, TEXT)
+    assert s.names == ("calib.txt:1", "calib.txt:3", "calib.txt:6")
+    assert [n for n, _ in s.skipped] == ["calib.txt:2", "calib.txt:4"]
+    assert describe_skipped(s.skipped) == "calib.txt lines 2, 4 (not valid UTF-8)"
+    (tmp_path / "rows.jsonl").write_bytes(json.dumps({"text": "fine"}).encode() + b"\n{\"text\": \"caf\xe9\"}\n")
+    j = load_samples(tmp_path / "rows.jsonl", text, TEXT)
+    assert j.names == ("rows.jsonl:1",) and j.skipped == (("rows.jsonl:2", "not valid UTF-8"),)
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\nna\xefve\n")
+    with pytest.raises(D2VError, match=r"no readable text samples .*latin1\.txt:1: not valid UTF-8"):
+        load_samples(tmp_path / "latin1.txt", text, TEXT)
+
+
+def test_samples_with_nan_or_inf_are_named_and_skipped(tmp_path, vision):
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
+    batch[1, 0, 5, 5] = np.nan
+    np.savez(tmp_path / "three.npz", pixel_values=batch)
+    np.savez(tmp_path / "inf.npz", pixel_values=np.full((3, 32, 32), np.inf, dtype=np.float32))
+    np.savez(tmp_path / "clean.npz", pixel_values=rng.standard_normal((3, 32, 32)))
+    s = load_samples(tmp_path, vision, VISION)
+    assert s.names == ("clean.npz", "three.npz[0]", "three.npz[2]")
+    assert sorted(n for n, _ in s.skipped) == ["inf.npz", "three.npz[1]"]
+    assert all("non-finite" in why and "pixel_values" in why for _, why in s.skipped)
+    # a cache is checked too, and nothing usable is refused with the sample names
+    cache = save_cache(Samples(tuple(dict(pixel_values=batch[i : i + 1]) for i in range(3)), ("a", "b", "c"), None, (), "x"), tmp_path / "c" / "cache.npz")
+    back = load_cache(cache)
+    assert back.names == ("a", "c") and back.skipped == (("b", "holds non-finite values (NaN or inf) in pixel_values"),)
+    (tmp_path / "c" / "cache.npz").unlink()
+    (tmp_path / "only").mkdir()
+    np.savez(tmp_path / "only" / "nan.npz", pixel_values=np.full((3, 32, 32), np.nan))
+    with pytest.raises(D2VError, match=r"no readable .npz feeds .*nan\.npz: holds non-finite values"):
+        load_samples(tmp_path / "only", vision, VISION)

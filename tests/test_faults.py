@@ -124,3 +124,16 @@ def test_two_real_runs_into_one_folder(tmp_path: Path) -> None:
     assert "--force" in refused  # "written by another run" (or "not empty" had the other finished before this one began)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert json.loads((out / "report.json").read_text())["variants"]
+
+
+def test_invalid_utf8_lines_become_report_warnings(tmp_path: Path) -> None:
+    calib, held = tmp_path / "calib.txt", tmp_path / "held.txt"
+    calib.write_bytes(b"The cat sat on the mat.\nbad \xff line\nA second good sentence.\n\xc3\x28\nThird one, fine.\n")
+    held.write_bytes(b"Held out one.\nHeld out two.\ncaf\xe9 au lait\n")
+    out = tmp_path / "out"
+    res = cli(*TEXT, "--int8", "--calibration", str(calib), "--eval", str(held), "--output", str(out), "--bench-seconds", "0", "--quiet")
+    assert res.returncode in (0, int(ExitCode.DRIFT_BUDGET)), res.stderr
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert f"skipped 2 unreadable sample(s) in {calib}: calib.txt lines 2, 4 (not valid UTF-8)" in warnings
+    assert f"skipped 1 unreadable sample(s) in {held}: held.txt line 3 (not valid UTF-8)" in warnings
+    assert "calib.txt lines 2, 4" in (out / "report.md").read_text()

@@ -104,13 +104,15 @@ def collect(
             break
         try:
             feed, label = candidates[i].read()
+            why = non_finite(feed)
+            if why:
+                raise Unreadable(why)
         except Unreadable as exc:
             bad.append((candidates[i].name, " ".join(str(exc).split())))
             continue
         good.append((i, feed, label))
     if not good:
-        detail = f" ({len(bad)} unreadable, e.g. {bad[0][0]}: {bad[0][1]})" if bad else ""
-        raise D2VError(f"no readable {what} in '{source}'{detail}; {fix}")
+        raise D2VError(f"no readable {what} in '{source}'{_detail(bad)}; {fix}")
     good.sort(key=lambda t: t[0])
     labels = tuple(label for _, _, label in good)
     return Samples(
@@ -120,6 +122,43 @@ def collect(
         skipped=tuple(bad),
         source=source,
     )
+
+
+def describe_skipped(skipped: Sequence[tuple[str, str]], limit: int = 8) -> str:
+    """One line for a report warning: the entries grouped by file and reason, lines numbered.
+
+    ``[("a.txt:3", "not valid UTF-8"), ("a.txt:9", "not valid UTF-8"), ("b.npz", "...")]`` ->
+    ``"a.txt lines 3, 9 (not valid UTF-8); b.npz (...)"``.
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, why in skipped:
+        file, sep, line = name.rpartition(":")
+        if sep and line.isdigit():
+            groups.setdefault((file, why), []).append(line)
+        else:
+            groups.setdefault((name, why), [])
+    parts = []
+    for (file, why), lines in groups.items():
+        where = file
+        if lines:
+            shown = ", ".join(lines[:20]) + (f" and {len(lines) - 20} more" if len(lines) > 20 else "")
+            where = f"{file} line{'s' if len(lines) > 1 else ''} {shown}"
+        parts.append(f"{where} ({why})")
+    more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
+
+
+def non_finite(feed: Feed) -> str | None:
+    """Why a feed cannot calibrate or evaluate anything (NaN or inf in a float input), or None."""
+    bad = [name for name, value in feed.items() if value.dtype.kind == "f" and not np.isfinite(value).all()]
+    return f"holds non-finite values (NaN or inf) in {', '.join(bad)}" if bad else None
+
+
+def _detail(bad: Sequence[tuple[str, str]]) -> str:
+    if not bad:
+        return ""
+    names = ", ".join(f"{n}: {why}" for n, why in bad[:3])
+    return f" ({len(bad)} unreadable: {names}" + (", …)" if len(bad) > 3 else ")")
 
 
 def visible_files(root: Path, accept: Callable[[Path], bool]) -> list[Path]:
@@ -191,11 +230,22 @@ def load_cache(path: Path) -> Samples:
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise D2VError(f"calibration cache '{path}' cannot be read ({one_line(exc)}); delete it to rebuild") from None
     labels = meta["labels"]
+    names = tuple(meta["names"])
+    skipped = [(str(a), str(b)) for a, b in meta["skipped"]]
+    keep = []
+    for i, feed in enumerate(feeds):
+        why = non_finite(feed)
+        if why:
+            skipped.append((names[i], why))
+        else:
+            keep.append(i)
+    if not keep:
+        raise D2VError(f"calibration cache '{path}' has no usable sample{_detail(skipped)}; rebuild it from clean data")
     return Samples(
-        feeds=feeds,
-        names=tuple(meta["names"]),
-        labels=None if labels is None else tuple(labels),
-        skipped=tuple((str(a), str(b)) for a, b in meta["skipped"]),
+        feeds=tuple(feeds[i] for i in keep),
+        names=tuple(names[i] for i in keep),
+        labels=None if labels is None else tuple(labels[i] for i in keep),
+        skipped=tuple(skipped),
         source=str(meta["source"]),
     )
 

@@ -1,6 +1,7 @@
 """Text files -> `input_ids` and `attention_mask` through the checkpoint's own tokenizer.
 
-A `.txt` file gives one sample per non-blank line. A `.jsonl` file gives one per line, as
+A `.txt` file gives one sample per non-blank line. A line that is not valid UTF-8 is skipped and
+reported (as `file.txt:LINE` in `Samples.skipped`); the rest of the file is read. A `.jsonl` file gives one per line, as
   {"text": ...} or {"text": ..., "text_pair": ...}   any task
   {"question": ..., "context": ...}                   question-answering (a text pair elsewhere)
   {"prompt": ..., "choices": [...], "label": i}       multiple-choice (prompt + right choice elsewhere)
@@ -25,6 +26,7 @@ WHAT = "text samples"
 FIX = "pass a .txt file (one sample a line), a .jsonl file, or a folder of them"
 EXTENSIONS = frozenset({".txt", ".jsonl"})
 MULTIPLE = 8
+NOT_UTF8 = "not valid UTF-8"
 
 
 def find(root: Path) -> list[Path]:
@@ -165,11 +167,16 @@ def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, co
     for path in files:
         name = rel_name(path, root)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            skipped.append((name, f"not a readable UTF-8 text file ({one_line(exc)})"))
+            raw = path.read_bytes()
+        except OSError as exc:
+            skipped.append((name, f"not a readable file ({one_line(exc)})"))
             continue
-        for number, line in enumerate(lines, start=1):
+        for number, data in enumerate(raw.splitlines(), start=1):  # one bad line costs that line, not the file
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError:
+                skipped.append((f"{name}:{number}", NOT_UTF8))
+                continue
             if line.strip():
                 candidates.append(Candidate(f"{name}:{number}", reader(path, line.strip())))
     return collect(candidates, count=count, seed=seed, source=str(root), what=WHAT, fix=FIX, skipped=skipped)
