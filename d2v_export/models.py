@@ -268,10 +268,20 @@ def _load_checkpoint(spec: ModelSpec) -> LoadedModel:
             where, config=config, attn_implementation="eager", trust_remote_code=False, **dict(head.init_kwargs)
         )
 
+    if spec.kind is SourceKind.LOCAL:
+        check_weights(Path(where))
     try:
         module = _hub(_from_pretrained, spec.source) if spec.kind is SourceKind.HUB else _from_pretrained()
     except OSError as exc:
         raise D2VError(f"cannot load weights from '{where}': {str(exc).splitlines()[0]}; the folder needs model.safetensors or pytorch_model.bin") from None
+    except Exception as exc:  # what torch and safetensors raise on a damaged file that check_weights let through
+        if spec.kind is not SourceKind.LOCAL or not _damaged(exc):
+            raise
+        names = ", ".join(p.name for p in weight_files(Path(where))) or "its weights file"
+        raise D2VError(
+            f"the weights in '{where}' ({names}) cannot be read ({exc.__class__.__name__}): the file is truncated or corrupt; "
+            "re-download or re-save the checkpoint"
+        ) from None
     module.eval()
     processor, tokenizer, missing = _checkpoint_processors(spec.modality, where, config, head)
     if missing:
@@ -288,6 +298,66 @@ def _load_checkpoint(spec: ModelSpec) -> LoadedModel:
         description=spec.source,
         warnings=tuple(warnings),
     )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weights transformers loads from a checkpoint folder: safetensors first, else pytorch_model*.bin."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse a truncated or corrupt weights file by its structure (cheap: headers and sizes, no tensor data read)."""
+    for path in weight_files(folder):
+        why = _safetensors_damage(path) if path.suffix == ".safetensors" else _torch_damage(path)
+        if why:
+            raise D2VError(f"weights file '{path}' is truncated or corrupt ({why}); re-download or re-save the checkpoint")
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    size = path.stat().st_size
+    if size < 8:
+        return f"{size} bytes, shorter than a safetensors header"
+    with path.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if 8 + n > size:
+            return f"its header claims {n} bytes, the file has {size}"
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not valid safetensors JSON"
+    want = 8 + n + max(ends, default=0)
+    if want != size:
+        return f"its header describes {want} bytes, the file has {size}"
+    return None
+
+
+def _torch_damage(path: Path) -> str | None:
+    import zipfile
+
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            return f"not a complete torch.save archive: {exc}"
+        return None
+    if head[:1] == b"\x80":  # a pre-zip torch.save (pickle): nothing cheap to check
+        return None
+    return "neither a torch.save archive nor a pickle"
+
+
+def _damaged(exc: BaseException) -> bool:
+    import pickle
+    import zipfile
+
+    if isinstance(exc, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile)) or type(exc).__name__ == "SafetensorError":
+        return True
+    return "PytorchStreamReader" in str(exc)
 
 
 def _checkpoint_processors(modality: Modality, where: str | Path, config: Any, head: Head) -> tuple[Any | None, Any | None, str | None]:

@@ -137,3 +137,58 @@ def test_invalid_utf8_lines_become_report_warnings(tmp_path: Path) -> None:
     assert f"skipped 2 unreadable sample(s) in {calib}: calib.txt lines 2, 4 (not valid UTF-8)" in warnings
     assert f"skipped 1 unreadable sample(s) in {held}: held.txt line 3 (not valid UTF-8)" in warnings
     assert "calib.txt lines 2, 4" in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from d2v_export.models import load, parse_source
+    from d2v_export.spec import Modality
+
+    folder = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    model = load(parse_source("preset:tiny", Modality.TEXT, "text-classification"))
+    model.module.save_pretrained(folder)
+    model.save_pretrained_files(folder)
+    return folder
+
+
+def _damage(src: Path, dst: Path, how: str) -> Path:
+    import torch
+
+    shutil.copytree(src, dst)
+    st = dst / "model.safetensors"
+    data = st.read_bytes()
+    if how == "safetensors-truncated":
+        st.write_bytes(data[: len(data) // 2])
+    elif how == "safetensors-header":
+        st.write_bytes(data[:5])
+    else:  # pytorch_model.bin, as older checkpoints ship it
+        from safetensors.torch import load_file
+
+        st.unlink()
+        torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+        full = (dst / "pytorch_model.bin").read_bytes()
+        (dst / "pytorch_model.bin").write_bytes(full[: len(full) // 2] if how == "bin-truncated" else b"\x80\x02not a pickle at all")
+    return dst
+
+
+@pytest.mark.parametrize("how", ["safetensors-truncated", "safetensors-header", "bin-truncated", "bin-garbage-pickle"])
+def test_a_damaged_weights_file_is_bad_input(how: str, text_checkpoint: Path, tmp_path: Path) -> None:
+    from d2v_export.models import load, parse_source
+    from d2v_export.spec import D2VError, Modality
+
+    ckpt = _damage(text_checkpoint, tmp_path / how, how)
+    with pytest.raises(D2VError, match="truncated or corrupt") as err:
+        load(parse_source(str(ckpt), Modality.TEXT, None))
+    assert err.value.code == ExitCode.BAD_INPUT
+    assert ("model.safetensors" if how.startswith("safetensors") else "pytorch_model.bin") in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_truncated_checkpoint_exits_3_with_one_line(text_checkpoint: Path, tmp_path: Path) -> None:
+    ckpt = _damage(text_checkpoint, tmp_path / "ckpt", "safetensors-truncated")
+    res = cli("text", "--model", str(ckpt), "--output", str(tmp_path / "out"), "--bench-seconds", "0", "--quiet")
+    assert res.returncode == int(ExitCode.BAD_INPUT), res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "model.safetensors" in errors[0] and "truncated or corrupt" in errors[0], res.stderr
+    assert "internal error" not in res.stderr
+    assert not (tmp_path / "out").exists()
