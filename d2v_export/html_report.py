@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .compare import drift_score
-from .metrics import METRICS
+from .metrics import METRICS, within
 
 PASS, FAIL, REF, MUTED, AXIS, GRID = "#1a7f37", "#cf222e", "#57606a", "#8c959f", "#424a53", "#d8dee4"
 PALETTE = ("#0969da", "#bf8700", "#8250df", "#1a7f37", "#cf222e", "#1b7c83", "#953800", "#6639ba")
@@ -203,7 +203,7 @@ def _metric_ok(value: float | None, limit: float | None, higher: bool) -> bool:
         return False
     if limit is None:
         return True
-    return value >= limit if higher else value <= limit
+    return within(value, limit, higher)  # the same inclusive rule as metrics.judge
 
 
 def drift_plot(variants: Sequence[Mapping[str, Any]]) -> str:

@@ -73,18 +73,29 @@ MAX_ANSWER_TOKENS = 30  # longest answer span, in tokens, for span_exact_match
 # ---------------------------------------------------------------------------------- budgets
 
 
+# Budgets are inclusive, and a value within this of its limit counts as at the limit: float rounding
+# (0.87 - 0.865 = 0.0050000000000000044) must not fail a metric that is exactly at its budget. Relative
+# to the limit when that is over 1; far below one sample's share of any count metric (1/n, n < 10^8).
+BUDGET_EPSILON = 1e-9
+
+
+def within(value: float, limit: float, higher_is_better: bool) -> bool:
+    """``value`` meets an inclusive ``limit`` (a lower bound when higher is better), up to float rounding; NaN never does."""
+    slack = BUDGET_EPSILON * max(1.0, abs(limit))
+    return value >= limit - slack if higher_is_better else value <= limit + slack
+
+
 def judge(metrics: dict[str, float], budget: dict[str, float]) -> tuple[bool, tuple[str, ...]]:
     """(passed, failed metric names). Lower bound for higher-is-better metrics, upper bound otherwise.
 
-    A budget key absent from ``metrics`` is ignored; a NaN value fails.
+    Budgets are inclusive (``within``). A budget key absent from ``metrics`` is ignored; a NaN value fails.
     """
     failed = []
     for name, limit in budget.items():
         if name not in metrics:
             continue
-        value = metrics[name]
         higher = METRICS[name].higher_is_better if name in METRICS else False
-        if not (value >= limit if higher else value <= limit):
+        if not within(metrics[name], limit, higher):
             failed.append(name)
     return not failed, tuple(failed)
 

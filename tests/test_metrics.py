@@ -188,6 +188,19 @@ def test_judge_bounds() -> None:
     assert M.judge({"top1_agreement": math.nan}, budget) == (False, ("top1_agreement",))
 
 
+def test_a_metric_exactly_at_its_budget_passes() -> None:
+    """Seen: accuracy_drop 0.005 against 0.005 on 200 samples failed through float rounding."""
+    n = 200
+    ra, ca = 174 / n, 173 / n  # one sample's flip: exactly the 0.005 budget
+    assert ra - ca > 0.005  # 0.0050000000000000044: what a plain <= got wrong
+    assert M.judge({"accuracy_drop": ra - ca}, {"accuracy_drop": 0.005}) == (True, ())
+    assert M.judge({"accuracy_drop": 175 / n - ca}, {"accuracy_drop": 0.005}) == (False, ("accuracy_drop",))  # two flips fail
+    # lower bounds too: a rounding-sized shortfall passes, one item in a million still fails
+    assert M.judge({"top1_agreement": 0.98 - 1e-12}, {"top1_agreement": 0.98}) == (True, ())
+    assert M.judge({"top1_agreement": 0.98 - 1e-6}, {"top1_agreement": 0.98}) == (False, ("top1_agreement",))
+    assert M.judge({"wer": 0.05 + 1e-6}, {"wer": 0.05}) == (False, ("wer",))
+
+
 def test_parse_budget() -> None:
     assert M.parse_budget(["top1_agreement=0.99", "wer = 0.05,cer=0.02"]) == {"top1_agreement": 0.99, "wer": 0.05, "cer": 0.02}
     assert M.parse_budget([]) == {}
