@@ -89,6 +89,61 @@ def main() -> None:
     accuracy drift and latency."""
 
 
+def _int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """The INT8 knobs, shared by the single run and `matrix` (one definition, one meaning)."""
+    return [
+        click.option("--quant", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+                     help="INT8 mode: static (calibrated activations) or dynamic (ORT: runtime activation ranges; OpenVINO: weight-only)."),
+        click.option("--calibration", type=click.Path(path_type=Path, exists=True), default=None,
+                     help="Calibration samples: a folder of images/audio, a .txt/.jsonl text file, .npz feeds, or a calibration-cache.npz."),
+        click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration samples to use (seeded pick)."),
+        click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
+        click.option("--eval", "eval_path", type=click.Path(path_type=Path, exists=True), default=None,
+                     help="Held-out samples for the drift check (labels optional). Default: the bundled evaluation split."),
+        click.option("--eval-samples", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--max-drift", multiple=True, metavar="METRIC=VALUE",
+                     help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable."),
+        click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="ONNX Runtime INT8 with 7-bit weights, exact on x86 CPUs without VNNI (their u8 x s8 kernel saturates "
+                          "with 8-bit weights). auto: on when the --target-profile's CPU, else this one, lacks VNNI."),
+        click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
+                     help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds."),
+    ]  # fmt: skip
+
+
+def _int8_options_decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed(_int8_options()):
+        fn = opt(fn)
+    return fn
+
+
+def _defer_build_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("--defer-build", is_flag=True,
+                        help="TensorRT where no TensorRT/GPU is present: write the Q/DQ graph, build recipe and simulated drift; build the engine on the device later.")  # fmt: skip
+
+
+def _quant_options(kw: dict[str, Any], wanted: bool, enable: str) -> Any:
+    """QuantOptions from the shared INT8 knobs, or None when INT8 is not asked for (then the knobs are an error)."""
+    from .metrics import parse_budget
+    from .pipeline import QuantOptions
+
+    if not wanted:
+        if kw["max_drift"] or kw["calibration"] or kw["eval_path"] or kw["fallback"] == "auto":
+            raise D2VError(f"--calibration, --eval, --max-drift and --fallback apply to INT8; add {enable}")
+        return None
+    return QuantOptions(
+        mode=kw["quant"],
+        method=kw["calib_method"],
+        calibration=kw["calibration"],
+        samples=kw["calib_samples"],
+        evaluation=kw["eval_path"],
+        eval_samples=kw["eval_samples"],
+        budget=parse_budget(list(kw["max_drift"])),
+        fallback=kw["fallback"] == "auto",
+        reduce_range=kw["reduce_range"],
+    )
+
+
 def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     from . import backends
 
@@ -110,22 +165,7 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
             click.option("--bench-seconds", type=click.FloatRange(min=0), default=8.0, show_default=True,
                          help="Time budget for the interleaved latency measurement (at least 10 runs each)."),
             click.option("--int8", is_flag=True, help="Also build INT8 variants (static, calibrated on the bundled real samples unless --calibration)."),
-            click.option("--quant", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-                         help="INT8 mode: static (calibrated activations) or dynamic (ORT: runtime activation ranges; OpenVINO: weight-only)."),
-            click.option("--calibration", type=click.Path(path_type=Path, exists=True), default=None,
-                         help="Calibration samples: a folder of images/audio, a .txt/.jsonl text file, .npz feeds, or a calibration-cache.npz."),
-            click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration samples to use (seeded pick)."),
-            click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
-            click.option("--eval", "eval_path", type=click.Path(path_type=Path, exists=True), default=None,
-                         help="Held-out samples for the drift check (labels optional). Default: the bundled evaluation split."),
-            click.option("--eval-samples", type=click.IntRange(min=1), default=16, show_default=True),
-            click.option("--max-drift", multiple=True, metavar="METRIC=VALUE",
-                         help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable."),
-            click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                         help="ONNX Runtime INT8 with 7-bit weights, exact on x86 CPUs without VNNI (their u8 x s8 kernel saturates "
-                              "with 8-bit weights). auto: on when the --target-profile's CPU, else this one, lacks VNNI."),
-            click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
-                         help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds."),
+            *_int8_options(),
             click.option("--target-profile", default=None, metavar="NAME|FILE",
                          help="A device profile from targets/ (xeon-vnni, generic-avx2, nvidia-t4, jetson-orin) or a TOML file: "
                               "target, precision, threads, shapes and a latency budget that becomes a verdict."),
@@ -139,8 +179,7 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
             click.option("--rewrite/--no-rewrite", default=True, show_default=True,
                          help="Exact Data2Vec graph clean-up before compiling, for the targets that gain from it (OpenVINO): constant "
                               "folding, layer-scale and query-scale folding, channel LayerNorm without transposes."),
-            click.option("--defer-build", is_flag=True,
-                         help="TensorRT where no TensorRT/GPU is present: write the Q/DQ graph, build recipe and simulated drift; build the engine on the device later."),
+            _defer_build_option(),
             click.option("--baseline", type=click.Path(path_type=Path, exists=True), default=None,
                          help="A previous report.json (or its folder): compare latency and drift; exit 7 on a regression."),
             click.option("--latency-tolerance", default="10%", show_default=True, help="Slowdown allowed before --baseline flags it (10% or 0.1)."),
@@ -160,8 +199,7 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
     from .bench import BenchSettings
     from .models import parse_source
     from .compare import parse_tolerance
-    from .metrics import parse_budget
-    from .pipeline import QuantOptions, RunOptions, ShapeRequest, run
+    from .pipeline import RunOptions, ShapeRequest, run
 
     quiet = kw["quiet"]
 
@@ -205,23 +243,9 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
             half += (profile.precision,)
         for flag in missing_cpu_flags(profile):
             progress(f"WARNING: profile {profile.name} expects the CPU flag {flag}, which this machine lacks: latency here does not predict the device")
-    int8 = None
     if kw["pick"]:
         kw["int8"] = True  # the candidates are INT8 recipes (fp32 competes too)
-    if kw["int8"]:
-        int8 = QuantOptions(
-            mode=kw["quant"],
-            method=kw["calib_method"],
-            calibration=kw["calibration"],
-            samples=kw["calib_samples"],
-            evaluation=kw["eval_path"],
-            eval_samples=kw["eval_samples"],
-            budget=parse_budget(list(kw["max_drift"])),
-            fallback=kw["fallback"] == "auto",
-            reduce_range=kw["reduce_range"],
-        )
-    elif kw["max_drift"] or kw["calibration"] or kw["eval_path"] or kw["fallback"] == "auto":
-        raise D2VError("--calibration, --eval, --max-drift and --fallback apply to INT8; add --int8")
+    int8 = _quant_options(kw, kw["int8"], "--int8")
     output = kw["output"] or Path("out") / modality.value
     options = RunOptions(
         output=output,
@@ -400,32 +424,37 @@ def compare(baseline: Path, current: Path, latency_tolerance: str, drift_toleran
 Examples:
   d2v-export matrix --model preset:base --modality vision --target onnxruntime --target openvino --precision fp32 --precision int8
   d2v-export matrix --model preset:tiny --modality vision --modality text --modality audio --shard 1/3 --output out/m1
-  d2v-export matrix-merge out/m1 out/m2 out/m3 --output out/matrix
+  d2v-export matrix --modality vision --target tensorrt --defer-build --calib-samples 64 --max-drift top1_agreement=0.99
+  d2v-export matrix-merge out/m1 out/m2 out/m3 --output out/matrix [--force]
 """)  # fmt: skip
 @click.option("--model", "-m", default="preset:base", show_default=True, help="preset:NAME (per modality), or a checkpoint for one modality.")
 @click.option("--modality", "modalities", multiple=True, type=click.Choice([m.value for m in Modality]), default=("vision", "text", "audio"), show_default=True)
 @click.option("--target", "targets", multiple=True, default=("onnxruntime", "openvino", "tensorrt"), show_default=True)
 @click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), default=("fp32", "int8"), show_default=True)
 @click.option("--task", default=None, help="Task for every modality (default: the model's own head).")
-@click.option("--quant", type=click.Choice(["static", "dynamic"]), default="static", show_default=True)
 @click.option("--shard", default=None, metavar="I/N", help="Run only shard I of N (1-based); merge with matrix-merge.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("out/matrix"), show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--bench-seconds", type=click.FloatRange(min=0), default=8.0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
+@_defer_build_option()
+@_int8_options_decorator
 @_handle_errors
 def matrix(model: str, modalities: tuple[str, ...], targets: tuple[str, ...], precisions: tuple[str, ...], task: str | None,
-           quant: str, shard: str | None, output: Path, force: bool, threads: int, bench_seconds: float, quiet: bool) -> None:  # fmt: skip
-    """Run modalities x targets x precisions into one report (matrix.json/.md/.html) naming the latency-vs-drift front."""
+           shard: str | None, output: Path, force: bool, threads: int, bench_seconds: float, quiet: bool, defer_build: bool,
+           **int8: Any) -> None:  # fmt: skip
+    """Run modalities x targets x precisions into one report (matrix.json/.md/.html) naming the latency-vs-drift front.
+
+    The INT8 options apply to the int8 cells, as --int8 does in a single run."""
     from . import matrix as mx
     from .bench import BenchSettings
-    from .pipeline import QuantOptions
 
+    quant = _quant_options(int8, "int8" in precisions, "--precision int8")
     doc = mx.run_matrix(
         model, modalities, targets, precisions, output,
-        shard=mx.parse_shard(shard), bench=BenchSettings(seconds=bench_seconds), quant=QuantOptions(mode=quant),
-        threads=threads, task=task, force=force,
+        shard=mx.parse_shard(shard), bench=BenchSettings(seconds=bench_seconds), quant=quant,
+        threads=threads, task=task, force=force, defer_build=defer_build,
         progress=(lambda _m: None) if quiet else (lambda m: click.echo(f"[d2v-export] {m}", err=True)),
     )  # fmt: skip
     click.echo(mx.markdown(doc))
@@ -435,12 +464,13 @@ def matrix(model: str, modalities: tuple[str, ...], targets: tuple[str, ...], pr
 @main.command("matrix-merge")
 @click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True)
+@click.option("--force", is_flag=True, help="Replace the matrix report already in the output folder.")
 @_handle_errors
-def matrix_merge(shards: tuple[Path, ...], output: Path) -> None:
+def matrix_merge(shards: tuple[Path, ...], output: Path, force: bool) -> None:
     """Merge the matrix.json of several shards into one matrix report."""
     from . import matrix as mx
 
-    doc = mx.merge_files(list(shards), output)
+    doc = mx.merge_files(list(shards), output, force=force)
     click.echo(mx.markdown(doc))
     sys.exit(mx.exit_code(doc))
 

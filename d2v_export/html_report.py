@@ -575,14 +575,18 @@ def render_matrix(doc: Mapping[str, Any]) -> str:
         vrows = []
         for v in variants:
             vrows.append([
-                _Raw(f"<b>{esc(v['name'])}</b>" + (" ★" if v["name"] in front else "")), v.get("target"), v.get("precision"), fmt_num(v.get("p50_ms")),
-                f"{v['speedup_vs_reference']:.2f}×" if v.get("speedup_vs_reference") else "–", fmt_num(v.get("drift_score"), 3),
+                _Raw(f"<b>{esc(v['name'])}</b>" + (" (simulated)" if v.get("simulated") else "") + (" ★" if v["name"] in front else "")), v.get("target"), v.get("precision"), fmt_num(v.get("p50_ms")),
+                f"{v['speedup_vs_common_reference']:.2f}×" if v.get("speedup_vs_common_reference") else "–", fmt_num(v.get("drift_score"), 3),
                 f"{v.get('key_metric')} {fmt_num(v.get('key_metric_value'), 4)}" if v.get("key_metric") else "–", _ok(v.get("drift_passed")),
             ])
-        body.append(_table(["variant", "target", "precision", "p50 ms", "speedup", "drift score", "key metric", "drift"], vrows, numeric=(3, 4, 5)))
+        ref = info.get("reference_p50_ms")
+        if ref is not None:
+            from .matrix import SPEEDUP_MEANING
+
+            body.append(f"<p>PyTorch fp32 reference p50 {fmt_num(ref)} ms. {esc(SPEEDUP_MEANING)}</p>")
+        body.append(_table(["variant", "target", "precision", "p50 ms", "speedup vs common ref", "drift score", "key metric", "drift"], vrows, numeric=(3, 4, 5)))
         body.append(f"<p>Latency-versus-drift front (★): {esc(', '.join(front) or 'none')}.</p>")
         points = [{"name": v["name"], "x": v.get("drift_score"), "y": v.get("p50_ms"), "ok": v.get("drift_passed")} for v in variants]
-        ref = info.get("reference_p50_ms")
         body.append("<figure>" + scatter_plot(points, y_label="p50 latency (ms)", y_higher_better=False, reference_y=ref, front=front, kind="pareto") +
                     "<figcaption>Blue ring and line: the Pareto front (no other variant is both faster and closer to the reference).</figcaption></figure>")
     if doc.get("warnings"):

@@ -40,7 +40,9 @@ from .compare import drift_score
 from .report import jsonable
 from .spec import D2VError, ExitCode, Modality, Precision
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: variants' speedup_vs_common_reference (modalities_detail) and simulated
+SPEEDUP_MEANING = ("Speedup = this reference p50 (the median over the modality's runs) / the variant's p50: one footing for every "
+                   "variant, so a faster variant always shows the larger speedup; each run's own ratio is speedup_vs_reference in its report.")
 BUILT_PRECISIONS = ("fp32", "int8")  # what pipeline.run builds today
 
 
@@ -101,15 +103,15 @@ def plan(
     return cells
 
 
-def _skip_reason(cell: Cell) -> str | None:
-    """Why a cell cannot run here, or None."""
+def _skip_reason(cell: Cell, defer_build: bool = False) -> str | None:
+    """Why a cell cannot run here, or None. With ``defer_build`` a target that can defer (TensorRT) runs."""
     from . import backends
 
     if cell.target not in backends.names():
         return f"unknown target '{cell.target}'; known: {', '.join(backends.names())}"
     backend = backends.get(cell.target)
     avail = backend.available()
-    if not avail.ok:
+    if not avail.ok and not (defer_build and getattr(backend, "can_defer", False)):
         return f"target not available here: {avail.reason}"
     if cell.precision not in {p.value for p in backend.precisions}:
         return f"{cell.target} does not build {cell.precision}"
@@ -132,27 +134,31 @@ def run_matrix(
     threads: int = 0,
     task: str | None = None,
     force: bool = False,
+    defer_build: bool = False,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Any]:
     """Run the cells (of one shard), write matrix.json/.md/.html into ``output``, return the document.
 
     ``shapes``: a pipeline.ShapeRequest (default: the model's defaults). ``quant``: the
     pipeline.QuantOptions for int8 cells (default QuantOptions()). ``task``: None for each
-    modality's default head. Per-cell reports go to ``output/cells/<modality>-<target>/``.
+    modality's default head. ``defer_build``: as the single run's --defer-build (TensorRT without
+    TensorRT or a GPU: the portable half, latency and drift simulated on ONNX Runtime; such variants
+    are marked ``simulated`` and kept off the front). Per-cell reports go to ``output/cells/<modality>-<target>/``.
     """
+    from . import backends
+
     from .models import parse_source
     from .pipeline import QuantOptions, RunOptions, ShapeRequest, run
 
     output = Path(output)
-    if (output / "matrix.json").exists() and not force:
-        raise D2VError(f"'{output}' already holds a matrix.json; pass --force to replace it or choose another --output")
+    _check_output(output, force)
     output.mkdir(parents=True, exist_ok=True)
     shapes = shapes if shapes is not None else ShapeRequest()
     cells = plan(modalities, targets, precisions, shard=shard)
     results: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in cells:
-        reason = _skip_reason(cell)
+        reason = _skip_reason(cell, defer_build)
         if reason is not None:
             progress(f"{cell.key}: skipped ({reason})")
             results[cell.key] = _cell_doc(cell, "skipped", reason)
@@ -174,6 +180,7 @@ def run_matrix(
                 threads=threads,
                 bench=bench,
                 int8=(quant if quant is not None else QuantOptions()) if want_int8 else None,
+                defer_build=defer_build,
             )
             run(spec, shapes, options, progress=_prefixed(progress, f"{modality}/{target}"))
             report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
@@ -185,8 +192,9 @@ def run_matrix(
                 results[cell.key] = _cell_doc(cell, "failed", reason, exit_code=code)
             continue
         random_weights = random_weights or bool((report.get("model") or {}).get("random_weights"))
+        simulated = defer_build and not backends.get(target).available().ok
         for cell in group:
-            results[cell.key] = _cell_from_report(cell, report, folder, output)
+            results[cell.key] = _cell_from_report(cell, report, folder, output, simulated=simulated)
     doc = _document(
         model=model,
         cells=[results[c.key] for c in cells],
@@ -199,6 +207,11 @@ def run_matrix(
     )
     write(doc, output)
     return doc
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if (output / "matrix.json").exists() and not force:
+        raise D2VError(f"'{output}' already holds a matrix.json; pass --force to replace it or choose another --output")
 
 
 def _prefixed(progress: Callable[[str], None], prefix: str) -> Callable[[str], None]:
@@ -230,16 +243,20 @@ def _cell_doc(cell: Cell, status: str, reason: str = "", **extra: Any) -> dict[s
             "report": None, "task": None, "reference_p50_ms": None, "variants": []} | extra  # fmt: skip
 
 
-def _cell_from_report(cell: Cell, report: Mapping[str, Any], folder: Path, output: Path) -> dict[str, Any]:
+SIMULATED = ("deferred build: latency and drift are ONNX Runtime's simulation of the graph, not the target's; "
+             "build and measure the engine on the device with d2v-export build-engine")
+
+
+def _cell_from_report(cell: Cell, report: Mapping[str, Any], folder: Path, output: Path, *, simulated: bool = False) -> dict[str, Any]:
     ref = (report.get("reference") or {}).get("latency_ms") or {}
     variants = [v for v in report.get("variants") or [] if v.get("precision") == cell.precision]
     html = folder / "report.html"
     link = os.path.relpath(html if html.exists() else folder / "report.md", output)
     if not variants:
         return _cell_doc(cell, "failed", f"the run built no {cell.precision} variant", report=link)
-    entries = [_variant_entry(v, ref.get("p50")) for v in variants]
+    entries = [_variant_entry(v, ref.get("p50")) | {"simulated": simulated} for v in variants]
     failed = [e["name"] for e in entries if e["drift_passed"] is False]
-    reason = f"drift over budget: {', '.join(failed)}" if failed else ""
+    reason = "; ".join(r for r in (f"drift over budget: {', '.join(failed)}" if failed else "", SIMULATED if simulated else "") if r)
     return _cell_doc(cell, "ran", reason, report=link, task=(report.get("model") or {}).get("task"),
                      reference_p50_ms=ref.get("p50"), variants=entries)  # fmt: skip
 
@@ -268,8 +285,8 @@ def _variant_entry(v: Mapping[str, Any], ref_p50: float | None) -> dict[str, Any
 
 
 def pareto(variants: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Names on the front (lower p50 and lower drift score both better), fastest first."""
-    pts = [v for v in variants if v.get("p50_ms") is not None and v.get("drift_score") is not None]
+    """Names on the front (lower p50 and lower drift score both better), fastest first; simulated variants stay off it."""
+    pts = [v for v in variants if v.get("p50_ms") is not None and v.get("drift_score") is not None and not v.get("simulated")]
     front = []
     for a in pts:
         dominated = any(
@@ -298,7 +315,9 @@ def summarize(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         info["variants"] += [dict(v, report=cell.get("report")) for v in cell.get("variants") or [] if v["name"] not in known]
     for info in out.values():
         refs = info.pop("refs")
-        info["reference_p50_ms"] = statistics.median(refs) if refs else None
+        ref = info["reference_p50_ms"] = statistics.median(refs) if refs else None
+        for v in info["variants"]:  # one footing: every variant against the same reference p50
+            v["speedup_vs_common_reference"] = round(ref / v["p50_ms"], 3) if ref and v.get("p50_ms") else None
         info["variants"].sort(key=lambda v: (v.get("p50_ms") is None, v.get("p50_ms") or 0.0, v["name"]))
         info["pareto"] = pareto(info["variants"])
     return out
@@ -356,11 +375,14 @@ def merge(docs: Sequence[Mapping[str, Any]], *, relocate: Callable[[Mapping[str,
                      random_weights=any(d.get("random_weights") for d in docs), warnings=warnings)  # fmt: skip
 
 
-def merge_files(paths: Sequence[Path], output: Path) -> dict[str, Any]:
-    """Read the shards' matrix.json files, merge, write matrix.json/.md/.html into ``output``."""
+def merge_files(paths: Sequence[Path], output: Path, *, force: bool = False) -> dict[str, Any]:
+    """Read the shards' matrix.json files, merge, write matrix.json/.md/.html into ``output``.
+
+    As ``run_matrix``: an ``output`` that already holds a matrix.json needs ``force``."""
     from .compare import load_report
 
     output = Path(output)
+    _check_output(output, force)
     output.mkdir(parents=True, exist_ok=True)
     docs, where = [], {}
     for p in paths:
@@ -395,15 +417,15 @@ def markdown(doc: Mapping[str, Any]) -> str:
         lines += ["", f"## {modality}: {info.get('task')}", ""]
         ref = info.get("reference_p50_ms")
         if ref is not None:
-            lines += [f"PyTorch fp32 reference p50 {ref:.3f} ms.", ""]
-        lines += ["| variant | p50 ms | speedup | drift score | key metric | drift | front |", "|---|---:|---:|---:|---|---|---|"]
+            lines += [f"PyTorch fp32 reference p50 {ref:.3f} ms. {SPEEDUP_MEANING}", ""]
+        lines += ["| variant | p50 ms | speedup vs common ref | drift score | key metric | drift | front |", "|---|---:|---:|---:|---|---|---|"]
         for v in info.get("variants") or []:
             p50 = f"{v['p50_ms']:.3f}" if v.get("p50_ms") is not None else "–"
-            sp = f"{v['speedup_vs_reference']:.2f}×" if v.get("speedup_vs_reference") else "–"
+            sp = f"{v['speedup_vs_common_reference']:.2f}×" if v.get("speedup_vs_common_reference") else "–"
             score = f"{v['drift_score']:.3g}" if v.get("drift_score") is not None else "–"
             key = f"{v['key_metric']} {v['key_metric_value']:.4g}" if v.get("key_metric") and v.get("key_metric_value") is not None else "–"
             ok = {True: "✅", False: "❌"}.get(v.get("drift_passed"), "–")
-            lines.append(f"| {v['name']} | {p50} | {sp} | {score} | {key} | {ok} | {'★' if v['name'] in front else ''} |")
+            lines.append(f"| {v['name']}{' (simulated)' if v.get('simulated') else ''} | {p50} | {sp} | {score} | {key} | {ok} | {'★' if v['name'] in front else ''} |")
         lines += ["", f"Latency-versus-drift front: {', '.join(front) or 'none'}."]
     if doc.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in doc["warnings"]]

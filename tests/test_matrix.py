@@ -14,7 +14,7 @@ from d2v_export.matrix import Cell, exit_code, merge, pareto, parse_shard, plan,
 from d2v_export.pipeline import ShapeRequest
 from d2v_export.spec import D2VError, ExitCode
 
-from .conftest import TINY_SHAPES
+from .conftest import TINY_SHAPES, cli
 
 QUICK = bench.BenchSettings(warmup=2, min_iterations=10, max_iterations=100, seconds=0.3, max_warmup_seconds=5.0)
 
@@ -87,7 +87,7 @@ def test_matrix_reports_every_cell_with_a_status(matrix_run: tuple[dict[str, Any
     assert exit_code(doc) == text["exit_code"] == int(ExitCode.BAD_INPUT)
     # files
     on_disk = json.loads((out / "matrix.json").read_text())
-    assert on_disk["schema_version"] == "1.0" and on_disk["kind"] == "matrix"
+    assert on_disk["schema_version"] == "1.1" and on_disk["kind"] == "matrix"
     assert (out / "matrix.md").read_text().count("| skipped |") >= 4
     page = (out / "matrix.html").read_text()
     assert 'data-plot="pareto"' in page and "<script" not in page
@@ -124,3 +124,68 @@ def test_existing_matrix_needs_force(matrix_run: tuple[dict[str, Any], Path]) ->
         run_matrix("preset:tiny", ["vision"], ["no-such-target"], ["fp32"], out)
     doc = run_matrix("preset:tiny", ["vision"], ["no-such-target"], ["fp32"], out / "only-skipped")
     assert [c["status"] for c in doc["cells"]] == ["skipped"]
+
+
+# --------------------------------------------------------------------------- issue 12
+
+
+def test_speedup_compares_variants_on_one_footing() -> None:
+    """Two runs with different reference timings: the faster variant must show the larger speedup."""
+    from d2v_export.matrix import markdown, summarize
+
+    def cell(target: str, ref: float, p50: float) -> dict[str, Any]:
+        v = {"name": f"{target}-fp32", "p50_ms": p50, "drift_score": 0.1, "drift_passed": True, "speedup_vs_reference": round(ref / p50, 3)}
+        return {"modality": "vision", "target": target, "precision": "fp32", "status": "ran", "task": "image-classification",
+                "reference_p50_ms": ref, "variants": [v], "report": None}  # fmt: skip
+
+    cells = [cell("fast", 10.0, 5.0), cell("slow", 20.0, 6.0)]  # own-run speedups: 2.0 (faster) < 3.33 (slower)
+    info = summarize(cells)["vision"]
+    by = {v["name"]: v for v in info["variants"]}
+    assert info["reference_p50_ms"] == 15.0
+    assert by["fast-fp32"]["speedup_vs_common_reference"] == 3.0 and by["slow-fp32"]["speedup_vs_common_reference"] == 2.5
+    assert by["slow-fp32"]["speedup_vs_reference"] > by["fast-fp32"]["speedup_vs_reference"]  # the own-run ratio is kept as it was
+    md = markdown({"model": "m", "cells": cells, "modalities_detail": summarize(cells)})
+    assert "speedup vs common ref" in md and "one footing" in md
+    assert "| fast-fp32 | 5.000 | 3.00× |" in md and "| slow-fp32 | 6.000 | 2.50× |" in md
+
+
+def test_matrix_merge_needs_force_like_every_writing_command(tmp_path: Path) -> None:
+    shard = tmp_path / "shard"
+    run_matrix("preset:tiny", ["vision"], ["no-such-target"], ["fp32"], shard)
+    out = tmp_path / "merged"
+    assert cli("matrix-merge", str(shard), "--output", str(out)).returncode == 0
+    before = (out / "matrix.json").read_text()
+    res = cli("matrix-merge", str(shard), "--output", str(out))
+    assert res.returncode == int(ExitCode.BAD_INPUT) and "--force" in res.stderr and "already holds a matrix.json" in res.stderr
+    assert (out / "matrix.json").read_text() == before
+    res = cli("matrix-merge", str(shard), "--output", str(out), "--force")
+    assert res.returncode == 0, res.stderr
+
+
+def test_matrix_int8_knobs_need_an_int8_cell(tmp_path: Path) -> None:
+    res = cli("matrix", "--model", "preset:tiny", "--modality", "vision", "--target", "onnxruntime", "--precision", "fp32",
+              "--max-drift", "top1_agreement=0.5", "--output", str(tmp_path / "m"))  # fmt: skip
+    assert res.returncode == int(ExitCode.BAD_INPUT) and "--precision int8" in res.stderr
+
+
+def test_matrix_defer_build_and_int8_knobs_reach_the_runs(tmp_path: Path) -> None:
+    """`matrix` names --defer-build when TensorRT is missing, and now has it; the INT8 knobs reach each run."""
+    trt = backends.get("tensorrt")
+    if trt.available().ok:
+        pytest.skip("TensorRT builds here: nothing is deferred")
+    out = tmp_path / "m"
+    common = ("matrix", "--model", "preset:tiny", "--modality", "vision", "--target", "tensorrt", "--precision", "fp32",
+              "--precision", "int8", "--bench-seconds", "0", "--quiet", "--threads", "1")  # fmt: skip
+    assert cli(*common, "--output", str(out / "plain")).returncode == 0
+    skipped = json.loads((out / "plain" / "matrix.json").read_text())
+    assert all(c["status"] == "skipped" and "--defer-build" in c["reason"] for c in skipped["cells"])
+    res = cli(*common, "--defer-build", "--calib-samples", "4", "--eval-samples", "4", "--max-drift", "top1_agreement=0.5",
+              "--output", str(out / "deferred"))  # fmt: skip
+    assert res.returncode in (0, int(ExitCode.DRIFT_BUDGET)), res.stderr
+    doc = json.loads((out / "deferred" / "matrix.json").read_text())
+    assert [c["status"] for c in doc["cells"]] == ["ran", "ran"]
+    assert all("deferred build" in c["reason"] and all(v["simulated"] for v in c["variants"]) for c in doc["cells"])
+    assert doc["modalities_detail"]["vision"]["pareto"] == []  # simulated latency is not the target's: off the front
+    report = json.loads((out / "deferred" / "cells" / "vision-tensorrt" / "report.json").read_text())
+    (int8,) = [v for v in report["variants"] if v["precision"] == "int8"]
+    assert int8["drift"]["budget"]["top1_agreement"] == 0.5 and int8["quantization"]["samples"] == 4
