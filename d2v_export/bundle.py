@@ -256,7 +256,13 @@ def write_manifest(
         "environment": jsonable(dict(environment)),
         "verdict": verdict,
     }
-    (folder / README).write_text(readme(doc), encoding="utf-8")
+    runtime_config = None
+    if artifact.target == "openvino":
+        from .backends.openvino import compile_config, read_config
+
+        settings = read_config(folder)
+        runtime_config = compile_config(settings, int(settings.get("threads") or 0))
+    (folder / README).write_text(readme(doc, runtime_config=runtime_config), encoding="utf-8")
     doc["files"] = [
         {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)
     ]
@@ -267,8 +273,11 @@ def write_manifest(
     return path
 
 
-def readme(doc: Mapping[str, Any]) -> str:
-    """The bundle's README.md: what it is and how to run it with and without d2v-export."""
+def readme(doc: Mapping[str, Any], *, runtime_config: tuple[str, Mapping[str, Any]] | None = None) -> str:
+    """The bundle's README.md: what it is and how to run it with and without d2v-export.
+
+    ``runtime_config``: (device, compile config) the variant was measured with (OpenVINO), so that the
+    snippet runs it the same way."""
     m = doc["model"]
     name, target, model_file = doc["name"], doc["target"], doc["model_file"]
     modality, task = m["modality"], m["task"]
@@ -345,10 +354,15 @@ def readme(doc: Mapping[str, Any]) -> str:
             lines.append('feed = {k: v[:, None] for k, v in feed.items()}  # (batch, choices, sequence): one row per choice')
     lines.append("")
     if target == "openvino":
+        device, config = runtime_config or ("CPU", {})
+        comment = "  # as d2v-export measured it (openvino_config.json)"
+        if config.get("INFERENCE_PRECISION_HINT") == "f32":
+            comment = "  # as measured; without the f32 hint OpenVINO may run fp32 in bf16"
         lines += [
             "import openvino as ov",
             "",
-            f'compiled = ov.Core().compile_model("{name}/{model_file}", "CPU")',
+            f"config = {json.dumps(dict(config))}{comment}",
+            f'compiled = ov.Core().compile_model("{name}/{model_file}", "{device}", config)',
             "outputs = compiled(feed)",
         ]
     else:

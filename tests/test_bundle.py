@@ -12,6 +12,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -287,3 +289,19 @@ def _graph_of(folder: Path) -> Any:
         exporter="test",
         check=Drift("pytorch-fp32", 0, {}, {}, True),
     )
+
+
+def test_the_openvino_readme_snippet_runs_the_way_it_was_measured(vision_bundles: dict[str, Path], tmp_path: Path) -> None:
+    """fp32 was measured with INFERENCE_PRECISION_HINT=f32; a snippet without it would run bf16 where the CPU has it."""
+    if "openvino-fp32" not in vision_bundles:
+        pytest.skip(f"openvino is not available here: {backends.get('openvino').available().reason}")
+    folder = copy(vision_bundles["openvino-fp32"], tmp_path / "openvino-fp32")
+    readme = (folder / "README.md").read_text()
+    assert '"INFERENCE_PRECISION_HINT": "f32"' in readme
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    shutil.copy(Path(__file__).parents[1] / "calibration" / "vision" / "calibration" / "china.jpg", tmp_path / "cat.jpg")
+    snippet += 'print("HINT", compiled.get_property("INFERENCE_PRECISION_HINT"), len(outputs))\n'
+    res = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    hint = res.stdout.split("HINT", 1)[1]
+    assert "float32" in hint or "f32" in hint, res.stdout  # <Type: 'float32'>, not bf16

@@ -59,13 +59,7 @@ class OVRunner(RunnerBase):
         import openvino as ov
 
         settings = read_config(xml.parent)
-        device = str(settings.get("device") or "CPU")
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        if device.startswith("CPU") and threads > 0:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        hint = settings.get("inference_precision_hint")
-        if hint:
-            config["INFERENCE_PRECISION_HINT"] = str(hint)
+        device, config = compile_config(settings, threads)
         self.name = name
         self.device = device
         self.config = config
@@ -100,6 +94,19 @@ def _output_map(ports: Sequence[Any], onnx_names: Sequence[str]) -> list[tuple[s
             left.remove(index)
     pairs.extend((ports[i].get_any_name(), i) for i in left)
     return pairs
+
+
+def compile_config(settings: Mapping[str, Any], threads: int) -> tuple[str, dict[str, Any]]:
+    """(device, compile_model config) for the settings ``compile`` wrote: what the runner measures with,
+    and what the bundle README tells a user to pass (fp32 needs INFERENCE_PRECISION_HINT=f32)."""
+    device = str(settings.get("device") or "CPU")
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if device.startswith("CPU") and threads > 0:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    hint = settings.get("inference_precision_hint")
+    if hint:
+        config["INFERENCE_PRECISION_HINT"] = str(hint)
+    return device, config
 
 
 def read_config(folder: Path) -> dict[str, Any]:
