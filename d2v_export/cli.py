@@ -20,7 +20,8 @@ Exit codes:
   0  success                          4  ONNX does not match PyTorch
   1  internal error (a bug)           5  accuracy drift over budget
   2  bad option (usage)               6  target not available here
-  3  bad input (model, task, paths)   7  regression against a baseline"""
+  3  bad input (model, task, paths)   7  regression against a baseline
+  128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM); nothing written"""
 
 
 def _range(kind: type) -> Callable[[click.Context, click.Parameter, str | None], Any]:
