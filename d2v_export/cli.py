@@ -149,7 +149,7 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
     from . import backends
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        options = [
+        options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
             click.option("--model", "-m", "model", default="preset:base", show_default=True, metavar="SOURCE",
                          help="A Hugging Face hub id, a local checkpoint folder, or preset:tiny|base|large (offline, random weights)."),
             click.option("--task", "-t", type=click.Choice(tasks(modality)), default=None,
