@@ -392,3 +392,16 @@ def test_samples_with_nan_or_inf_are_named_and_skipped(tmp_path, vision):
     np.savez(tmp_path / "only" / "nan.npz", pixel_values=np.full((3, 32, 32), np.nan))
     with pytest.raises(D2VError, match=r"no readable .npz feeds .*nan\.npz: holds non-finite values"):
         load_samples(tmp_path / "only", vision, VISION)
+
+
+def test_a_calibration_cache_passed_as_calibration_is_reused(tmp_path, text):
+    """--calibration calibration-cache.npz (as the option's help offers) reads the cache as it is."""
+    from d2v_export.calibration.samples import is_cache
+    from d2v_export.pipeline import _cached
+
+    s = load_samples(None, text, TEXT, count=3)
+    cache = save_cache(s, tmp_path / "calibration-cache.npz")
+    np.savez(tmp_path / "plain.npz", input_ids=np.ones((1, 8), dtype=np.int64))
+    assert is_cache(cache) and not is_cache(tmp_path / "plain.npz")
+    again = _cached(text, TEXT, cache, "calibration", 32, 0, lambda _m: None)
+    assert again.names == s.names and len(again) == 3

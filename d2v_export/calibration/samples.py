@@ -212,6 +212,15 @@ def save_cache(samples: Samples, path: Path) -> Path:
     return path
 
 
+def is_cache(path: Path) -> bool:
+    """Whether ``path`` is an .npz written by `save_cache` (plain .npz feeds are not)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return CACHE_KEY in data.files
+    except (OSError, ValueError, EOFError):
+        return False
+
+
 def load_cache(path: Path) -> Samples:
     """Read a file written by `save_cache`."""
     path = Path(path)
