@@ -96,12 +96,17 @@ def _int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
         click.option("--quant", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
                      help="INT8 mode: static (calibrated activations) or dynamic (ORT: runtime activation ranges; OpenVINO: weight-only)."),
         click.option("--calibration", type=click.Path(path_type=Path, exists=True), default=None,
-                     help="Calibration samples: a folder of images/audio, a .txt/.jsonl text file, .npz feeds, or a calibration-cache.npz."),
+                     help="Calibration samples: a folder of images/audio (labels from Hugging Face metadata.csv/.jsonl or class folders), "
+                          "a .txt/.jsonl text file, a datasets save_to_disk folder, a .parquet file, .npz feeds, or a calibration-cache.npz."),
         click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration samples to use (seeded pick)."),
         click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
         click.option("--eval", "eval_path", type=click.Path(path_type=Path, exists=True), default=None,
-                     help="Held-out samples for the drift check (labels optional). Default: the bundled evaluation split."),
+                     help="Held-out samples for the drift check, in any --calibration layout; labels give accuracy (CER/WER for speech). "
+                          "Default: the bundled evaluation split."),
         click.option("--eval-samples", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--columns", default=None, metavar="ROLE=COLUMN,...",
+                     help="Dataset/metadata columns where the usual names do not fit, e.g. image=img,label=fine_label. "
+                          "Roles: image, audio, text, text_pair, question, context, label, transcription."),
         click.option("--max-drift", multiple=True, metavar="METRIC=VALUE",
                      help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable."),
         click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -125,12 +130,13 @@ def _defer_build_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 def _quant_options(kw: dict[str, Any], wanted: bool, enable: str) -> Any:
     """QuantOptions from the shared INT8 knobs, or None when INT8 is not asked for (then the knobs are an error)."""
+    from .calibration.hf import parse_columns
     from .metrics import parse_budget
     from .pipeline import QuantOptions
 
     if not wanted:
-        if kw["max_drift"] or kw["calibration"] or kw["eval_path"] or kw["fallback"] == "auto":
-            raise D2VError(f"--calibration, --eval, --max-drift and --fallback apply to INT8; add {enable}")
+        if kw["max_drift"] or kw["calibration"] or kw["eval_path"] or kw["columns"] or kw["fallback"] == "auto":
+            raise D2VError(f"--calibration, --eval, --columns, --max-drift and --fallback apply to INT8; add {enable}")
         return None
     return QuantOptions(
         mode=kw["quant"],
@@ -139,6 +145,7 @@ def _quant_options(kw: dict[str, Any], wanted: bool, enable: str) -> Any:
         samples=kw["calib_samples"],
         evaluation=kw["eval_path"],
         eval_samples=kw["eval_samples"],
+        columns=parse_columns(kw["columns"]),
         budget=parse_budget(list(kw["max_drift"])),
         fallback=kw["fallback"] == "auto",
         reduce_range=kw["reduce_range"],

@@ -78,6 +78,7 @@ class QuantOptions:
     samples: int = 32  # calibration samples
     evaluation: Path | None = None  # held-out samples; None: the bundled evaluation split
     eval_samples: int = 16
+    columns: Mapping[str, str] = field(default_factory=dict)  # {role: column} for metadata files and datasets (calibration.hf)
     budget: Mapping[str, float] = field(default_factory=dict)  # overrides of metrics.DEFAULT_BUDGETS
     fallback: bool = False  # return the most sensitive nodes to float until the budget holds
     seed: int = 0
@@ -608,9 +609,9 @@ def _samples(
 
     calib = None
     if int8.mode == "static" or int8.fallback:  # fallback ranks nodes on calibration samples in both modes
-        calib = _cached(model, profile, int8.calibration, "calibration", int8.samples, int8.seed, progress)
+        calib = _cached(model, profile, int8.calibration, "calibration", int8.samples, int8.seed, progress, int8.columns)
         progress(f"calibration: {len(calib)} samples from {calib.source}")
-    evaluation = load_samples(int8.evaluation, model, profile, split="evaluation", count=int8.eval_samples, seed=int8.seed)
+    evaluation = load_samples(int8.evaluation, model, profile, split="evaluation", count=int8.eval_samples, seed=int8.seed, columns=int8.columns)
     progress(f"evaluation: {len(evaluation)} samples from {evaluation.source}")
     from .calibration.samples import describe_skipped
 
@@ -629,7 +630,10 @@ def _samples(
     return calib, evaluation
 
 
-def _cached(model: LoadedModel, profile: ShapeProfile, path: Path | None, split: str, count: int, seed: int, progress: Progress) -> Samples:
+def _cached(
+    model: LoadedModel, profile: ShapeProfile, path: Path | None, split: str, count: int, seed: int, progress: Progress,
+    columns: Mapping[str, str] | None = None,
+) -> Samples:
     """load_samples through a cache keyed by the source (paths, sizes, mtimes), the processor and the shapes."""
     import hashlib
     import json
@@ -646,13 +650,13 @@ def _cached(model: LoadedModel, profile: ShapeProfile, path: Path | None, split:
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
     proc = model.processor.to_json_string() if model.processor is not None and hasattr(model.processor, "to_json_string") else ""
     tok = type(model.tokenizer).__name__ + str(len(model.tokenizer)) if model.tokenizer is not None else ""
-    key_src = json.dumps([stamp, proc, tok, model.head.key, str(profile), count, seed, split], sort_keys=True, default=str)
+    key_src = json.dumps([stamp, proc, tok, model.head.key, str(profile), count, seed, split, dict(columns or {})], sort_keys=True, default=str)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2v-export" / f"{split}-{key}.npz"
     if cache.is_file():
         progress(f"reusing the {split} cache {cache}")
         return load_cache(cache)
-    samples = load_samples(path, model, profile, split=split, count=count, seed=seed)
+    samples = load_samples(path, model, profile, split=split, count=count, seed=seed, columns=columns)
     try:
         save_cache(samples, cache)
     except OSError:

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 from .spec import Drift, LatencyStats, Report, Variant
 
 SCHEMA_VERSION = "1.0"
+# metrics against the user's labels, listed under each variant in report.md when the evaluation set has labels
+LABELLED = ("reference_accuracy", "candidate_accuracy", "reference_cer", "candidate_cer", "reference_wer", "candidate_wer")
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -228,6 +230,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
     for v in doc["variants"]:
         if v["drift"]["detail"]:
             lines += ["", f"- **{v['name']}**: {v['drift']['detail']}"]
+            labelled = [k for k in LABELLED if k in v["drift"]["metrics"]]
+            if labelled:
+                lines.append("  - against the labels: " + ", ".join(f"{k} {v['drift']['metrics'][k]:.3g}" for k in labelled))
         for note in v["notes"]:
             lines.append(f"  - {note}")
         budget = v.get("latency_budget")

@@ -5,8 +5,10 @@
 
 `path=None` reads the small real sets bundled with d2v-export (the top-level `calibration/` folder,
 shipped in the wheel as `d2v_export/calibration_data`; see calibration/PROVENANCE.md). Otherwise
-`path` is an image folder, an audio folder, a .txt/.jsonl file or folder (per the model's modality),
-or .npz feeds for any modality. Inputs are prepared with the checkpoint's own processor or tokenizer,
+`path` is an image folder, an audio folder (both optionally with Hugging Face `metadata.csv` /
+`metadata.jsonl` labels), a .txt/.jsonl file or folder (per the model's modality), .npz feeds for
+any modality, or a Hugging Face dataset: a `save_to_disk` folder or .parquet file(s) with an image /
+audio / text column (`columns` names them where the usual names do not fit; see hf.py). Inputs are prepared with the checkpoint's own processor or tokenizer,
 bucketed to the shape profile so that few distinct shapes occur, and picked with a seeded generator.
 Unreadable files are reported in `Samples.skipped`; nothing readable at all is a `D2VError`.
 
@@ -15,15 +17,17 @@ Unreadable files are reported in `Samples.skipped`; nothing readable at all is a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..spec import D2VError, Modality, ShapeProfile
-from . import audio, images, npz, text
+from . import audio, hf, images, npz, text
+from .hf import parse_columns
 from .samples import Samples, load_cache, save_cache
 
-__all__ = ["SPLITS", "Samples", "bundled_path", "load_cache", "load_samples", "save_cache"]
+__all__ = ["SPLITS", "Samples", "bundled_path", "load_cache", "load_samples", "parse_columns", "save_cache"]
 
 SPLITS = ("calibration", "evaluation")
 _READERS = {Modality.VISION: images, Modality.AUDIO: audio, Modality.TEXT: text}
@@ -69,12 +73,14 @@ def load_samples(
     split: str = "calibration",
     count: int | None = None,
     seed: int = 0,
+    columns: Mapping[str, str] | None = None,
 ) -> Samples:
     """Read model-ready samples from `path` (None: the bundled set for the model's modality and split).
 
     `model` is a `models.LoadedModel`; its head picks the reader and its processor / tokenizer
     prepares the inputs. With `count` below the number available, `count` samples are picked with
-    numpy's default_rng(seed) and returned in sorted order.
+    numpy's default_rng(seed) and returned in sorted order. `columns` ({role: column}, see
+    `hf.parse_columns`) overrides the usual column names of metadata files and datasets.
     """
     modality = model.head.modality
     if path is None:
@@ -84,13 +90,18 @@ def load_samples(
         raise D2VError(
             f"calibration data '{path}' does not exist; pass an existing file or folder, or leave it out to use the bundled samples"
         )
+    columns = dict(columns or {})
     reader = _READERS[modality]
     if path.is_file() and path.suffix.lower() == ".npz":
         return npz.read(path, [path], model, count=count, seed=seed)
+    if hf.is_saved_dataset(path) or (path.is_file() and hf.parquet_files(path)):
+        return hf.read(path, model, profile, split=split, count=count, seed=seed, columns=columns)
     files = reader.find(path)
     if files:
-        return reader.read(path, files, model, profile, count=count, seed=seed)
+        return reader.read(path, files, model, profile, count=count, seed=seed, columns=columns)
     feeds = npz.find(path)
     if feeds:
         return npz.read(path, feeds, model, count=count, seed=seed)
-    raise D2VError(f"no {reader.WHAT} in '{path}'; {reader.FIX}")
+    if hf.parquet_files(path):
+        return hf.read(path, model, profile, split=split, count=count, seed=seed, columns=columns)
+    raise D2VError(f"no {reader.WHAT} in '{path}'; {reader.FIX}, a saved dataset or a .parquet file")

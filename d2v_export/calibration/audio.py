@@ -3,12 +3,15 @@
 wav/flac/ogg/... read with soundfile; channels averaged to mono; any rate brought to the extractor's
 rate (16 kHz) with scipy's polyphase resampler. Lengths are bucketed to the shape profile's
 "samples" axis: cut to its max, zero-padded up to its min, otherwise up to the next multiple of
-0.1 s, so that a set of clips has few distinct shapes. Transcripts come from `labels.tsv`
-(`file<TAB>transcript`, an optional header row) in the clip's folder or any folder above it.
+0.1 s, so that a set of clips has few distinct shapes. Labels (transcripts for speech recognition,
+classes otherwise) come, as in Hugging Face's audiofolder, from a `metadata.csv` / `metadata.jsonl`
+with a `file_name` column (hf.py); else from `labels.tsv` (`file<TAB>transcript`, an optional header
+row) in the clip's folder or any folder above it; else, for classifiers, from a class folder.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from math import gcd
 from pathlib import Path
 from typing import Any
@@ -30,18 +33,26 @@ def find(root: Path) -> list[Path]:
     return visible_files(root, lambda p: p.suffix.lower() in EXTENSIONS)
 
 
-def read_mono(path: Path, rate: int = SAMPLING_RATE) -> np.ndarray:
-    """Decode, average channels, resample to `rate`. float32, 1-D. Raises Unreadable."""
+def read_mono(path: Any, rate: int = SAMPLING_RATE) -> np.ndarray:
+    """Decode a path or binary file object, average channels, resample to `rate`. float32, 1-D. Raises Unreadable."""
     import soundfile as sf
-    from scipy.signal import resample_poly
 
     try:
-        data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, file_rate = sf.read(str(path) if isinstance(path, Path) else path, dtype="float32", always_2d=True)
     except Exception as exc:  # noqa: BLE001 - libsndfile reports corrupt files in several exception types
         raise Unreadable(f"not a readable audio file ({one_line(exc)})") from None
     if data.shape[0] == 0:
         raise Unreadable("the audio file holds no samples")
-    wave = data.mean(axis=1, dtype=np.float64)
+    return resample(data.mean(axis=1, dtype=np.float64), int(file_rate), rate)
+
+
+def resample(wave: np.ndarray, file_rate: int, rate: int = SAMPLING_RATE) -> np.ndarray:
+    """A mono wave at `file_rate` brought to `rate` (polyphase). float32, 1-D."""
+    from scipy.signal import resample_poly
+
+    wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+    if wave.size == 0:
+        raise Unreadable("the audio holds no samples")
     if file_rate != rate:
         g = gcd(int(rate), int(file_rate))
         wave = resample_poly(wave, int(rate) // g, int(file_rate) // g)
@@ -81,29 +92,56 @@ def transcripts(root: Path) -> dict[str, str]:
     return out
 
 
-def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int) -> Samples:
-    proc = model.processor
-    if proc is None:
-        raise D2VError(
-            "the model has no feature extractor; pass a checkpoint folder with preprocessor_config.json, or .npz feeds"
-        )
-    rate = int(getattr(proc, "sampling_rate", None) or SAMPLING_RATE)
-    pad_value = float(getattr(proc, "padding_value", 0.0) or 0.0)
+class _Prepare:
+    """A mono wave at `rate` -> {"input_values": (1, samples)}, bucketed, with the model's feature extractor."""
+
+    def __init__(self, model: Any, profile: ShapeProfile) -> None:
+        proc = model.processor
+        if proc is None:
+            raise D2VError(
+                "the model has no feature extractor; pass a checkpoint folder with preprocessor_config.json, or .npz feeds"
+            )
+        self.proc, self.profile = proc, profile
+        self.rate = int(getattr(proc, "sampling_rate", None) or SAMPLING_RATE)
+        self.pad_value = float(getattr(proc, "padding_value", 0.0) or 0.0)
+
+    def __call__(self, wave: np.ndarray) -> dict[str, np.ndarray]:
+        keep, target = bucket(len(wave), self.profile)
+        try:
+            values = self.proc(wave[:keep], sampling_rate=self.rate, return_tensors="np")["input_values"]
+        except (ValueError, TypeError) as exc:
+            raise Unreadable(f"the feature extractor rejected it ({one_line(exc)})") from None
+        values = np.asarray(values, dtype=np.float32).reshape(1, -1)
+        if values.shape[1] < target:
+            values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=self.pad_value)
+        return {"input_values": values}
+
+
+def preparer(model: Any, profile: ShapeProfile) -> _Prepare:
+    return _Prepare(model, profile)
+
+
+def read(
+    root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, columns: Mapping[str, str] | None = None
+) -> Samples:
+    from . import hf
+
+    prepare = preparer(model, profile)
+    meta = hf.metadata(root)
     labels = transcripts(root)
     base = root.parent if root.is_file() else root
+    classes = model.head.metric != "ctc"
 
-    def reader(path: Path) -> Any:
+    def reader(path: Path) -> Callable[[], tuple[dict[str, np.ndarray], object]]:
         def run() -> tuple[dict[str, np.ndarray], object]:
-            wave = read_mono(path, rate)
-            keep, target = bucket(len(wave), profile)
-            try:
-                values = proc(wave[:keep], sampling_rate=rate, return_tensors="np")["input_values"]
-            except (ValueError, TypeError) as exc:
-                raise Unreadable(f"the feature extractor rejected it ({one_line(exc)})") from None
-            values = np.asarray(values, dtype=np.float32).reshape(1, -1)
-            if values.shape[1] < target:
-                values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=pad_value)
-            return {"input_values": values}, labels.get(path.relative_to(base).as_posix())
+            feed = prepare(read_mono(path, prepare.rate))
+            rel = path.relative_to(base).as_posix()
+            label = hf.metadata_label(meta.get(rel), model, columns or {})
+            if label is None:
+                label = labels.get(rel)
+            if label is None and classes and root.is_dir() and len(path.relative_to(root).parts) >= 2:
+                label = path.relative_to(root).parts[0]
+            return feed, label
 
         return run
 

@@ -2,11 +2,13 @@
 
 Any file Pillow knows by its extension, found recursively. EXIF orientation is applied; every
 mode becomes RGB the way transformers' `convert_rgb` does it (16-bit and float grayscale are scaled
-to 8 bits first). A folder-per-class layout, `root/<label>/img.jpg`, gives labels.
+to 8 bits first). Labels, as in Hugging Face's imagefolder: a `metadata.csv` / `metadata.jsonl` with
+a `file_name` column and a label column (hf.py), else the folder-per-class layout `root/<label>/img.jpg`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,8 @@ def find(root: Path) -> list[Path]:
     return visible_files(root, lambda p: p.suffix.lower() in exts)
 
 
-def open_rgb(path: Path) -> Any:
-    """Decode a file to an upright RGB PIL image; raises Unreadable for anything Pillow rejects."""
+def open_rgb(path: Any) -> Any:
+    """Decode a file (a path or a binary file object) to an upright RGB PIL image; raises Unreadable for anything Pillow rejects."""
     from PIL import Image, ImageOps
 
     try:
@@ -98,19 +100,37 @@ class _Pixels:
         return out
 
 
-def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int) -> Samples:
+def preparer(model: Any, profile: ShapeProfile) -> Callable[[Any], dict[str, np.ndarray]]:
+    """RGB PIL image -> {"pixel_values": (1, 3, size, size)} with the model's processor."""
     if model.processor is None:
         raise D2VError("the model has no image processor; pass a checkpoint folder with preprocessor_config.json, or .npz feeds")
     size = profile.static.get("image_size") or getattr(model.config, "image_size", None)
     pixels = _Pixels(model.processor, int(size) if size else None)
 
+    def prepare(img: Any) -> dict[str, np.ndarray]:
+        value = pixels(img)
+        return {"pixel_values": value[None] if value.ndim == 3 else value}
+
+    return prepare
+
+
+def read(
+    root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, columns: Mapping[str, str] | None = None
+) -> Samples:
+    from . import hf
+
+    prepare = preparer(model, profile)
+    meta = hf.metadata(root)
+    base = root.parent if root.is_file() else root
+
     def reader(path: Path) -> Any:
         def run() -> tuple[dict[str, np.ndarray], object]:
-            value = pixels(open_rgb(path))
-            if value.ndim == 3:
-                value = value[None]
-            parts = path.relative_to(root).parts if root.is_dir() else ()
-            return {"pixel_values": value}, (parts[0] if len(parts) >= 2 else None)
+            feed = prepare(open_rgb(path))
+            label = hf.metadata_label(meta.get(path.relative_to(base).as_posix()), model, columns or {})
+            if label is None:
+                parts = path.relative_to(root).parts if root.is_dir() else ()
+                label = parts[0] if len(parts) >= 2 else None
+            return feed, label
 
         return run
 

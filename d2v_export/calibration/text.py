@@ -14,6 +14,7 @@ least its min), so a set has few distinct shapes. Multiple-choice gives (1, choi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,8 @@ def _choices(record: dict[str, Any], lo: int, hi: int | None) -> tuple[str, list
     return prompt, choices, label
 
 
-def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int) -> Samples:
+def encoder(model: Any, profile: ShapeProfile) -> Callable[[dict[str, Any]], tuple[dict[str, np.ndarray], object]]:
+    """A record ({"text": ...}, {"question", "context"}, {"prompt", "choices"}, optional "label") -> (feed, label)."""
     if model.tokenizer is None:
         raise D2VError("the model has no tokenizer; pass a checkpoint folder with tokenizer files, or .npz feeds")
     enc = _Encoder(model.tokenizer, profile)
@@ -133,34 +135,39 @@ def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, co
     multiple_choice = model.head.multiple_choice
     c_lo, c_hi = _choice_limits(profile)
 
-    def reader(path: Path, line: str) -> Any:
-        def run() -> tuple[dict[str, np.ndarray], object]:
-            record = _record(path, line)
-            label = record.get("label")
-            if multiple_choice:
-                if "choices" not in record:
-                    raise Unreadable("multiple-choice needs JSONL lines with 'prompt' and 'choices'")
-                prompt, choices, label = _choices(record, c_lo, c_hi)
-                ids, mask = enc.pad([enc.ids(prompt, c) for c in choices])
-                return {"input_ids": ids[None], "attention_mask": mask[None]}, label
-            if "question" in record and "context" in record:
-                row = enc.ids(_str(record, "question"), _str(record, "context"), only_second=True)
-            elif task == "question-answering" and "text_pair" in record:
-                row = enc.ids(_str(record, "text"), _str(record, "text_pair"), only_second=True)
-            elif task == "question-answering":
-                raise Unreadable("question-answering needs JSONL lines with 'question' and 'context'")
-            elif "choices" in record:
-                prompt, choices, right = _choices(record, 1, None)
-                row = enc.ids(prompt, choices[right or 0])
-            elif "text" in record:
-                pair = record.get("text_pair")
-                row = enc.ids(_str(record, "text"), _str(record, "text_pair") if pair is not None else None)
-            else:
-                raise Unreadable("a JSONL line needs 'text', 'question'+'context' or 'prompt'+'choices'")
-            ids, mask = enc.pad([row])
-            return {"input_ids": ids, "attention_mask": mask}, label
+    def encode(record: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
+        label = record.get("label")
+        if multiple_choice:
+            if "choices" not in record:
+                raise Unreadable("multiple-choice needs JSONL lines with 'prompt' and 'choices'")
+            prompt, choices, label = _choices(record, c_lo, c_hi)
+            ids, mask = enc.pad([enc.ids(prompt, c) for c in choices])
+            return {"input_ids": ids[None], "attention_mask": mask[None]}, label
+        if "question" in record and "context" in record:
+            row = enc.ids(_str(record, "question"), _str(record, "context"), only_second=True)
+        elif task == "question-answering" and "text_pair" in record:
+            row = enc.ids(_str(record, "text"), _str(record, "text_pair"), only_second=True)
+        elif task == "question-answering":
+            raise Unreadable("question-answering needs JSONL lines with 'question' and 'context'")
+        elif "choices" in record:
+            prompt, choices, right = _choices(record, 1, None)
+            row = enc.ids(prompt, choices[right or 0])
+        elif "text" in record:
+            pair = record.get("text_pair")
+            row = enc.ids(_str(record, "text"), _str(record, "text_pair") if pair is not None else None)
+        else:
+            raise Unreadable("a JSONL line needs 'text', 'question'+'context' or 'prompt'+'choices'")
+        ids, mask = enc.pad([row])
+        return {"input_ids": ids, "attention_mask": mask}, label
 
-        return run
+    return encode
+
+
+def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, **_unused: Any) -> Samples:
+    encode = encoder(model, profile)
+
+    def reader(path: Path, line: str) -> Any:
+        return lambda: encode(_record(path, line))
 
     candidates: list[Candidate] = []
     skipped: list[tuple[str, str]] = []
