@@ -473,14 +473,25 @@ def matrix(model: str, modalities: tuple[str, ...], targets: tuple[str, ...], pr
 @click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True)
 @click.option("--force", is_flag=True, help="Replace the matrix report already in the output folder.")
+@click.option("--baseline", type=click.Path(path_type=Path, exists=True), default=None,
+              help="The last merged matrix.json (or its folder, shard folders kept beside it): exit 7 on a regression.")
+@click.option("--latency-tolerance", default="10%", show_default=True, help="Slowdown allowed before --baseline flags it.")
+@click.option("--drift-tolerance", type=float, default=0.005, show_default=True, help="Worsening of a drift metric allowed against --baseline.")
 @_handle_errors
-def matrix_merge(shards: tuple[Path, ...], output: Path, force: bool) -> None:
-    """Merge the matrix.json of several shards into one matrix report."""
+def matrix_merge(shards: tuple[Path, ...], output: Path, force: bool, baseline: Path | None, latency_tolerance: str, drift_tolerance: float) -> None:
+    """Merge the matrix.json of several shards into one matrix report; with --baseline, gate on regressions."""
     from . import matrix as mx
+    from .compare import parse_tolerance
 
     doc = mx.merge_files(list(shards), output, force=force)
     click.echo(mx.markdown(doc))
-    sys.exit(mx.exit_code(doc))
+    code = mx.exit_code(doc)
+    if baseline is not None:
+        gate = mx.compare_to_baseline(doc, output, baseline, latency_tolerance=parse_tolerance(latency_tolerance), drift_tolerance=drift_tolerance)
+        click.echo((output / "comparison.md").read_text(encoding="utf-8"))
+        if code == 0 and not gate["passed"]:
+            code = int(ExitCode.REGRESSION)
+    sys.exit(code)
 
 
 @main.command("run", epilog="""\b

@@ -447,3 +447,58 @@ def write(doc: Mapping[str, Any], output: Path) -> tuple[Path, Path, Path]:
     m.write_text(markdown(doc), encoding="utf-8")
     write_matrix_html(doc, h)
     return j, m, h
+
+
+# ---------------------------------------------------------------------------------- baseline gate
+
+
+def compare_to_baseline(
+    doc: Mapping[str, Any], output: Path, baseline: Path, *, latency_tolerance: float = 0.10, drift_tolerance: float = 0.005
+) -> dict[str, Any]:
+    """Each run of the merged matrix against the same (modality, target) run of a baseline matrix.
+
+    ``baseline``: a previous merged matrix.json (or its folder) whose cell reports are still where its
+    links point (keep the shard folders beside it, as the examples/ci workflow's artifact does).
+    Writes comparison.json / comparison.md into ``output``; ``passed`` is False on any regression
+    (compare.compare: latency beyond the tolerance with a Mann-Whitney test, or drift worsening).
+    Runs missing on either side are listed, never a failure.
+    """
+    from . import compare as cmp
+
+    baseline = Path(baseline)
+    base_file = baseline / "matrix.json" if baseline.is_dir() else baseline
+    base_doc = cmp.load_report(base_file)
+    if base_doc.get("kind") != "matrix":
+        raise D2VError(f"baseline '{base_file}' is not a matrix.json (no \"kind\": \"matrix\"); pass the merged matrix.json of the last run")
+
+    def reports(d: Mapping[str, Any], root: Path) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for c in d.get("cells") or []:
+            if c.get("status") == "ran" and c.get("report"):
+                out.setdefault(f"{c['modality']}/{c['target']}", (root / c["report"]).parent / "report.json")
+        return out
+
+    cur, base = reports(doc, Path(output)), reports(base_doc, base_file.parent)
+    runs, notes = [], []
+    for key, path in cur.items():
+        if key not in base:
+            notes.append(f"{key}: not in the baseline")
+            continue
+        if not base[key].is_file():
+            notes.append(f"{key}: the baseline's report {base[key]} is missing; keep the shard folders beside the baseline matrix.json")
+            continue
+        result = cmp.compare(cmp.load_report(base[key]), cmp.load_report(path), latency_tolerance=latency_tolerance, drift_tolerance=drift_tolerance)
+        runs.append({"run": key, "passed": result.passed, "regressions": [v.name for v in result.regressions], "markdown": cmp.markdown(result)})
+    notes += [f"{key}: in the baseline, not run this time" for key in base if key not in cur]
+    summary = {"baseline": str(base_file), "passed": all(r["passed"] for r in runs), "runs": runs, "notes": notes}
+    lines = ["# Matrix against the baseline", "", f"Baseline: `{base_file}`.", "",
+             "**No regression**" if summary["passed"] else "**Regression** in " + ", ".join(
+                 f"{r['run']} ({', '.join(r['regressions'])})" for r in runs if not r["passed"]), ""]  # fmt: skip
+    for r in runs:
+        lines += [f"## {r['run']}", "", r["markdown"], ""]
+    lines += [f"- {n}" for n in notes]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return summary

@@ -189,3 +189,42 @@ def test_matrix_defer_build_and_int8_knobs_reach_the_runs(tmp_path: Path) -> Non
     report = json.loads((out / "deferred" / "cells" / "vision-tensorrt" / "report.json").read_text())
     (int8,) = [v for v in report["variants"] if v["precision"] == "int8"]
     assert int8["drift"]["budget"]["top1_agreement"] == 0.5 and int8["quantization"]["samples"] == 4
+
+
+def test_merge_gates_on_the_last_baseline(matrix_run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    """matrix-merge --baseline: the same runs pass; a run 3x slower fails with exit 7 and comparison.md names it."""
+    import shutil
+
+    from d2v_export.matrix import compare_to_baseline, merge_files
+
+    from .conftest import cli
+
+    _doc, out = matrix_run
+
+    def shard(where: Path) -> Path:
+        shutil.copytree(out, where)
+        doc = json.loads((where / "matrix.json").read_text())
+        doc["cells"] = [c for c in doc["cells"] if c["status"] != "failed"]  # the gate alone decides the exit code
+        (where / "matrix.json").write_text(json.dumps(doc))
+        return where
+
+    merge_files([shard(tmp_path / "last" / "shard-1")], tmp_path / "last" / "merged")
+    cur = shard(tmp_path / "now" / "shard-1")
+    same = compare_to_baseline(merge_files([cur], tmp_path / "now" / "merged"), tmp_path / "now" / "merged", tmp_path / "last" / "merged")
+    assert same["passed"] and [r["run"] for r in same["runs"]] == ["vision/onnxruntime"]
+
+    report = next(cur.rglob("report.json"))
+    doc = json.loads(report.read_text())
+    for v in doc["variants"]:
+        lat = v["latency_ms"]
+        for k, value in list(lat.items()):
+            if k in ("samples",):
+                lat[k] = [3 * x for x in value]
+            elif isinstance(value, float):
+                lat[k] = 3 * value
+    report.write_text(json.dumps(doc))
+    res = cli("matrix-merge", str(cur), "--output", str(tmp_path / "now" / "gated"), "--baseline", str(tmp_path / "last" / "merged"))
+    assert res.returncode == int(ExitCode.REGRESSION), res.stderr
+    gate = json.loads((tmp_path / "now" / "gated" / "comparison.json").read_text())
+    assert not gate["passed"] and gate["runs"][0]["regressions"] == ["onnxruntime-fp32"]
+    assert "Regression" in (tmp_path / "now" / "gated" / "comparison.md").read_text()
