@@ -1,41 +1,181 @@
-"""Bundles load in optimum's ORTModelFor* / optimum-intel's OVModelFor* where those import.
+"""Every bundle kind d2v-export writes loads in optimum's ORTModelFor* / optimum-intel's OVModelFor* and agrees with `d2v-export run`.
 
-optimum-onnx pins transformers<4.58 and cannot be installed beside transformers 5 (docs/DESIGN.md), so
-on the project's machines these tests skip with that reason; they run wherever optimum is present.
+For each of the 15 heads (tiny presets): the bundles of two real runs (ONNX Runtime and OpenVINO;
+fp32, static INT8 and OpenVINO fp16, then dynamic INT8) are loaded with the optimum class of the head
+and fed the input `d2v-export run` prepares from a real photo, clip or text. Their raw outputs must
+match the bundle's own runtime (`predict`, the code behind `d2v-export run`), and the task result
+(labels, transcript, answer, ...) read from optimum's outputs must equal what `d2v-export run` prints.
+Heads optimum has no class for are listed in `UNSUPPORTED` with the reason (docs/bundles.md).
+
+optimum-onnx pins transformers<4.58, so this runs in the second environment (scripts/setup_optimum.sh,
+.ci/run). Elsewhere it skips; with D2V_REQUIRE_OPTIMUM=1 (set by CI) a missing optimum fails instead.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from d2v_export.bench import BenchSettings
+from d2v_export.calibration import bundled_path
+from d2v_export.heads import HEADS, Head
 from d2v_export.models import parse_source
-from d2v_export.pipeline import RunOptions, run
-from d2v_export.spec import Modality
+from d2v_export.pipeline import QuantOptions, RunOptions, run
+from d2v_export.spec import Modality, Precision
 
 from .conftest import TINY_SHAPES
 
+REQUIRED = os.environ.get("D2V_REQUIRE_OPTIMUM") == "1"
 
-def _bundle(tmp_path: Path, target: str) -> Path:
-    spec = parse_source("preset:tiny", Modality.TEXT, "text-classification")
-    run(spec, TINY_SHAPES, RunOptions(output=tmp_path / "out", targets=(target,), bench=BenchSettings(seconds=0, min_iterations=1, warmup=1)))
-    return tmp_path / "out" / f"{target}-fp32"
+# head key -> optimum class suffix (ORTModelFor<X> / OVModelFor<X>)
+CLASSES = {
+    "vision/feature-extraction": "FeatureExtraction",
+    "vision/image-classification": "ImageClassification",
+    "vision/semantic-segmentation": "SemanticSegmentation",
+    "text/feature-extraction": "FeatureExtraction",
+    "text/fill-mask": "MaskedLM",
+    "text/text-generation": "CausalLM",
+    "text/text-classification": "SequenceClassification",
+    "text/multiple-choice": "MultipleChoice",
+    "text/token-classification": "TokenClassification",
+    "text/question-answering": "QuestionAnswering",
+    "audio/feature-extraction": "FeatureExtraction",
+    "audio/automatic-speech-recognition": "CTC",
+    "audio/audio-classification": "AudioClassification",
+    "audio/audio-frame-classification": "AudioFrameClassification",
+    "audio/audio-xvector": "AudioXVector",
+}
+# (runtime, head key) -> why optimum cannot load that bundle; documented in docs/bundles.md
+UNSUPPORTED = {
+    ("openvino", "vision/semantic-segmentation"): "optimum-intel 1.27 has no OVModelForSemanticSegmentation",
+    ("openvino", "text/multiple-choice"): "optimum-intel 1.27 has no OVModelForMultipleChoice",
+}
+TEXT_INPUT = {
+    "text/question-answering": "Who wrote the first program? ||| Ada Lovelace wrote the first program in 1843.",
+    "text/multiple-choice": "The cat sat on the ||| mat ||| moon ||| idea",
+    "text/fill-mask": "The cat sat on the <mask>.",
+}
 
 
-def test_onnxruntime_bundle_loads_in_optimum(tmp_path: Path) -> None:
-    optimum_ort = pytest.importorskip("optimum.onnxruntime", reason="optimum is not installed (it pins transformers<4.58; see docs/DESIGN.md)")
-    folder = _bundle(tmp_path, "onnxruntime")
-    model = optimum_ort.ORTModelForSequenceClassification.from_pretrained(folder)
-    out = model(input_ids=np.array([[0, 100, 2]]), attention_mask=np.ones((1, 3), dtype=np.int64))
-    assert out.logits.shape == (1, 2)
+def _optimum(runtime: str) -> Any:
+    name = "optimum.onnxruntime" if runtime == "onnxruntime" else "optimum.intel"
+    try:
+        return __import__(name, fromlist=["_"])
+    except ImportError as exc:
+        if REQUIRED:
+            pytest.fail(f"D2V_REQUIRE_OPTIMUM=1 but {name} does not import ({exc}); run scripts/setup_optimum.sh")
+        pytest.skip(f"{name} is not installed (optimum-onnx pins transformers<4.58: scripts/setup_optimum.sh makes that environment)")
 
 
-def test_openvino_bundle_loads_in_optimum_intel(tmp_path: Path) -> None:
-    optimum_ov = pytest.importorskip("optimum.intel", reason="optimum-intel is not installed (it pins transformers<4.58; see docs/DESIGN.md)")
-    folder = _bundle(tmp_path, "openvino")
-    model = optimum_ov.OVModelForSequenceClassification.from_pretrained(folder)
-    out = model(input_ids=np.array([[0, 100, 2]]), attention_mask=np.ones((1, 3), dtype=np.int64))
-    assert out.logits.shape == (1, 2)
+def _input(head: Head) -> str:
+    if head.modality is Modality.VISION:
+        return str(bundled_path(Modality.VISION, "evaluation") / "chelsea.jpg")
+    if head.modality is Modality.AUDIO:
+        return str(sorted(bundled_path(Modality.AUDIO, "evaluation").glob("*.wav"))[0])
+    return TEXT_INPUT.get(head.key, "What a lovely day at the seaside.")
+
+
+def _bundles(head: Head, root: Path) -> list[Path]:
+    """The bundle folders of two real runs: fp32 + static INT8 (+ OpenVINO fp16), then dynamic INT8."""
+    spec = parse_source("preset:tiny", head.modality, head.task)
+    quick = BenchSettings(seconds=0, min_iterations=1, warmup=1)
+    targets = tuple(t for t in ("onnxruntime", "openvino") if (t, head.key) not in UNSUPPORTED)
+    folders: list[Path] = []
+    for mode, half in (("static", (Precision.FP16,) if "openvino" in targets else ()), ("dynamic", ())):
+        out = root / mode
+        run(spec, TINY_SHAPES, RunOptions(output=out, targets=targets, half=half, bench=quick,
+                                          int8=QuantOptions(mode=mode, samples=4, eval_samples=2)))  # fmt: skip
+        folders += [p for p in sorted(out.iterdir()) if (p / "manifest.json").is_file() and (mode == "static" or "int8" in p.name)]
+    return folders
+
+
+def _ov_config(folder: Path) -> dict[str, str]:
+    """The runtime settings the bundle runs with (openvino_config.json), as optimum-intel's ov_config."""
+    cfg = json.loads((folder / "openvino_config.json").read_text())
+    out = {"PERFORMANCE_HINT": str(cfg["performance_hint"]), "NUM_STREAMS": str(cfg["num_streams"])}
+    if cfg.get("inference_precision_hint"):
+        out["INFERENCE_PRECISION_HINT"] = str(cfg["inference_precision_hint"])
+    return out
+
+
+def _load(folder: Path, runtime: str, head: Head) -> Any:
+    module = _optimum(runtime)
+    cls = getattr(module, ("ORTModelFor" if runtime == "onnxruntime" else "OVModelFor") + CLASSES[head.key])
+    kwargs: dict[str, Any] = {}
+    if head.task == "text-generation":
+        kwargs["use_cache"] = False  # the bundle has no past-key-values inputs
+    if runtime == "openvino":
+        kwargs |= {"ov_config": _ov_config(folder), "compile": True}
+    return cls.from_pretrained(folder, **kwargs)
+
+
+def _outputs(result: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in names:
+        value = result[name] if name in result else None
+        if value is not None:
+            out[name] = np.asarray(value.detach().numpy() if hasattr(value, "detach") else value, dtype=np.float32)
+    return out
+
+
+def _same(a: Any, b: Any, where: str = "") -> list[str]:
+    """Differences between two `d2v-export run` results (numbers to 1e-3, scores keyed by their label)."""
+    if isinstance(a, float) or isinstance(b, float):
+        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3)
+        return [] if ok else [f"{where}: {a!r} != {b!r}"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _same(a.get(k), b.get(k), f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and a and isinstance(a[0], dict) and "score" in a[0]:
+        key = next(k for k in ("label", "token", "choice") if k in a[0])
+        sa, sb = {x[key]: x["score"] for x in a}, {x[key]: x["score"] for x in b}
+        # near-tied scores may swap places at the top-k edge; every shared entry must agree
+        return [d for k in sorted(set(sa) & set(sb)) for d in _same(sa[k], sb[k], f"{where}[{k}]")] + (
+            [] if len(set(sa) & set(sb)) >= len(sa) - 1 else [f"{where}: {sorted(sa)} vs {sorted(sb)}"]
+        )
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+@pytest.mark.parametrize("head", [pytest.param(h, id=h.key) for h in HEADS])
+def test_bundles_load_in_optimum_and_match_d2v_export_run(head: Head, tmp_path: Path) -> None:
+    from d2v_export.bundle import verify
+    from d2v_export.predict import Interpreter, Preparer, _load_parts, expand_inputs, open_runtime, predict
+
+    for runtime in ("onnxruntime", "openvino"):
+        _optimum(runtime)  # skip (or, in CI, fail) before the minutes of building
+    raw = _input(head)
+    checked = []
+    for folder in _bundles(head, tmp_path):
+        runtime = "onnxruntime" if folder.name.startswith("onnxruntime") else "openvino"
+        [expected] = predict(folder, [raw], threads=2)  # what `d2v-export run FOLDER INPUT --json` prints
+        manifest = verify(folder)
+        processor, tokenizer = _load_parts(manifest)
+        [(_, item)] = expand_inputs(manifest, [raw])
+        prepared = Preparer(manifest, processor, tokenizer)(item)
+        backend, artifact, _ = open_runtime(manifest)
+        with backend.runner(artifact, threads=2) as runner:
+            own = {k: np.asarray(v, dtype=np.float32) for k, v in runner.infer(prepared.feed).items()}
+
+        model = _load(folder, runtime, head)
+        theirs = _outputs(model(**{k: torch.from_numpy(np.asarray(v)) for k, v in prepared.feed.items()}), head.outputs)
+        assert set(theirs) == set(head.outputs), f"{folder.name}: optimum returned {sorted(theirs)}, the bundle has {head.outputs}"
+        for name in head.outputs:
+            scale = max(1.0, float(np.abs(own[name]).max()))
+            err = float(np.abs(theirs[name] - own[name]).max()) / scale
+            assert theirs[name].shape == own[name].shape and err <= 1e-3, f"{folder.name} {name}: scaled error {err:.2e} against d2v-export run"
+        got = Interpreter(manifest, tokenizer, 5)(theirs, prepared)
+        diffs = _same({k: expected[k] for k in got}, got, folder.name)
+        assert not diffs, "; ".join(diffs[:5])
+        checked.append(folder.name)
+    kinds = {"fp32", "int8-static", "int8-dynamic"} | ({"fp16"} if ("openvino", head.key) not in UNSUPPORTED else set())
+    assert {n.split("-", 1)[1] for n in checked} == kinds, checked
