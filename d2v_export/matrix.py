@@ -479,7 +479,8 @@ def compare_to_baseline(
         return out
 
     cur, base = reports(doc, Path(output)), reports(base_doc, base_file.parent)
-    runs, notes = [], []
+    runs: list[dict[str, Any]] = []
+    notes: list[str] = []
     for key, path in cur.items():
         if key not in base:
             notes.append(f"{key}: not in the baseline")
@@ -490,9 +491,10 @@ def compare_to_baseline(
         result = cmp.compare(cmp.load_report(base[key]), cmp.load_report(path), latency_tolerance=latency_tolerance, drift_tolerance=drift_tolerance)
         runs.append({"run": key, "passed": result.passed, "regressions": [v.name for v in result.regressions], "markdown": cmp.markdown(result)})
     notes += [f"{key}: in the baseline, not run this time" for key in base if key not in cur]
-    summary = {"baseline": str(base_file), "passed": all(r["passed"] for r in runs), "runs": runs, "notes": notes}
+    passed = all(r["passed"] for r in runs)
+    summary: dict[str, Any] = {"baseline": str(base_file), "passed": passed, "runs": runs, "notes": notes}
     lines = ["# Matrix against the baseline", "", f"Baseline: `{base_file}`.", "",
-             "**No regression**" if summary["passed"] else "**Regression** in " + ", ".join(
+             "**No regression**" if passed else "**Regression** in " + ", ".join(
                  f"{r['run']} ({', '.join(r['regressions'])})" for r in runs if not r["passed"]), ""]  # fmt: skip
     for r in runs:
         lines += [f"## {r['run']}", "", r["markdown"], ""]

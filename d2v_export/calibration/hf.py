@@ -272,14 +272,15 @@ def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: in
         Modality.VISION: "image=img", Modality.AUDIO: "audio=speech", Modality.TEXT: "text=review"}[modality]
     row_of: Callable[[int], dict[str, Any]] = lambda i: table.slice(i, 1).to_pylist()[0]  # noqa: E731
 
+    found: str | None
     if modality is Modality.VISION:
-        col = pick("image", names, columns, features)
+        found = pick("image", names, columns, features)
         prepare = images.preparer(model, profile)
 
         def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
             return prepare(images.open_rgb(_media(row[col], base, "image"))), None
     elif modality is Modality.AUDIO:
-        col = pick("audio", names, columns, features)
+        found = pick("audio", names, columns, features)
         prepare_audio = audio.preparer(model, profile)
 
         def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
@@ -291,9 +292,9 @@ def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: in
             return prepare_audio(wave), None
     else:
         fields = {r: pick(r, names, columns) for r in ("text", "text_pair", "question", "context")}
-        col = fields["text"] or (fields["question"] if fields["context"] else None)
-        if col is None and "choices" in names:
-            col = "choices"
+        found = fields["text"] or (fields["question"] if fields["context"] else None)
+        if found is None and "choices" in names:
+            found = "choices"
         encode = text.encoder(model, profile)
 
         def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
@@ -306,7 +307,7 @@ def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: in
             values, label = encode(record)
             return values, (label if model.head.multiple_choice else None)
 
-    if col is None:
+    if found is None:
         raise D2VError(f"no {what.rstrip('s')} column in '{source}' (columns: {', '.join(names)}); {fix}")
 
     def reader(i: int) -> Callable[[], tuple[dict[str, np.ndarray], object]]:
@@ -318,6 +319,7 @@ def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: in
 
         return run
 
+    col: str = found
     stem = path.name
     candidates = [Candidate(f"{stem}[{i}]", reader(i)) for i in range(table.num_rows)]
     return collect(candidates, count=count, seed=seed, source=source, what=what, fix=fix)
