@@ -338,10 +338,6 @@ def run(
                 progress(f"building {name}")
                 graph_used, done = graph_for(names)
                 artifact = backend.compile(graph_used, folder, request)
-                if done:
-                    from .rewrite import describe
-
-                    artifact = dataclasses.replace(artifact, notes=(*artifact.notes, describe(done)))
                 model.save_pretrained_files(folder)
                 with backend.runner(artifact, threads=threads) as runner:
                     if request.quant is None:
@@ -363,6 +359,10 @@ def run(
                         artifact, drift, notes = backend.compile(graph_used, folder, request), plain, (why, *notes)
                 elif request.quant is not None and not drift.passed:
                     notes = (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
+                if done:  # what the graph clean-up changed (the same for a fallback or a rebuilt artifact)
+                    from .rewrite import describe
+
+                    notes = (*notes, describe(done))
                 built.append((backend, artifact, drift, notes))
 
         opt = profile.point("opt")
