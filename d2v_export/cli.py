@@ -21,6 +21,7 @@ Exit codes:
   1  internal error (a bug)           5  accuracy drift over budget
   2  bad option (usage)               6  target not available here
   3  bad input (model, task, paths)   7  regression against a baseline
+                                      8  over the --target-profile's latency budget
   128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM); nothing written"""
 
 
@@ -176,7 +177,8 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
             *_int8_options(),
             click.option("--target-profile", default=None, metavar="NAME|FILE",
                          help="A device profile from targets/ (xeon-vnni, generic-avx2, nvidia-t4, jetson-orin) or a TOML file: "
-                              "target, precision, threads, shapes and a latency budget that becomes a verdict."),
+                              "target, precision, threads, shapes and a latency budget that becomes a verdict (exit 8 when over it). "
+                              "Options given explicitly win over the profile's."),
             click.option("--device", default=None, help="Backend device: OpenVINO CPU/GPU/AUTO, TensorRT cuda:0 (default: CPU, or the profile's)."),
             click.option("--fp16", is_flag=True, help="Also build fp16 variants on targets that support it (OpenVINO, TensorRT)."),
             click.option("--bf16", is_flag=True, help="Also build bf16 variants on targets that support it (OpenVINO on CPUs with bf16)."),
@@ -295,7 +297,7 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         )
     if not report.within_latency_budget:
         over = [f"{v.artifact} {v.latency_budget['detail']}" for v in report.variants if v.latency_budget and v.latency_budget.get("passed") is False]
-        raise D2VError(f"over the latency budget of profile {kw['target_profile']}: {'; '.join(over)}", ExitCode.REGRESSION)
+        raise D2VError(f"over the latency budget of profile {kw['target_profile']}: {'; '.join(over)}", ExitCode.LATENCY_BUDGET)
     if report.comparison is not None:
         click.echo(f"against the baseline: {'no regression' if report.comparison['passed'] else 'REGRESSION'} (see {output / 'comparison.md'})", err=True)
         if not report.comparison["passed"]:

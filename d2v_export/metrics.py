@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +67,21 @@ DEFAULT_BUDGETS: dict[str, dict[str, float]] = {
     "embedding": {"embedding_cosine": 0.99},
 }
 
+# Random weights (presets): a random model's transcripts and its answers against labels are noise, so
+# metrics built on them measure nothing and must not gate. They are still computed and reported, marked
+# as information with the reason; what gates instead is agreement of the outputs themselves. Data: one
+# reason per metric, and the gates that replace them per metric kind (``budgets``).
+NOT_MEANINGFUL_ON_RANDOM_WEIGHTS: dict[str, str] = {
+    "cer": "random weights: transcripts of an untrained model are noise, so their character error rate measures nothing",
+    "wer": "random weights: transcripts of an untrained model are noise, so their word error rate measures nothing",
+    "cer_increase": "random weights: an untrained model's error against label transcripts measures nothing",
+    "wer_increase": "random weights: an untrained model's error against label transcripts measures nothing",
+    "accuracy_drop": "random weights: an untrained model's accuracy against labels measures nothing",
+}
+RANDOM_WEIGHT_GATES: dict[str, dict[str, float]] = {
+    "ctc": {"logit_cosine": 0.99},  # the per-frame logits must still agree
+}
+
 MAX_ANSWER_TOKENS = 30  # longest answer span, in tokens, for span_exact_match
 
 
@@ -98,6 +113,21 @@ def judge(metrics: dict[str, float], budget: dict[str, float]) -> tuple[bool, tu
         if not within(metrics[name], limit, higher):
             failed.append(name)
     return not failed, tuple(failed)
+
+
+def budgets(kind: str, *, random_weights: bool, overrides: Mapping[str, float] | None = None) -> tuple[dict[str, float], dict[str, str]]:
+    """(the budget that gates, {metric: why it is only information}) for a metric kind.
+
+    Defaults from ``DEFAULT_BUDGETS``; on random weights the metrics in ``NOT_MEANINGFUL_ON_RANDOM_WEIGHTS``
+    become information and ``RANDOM_WEIGHT_GATES`` gate instead. An explicit override (``--max-drift``) always gates.
+    """
+    gate = dict(DEFAULT_BUDGETS.get(kind, {}))
+    info: dict[str, str] = {}
+    if random_weights:
+        info = {m: NOT_MEANINGFUL_ON_RANDOM_WEIGHTS[m] for m in gate if m in NOT_MEANINGFUL_ON_RANDOM_WEIGHTS}
+        gate = {m: v for m, v in gate.items() if m not in info} | RANDOM_WEIGHT_GATES.get(kind, {})
+    gate |= dict(overrides or {})
+    return gate, {m: why for m, why in info.items() if m not in gate}
 
 
 def parse_budget(items: list[str]) -> dict[str, float]:
@@ -272,9 +302,11 @@ def _ctc(ref: Outputs, cand: Outputs, names: tuple[str, ...], labels: list[Any] 
     rt: list[str] = []
     ct: list[str] = []
     same = frames = 0
+    cos = 0.0
     for _, a, b in _pairs(ref, cand, names[0]):
         a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
         same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        cos += float(_cosine(a, b).sum())
         frames += a.shape[0] * a.shape[1]
         rt += [ctc_greedy_decode(x, id2char) for x in a]
         ct += [ctc_greedy_decode(x, id2char) for x in b]
@@ -282,6 +314,7 @@ def _ctc(ref: Outputs, cand: Outputs, names: tuple[str, ...], labels: list[Any] 
         "cer": _rate(list(zip(rt, ct))),
         "wer": _rate([(x.split(), y.split()) for x, y in zip(rt, ct)]),
         "frame_agreement": _mean(same, frames),
+        "logit_cosine": _mean(cos, frames),
     }
     if labels is not None:  # compared case-insensitively, whitespace collapsed
         gold = [" ".join(str(s).upper().split()) for s in _labels(labels, len(rt))]

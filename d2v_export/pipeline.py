@@ -545,14 +545,20 @@ def _worse(kind: str, candidate: Drift, plain: Drift) -> bool:
 
 
 def budget_for(model: LoadedModel, int8: QuantOptions) -> dict[str, float]:
-    from .metrics import DEFAULT_BUDGETS
+    """The budget that gates this model's INT8 drift (metrics.budgets: random weights gate on output agreement)."""
+    return budgets_for(model, int8)[0]
 
-    return dict(DEFAULT_BUDGETS.get(model.head.metric, {})) | dict(int8.budget)
+
+def budgets_for(model: LoadedModel, int8: QuantOptions) -> tuple[dict[str, float], dict[str, str]]:
+    from .metrics import budgets
+
+    return budgets(model.head.metric, random_weights=model.random_weights, overrides=int8.budget)
 
 
 def _judge(model: LoadedModel, ref_outputs: list[dict[str, Any]], infer: Callable[..., Any], evaluation: Samples | None, int8: QuantOptions | None) -> Drift:
     assert evaluation is not None and int8 is not None
-    return task_drift(model, ref_outputs, infer, evaluation.feeds, budget_for(model, int8), labels=evaluation.labels, source=evaluation.source)
+    gate, info = budgets_for(model, int8)
+    return task_drift(model, ref_outputs, infer, evaluation.feeds, gate, labels=evaluation.labels, source=evaluation.source, informational=info)
 
 
 def _fall_back(

@@ -180,6 +180,9 @@ def _metric_summary(drift: Mapping[str, Any]) -> str:
         limit = budget.get(name)
         text = "n/a" if value is None else f"{value:.3g}"
         parts.append(f"{name} {text}" + (f" (limit {limit:g})" if limit is not None else ""))
+    for name in drift.get("informational") or {}:
+        value = metrics.get(name)
+        parts.append(f"{name} {'n/a' if value is None else f'{value:.3g}'} (information, not gating)")
     return "; ".join(parts)
 
 
@@ -233,6 +236,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
             labelled = [k for k in LABELLED if k in v["drift"]["metrics"]]
             if labelled:
                 lines.append("  - against the labels: " + ", ".join(f"{k} {v['drift']['metrics'][k]:.3g}" for k in labelled))
+            for name, why in (v["drift"].get("informational") or {}).items():
+                lines.append(f"  - `{name}` is information, not a gate: {why}")
         for note in v["notes"]:
             lines.append(f"  - {note}")
         budget = v.get("latency_budget")

@@ -47,6 +47,7 @@ class ExitCode(enum.IntEnum):
     DRIFT_BUDGET = 5  # a variant's accuracy drift is over its budget
     TARGET_UNAVAILABLE = 6  # a requested target cannot run here (package or device missing)
     REGRESSION = 7  # slower or less accurate than the baseline
+    LATENCY_BUDGET = 8  # slower than the device profile's (--target-profile) latency budget
 
 
 class D2VError(Exception):
@@ -127,6 +128,7 @@ class Drift:
     passed: bool
     failed: tuple[str, ...] = ()  # metrics over budget
     detail: str = ""  # one line: the worst output, the shapes compared, where the inputs came from
+    informational: Mapping[str, str] = field(default_factory=dict)  # metric -> why it is reported but does not gate
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,12 @@ def task_drift(
     *,
     labels: Sequence[object] | None = None,
     source: str = "",
+    informational: Mapping[str, str] | None = None,
 ) -> Drift:
-    """Task-aware metrics of a candidate against the reference outputs on the same real samples."""
+    """Task-aware metrics of a candidate against the reference outputs on the same real samples.
+
+    ``informational``: metrics reported but not judged, with the reason (``metrics.budgets``).
+    """
     from . import metrics
 
     head = model.head
@@ -99,7 +103,8 @@ def task_drift(
         attention_masks=masks,
     )
     passed, failed = metrics.judge(values, dict(budget))
-    return Drift(REFERENCE, len(feeds), values, dict(budget), passed, failed, detail=f"{len(feeds)} real samples from {source}")
+    info = {m: why for m, why in (informational or {}).items() if m in values}
+    return Drift(REFERENCE, len(feeds), values, dict(budget), passed, failed, detail=f"{len(feeds)} real samples from {source}", informational=info)
 
 
 def usable_labels_for(model: LoadedModel, labels: Sequence[object] | None) -> list[object] | None:
