@@ -301,7 +301,10 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
     if report.comparison is not None:
         click.echo(f"against the baseline: {'no regression' if report.comparison['passed'] else 'REGRESSION'} (see {output / 'comparison.md'})", err=True)
         if not report.comparison["passed"]:
-            raise D2VError(f"regression against {kw['baseline']}: {', '.join(report.comparison['regressions'])}; see {output / 'comparison.md'}", ExitCode.REGRESSION)
+            from .compare import describe_regressions
+
+            worse = "; ".join(describe_regressions(report.comparison))
+            raise D2VError(f"regression against {kw['baseline']}: {worse}; see {output / 'comparison.md'}", ExitCode.REGRESSION)
 
 
 def _summary(report: Any, output: Path) -> None:

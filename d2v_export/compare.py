@@ -391,13 +391,34 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
     return jsonable(doc)
 
 
+def _num_text(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def describe_regressions(doc: Mapping[str, Any]) -> list[str]:
+    """One short phrase per regressed variant of a ``to_dict`` document: its name and by how much."""
+    out = []
+    for v in doc.get("variants") or []:
+        if v.get("name") not in (doc.get("regressions") or []):
+            continue
+        what = []
+        lat = v.get("latency") or {}
+        if lat.get("verdict") == REGRESSION and lat.get("ratio") is not None:
+            what.append(f"p50 {lat['baseline_p50']:.3g} -> {lat['current_p50']:.3g} ms ({lat['ratio'] - 1:+.0%})")
+        for m in v.get("drift") or []:
+            if m.get("flagged"):
+                what.append(f"{m['metric']} {_num_text(m.get('baseline'))} -> {_num_text(m.get('current'))}")
+        out.append(f"{v['name']} ({', '.join(what) or v.get('verdict')})")
+    return out
+
+
 _ICON = {REGRESSION: "❌ regression", IMPROVEMENT: "✅ improvement", UNCHANGED: "unchanged", NEW: "🆕 new", MISSING: "missing"}
 
 
 def markdown(comparison: Comparison) -> str:
     """A Markdown table of the verdicts (fits a CI step summary)."""
     c = comparison
-    head = "**No regression**" if c.passed else f"**Regression** in {', '.join(v.name for v in c.regressions)}"
+    head = "**No regression**" if c.passed else f"**Regression** in {', '.join(describe_regressions(to_dict(c)))}"
     basis = "relative to each run's PyTorch reference" if c.relative_to_reference else "absolute milliseconds"
     lines = [
         "## Comparison with the baseline",

@@ -46,7 +46,7 @@ from .spec import (
     ShapeProfile,
     Variant,
 )
-from .validate import shape_check, task_drift
+from .validate import HALF_TOLERANCE_FACTOR, shape_check, task_drift
 
 Range = tuple[float, float, float]
 
@@ -341,7 +341,12 @@ def run(
                 model.save_pretrained_files(folder)
                 with backend.runner(artifact, threads=threads) as runner:
                     if request.quant is None:
-                        drift = graph.check if _same_file(artifact.model_file, graph.path) else shape_check(model, reference, runner.infer, profile)
+                        factor = HALF_TOLERANCE_FACTOR.get(request.precision.value, 1.0)
+                        drift = (
+                            graph.check
+                            if _same_file(artifact.model_file, graph.path)
+                            else shape_check(model, reference, runner.infer, profile, tolerance=model.head.tolerance * factor)
+                        )
                     else:
                         drift = _judge(model, ref_outputs, runner.infer, evaluation, options.int8)
                 notes: tuple[str, ...] = ()
