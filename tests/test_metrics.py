@@ -225,3 +225,24 @@ def test_bad_inputs() -> None:
         M.compute("classification", [x], [x], output_names=("logits",), labels=[0])
     nan = M.compute("classification", [x], [{"logits": np.full((2, 3), np.nan)}], output_names=("logits",))
     assert math.isnan(nan["max_abs_error"])
+
+
+def test_budgets_on_random_weights_gate_on_output_agreement() -> None:
+    gate, info = M.budgets("ctc", random_weights=False)
+    assert gate == M.DEFAULT_BUDGETS["ctc"] and info == {}
+    gate, info = M.budgets("ctc", random_weights=True)
+    assert gate == {"logit_cosine": 0.99} and set(info) == {"cer", "wer", "cer_increase", "wer_increase"}
+    assert all(why.startswith("random weights:") for why in info.values())
+    gate, info = M.budgets("classification", random_weights=True)
+    assert gate == {"top1_agreement": 0.98, "logit_cosine": 0.99} and set(info) == {"accuracy_drop"}
+    gate, info = M.budgets("ctc", random_weights=True, overrides={"wer": 0.5})  # explicit: gates again
+    assert gate == {"logit_cosine": 0.99, "wer": 0.5} and "wer" not in info
+    assert M.budgets("embedding", random_weights=True) == (M.DEFAULT_BUDGETS["embedding"], {})
+
+
+def test_ctc_reports_the_logit_cosine() -> None:
+    ref = RNG.normal(size=(2, 50, 8)).astype(np.float32)
+    same = M.compute("ctc", [{"logits": ref}], [{"logits": ref}], output_names=("logits",))
+    assert same["logit_cosine"] == pytest.approx(1.0)
+    flipped = M.compute("ctc", [{"logits": ref}], [{"logits": -ref}], output_names=("logits",))
+    assert flipped["logit_cosine"] == pytest.approx(-1.0)
