@@ -28,14 +28,19 @@ def test_quick_run_writes_performance_tables(tmp_path: Path) -> None:
     text = out.read_text()
     assert "hand-written intro" in text and "hand-written levers" in text and "\nold\n" not in text
     for needle in ("pytorch-fp32", "peer: ORT fp32 (TorchScript export)", "peer: ORT INT8 dynamic avx512_vnni", "peer: OpenVINO + NNCF INT8",
-                   "d2v: ORT INT8 static", "d2v: OpenVINO INT8 static", "× fastest peer", "× int8 floor", "Random weights", "Load average",
-                   "GOP/s"):  # fmt: skip
+                   "d2v: onnxruntime-int8-static", "d2v: openvino-int8-static", "d2v: openvino-int8-static-raw", "× fastest peer",
+                   "× int8 floor", "Random weights", "Load average", "GOP/s", "Summary: `--pick` against the fastest peer",
+                   "where the time goes", "int8 GEMM (MatMul/FC, Conv)", "fixed shapes"):  # fmt: skip
         assert needle in text, needle
     doc = json.loads(raw.read_text())
     assert doc["ceiling"]["int8"] > 0 and doc["ceiling"]["fp32"] > 0
     (result,) = doc["results"]
     paths = {p["name"]: p for p in result["paths"]}
-    assert paths["d2v: ORT INT8 dynamic"]["drift"] and paths["peer: OpenVINO + NNCF INT8"]["drift"]
+    assert paths["d2v: onnxruntime-int8-dynamic"]["drift"] and paths["peer: OpenVINO + NNCF INT8"]["drift"]
+    # the per-op breakdown: every profiled path has time in its GEMM groups
+    breakdown = result["breakdown"]["paths"]
+    assert {"d2v: openvino-int8-static", "d2v: onnxruntime-int8-static", "peer: OpenVINO + NNCF INT8"} <= set(breakdown)
+    assert all(sum(groups.values()) > 0 for groups in breakdown.values())
     for point in result["points"]:
         assert point["gflops"] > 0
         assert all(v > 0 for v in point["p50_ms"].values())
