@@ -228,7 +228,8 @@ def section(ref: Ref, folder: Path, results: list[dict[str, Any]]) -> list[str]:
         if "report" not in r:
             why = "not built" if r["rc"] is None else "target not available here" if r["rc"] == EXIT_UNAVAILABLE else f"failed (exit {r['rc']})"
             lines.append(f"- {r['target']} int8 {r['quant']}{' + fallback' if r['fallback'] == 'auto' else ''}: {why}: {r.get('error', '')}")
-    lines += ["", "Commands (after `d2v-export`):", ""] + [f"    {r['command']}" for r in results if r["command"]] + [""]
+    lines += ["", "Commands (after `d2v-export`, paths relative to the repository):", ""]
+    lines += [f"    {r['command'].replace(str(ROOT) + '/', '')}" for r in results if r["command"]] + [""]
     return lines
 
 
