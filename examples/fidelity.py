@@ -87,15 +87,16 @@ def run_one(ref: Ref, folder: Path, target: str, quant: str, fallback: str, work
         "--eval", str(folder / ref.evaluation), "--eval-samples", str(ref.count(folder, ref.evaluation)),
         "--output", str(out), "--force", "--quiet", "--bench-seconds", str(args.bench_seconds), "--threads", str(args.threads),
     ] + (["--defer-build"] if target in DEFER else []) + (["--reduce-range", "off"] if full_range else [])  # fmt: skip
+    shown = " ".join(cmd[1:]).replace(str(work), "WORK").replace(str(ROOT) + "/", "")  # no one machine's paths in the doc
     report = out / "report.json"
     if args.reuse and report.is_file() and report.stat().st_mtime > (folder / "model.safetensors").stat().st_mtime:
         print(f"[fidelity] {ref.name} {target} {quant} fallback={fallback}: reusing {report}", file=sys.stderr)
-        return {"target": target, "quant": quant, "fallback": fallback, "rc": 0, "seconds": 0.0, "command": " ".join(cmd[1:]),
+        return {"target": target, "quant": quant, "fallback": fallback, "rc": 0, "seconds": 0.0, "command": shown,
                 "report": json.loads(report.read_text(encoding="utf-8")), "reused": True}  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     result: dict[str, Any] = {"target": target, "quant": quant, "fallback": fallback, "rc": proc.returncode,
-                              "seconds": round(time.perf_counter() - started, 1), "command": " ".join(cmd[1:])}  # fmt: skip
+                              "seconds": round(time.perf_counter() - started, 1), "command": shown}  # fmt: skip
     if proc.returncode in (0, EXIT_DRIFT) and report.is_file():
         result["report"] = json.loads(report.read_text(encoding="utf-8"))
     else:
@@ -228,8 +229,8 @@ def section(ref: Ref, folder: Path, results: list[dict[str, Any]]) -> list[str]:
         if "report" not in r:
             why = "not built" if r["rc"] is None else "target not available here" if r["rc"] == EXIT_UNAVAILABLE else f"failed (exit {r['rc']})"
             lines.append(f"- {r['target']} int8 {r['quant']}{' + fallback' if r['fallback'] == 'auto' else ''}: {why}: {r.get('error', '')}")
-    lines += ["", "Commands (after `d2v-export`, paths relative to the repository):", ""]
-    lines += [f"    {r['command'].replace(str(ROOT) + '/', '')}" for r in results if r["command"]] + [""]
+    lines += ["", "Commands (after `d2v-export`; paths relative to the repository, WORK = `--work`):", ""]
+    lines += [f"    {r['command']}" for r in results if r["command"]] + [""]
     return lines
 
 
