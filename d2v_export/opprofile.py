@@ -60,16 +60,10 @@ def onnxruntime_breakdown(path: Path, feed: Mapping[str, np.ndarray], *, threads
     """ms per run in each group, from ONNX Runtime's profiler (the session d2v-export's runner builds, plus profiling)."""
     import onnxruntime as ort
 
-    from .backends.onnxruntime import SPINNING
+    from .backends.onnxruntime import session_options
 
     with tempfile.TemporaryDirectory(prefix="d2v-prof-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        opts.add_session_config_entry(SPINNING, "0")
+        opts = session_options(threads)
         opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "trace")

@@ -55,6 +55,7 @@ class _Graph:
             for i in n.input:
                 self.consumers[i].append(n)
         self.outputs = {o.name for o in self.g.output}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
         self._np = numpy_helper
 
     def value(self, name: str) -> np.ndarray | None:
@@ -77,6 +78,14 @@ class _Graph:
         self.g.initializer.append(self._np.from_array(np.ascontiguousarray(array), new))
         self.inits[new] = self.g.initializer[-1]
         return new
+
+    def replace(self, old: list[Any], new: list[Any]) -> None:
+        """Remove the ``old`` nodes and insert ``new`` where the first of them stood (topological order kept)."""
+        at = min(list(self.g.node).index(n) for n in old)
+        for n in old:
+            self.g.node.remove(n)
+        for k, n in enumerate(new):
+            self.g.node.insert(at + k, n)
 
     def fresh(self, base: str) -> str:
         taken = set(self.inits) | set(self.producer) | {i.name for i in self.g.input}
@@ -283,7 +292,6 @@ def channel_layernorm(model: Any) -> int:
 
     gr = _Graph(model)
     count = 0
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     for ln in [n for n in gr.g.node if n.op_type == "LayerNormalization"]:
         t1 = gr.producer.get(ln.input[0])
         t2 = gr.only_consumer(ln.output[0])
@@ -302,7 +310,7 @@ def channel_layernorm(model: Any) -> int:
         nodes = []
 
         def reduce_mean(inp: str, out: str) -> Any:
-            if opset >= 18:
+            if gr.opset >= 18:
                 axes = gr.set_initializer(f"{p}_axes", np.array([1], np.int64))
                 return helper.make_node("ReduceMean", [inp, axes], [out], keepdims=1, name=out)
             return helper.make_node("ReduceMean", [inp], [out], axes=[1], keepdims=1, name=out)
@@ -321,11 +329,7 @@ def channel_layernorm(model: Any) -> int:
         if beta is not None:
             b_name = gr.set_initializer(f"{p}_beta", beta.reshape(-1, 1).astype(np.float32))
             nodes.append(helper.make_node("Add", [last, b_name], [y], name=f"{p}_shifted"))
-        at = list(gr.g.node).index(t1)
-        for n in (t1, ln, t2):
-            gr.g.node.remove(n)
-        for k, n in enumerate(nodes):
-            gr.g.node.insert(at + k, n)
+        gr.replace([t1, ln, t2], nodes)
         count += 1
     _prune(model)
     return count
@@ -345,7 +349,6 @@ def merge_qkv(model: Any) -> int:
 
     gr = _Graph(model)
     count = 0
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
     for x, users in list(gr.consumers.items()):
         mms = [u for u in users if u.op_type == "MatMul" and u.input[0] == x and (w := gr.value(u.input[1])) is not None and w.ndim == 2]
         if len(mms) < 3:
@@ -374,17 +377,11 @@ def merge_qkv(model: Any) -> int:
             last = f"{name}_add"
         outs = [(a.output[0] if a is not None else m.output[0]) for m, a, _ in parts]
         split = gr.set_initializer(f"{name}_split", np.array(widths, np.int64))
-        if opset >= 13:
+        if gr.opset >= 13:
             new_nodes.append(helper.make_node("Split", [last, split], outs, axis=-1, name=f"{name}_split"))
         else:
             new_nodes.append(helper.make_node("Split", [last], outs, axis=-1, split=widths, name=f"{name}_split"))
-        first = min(list(gr.g.node).index(m) for m, _, _ in parts)
-        for m, a, _ in parts:
-            gr.g.node.remove(m)
-            if a is not None:
-                gr.g.node.remove(a)
-        for k, n in enumerate(new_nodes):
-            gr.g.node.insert(first + k, n)
+        gr.replace([n for m, a, _ in parts for n in (m, a) if n is not None], new_nodes)
         count += 1
     _prune(model)
     return count
@@ -440,17 +437,14 @@ def rewrite_graph(graph: Any, names: Iterable[str], target: Any, feeds: Iterable
 def scaled_difference(a: Any, b: Any, feeds: list[Any]) -> float:
     """Worst output difference of two ONNX files on ``feeds`` (ONNX Runtime), scaled by the output's magnitude."""
     from .backends.onnxruntime import OrtRunner
+    from .validate import scaled_error
 
     worst = 0.0
     with OrtRunner(a, 1) as ra, OrtRunner(b, 1) as rb:
         for feed in feeds:
             x, y = ra.infer(feed), rb.infer(feed)
             for name, ref in x.items():
-                if not np.size(ref):
-                    continue
-                ref64 = np.asarray(ref, np.float64)
-                diff = float(np.max(np.abs(ref64 - np.asarray(y[name], np.float64)))) / max(1.0, float(np.max(np.abs(ref64))))
-                worst = max(worst, diff if np.isfinite(diff) else float("inf"))
+                worst = max(worst, scaled_error(ref, y[name])[1])
     return worst
 
 

@@ -28,6 +28,18 @@ HALF_TOLERANCE_FACTOR: dict[str, float] = {"fp16": 200.0, "bf16": 500.0}
 Infer = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
+def scaled_error(reference: Any, candidate: Any) -> tuple[float, float]:
+    """(max |candidate - reference|, that / max(1, max |reference|)); inf when the candidate is not finite."""
+    cand = np.asarray(candidate, dtype=np.float64)
+    if not np.all(np.isfinite(cand)):
+        return float("inf"), float("inf")
+    if not np.size(reference):
+        return 0.0, 0.0
+    ref = np.asarray(reference, dtype=np.float64)
+    err = float(np.max(np.abs(cand - ref)))
+    return err, err / max(1.0, float(np.max(np.abs(ref))))
+
+
 def shape_check(
     model: LoadedModel,
     reference: Any,
@@ -57,14 +69,7 @@ def shape_check(
                 shape = got[name].shape if name in got else "nothing"
                 why = f"output '{name}' has shape {shape} but PyTorch gives {ref[name].shape} at {fmt_sizes(sizes)}"
                 return _failed(tolerance, why, len(points))
-            cand = np.asarray(got[name], dtype=np.float64)
-            if not np.all(np.isfinite(cand)):
-                err = rel = float("inf")
-            elif ref[name].size:
-                err = float(np.max(np.abs(cand - ref[name])))
-                rel = err / max(1.0, float(np.max(np.abs(ref[name]))))
-            else:
-                err = rel = 0.0
+            err, rel = scaled_error(ref[name], got[name])
             if rel >= worst_rel:
                 worst_rel, worst_abs, worst_where = rel, err, f"output '{name}' at {fmt_sizes(sizes)}"
     passed = worst_rel <= tolerance

@@ -15,23 +15,31 @@ MODEL_FILE = "model.onnx"
 SPINNING = "session.intra_op.allow_spinning"
 
 
+def session_options(threads: int, *, optimize: bool = True) -> Any:
+    """The ONNX Runtime session settings d2v-export runs every graph with (``optimize=False``: no graph
+    optimisations, e.g. for a faithful float simulation of a Q/DQ graph)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    # No busy-waiting workers after a run (ORT's default spins them). Measured on a 2-core Zen 3: alone,
+    # 0-3 % slower on the base models; but a spinning session stole 35-60 % from whatever ran next in the
+    # same process (another ORT session in an interleaved benchmark; the application's own code on an
+    # edge device that shares its cores). docs/PERFORMANCE.md has the numbers.
+    opts.add_session_config_entry(SPINNING, "0")
+    return opts
+
+
 class OrtRunner(RunnerBase):
-    def __init__(self, path: Path, threads: int, name: str = "onnxruntime") -> None:
+    def __init__(self, path: Path, threads: int, name: str = "onnxruntime", *, optimize: bool = True) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        # No busy-waiting workers after a run (ORT's default spins them). Measured on a 2-core Zen 3: alone,
-        # 0-3 % slower on the base models; but a spinning session stole 35-60 % from whatever ran next in the
-        # same process (another ORT session in an interleaved benchmark; the application's own code on an
-        # edge device that shares its cores). docs/PERFORMANCE.md has the numbers.
-        opts.add_session_config_entry(SPINNING, "0")
         self.name = name
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), session_options(threads, optimize=optimize), providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

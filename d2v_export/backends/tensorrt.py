@@ -53,7 +53,7 @@ from .. import trt_device, trt_engine
 from ..heads import concrete_shape
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
 from .base import Availability, BuildRequest, Recovery, RunnerBase
-from .onnxruntime import SPINNING, OrtRunner, _copy_onnx
+from .onnxruntime import OrtRunner, _copy_onnx
 
 NAME = "tensorrt"
 ONNX_FILE = "model.onnx"
@@ -616,7 +616,7 @@ def _engine_device(folder: Path) -> int:
         return 0
 
 
-class SimulationRunner(RunnerBase):
+class SimulationRunner(OrtRunner):
     """ONNX Runtime on the TensorRT graph with graph optimisations off: a faithful float simulation.
 
     With ORT's default (ORT_ENABLE_ALL) the Q/DQ pairs become integer CPU kernels (QLinearMatMul,
@@ -627,23 +627,7 @@ class SimulationRunner(RunnerBase):
     casts it inserts, so what is simulated is fp16 *storage* of every fp16 tensor, not fp16 arithmetic."""
 
     def __init__(self, path: Path, threads: int, name: str) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3
-        opts.add_session_config_entry(SPINNING, "0")
-        self.name = name
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(self.outputs, dict(feed))))
-
-    def close(self) -> None:
-        self.session = None
+        super().__init__(path, threads, name, optimize=False)
 
 
 def _check_recipe(recipe: QuantRecipe | None) -> QuantRecipe:
