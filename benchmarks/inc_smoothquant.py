@@ -182,13 +182,14 @@ def quantize_and_judge(
     from d2v_export.backends.onnxruntime import OrtRunner
     from d2v_export.export import export
     from d2v_export.metrics import DEFAULT_BUDGETS
+    from d2v_export import backends
     from d2v_export.quantize import make_recipe, quantize_onnx
     from d2v_export.validate import task_drift
 
     t0 = time.perf_counter()
     graph = export(model, profile, work / name / "model.onnx")
     recipe = make_recipe(
-        "onnxruntime", "static", method="minmax", samples=len(calib.feeds)
+        backends.get("onnxruntime"), "static", method="minmax", samples=len(calib.feeds)
     )
     q = quantize_onnx(graph, work / name / "model.int8.onnx", recipe, calib.feeds)
     budget = DEFAULT_BUDGETS[model.head.metric]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from . import backends
 from .report import jsonable
 from .spec import D2VError, Modality
 
@@ -256,13 +257,7 @@ def write_manifest(
         "environment": jsonable(dict(environment)),
         "verdict": verdict,
     }
-    runtime_config = None
-    if artifact.target == "openvino":
-        from .backends.openvino import compile_config, read_config
-
-        settings = read_config(folder)
-        runtime_config = compile_config(settings, int(settings.get("threads") or 0))
-    (folder / README).write_text(readme(doc, runtime_config=runtime_config), encoding="utf-8")
+    (folder / README).write_text(readme(doc, folder=folder), encoding="utf-8")
     doc["files"] = [
         {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)
     ]
@@ -273,11 +268,12 @@ def write_manifest(
     return path
 
 
-def readme(doc: Mapping[str, Any], *, runtime_config: tuple[str, Mapping[str, Any]] | None = None) -> str:
+def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
     """The bundle's README.md: what it is and how to run it with and without d2v-export.
 
-    ``runtime_config``: (device, compile config) the variant was measured with (OpenVINO), so that the
-    snippet runs it the same way."""
+    The code that runs the artifact is its backend's (``readme_snippet``), from the files in ``folder``
+    (e.g. the settings the variant was measured with) when given."""
+    snippet = backends.get(doc["target"]).readme_snippet(doc["name"], doc["model_file"], folder)
     m = doc["model"]
     name, target, model_file = doc["name"], doc["target"], doc["model_file"]
     modality, task = m["modality"], m["task"]
@@ -353,35 +349,12 @@ def readme(doc: Mapping[str, Any], *, runtime_config: tuple[str, Mapping[str, An
         if task == "multiple-choice":
             lines.append('feed = {k: v[:, None] for k, v in feed.items()}  # (batch, choices, sequence): one row per choice')
     lines.append("")
-    if target == "openvino":
-        device, config = runtime_config or ("CPU", {})
-        comment = "  # as d2v-export measured it (openvino_config.json)"
-        if config.get("INFERENCE_PRECISION_HINT") == "f32":
-            comment = "  # as measured; without the f32 hint OpenVINO may run fp32 in bf16"
-        lines += [
-            "import openvino as ov",
-            "",
-            f"config = {json.dumps(dict(config))}{comment}",
-            f'compiled = ov.Core().compile_model("{name}/{model_file}", "{device}", config)',
-            "outputs = compiled(feed)",
-        ]
-    else:
-        onnx_file = model_file if model_file.endswith(".onnx") else "model.onnx"
-        lines += [
-            "import onnxruntime as ort",
-            "",
-            "opts = ort.SessionOptions()",
-            'opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as d2v-export measured it',
-            f'session = ort.InferenceSession("{name}/{onnx_file}", opts, providers=["CPUExecutionProvider"])',
-            "outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))",
-        ]
+    lines += snippet.code
     outs = ", ".join(f"`{o['name']}` {tuple(o['shape'])}" for o in doc["outputs"])
     lines += ["```", "", f"Outputs: {outs}."]
     if doc.get("labels"):
         lines.append("Class ids map to names through `labels` in manifest.json (also `id2label` in config.json).")
-    if target == "tensorrt":
-        lines += ["", "A TensorRT engine (`model.plan`) runs only on the GPU model and TensorRT version it was built with; "
-                  "without one, `d2v-export run` runs `model.onnx` with ONNX Runtime and says so."]  # fmt: skip
+    lines += snippet.after
     return "\n".join(lines) + "\n"
 
 
@@ -462,7 +435,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise D2VError(f"bundle '{folder}' is not a folder; pass a variant folder such as out/vision/onnxruntime-fp32")
+        raise D2VError(f"bundle '{folder}' is not a folder; pass a variant folder such as out/vision/{backends.DEFAULT}-fp32")
     if path.is_symlink() or not path.is_file():
         raise _fail(folder, f"has no {MANIFEST}; pass a variant folder written by d2v-export (not the run's top folder)")
     try:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
+from . import __version__, backends
 from .heads import DEFAULT_TASK, tasks
 from .spec import D2VError, ExitCode, Modality, Precision
 
@@ -154,7 +154,6 @@ def _quant_options(kw: dict[str, Any], wanted: bool, enable: str) -> Any:
 
 
 def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    from . import backends
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
@@ -162,7 +161,7 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
                          help="A Hugging Face hub id, a local checkpoint folder, or preset:tiny|base|large (offline, random weights)."),
             click.option("--task", "-t", type=click.Choice(tasks(modality)), default=None,
                          help=f"Hugging Face task name. Default: the checkpoint's own head ({DEFAULT_TASK[modality]} for presets)."),
-            click.option("--target", "targets", multiple=True, default=("onnxruntime",), show_default=True,
+            click.option("--target", "targets", multiple=True, default=(backends.DEFAULT,), show_default=True,
                          type=click.Choice(backends.names()), help="Runtime to build for; repeat for several."),
             click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
                          help=f"Folder for artifacts and report.json/report.md. Default: out/{modality.value}."),
@@ -386,14 +385,10 @@ Examples:
 @_handle_errors
 def build_engine(bundle: Path, workspace_gb: float, timing_cache: Path | None, iterations: int, device: str, no_verify: bool) -> None:
     """Build and benchmark the TensorRT engine of a deferred bundle on this device (needs TensorRT and an NVIDIA GPU)."""
-    from .backends.tensorrt import build_engine as build, find_bundles
+    from .backends.tensorrt import build_engines  # this command is the TensorRT target's own
 
-    found = find_bundles(bundle)
-    if not found:
-        raise D2VError(f"'{bundle}' holds no TensorRT bundle (build_recipe.json); pass a folder written with --target tensorrt --defer-build")
-    for folder in found:
-        plan = build(folder, workspace_gb=workspace_gb, timing_cache=timing_cache, iterations=iterations, device=device,
-                     verify=not no_verify, progress=lambda msg: click.echo(f"[d2v-export] {msg}", err=True))  # fmt: skip
+    for plan in build_engines(bundle, workspace_gb=workspace_gb, timing_cache=timing_cache, iterations=iterations, device=device,
+                              verify=not no_verify, progress=lambda msg: click.echo(f"[d2v-export] {msg}", err=True)):  # fmt: skip
         click.echo(f"built {plan}")
 
 
@@ -442,7 +437,7 @@ Examples:
 """)  # fmt: skip
 @click.option("--model", "-m", default="preset:base", show_default=True, help="preset:NAME (per modality), or a checkpoint for one modality.")
 @click.option("--modality", "modalities", multiple=True, type=click.Choice([m.value for m in Modality]), default=("vision", "text", "audio"), show_default=True)
-@click.option("--target", "targets", multiple=True, default=("onnxruntime", "openvino", "tensorrt"), show_default=True)
+@click.option("--target", "targets", multiple=True, default=backends.names(), show_default=True)
 @click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), default=("fp32", "int8"), show_default=True)
 @click.option("--task", default=None, help="Task for every modality (default: the model's own head).")
 @click.option("--shard", default=None, metavar="I/N", help="Run only shard I of N (1-based); merge with matrix-merge.")

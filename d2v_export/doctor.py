@@ -4,7 +4,8 @@
     print(format_text(d))
 
 Nothing here imports torch or transformers (versions come from package metadata), so the command
-is quick; each runtime is imported only by its backend's ``available()``.
+is quick; each runtime is imported only by its backend's ``available()`` and ``diagnose()``, which
+also say what is specific to a target (OpenVINO's devices), and plug-ins that did not load are listed.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("d2v-export", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
-            "openvino", "nncf", "tensorrt", "cuda-python", "optimum", "optimum-intel", "numpy")  # fmt: skip
+CORE_PACKAGES = ("d2v-export", "torch", "transformers", "onnx", "onnxscript")
+PEER_PACKAGES = ("optimum", "optimum-intel", "numpy")  # listed after every target's own (Backend.packages)
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp")  # fmt: skip
-# Targets d2v-export knows even when their backend module is not installed in this build.
-KNOWN_TARGETS = {
-    "tensorrt": "pip install 'd2v-export[tensorrt]' --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU",
-}
+_CORE_KEYS = ("versions", "platform", "cpu", "gpu", "targets")  # a target's diagnose() never replaces these
+
+
+def packages() -> tuple[str, ...]:
+    """The distributions whose versions doctor lists: the core, every target's, then the peers."""
+    from . import backends
+
+    return tuple(dict.fromkeys((*CORE_PACKAGES, *backends.packages(), *PEER_PACKAGES)))
 
 
 def _version(pkg: str) -> str | None:
@@ -92,39 +97,27 @@ def _targets() -> list[dict[str, Any]]:
                    "devices": list(avail.devices), "reason": avail.reason or None}  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - doctor reports every failure, it never crashes on one
             row = {"name": name, "available": False, "version": None, "devices": [], "reason": f"available() failed: {_one_line(exc)}"}
-        row["precisions"] = [p.value for p in getattr(backend, "precisions", ())]
-        row["extra"] = getattr(backend, "extra", "") or None
+        row["precisions"] = [p.value for p in backend.precisions]
+        row["extra"] = backend.extra or None
         out.append(row)
-    for name, install in KNOWN_TARGETS.items():
-        if name not in backends.names():
-            out.append({"name": name, "available": False, "version": _real_tensorrt_version() if name == "tensorrt" else None,
-                        "devices": [], "reason": _tensorrt_reason(install) if name == "tensorrt" else install,
-                        "precisions": [], "extra": name})  # fmt: skip
+    for label, reason in backends.broken().items():  # plug-ins that did not load
+        out.append({"name": label, "available": False, "version": None, "devices": [], "reason": reason, "precisions": [], "extra": None})
     return sorted(out, key=lambda r: r["name"])
 
 
-def _real_tensorrt_version() -> str | None:
-    try:
-        import tensorrt
+def _details() -> dict[str, Any]:
+    """What each target's ``diagnose()`` adds (OpenVINO: its devices), under the target's name."""
+    from . import backends
 
-        return str(getattr(tensorrt, "__version__", "")) or None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _tensorrt_reason(install: str) -> str:
-    """Why TensorRT cannot run here, when this build of d2v-export has no tensorrt backend module."""
-    try:
-        import tensorrt
-    except Exception as exc:  # noqa: BLE001 - a broken install raises more than ImportError
-        if isinstance(exc, ModuleNotFoundError):
-            return f"the tensorrt package is not installed; {install}"
-        return f"tensorrt does not import ({_one_line(exc)}); {install}"
-    if not hasattr(tensorrt, "Builder"):
-        return f"only a stub 'tensorrt' package is installed (no runtime library); {install}"
-    if not _nvidia_gpus():
-        return "tensorrt imports but there is no NVIDIA GPU here (nvidia-smi finds none)"
-    return "this build of d2v-export has no tensorrt backend module; upgrade d2v-export"
+    out: dict[str, Any] = {}
+    for name in backends.names():
+        try:
+            details = backends.get(name).diagnose()
+        except Exception as exc:  # noqa: BLE001
+            details = {"available": False, "reason": f"diagnose() failed: {_one_line(exc)}"}
+        if details is not None:
+            out[name] = dict(details)
+    return out
 
 
 def _nvidia_gpus() -> list[str]:
@@ -148,29 +141,6 @@ def _nvidia_gpus() -> list[str]:
     return gpus
 
 
-def _openvino() -> dict[str, Any]:
-    try:
-        import openvino as ov
-    except Exception as exc:  # noqa: BLE001
-        return {"available": False, "reason": f"openvino does not import ({_one_line(exc)}); pip install 'd2v-export[openvino]'", "devices": []}
-    try:
-        core = ov.Core()
-        names = list(core.available_devices)
-    except Exception as exc:  # noqa: BLE001
-        return {"available": False, "reason": f"OpenVINO finds no device ({_one_line(exc)})", "devices": []}
-    devices = []
-    for name in names:
-        row: dict[str, Any] = {"name": name}
-        for key, prop in (("full_name", "FULL_DEVICE_NAME"), ("capabilities", "OPTIMIZATION_CAPABILITIES"), ("precision_hint", "INFERENCE_PRECISION_HINT")):
-            try:
-                value = core.get_property(name, prop)
-                row[key] = [str(v) for v in value] if isinstance(value, (list, tuple)) else str(getattr(value, "type_name", None) or value)
-            except Exception:  # noqa: BLE001 - not every device has every property
-                row[key] = None
-        devices.append(row)
-    return {"available": True, "version": ov.__version__, "devices": devices}
-
-
 def _gpu() -> dict[str, Any]:
     nvidia = _nvidia_gpus()
     providers: list[str] = []
@@ -191,7 +161,7 @@ def _gpu() -> dict[str, Any]:
 def diagnose() -> dict[str, Any]:
     """Versions, CPU, GPU and every target's availability (with the reason when it is not)."""
     flags = cpu_flags()
-    versions = {"python": platform.python_version()} | {pkg: _version(pkg) for pkg in PACKAGES}
+    versions = {"python": platform.python_version()} | {pkg: _version(pkg) for pkg in packages()}
     return {
         "versions": versions,
         "platform": platform.platform(),
@@ -204,8 +174,7 @@ def diagnose() -> dict[str, Any]:
         },
         "gpu": _gpu(),
         "targets": _targets(),
-        "openvino": _openvino(),
-    }
+    } | {name: details for name, details in _details().items() if name not in _CORE_KEYS}
 
 
 def _relevant_flags() -> tuple[str, ...]:
@@ -253,10 +222,9 @@ def format_text(d: dict[str, Any]) -> str:
         if not t["available"]:
             line += f": {t['reason']}"
         lines.append(line)
-    ov = d["openvino"]
-    if ov["available"]:
-        lines += ["", "OpenVINO devices:"]
-        for dev in ov["devices"]:
-            caps = ", ".join(dev.get("capabilities") or []) or "unknown"
-            lines.append(f"  {dev['name']}: {dev.get('full_name') or '?'}; capabilities {caps}; default precision {dev.get('precision_hint') or '?'}")
+    from . import backends
+
+    for t in d["targets"]:
+        if isinstance(d.get(t["name"]), dict) and t["name"] in backends.names():
+            lines += backends.get(t["name"]).diagnosis_lines(d[t["name"]])
     return "\n".join(lines) + "\n"

@@ -141,7 +141,7 @@ def check_against_torch(
     """ONNX Runtime against PyTorch at every shape point of the profile."""
     from .backends.onnxruntime import OrtRunner
 
-    with OrtRunner(path, threads=0, name="onnxruntime-check") as runner:
+    with OrtRunner(path, threads=0, name="export-check") as runner:
         return shape_check(model, wrapper, runner.infer, profile, progress=progress)
 
 

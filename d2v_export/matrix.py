@@ -110,9 +110,9 @@ def _skip_reason(cell: Cell, defer_build: bool = False) -> str | None:
     if cell.target not in backends.names():
         return f"unknown target '{cell.target}'; known: {', '.join(backends.names())}"
     backend = backends.get(cell.target)
-    avail = backend.available()
-    if not avail.ok and not (defer_build and getattr(backend, "can_defer", False)):
-        return f"target not available here: {avail.reason}"
+    reason = backends.unavailable(backend, defer_build=defer_build)
+    if reason is not None:
+        return f"target not available here: {reason}"
     if cell.precision not in {p.value for p in backend.precisions}:
         return f"{cell.target} does not build {cell.precision}"
     if cell.precision not in BUILT_PRECISIONS:

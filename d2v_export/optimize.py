@@ -83,6 +83,7 @@ def max_difference(a: Path, b: Path, feeds: Sequence[Mapping[str, np.ndarray]]) 
 
 def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, np.ndarray]], work: Path) -> list[tuple[str, str, str, Callable[[], Path]]]:
     """(name, precision, how, build) for each ORT lever variant; ``build()`` writes the file and returns its path."""
+    from .backends.onnxruntime import BACKEND as ONNX_RUNTIME  # these levers are ONNX Runtime's own fusions
     from .quantize import make_recipe, quantize_onnx, saturates
 
     cache: dict[str, Any] = {}
@@ -101,7 +102,7 @@ def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, 
 
     def int8(mode: str) -> Callable[[], Path]:
         def build() -> Path:
-            recipe = make_recipe("onnxruntime", mode, samples=len(calib) if mode == "static" else 0, reduce_range=saturates())
+            recipe = make_recipe(ONNX_RUNTIME, mode, samples=len(calib) if mode == "static" else 0, reduce_range=saturates())
             target = work / f"fused-int8-{mode}.onnx"
             quantize_onnx(fused(), target, recipe, list(calib) if mode == "static" else ())
             return target

@@ -88,7 +88,7 @@ class QuantOptions:
 @dataclass(frozen=True)
 class RunOptions:
     output: Path
-    targets: tuple[str, ...] = ("onnxruntime",)
+    targets: tuple[str, ...] = (backends.DEFAULT,)
     force: bool = False
     threads: int = 0  # 0: every core this process may use
     bench: bench.BenchSettings = field(default_factory=bench.BenchSettings)
@@ -147,14 +147,12 @@ def default_threads() -> int:
 def check_targets(targets: tuple[str, ...], *, defer_build: bool = False, half: tuple[Precision, ...] = ()) -> None:
     """Fail fast, before any export, when a target cannot run here (or cannot build what was asked)."""
     for name in targets:
-        backend = backends.get(name)
-        avail = backend.available()
-        if not avail.ok and not (defer_build and getattr(backend, "can_defer", False)):
-            raise D2VError(f"target '{name}' is not available here: {avail.reason}", ExitCode.TARGET_UNAVAILABLE)
+        backends.require(name, defer_build=defer_build)
     for precision in half:
         if not any(precision in backends.get(name).precisions for name in targets):
             raise D2VError(
-                f"no requested target builds {precision.value} ({', '.join(targets)}); add --target openvino or --target tensorrt",
+                f"no requested target builds {precision.value} ({', '.join(targets)}); add "
+                + " or ".join(f"--target {name}" for name in backends.building(precision)),
                 ExitCode.TARGET_UNAVAILABLE,
             )
 
@@ -484,7 +482,7 @@ def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int
             continue  # --no-rewrite: no clean-up anywhere
         names = default_rewrites if lever.rewrite is None else (_ALL_REWRITES() if lever.rewrite else ())
         samples = len(calib) if calib is not None and lever.mode == "static" else 0
-        recipe = make_recipe(backend.name, lever.mode, method=int8.method, samples=samples, reduce_range=rr)
+        recipe = make_recipe(backend, lever.mode, method=int8.method, samples=samples, reduce_range=rr)
         if lever.symmetric_activations is not None:
             recipe = dataclasses.replace(recipe, symmetric_activations=lever.symmetric_activations)
         key = (recipe, names)
@@ -505,7 +503,7 @@ def _ALL_REWRITES() -> tuple[str, ...]:
 
 def _deferred(options: RunOptions) -> set[str]:
     """Targets whose artifacts are not run on their own runtime here (a deferred TensorRT build)."""
-    return {t for t in options.targets if options.defer_build and getattr(backends.get(t), "can_defer", False)}
+    return {t for t in options.targets if options.defer_build and backends.get(t).can_defer}
 
 
 def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads: int) -> list[BuildRequest]:
@@ -518,7 +516,7 @@ def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads:
         from .quantize import make_recipe
 
         samples = len(calib) if calib is not None and int8.mode == "static" else 0
-        recipe = make_recipe(backend.name, int8.mode, method=int8.method, samples=samples, reduce_range=wants_reduce_range(int8, options.profile))
+        recipe = make_recipe(backend, int8.mode, method=int8.method, samples=samples, reduce_range=wants_reduce_range(int8, options.profile))
         feeds = tuple(calib.feeds) if calib is not None and int8.mode == "static" else ()
         requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, **common))  # type: ignore[arg-type]
     return requests
@@ -580,12 +578,10 @@ def _fall_back(
     progress: Progress,
 ) -> tuple[Artifact, Drift, tuple[str, ...]]:
     """Ask the backend to return the most sensitive parts to float until the budget holds."""
-    from .backends.base import Recovers, Recovery
+    from .backends.base import Recovery
     from .metrics import allowed_drop, primary_score
 
     assert evaluation is not None
-    if not isinstance(backend, Recovers):
-        raise D2VError(f"--fallback auto is not supported by target '{backend.name}'; use --fallback off", ExitCode.TARGET_UNAVAILABLE)
 
     def evaluate(artifact: Artifact) -> Drift:
         with backend.runner(artifact, threads=threads) as runner:

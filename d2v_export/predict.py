@@ -34,7 +34,6 @@ from .bundle import PAIR_SEPARATOR, Manifest, verify
 from .spec import Artifact, D2VError, Dim, ExitCode, Modality, Precision, ShapeProfile
 
 MAX_ANSWER_TOKENS = 30
-_ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 
 @dataclass
@@ -73,48 +72,8 @@ def open_runtime(manifest: Manifest) -> tuple[Any, Artifact, list[str]]:
     """The backend and artifact that run this bundle, and notes (e.g. a TensorRT bundle run by ONNX Runtime)."""
     from . import backends
 
-    target = manifest.target
-    if target == "tensorrt":
-        return _tensorrt(manifest)
-    backend = backends.get(target)
-    avail = backend.available()
-    if not avail.ok:
-        raise D2VError(f"bundle '{manifest.folder}' needs {target}, which is not available here: {avail.reason}", ExitCode.TARGET_UNAVAILABLE)
-    return backend, _artifact(manifest, target, manifest.model_file), []
-
-
-def _tensorrt(manifest: Manifest) -> tuple[Any, Artifact, list[str]]:
-    """A TensorRT bundle: its engine where one was built and TensorRT runs here, else its ONNX file on
-    ONNX Runtime (the same graph the engine was or will be built from), said in the notes."""
-    from . import backends
-
-    listed = {f.path for f in manifest.files}
-    engine = next((f for f in sorted(listed) if f.endswith(_ENGINE_SUFFIXES)), None)
-    onnx = _onnx_file(manifest)
-    try:
-        backend = backends.get("tensorrt")
-        avail = backend.available()
-        ok, why = avail.ok, avail.reason
-    except D2VError as exc:
-        backend, ok, why = None, False, str(exc)
-    if engine is not None and ok and backend is not None:
-        return backend, _artifact(manifest, "tensorrt", engine), []
-    if onnx is None:
-        raise D2VError(
-            f"bundle '{manifest.folder}' has " + ("an engine, but TensorRT cannot run here" if engine else "no TensorRT engine")
-            + f" and no ONNX file to run instead ({why or 'no engine'})",
-            ExitCode.TARGET_UNAVAILABLE,
-        )
-    reason = "the bundle has no TensorRT engine" if engine is None else f"TensorRT cannot run its engine here ({why})"
-    note = f"{reason}: ran its ONNX file '{onnx}' with ONNX Runtime on the CPU instead (not engine accuracy or latency)"
-    return backends.get("onnxruntime"), _artifact(manifest, "onnxruntime", onnx), [note]
-
-
-def _onnx_file(manifest: Manifest) -> str | None:
-    onnx = [f.path for f in manifest.files if f.path.endswith(".onnx")]
-    if "model.onnx" in onnx:
-        return "model.onnx"
-    return onnx[0] if onnx else None
+    opened = backends.get(manifest.target).open_bundle(manifest.folder, manifest.model_file, [f.path for f in manifest.files])
+    return opened.backend, _artifact(manifest, opened.target, opened.model_file), list(opened.notes)
 
 
 def _load_parts(manifest: Manifest) -> tuple[Any | None, Any | None]:

@@ -8,10 +8,10 @@
 A profile file holds (see docs/bundles.md):
 
     name, description, notes                     text
-    backend     = "onnxruntime" | "openvino" | "tensorrt"
-    precision   = "fp32" | "fp16" | "bf16" | "int8"   (what the backend builds)
-    quantize    = "static" | "dynamic"          int8 only; default static
-    device      = "CPU" | "GPU" | "cuda:0" ...  (per backend)
+    backend     = a --target name               (d2v-export doctor lists them)
+    precision   = "fp32" | "fp16" | "bf16" | "int8"   (one the backend builds: Backend.precisions)
+    quantize    = "static" | "dynamic"          int8 only; default static; one the backend builds
+    device      = "CPU" | "GPU" | "cuda:0" ...  (one the backend takes: Backend.devices; default its own)
     threads     = 0                             0: every core available
     requires_cpu_flags = ["avx512_vnni"]        checked by `doctor` and reported, never enforced
     latency_percentile = "p90"                  p50 | p90 | p99
@@ -25,26 +25,15 @@ reads `targets/` directly.
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import backends
 from .spec import D2VError, LatencyStats, Modality, Precision
 
-KNOWN_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-_PRECISIONS = {
-    "onnxruntime": (Precision.FP32, Precision.INT8),
-    "openvino": (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8),
-    "tensorrt": (Precision.FP32, Precision.FP16, Precision.BF16, Precision.INT8),
-}
-_DEVICES = {
-    "onnxruntime": (re.compile(r"^CPU$", re.IGNORECASE), "CPU"),
-    "openvino": (re.compile(r"^(CPU|GPU|NPU|AUTO)(\.\d+)?$", re.IGNORECASE), "CPU, GPU, GPU.1, NPU or AUTO"),
-    "tensorrt": (re.compile(r"^(cuda|gpu)(:\d+)?$", re.IGNORECASE), "cuda or cuda:N"),
-}
 _TOP_KEYS = {"name", "description", "backend", "precision", "quantize", "device", "threads", "requires_cpu_flags",
              "notes", "latency_percentile", "shapes", "latency_budget_ms"}  # fmt: skip
 _SHAPE_KEYS = {"batch": int, "sequence": int, "choices": int, "audio_seconds": float}
@@ -184,27 +173,7 @@ def parse_profile(text: str, *, default_name: str, where: str, path: Path | None
     if unknown:
         raise bad(f"unknown field '{unknown[0]}'; fields are: {', '.join(sorted(_TOP_KEYS))}")
     name = _string(data, "name", default_name, bad)
-    backend = _string(data, "backend", None, bad)
-    if backend not in KNOWN_BACKENDS:
-        raise bad(f"backend '{backend}' is not a target; choose one of: {', '.join(KNOWN_BACKENDS)}")
-    raw_precision = _string(data, "precision", "fp32", bad)
-    try:
-        precision = Precision(raw_precision)
-    except ValueError:
-        raise bad(f"precision '{raw_precision}' is unknown; choose one of: {', '.join(p.value for p in Precision)}") from None
-    if precision not in _PRECISIONS[backend]:
-        raise bad(f"{backend} does not build {precision.value}; choose one of: {', '.join(p.value for p in _PRECISIONS[backend])}")
-    quantize = data.get("quantize")
-    if precision is Precision.INT8:
-        quantize = "static" if quantize is None else quantize
-        if quantize not in ("static", "dynamic"):
-            raise bad(f"quantize '{quantize}' is unknown; choose static or dynamic")
-    elif quantize is not None:
-        raise bad(f"quantize applies to precision = \"int8\" only; remove it or set the precision to int8 (it is {precision.value})")
-    pattern, choices = _DEVICES[backend]
-    device = _string(data, "device", "CPU" if backend != "tensorrt" else "cuda:0", bad)
-    if not pattern.match(device):
-        raise bad(f"device '{device}' does not fit backend {backend}; use {choices}")
+    backend, precision, quantize, device = _what_builds(data, bad)
     threads = data.get("threads", 0)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise bad(f"threads must be a whole number >= 0 (0: every core), got {threads!r}")
@@ -254,6 +223,34 @@ def parse_profile(text: str, *, default_name: str, where: str, path: Path | None
         notes=_string(data, "notes", "", bad).strip(),
         path=path,
     )
+
+
+def _what_builds(data: Mapping[str, Any], bad: Any) -> tuple[str, Precision, str | None, str]:
+    """(backend, precision, quantize, device), each checked against what the backend declares it builds and takes."""
+    backend = _string(data, "backend", None, bad)
+    if backend not in backends.names():
+        raise bad(f"backend '{backend}' is not a target; choose one of: {', '.join(backends.names())}")
+    target = backends.get(backend)
+    raw_precision = _string(data, "precision", "fp32", bad)
+    try:
+        precision = Precision(raw_precision)
+    except ValueError:
+        raise bad(f"precision '{raw_precision}' is unknown; choose one of: {', '.join(p.value for p in Precision)}") from None
+    if precision not in target.precisions:
+        raise bad(f"{backend} does not build {precision.value}; choose one of: {', '.join(p.value for p in target.precisions)}")
+    quantize = data.get("quantize")
+    if precision is Precision.INT8:
+        quantize = "static" if quantize is None else quantize
+        if quantize not in ("static", "dynamic"):
+            raise bad(f"quantize '{quantize}' is unknown; choose static or dynamic")
+        if quantize not in target.int8_recipes:
+            raise bad(f"{backend} has no {quantize} int8; choose {' or '.join(target.int8_recipes)}")
+    elif quantize is not None:
+        raise bad(f"quantize applies to precision = \"int8\" only; remove it or set the precision to int8 (it is {precision.value})")
+    device = _string(data, "device", target.devices.default, bad)
+    if not target.devices.accepts(device):
+        raise bad(f"device '{device}' does not fit backend {backend}; use {target.devices.choices}")
+    return backend, precision, quantize, device
 
 
 def _string(data: Mapping[str, Any], key: str, default: str | None, bad: Any) -> str:

@@ -1,6 +1,6 @@
 """INT8 through onnxruntime.quantization: dynamic and static, with one recipe per target, as data.
 
-    recipe = make_recipe("onnxruntime", "static", method="minmax", samples=len(feeds))
+    recipe = make_recipe(backends.get(name), "static", method="minmax", samples=len(feeds))
     qgraph = quantize_onnx(graph, Path("out/model.onnx"), recipe, feeds)
 
 What a recipe means (measured on this package's Data2Vec graphs; see docs/quantization.md):
@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -50,44 +50,28 @@ FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Gather", "Add")
 
 @dataclass(frozen=True)
 class RecipeTemplate:
-    """What one target wants from INT8 in one mode. Data only: ``make_recipe`` turns it into a QuantRecipe."""
+    """What one target wants from INT8 in one mode. Data only: each backend declares its own
+    (``Backend.int8_recipes``, mode -> template) and ``make_recipe`` turns one into a QuantRecipe."""
 
     description: str
     mode: str  # "static" | "dynamic"
     op_types: tuple[str, ...]  # ops whose inputs are quantized (static: Q/DQ pairs; dynamic: integer ops)
     symmetric_activations: bool = False  # int8 activations with zero point 0 (TensorRT's explicit quantization)
     per_channel: bool = True  # one weight scale per output channel, symmetric int8
+    # Whether --reduce-range (7-bit weights) applies: only ONNX Runtime's CPU kernels have the u8 x s8
+    # saturation; TensorRT (GPU) and NNCF (its own overflow fix) take 8-bit weights.
+    reduce_range: bool = False
 
 
-RECIPES: dict[str, RecipeTemplate] = {
-    "onnxruntime-static": RecipeTemplate(
-        "QDQ: uint8 activations calibrated per tensor, int8 weights per channel, on MatMul/Gemm/Conv inputs only",
-        "static",
-        MATMUL_OPS,
-    ),
-    "onnxruntime-dynamic": RecipeTemplate(
-        "MatMulInteger: uint8 activation ranges measured at run time, int8 weights per channel, MatMul/Gemm only "
-        "(ConvInteger is slow on CPU)",
-        "dynamic",
-        ("MatMul", "Gemm"),
-    ),
-    "tensorrt": RecipeTemplate(
-        "explicit quantization: symmetric int8 Q/DQ (zero point 0) on MatMul/Gemm/Conv inputs only, int8 weights per channel",
-        "static",
-        MATMUL_OPS,
-        symmetric_activations=True,
-    ),
-    "openvino-static": RecipeTemplate(
-        "NNCF transformer preset: int8 activations and per-channel weights on MatMul/Gemm/Conv",
-        "static",
-        MATMUL_OPS,
-    ),
-    "openvino-dynamic": RecipeTemplate("NNCF weight compression: int8 weights only", "dynamic", ("MatMul", "Gemm")),
-}
+class Recipes(Protocol):
+    """What ``make_recipe`` reads from a backend (``backends.base.Backend``): its name and INT8 templates."""
+
+    name: str
+    int8_recipes: Mapping[str, RecipeTemplate]
 
 
 def make_recipe(
-    target: str,
+    target: Recipes,
     mode: str,
     *,
     method: str = "minmax",
@@ -95,17 +79,17 @@ def make_recipe(
     excluded: Sequence[str] = (),
     reduce_range: bool = False,
 ) -> QuantRecipe:
-    """The QuantRecipe of ``target`` ("onnxruntime", "tensorrt", ... or a RECIPES key) in ``mode``."""
+    """The QuantRecipe of a target (its backend: ``backends.get(name)``) in ``mode``."""
     if mode not in MODES:
         raise D2VError(f"unknown quantization mode '{mode}'; choose one of: {', '.join(MODES)}")
     if method not in METHODS:
         raise D2VError(f"unknown calibration method '{method}'; choose one of: {', '.join(METHODS)}")
-    template = RECIPES.get(f"{target}-{mode}") or RECIPES.get(target)
+    templates = target.int8_recipes
+    if not templates:
+        raise D2VError(f"target '{target.name}' builds no INT8; leave out --int8 for it", ExitCode.TARGET_UNAVAILABLE)
+    template = templates.get(mode)
     if template is None:
-        known = sorted({k.removesuffix("-static").removesuffix("-dynamic") for k in RECIPES})
-        raise D2VError(f"no INT8 recipe for target '{target}'; choose one of: {', '.join(known)}")
-    if template.mode != mode:
-        raise D2VError(f"target '{target}' has no {mode} INT8; use --quant {template.mode}", ExitCode.TARGET_UNAVAILABLE)
+        raise D2VError(f"target '{target.name}' has no {mode} INT8; use --quant {next(iter(templates))}", ExitCode.TARGET_UNAVAILABLE)
     return QuantRecipe(
         mode=mode,
         method=method if mode == "static" else "none",
@@ -115,9 +99,7 @@ def make_recipe(
         op_types=template.op_types,
         excluded_nodes=tuple(excluded),
         tool=TOOL,
-        # Only ONNX Runtime's CPU kernels have the u8 x s8 saturation; TensorRT (GPU) and NNCF (its own
-        # overflow fix) take 8-bit weights.
-        reduce_range=reduce_range and not template.symmetric_activations and target.startswith("onnxruntime"),
+        reduce_range=reduce_range and template.reduce_range,
     )
 
 

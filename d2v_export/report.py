@@ -22,8 +22,10 @@ def environment(threads: int) -> dict[str, Any]:
     """Versions, CPU and threads: where the numbers came from."""
     from importlib import metadata
 
+    from . import backends
+
     versions = {"python": platform.python_version()}
-    for pkg in ("d2v-export", "torch", "transformers", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "numpy"):
+    for pkg in dict.fromkeys(("d2v-export", "torch", "transformers", "onnx", *backends.packages(), "numpy")):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -10,6 +10,7 @@ import pytest
 from d2v_export import optimize
 from d2v_export.export import export
 from d2v_export.heads import dummy_inputs, head_for, shape_points
+from d2v_export import backends
 from d2v_export.quantize import make_recipe, quantize_onnx, saturates
 from d2v_export.spec import Modality
 
@@ -45,7 +46,7 @@ def test_fused_graph_quantizes(text_graph: tuple[object, object, object], tmp_pa
     feeds = _feeds(model, profile)
     # the weight range d2v-export picks on this CPU: 8-bit weights saturate ORT's u8 x s8 kernel on CPUs
     # without VNNI, which broke this check (cosine < 0.98) on an AVX2-only Zen 3
-    recipe = make_recipe("onnxruntime", mode, samples=len(feeds) if mode == "static" else 0, reduce_range=saturates())
+    recipe = make_recipe(backends.get("onnxruntime"), mode, samples=len(feeds) if mode == "static" else 0, reduce_range=saturates())
     q = quantize_onnx(fused, tmp_path / "int8.onnx", recipe, feeds if mode == "static" else ())
     ops = optimize.op_histogram(q.path)
     assert ops.get("SkipLayerNormalization", 0) > 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from d2v_export import profiles
+from d2v_export import backends, profiles
 from d2v_export.pipeline import ShapeRequest, resolve_profile
 from d2v_export.spec import D2VError, ExitCode, LatencyStats, Modality, Precision
 
@@ -34,7 +34,7 @@ def test_the_bundled_profiles_load() -> None:
     assert set(REQUIRED) <= set(names)
     for name in names:
         p = profiles.load_profile(name)
-        assert p.name == name and p.backend in profiles.KNOWN_BACKENDS
+        assert p.name == name and p.backend in backends.names()
         assert p.batch is not None and p.sequence is not None and p.audio_seconds is not None
         assert set(p.latency_budget_ms) == {"vision", "text", "audio"}
         assert p.path is not None and p.path.name == f"{name}.toml" and p.notes and p.description
@@ -111,6 +111,38 @@ def test_bad_fields_are_one_line_errors(tmp_path: Path, change: tuple[str, str],
     with pytest.raises(D2VError) as info:
         profiles.load_profile(path)
     assert words in str(info.value) and "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", backends.names())
+def test_profiles_accept_what_the_backend_builds_and_nothing_else(tmp_path: Path, name: str) -> None:
+    """A profile is checked against the backend's own declarations (issue 13: a profile once accepted TensorRT
+    bf16, which the TensorRT backend refuses to build): every precision it builds loads, every other is refused."""
+    backend = backends.get(name)
+    for precision in Precision:
+        path = tmp_path / f"{name}-{precision.value}.toml"
+        path.write_text(f'backend = "{name}"\nprecision = "{precision.value}"\n')
+        if precision in backend.precisions:
+            p = profiles.load_profile(path)
+            assert p.device == backend.devices.default and backend.devices.accepts(p.device)
+            assert p.quantize == ("static" if precision is Precision.INT8 else None)
+        else:
+            with pytest.raises(D2VError, match=f"{name} does not build {precision.value}"):
+                profiles.load_profile(path)
+    for mode in ("static", "dynamic"):
+        path = tmp_path / f"{name}-int8-{mode}.toml"
+        path.write_text(f'backend = "{name}"\nprecision = "int8"\nquantize = "{mode}"\n')
+        if Precision.INT8 in backend.precisions and mode in backend.int8_recipes:
+            assert profiles.load_profile(path).quantize == mode
+        else:
+            with pytest.raises(D2VError):
+                profiles.load_profile(path)
+
+
+def test_tensorrt_bf16_profile_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "trt.toml"
+    path.write_text('backend = "tensorrt"\nprecision = "bf16"\n')
+    with pytest.raises(D2VError, match="tensorrt does not build bf16"):
+        profiles.load_profile(path)
 
 
 def test_missing_cpu_flags_are_reported_not_enforced() -> None:

@@ -21,9 +21,9 @@ from d2v_export.export import export
 from d2v_export.fallback import FallbackResult, fallback, rank_nodes
 from d2v_export.heads import dummy_inputs, head_for
 from d2v_export.metrics import DEFAULT_BUDGETS
+from d2v_export import backends
 from d2v_export.quantize import (
     FLOAT_OPS,
-    RECIPES,
     QuantSession,
     make_recipe,
     quantize_onnx,
@@ -112,19 +112,19 @@ def _dq_readers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def test_recipes_are_data() -> None:
-    assert {"onnxruntime-static", "onnxruntime-dynamic", "tensorrt"} <= set(RECIPES)
-    trt = make_recipe("tensorrt", "static", method="entropy", samples=8, excluded=("node_x",))
+    assert set(backends.get("onnxruntime").int8_recipes) == {"static", "dynamic"} and set(backends.get("tensorrt").int8_recipes) == {"static"}
+    trt = make_recipe(backends.get("tensorrt"), "static", method="entropy", samples=8, excluded=("node_x",))
     assert trt.symmetric_activations and trt.per_channel
     assert set(trt.op_types) == {"MatMul", "Gemm", "Conv"}
     assert (trt.method, trt.samples, trt.excluded_nodes) == ("entropy", 8, ("node_x",))
-    dyn = make_recipe("onnxruntime", "dynamic", samples=8)
+    dyn = make_recipe(backends.get("onnxruntime"), "dynamic", samples=8)
     assert (dyn.mode, dyn.samples) == ("dynamic", 0)
     with pytest.raises(D2VError, match="tensorrt"):
-        make_recipe("nosuchtarget", "static")
+        make_recipe(backends.get("nosuchtarget"), "static")
     with pytest.raises(D2VError, match="static"):
-        make_recipe("tensorrt", "dynamic")
+        make_recipe(backends.get("tensorrt"), "dynamic")
     with pytest.raises(D2VError, match="minmax"):
-        make_recipe("onnxruntime", "static", method="kl")
+        make_recipe(backends.get("onnxruntime"), "static", method="kl")
 
 
 # ------------------------------------------------------------------------------- per modality
@@ -133,7 +133,7 @@ def test_recipes_are_data() -> None:
 @pytest.mark.parametrize("modality", list(CASES), ids=lambda m: m.value)
 def test_dynamic(cases: dict[Modality, Case], modality: Modality, tmp_path: Path) -> None:
     case = cases[modality]
-    q = quantize_onnx(case.graph, tmp_path / "model.onnx", make_recipe("onnxruntime", "dynamic"))
+    q = quantize_onnx(case.graph, tmp_path / "model.onnx", make_recipe(backends.get("onnxruntime"), "dynamic"))
     ops = _ops(q.path)
     assert ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0) > 0, ops
     assert ops.get("DynamicQuantizeLinear", 0) + ops.get("DynamicQuantizeMatMul", 0) > 0, ops
@@ -145,7 +145,7 @@ def test_dynamic(cases: dict[Modality, Case], modality: Modality, tmp_path: Path
 @pytest.mark.parametrize("modality", list(CASES), ids=lambda m: m.value)
 def test_static(cases: dict[Modality, Case], modality: Modality, tmp_path: Path) -> None:
     case = cases[modality]
-    recipe = make_recipe("onnxruntime", "static", samples=len(case.calibration))
+    recipe = make_recipe(backends.get("onnxruntime"), "static", samples=len(case.calibration))
     q = quantize_onnx(case.graph, tmp_path / "model.onnx", recipe, case.calibration)
     model = onnx.load(str(q.path))
     ops = _ops(q.path)
@@ -167,7 +167,7 @@ def test_static(cases: dict[Modality, Case], modality: Modality, tmp_path: Path)
 
 def test_tensorrt_recipe_is_symmetric_per_channel_on_matmul_inputs(cases: dict[Modality, Case], tmp_path: Path) -> None:
     case = cases[Modality.VISION]
-    recipe = make_recipe("tensorrt", "static", samples=len(case.calibration))
+    recipe = make_recipe(backends.get("tensorrt"), "static", samples=len(case.calibration))
     q = quantize_onnx(case.graph, tmp_path / "model.onnx", recipe, case.calibration)
     model = onnx.load(str(q.path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -208,7 +208,7 @@ def test_tensorrt_recipe_is_symmetric_per_channel_on_matmul_inputs(cases: dict[M
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_calibration_methods(cases: dict[Modality, Case], method: str, tmp_path: Path) -> None:
     case = cases[Modality.TEXT]  # varied sequence lengths: entropy/percentile used to fail with "Too many bins"
-    recipe = make_recipe("onnxruntime", "static", method=method, samples=len(case.calibration))
+    recipe = make_recipe(backends.get("onnxruntime"), "static", method=method, samples=len(case.calibration))
     q = quantize_onnx(case.graph, tmp_path / "model.onnx", recipe, case.calibration)
     assert q.recipe.method == method
     _check_runs(case, q.path)
@@ -217,14 +217,14 @@ def test_calibration_methods(cases: dict[Modality, Case], method: str, tmp_path:
 def test_static_without_calibration_names_the_fix(cases: dict[Modality, Case], tmp_path: Path) -> None:
     case = cases[Modality.TEXT]
     with pytest.raises(D2VError, match="--calibration"):
-        quantize_onnx(case.graph, tmp_path / "model.onnx", make_recipe("onnxruntime", "static"), ())
+        quantize_onnx(case.graph, tmp_path / "model.onnx", make_recipe(backends.get("onnxruntime"), "static"), ())
     assert not (tmp_path / "model.onnx").exists()
 
 
 def test_unknown_excluded_node_is_a_clear_error(cases: dict[Modality, Case], tmp_path: Path) -> None:
     case = cases[Modality.VISION]
     with pytest.raises(D2VError, match="no_such_node"):
-        quantize_onnx(case.graph, tmp_path / "m.onnx", make_recipe("onnxruntime", "dynamic", excluded=("no_such_node",)))
+        quantize_onnx(case.graph, tmp_path / "m.onnx", make_recipe(backends.get("onnxruntime"), "dynamic", excluded=("no_such_node",)))
 
 
 # ------------------------------------------------------------------------------------ fallback
@@ -285,7 +285,7 @@ def test_fallback_fixes_planted_outliers(cases: dict[Modality, Case], tmp_path: 
     def evaluate(path: Path) -> Any:
         return _drift(case, path)
 
-    recipe = make_recipe("onnxruntime", "static", samples=len(case.calibration))
+    recipe = make_recipe(backends.get("onnxruntime"), "static", samples=len(case.calibration))
     plain = quantize_onnx(graph, tmp_path / "plain.onnx", recipe, case.calibration)
     assert not evaluate(plain.path).passed  # static INT8 as is breaks the budget
 
@@ -302,7 +302,7 @@ def test_fallback_fixes_planted_outliers(cases: dict[Modality, Case], tmp_path: 
 
 def test_fallback_passes_through_a_good_recipe(cases: dict[Modality, Case], tmp_path: Path) -> None:
     case = cases[Modality.VISION]
-    recipe = make_recipe("onnxruntime", "static", samples=len(case.calibration))
+    recipe = make_recipe(backends.get("onnxruntime"), "static", samples=len(case.calibration))
     calls: list[Path] = []
 
     def evaluate(path: Path) -> Any:
@@ -316,7 +316,7 @@ def test_fallback_passes_through_a_good_recipe(cases: dict[Modality, Case], tmp_
 def test_dynamic_ranking_finds_planted_outliers(cases: dict[Modality, Case], tmp_path: Path) -> None:
     case = cases[Modality.VISION]
     graph, classifier = _plant_outliers(case.graph, tmp_path / "outliers.onnx", factor=1000.0)
-    session = QuantSession(graph.path, tmp_path, make_recipe("onnxruntime", "dynamic"))
+    session = QuantSession(graph.path, tmp_path, make_recipe(backends.get("onnxruntime"), "dynamic"))
     session.write(tmp_path / "dynamic.onnx")
     ranking = rank_nodes(session, tmp_path / "dynamic.onnx", case.calibration[:2])
     assert ranking and ranking[0][0] == classifier, ranking[:3]
@@ -329,7 +329,7 @@ def test_static_int8_never_rounds_a_graph_output(tmp_path: Path) -> None:
     model, profile = tiny(head_for(Modality.TEXT, "text-classification"))
     graph = export(model, profile, tmp_path / "model.onnx")
     feeds = [dummy_inputs(model.head, model.config, profile.point("opt"), seed=i) for i in range(4)]
-    quantize_onnx(graph, tmp_path / "int8.onnx", make_recipe("onnxruntime", "static", samples=4), feeds)
+    quantize_onnx(graph, tmp_path / "int8.onnx", make_recipe(backends.get("onnxruntime"), "static", samples=4), feeds)
     proto = onnx.load(str(tmp_path / "int8.onnx"))
     outputs = {o.name for o in proto.graph.output}
     producers = [n.op_type for n in proto.graph.node if outputs & set(n.output)]
@@ -349,8 +349,8 @@ def _int8_weights(path: Path) -> list[np.ndarray]:
 def test_reduce_range_writes_7bit_weights(cases: dict[Modality, Case], mode: str, tmp_path: Path) -> None:
     case = cases[Modality.TEXT]
     calib = case.calibration if mode == "static" else ()
-    full = quantize_onnx(case.graph, tmp_path / "full.onnx", make_recipe("onnxruntime", mode, samples=len(calib)), calib)
-    reduced = quantize_onnx(case.graph, tmp_path / "reduced.onnx", make_recipe("onnxruntime", mode, samples=len(calib), reduce_range=True), calib)
+    full = quantize_onnx(case.graph, tmp_path / "full.onnx", make_recipe(backends.get("onnxruntime"), mode, samples=len(calib)), calib)
+    reduced = quantize_onnx(case.graph, tmp_path / "reduced.onnx", make_recipe(backends.get("onnxruntime"), mode, samples=len(calib), reduce_range=True), calib)
     assert reduced.recipe.reduce_range and not full.recipe.reduce_range
     full_w, reduced_w = _int8_weights(full.path), _int8_weights(reduced.path)
     assert full_w and len(full_w) == len(reduced_w)
@@ -365,9 +365,9 @@ def test_reduce_range_only_where_the_kernel_saturates() -> None:
     assert saturates(["avx2", "fma"], "x86_64") and saturates(["avx512f", "avx2"], "x86_64")  # Skylake-SP: AVX-512 without VNNI
     assert not saturates(["avx2", "avx512_vnni"], "x86_64") and not saturates(["avx2", "avx_vnni"], "x86_64")
     assert not saturates([], "aarch64")
-    assert make_recipe("onnxruntime", "static", reduce_range=True).reduce_range
-    assert not make_recipe("tensorrt", "static", reduce_range=True).reduce_range  # GPU: symmetric int8, no such kernel
-    assert not make_recipe("openvino", "static", reduce_range=True).reduce_range  # NNCF has its own overflow fix
+    assert make_recipe(backends.get("onnxruntime"), "static", reduce_range=True).reduce_range
+    assert not make_recipe(backends.get("tensorrt"), "static", reduce_range=True).reduce_range  # GPU: symmetric int8, no such kernel
+    assert not make_recipe(backends.get("openvino"), "static", reduce_range=True).reduce_range  # NNCF has its own overflow fix
 
 
 def test_reduce_range_auto_follows_the_profile_cpu() -> None:

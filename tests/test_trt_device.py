@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from d2v_export import bundle as bundle_mod
-from d2v_export import trt_device
+from d2v_export.backends.tensorrt import device as trt_device
 from d2v_export.backends.tensorrt import DEVICE_SCRIPT, FP32_OPS, RECIPE_FILE, SCRIPT_FILE, build_engine, fp16_remainder
 from d2v_export.spec import D2VError, ExitCode
 
@@ -284,7 +284,7 @@ def test_device_module_is_python_3_10(tmp_path: Path) -> None:
     )
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--python-version", "3.10",
            "--cache-dir", str(tmp_path / "cache"), "--no-incremental"]  # fmt: skip
-    for target in (str(ROOT / "d2v_export" / "trt_device.py"), str(copy)):
+    for target in (str(ROOT / "d2v_export" / "backends" / "tensorrt" / "device.py"), str(copy)):
         res = subprocess.run([*cmd, target], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
 

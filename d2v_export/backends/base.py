@@ -1,20 +1,29 @@
-"""The small protocol every runtime implements: available(), compile(), runner().
+"""What every target answers: the ``Backend`` protocol, and ``BackendBase`` with the usual answers.
 
-A backend module lives in this folder, defines ``BACKEND`` and imports its optional runtime package
-inside its functions, so that a missing package is a clear "not available" rather than an ImportError
-at start-up. backends/__init__.py discovers the modules: adding a target is adding one file.
+A target is one module (or package) in this folder, or a plug-in module (docs/DESIGN.md, "Adding a
+target"), that defines ``BACKEND: Backend``. It imports its optional runtime package inside its
+functions, so that a missing package is a clear "not available" rather than an ImportError at start-up.
+backends/__init__.py discovers the modules. The rest of d2v-export never names a target: it asks the
+backend (which precisions and INT8 modes it builds, which devices it takes, whether it can defer a build,
+how it recovers, how to install it, what its bundle README shows, what doctor checks, which packages'
+versions the report records).
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ..spec import Artifact, Drift, ExportedGraph, Precision, QuantRecipe
+from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
+
+if TYPE_CHECKING:
+    from ..quantize import RecipeTemplate
 
 
 @dataclass(frozen=True)
@@ -66,11 +75,28 @@ class Recovery:
     progress: Callable[[str], None] = lambda _msg: None
 
 
-@runtime_checkable
-class Recovers(Protocol):
-    """A backend that can return the most sensitive parts of an INT8 model to float."""
+@dataclass(frozen=True)
+class Devices:
+    """The ``--device`` values (and device profile ``device`` fields) a target takes."""
 
-    def recover(self, graph: ExportedGraph, folder: Path, request: "BuildRequest", recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]: ...
+    default: str  # what a device profile without ``device`` gets
+    pattern: str  # a regular expression, matched in full and case-insensitively
+    choices: str  # the same for a person: "CPU, GPU, GPU.1, NPU or AUTO"
+
+    def accepts(self, device: str) -> bool:
+        return re.fullmatch(self.pattern, device, re.IGNORECASE) is not None
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """What a bundle's README shows for running the artifact without d2v-export.
+
+    ``code``: Python lines run after the README's preprocessing lines built ``feed`` (a dict of numpy
+    arrays) and that leave the outputs in ``outputs``; ``after``: lines of text after the code block.
+    """
+
+    code: tuple[str, ...]
+    after: tuple[str, ...] = ()
 
 
 @runtime_checkable
@@ -88,15 +114,165 @@ class Runner(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str  # the --target value
-    extra: str  # the pip extra that provides the runtime ("" if a core dependency)
-    precisions: tuple[Precision, ...]
+    """What the rest of d2v-export asks a target. ``BackendBase`` answers the optional parts the usual way.
+
+    Data (class attributes):
+
+    - ``name``: the ``--target`` value, and the first part of its variant folders (``NAME-fp32``).
+    - ``extra``: the pip extra that provides the runtime ("" if a core dependency); ``install_hint``:
+      the command that installs it, shown where the target is not available.
+    - ``packages``: distributions whose versions report.json and ``doctor`` record (when installed).
+    - ``precisions``: what ``compile`` builds; device profiles and ``matrix`` are checked against it.
+    - ``int8_recipes``: INT8 mode ("static", "dynamic") -> what it quantizes (``quantize.RecipeTemplate``);
+      the modes ``--quant`` may ask of this target. Empty when ``precisions`` has no INT8.
+    - ``devices``: the ``--device`` values it takes (``Devices``).
+    - ``can_defer``: with ``BuildRequest.defer_build`` it writes a portable half without its runtime
+      (TensorRT: the engine is built later on the device), so an unavailable runtime does not stop a run.
+    - ``rewrites``: the exact graph clean-ups (d2v_export.rewrite) it compiles from by default.
+    - ``pick_levers``: the INT8 candidates it offers ``--pick``.
+
+    Methods: ``available``, ``compile`` and ``runner`` (the core); ``recover`` (``--fallback auto``:
+    raises D2VError(TARGET_UNAVAILABLE) when the target cannot); ``open_bundle`` (which backend and
+    model file run a bundle here, with notes); ``readme_snippet``; ``diagnose`` and ``diagnosis_lines``
+    (what ``doctor`` shows beyond ``available``).
+    """
+
+    name: str
+    extra: str
+    install_hint: str
+    devices: Devices
+    can_defer: bool
+
+    # Read-only, so that a backend may declare them as plain class attributes of a narrower type.
+    @property
+    def packages(self) -> tuple[str, ...]: ...
+
+    @property
+    def precisions(self) -> tuple[Precision, ...]: ...
+
+    @property
+    def int8_recipes(self) -> Mapping[str, RecipeTemplate]: ...
+
+    @property
+    def rewrites(self) -> tuple[str, ...]: ...
+
+    @property
+    def pick_levers(self) -> tuple[Lever, ...]: ...
 
     def available(self) -> Availability: ...
 
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact: ...
 
     def runner(self, artifact: Artifact, *, threads: int) -> Runner: ...
+
+    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+        """``--fallback auto``: the INT8 artifact with its most sensitive parts back in float; (artifact, drift, what stayed float)."""
+        ...
+
+    def open_bundle(self, folder: Path, model_file: str, files: Sequence[str]) -> Opened:
+        """What runs a bundle of this target here (``d2v-export run``); D2VError(TARGET_UNAVAILABLE) when nothing can."""
+        ...
+
+    def readme_snippet(self, bundle: str, model_file: str, folder: Path | None) -> Snippet:
+        """The README's code for this artifact (``bundle``: the folder's name; ``folder``: where its files are, None when unknown)."""
+        ...
+
+    def diagnose(self) -> Mapping[str, Any] | None:
+        """``doctor``: details beyond ``available()`` (JSON-able, under the target's name), or None."""
+        ...
+
+    def diagnosis_lines(self, details: Mapping[str, Any]) -> list[str]:
+        """``doctor``'s console lines for what ``diagnose`` returned."""
+        ...
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What runs a bundle here: the backend, the target and model file it runs, and notes for the user."""
+
+    backend: Backend
+    target: str
+    model_file: str
+    notes: tuple[str, ...] = ()
+
+
+def unavailable(backend: Backend, *, defer_build: bool = False) -> str | None:
+    """Why ``backend`` cannot serve a run here, or None: it is available, or it can defer and the run defers."""
+    avail = backend.available()
+    if avail.ok or (defer_build and backend.can_defer):
+        return None
+    return avail.reason or "not available"
+
+
+def require_available(backend: Backend, *, defer_build: bool = False) -> None:
+    """D2VError(TARGET_UNAVAILABLE) saying why, when ``backend`` cannot serve a run here."""
+    reason = unavailable(backend, defer_build=defer_build)
+    if reason is not None:
+        raise D2VError(f"target '{backend.name}' is not available here: {reason}", ExitCode.TARGET_UNAVAILABLE)
+
+
+def files_in(folder: Path) -> tuple[Path, ...]:
+    """An artifact's file list: the files directly in its folder, sorted."""
+    return tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+
+
+def copy_onnx(source: Path, target: Path) -> None:
+    """Copy an ONNX file and any external-data file beside it (hard links when the disk allows)."""
+    for src in [source, *source.parent.glob(source.name + ".data")]:
+        dst = target.parent / src.name.replace(source.name, target.name)
+        try:
+            dst.hardlink_to(src)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def onnx_snippet(bundle: str, onnx_file: str) -> tuple[str, ...]:
+    """README lines running an ONNX file with ONNX Runtime the way d2v-export measures it."""
+    return (
+        "import onnxruntime as ort",
+        "",
+        "opts = ort.SessionOptions()",
+        'opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as d2v-export measured it',
+        f'session = ort.InferenceSession("{bundle}/{onnx_file}", opts, providers=["CPUExecutionProvider"])',
+        "outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))",
+    )
+
+
+class BackendBase:
+    """The usual answers to the optional parts of ``Backend``: subclass it, set the data, write
+    ``available``, ``compile`` and ``runner``."""
+
+    name = "backend"
+    extra = ""
+    install_hint = ""
+    packages: tuple[str, ...] = ()
+    precisions: tuple[Precision, ...] = (Precision.FP32,)
+    int8_recipes: Mapping[str, RecipeTemplate] = {}
+    devices = Devices("CPU", "CPU", "CPU")
+    can_defer = False
+    rewrites: tuple[str, ...] = ()
+    pick_levers: tuple[Lever, ...] = ()
+
+    def available(self) -> Availability:
+        raise NotImplementedError
+
+    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+        raise D2VError(f"--fallback auto is not supported by target '{self.name}'; use --fallback off", ExitCode.TARGET_UNAVAILABLE)
+
+    def open_bundle(self, folder: Path, model_file: str, files: Sequence[str]) -> Opened:
+        avail = self.available()
+        if not avail.ok:
+            raise D2VError(f"bundle '{folder}' needs {self.name}, which is not available here: {avail.reason}", ExitCode.TARGET_UNAVAILABLE)
+        return Opened(self, self.name, model_file)  # type: ignore[arg-type]
+
+    def readme_snippet(self, bundle: str, model_file: str, folder: Path | None) -> Snippet:
+        return Snippet(onnx_snippet(bundle, model_file if model_file.endswith(".onnx") else "model.onnx"))
+
+    def diagnose(self) -> Mapping[str, Any] | None:
+        return None
+
+    def diagnosis_lines(self, details: Mapping[str, Any]) -> list[str]:
+        return []
 
 
 class RunnerBase:

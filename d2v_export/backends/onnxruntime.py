@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
-from .base import Availability, BuildRequest, Lever, Recovery, RunnerBase
+from ..quantize import MATMUL_OPS, RecipeTemplate
+from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, copy_onnx, files_in
 
 MODEL_FILE = "model.onnx"
 SPINNING = "session.intra_op.allow_spinning"
@@ -49,10 +49,24 @@ class OrtRunner(RunnerBase):
         self.session = None
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(BackendBase):
     name = "onnxruntime"
     extra = ""
+    install_hint = "pip install onnxruntime"
+    packages = ("onnxruntime", "onnxruntime-gpu")
     precisions = (Precision.FP32, Precision.INT8)
+    int8_recipes = {
+        "static": RecipeTemplate(
+            "QDQ: uint8 activations calibrated per tensor, int8 weights per channel, on MatMul/Gemm/Conv inputs only",
+            "static", MATMUL_OPS, reduce_range=True,
+        ),
+        "dynamic": RecipeTemplate(
+            "MatMulInteger: uint8 activation ranges measured at run time, int8 weights per channel, MatMul/Gemm only "
+            "(ConvInteger is slow on CPU)",
+            "dynamic", ("MatMul", "Gemm"), reduce_range=True,
+        ),
+    }  # fmt: skip
+    devices = Devices("CPU", "CPU", "CPU")
     # The graph clean-up (d2v_export.rewrite) is off by default here: ONNX Runtime folds constants itself at
     # load time and the other rewrites measured within noise on its kernels; --pick tries it.
     rewrites: tuple[str, ...] = ()
@@ -70,7 +84,7 @@ class OnnxRuntimeBackend:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            return Availability(False, f"onnxruntime does not import ({exc}); pip install onnxruntime")
+            return Availability(False, f"onnxruntime does not import ({exc}); {self.install_hint}")
         return Availability(True, version=ort.__version__, devices=tuple(ort.get_available_providers()))
 
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
@@ -79,7 +93,7 @@ class OnnxRuntimeBackend:
         recipe = request.quant
         notes: tuple[str, ...] = ()
         if request.precision is Precision.FP32:
-            _copy_onnx(graph.path, target)
+            copy_onnx(graph.path, target)
         elif request.precision is Precision.INT8 and request.quant is not None:
             from ..quantize import quantize_onnx
 
@@ -90,8 +104,7 @@ class OnnxRuntimeBackend:
                 f"onnxruntime builds fp32 or int8 on CPU, not {request.precision.value}; use --target openvino or tensorrt for it",
                 ExitCode.TARGET_UNAVAILABLE,
             )
-        files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
-        return Artifact(self.name, request.precision, folder, target, files, quantization=recipe, notes=notes)
+        return Artifact(self.name, request.precision, folder, target, files_in(folder), quantization=recipe, notes=notes)
 
     def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """Rank nodes by the error their quantization adds; keep the worst in float until the budget holds."""
@@ -101,12 +114,10 @@ class OnnxRuntimeBackend:
         target = folder / MODEL_FILE
 
         def evaluate(path: Path) -> Drift:
-            files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
-            return recovery.evaluate(Artifact(self.name, request.precision, folder, path, files, quantization=request.quant))
+            return recovery.evaluate(Artifact(self.name, request.precision, folder, path, files_in(folder), quantization=request.quant))
 
         result = fallback(graph, request.quant, recovery.calibration, evaluate, target=target, progress=recovery.progress)
-        files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
-        artifact = Artifact(self.name, request.precision, folder, target, files, quantization=result.quantized.recipe,
+        artifact = Artifact(self.name, request.precision, folder, target, files_in(folder), quantization=result.quantized.recipe,
                             notes=_range_notes(result.quantized.recipe))  # fmt: skip
         return artifact, result.drift, describe(result)
 
@@ -127,14 +138,4 @@ def _range_notes(recipe: Any) -> tuple[str, ...]:
     return ()
 
 
-def _copy_onnx(source: Path, target: Path) -> None:
-    """Copy an ONNX file and any external-data file beside it (hard links when the disk allows)."""
-    for src in [source, *source.parent.glob(source.name + ".data")]:
-        dst = target.parent / src.name.replace(source.name, target.name)
-        try:
-            dst.hardlink_to(src)
-        except OSError:
-            shutil.copy2(src, dst)
-
-
-BACKEND: Any = OnnxRuntimeBackend()
+BACKEND: Backend = OnnxRuntimeBackend()

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
-from .base import Availability, BuildRequest, Lever, Recovery, RunnerBase
+from ..quantize import MATMUL_OPS, RecipeTemplate
+from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, Snippet, files_in, require_available
 
 MODEL_FILE = "openvino_model.xml"  # optimum-intel's OV_XML_FILE_NAME
 WEIGHTS_FILE = "openvino_model.bin"
@@ -124,10 +125,18 @@ def read_config(folder: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- backend
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(BackendBase):
     name = "openvino"
     extra = "openvino"
+    install_hint = INSTALL
+    packages = ("openvino", "nncf")
     precisions = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8)
+    # OpenVINO never runs quantize_onnx: NNCF quantizes; these templates say what it does, for the report.
+    int8_recipes = {
+        "static": RecipeTemplate("NNCF transformer preset: int8 activations and per-channel weights on MatMul/Gemm/Conv", "static", MATMUL_OPS),
+        "dynamic": RecipeTemplate("NNCF weight compression: int8 weights only", "dynamic", ("MatMul", "Gemm")),
+    }
+    devices = Devices("CPU", r"(CPU|GPU|NPU|AUTO)(\.\d+)?", "CPU, GPU, GPU.1, NPU or AUTO")
     # Exact graph clean-up before convert_model (d2v_export.rewrite), on by default: measured on the base
     # presets' NNCF INT8 IRs, 1.04x (text) and 1.12x (audio: no transposes around the channel LayerNorms),
     # vision unchanged; docs/PERFORMANCE.md.
@@ -157,92 +166,8 @@ class OpenVinoBackend:
 
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest, *, control: Recovery | None = None) -> Artifact:
         """Build the IR; with ``control`` (from ``recover``), static INT8 runs NNCF's accuracy control."""
-        import openvino as ov
-
-        avail = self.available()
-        if not avail.ok:
-            raise D2VError(f"target 'openvino' is not available here: {avail.reason}", ExitCode.TARGET_UNAVAILABLE)
-        core = ov.Core()
-        device = _check_device(core, request.device)
-        precision = request.precision
-        if precision not in self.precisions:
-            raise D2VError(
-                f"openvino builds {', '.join(p.value for p in self.precisions)}, not {precision.value}; choose one of them",
-                ExitCode.TARGET_UNAVAILABLE,
-            )
-        if precision is Precision.INT8 and (request.quant is None or request.quant.mode not in ("static", "dynamic")):
-            raise D2VError("openvino int8 needs a quantization mode, static or dynamic; pass --quant static or dynamic")
-        if precision is Precision.INT8 and request.quant is not None and request.quant.mode == "static" and not request.calibration:
-            raise D2VError(
-                "static int8 for openvino needs calibration samples and got none; pass --calibration DATA, "
-                "leave it out to use the bundled samples, or use --quant dynamic"
-            )
-        if precision is Precision.INT8:
-            _require_nncf()
-        caps = _capabilities(core, device)
-        hint = _HINT.get(precision)
-        notes = [f"converted from ONNX with openvino.convert_model (OpenVINO {ov.__version__.split('-')[0]}); device {device}"]
-        if precision is Precision.BF16 and "BF16" not in caps:
-            raise D2VError(
-                f"{device} has no native bf16 (OPTIMIZATION_CAPABILITIES: {', '.join(caps) or 'unknown'}); "
-                "use --precision fp32, or a CPU with AVX512-BF16 or AMX",
-                ExitCode.TARGET_UNAVAILABLE,
-            )
-        if precision is Precision.FP16 and "FP16" not in caps:
-            hint = None  # the plugin rejects an f16 hint it cannot run; it decompresses f16 weights instead
-            default = _default_hint(core, device) or "precision"
-            notes.append(f"fp16 IR: {device} has no native f16, it runs the model in its default {default}")
-
-        folder.mkdir(parents=True, exist_ok=True)
-        model = ov.convert_model(str(graph.path))
-        quant = request.quant
-        if precision is Precision.INT8:
-            assert quant is not None
-            if quant.mode == "static" and control is not None:
-                model, reverted = quantize_with_accuracy_control(
-                    model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8
-                )
-                quant = dataclasses.replace(quant, excluded_nodes=reverted, tool="nncf quantize_with_accuracy_control")
-                more = [f"NNCF accuracy control: {len(reverted)} operation(s) reverted to float" + (f": {', '.join(reverted[:12])}" if reverted else "")]
-            elif quant.mode == "static":
-                from ..quantize import excluded_for_transformer
-
-                model, quant, more = _quantize_static(model, quant, request.calibration, excluded_for_transformer(graph.path))
-            else:
-                model, quant, more = _compress_weights(model, quant)
-            notes.extend(more)
-            default = _default_hint(core, device)
-            where = f"{default} on {device}" if default else f"whatever {device} picks"
-            if control is not None:  # what accuracy control reverted to float must run in float
-                hint = _HINT.get(Precision.FP32)
-                notes.append(f"runtime precision hint: INFERENCE_PRECISION_HINT={hint}, so the reverted operations run in f32")
-            else:
-                notes.append(f"runtime precision hint: none set, the device default ({where}) for the parts left in float")
-        elif hint:
-            notes.append(f"runtime precision hint: INFERENCE_PRECISION_HINT={hint}")
-        if precision is Precision.FP32 and device.startswith("CPU") and "BF16" in caps:
-            notes.append("without the f32 hint OpenVINO would run this model in bf16 on this CPU")
-        threads = f"{request.threads} threads" if request.threads > 0 else "all cores"
-        notes.append(f"runner: PERFORMANCE_HINT=LATENCY, 1 stream, {threads} (openvino_config.json)")
-        compress = precision is Precision.FP16
-        notes.append(f"IR weights stored as {'f16' if compress else 'f32'}" + (" (int8 where quantized)" if quant else ""))
-
-        xml = folder / MODEL_FILE
-        ov.save_model(model, str(xml), compress_to_fp16=compress)
-        settings = {
-            "format": CONFIG_VERSION,
-            "precision": precision.value,
-            "device": device,
-            "inference_precision_hint": hint,
-            "performance_hint": "LATENCY",
-            "num_streams": 1,
-            "threads": int(request.threads),
-            "inputs": [t.name for t in graph.inputs],
-            "outputs": [t.name for t in graph.outputs],
-        }
-        (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
-        files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
-        return Artifact(self.name, precision, folder, xml, files, quantization=quant, notes=tuple(notes))
+        require_available(self)
+        return _build(self, graph, folder, request, control)
 
     def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """Static INT8 again, through nncf.quantize_with_accuracy_control driven by the task's primary metric."""
@@ -254,6 +179,166 @@ class OpenVinoBackend:
 
     def runner(self, artifact: Artifact, *, threads: int) -> OVRunner:
         return OVRunner(artifact.model_file, threads, name=f"{self.name}-{artifact.precision.value}")
+
+    def readme_snippet(self, bundle: str, model_file: str, folder: Path | None) -> Snippet:
+        """Compiled the way d2v-export measured it (openvino_config.json: device, precision hint, threads)."""
+        settings = read_config(folder) if folder is not None else {}
+        device, config = compile_config(settings, int(settings.get("threads") or 0)) if settings else ("CPU", {})
+        comment = "  # as d2v-export measured it (openvino_config.json)"
+        if config.get("INFERENCE_PRECISION_HINT") == "f32":
+            comment = "  # as measured; without the f32 hint OpenVINO may run fp32 in bf16"
+        return Snippet((
+            "import openvino as ov",
+            "",
+            f"config = {json.dumps(dict(config))}{comment}",
+            f'compiled = ov.Core().compile_model("{bundle}/{model_file}", "{device}", config)',
+            "outputs = compiled(feed)",
+        ))  # fmt: skip
+
+    def diagnose(self) -> dict[str, Any]:
+        """Every OpenVINO device with its full name, capabilities and default precision."""
+        return _diagnose()
+
+    def diagnosis_lines(self, details: Mapping[str, Any]) -> list[str]:
+        if not details.get("available"):
+            return []
+        lines = ["", "OpenVINO devices:"]
+        for dev in details.get("devices") or ():
+            caps = ", ".join(dev.get("capabilities") or []) or "unknown"
+            lines.append(f"  {dev['name']}: {dev.get('full_name') or '?'}; capabilities {caps}; default precision {dev.get('precision_hint') or '?'}")
+        return lines
+
+
+def _diagnose() -> dict[str, Any]:
+    try:
+        import openvino as ov
+    except Exception as exc:  # noqa: BLE001 - doctor reports every failure
+        return {"available": False, "reason": f"openvino does not import ({_one_line(exc)}); {INSTALL}", "devices": []}
+    try:
+        core = ov.Core()
+        names = list(core.available_devices)
+    except Exception as exc:  # noqa: BLE001
+        return {"available": False, "reason": f"OpenVINO finds no device ({_one_line(exc)})", "devices": []}
+    devices = []
+    for name in names:
+        row: dict[str, Any] = {"name": name}
+        for key, prop in (("full_name", "FULL_DEVICE_NAME"), ("capabilities", "OPTIMIZATION_CAPABILITIES"), ("precision_hint", "INFERENCE_PRECISION_HINT")):
+            try:
+                value = core.get_property(name, prop)
+                row[key] = [str(v) for v in value] if isinstance(value, (list, tuple)) else str(getattr(value, "type_name", None) or value)
+            except Exception:  # noqa: BLE001 - not every device has every property
+                row[key] = None
+        devices.append(row)
+    return {"available": True, "version": ov.__version__, "devices": devices}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text[:200]}" if text else exc.__class__.__name__
+
+
+# --------------------------------------------------------------------------------------- building
+
+
+def _checked(core: Any, request: BuildRequest, precisions: Sequence[Precision]) -> tuple[str, tuple[str, ...]]:
+    """(device, its OPTIMIZATION_CAPABILITIES) once the request is one this device can build."""
+    device = _check_device(core, request.device)
+    precision = request.precision
+    if precision not in precisions:
+        raise D2VError(
+            f"openvino builds {', '.join(p.value for p in precisions)}, not {precision.value}; choose one of them",
+            ExitCode.TARGET_UNAVAILABLE,
+        )
+    if precision is Precision.INT8 and (request.quant is None or request.quant.mode not in ("static", "dynamic")):
+        raise D2VError("openvino int8 needs a quantization mode, static or dynamic; pass --quant static or dynamic")
+    if precision is Precision.INT8 and request.quant is not None and request.quant.mode == "static" and not request.calibration:
+        raise D2VError(
+            "static int8 for openvino needs calibration samples and got none; pass --calibration DATA, "
+            "leave it out to use the bundled samples, or use --quant dynamic"
+        )
+    if precision is Precision.INT8:
+        _require_nncf()
+    caps = _capabilities(core, device)
+    if precision is Precision.BF16 and "BF16" not in caps:
+        raise D2VError(
+            f"{device} has no native bf16 (OPTIMIZATION_CAPABILITIES: {', '.join(caps) or 'unknown'}); "
+            "use --precision fp32, or a CPU with AVX512-BF16 or AMX",
+            ExitCode.TARGET_UNAVAILABLE,
+        )
+    return device, caps
+
+
+def _build(backend: OpenVinoBackend, graph: ExportedGraph, folder: Path, request: BuildRequest, control: Recovery | None) -> Artifact:
+    import openvino as ov
+
+    core = ov.Core()
+    device, caps = _checked(core, request, backend.precisions)
+    precision = request.precision
+    hint = _HINT.get(precision)
+    notes = [f"converted from ONNX with openvino.convert_model (OpenVINO {ov.__version__.split('-')[0]}); device {device}"]
+    if precision is Precision.FP16 and "FP16" not in caps:
+        hint = None  # the plugin rejects an f16 hint it cannot run; it decompresses f16 weights instead
+        default = _default_hint(core, device) or "precision"
+        notes.append(f"fp16 IR: {device} has no native f16, it runs the model in its default {default}")
+    folder.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(graph.path))
+    quant = request.quant
+    if precision is Precision.INT8:
+        model, quant, hint = _int8(model, graph, request, control, notes, _default_hint(core, device), device)
+    elif hint:
+        notes.append(f"runtime precision hint: INFERENCE_PRECISION_HINT={hint}")
+    if precision is Precision.FP32 and device.startswith("CPU") and "BF16" in caps:
+        notes.append("without the f32 hint OpenVINO would run this model in bf16 on this CPU")
+    threads = f"{request.threads} threads" if request.threads > 0 else "all cores"
+    notes.append(f"runner: PERFORMANCE_HINT=LATENCY, 1 stream, {threads} (openvino_config.json)")
+    compress = precision is Precision.FP16
+    notes.append(f"IR weights stored as {'f16' if compress else 'f32'}" + (" (int8 where quantized)" if quant else ""))
+    xml = folder / MODEL_FILE
+    ov.save_model(model, str(xml), compress_to_fp16=compress)
+    _write_config(folder, graph, precision, device, hint, request.threads)
+    return Artifact(backend.name, precision, folder, xml, files_in(folder), quantization=quant, notes=tuple(notes))
+
+
+def _int8(
+    model: Any, graph: ExportedGraph, request: BuildRequest, control: Recovery | None, notes: list[str], default: str, device: str
+) -> tuple[Any, QuantRecipe, str | None]:
+    """NNCF on the converted model: (quantized model, the recipe as applied, the precision hint to run it with)."""
+    quant = request.quant
+    assert quant is not None
+    if quant.mode == "static" and control is not None:
+        model, reverted = quantize_with_accuracy_control(model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8)
+        quant = dataclasses.replace(quant, excluded_nodes=reverted, tool="nncf quantize_with_accuracy_control")
+        more = [f"NNCF accuracy control: {len(reverted)} operation(s) reverted to float" + (f": {', '.join(reverted[:12])}" if reverted else "")]
+    elif quant.mode == "static":
+        from ..quantize import excluded_for_transformer
+
+        model, quant, more = _quantize_static(model, quant, request.calibration, excluded_for_transformer(graph.path))
+    else:
+        model, quant, more = _compress_weights(model, quant)
+    notes.extend(more)
+    where = f"{default} on {device}" if default else f"whatever {device} picks"
+    hint = None
+    if control is not None:  # what accuracy control reverted to float must run in float
+        hint = _HINT.get(Precision.FP32)
+        notes.append(f"runtime precision hint: INFERENCE_PRECISION_HINT={hint}, so the reverted operations run in f32")
+    else:
+        notes.append(f"runtime precision hint: none set, the device default ({where}) for the parts left in float")
+    return model, quant, hint
+
+
+def _write_config(folder: Path, graph: ExportedGraph, precision: Precision, device: str, hint: str | None, threads: int) -> None:
+    settings = {
+        "format": CONFIG_VERSION,
+        "precision": precision.value,
+        "device": device,
+        "inference_precision_hint": hint,
+        "performance_hint": "LATENCY",
+        "num_streams": 1,
+        "threads": int(threads),
+        "inputs": [t.name for t in graph.inputs],
+        "outputs": [t.name for t in graph.outputs],
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -478,4 +563,4 @@ def fake_quantize_count(xml: Path | Any) -> int:
     return sum(op.get_type_name() in ("FakeQuantize", "FakeConvert") for op in model.get_ops())
 
 
-BACKEND: Any = OpenVinoBackend()
+BACKEND: Backend = OpenVinoBackend()

@@ -3,7 +3,7 @@
 Self-contained on purpose: standard library + numpy at import, ``tensorrt`` and ``cuda-python``
 (``cuda.bindings.runtime``; a CUDA build of torch is used only if cuda-python is missing and torch is
 there) imported when needed, Python 3.10+ (JetPack 6 ships 3.10). No torch, transformers, onnx or
-onnxruntime. d2v-export imports it as ``d2v_export.trt_device`` and copies this file into every
+onnxruntime. d2v-export imports it as ``d2v_export.backends.tensorrt.device`` and copies this file into every
 TensorRT bundle as ``trt_device.py``, so that on a device with only TensorRT:
 
     python3 trt_device.py build  [--no-verify] [--device N] [--workspace-gb G] [--timing-cache F] [--iterations N]
@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # checked by mypy against tensorrt-stubs; never imported at m
     import tensorrt
 
 if TYPE_CHECKING or __package__:
-    from .spec import D2VError, ExitCode
+    from ...spec import D2VError, ExitCode
 else:  # run as a file inside a bundle: the same one-line errors and exit codes, without the package
 
     class ExitCode(enum.IntEnum):

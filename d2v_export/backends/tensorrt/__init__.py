@@ -1,0 +1,124 @@
+"""TensorRT target, in two halves (see docs/tensorrt.md).
+
+The portable half is written everywhere, with or without TensorRT and a GPU:
+
+    folder/model.onnx          fp32 graph (fp32, fp16) or the explicit Q/DQ INT8 graph (int8)
+    folder/build_recipe.json   shapes min/opt/max per input, precision, typing, workspace, timing cache
+    folder/build_engine.sh     the same recipe as a `trtexec` command line
+
+The engine half needs TensorRT >= 10 and an NVIDIA GPU (``device.py``, also shipped in every bundle as
+``trt_device.py``):
+
+    folder/model.plan            the serialized engine (tied to GPU, TensorRT and CUDA versions)
+    folder/engine_manifest.json  TensorRT, CUDA, GPU name and compute capability, build settings
+                                 (+ GPU benchmark and a check against ONNX Runtime after build_engine)
+    folder/timing.cache          TensorRT's timing cache, reused by later builds on the same device
+
+Precisions and how each is built (TensorRT 10 docs: explicit quantization is used with strong typing,
+precision builder flags are deprecated since 10.12 and removed in 11):
+
+- fp32: fp32 graph, weakly typed, TF32 cleared (``--noTF32``): a true fp32 engine, comparable with the
+  fp32 ONNX export check.
+- fp16: fp32 graph, weakly typed with ``BuilderFlag.FP16`` (``--fp16``): TensorRT picks fp16 kernels
+  where faster; LayerNormalization (opset 17+) maps to INormalizationLayer, which computes in fp32 by
+  default whatever the builder flags (TensorRT API docs: to avoid overflow).
+  Needs TensorRT 10.x (TensorRT 11 removed the flag: convert the graph to mixed precision first).
+- int8: Q/DQ graph (``int8_recipes["static"]``: symmetric int8, per-channel
+  weights, Q/DQ only on the inputs of MatMul/Gemm/Conv) whose float remainder is rewritten to fp16
+  (``fp16_remainder``: fp32 graph inputs/outputs with casts at the boundaries, fp16 Q/DQ scales,
+  LayerNormalization and Softmax computed in fp32), built **strongly typed** (``--stronglyTyped``, no
+  precision flags; TensorRT >= 10.12): int8 where the Q/DQ pairs are, fp16 elsewhere, fp32 exactly
+  where the graph says. Its accuracy is simulated on ONNX Runtime with graph optimisations off, so the
+  Q/DQ pairs stay float fake-quantization (``SimulationRunner``), never ORT's integer kernels.
+
+Without TensorRT or a GPU: ``compile`` raises D2VError(TARGET_UNAVAILABLE) naming ``--defer-build``;
+with ``BuildRequest.defer_build`` it writes the portable half only, and ``runner`` runs ``model.onnx`` on
+ONNX Runtime, named and noted as a simulation (never engine accuracy or latency).
+
+The modules: ``recipe`` (build_recipe.json, trtexec script, file names), ``graph`` (Q/DQ placement,
+fix-ups, fp16 remainder, checks), ``build`` (writing the bundle, fallback), ``engine`` (runners,
+``build-engine``, running a bundle), ``device`` (the engine half itself: numpy-only at import).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ...quantize import MATMUL_OPS, RecipeTemplate
+from ...spec import Artifact, Drift, ExportedGraph, Precision
+from ..base import Availability, Backend, BackendBase, BuildRequest, Devices, Opened, Recovery, Runner, Snippet, onnx_snippet
+from ..onnxruntime import OrtRunner
+from . import device as trt_device
+from .build import compile_bundle, recover
+from .engine import EngineRunnerAdapter, SimulationRunner, _engine_device, build_engine, build_engines, find_bundles, open_bundle
+from .graph import (
+    MIN_GEMM_DIM, _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules,
+    fp16_remainder, gemv_nodes, qdq_problems, tensorrt_fixups,
+)  # fmt: skip
+from .recipe import (
+    BUILDS, DEFAULT_WORKSPACE_GB, FP16_REMAINDER_NOTE, FP32_OPS, DEFER_HINT, DEVICE_SCRIPT, ENGINE_MANIFEST, NAME, NOT_BUILT, ONNX_FILE, PLAN_FILE, RECIPE_FILE,
+    RECIPE_FORMAT, RECIPE_VERSION, SCRIPT_FILE, SIMULATED_FLOAT, SIMULATED_INT8, SIMULATED_LATENCY, TIMING_CACHE, Build,
+    build_script, input_profiles, make_build_recipe, read_recipe, settings_from, trtexec_command,
+)  # fmt: skip
+
+
+class TensorRTBackend(BackendBase):
+    name = NAME
+    extra = "tensorrt"
+    install_hint = "pip install 'd2v-export[tensorrt]' --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"
+    packages = ("tensorrt", "cuda-python")
+    precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
+    int8_recipes = {
+        "static": RecipeTemplate(
+            "explicit quantization: symmetric int8 Q/DQ (zero point 0) on MatMul/Gemm/Conv inputs only, int8 weights per channel",
+            "static", MATMUL_OPS, symmetric_activations=True,
+        ),
+    }  # fmt: skip
+    devices = Devices("cuda:0", r"(cuda|gpu)(:\d+)?", "cuda or cuda:N")
+    can_defer = True  # with BuildRequest.defer_build the portable half is written without TensorRT or a GPU
+
+    def available(self) -> Availability:
+        p = trt_device.probe()
+        if not p.ok:
+            return Availability(False, f"{p.reason} — {DEFER_HINT}", version=p.version)
+        return Availability(True, version=p.version, devices=(p.device,))
+
+    def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
+        return compile_bundle(graph, folder, request)
+
+    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+        return recover(graph, folder, request, recovery)
+
+    def runner(self, artifact: Artifact, *, threads: int) -> Runner:
+        plan = artifact.path / PLAN_FILE
+        label = f"{self.name}-{artifact.precision.value}"
+        device = _engine_device(artifact.path)
+        if plan.is_file() and trt_device.probe(device).ok:
+            return EngineRunnerAdapter(trt_device.EngineRunner(plan, name=label, device=device))
+        if artifact.precision is Precision.INT8:
+            return SimulationRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (Q/DQ graph, fp16 remainder, simulated on ONNX Runtime)")
+        return OrtRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (engine not built: fp32 graph on ONNX Runtime)")
+
+    def open_bundle(self, folder: Path, model_file: str, files: Sequence[str]) -> Opened:
+        """Its engine where one was built and TensorRT runs here, else its ONNX file on ONNX Runtime (the
+        same graph the engine was or will be built from), said in the notes."""
+        return open_bundle(self, folder, files)
+
+    def readme_snippet(self, bundle: str, model_file: str, folder: Path | None) -> Snippet:
+        return Snippet(
+            onnx_snippet(bundle, model_file if model_file.endswith(".onnx") else ONNX_FILE),
+            ("", "A TensorRT engine (`model.plan`) runs only on the GPU model and TensorRT version it was built with; "
+             "without one, `d2v-export run` runs `model.onnx` with ONNX Runtime and says so."),
+        )  # fmt: skip
+
+
+BACKEND: Backend = TensorRTBackend()
+
+__all__ = [
+    "BACKEND", "BUILDS", "DEFAULT_WORKSPACE_GB", "DEVICE_SCRIPT", "ENGINE_MANIFEST", "FP16_REMAINDER_NOTE", "FP32_OPS",
+    "MIN_GEMM_DIM", "NAME", "ONNX_FILE", "PLAN_FILE", "RECIPE_FILE", "RECIPE_FORMAT", "RECIPE_VERSION", "SCRIPT_FILE",
+    "TIMING_CACHE", "Build", "EngineRunnerAdapter", "SimulationRunner", "TensorRTBackend", "build_engine", "build_engines", "build_script",
+    "find_bundles", "fp16_remainder", "gemv_nodes", "input_profiles", "make_build_recipe", "qdq_problems", "read_recipe",
+    "settings_from", "tensorrt_fixups", "trtexec_command",
+]  # fmt: skip

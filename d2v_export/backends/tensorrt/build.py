@@ -1,0 +1,110 @@
+"""Writing a TensorRT bundle: the portable half (graph, recipe, script, device module) and, with TensorRT and
+a GPU here, the engine; ``--fallback auto`` on the Q/DQ graph."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from pathlib import Path
+
+from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
+from ..base import BuildRequest, Recovery, copy_onnx, files_in
+from . import device as trt_device
+from .graph import _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules
+from .recipe import (
+    BUILDS, DEFER_HINT, DEVICE_SCRIPT, NAME, NOT_BUILT, ONNX_FILE, PLAN_FILE, RECIPE_FILE, SCRIPT_FILE, SIMULATED_FLOAT,
+    SIMULATED_INT8, SIMULATED_LATENCY, TIMING_CACHE, build_script, make_build_recipe, settings_from,
+)  # fmt: skip
+
+
+def _probe(request: BuildRequest) -> tuple[int, bool]:
+    """(CUDA device index, whether the engine is built here); D2VError(TARGET_UNAVAILABLE) when it must be and cannot."""
+    device = trt_device.device_index(request.device)
+    probe = trt_device.probe(device)
+    if not probe.ok and not request.defer_build:  # fail before the (slow) quantization
+        raise D2VError(f"tensorrt cannot build an engine here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
+    return device, probe.ok and not request.defer_build
+
+
+def compile_bundle(graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
+    precision = request.precision
+    if precision not in BUILDS:
+        raise D2VError(f"tensorrt builds {', '.join(p.value for p in BUILDS)}, not {precision.value}", ExitCode.TARGET_UNAVAILABLE)
+    device, build_here = _probe(request)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx_path = folder / ONNX_FILE
+    quant = None
+    if precision is Precision.INT8:
+        quant = _quantize(graph, onnx_path, request)
+    else:
+        copy_onnx(graph.path, onnx_path)
+    return _bundle(graph, folder, precision, quant, build_here, device)
+
+
+def recover(graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+    """``--fallback auto``: the Q/DQ graph with the most sensitive nodes left float until the budget holds.
+
+    Candidates are judged as ``compile`` ships them (TensorRT fix-ups and fp16 remainder applied) on the
+    ONNX Runtime simulation (an engine build per candidate would take minutes). With TensorRT here the
+    engine is then built once from the chosen graph and the returned drift is judged *on that engine*,
+    the same footing as the plain INT8 variant, whose drift the pipeline measured on its engine.
+    """
+    from ...fallback import copy_model, describe, fallback
+
+    device, build_here = _probe(request)
+    recipe = _with_placement_rules(graph, _check_recipe(request.quant))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PLAN_FILE).unlink(missing_ok=True)  # an engine of the first build must not answer for the candidates
+    onnx_path = folder / ONNX_FILE
+
+    def evaluate(candidate: Path) -> Drift:
+        copy_model(candidate, onnx_path)  # the runner reads the bundle's model.onnx
+        _fp16_and_check(onnx_path)  # judged as shipped; the candidate itself stays fp32 for the node ranking
+        return recovery.evaluate(Artifact(NAME, Precision.INT8, folder, onnx_path, files_in(folder), quantization=recipe))
+
+    result = fallback(graph, recipe, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=_fixups)
+    _fp16_and_check(onnx_path)  # the chosen candidate, copied to the bundle by fallback(), gets its fp16 remainder
+    artifact = _bundle(graph, folder, Precision.INT8, result.quantized.recipe, build_here, device)
+    drift = result.drift
+    if build_here:
+        recovery.progress(f"{folder.name}: judging the engine built from the chosen graph")
+        drift = recovery.evaluate(artifact)  # the runner is the engine now
+    return artifact, drift, describe(result)
+
+
+def _bundle(graph: ExportedGraph, folder: Path, precision: Precision, quant: QuantRecipe | None, build_here: bool, device: int = 0) -> Artifact:
+    """Recipe, script, device module and (with TensorRT here) the engine, around the bundle's model.onnx."""
+    onnx_path = folder / ONNX_FILE
+    recipe = make_build_recipe(graph, precision, quant)
+    trt_device.atomic_write_json(folder / RECIPE_FILE, recipe)
+    script = folder / SCRIPT_FILE
+    trt_device.atomic_write(script, build_script(recipe).encode("utf-8"))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    shutil.copyfile(Path(trt_device.__file__), folder / DEVICE_SCRIPT)
+
+    if build_here:
+        cache = folder / TIMING_CACHE
+        manifest = trt_device.build(onnx_path, folder / PLAN_FILE, settings_from(recipe, timing_cache=cache, device=device))
+        trt_device.write_engine_manifest(folder, manifest, onnx_path)
+        model_file = folder / PLAN_FILE
+        notes: tuple[str, ...] = (
+            (
+                f"engine built with TensorRT {manifest['tensorrt']} on {manifest['gpu']} (compute {manifest['compute_capability']}); "
+                "it runs only on that GPU model and TensorRT version"
+            ),
+            "latency: end to end, including host/device copies (engine-only GPU time: `d2v-export build-engine`)",
+        )
+    else:
+        model_file = onnx_path
+        accuracy = SIMULATED_INT8 if precision is Precision.INT8 else SIMULATED_FLOAT.format(p=precision.value.upper())
+        notes = (NOT_BUILT, accuracy, SIMULATED_LATENCY)
+    return Artifact(NAME, precision, folder, model_file, files_in(folder), quantization=quant, notes=notes)
+
+
+def _quantize(graph: ExportedGraph, target: Path, request: BuildRequest) -> QuantRecipe:
+    from ...quantize import quantize_onnx
+
+    recipe = _with_placement_rules(graph, _check_recipe(request.quant))
+    qgraph = quantize_onnx(graph, target, recipe, request.calibration)
+    _fix_and_check(target)
+    return qgraph.recipe
