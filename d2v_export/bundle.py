@@ -316,7 +316,20 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
         fixed = ", ".join(f"{axis} {n}" for axis, n in t["fixed"].items())
         lines.append(f"- `{t['name']}` {t['dtype']} {tuple(t['shape'])}" + (f": {ranges}" if ranges else "") + (f"; {fixed}" if fixed else ""))
     lines += ["", "```python", "import numpy as np"]
-    pre = doc["preprocessing"]
+    lines += _feed_lines(name, modality, task, doc["preprocessing"])
+    lines.append("")
+    lines += snippet.code
+    outs = ", ".join(f"`{o['name']}` {tuple(o['shape'])}" for o in doc["outputs"])
+    lines += ["```", "", f"Outputs: {outs}."]
+    if doc.get("labels"):
+        lines.append("Class ids map to names through `labels` in manifest.json (also `id2label` in config.json).")
+    lines += snippet.after
+    return "\n".join(lines) + "\n"
+
+
+def _feed_lines(name: str, modality: str, task: str, pre: Mapping[str, Any]) -> list[str]:
+    """README lines that turn a raw input into ``feed`` with the bundle's own processor."""
+    lines: list[str] = []
     if modality == "vision":
         lines += [
             "from PIL import Image, ImageOps",
@@ -348,14 +361,7 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
         ]
         if task == "multiple-choice":
             lines.append('feed = {k: v[:, None] for k, v in feed.items()}  # (batch, choices, sequence): one row per choice')
-    lines.append("")
-    lines += snippet.code
-    outs = ", ".join(f"`{o['name']}` {tuple(o['shape'])}" for o in doc["outputs"])
-    lines += ["```", "", f"Outputs: {outs}."]
-    if doc.get("labels"):
-        lines.append("Class ids map to names through `labels` in manifest.json (also `id2label` in config.json).")
-    lines += snippet.after
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # --------------------------------------------------------------------------------------- checking

@@ -456,10 +456,10 @@ def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int
     be exact on the deployment CPU (8-bit ONNX Runtime weights where the u8 x s8 kernel saturates) and
     duplicates of one another.
     """
-    default_rewrites = tuple(getattr(backend, "rewrites", ())) if options.rewrite else ()
+    default_rewrites = tuple(backend.rewrites) if options.rewrite else ()
     plan = []
     for request in _requests(backend, options, calib, threads):
-        if options.pick and request.quant is not None and getattr(backend, "pick_levers", ()):
+        if options.pick and request.quant is not None and backend.pick_levers:
             continue  # replaced by the backend's candidates below
         name = f"{backend.name}-{request.precision.value}" + (f"-{request.quant.mode}" if request.quant else "")
         what = f"{request.precision.value}" + (f" {request.quant.mode}" if request.quant else "")
@@ -472,7 +472,7 @@ def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int
     run_rr = wants_reduce_range(int8, options.profile)
     exact_8bit = not saturates(getattr(options.profile, "requires_cpu_flags", ()) or None)
     seen = set()
-    for lever in getattr(backend, "pick_levers", ()):
+    for lever in backend.pick_levers:
         if lever.mode == "static" and calib is None:
             continue
         rr = run_rr if lever.reduce_range is None else lever.reduce_range

@@ -211,62 +211,66 @@ class QuantSession:
 
     def write(self, target: Path, excluded: Sequence[str] = ()) -> tuple[str, ...]:
         """Quantize the prepared graph into ``target`` with ``excluded`` (plus the rule's picks) left float."""
-        from onnxruntime.quantization import (
-            QuantFormat,
-            QuantType,
-            quantize_dynamic,
-            quantize_static,
-        )
-
         names = _node_names(self.prepared)
         unknown = [n for n in excluded if n not in names]
         if unknown:
             raise D2VError(f"excluded node(s) not in the graph: {', '.join(unknown[:5])}; list node names with `python -m onnx` or Netron")
         keep_float = tuple(dict.fromkeys([*excluded, *self.rule_excluded]))
         raw = self.workdir / "quantized.onnx"
+        if self.recipe.mode != "dynamic" and not self.cache.is_file():
+            raise D2VError("static INT8 needs calibration first; pass --calibration DIR")
         with _quiet():
-            if self.recipe.mode == "dynamic":
-                quantize_dynamic(
-                    self.prepared,
-                    raw,
-                    op_types_to_quantize=list(self.recipe.op_types),
-                    per_channel=self.recipe.per_channel,
-                    reduce_range=self.recipe.reduce_range,
-                    weight_type=QuantType.QInt8,
-                    # quantize_dynamic first rewrites a Gemm X into a MatMul named "X_MatMul" and then
-                    # checks exclusions against the new name: exclude both (measured, onnxruntime 1.32).
-                    nodes_to_exclude=[*keep_float, *(f"{n}_MatMul" for n in keep_float)],
-                    use_external_data_format=self.large,
-                    extra_options={"MatMulConstBOnly": True},
-                )
-            else:
-                if not self.cache.is_file():
-                    raise D2VError("static INT8 needs calibration first; pass --calibration DIR")
-                quantize_static(
-                    self.prepared,
-                    raw,
-                    calibration_data_reader=None,
-                    quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(self.recipe.op_types),
-                    per_channel=self.recipe.per_channel,
-                    reduce_range=self.recipe.reduce_range,
-                    activation_type=QuantType.QInt8 if self.recipe.symmetric_activations else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(keep_float),
-                    use_external_data_format=self.large,
-                    calibrate_method=self.method,
-                    calibration_cache_path=self.cache,
-                    extra_options={
-                        "ActivationSymmetric": self.recipe.symmetric_activations,
-                        "WeightSymmetric": True,
-                        "MatMulConstBOnly": False,
-                        # A Gemm's output is a classifier's logits or a pooler's output: rounding it to
-                        # 8 bits clamps logits to the calibration range (measured: -5.12 came out -4.28).
-                        "OpTypesToExcludeOutputQuantization": ["Gemm"],
-                    },
-                )
+            (_write_dynamic if self.recipe.mode == "dynamic" else _write_static)(self, raw, keep_float)
         _finish(raw, target, self.prepared, set(self.recipe.op_types), set(keep_float), self.large)
         return keep_float
+
+
+def _write_dynamic(session: QuantSession, raw: Path, keep_float: tuple[str, ...]) -> None:
+    """onnxruntime's dynamic quantizer on the prepared graph (MatMulInteger)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        session.prepared,
+        raw,
+        op_types_to_quantize=list(session.recipe.op_types),
+        per_channel=session.recipe.per_channel,
+        reduce_range=session.recipe.reduce_range,
+        weight_type=QuantType.QInt8,
+        # quantize_dynamic first rewrites a Gemm X into a MatMul named "X_MatMul" and then
+        # checks exclusions against the new name: exclude both (measured, onnxruntime 1.32).
+        nodes_to_exclude=[*keep_float, *(f"{n}_MatMul" for n in keep_float)],
+        use_external_data_format=session.large,
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def _write_static(session: QuantSession, raw: Path, keep_float: tuple[str, ...]) -> None:
+    """onnxruntime's QDQ quantizer on the prepared graph, from the range cache."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        session.prepared,
+        raw,
+        calibration_data_reader=None,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(session.recipe.op_types),
+        per_channel=session.recipe.per_channel,
+        reduce_range=session.recipe.reduce_range,
+        activation_type=QuantType.QInt8 if session.recipe.symmetric_activations else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=list(keep_float),
+        use_external_data_format=session.large,
+        calibrate_method=session.method,
+        calibration_cache_path=session.cache,
+        extra_options={
+            "ActivationSymmetric": session.recipe.symmetric_activations,
+            "WeightSymmetric": True,
+            "MatMulConstBOnly": False,
+            # A Gemm's output is a classifier's logits or a pooler's output: rounding it to
+            # 8 bits clamps logits to the calibration range (measured: -5.12 came out -4.28).
+            "OpTypesToExcludeOutputQuantization": ["Gemm"],
+        },
+    )
 
 
 # ------------------------------------------------------------------------------- float nodes

@@ -200,13 +200,7 @@ class OpenVinoBackend(BackendBase):
         return _diagnose()
 
     def diagnosis_lines(self, details: Mapping[str, Any]) -> list[str]:
-        if not details.get("available"):
-            return []
-        lines = ["", "OpenVINO devices:"]
-        for dev in details.get("devices") or ():
-            caps = ", ".join(dev.get("capabilities") or []) or "unknown"
-            lines.append(f"  {dev['name']}: {dev.get('full_name') or '?'}; capabilities {caps}; default precision {dev.get('precision_hint') or '?'}")
-        return lines
+        return _diagnosis_lines(details)
 
 
 def _diagnose() -> dict[str, Any]:
@@ -230,6 +224,16 @@ def _diagnose() -> dict[str, Any]:
                 row[key] = None
         devices.append(row)
     return {"available": True, "version": ov.__version__, "devices": devices}
+
+
+def _diagnosis_lines(details: Mapping[str, Any]) -> list[str]:
+    if not details.get("available"):
+        return []
+    lines = ["", "OpenVINO devices:"]
+    for dev in details.get("devices") or ():
+        caps = ", ".join(dev.get("capabilities") or []) or "unknown"
+        lines.append(f"  {dev['name']}: {dev.get('full_name') or '?'}; capabilities {caps}; default precision {dev.get('precision_hint') or '?'}")
+    return lines
 
 
 def _one_line(exc: BaseException) -> str:

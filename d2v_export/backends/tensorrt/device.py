@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # checked by mypy against tensorrt-stubs; never imported at m
     import tensorrt
 
 if TYPE_CHECKING or __package__:
-    from ...spec import D2VError, ExitCode
+    from d2v_export.spec import D2VError, ExitCode
 else:  # run as a file inside a bundle: the same one-line errors and exit codes, without the package
 
     class ExitCode(enum.IntEnum):
@@ -243,6 +243,19 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
 
 
+def _info(api: Any, gpu: str, compute: str, runtime: str, driver: str, memory: int) -> dict[str, str]:
+    return {"gpu": gpu, "device_index": str(api.device), "compute_capability": compute, "cuda_runtime": runtime,
+            "cuda_driver": driver, "memory_gb": f"{memory / 2**30:.1f}", "via": api.name}  # fmt: skip
+
+
+def _cuda_python_info(api: _CudaPython) -> dict[str, str]:
+    prop = api._check(api.rt.cudaGetDeviceProperties(api.device))
+    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
+    runtime = int(api._check(api.rt.cudaRuntimeGetVersion()))
+    driver = int(api._check(api.rt.cudaDriverGetVersion()))
+    return _info(api, name, f"{prop.major}.{prop.minor}", f"{runtime // 1000}.{runtime % 1000 // 10}", f"{driver // 1000}.{driver % 1000 // 10}", prop.totalGlobalMem)
+
+
 class _CudaPython:
     """cuda-python's runtime bindings: every call returns (error, *values)."""
 
@@ -273,19 +286,7 @@ class _CudaPython:
         return values[0] if len(values) == 1 else tuple(values)
 
     def device_info(self) -> dict[str, str]:
-        prop = self._check(self.rt.cudaGetDeviceProperties(self.device))
-        name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
-        runtime = int(self._check(self.rt.cudaRuntimeGetVersion()))
-        driver = int(self._check(self.rt.cudaDriverGetVersion()))
-        return {
-            "gpu": name,
-            "device_index": str(self.device),
-            "compute_capability": f"{prop.major}.{prop.minor}",
-            "cuda_runtime": f"{runtime // 1000}.{runtime % 1000 // 10}",
-            "cuda_driver": f"{driver // 1000}.{driver % 1000 // 10}",
-            "memory_gb": f"{prop.totalGlobalMem / 2**30:.1f}",
-            "via": self.name,
-        }
+        return _cuda_python_info(self)
 
     def malloc(self, nbytes: int) -> int:
         return int(self._check(self.rt.cudaMalloc(max(1, nbytes))))
@@ -355,17 +356,8 @@ class _TorchCuda:
         self._streams: dict[int, Any] = {}
 
     def device_info(self) -> dict[str, str]:
-        torch = self.torch
-        prop = torch.cuda.get_device_properties(self.device)
-        return {
-            "gpu": str(prop.name),
-            "device_index": str(self.device),
-            "compute_capability": f"{prop.major}.{prop.minor}",
-            "cuda_runtime": str(torch.version.cuda),
-            "cuda_driver": "",
-            "memory_gb": f"{prop.total_memory / 2**30:.1f}",
-            "via": self.name,
-        }
+        prop = self.torch.cuda.get_device_properties(self.device)
+        return _info(self, str(prop.name), f"{prop.major}.{prop.minor}", str(self.torch.version.cuda), "", prop.total_memory)
 
     def malloc(self, nbytes: int) -> int:
         t = self.torch.empty(max(1, nbytes), dtype=self.torch.uint8, device=f"cuda:{self.device}")
@@ -673,10 +665,61 @@ def _nptype(dtype: Any) -> np.dtype[Any]:
     return np.dtype(trt.nptype(dtype))
 
 
-class EngineRunner:
-    """Runs a serialized engine; ``infer`` takes and returns numpy arrays (the pipeline's Runner protocol).
+def _load_engine(runtime: Any, plan: Path, errors: _Errors) -> tuple[Any, Any]:
+    """(engine, execution context) of a serialized engine; D2VError(TARGET_UNAVAILABLE) saying why not."""
+    import tensorrt as trt
 
-    Device buffers and page-locked host staging buffers grow as needed and are reused between calls."""
+    engine: tensorrt.ICudaEngine | None = runtime.deserialize_cuda_engine(Path(plan).read_bytes())
+    if engine is None:
+        raise D2VError(
+            f"TensorRT {trt.__version__} cannot load {plan} ({errors.last or 'built with another TensorRT or GPU'}); "
+            "rebuild it here with `d2v-export build-engine` (or python3 trt_device.py build)",
+            ExitCode.TARGET_UNAVAILABLE,
+        )
+    context = engine.create_execution_context()
+    if context is None:
+        raise D2VError(f"TensorRT could not create an execution context for {plan} ({errors.last or 'out of GPU memory?'}); free GPU memory and retry", ExitCode.TARGET_UNAVAILABLE)
+    return engine, context
+
+
+class _Buffers:
+    """Device buffers and page-locked host staging buffers by tensor name: grown as needed, reused between calls."""
+
+    def __init__(self, cuda: CudaApi) -> None:
+        self.cuda = cuda
+        self.device: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
+        self.host: dict[str, np.ndarray] = {}  # name -> pinned uint8 staging buffer
+
+    def on_device(self, name: str, nbytes: int) -> int:
+        ptr, capacity = self.device.get(name, (0, 0))
+        if nbytes > capacity:
+            if ptr:
+                self.cuda.free(ptr)
+            ptr, capacity = self.cuda.malloc(nbytes), nbytes
+            self.device[name] = (ptr, capacity)
+        return ptr
+
+    def staging(self, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        buf = self.host.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            if buf is not None:
+                getattr(self.cuda, "free_host", lambda _b: None)(buf)
+            buf = self.cuda.host_buffer(max(nbytes, 1))
+            self.host[name] = buf
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def free(self) -> None:
+        for ptr, _capacity in self.device.values():
+            self.cuda.free(ptr)
+        self.device.clear()
+        for buf in self.host.values():
+            getattr(self.cuda, "free_host", lambda _b: None)(buf)
+        self.host.clear()
+
+
+class EngineRunner:
+    """Runs a serialized engine; ``infer`` takes and returns numpy arrays (the pipeline's Runner protocol)."""
 
     def __init__(self, plan: Path, name: str = "tensorrt", device: int = 0) -> None:
         require(device)
@@ -686,50 +729,19 @@ class EngineRunner:
         self.cuda = cuda_api(device)
         self._logger, self._errors = _logger()
         self.runtime = trt.Runtime(self._logger)
-        engine: tensorrt.ICudaEngine | None = self.runtime.deserialize_cuda_engine(Path(plan).read_bytes())
-        if engine is None:
-            raise D2VError(
-                f"TensorRT {trt.__version__} cannot load {plan} ({self._errors.last or 'built with another TensorRT or GPU'}); "
-                "rebuild it here with `d2v-export build-engine` (or python3 trt_device.py build)",
-                ExitCode.TARGET_UNAVAILABLE,
-            )
-        self.engine = engine
-        context = engine.create_execution_context()
-        if context is None:
-            raise D2VError(f"TensorRT could not create an execution context for {plan} ({self._errors.last or 'out of GPU memory?'}); free GPU memory and retry", ExitCode.TARGET_UNAVAILABLE)
-        self.context = context
+        self.engine, self.context = _load_engine(self.runtime, plan, self._errors)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes: dict[str, np.dtype[Any]] = {n: _nptype(self.engine.get_tensor_dtype(n)) for n in names}
         self.stream = self.cuda.stream()
-        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, capacity in bytes)
-        self._host: dict[str, np.ndarray] = {}  # name -> pinned uint8 staging buffer
+        self._memory = _Buffers(self.cuda)
 
     def __enter__(self) -> EngineRunner:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _buffer(self, name: str, nbytes: int) -> int:
-        ptr, capacity = self._buffers.get(name, (0, 0))
-        if nbytes > capacity:
-            if ptr:
-                self.cuda.free(ptr)
-            ptr, capacity = self.cuda.malloc(nbytes), nbytes
-            self._buffers[name] = (ptr, capacity)
-        return ptr
-
-    def _staging(self, name: str, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        buf = self._host.get(name)
-        if buf is None or buf.nbytes < nbytes:
-            if buf is not None:
-                getattr(self.cuda, "free_host", lambda _b: None)(buf)
-            buf = self.cuda.host_buffer(max(nbytes, 1))
-            self._host[name] = buf
-        return buf[:nbytes].view(dtype).reshape(shape)
 
     def _prepare(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Set the input shapes, copy the inputs to the device and bind every tensor; returns pinned output views."""
@@ -740,17 +752,17 @@ class EngineRunner:
             if not self.context.set_input_shape(name, tuple(array.shape)):
                 lo, _opt, hi = self.engine.get_tensor_profile_shape(name, 0)
                 raise D2VError(f"input '{name}' of shape {array.shape} is outside the engine's profile ({lo} .. {hi}); rebuild with a wider range")
-            host = self._staging(name, self.dtypes[name], tuple(array.shape))
+            host = self._memory.staging(name, self.dtypes[name], tuple(array.shape))
             host[...] = array
-            ptr = self._buffer(name, host.nbytes)
+            ptr = self._memory.on_device(name, host.nbytes)
             self.cuda.to_device(ptr, host, self.stream)
             self.context.set_tensor_address(name, ptr)
         outputs = {}
         for name in self.outputs:
             dims = self.context.get_tensor_shape(name)
             shape = tuple(int(dims[i]) for i in range(len(dims)))
-            out = self._staging(name, self.dtypes[name], shape)
-            self.context.set_tensor_address(name, self._buffer(name, out.nbytes))
+            out = self._memory.staging(name, self.dtypes[name], shape)
+            self.context.set_tensor_address(name, self._memory.on_device(name, out.nbytes))
             outputs[name] = out
         return outputs
 
@@ -762,38 +774,38 @@ class EngineRunner:
         outputs = self._prepare(feed)
         self._execute()
         for name, out in outputs.items():
-            self.cuda.to_host(out, self._buffers[name][0], self.stream)
+            self.cuda.to_host(out, self._memory.device[name][0], self.stream)
         self.cuda.synchronize(self.stream)
         return {name: out.astype(np.float32) if out.dtype == np.float16 else out.copy() for name, out in outputs.items()}
 
     def gpu_times_ms(self, feed: Mapping[str, np.ndarray], *, warmup: int = 10, iterations: int = 100, per_round: int = 10) -> list[float]:
-        """Engine time alone (no host copies): rounds of ``per_round`` back-to-back execute_async_v3 between one
-        pair of CUDA events, no synchronisation inside a round; returns the mean time per run of each round."""
-        self._prepare(feed)
-        for _ in range(warmup):
-            self._execute()
-        self.cuda.synchronize(self.stream)
-        per_round = max(1, min(per_round, iterations))
-        start, end = self.cuda.event(), self.cuda.event()
-        times = []
-        for _ in range(max(1, iterations // per_round)):
-            self.cuda.record(start, self.stream)
-            for _ in range(per_round):
-                self._execute()
-            self.cuda.record(end, self.stream)
-            times.append(self.cuda.elapsed_ms(start, end) / per_round)
-        return times
+        """Engine time alone (no host copies), per run: ``gpu_times_ms``."""
+        return gpu_times_ms(self, feed, warmup=warmup, iterations=iterations, per_round=per_round)
 
     def close(self) -> None:
-        for ptr, _capacity in self._buffers.values():
-            self.cuda.free(ptr)
-        self._buffers.clear()
-        for buf in self._host.values():
-            getattr(self.cuda, "free_host", lambda _b: None)(buf)
-        self._host.clear()
+        self._memory.free()
         if self.stream:
             self.cuda.destroy_stream(self.stream)
             self.stream = 0
+
+
+def gpu_times_ms(runner: EngineRunner, feed: Mapping[str, np.ndarray], *, warmup: int = 10, iterations: int = 100, per_round: int = 10) -> list[float]:
+    """Engine time alone (no host copies): rounds of ``per_round`` back-to-back execute_async_v3 between one
+    pair of CUDA events, no synchronisation inside a round; returns the mean time per run of each round."""
+    runner._prepare(feed)
+    for _ in range(warmup):
+        runner._execute()
+    runner.cuda.synchronize(runner.stream)
+    per_round = max(1, min(per_round, iterations))
+    start, end = runner.cuda.event(), runner.cuda.event()
+    times = []
+    for _ in range(max(1, iterations // per_round)):
+        runner.cuda.record(start, runner.stream)
+        for _ in range(per_round):
+            runner._execute()
+        runner.cuda.record(end, runner.stream)
+        times.append(runner.cuda.elapsed_ms(start, end) / per_round)
+    return times
 
 
 def synthetic_feed(inputs: Sequence[tuple[str, str, tuple[int, ...]]], seed: int = 0) -> dict[str, np.ndarray]:

@@ -131,9 +131,9 @@ def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str
     here). Returns counts; idempotent (a graph already rewritten is left alone).
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
-    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+    HALF = TensorProto.FLOAT16
     model = onnx.load(str(path))
     graph = model.graph
     if any(n.name.endswith("_d2v_to_fp16") for n in graph.node) or any(i.data_type == HALF for i in graph.initializer):
@@ -146,6 +146,22 @@ def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str
     types |= {i.name: i.data_type for i in graph.initializer}
     fixed = {n.input[i] for n in graph.node for i in _TYPED_INPUTS.get(n.op_type, ()) if i < len(n.input) and n.input[i]}
     counts = {"initializers": 0, "casts": 0, "fp32_nodes": 0}
+    fp32_copies = _half_constants(graph, fp32_ops, fixed, counts)
+    nodes = _rewire(graph, fp32_ops, types, fp32_copies, counts)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return counts
+
+
+def _half_constants(graph: Any, fp32_ops: tuple[str, ...], fixed: set[str], counts: dict[str, int]) -> dict[str, str]:
+    """Float initializers, Casts to float and float Constants become fp16; the initializers that ``fp32_ops``
+    read keep an fp32 copy (returned: name -> copy's name)."""
+    from onnx import TensorProto, numpy_helper
+
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
     fp32_copies: dict[str, str] = {}
     for init in list(graph.initializer):
         if init.data_type != FLOAT or init.name in fixed:
@@ -163,6 +179,14 @@ def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str
             elif node.op_type in ("Constant", "ConstantOfShape") and attr.name == "value" and attr.t.data_type == FLOAT:
                 if not any(o in fixed for o in node.output):
                     attr.t.CopyFrom(numpy_helper.from_array(_to_half(numpy_helper.to_array(attr.t)), attr.t.name))
+    return fp32_copies
+
+
+def _rewire(graph: Any, fp32_ops: tuple[str, ...], types: dict[str, int], fp32_copies: dict[str, str], counts: dict[str, int]) -> list[Any]:
+    """The new node list: float inputs cast to fp16 once, ``fp32_ops`` between casts, float outputs cast back."""
+    from onnx import TensorProto, helper
+
+    FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
     nodes: list[Any] = []
     renamed: dict[str, str] = {}
     for inp in graph.input:
@@ -211,12 +235,7 @@ def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str
                     node.input[i] = half
         nodes.append(helper.make_node("Cast", [half], [out.name], to=FLOAT, name=f"{out.name}_d2v_to_fp32"))
         counts["casts"] += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.value_info[:]
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save_model(model, str(path))
-    return counts
+    return nodes
 
 
 # NVIDIA's int8 Tensor Core GEMMs need K and N of at least 16 (TensorRT Model Optimizer's rule).
