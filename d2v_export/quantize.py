@@ -66,8 +66,11 @@ class RecipeTemplate:
 class Recipes(Protocol):
     """What ``make_recipe`` reads from a backend (``backends.base.Backend``): its name and INT8 templates."""
 
-    name: str
-    int8_recipes: Mapping[str, RecipeTemplate]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def int8_recipes(self) -> Mapping[str, RecipeTemplate]: ...
 
 
 def make_recipe(
