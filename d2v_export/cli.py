@@ -154,7 +154,6 @@ def _quant_options(kw: dict[str, Any], wanted: bool, enable: str) -> Any:
 
 
 def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
             click.option("--model", "-m", "model", default="preset:base", show_default=True, metavar="SOURCE",

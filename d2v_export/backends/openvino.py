@@ -182,8 +182,10 @@ class OpenVinoBackend(BackendBase):
 
     def readme_snippet(self, bundle: str, model_file: str, folder: Path | None) -> Snippet:
         """Compiled the way d2v-export measured it (openvino_config.json: device, precision hint, threads)."""
-        settings = read_config(folder) if folder is not None else {}
-        device, config = compile_config(settings, int(settings.get("threads") or 0)) if settings else ("CPU", {})
+        device, config = "CPU", dict[str, Any]()
+        if folder is not None:
+            settings = read_config(folder)
+            device, config = compile_config(settings, int(settings.get("threads") or 0))
         comment = "  # as d2v-export measured it (openvino_config.json)"
         if config.get("INFERENCE_PRECISION_HINT") == "f32":
             comment = "  # as measured; without the f32 hint OpenVINO may run fp32 in bf16"
