@@ -370,3 +370,16 @@ def test_device_index_parses_cuda_n() -> None:
     assert trt_device.device_index("cuda:1") == 1 and trt_device.device_index(None) == 0 and trt_device.device_index("CPU") == 0
     with pytest.raises(D2VError, match="cuda:N"):
         trt_device.device_index("npu:0")
+
+
+@no_gpu
+def test_run_without_an_engine_uses_the_bundles_onnx_on_onnx_runtime(run_dir: Path) -> None:
+    """`d2v-export run` on a deferred bundle: the TensorRT backend's open_bundle hands it to ONNX Runtime, and says so."""
+    image = ROOT / "calibration" / "vision" / "evaluation" / "chelsea.jpg"
+    for bundle in sorted(p for p in run_dir.iterdir() if p.name.startswith("tensorrt-")):
+        res = cli("run", str(bundle), str(image), "--json")
+        assert res.returncode == 0, res.stderr[-2000:]
+        result = json.loads(res.stdout)[0]
+        assert result["runtime"].startswith("onnxruntime ") and "model.onnx" in result["runtime"], result["runtime"]
+        assert any(n.startswith("the bundle has no TensorRT engine: ran its ONNX file 'model.onnx' with ONNX Runtime") for n in result["notes"])
+        assert result["labels"]
