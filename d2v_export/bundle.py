@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from .report import jsonable
+from .spec import jsonable
 from .spec import D2VError, Modality
 
 SCHEMA_VERSION = "1.0"

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .cpu import cpu_flags, cpu_name, cpuinfo as _cpuinfo  # one reader of /proc/cpuinfo (cpu.py)
+
 PACKAGES = ("d2v-export", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "onnxruntime-gpu",
             "openvino", "nncf", "tensorrt", "cuda-python", "optimum", "optimum-intel", "numpy")  # fmt: skip
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
@@ -32,28 +34,6 @@ def _version(pkg: str) -> str | None:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-
-
-def cpu_flags() -> frozenset[str]:
-    """Every flag /proc/cpuinfo lists (x86 "flags", Arm "Features"); empty where it does not exist."""
-    for line in _cpuinfo():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def cpu_name() -> str:
-    for line in _cpuinfo():
-        if line.startswith(("model name", "Hardware", "Model")):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _cores() -> dict[str, int | None]:

@@ -14,8 +14,11 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .compare import drift_score
-from .metrics import METRICS, within
+from .metrics import METRICS, drift_score, within
+
+# What a matrix's speedup column means (matrix.md and matrix.html)
+SPEEDUP_MEANING = ("Speedup = this reference p50 (the median over the modality's runs) / the variant's p50: one footing for every "
+                   "variant, so a faster variant always shows the larger speedup; each run's own ratio is speedup_vs_reference in its report.")
 
 PASS, FAIL, REF, MUTED, AXIS, GRID = "#1a7f37", "#cf222e", "#57606a", "#8c959f", "#424a53", "#d8dee4"
 PALETTE = ("#0969da", "#bf8700", "#8250df", "#1a7f37", "#cf222e", "#1b7c83", "#953800", "#6639ba")
@@ -581,8 +584,6 @@ def render_matrix(doc: Mapping[str, Any]) -> str:
             ])
         ref = info.get("reference_p50_ms")
         if ref is not None:
-            from .matrix import SPEEDUP_MEANING
-
             body.append(f"<p>PyTorch fp32 reference p50 {fmt_num(ref)} ms. {esc(SPEEDUP_MEANING)}</p>")
         body.append(_table(["variant", "target", "precision", "p50 ms", "speedup vs common ref", "drift score", "key metric", "drift"], vrows, numeric=(3, 4, 5)))
         body.append(f"<p>Latency-versus-drift front (★): {esc(', '.join(front) or 'none')}.</p>")
