@@ -13,7 +13,7 @@ import click
 
 from . import __version__
 from .heads import DEFAULT_TASK, tasks
-from .spec import D2VError, ExitCode, Modality, Precision
+from .spec import REFERENCE, D2VError, ExitCode, Modality, Precision
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -287,7 +287,7 @@ def _summary(report: Any, output: Path) -> None:
         click.secho("RANDOM WEIGHTS: latency is real; accuracy numbers only measure conversion drift.", fg="yellow", bold=True)
     ref = report.reference_latency
     click.echo(f"{report.model.modality.value}/{report.model.task} ({report.model.class_name}), report: {output / 'report.md'}")
-    click.echo(f"  {'pytorch-fp32 (reference)':28s} p50 {ref.p50:9.2f} ms")
+    click.echo(f"  {REFERENCE + ' (reference)':28s} p50 {ref.p50:9.2f} ms")
     for v in report.variants:
         lat = v.latency
         speed = f"{v.speedup_vs_reference:.2f}x" if v.speedup_vs_reference else "-"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .cpu import REPORTED_FLAGS, cores_available, cpu_flags, cpu_name
-from .spec import Drift, LatencyStats, Report, Variant, jsonable
+from .spec import REFERENCE, Drift, LatencyStats, Report, Variant, jsonable
 
 __all__ = ["SCHEMA_VERSION", "environment", "jsonable", "latency_dict", "drift_dict", "variant_name", "to_dict", "write", "markdown"]
 
@@ -91,7 +91,7 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
             "static": dict(graph.profile.static),
             "check": drift_dict(graph.check),
         },
-        "reference": {"name": "pytorch-fp32", "latency_ms": latency_dict(report.reference_latency)},
+        "reference": {"name": REFERENCE, "latency_ms": latency_dict(report.reference_latency)},
         "variants": [
             {
                 "name": variant_name(v),
