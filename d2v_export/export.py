@@ -18,9 +18,11 @@ from .heads import Head, dummy_inputs, dynamic_axes, input_specs, trace_point
 from .models import LoadedModel
 from .spec import REFERENCE, D2VError, Drift, ExitCode, ExportedGraph, ShapeProfile, TensorSpec
 
-__all__ = ["OPSET", "export", "make_wrapper", "torch_forward", "write_onnx", "NOT_CHECKED"]
+__all__ = ["OPSET", "EXPORTER_LOGGERS", "NOT_CHECKED", "export", "make_wrapper", "torch_forward", "write_onnx"]
 
 OPSET = 18
+# The exporter prints progress and warnings meant for its own developers on these loggers (console.quiet).
+EXPORTER_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx", "onnxscript")
 
 
 # What ``write_onnx`` records before the graph is checked against PyTorch: a failed check, so an
@@ -66,8 +68,7 @@ def write_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     progress(f"exporting {head.class_name} to ONNX (opset {OPSET}, dynamo)")
     large = model.parameters * 4 > 1_800_000_000
-    # the exporter prints progress and warnings meant for its own developers
-    with quiet(("torch.onnx", "torch._dynamo", "torch.export", "torch.fx", "onnxscript"), python_warnings=True):
+    with quiet(EXPORTER_LOGGERS, python_warnings=True):
         try:
             torch.onnx.export(
                 wrapper,
