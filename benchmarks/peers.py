@@ -273,7 +273,9 @@ def torchscript_export(model: Any, wrapper: Any, feed: Mapping[str, np.ndarray],
     names = [s.name for s in input_specs(model.head)]
     axes = dynamic_axes(model.head)
     dyn = {n: {i: a for i, a in enumerate(next(s for s in input_specs(model.head) if s.name == n).shape) if a in axes.get(n, ())} for n in names}
-    with export_mod._quiet():
+    from d2v_export.console import quiet
+
+    with quiet(export_mod.EXPORTER_LOGGERS, python_warnings=True):
         torch.onnx.export(
             wrapper,
             tuple(torch.from_numpy(feed[n]) for n in names),

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from . import backends
-from .report import jsonable
+from .spec import jsonable
 from .spec import D2VError, Modality
 
 SCHEMA_VERSION = "1.0"

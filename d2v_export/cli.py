@@ -13,7 +13,7 @@ import click
 
 from . import __version__, backends
 from .heads import DEFAULT_TASK, tasks
-from .spec import D2VError, ExitCode, Modality, Precision
+from .spec import REFERENCE, D2VError, ExitCode, Modality, Precision
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -129,16 +129,12 @@ def _defer_build_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                         help="TensorRT where no TensorRT/GPU is present: write the Q/DQ graph, build recipe and simulated drift; build the engine on the device later.")  # fmt: skip
 
 
-def _quant_options(kw: dict[str, Any], wanted: bool, enable: str) -> Any:
-    """QuantOptions from the shared INT8 knobs, or None when INT8 is not asked for (then the knobs are an error)."""
+def _int8_settings(kw: dict[str, Any]) -> Any:
+    """options.QuantOptions from the shared INT8 flags (parsed here, validated by the library)."""
     from .calibration.hf import parse_columns
     from .metrics import parse_budget
-    from .pipeline import QuantOptions
+    from .options import QuantOptions
 
-    if not wanted:
-        if kw["max_drift"] or kw["calibration"] or kw["eval_path"] or kw["columns"] or kw["fallback"] == "auto":
-            raise D2VError(f"--calibration, --eval, --columns, --max-drift and --fallback apply to INT8; add {enable}")
-        return None
     return QuantOptions(
         mode=kw["quant"],
         method=kw["calib_method"],
@@ -203,19 +199,68 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorate
 
 
-def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
-    from .bench import BenchSettings
-    from .models import parse_source
-    from .compare import parse_tolerance
-    from .pipeline import RunOptions, ShapeRequest, run
+# The flags whose "given on the command line" the library's profile merge asks about (options.apply_profile).
+_EXPLICIT = {"targets": "targets", "device": "device", "int8": "int8", "int8.mode": "quant"}
 
-    quiet = kw["quiet"]
+
+def _export_command(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
+    """`d2v-export vision|text|audio`: flags -> options (the library decides), pipeline.run, then speak the verdict."""
+    from . import pipeline
+    from .bench import BenchSettings
+    from .compare import parse_tolerance
+    from .gate import failure
+    from .models import parse_source
+    from .options import RunOptions, ShapeRequest, apply_profile, require_int8
+
+    progress, bench_progress, close_bar = _progress_printers(kw["quiet"])
+    spec = parse_source(kw["model"], modality, kw["task"])
+    settings = _int8_settings(kw)
+    options = RunOptions(
+        output=kw["output"] or Path("out") / modality.value,
+        targets=kw["targets"],
+        force=kw["force"],
+        threads=kw["threads"],
+        bench=BenchSettings(seconds=kw["bench_seconds"]),
+        int8=settings if kw["int8"] or kw["pick"] else None,
+        half=tuple(p for p, on in ((Precision.FP16, kw["fp16"]), (Precision.BF16, kw["bf16"])) if on),
+        device=kw["device"] or "CPU",
+        defer_build=kw["defer_build"],
+        baseline=kw["baseline"],
+        latency_tolerance=parse_tolerance(kw["latency_tolerance"]),
+        drift_tolerance=kw["drift_tolerance"],
+        relative_to_reference=kw["relative_to_reference"],
+        rewrite=kw["rewrite"],
+        pick=kw["pick"],
+    )
+    shapes = ShapeRequest(batch=kw["batch_size"], **shape_kwargs)
+    if kw["target_profile"]:
+        from .profiles import load_profile
+
+        ctx = click.get_current_context()
+        explicit = {name for name, param in _EXPLICIT.items() if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT}
+        options, shapes = apply_profile(options, shapes, load_profile(kw["target_profile"]), explicit=explicit, int8=settings)
+    require_int8(options.int8, settings, enable="--int8")
+    report = pipeline.run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
+    close_bar()
+    if kw["as_json"]:
+        click.echo((options.output / "report.json").read_text(encoding="utf-8"), nl=False)
+    else:
+        _summary(report, options.output)
+    if report.comparison is not None and report.exit_code in (ExitCode.OK, ExitCode.REGRESSION):
+        verdict = "no regression" if report.exit_code is ExitCode.OK else "REGRESSION"
+        click.echo(f"against the baseline: {verdict} (see {options.output / 'comparison.md'})", err=True)
+    problem = failure(report, options)
+    if problem is not None:
+        raise problem
+
+
+def _progress_printers(quiet: bool) -> tuple[Callable[[str], None], Callable[[int, int], None], Callable[[], None]]:
+    """(progress lines on stderr, a latency-rounds bar where stderr is a terminal, closing the bar)."""
+    bar: dict[str, Any] = {}
 
     def progress(msg: str) -> None:
         if not quiet:
             click.echo(f"[d2v-export] {msg}", err=True)
-
-    bar: dict[str, Any] = {}
 
     def bench_progress(done: int, total: int) -> None:
         if quiet or not sys.stderr.isatty():
@@ -228,81 +273,11 @@ def _run(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
         b.total = max(total, done)
         b.update(done - b.n)
 
-    spec = parse_source(kw["model"], modality, kw["task"])
-    profile = None
-    targets = tuple(dict.fromkeys(kw["targets"]))
-    threads = kw["threads"]
-    shapes = ShapeRequest(batch=kw["batch_size"], **shape_kwargs)
-    half = tuple(p for p, on in ((Precision.FP16, kw["fp16"]), (Precision.BF16, kw["bf16"])) if on)
-    if kw["target_profile"]:
-        from .profiles import load_profile, missing_cpu_flags
+    def close() -> None:
+        if "bar" in bar:
+            bar["bar"].close()
 
-        profile = load_profile(kw["target_profile"])
-        ctx = click.get_current_context()
-        if ctx.get_parameter_source("targets") is click.core.ParameterSource.DEFAULT:
-            targets = profile.targets
-        threads = threads or profile.threads
-        shapes = profile.shape_request(shapes)
-        if profile.int8 and not kw["int8"]:
-            kw["int8"] = True
-            if ctx.get_parameter_source("quant") is click.core.ParameterSource.DEFAULT and profile.quantize:
-                kw["quant"] = profile.quantize
-        if profile.precision in (Precision.FP16, Precision.BF16) and profile.precision not in half:
-            half += (profile.precision,)
-        for flag in missing_cpu_flags(profile):
-            progress(f"WARNING: profile {profile.name} expects the CPU flag {flag}, which this machine lacks: latency here does not predict the device")
-    if kw["pick"]:
-        kw["int8"] = True  # the candidates are INT8 recipes (fp32 competes too)
-    int8 = _quant_options(kw, kw["int8"], "--int8")
-    output = kw["output"] or Path("out") / modality.value
-    options = RunOptions(
-        output=output,
-        targets=targets,
-        force=kw["force"],
-        threads=threads,
-        bench=BenchSettings(seconds=kw["bench_seconds"]),
-        int8=int8,
-        half=half,
-        device=kw["device"] or (profile.device if profile else "CPU"),
-        profile=profile,
-        defer_build=kw["defer_build"],
-        baseline=kw["baseline"],
-        latency_tolerance=parse_tolerance(kw["latency_tolerance"]),
-        drift_tolerance=kw["drift_tolerance"],
-        relative_to_reference=kw["relative_to_reference"],
-        rewrite=kw["rewrite"],
-        pick=kw["pick"],
-    )
-    report = run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
-    if "bar" in bar:
-        bar["bar"].close()
-    if kw["as_json"]:
-        click.echo((output / "report.json").read_text(encoding="utf-8"), nl=False)
-    else:
-        _summary(report, output)
-    if not report.passed:
-        bad = []
-        for v in report.variants:
-            if not v.drift.passed:
-                worst = ", ".join(f"{m} {v.drift.metrics.get(m, float('nan')):.4g} vs {v.drift.budget.get(m, float('nan')):g}" for m in v.drift.failed)
-                bad.append(f"{v.artifact} ({worst})")
-        raise D2VError(
-            f"drift over budget: {'; '.join(bad)}; see {output / 'report.md'}"
-            + ("" if kw["fallback"] == "auto" else "; try --fallback auto")
-            + (", --quant dynamic" if kw["quant"] == "static" else "")
-            + " or loosen a budget with --max-drift",
-            ExitCode.DRIFT_BUDGET,
-        )
-    if not report.within_latency_budget:
-        over = [f"{v.artifact} {v.latency_budget['detail']}" for v in report.variants if v.latency_budget and v.latency_budget.get("passed") is False]
-        raise D2VError(f"over the latency budget of profile {kw['target_profile']}: {'; '.join(over)}", ExitCode.LATENCY_BUDGET)
-    if report.comparison is not None:
-        click.echo(f"against the baseline: {'no regression' if report.comparison['passed'] else 'REGRESSION'} (see {output / 'comparison.md'})", err=True)
-        if not report.comparison["passed"]:
-            from .compare import describe_regressions
-
-            worse = "; ".join(describe_regressions(report.comparison))
-            raise D2VError(f"regression against {kw['baseline']}: {worse}; see {output / 'comparison.md'}", ExitCode.REGRESSION)
+    return progress, bench_progress, close
 
 
 def _summary(report: Any, output: Path) -> None:
@@ -310,7 +285,7 @@ def _summary(report: Any, output: Path) -> None:
         click.secho("RANDOM WEIGHTS: latency is real; accuracy numbers only measure conversion drift.", fg="yellow", bold=True)
     ref = report.reference_latency
     click.echo(f"{report.model.modality.value}/{report.model.task} ({report.model.class_name}), report: {output / 'report.md'}")
-    click.echo(f"  {'pytorch-fp32 (reference)':28s} p50 {ref.p50:9.2f} ms")
+    click.echo(f"  {REFERENCE + ' (reference)':28s} p50 {ref.p50:9.2f} ms")
     for v in report.variants:
         lat = v.latency
         speed = f"{v.speedup_vs_reference:.2f}x" if v.speedup_vs_reference else "-"
@@ -338,7 +313,7 @@ Examples:
 @_handle_errors
 def vision(image_size: int | None, **kw: Any) -> None:
     """Data2VecVision (BEiT-style 224x224 images)."""
-    _run(Modality.VISION, {"image_size": image_size}, **kw)
+    _export_command(Modality.VISION, {"image_size": image_size}, **kw)
 
 
 @main.command(epilog="""\b
@@ -353,7 +328,7 @@ Examples:
 @_handle_errors
 def text(sequence_length: Any, num_choices: Any, **kw: Any) -> None:
     """Data2VecText (RoBERTa-style BPE tokens)."""
-    _run(Modality.TEXT, {"sequence": sequence_length, "choices": num_choices}, **kw)
+    _export_command(Modality.TEXT, {"sequence": sequence_length, "choices": num_choices}, **kw)
 
 
 @main.command(epilog="""\b
@@ -366,7 +341,7 @@ Examples:
 @_handle_errors
 def audio(audio_seconds: Any, **kw: Any) -> None:
     """Data2VecAudio (wav2vec2-style 16 kHz waveforms)."""
-    _run(Modality.AUDIO, {"audio_seconds": audio_seconds}, **kw)
+    _export_command(Modality.AUDIO, {"audio_seconds": audio_seconds}, **kw)
 
 
 @main.command("build-engine", epilog="""\b
@@ -457,7 +432,11 @@ def matrix(model: str, modalities: tuple[str, ...], targets: tuple[str, ...], pr
     from . import matrix as mx
     from .bench import BenchSettings
 
-    quant = _quant_options(int8, "int8" in precisions, "--precision int8")
+    from .options import require_int8
+
+    settings = _int8_settings(int8)
+    quant = settings if "int8" in precisions else None
+    require_int8(quant, settings, enable="--precision int8")
     doc = mx.run_matrix(
         model, modalities, targets, precisions, output,
         shard=mx.parse_shard(shard), bench=BenchSettings(seconds=bench_seconds), quant=quant,
@@ -505,7 +484,7 @@ Examples:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @_handle_errors
-def run_bundle(bundle: Path, inputs: tuple[str, ...], top_k: int, threads: int, as_json: bool) -> None:
+def predict_command(bundle: Path, inputs: tuple[str, ...], top_k: int, threads: int, as_json: bool) -> None:
     """Run a bundle on raw inputs (image/audio files, text; pairs as "A ||| B"): checksums verified first."""
     from .predict import format_text, predict, to_json
 

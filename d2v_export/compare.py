@@ -39,11 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .metrics import METRICS
-from .report import jsonable
-from .spec import D2VError, ExitCode
+from .metrics import METRICS, drift_score
+from .spec import REFERENCE, D2VError, ExitCode, jsonable
 
-REFERENCE = "pytorch-fp32"
+__all__ = ["compare", "load_report", "parse_tolerance", "exit_code", "to_dict", "markdown", "write", "describe_regressions", "drift_score"]
+
 SUPPORTED_MAJOR = 1
 
 REGRESSION, IMPROVEMENT, UNCHANGED, NEW, MISSING = "regression", "improvement", "unchanged", "new", "missing"
@@ -467,37 +467,3 @@ def write(comparison: Comparison, folder: Path) -> tuple[Path, Path]:
     j.write_text(json.dumps(to_dict(comparison), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     m.write_text(markdown(comparison), encoding="utf-8")
     return j, m
-
-
-# ---------------------------------------------------------------------------------- drift score
-
-
-def drift_score(drift: Mapping[str, Any] | None) -> float | None:
-    """One number per variant for plots and the Pareto front: the share of the drift budget used.
-
-    For each budget metric: an upper bound (errors) gives value / limit; a lower bound (agreement,
-    cosine, at most 1) gives (1 - value) / (1 - limit). The score is the largest: 0 is identical to
-    the reference, 1 is exactly at the budget, above 1 is over it. None when nothing is measured.
-    """
-    if not drift:
-        return None
-    metrics = drift.get("metrics") or {}
-    budget = drift.get("budget") or {}
-    worst: float | None = None
-    for name, limit in budget.items():
-        value = metrics.get(name)
-        if limit is None:
-            continue
-        if value is None:
-            if name in (drift.get("failed") or ()):
-                return math.inf  # measured but not finite: over budget
-            continue  # not measured (e.g. accuracy without labels): metrics.judge ignores it too
-        higher = METRICS[name].higher_is_better if name in METRICS else False
-        if higher:
-            room = 1.0 - float(limit)
-            used = (1.0 - float(value)) / room if room > 0 else (0.0 if value >= limit else math.inf)
-        else:
-            used = float(value) / float(limit) if limit > 0 else (0.0 if value <= 0 else math.inf)
-        used = max(0.0, used)
-        worst = used if worst is None else max(worst, used)
-    return worst

@@ -18,8 +18,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .cpu import cpu_flags, cpu_name, cpuinfo as _cpuinfo  # one reader of /proc/cpuinfo (cpu.py)
+
 CORE_PACKAGES = ("d2v-export", "torch", "transformers", "onnx", "onnxscript")
 PEER_PACKAGES = ("optimum", "optimum-intel", "numpy")  # listed after every target's own (Backend.packages)
+
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
              "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp")  # fmt: skip
 _CORE_KEYS = ("versions", "platform", "cpu", "gpu", "targets")  # a target's diagnose() never replaces these
@@ -37,28 +40,6 @@ def _version(pkg: str) -> str | None:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return []
-
-
-def cpu_flags() -> frozenset[str]:
-    """Every flag /proc/cpuinfo lists (x86 "flags", Arm "Features"); empty where it does not exist."""
-    for line in _cpuinfo():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def cpu_name() -> str:
-    for line in _cpuinfo():
-        if line.startswith(("model name", "Hardware", "Model")):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _cores() -> dict[str, int | None]:

@@ -1,4 +1,5 @@
-"""Module -> ONNX, then ONNX Runtime checked against PyTorch at several shapes.
+"""Module -> ONNX. ``write_onnx`` exports and runs onnx.checker; the check against PyTorch at several
+shapes is ``validate.check_export`` (the pipeline calls it next); ``export`` does both.
 
 Exporter choice (measured, see docs/DESIGN.md): torch.onnx's dynamo exporter with eager attention
 works for all 15 heads, including semantic segmentation with a dynamic batch, where the TorchScript
@@ -7,67 +8,26 @@ exporter fails. Every wrapper is put in eval mode (a wrapper left in train mode 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
+from .backends.torch_ref import make_wrapper, torch_forward
+from .console import quiet
 from .heads import Head, dummy_inputs, dynamic_axes, input_specs, trace_point
 from .models import LoadedModel
-from .spec import D2VError, Drift, ExitCode, ExportedGraph, Modality, ShapeProfile, TensorSpec
-from .validate import shape_check
+from .spec import REFERENCE, D2VError, Drift, ExitCode, ExportedGraph, ShapeProfile, TensorSpec
+
+__all__ = ["OPSET", "EXPORTER_LOGGERS", "NOT_CHECKED", "export", "make_wrapper", "torch_forward", "write_onnx"]
 
 OPSET = 18
+# The exporter prints progress and warnings meant for its own developers on these loggers (console.quiet).
+EXPORTER_LOGGERS = ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx", "onnxscript")
 
 
-def make_wrapper(model: LoadedModel) -> Any:
-    """An eval-mode module with named inputs that returns the head's outputs as a tuple."""
-    import torch
-
-    head = model.head
-
-    def pick(out: Any) -> tuple[Any, ...]:
-        return tuple(getattr(out, name) for name in head.outputs)
-
-    class VisionWrapper(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return pick(self.inner(pixel_values=pixel_values, return_dict=True))
-
-    class TextWrapper(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return pick(self.inner(input_ids=input_ids, attention_mask=attention_mask, return_dict=True))
-
-    class AudioWrapper(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return pick(self.inner(input_values=input_values, return_dict=True))
-
-    cls = {Modality.VISION: VisionWrapper, Modality.TEXT: TextWrapper, Modality.AUDIO: AudioWrapper}[head.modality]
-    return cls(model.module).eval()
-
-
-def torch_forward(wrapper: Any, feeds: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    import torch
-
-    with torch.inference_mode():
-        out = wrapper(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-    return {name: t.detach().float().numpy() for name, t in zip(names, out)}
+# What ``write_onnx`` records before the graph is checked against PyTorch: a failed check, so an
+# unchecked graph can never pass a gate by mistake.
+NOT_CHECKED = Drift(REFERENCE, 0, {}, {}, passed=False, detail="not checked against PyTorch yet (validate.check_export)")
 
 
 def export(
@@ -77,7 +37,20 @@ def export(
     *,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> ExportedGraph:
-    """Export to ONNX at ``path``, check it with onnx.checker and against PyTorch in ONNX Runtime."""
+    """``write_onnx`` then ``validate.check_export``: the graph with its check against PyTorch in ONNX Runtime."""
+    from .validate import check_export
+
+    return check_export(model, write_onnx(model, profile, path, progress=progress), make_wrapper(model), progress=progress)
+
+
+def write_onnx(
+    model: LoadedModel,
+    profile: ShapeProfile,
+    path: Path,
+    *,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> ExportedGraph:
+    """Export to ONNX at ``path`` and run onnx.checker; ``check`` is ``NOT_CHECKED`` until validate.check_export."""
     import onnx
     import torch
 
@@ -95,7 +68,7 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     progress(f"exporting {head.class_name} to ONNX (opset {OPSET}, dynamo)")
     large = model.parameters * 4 > 1_800_000_000
-    with _quiet():
+    with quiet(EXPORTER_LOGGERS, python_warnings=True):
         try:
             torch.onnx.export(
                 wrapper,
@@ -117,7 +90,6 @@ def export(
     onnx.checker.check_model(str(path), full_check=True)
     export_seconds = time.perf_counter() - started
     outputs = _output_specs(path)
-    drift = check_against_torch(model, wrapper, path, profile, progress=progress)
     return ExportedGraph(
         path=path,
         inputs=input_specs(head),
@@ -125,24 +97,9 @@ def export(
         profile=profile,
         opset=OPSET,
         exporter=f"torch.onnx dynamo (torch {torch.__version__})",
-        check=drift,
+        check=NOT_CHECKED,
         seconds=export_seconds,
     )
-
-
-def check_against_torch(
-    model: LoadedModel,
-    wrapper: Any,
-    path: Path,
-    profile: ShapeProfile,
-    *,
-    progress: Callable[[str], None] = lambda _msg: None,
-) -> Drift:
-    """ONNX Runtime against PyTorch at every shape point of the profile."""
-    from .backends.onnxruntime import OrtRunner
-
-    with OrtRunner(path, threads=0, name="export-check") as runner:
-        return shape_check(model, wrapper, runner.infer, profile, progress=progress)
 
 
 def _spec(head: Head, name: str) -> TensorSpec:
@@ -159,19 +116,3 @@ def _output_specs(path: Path) -> tuple[TensorSpec, ...]:
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in out.type.tensor_type.shape.dim)
         specs.append(TensorSpec(out.name, dtype, shape))
     return tuple(specs)
-
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """The exporter prints progress and warnings meant for its own developers; keep the console clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)

@@ -24,6 +24,7 @@ class Head:
     metric: str  # how drift is judged: see validate.py
     tolerance: float = 1e-4  # export check: max |onnx - torch| <= tolerance * max(1, max |torch|)
     init_kwargs: tuple[tuple[str, object], ...] = ()  # extra constructor arguments of the class
+    result: str = "embedding"  # what `d2v-export run` answers, and how it reads text: see predict.RESULTS
 
     @property
     def multiple_choice(self) -> bool:
@@ -37,22 +38,22 @@ class Head:
 HEADS: tuple[Head, ...] = (
     # vision: BEiT-style 224x224 input
     Head(Modality.VISION, "feature-extraction", "Data2VecVisionModel", ("last_hidden_state", "pooler_output"), "embedding", init_kwargs=(("add_pooling_layer", True),)),
-    Head(Modality.VISION, "image-classification", "Data2VecVisionForImageClassification", ("logits",), "classification"),
-    Head(Modality.VISION, "semantic-segmentation", "Data2VecVisionForSemanticSegmentation", ("logits",), "segmentation"),
+    Head(Modality.VISION, "image-classification", "Data2VecVisionForImageClassification", ("logits",), "classification", result="labels"),
+    Head(Modality.VISION, "semantic-segmentation", "Data2VecVisionForSemanticSegmentation", ("logits",), "segmentation", result="mask_classes"),
     # text: RoBERTa-style BPE input
     Head(Modality.TEXT, "feature-extraction", "Data2VecTextModel", ("last_hidden_state", "pooler_output"), "embedding"),
-    Head(Modality.TEXT, "fill-mask", "Data2VecTextForMaskedLM", ("logits",), "language-model"),
-    Head(Modality.TEXT, "text-generation", "Data2VecTextForCausalLM", ("logits",), "language-model"),
-    Head(Modality.TEXT, "text-classification", "Data2VecTextForSequenceClassification", ("logits",), "classification"),
-    Head(Modality.TEXT, "multiple-choice", "Data2VecTextForMultipleChoice", ("logits",), "classification"),
-    Head(Modality.TEXT, "token-classification", "Data2VecTextForTokenClassification", ("logits",), "token-classification"),
-    Head(Modality.TEXT, "question-answering", "Data2VecTextForQuestionAnswering", ("start_logits", "end_logits"), "question-answering"),
+    Head(Modality.TEXT, "fill-mask", "Data2VecTextForMaskedLM", ("logits",), "language-model", result="masks"),
+    Head(Modality.TEXT, "text-generation", "Data2VecTextForCausalLM", ("logits",), "language-model", result="next_tokens"),
+    Head(Modality.TEXT, "text-classification", "Data2VecTextForSequenceClassification", ("logits",), "classification", result="labels"),
+    Head(Modality.TEXT, "multiple-choice", "Data2VecTextForMultipleChoice", ("logits",), "classification", result="choices"),
+    Head(Modality.TEXT, "token-classification", "Data2VecTextForTokenClassification", ("logits",), "token-classification", result="tags"),
+    Head(Modality.TEXT, "question-answering", "Data2VecTextForQuestionAnswering", ("start_logits", "end_logits"), "question-answering", result="answer"),
     # audio: wav2vec2-style 16 kHz input
     Head(Modality.AUDIO, "feature-extraction", "Data2VecAudioModel", ("last_hidden_state",), "embedding"),
-    Head(Modality.AUDIO, "automatic-speech-recognition", "Data2VecAudioForCTC", ("logits",), "ctc"),
-    Head(Modality.AUDIO, "audio-classification", "Data2VecAudioForSequenceClassification", ("logits",), "classification"),
-    Head(Modality.AUDIO, "audio-frame-classification", "Data2VecAudioForAudioFrameClassification", ("logits",), "token-classification"),
-    Head(Modality.AUDIO, "audio-xvector", "Data2VecAudioForXVector", ("logits", "embeddings"), "embedding"),
+    Head(Modality.AUDIO, "automatic-speech-recognition", "Data2VecAudioForCTC", ("logits",), "ctc", result="transcript"),
+    Head(Modality.AUDIO, "audio-classification", "Data2VecAudioForSequenceClassification", ("logits",), "classification", result="labels"),
+    Head(Modality.AUDIO, "audio-frame-classification", "Data2VecAudioForAudioFrameClassification", ("logits",), "token-classification", result="frame_classes"),
+    Head(Modality.AUDIO, "audio-xvector", "Data2VecAudioForXVector", ("logits", "embeddings"), "embedding", result="xvector"),
 )
 
 # The head a preset builds when no --task is given: the head of the real checkpoint it copies.

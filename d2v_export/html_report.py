@@ -14,8 +14,12 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .compare import drift_score
-from .metrics import METRICS, within
+from .metrics import METRICS, drift_score, within
+from .spec import REFERENCE
+
+# What a matrix's speedup column means (matrix.md and matrix.html)
+SPEEDUP_MEANING = ("Speedup = this reference p50 (the median over the modality's runs) / the variant's p50: one footing for every "
+                   "variant, so a faster variant always shows the larger speedup; each run's own ratio is speedup_vs_reference in its report.")
 
 PASS, FAIL, REF, MUTED, AXIS, GRID = "#1a7f37", "#cf222e", "#57606a", "#8c959f", "#424a53", "#d8dee4"
 PALETTE = ("#0969da", "#bf8700", "#8250df", "#1a7f37", "#cf222e", "#1b7c83", "#953800", "#6639ba")
@@ -385,9 +389,7 @@ def _metrics_text(drift: Mapping[str, Any]) -> str:
 
 def render(doc: Mapping[str, Any]) -> str:
     """report.json document -> one self-contained HTML page."""
-    model, env = doc.get("model") or {}, doc.get("environment") or {}
-    ref = (doc.get("reference") or {}).get("latency_ms")
-    variants = list(doc.get("variants") or [])
+    model = doc.get("model") or {}
     title = f"d2v-export report: {model.get('modality', '?')} / {model.get('task', '?')}"
     body = [f"<h1>{esc(title)}</h1>"]
     body.append(
@@ -400,11 +402,31 @@ def render(doc: Mapping[str, Any]) -> str:
             '<div class="banner" role="alert">RANDOM WEIGHTS — this preset has the real architecture but untrained weights: '
             "latency is meaningful, accuracy numbers only measure conversion drift.</div>"
         )
+    body += _summary_section(doc)
+    body += _plot_sections(doc)
+    pick = doc.get("pick")
+    if isinstance(pick, Mapping):
+        body.append(render_pick_section(pick, (doc.get("reference") or {}).get("latency_ms")))
+    comparison = doc.get("comparison")
+    if isinstance(comparison, Mapping):
+        body.append(render_comparison_section(comparison))
+    body += _export_section(doc)
+    body += _variant_details(doc)
+    if doc.get("warnings"):
+        body.append("<h2>Warnings</h2><ul class=\"warnings\">" + "".join(f"<li>{esc(w)}</li>" for w in doc["warnings"]) + "</ul>")
+    body += _environment_section(doc)
+    return _page(title, body)
 
-    # summary
+
+def _summary_section(doc: Mapping[str, Any]) -> list[str]:
+    """The summary table (reference and every variant) and how latency was taken."""
+    env = doc.get("environment") or {}
+    ref = (doc.get("reference") or {}).get("latency_ms")
+    variants = list(doc.get("variants") or [])
+    out: list[str] = []
     rows: list[list[Any]] = []
     if ref:
-        rows.append([_Raw("<b>pytorch-fp32</b> (reference)"), "fp32", "–", fmt_num(ref.get("p50")), fmt_num(ref.get("p90")), fmt_num(ref.get("p99")),
+        rows.append([_Raw(f"<b>{REFERENCE}</b> (reference)"), "fp32", "–", fmt_num(ref.get("p50")), fmt_num(ref.get("p90")), fmt_num(ref.get("p99")),
                      fmt_num(ref.get("throughput_per_s")), "1.00×", "–", _Raw('<span class="muted">reference</span>')])
     for v in variants:
         lat = v.get("latency_ms") or {}
@@ -415,58 +437,65 @@ def render(doc: Mapping[str, Any]) -> str:
             fmt_num(lat.get("p90")), fmt_num(lat.get("p99")), fmt_num(lat.get("throughput_per_s")),
             f"{sp:.2f}×" if sp else "–", _metrics_text(v.get("drift") or {}), _ok((v.get("drift") or {}).get("passed")),
         ])
-    body.append("<h2>Summary</h2>")
-    body.append(_table(["variant", "precision", "quant", "p50 ms", "p90 ms", "p99 ms", "items/s", "speedup vs PyTorch", "drift", ""], rows, numeric=(3, 4, 5, 6, 7)))
+    out.append("<h2>Summary</h2>")
+    out.append(_table(["variant", "precision", "quant", "p50 ms", "p90 ms", "p99 ms", "items/s", "speedup vs PyTorch", "drift", ""], rows, numeric=(3, 4, 5, 6, 7)))
     shape = (ref or {}).get("shape") or {}
     bench = doc.get("bench") or {}
     bench_text = ""
     if bench:
         unsettled = [k for k, ok in (bench.get("settled") or {}).items() if not ok]
         bench_text = f" Warm-up {bench.get('warmup_rounds')} rounds" + (f" (still drifting: {', '.join(unsettled)})" if unsettled else " (all settled)") + "."
-    body.append(
+    out.append(
         f"<p class=\"muted\">Latency at batch {esc((ref or {}).get('batch', '?'))}, shape {esc(shape)}: {esc((ref or {}).get('n', 0))} timed runs per variant, "
         f"interleaved round-robin with the reference, {esc(env.get('threads'))} threads on {esc(env.get('cpu'))} "
         f"({esc(env.get('cores_available'))} cores available).{esc(bench_text)}</p>"
     )
+    return out
 
-    # plots
-    lat_rows = [("pytorch-fp32", ref)] + [(v.get("name", "?"), v.get("latency_ms")) for v in variants]
-    body.append("<h2>Latency distribution</h2><figure>" + latency_plot(lat_rows) +
-                "<figcaption>Every timed run is a dot; the box spans the quartiles, whiskers the 5th–95th percentile, the thick bar is the median (p50).</figcaption></figure>")
-    body.append("<h2>Drift against budget</h2><figure>" + drift_plot(variants) +
-                "<figcaption>Each variant against the PyTorch fp32 reference; green within budget, red over it. The dashed line is the budget.</figcaption></figure>")
+
+def _plot_sections(doc: Mapping[str, Any]) -> list[str]:
+    """Latency distribution, drift against budget, speedup versus drift."""
+    ref = (doc.get("reference") or {}).get("latency_ms")
+    variants = list(doc.get("variants") or [])
+    out: list[str] = []
+    lat_rows = [(REFERENCE, ref)] + [(v.get("name", "?"), v.get("latency_ms")) for v in variants]
+    out.append("<h2>Latency distribution</h2><figure>" + latency_plot(lat_rows) +
+               "<figcaption>Every timed run is a dot; the box spans the quartiles, whiskers the 5th–95th percentile, the thick bar is the median (p50).</figcaption></figure>")
+    out.append("<h2>Drift against budget</h2><figure>" + drift_plot(variants) +
+               "<figcaption>Each variant against the PyTorch fp32 reference; green within budget, red over it. The dashed line is the budget.</figcaption></figure>")
     points = [
         {"name": v.get("name", "?"), "x": drift_score(v.get("drift")), "y": v.get("speedup_vs_reference"), "ok": (v.get("drift") or {}).get("passed")}
         for v in variants
     ]
-    body.append("<h2>Speedup versus drift</h2><figure>" + scatter_plot(points, y_label="speedup vs PyTorch fp32 (×)", y_higher_better=True, reference_y=1.0) +
-                "<figcaption>x: the largest share of any drift budget a variant uses (value / limit for errors, (1 − value) / (1 − limit) for agreements); "
-                "right of the dashed line is over budget. y: reference p50 / variant p50.</figcaption></figure>")
+    out.append("<h2>Speedup versus drift</h2><figure>" + scatter_plot(points, y_label="speedup vs PyTorch fp32 (×)", y_higher_better=True, reference_y=1.0) +
+               "<figcaption>x: the largest share of any drift budget a variant uses (value / limit for errors, (1 − value) / (1 − limit) for agreements); "
+               "right of the dashed line is over budget. y: reference p50 / variant p50.</figcaption></figure>")
+    return out
 
-    pick = doc.get("pick")
-    if isinstance(pick, Mapping):
-        body.append(render_pick_section(pick, (doc.get("reference") or {}).get("latency_ms")))
 
-    comparison = doc.get("comparison")
-    if isinstance(comparison, Mapping):
-        body.append(render_comparison_section(comparison))
-
-    # export
+def _export_section(doc: Mapping[str, Any]) -> list[str]:
+    """The export and its check against PyTorch: axes, inputs and outputs."""
+    out: list[str] = []
     ex = doc.get("export") or {}
     check = ex.get("check") or {}
-    body.append("<h2>Export check</h2>")
-    body.append(
+    out.append("<h2>Export check</h2>")
+    out.append(
         f"<p>{esc(ex.get('exporter'))}, opset {esc(ex.get('opset'))}, {esc(ex.get('seconds'))} s. {_ok(check.get('passed'), 'ONNX Runtime matches PyTorch', 'mismatch')} "
         f"— {esc(_metrics_text(check))}. {esc(check.get('detail'))}</p>"
     )
     axes = [[a, r.get("min"), r.get("opt"), r.get("max")] for a, r in (ex.get("shapes") or {}).items()]
     axes += [[f"{n} (static)", s, s, s] for n, s in (ex.get("static") or {}).items()]
-    body.append(_table(["axis", "min", "opt", "max"], axes, numeric=(1, 2, 3)))
+    out.append(_table(["axis", "min", "opt", "max"], axes, numeric=(1, 2, 3)))
     io_rows = [["input", t.get("name"), t.get("dtype"), t.get("shape")] for t in ex.get("inputs") or []]
     io_rows += [["output", t.get("name"), t.get("dtype"), t.get("shape")] for t in ex.get("outputs") or []]
-    body.append(_table(["", "name", "dtype", "shape"], io_rows))
+    out.append(_table(["", "name", "dtype", "shape"], io_rows))
+    return out
 
-    # variant details
+
+def _variant_details(doc: Mapping[str, Any]) -> list[str]:
+    """Per variant: drift detail, what failed, the quantization recipe and notes."""
+    variants = list(doc.get("variants") or [])
+    out: list[str] = []
     details = []
     for v in variants:
         d = v.get("drift") or {}
@@ -480,16 +509,19 @@ def render(doc: Mapping[str, Any]) -> str:
         if items:
             details.append(f"<h3>{esc(v.get('name'))}</h3><ul>{''.join(items)}</ul>")
     if details:
-        body.append("<h2>Variants</h2>" + "".join(details))
-    if doc.get("warnings"):
-        body.append("<h2>Warnings</h2><ul class=\"warnings\">" + "".join(f"<li>{esc(w)}</li>" for w in doc["warnings"]) + "</ul>")
+        out.append("<h2>Variants</h2>" + "".join(details))
+    return out
 
-    # environment
+
+def _environment_section(doc: Mapping[str, Any]) -> list[str]:
+    """Where the numbers came from."""
+    env = doc.get("environment") or {}
+    out: list[str] = []
     env_rows: list[list[Any]] = [["cpu", env.get("cpu")], ["cpu flags", ", ".join(env.get("cpu_flags") or [])], ["cores available", env.get("cores_available")],
                 ["threads", env.get("threads")], ["device", env.get("device")], ["platform", env.get("platform")]]
     env_rows += [[k, v] for k, v in (env.get("versions") or {}).items()]
-    body.append("<h2>Environment</h2>" + _table(["", ""], env_rows))
-    return _page(title, body)
+    out.append("<h2>Environment</h2>" + _table(["", ""], env_rows))
+    return out
 
 
 def render_pick_section(pick: Mapping[str, Any], reference: Mapping[str, Any] | None) -> str:
@@ -581,8 +613,6 @@ def render_matrix(doc: Mapping[str, Any]) -> str:
             ])
         ref = info.get("reference_p50_ms")
         if ref is not None:
-            from .matrix import SPEEDUP_MEANING
-
             body.append(f"<p>PyTorch fp32 reference p50 {fmt_num(ref)} ms. {esc(SPEEDUP_MEANING)}</p>")
         body.append(_table(["variant", "target", "precision", "p50 ms", "speedup vs common ref", "drift score", "key metric", "drift"], vrows, numeric=(3, 4, 5)))
         body.append(f"<p>Latency-versus-drift front (★): {esc(', '.join(front) or 'none')}.</p>")

@@ -17,7 +17,7 @@ not build is *skipped* with the reason; an error in one run marks its cells *fai
 go on.
 
 Pareto front, per modality: variant a dominates b when a's p50 <= b's p50 and a's drift score <= b's,
-one of them strictly. The drift score (``compare.drift_score``) is the largest share of any budget
+one of them strictly. The drift score (``metrics.drift_score``) is the largest share of any budget
 metric the variant uses: value / limit for errors, (1 - value) / (1 - limit) for agreement and cosine
 metrics; 0 is identical to the reference, 1 is at the budget. fp32 variants are judged by their
 export tolerance (max_scaled_error), INT8 variants by their task budget.
@@ -25,6 +25,7 @@ export tolerance (max_scaled_error), INT8 variants by their task budget.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -36,13 +37,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import __version__
 from .bench import BenchSettings
-from .compare import drift_score
-from .report import jsonable
-from .spec import D2VError, ExitCode, Modality, Precision
+from .html_report import SPEEDUP_MEANING
+from .metrics import drift_score
+from .pick import pareto
+from .spec import D2VError, ExitCode, Modality, Precision, jsonable, verdict_code
 
 SCHEMA_VERSION = "1.1"  # 1.1: variants' speedup_vs_common_reference (modalities_detail) and simulated
-SPEEDUP_MEANING = ("Speedup = this reference p50 (the median over the modality's runs) / the variant's p50: one footing for every "
-                   "variant, so a faster variant always shows the larger speedup; each run's own ratio is speedup_vs_reference in its report.")
 BUILT_PRECISIONS = ("fp32", "int8")  # what pipeline.run builds today
 
 
@@ -135,20 +135,21 @@ def run_matrix(
     task: str | None = None,
     force: bool = False,
     defer_build: bool = False,
+    profile: Any = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Any]:
     """Run the cells (of one shard), write matrix.json/.md/.html into ``output``, return the document.
 
-    ``shapes``: a pipeline.ShapeRequest (default: the model's defaults). ``quant``: the
-    pipeline.QuantOptions for int8 cells (default QuantOptions()). ``task``: None for each
+    ``shapes``: an options.ShapeRequest (default: the model's defaults). ``quant``: the
+    options.QuantOptions for int8 cells (default QuantOptions()). ``task``: None for each
     modality's default head. ``defer_build``: as the single run's --defer-build (TensorRT without
     TensorRT or a GPU: the portable half, latency and drift simulated on ONNX Runtime; such variants
-    are marked ``simulated`` and kept off the front). Per-cell reports go to ``output/cells/<modality>-<target>/``.
+    are marked ``simulated`` and kept off the front). ``profile``: a device profile whose latency budget
+    judges every variant, as in a single run (its device, threads and shapes apply; the matrix's own
+    targets and precisions stay). Per-cell reports go to ``output/cells/<modality>-<target>/``.
+    ``exit_code(doc)`` gates the result with the single run's rule.
     """
-    from . import backends
-
-    from .models import parse_source
-    from .pipeline import QuantOptions, RunOptions, ShapeRequest, run
+    from .options import ShapeRequest
 
     output = Path(output)
     _check_output(output, force)
@@ -168,33 +169,11 @@ def run_matrix(
     warnings: list[str] = []
     random_weights = False
     for (modality, target), group in groups.items():
-        folder = output / "cells" / f"{modality}-{target}"
-        want_int8 = any(c.precision == "int8" for c in group)
         progress(f"{modality}/{target}: running ({', '.join(c.precision for c in group)})")
-        try:
-            spec = parse_source(model, Modality(modality), task)
-            options = RunOptions(
-                output=folder,
-                targets=(target,),
-                force=True,
-                threads=threads,
-                bench=bench,
-                int8=(quant if quant is not None else QuantOptions()) if want_int8 else None,
-                defer_build=defer_build,
-            )
-            run(spec, shapes, options, progress=_prefixed(progress, f"{modality}/{target}"))
-            report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
-        except Exception as exc:  # one cell's failure must not stop the others
-            reason = _one_line(exc)
-            progress(f"{modality}/{target}: failed ({reason})")
-            code = int(getattr(exc, "code", ExitCode.INTERNAL)) if isinstance(exc, D2VError) else int(ExitCode.INTERNAL)
-            for cell in group:
-                results[cell.key] = _cell_doc(cell, "failed", reason, exit_code=code)
-            continue
-        random_weights = random_weights or bool((report.get("model") or {}).get("random_weights"))
-        simulated = defer_build and not backends.get(target).available().ok
-        for cell in group:
-            results[cell.key] = _cell_from_report(cell, report, folder, output, simulated=simulated)
+        cell_docs, random = _run_group(model, modality, target, group, output, shapes=shapes, bench=bench, quant=quant, threads=threads,
+                                       task=task, defer_build=defer_build, profile=profile, progress=progress)  # fmt: skip
+        results.update(cell_docs)
+        random_weights = random_weights or random
     doc = _document(
         model=model,
         cells=[results[c.key] for c in cells],
@@ -207,6 +186,44 @@ def run_matrix(
     )
     write(doc, output)
     return doc
+
+
+def _run_group(
+    model: str, modality: str, target: str, group: list[Cell], output: Path, *, shapes: Any, bench: BenchSettings, quant: Any,
+    threads: int, task: str | None, defer_build: bool, profile: Any, progress: Callable[[str], None],
+) -> tuple[dict[str, dict[str, Any]], bool]:  # fmt: skip
+    """The cells of one (modality, target) from one pipeline.run: their documents, and whether the weights were random."""
+    from . import backends
+    from .models import parse_source
+    from .options import QuantOptions, RunOptions, apply_profile
+    from .pipeline import run
+
+    folder = output / "cells" / f"{modality}-{target}"
+    want_int8 = any(c.precision == "int8" for c in group)
+    try:
+        spec = parse_source(model, Modality(modality), task)
+        options = RunOptions(
+            output=folder,
+            targets=(target,),
+            force=True,
+            threads=threads,
+            bench=bench,
+            int8=(quant if quant is not None else QuantOptions()) if want_int8 else None,
+            defer_build=defer_build,
+        )
+        if profile is not None:  # the matrix names targets and precisions; the profile its device, threads, shapes and budget
+            options, shapes = apply_profile(options, shapes, profile, explicit={"targets", "int8"})
+            options = dataclasses.replace(options, half=(), int8=options.int8 if want_int8 else None)
+        run(spec, shapes, options, progress=_prefixed(progress, f"{modality}/{target}"))
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    except Exception as exc:  # one cell's failure must not stop the others
+        reason = _one_line(exc)
+        progress(f"{modality}/{target}: failed ({reason})")
+        code = int(getattr(exc, "code", ExitCode.INTERNAL)) if isinstance(exc, D2VError) else int(ExitCode.INTERNAL)
+        return {cell.key: _cell_doc(cell, "failed", reason, exit_code=code) for cell in group}, False
+    random_weights = bool((report.get("model") or {}).get("random_weights"))
+    simulated = defer_build and not backends.get(target).available().ok
+    return {cell.key: _cell_from_report(cell, report, folder, output, simulated=simulated) for cell in group}, random_weights
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -222,14 +239,15 @@ def _prefixed(progress: Callable[[str], None], prefix: str) -> Callable[[str], N
 
 
 def exit_code(doc: Mapping[str, Any]) -> int:
-    """0 when every cell ran or was skipped and every variant is within budget; else the first failed
-    cell's code (3 bad input, 4 export mismatch, 1 internal, ...); else 5 (a variant over its drift budget)."""
+    """The first failed cell's code (3 bad input, 4 export mismatch, 1 internal, ...); else the single run's
+    rule (``spec.verdict_code``) over every variant: 5 when one is over its drift budget, then 8 when one is
+    over the device profile's latency budget; else 0 (every cell ran or was skipped)."""
     for cell in doc.get("cells") or []:
         if cell.get("status") == "failed":
             return int(cell.get("exit_code") or ExitCode.INTERNAL)
-    if any(v.get("drift_passed") is False for c in doc.get("cells") or [] for v in c.get("variants") or []):
-        return int(ExitCode.DRIFT_BUDGET)
-    return int(ExitCode.OK)
+    variants = [v for c in doc.get("cells") or [] for v in c.get("variants") or []]
+    return int(verdict_code(drift_passed=all(v.get("drift_passed") is not False for v in variants),
+                            latency_passed=all(v.get("latency_budget_passed") is not False for v in variants)))  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:
@@ -281,25 +299,7 @@ def _variant_entry(v: Mapping[str, Any], ref_p50: float | None) -> dict[str, Any
         "key_metric": key,
         "key_metric_value": (drift.get("metrics") or {}).get(key) if key else None,
         "failed_metrics": list(drift.get("failed") or []),
-    }
-
-
-def pareto(variants: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Names on the front (lower p50 and lower drift score both better), fastest first; simulated variants stay off it."""
-    pts = [v for v in variants if v.get("p50_ms") is not None and v.get("drift_score") is not None and not v.get("simulated")]
-    front = []
-    for a in pts:
-        dominated = any(
-            b is not a
-            and b["p50_ms"] <= a["p50_ms"]
-            and b["drift_score"] <= a["drift_score"]
-            and (b["p50_ms"] < a["p50_ms"] or b["drift_score"] < a["drift_score"])
-            for b in pts
-        )
-        if not dominated:
-            front.append(a)
-    front.sort(key=lambda v: (v["p50_ms"], v["drift_score"], v["name"]))
-    return [v["name"] for v in front]
+    } | ({"latency_budget_passed": v["latency_budget"].get("passed")} if v.get("latency_budget") else {})
 
 
 def summarize(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

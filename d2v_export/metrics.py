@@ -497,3 +497,37 @@ def allowed_drop(kind: str, budget: dict[str, float]) -> float:
     if limit is None:
         return 0.01
     return max(0.0, 1.0 - limit) if METRICS[name].higher_is_better else max(0.0, limit)
+
+
+# ---------------------------------------------------------------------------------- drift score
+
+
+def drift_score(drift: Mapping[str, Any] | None) -> float | None:
+    """One number per variant for plots and the Pareto front: the share of the drift budget used.
+
+    For each budget metric: an upper bound (errors) gives value / limit; a lower bound (agreement,
+    cosine, at most 1) gives (1 - value) / (1 - limit). The score is the largest: 0 is identical to
+    the reference, 1 is exactly at the budget, above 1 is over it. None when nothing is measured.
+    """
+    if not drift:
+        return None
+    metrics = drift.get("metrics") or {}
+    budget = drift.get("budget") or {}
+    worst: float | None = None
+    for name, limit in budget.items():
+        value = metrics.get(name)
+        if limit is None:
+            continue
+        if value is None:
+            if name in (drift.get("failed") or ()):
+                return math.inf  # measured but not finite: over budget
+            continue  # not measured (e.g. accuracy without labels): metrics.judge ignores it too
+        higher = METRICS[name].higher_is_better if name in METRICS else False
+        if higher:
+            room = 1.0 - float(limit)
+            used = (1.0 - float(value)) / room if room > 0 else (0.0 if value >= limit else math.inf)
+        else:
+            used = float(value) / float(limit) if limit > 0 else (0.0 if value <= 0 else math.inf)
+        used = max(0.0, used)
+        worst = used if worst is None else max(worst, used)
+    return worst

@@ -43,9 +43,7 @@ def choose(
     ``latency_percentile`` (p50/p90/p99) is the statistic compared. ``deferred``: targets whose artifacts
     did not run on their own runtime here (never picked: their latency is not theirs).
     """
-    from .compare import drift_score
-    from .matrix import pareto
-    from .metrics import PRIMARY
+    from .metrics import PRIMARY, drift_score
 
     statistic = str(getattr(profile, "latency_percentile", "") or "p50")
     deferred = set(deferred)
@@ -116,3 +114,21 @@ def choose(
 def kept(variants: Sequence[Variant], picked: Mapping[str, Any]) -> list[str]:
     """The variants a --pick run ships: the pick and each target's fp32 (the baseline every report compares with)."""
     return [v.artifact for v in variants if v.artifact == picked["artifact"] or v.precision is Precision.FP32]
+
+
+def pareto(variants: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Names on the front (lower p50 and lower drift score both better), fastest first; simulated variants stay off it."""
+    pts = [v for v in variants if v.get("p50_ms") is not None and v.get("drift_score") is not None and not v.get("simulated")]
+    front = []
+    for a in pts:
+        dominated = any(
+            b is not a
+            and b["p50_ms"] <= a["p50_ms"]
+            and b["drift_score"] <= a["drift_score"]
+            and (b["p50_ms"] < a["p50_ms"] or b["drift_score"] < a["drift_score"])
+            for b in pts
+        )
+        if not dominated:
+            front.append(a)
+    front.sort(key=lambda v: (v["p50_ms"], v["drift_score"], v["name"]))
+    return [v["name"] for v in front]

@@ -4,8 +4,14 @@
     from d2v_export.models import parse_source
     from d2v_export.spec import Modality
     report = run(parse_source("preset:tiny", Modality.VISION, None), ShapeRequest(), RunOptions(output=Path("out")))
+    sys.exit(report.exit_code)                   # 0, or 5 / 8 / 7 (drift, latency budget, baseline)
 
-The CLI is a thin layer over ``run``.
+``run`` is a list of named stages (``STAGES``), each a function below: load the model, read the
+samples, export and check against PyTorch, build every target's variants, judge them (with the
+fallback), measure latency, assemble the report, compare with a baseline, write manifests and the
+report. The options and the rules about them (validation, a device profile merged in) are
+``d2v_export.options``; what a finished report means for a gate is ``Report.exit_code`` and
+``gate.failure``. The CLI (``d2v-export vision|text|audio``) is a thin layer over these.
 """
 
 from __future__ import annotations
@@ -21,15 +27,17 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from . import __version__, backends, bench, report as report_mod
 from .backends.base import BuildRequest
-from .backends.torch_ref import NAME as REFERENCE_NAME, TorchRunner
-from .export import export, make_wrapper
+from .backends.torch_ref import NAME as REFERENCE_NAME, TorchRunner, make_wrapper
+from .cpu import cores_available
+from .export import write_onnx
 from .heads import SAMPLING_RATE, dummy_inputs
 from .models import LoadedModel, load
 from .calibration.samples import Samples
+from .options import QuantOptions, Range, RunOptions, ShapeRequest, apply_profile, require_int8
 from .spec import (
     Artifact,
     D2VError,
@@ -46,63 +54,15 @@ from .spec import (
     ShapeProfile,
     Variant,
 )
-from .validate import HALF_TOLERANCE_FACTOR, shape_check, task_drift
+from .validate import HALF_TOLERANCE_FACTOR, check_export, shape_check, task_drift
 
-Range = tuple[float, float, float]
-
-
-@dataclass(frozen=True)
-class ShapeRequest:
-    """Shape options as the user gave them; None means the default for the model."""
-
-    batch: Range | None = None
-    sequence: Range | None = None  # tokens (text)
-    choices: Range | None = None  # answers per question (multiple choice)
-    audio_seconds: Range | None = None
-    image_size: int | None = None
-
+__all__ = ["QuantOptions", "RunOptions", "ShapeRequest", "apply_profile", "require_int8", "run", "STAGES", "resolve_profile",
+           "check_targets", "staging", "default_threads", "wants_reduce_range", "budget_for", "Interrupted"]  # fmt: skip
 
 DEFAULT_BATCH: Range = (1, 1, 8)
 DEFAULT_SEQUENCE: Range = (8, 128, 512)
 DEFAULT_CHOICES: Range = (2, 4, 4)
 DEFAULT_AUDIO_SECONDS: Range = (0.5, 1.0, 10.0)
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    """INT8 as the user asked for it. The target turns it into its own recipe (quantize.make_recipe)."""
-
-    mode: str = "static"  # "static" (calibrated activations) | "dynamic" (ORT: runtime activation ranges; OpenVINO: weight-only)
-    method: str = "minmax"  # static calibration: minmax | entropy | percentile
-    calibration: Path | None = None  # None: the bundled real samples
-    samples: int = 32  # calibration samples
-    evaluation: Path | None = None  # held-out samples; None: the bundled evaluation split
-    eval_samples: int = 16
-    columns: Mapping[str, str] = field(default_factory=dict)  # {role: column} for metadata files and datasets (calibration.hf)
-    budget: Mapping[str, float] = field(default_factory=dict)  # overrides of metrics.DEFAULT_BUDGETS
-    fallback: bool = False  # return the most sensitive nodes to float until the budget holds
-    seed: int = 0
-    reduce_range: str = "auto"  # ONNX Runtime 7-bit weights: "auto" (when the deployment CPU lacks VNNI), "on", "off"
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    output: Path
-    targets: tuple[str, ...] = (backends.DEFAULT,)
-    force: bool = False
-    threads: int = 0  # 0: every core this process may use
-    bench: bench.BenchSettings = field(default_factory=bench.BenchSettings)
-    int8: QuantOptions | None = None  # None: float variants only
-    baseline: Path | None = None  # a report.json (or its folder) to compare against
-    latency_tolerance: float = 0.10
-    drift_tolerance: float = 0.005
-    relative_to_reference: bool = False
-    device: str = "CPU"  # the backend's device (OpenVINO: CPU/GPU/AUTO; TensorRT: cuda:0)
-    profile: Any = None  # a profiles.DeviceProfile whose latency budget becomes a verdict
-    half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
-    defer_build: bool = False  # TensorRT without TensorRT or a GPU here: write the portable half only
-    rewrite: bool = True  # the exact graph clean-up (d2v_export.rewrite) for the targets that ask for it
-    pick: bool = False  # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.pick)
 
 
 Progress = Callable[[str], None]
@@ -141,7 +101,7 @@ def _dim(name: str, r: Range) -> Dim:
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores_available()
 
 
 def check_targets(targets: tuple[str, ...], *, defer_build: bool = False, half: tuple[Precision, ...] = ()) -> None:
@@ -273,6 +233,46 @@ def staging(output: Path, force: bool, progress: Progress = lambda _msg: None) -
         shutil.rmtree(old, ignore_errors=True)
 
 
+class Built(NamedTuple):
+    """One variant a target built, with its verdict: what the later stages carry."""
+
+    backend: Any
+    artifact: Artifact
+    drift: Drift
+    notes: tuple[str, ...]
+    what: str  # what the candidate is (--pick's table)
+
+
+@dataclass
+class _Work:
+    """What the build and judge stages share: the model, its checked graph, the reference and the samples."""
+
+    model: LoadedModel
+    profile: ShapeProfile
+    graph: ExportedGraph
+    reference: Any  # the PyTorch wrapper (backends.torch_ref.make_wrapper)
+    ref_outputs: list[dict[str, Any]]
+    calib: Samples | None
+    evaluation: Samples | None
+    options: RunOptions
+    threads: int
+    folder: Path  # scratch space inside the staging folder, removed before the rename
+    progress: Progress
+    rewritten: dict[tuple[str, ...], tuple[ExportedGraph, dict[str, int]]] = field(default_factory=dict)
+
+    def graph_for(self, names: tuple[str, ...]) -> tuple[ExportedGraph, dict[str, int]]:
+        """The export with the named clean-up rewrites applied (made once per set of names), and what they changed."""
+        if not names:
+            return self.graph, {}
+        if names not in self.rewritten:
+            from .rewrite import for_model
+
+            self.progress(f"graph clean-up: {', '.join(names)}")
+            path = self.folder / f"clean-{len(self.rewritten) + 1}" / "model.onnx"
+            self.rewritten[names] = for_model(self.graph, names, self.model, self.profile, path)
+        return self.rewritten[names]
+
+
 def run(
     spec: ModelSpec,
     shapes: ShapeRequest,
@@ -284,168 +284,248 @@ def run(
     """Export, check, compile for every target, validate, benchmark and write the report.
 
     Raises D2VError for bad input or an export mismatch (nothing is written then). Drift over budget
-    does not raise: the report says which metric failed and ``Report.passed`` is False.
+    does not raise: the report says which metric failed, ``Report.passed`` is False and
+    ``Report.exit_code`` is 5 (``gate.failure`` words it). A device profile in ``options`` (see
+    ``options.apply_profile``) turns its latency budget into a verdict (exit code 8).
     """
+    _warn_about_profile(options, progress)
     check_targets(options.targets, defer_build=options.defer_build, half=options.half)
     threads = options.threads or default_threads()
-    baseline = None
-    if options.baseline is not None:
-        from .compare import load_report
-
-        baseline = load_report(options.baseline)  # a bad baseline fails before minutes of work
+    baseline = _load_baseline(options)
     with staging(options.output, options.force, progress) as root:
-        progress(f"loading {spec.source}")
-        model = load(spec)
-        for w in model.warnings:
-            progress(f"WARNING: {w}")
-        profile = resolve_profile(model, shapes)
-        warnings = list(model.warnings)
+        model, profile, warnings = _load_model(spec, shapes, progress)
         calib, evaluation = _samples(model, profile, options.int8, root, progress, warnings)
-        work = root / ".work"
-        graph = export(model, profile, work / "model.onnx", progress=progress)
-        if not graph.check.passed:
-            raise D2VError(
-                f"ONNX Runtime does not match PyTorch for {model.head.class_name}: {graph.check.detail.split('worst: ')[-1]} "
-                f"is off by {graph.check.metrics['max_scaled_error']:.3g} (scaled), over the tolerance {model.head.tolerance:g}",
-                ExitCode.EXPORT_MISMATCH,
-            )
-        reference = make_wrapper(model)
-        ref_outputs: list[dict[str, Any]] = []
-        if evaluation is not None:
-            progress(f"running the PyTorch reference on {len(evaluation)} evaluation samples")
-            with TorchRunner(reference, model.head.outputs, threads) as ref_runner:
-                ref_outputs = [ref_runner.infer(f) for f in evaluation.feeds]
-
-        rewritten: dict[tuple[str, ...], tuple[ExportedGraph, dict[str, int]]] = {(): (graph, {})}
-
-        def graph_for(names: tuple[str, ...]) -> tuple[ExportedGraph, dict[str, int]]:
-            if names not in rewritten:
-                from .rewrite import for_model
-
-                progress(f"graph clean-up: {', '.join(names)}")
-                rewritten[names] = for_model(graph, names, model, profile, work / f"clean-{len(rewritten)}" / "model.onnx")
-            return rewritten[names]
-
-        built: list[tuple[Any, Artifact, Drift, tuple[str, ...]]] = []
-        described: dict[str, str] = {}  # --pick: variant name -> what the candidate is
-        for target in options.targets:
-            backend = backends.get(target)
-            for name, request, names, what in _plan(backend, options, calib, threads):
-                folder = root / name
-                described[name] = what
-                progress(f"building {name}")
-                graph_used, done = graph_for(names)
-                artifact = backend.compile(graph_used, folder, request)
-                model.save_pretrained_files(folder)
-                with backend.runner(artifact, threads=threads) as runner:
-                    if request.quant is None:
-                        factor = HALF_TOLERANCE_FACTOR.get(request.precision.value, 1.0)
-                        drift = (
-                            graph.check
-                            if _same_file(artifact.model_file, graph.path)
-                            else shape_check(model, reference, runner.infer, profile, tolerance=model.head.tolerance * factor)
-                        )
-                    else:
-                        drift = _judge(model, ref_outputs, runner.infer, evaluation, options.int8)
-                notes: tuple[str, ...] = ()
-                if request.quant is not None and not drift.passed and options.int8 and options.int8.fallback:
-                    plain = drift
-                    artifact, drift, notes = _fall_back(
-                        backend, graph_used, folder, request, model, ref_outputs, evaluation, calib, options.int8, threads, progress
-                    )
-                    if not drift.passed and _worse(model.head.metric, drift, plain):
-                        # never ship a fallback that made things worse (seen: NNCF accuracy control on audio)
-                        from .fallback import summarize
-
-                        progress(f"{name}: the fallback scored worse than plain INT8; rebuilding the plain artifact")
-                        why = f"--fallback auto did not reach the budget and scored worse ({summarize(drift)}); the plain INT8 artifact is kept"
-                        artifact, drift, notes = backend.compile(graph_used, folder, request), plain, (why, *notes)
-                elif request.quant is not None and not drift.passed:
-                    notes = (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
-                if done:  # what the graph clean-up changed (the same for a fallback or a rebuilt artifact)
-                    from .rewrite import describe
-
-                    notes = (*notes, describe(done))
-                built.append((backend, artifact, drift, notes))
-
-        opt = profile.point("opt")
-        feed = dummy_inputs(model.head, model.config, opt, seed=7)
-        with contextlib.ExitStack() as stack:
-            runners = {REFERENCE_NAME: stack.enter_context(TorchRunner(reference, model.head.outputs, threads))}
-            for backend, artifact, _drift, _notes in built:
-                runners[artifact.name] = stack.enter_context(backend.runner(artifact, threads=threads))
-            progress(f"measuring latency at {opt} with {threads} threads (interleaved, {options.bench.seconds:g} s budget)")
-            measured = bench.measure_full(runners, feed, batch=opt["batch"], shape=opt, settings=options.bench, progress=bench_progress)
-        latency = measured.stats
-        ref_latency = latency[REFERENCE_NAME]
-        variants: tuple[Variant, ...] = tuple(
-            Variant(
-                target=artifact.target,
-                precision=artifact.precision,
-                artifact=artifact.name,
-                drift=drift,
-                latency=latency[artifact.name],
-                speedup_vs_reference=_speedup(ref_latency, latency[artifact.name]),
-                quantization=artifact.quantization,
-                notes=artifact.notes + notes,
-                latency_budget=options.profile.latency_verdict(spec.modality, latency[artifact.name]) if options.profile else None,
-            )
-            for _backend, artifact, drift, notes in built
-        )
-        picked: dict[str, Any] | None = None
-        if options.pick:
-            from . import pick as pick_mod
-
-            picked = pick_mod.choose(variants, described, model.head.metric, options.profile, deferred=_deferred(options))
-            progress(f"picked {picked['artifact']}: {picked['why']}")
-            kept = set(pick_mod.kept(variants, picked))
-            for _backend, artifact, _drift, _notes in built:
-                if artifact.name not in kept:
-                    shutil.rmtree(artifact.path, ignore_errors=True)
-            built = [b for b in built if b[1].name in kept]
-            variants = tuple(v for v in variants if v.artifact in kept)
-        result = Report(
-            schema_version=report_mod.SCHEMA_VERSION,
-            tool_version=__version__,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            model=ModelInfo(
-                source=spec.source,
-                modality=spec.modality,
-                task=model.head.task,
-                class_name=model.head.class_name,
-                random_weights=model.random_weights,
-                parameters=model.parameters,
-                preset=spec.preset,
-            ),
-            environment=report_mod.environment(threads),
-            export=graph,
-            reference_latency=ref_latency,
-            variants=variants,
-            warnings=tuple(warnings),
-            bench=measured.to_dict(),
-            pick=picked,
-        )
-        shutil.rmtree(work)
-        if baseline is not None:
-            from . import compare
-
-            progress(f"comparing with the baseline {options.baseline}")
-            c = compare.compare(
-                baseline,
-                report_mod.to_dict(result, root),
-                latency_tolerance=options.latency_tolerance,
-                drift_tolerance=options.drift_tolerance,
-                relative_to_reference=options.relative_to_reference,
-            )
-            compare.write(c, root)
-            result = dataclasses.replace(result, comparison=compare.to_dict(c))
-        from .bundle import write_manifest
-
-        doc = report_mod.to_dict(result, root)
-        for (_backend, artifact, _drift, _notes), entry in zip(built, doc["variants"]):
-            write_manifest(artifact.path, artifact=artifact, model=model, graph=graph, variant_verdict=entry, environment=doc["environment"])
-        report_mod.write(result, root)
+        graph, reference = _export_checked(model, profile, root / ".work", progress)
+        ref_outputs = _reference_outputs(model, reference, evaluation, threads, progress)
+        work = _Work(model, profile, graph, reference, ref_outputs, calib, evaluation, options, threads, root / ".work", progress)
+        built = _build_all(work, root)
+        measured = _measure(work, built, bench_progress)
+        variants = _variants(built, measured.stats, options, spec.modality)
+        built, variants, picked = _pick(work, built, variants)
+        result = _assemble(spec, model, graph, threads, measured, variants, warnings, picked)
+        shutil.rmtree(work.folder)
+        result = _compare_with_baseline(result, baseline, options, root, progress)
+        _write_bundles_and_report(result, built, model, graph, root)
     return result
+
+
+# ----------------------------------------------------------------------------------- the stages, in order
+
+
+def _warn_about_profile(options: RunOptions, progress: Progress) -> None:
+    """A device profile that expects CPU flags this machine lacks: latency measured here does not predict the device."""
+    if options.profile is None:
+        return
+    from .profiles import missing_cpu_flags
+
+    for flag in missing_cpu_flags(options.profile):
+        progress(f"WARNING: profile {options.profile.name} expects the CPU flag {flag}, which this machine lacks: latency here does not predict the device")
+
+
+def _load_baseline(options: RunOptions) -> dict[str, Any] | None:
+    """The baseline report, read before minutes of work so that a bad one fails first."""
+    if options.baseline is None:
+        return None
+    from .compare import load_report
+
+    return load_report(options.baseline)
+
+
+def _load_model(spec: ModelSpec, shapes: ShapeRequest, progress: Progress) -> tuple[LoadedModel, ShapeProfile, list[str]]:
+    """Stage "load": the model, its shape profile and the warnings the report carries."""
+    progress(f"loading {spec.source}")
+    model = load(spec)
+    for w in model.warnings:
+        progress(f"WARNING: {w}")
+    return model, resolve_profile(model, shapes), list(model.warnings)
+
+
+def _export_checked(model: LoadedModel, profile: ShapeProfile, work: Path, progress: Progress) -> tuple[ExportedGraph, Any]:
+    """Stage "export + check": ONNX, checked against the PyTorch reference in ONNX Runtime (exit 4 when it does not match)."""
+    reference = make_wrapper(model)
+    graph = check_export(model, write_onnx(model, profile, work / "model.onnx", progress=progress), reference, progress=progress)
+    if not graph.check.passed:
+        raise D2VError(
+            f"ONNX Runtime does not match PyTorch for {model.head.class_name}: {graph.check.detail.split('worst: ')[-1]} "
+            f"is off by {graph.check.metrics['max_scaled_error']:.3g} (scaled), over the tolerance {model.head.tolerance:g}",
+            ExitCode.EXPORT_MISMATCH,
+        )
+    return graph, reference
+
+
+def _reference_outputs(model: LoadedModel, reference: Any, evaluation: Samples | None, threads: int, progress: Progress) -> list[dict[str, Any]]:
+    """The PyTorch reference's outputs on the evaluation samples (what INT8 drift is judged against)."""
+    if evaluation is None:
+        return []
+    progress(f"running the PyTorch reference on {len(evaluation)} evaluation samples")
+    with TorchRunner(reference, model.head.outputs, threads) as ref_runner:
+        return [ref_runner.infer(f) for f in evaluation.feeds]
+
+
+def _build_all(work: _Work, root: Path) -> list[Built]:
+    """Stage "build": every variant of every target (``_plan``), each judged as soon as it is built."""
+    built = []
+    for target in work.options.targets:
+        backend = backends.get(target)
+        for name, request, rewrites, what in _plan(backend, work.options, work.calib, work.threads):
+            built.append(_build_one(work, backend, root / name, request, rewrites, what))
+    return built
+
+
+def _build_one(work: _Work, backend: Any, folder: Path, request: BuildRequest, rewrites: tuple[str, ...], what: str) -> Built:
+    work.progress(f"building {folder.name}")
+    graph, changed = work.graph_for(rewrites)
+    artifact = backend.compile(graph, folder, request)
+    work.model.save_pretrained_files(folder)
+    drift = _check(work, backend, artifact, request)
+    artifact, drift, notes = _judge(work, backend, graph, folder, request, artifact, drift)
+    if changed:  # what the graph clean-up changed (the same for a fallback or a rebuilt artifact)
+        from .rewrite import describe
+
+        notes = (*notes, describe(changed))
+    return Built(backend, artifact, drift, notes, what)
+
+
+def _check(work: _Work, backend: Any, artifact: Artifact, request: BuildRequest) -> Drift:
+    """Float variants: the shape check against PyTorch (the fp32 ONNX itself: the export's check); INT8: task drift."""
+    model = work.model
+    with backend.runner(artifact, threads=work.threads) as runner:
+        if request.quant is not None:
+            return _task_drift(work, runner.infer)
+        if _same_file(artifact.model_file, work.graph.path):
+            return work.graph.check
+        tolerance = model.head.tolerance * HALF_TOLERANCE_FACTOR.get(request.precision.value, 1.0)
+        return shape_check(model, work.reference, runner.infer, work.profile, tolerance=tolerance)
+
+
+def _judge(
+    work: _Work, backend: Any, graph: ExportedGraph, folder: Path, request: BuildRequest, artifact: Artifact, drift: Drift
+) -> tuple[Artifact, Drift, tuple[str, ...]]:
+    """Stage "judge / fallback": an INT8 variant over budget is handed to ``--fallback auto`` or gets a note saying so.
+
+    A fallback that ends over budget *and* worse than plain INT8 is not shipped: the plain artifact is rebuilt and kept.
+    """
+    int8 = work.options.int8
+    if request.quant is None or drift.passed:
+        return artifact, drift, ()
+    if int8 is None or not int8.fallback:
+        return artifact, drift, (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
+    plain = drift
+    artifact, drift, notes = _fall_back(work, backend, graph, folder, request)
+    if drift.passed or not _worse(work.model.head.metric, drift, plain):
+        return artifact, drift, notes
+    # never ship a fallback that made things worse (seen: NNCF accuracy control on audio)
+    from .fallback import summarize
+
+    work.progress(f"{folder.name}: the fallback scored worse than plain INT8; rebuilding the plain artifact")
+    why = f"--fallback auto did not reach the budget and scored worse ({summarize(drift)}); the plain INT8 artifact is kept"
+    return backend.compile(graph, folder, request), plain, (why, *notes)
+
+
+def _measure(work: _Work, built: list[Built], bench_progress: BenchProgress) -> bench.BenchResult:
+    """Stage "measure": the reference and every variant, interleaved, at the profile's opt shape."""
+    opt = work.profile.point("opt")
+    feed = dummy_inputs(work.model.head, work.model.config, opt, seed=7)
+    with contextlib.ExitStack() as stack:
+        runners = {REFERENCE_NAME: stack.enter_context(TorchRunner(work.reference, work.model.head.outputs, work.threads))}
+        for b in built:
+            runners[b.artifact.name] = stack.enter_context(b.backend.runner(b.artifact, threads=work.threads))
+        work.progress(f"measuring latency at {opt} with {work.threads} threads (interleaved, {work.options.bench.seconds:g} s budget)")
+        return bench.measure_full(runners, feed, batch=opt["batch"], shape=opt, settings=work.options.bench, progress=bench_progress)
+
+
+def _variants(built: list[Built], latency: Mapping[str, LatencyStats], options: RunOptions, modality: Modality) -> tuple[Variant, ...]:
+    """The report's variants: verdict, latency, speedup and the device profile's latency verdict."""
+    ref = latency[REFERENCE_NAME]
+    return tuple(
+        Variant(
+            target=b.artifact.target,
+            precision=b.artifact.precision,
+            artifact=b.artifact.name,
+            drift=b.drift,
+            latency=latency[b.artifact.name],
+            speedup_vs_reference=_speedup(ref, latency[b.artifact.name]),
+            quantization=b.artifact.quantization,
+            notes=b.artifact.notes + b.notes,
+            latency_budget=options.profile.latency_verdict(modality, latency[b.artifact.name]) if options.profile else None,
+        )
+        for b in built
+    )
+
+
+def _pick(work: _Work, built: list[Built], variants: tuple[Variant, ...]) -> tuple[list[Built], tuple[Variant, ...], dict[str, Any] | None]:
+    """Stage "pick" (--pick only): choose the variant to ship; the other candidates' folders are removed."""
+    if not work.options.pick:
+        return built, variants, None
+    from . import pick as pick_mod
+
+    described = {b.artifact.name: b.what for b in built}
+    picked = pick_mod.choose(variants, described, work.model.head.metric, work.options.profile, deferred=_deferred(work.options))
+    work.progress(f"picked {picked['artifact']}: {picked['why']}")
+    kept = set(pick_mod.kept(variants, picked))
+    for b in built:
+        if b.artifact.name not in kept:
+            shutil.rmtree(b.artifact.path, ignore_errors=True)
+    return [b for b in built if b.artifact.name in kept], tuple(v for v in variants if v.artifact in kept), picked
+
+
+def _assemble(
+    spec: ModelSpec, model: LoadedModel, graph: ExportedGraph, threads: int, measured: bench.BenchResult,
+    variants: tuple[Variant, ...], warnings: list[str], picked: dict[str, Any] | None,
+) -> Report:  # fmt: skip
+    """Stage "report": the Report of this run."""
+    return Report(
+        schema_version=report_mod.SCHEMA_VERSION,
+        tool_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(
+            source=spec.source,
+            modality=spec.modality,
+            task=model.head.task,
+            class_name=model.head.class_name,
+            random_weights=model.random_weights,
+            parameters=model.parameters,
+            preset=spec.preset,
+        ),
+        environment=report_mod.environment(threads),
+        export=graph,
+        reference_latency=measured.stats[REFERENCE_NAME],
+        variants=variants,
+        warnings=tuple(warnings),
+        bench=measured.to_dict(),
+        pick=picked,
+    )
+
+
+def _compare_with_baseline(result: Report, baseline: dict[str, Any] | None, options: RunOptions, root: Path, progress: Progress) -> Report:
+    """Stage "compare" (--baseline only): the verdicts against the baseline, in the report and comparison.json/.md."""
+    if baseline is None:
+        return result
+    from . import compare
+
+    progress(f"comparing with the baseline {options.baseline}")
+    c = compare.compare(
+        baseline,
+        report_mod.to_dict(result, root),
+        latency_tolerance=options.latency_tolerance,
+        drift_tolerance=options.drift_tolerance,
+        relative_to_reference=options.relative_to_reference,
+    )
+    compare.write(c, root)
+    return dataclasses.replace(result, comparison=compare.to_dict(c))
+
+
+def _write_bundles_and_report(result: Report, built: list[Built], model: LoadedModel, graph: ExportedGraph, root: Path) -> None:
+    """Stage "manifest": every variant folder's manifest.json (checksums, verdict), then report.json/.md/.html."""
+    from .bundle import write_manifest
+
+    doc = report_mod.to_dict(result, root)
+    for b, entry in zip(built, doc["variants"]):
+        write_manifest(b.artifact.path, artifact=b.artifact, model=model, graph=graph, variant_verdict=entry, environment=doc["environment"])
+    report_mod.write(result, root)
+
+
+# ----------------------------------------------------------------------------------- what the stages use
 
 
 def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int) -> list[tuple[str, BuildRequest, tuple[str, ...], str]]:
@@ -558,51 +638,43 @@ def budgets_for(model: LoadedModel, int8: QuantOptions) -> tuple[dict[str, float
     return budgets(model.head.metric, random_weights=model.random_weights, overrides=int8.budget)
 
 
-def _judge(model: LoadedModel, ref_outputs: list[dict[str, Any]], infer: Callable[..., Any], evaluation: Samples | None, int8: QuantOptions | None) -> Drift:
+def _task_drift(work: _Work, infer: Callable[..., Any]) -> Drift:
+    """An INT8 variant's task metrics on the evaluation samples, against the budget (random weights: output agreement)."""
+    int8, evaluation = work.options.int8, work.evaluation
     assert evaluation is not None and int8 is not None
-    gate, info = budgets_for(model, int8)
-    return task_drift(model, ref_outputs, infer, evaluation.feeds, gate, labels=evaluation.labels, source=evaluation.source, informational=info)
+    gate, info = budgets_for(work.model, int8)
+    return task_drift(work.model, work.ref_outputs, infer, evaluation.feeds, gate, labels=evaluation.labels, source=evaluation.source, informational=info)
 
 
-def _fall_back(
-    backend: Any,
-    graph: ExportedGraph,
-    folder: Path,
-    request: BuildRequest,
-    model: LoadedModel,
-    ref_outputs: list[dict[str, Any]],
-    evaluation: Samples | None,
-    calibration: Samples | None,
-    int8: QuantOptions,
-    threads: int,
-    progress: Progress,
-) -> tuple[Artifact, Drift, tuple[str, ...]]:
+def _fall_back(work: _Work, backend: Any, graph: ExportedGraph, folder: Path, request: BuildRequest) -> tuple[Artifact, Drift, tuple[str, ...]]:
     """Ask the backend to return the most sensitive parts to float until the budget holds."""
     from .backends.base import Recovery
     from .metrics import allowed_drop, primary_score
 
-    assert evaluation is not None
+    model, int8, evaluation, calibration = work.model, work.options.int8, work.evaluation, work.calib
+    assert evaluation is not None and int8 is not None
+    runner_for = backend.runner
 
     def evaluate(artifact: Artifact) -> Drift:
-        with backend.runner(artifact, threads=threads) as runner:
-            return _judge(model, ref_outputs, runner.infer, evaluation, int8)
+        with runner_for(artifact, threads=work.threads) as runner:
+            return _task_drift(work, runner.infer)
 
     id2char = {i: t for t, i in model.tokenizer.get_vocab().items()} if model.head.metric == "ctc" and model.tokenizer else None
 
     def score(indices: Any, outputs: Any) -> float:
-        refs = [ref_outputs[i] for i in indices]
+        refs = [work.ref_outputs[i] for i in indices]
         return primary_score(model.head.metric, refs, [dict(o) for o in outputs], output_names=model.head.outputs, id2char=id2char)
 
     recovery = Recovery(
         evaluate=evaluate,
         feeds=tuple(evaluation.feeds),
-        reference=tuple(ref_outputs),
+        reference=tuple(work.ref_outputs),
         score=score,
         max_drop=allowed_drop(model.head.metric, budget_for(model, int8)),
         calibration=tuple(calibration.feeds) if calibration is not None else (),
-        progress=progress,
+        progress=work.progress,
     )
-    progress(f"{folder.name}: drift over budget, returning the most sensitive parts to float")
+    work.progress(f"{folder.name}: drift over budget, returning the most sensitive parts to float")
     return backend.recover(graph, folder, request, recovery)
 
 

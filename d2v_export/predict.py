@@ -26,7 +26,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -150,50 +150,39 @@ def _segments(record: Mapping[str, Any]) -> list[str]:
 
 
 class Preparer:
-    """Raw input -> feed, with the bundle's processor / tokenizer and the calibration readers' steps."""
+    """Raw input -> feed, with the bundle's processor / tokenizer and the calibration readers' steps.
+
+    The modality picks the reader (``_READERS``); for text, the head's ``result`` (heads.py) picks how
+    the text is encoded (``_TextReader``)."""
 
     def __init__(self, manifest: Manifest, processor: Any | None, tokenizer: Any | None) -> None:
         self.manifest = manifest
         self.processor = processor
         self.tokenizer = tokenizer
         self.profile = _profile(manifest)
-        dims = manifest.dims()
-        self.batch = dims.get("batch", (1, 1, 1))[0]
-        self.pixels: Any = None
-        self.encoder: Any = None
-        if manifest.modality is Modality.VISION:
-            from .calibration.images import _Pixels
-
-            if processor is None:
-                raise D2VError(f"bundle '{manifest.folder}' has no image processor (preprocessor_config.json); rebuild it")
-            size = self.profile.static.get("image_size")
-            self.pixels = _Pixels(processor, int(size) if size else None)
-        elif manifest.modality is Modality.AUDIO and processor is None:
-            raise D2VError(f"bundle '{manifest.folder}' has no feature extractor (preprocessor_config.json); rebuild it")
-        elif manifest.modality is Modality.TEXT:
-            from .calibration.text import _Encoder
-
-            if tokenizer is None:
-                raise D2VError(f"bundle '{manifest.folder}' has no tokenizer files; rebuild it")
-            self.encoder = _Encoder(tokenizer, self.profile)
+        self.batch = manifest.dims().get("batch", (1, 1, 1))[0]
+        self.read = _READERS[manifest.modality](manifest, self.profile, processor, tokenizer)
 
     def __call__(self, raw: Any) -> _Prepared:
-        modality = self.manifest.modality
-        if modality is Modality.VISION:
-            prepared = self._image(raw)
-        elif modality is Modality.AUDIO:
-            prepared = self._audio(raw)
-        else:
-            prepared = self._text(raw)
+        prepared = self.read(raw)
         if self.batch > 1:  # a profile whose smallest batch is above 1: repeat the input, read the first row
             prepared.feed = {k: np.repeat(v, self.batch, axis=0) for k, v in prepared.feed.items()}
         return prepared
 
-    def _image(self, path: Path) -> _Prepared:
+
+class _ImageReader:
+    def __init__(self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None) -> None:
+        from .calibration.images import _Pixels
+
+        if processor is None:
+            raise D2VError(f"bundle '{manifest.folder}' has no image processor (preprocessor_config.json); rebuild it")
+        size = profile.static.get("image_size")
+        self.pixels = _Pixels(processor, int(size) if size else None)
+
+    def __call__(self, path: Path) -> _Prepared:
         from .calibration.images import open_rgb
         from .calibration.samples import Unreadable
 
-        assert self.pixels is not None
         try:
             value = self.pixels(open_rgb(path))
         except Unreadable as exc:
@@ -202,13 +191,20 @@ class Preparer:
             value = value[None]
         return _Prepared({"pixel_values": np.ascontiguousarray(value, dtype=np.float32)})
 
-    def _audio(self, path: Path) -> _Prepared:
+
+class _AudioReader:
+    def __init__(self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None) -> None:
+        if processor is None:
+            raise D2VError(f"bundle '{manifest.folder}' has no feature extractor (preprocessor_config.json); rebuild it")
+        self.processor = processor
+        self.profile = profile
+
+    def __call__(self, path: Path) -> _Prepared:
         from .calibration.audio import bucket, read_mono
         from .calibration.samples import Unreadable
         from .heads import SAMPLING_RATE
 
         proc = self.processor
-        assert proc is not None
         rate = int(getattr(proc, "sampling_rate", None) or SAMPLING_RATE)
         try:
             wave = read_mono(path, rate)
@@ -225,58 +221,60 @@ class Preparer:
             values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=pad)
         return _Prepared({"input_values": values}, notes=notes, valid=min(1.0, keep / max(1, values.shape[1])))
 
-    def _text(self, record: Mapping[str, Any]) -> _Prepared:
-        enc, tok = self.encoder, self.tokenizer
-        assert enc is not None and tok is not None
-        task = self.manifest.task
+
+class _TextReader:
+    """Text -> token ids. The head's ``result`` decides the encoding: "choices" (prompt ||| choice ...), "answer"
+    (question ||| context, with character offsets), "tags" (offsets), "masks" (a mask token required),
+    "next_tokens" (no end-of-text marker); every other head encodes the text (or pair) as is."""
+
+    def __init__(self, manifest: Manifest, profile: ShapeProfile, _processor: Any | None, tokenizer: Any | None) -> None:
+        from .calibration.text import _Encoder
+        from .heads import head_for
+
+        if tokenizer is None:
+            raise D2VError(f"bundle '{manifest.folder}' has no tokenizer files; rebuild it")
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.encoder = _Encoder(tokenizer, profile)
+        self.result = head_for(manifest.modality, manifest.task).result
+
+    def __call__(self, record: Mapping[str, Any]) -> _Prepared:
+        enc, tok, task = self.encoder, self.tokenizer, self.manifest.task
         parts = _segments(record)
         if any(not p.strip() for p in parts):
             raise D2VError(f"empty text in '{record.get('text', record)}'; pass non-empty text (pairs as 'A {PAIR_SEPARATOR} B')")
-        if task == "multiple-choice":
+        if self.result == "choices":
             return self._choices(parts)
         if len(parts) > 2:
             raise D2VError(f"'{PAIR_SEPARATOR}' splits a text into at most two parts for {task}; got {len(parts)}")
-        notes: list[str] = []
+        qa = self.result == "answer"
+        if qa and len(parts) != 2:
+            raise D2VError(f"question-answering needs 'question {PAIR_SEPARATOR} context'; got no '{PAIR_SEPARATOR}' in '{parts[0][:60]}'")
+        pair = parts[1] if len(parts) > 1 else None
         offsets = segment = None
-        if task == "question-answering":
-            if len(parts) != 2:
-                raise D2VError(f"question-answering needs 'question {PAIR_SEPARATOR} context'; got no '{PAIR_SEPARATOR}' in '{parts[0][:60]}'")
-            row, offsets, segment = self._encode_with_offsets(parts[0], parts[1], only_second=True)
-        elif task == "token-classification":
-            row, offsets, segment = self._encode_with_offsets(parts[0], parts[1] if len(parts) > 1 else None)
+        if self.result in ("answer", "tags"):
+            row, offsets, segment = self._encode_with_offsets(parts[0], pair, only_second=qa)
         else:
-            row = enc.ids(parts[0], parts[1] if len(parts) > 1 else None)
-        if task == "text-generation" and len(row) > 1 and row[-1] == tok.eos_token_id:
+            row = enc.ids(parts[0], pair)
+        if self.result == "next_tokens" and len(row) > 1 and row[-1] == tok.eos_token_id:
             row = row[:-1]  # predict the token after the text, not after the end-of-text marker
-        if task == "fill-mask" and tok.mask_token_id not in row:
+        if self.result == "masks" and tok.mask_token_id not in row:
             raise D2VError(f"fill-mask needs {tok.mask_token} in the text: '{parts[0][:60]}'; write e.g. 'Paris is the {tok.mask_token} of France.'")
-        if self._too_long(parts):
-            notes.append(f"truncated to {enc.hi} tokens: the bundle's longest sequence")
+        notes = [f"truncated to {enc.hi} tokens: the bundle's longest sequence"] if self._too_long(parts) else []
         ids, mask = enc.pad([row])
         start = ids.shape[1] - min(len(row), ids.shape[1]) if enc.left else 0
-        return _Prepared(
-            {"input_ids": ids, "attention_mask": mask},
-            notes=notes,
-            text=parts[-1] if task == "question-answering" else parts[0],
-            ids=row[: ids.shape[1]],
-            start=start,
-            offsets=offsets,
-            segment=segment,
-            context=parts[1] if task == "question-answering" else "",
-        )
+        return _Prepared({"input_ids": ids, "attention_mask": mask}, notes=notes, text=parts[-1] if qa else parts[0], ids=row[: ids.shape[1]],
+                         start=start, offsets=offsets, segment=segment, context=parts[1] if qa else "")  # fmt: skip
 
     def _too_long(self, parts: list[str]) -> bool:
-        enc, tok = self.encoder, self.tokenizer
-        assert enc is not None and tok is not None
         try:
-            full = tok(parts[0], parts[1] if len(parts) > 1 else None, truncation=False)["input_ids"]
+            full = self.tokenizer(parts[0], parts[1] if len(parts) > 1 else None, truncation=False)["input_ids"]
         except Exception:  # noqa: BLE001 - only for the note
             return False
-        return len(full) > enc.hi
+        return len(full) > self.encoder.hi
 
     def _encode_with_offsets(self, text: str, pair: str | None, *, only_second: bool = False) -> tuple[list[int], list[tuple[int, int]] | None, list[int | None] | None]:
         enc, tok = self.encoder, self.tokenizer
-        assert enc is not None and tok is not None
         if not getattr(tok, "is_fast", False):
             return enc.ids(text, pair, only_second=only_second), None, None
         truncation: Any = "only_second" if only_second else True
@@ -291,7 +289,6 @@ class Preparer:
 
     def _choices(self, parts: list[str]) -> _Prepared:
         enc = self.encoder
-        assert enc is not None
         prompt, choices = parts[0], parts[1:]
         lo, _opt, hi = self.manifest.dims().get("choices", (len(choices),) * 3)
         if not lo <= len(choices) <= hi:
@@ -301,6 +298,13 @@ class Preparer:
             )
         ids, mask = enc.pad([enc.ids(prompt, c) for c in choices])
         return _Prepared({"input_ids": ids[None], "attention_mask": mask[None]}, text=prompt, choices=choices)
+
+
+_READERS: dict[Modality, Callable[..., Callable[[Any], _Prepared]]] = {
+    Modality.VISION: _ImageReader,
+    Modality.AUDIO: _AudioReader,
+    Modality.TEXT: _TextReader,
+}
 
 
 # --------------------------------------------------------------------------------------- outputs
@@ -333,134 +337,164 @@ def _token_text(tok: Any, token_id: int) -> str:
 
 
 class Interpreter:
-    """Outputs of one input -> a JSON-able, task-appropriate result."""
+    """Outputs of one input -> a JSON-able, task-appropriate result: ``RESULTS[head.result]`` (heads.py)."""
 
     def __init__(self, manifest: Manifest, tokenizer: Any | None, top_k: int) -> None:
+        from .heads import head_for
+
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.k = top_k
         self.labels = manifest.labels
         self.names = [str(o["name"]) for o in manifest.outputs]
+        self.answer = RESULTS[head_for(manifest.modality, manifest.task).result]
 
     def __call__(self, out: Mapping[str, np.ndarray], p: _Prepared) -> dict[str, Any]:
-        task = self.manifest.task
         first = np.asarray(out[self.names[0]] if self.names and self.names[0] in out else next(iter(out.values())))
-        if task in ("image-classification", "audio-classification", "text-classification"):
-            return {"labels": _topk(_softmax(first[0]), self.k, self.labels)}
-        if task == "multiple-choice":
-            probs = _softmax(first[0])
-            order = np.argsort(-probs, kind="stable")
-            return {"choices": [{"choice": p.choices[i], "index": int(i), "score": round(float(probs[i]), 6)} for i in order]}
-        if task == "automatic-speech-recognition":
-            return self._ctc(first[0], p)
-        if task == "semantic-segmentation":
-            classes = first[0].argmax(0)
-            return {"mask_shape": list(classes.shape), "classes": _fractions(classes, self.k, self.labels)}
-        if task == "audio-frame-classification":
-            frames = max(1, math.ceil(first.shape[1] * p.valid))
-            classes = first[0, :frames].argmax(-1)
-            return {"frames": frames, "classes": _fractions(classes, self.k, self.labels)}
-        if task == "question-answering":
-            return self._qa(np.asarray(out["start_logits"])[0], np.asarray(out["end_logits"])[0], p)
-        if task == "token-classification":
-            return self._tags(first[0], p)
-        if task == "fill-mask":
-            return self._masks(first[0], p)
-        if task == "text-generation":
-            probs = _softmax(first[0, p.start + len(p.ids) - 1])
-            return {"next_tokens": self._tokens(probs)}
-        if task == "audio-xvector":
-            emb = np.asarray(out.get("embeddings", first))[0]
-            return {"embedding_shape": list(emb.shape), "embedding_norm": round(float(np.linalg.norm(emb)), 6)}
-        return self._embedding(out, p)
+        return self.answer(self, out, first, p)
 
-    def _tokens(self, probs: np.ndarray) -> list[dict[str, Any]]:
-        assert self.tokenizer is not None
-        order = np.argsort(-probs, kind="stable")[: max(1, self.k)]
-        return [{"token": _token_text(self.tokenizer, i), "id": int(i), "score": round(float(probs[i]), 6)} for i in order]
 
-    def _ctc(self, logits: np.ndarray, p: _Prepared) -> dict[str, Any]:
-        from .metrics import ctc_greedy_decode
+Outputs = Mapping[str, np.ndarray]
 
-        tok = self.tokenizer
-        if tok is None:
-            raise D2VError(f"bundle '{self.manifest.folder}' has no CTC vocabulary (vocab.json); rebuild it")
-        frames = max(1, math.ceil(logits.shape[0] * p.valid))
-        id2char = {int(i): str(t) for t, i in tok.get_vocab().items()}
-        blank = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
-        delimiter = str(getattr(tok, "word_delimiter_token", None) or "|")
-        for special in (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id):
-            if special is not None and special != blank:
-                id2char[int(special)] = ""  # special tokens are not characters
-        return {"transcript": ctc_greedy_decode(logits[:frames], id2char, blank=blank, delimiter=delimiter), "frames": frames}
 
-    def _qa(self, start: np.ndarray, end: np.ndarray, p: _Prepared) -> dict[str, Any]:
-        seq = start.shape[-1]
-        n = len(p.ids)
-        allowed = np.zeros(seq, dtype=bool)
-        if p.segment is not None:
-            for i, s in enumerate(p.segment[:n]):
-                allowed[p.start + i] = s == 1
-        else:  # no sequence ids (a slow tokenizer): anywhere but the first and last token
-            allowed[p.start + 1 : p.start + n - 1] = True
-        if not allowed.any():
-            return {"answer": "", "score": 0.0, "start_token": None, "end_token": None}
-        first, last = np.arange(seq)[:, None], np.arange(seq)[None, :]
-        valid = (last >= first) & (last - first < MAX_ANSWER_TOKENS) & allowed[:, None] & allowed[None, :]
-        ls, le = start - np.logaddexp.reduce(start), end - np.logaddexp.reduce(end)
-        score = np.where(valid, ls[:, None].astype(np.float64) + le[None, :], -np.inf)
-        s, e = divmod(int(score.argmax()), seq)
-        a, b = s - p.start, e - p.start
-        if p.offsets is not None:
-            answer = p.context[p.offsets[a][0] : p.offsets[b][1]]
+def _labels(it: Interpreter, _out: Outputs, first: np.ndarray, _p: _Prepared) -> dict[str, Any]:
+    return {"labels": _topk(_softmax(first[0]), it.k, it.labels)}
+
+
+def _choices(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared) -> dict[str, Any]:
+    probs = _softmax(first[0])
+    order = np.argsort(-probs, kind="stable")
+    return {"choices": [{"choice": p.choices[i], "index": int(i), "score": round(float(probs[i]), 6)} for i in order]}
+
+
+def _mask_classes(it: Interpreter, _out: Outputs, first: np.ndarray, _p: _Prepared) -> dict[str, Any]:
+    classes = first[0].argmax(0)
+    return {"mask_shape": list(classes.shape), "classes": _fractions(classes, it.k, it.labels)}
+
+
+def _frame_classes(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared) -> dict[str, Any]:
+    frames = max(1, math.ceil(first.shape[1] * p.valid))
+    classes = first[0, :frames].argmax(-1)
+    return {"frames": frames, "classes": _fractions(classes, it.k, it.labels)}
+
+
+def _next_tokens(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared) -> dict[str, Any]:
+    return {"next_tokens": _top_tokens(it, _softmax(first[0, p.start + len(p.ids) - 1]))}
+
+
+def _xvector(it: Interpreter, out: Outputs, first: np.ndarray, _p: _Prepared) -> dict[str, Any]:
+    emb = np.asarray(out.get("embeddings", first))[0]
+    return {"embedding_shape": list(emb.shape), "embedding_norm": round(float(np.linalg.norm(emb)), 6)}
+
+
+def _top_tokens(it: Interpreter, probs: np.ndarray) -> list[dict[str, Any]]:
+    assert it.tokenizer is not None
+    order = np.argsort(-probs, kind="stable")[: max(1, it.k)]
+    return [{"token": _token_text(it.tokenizer, i), "id": int(i), "score": round(float(probs[i]), 6)} for i in order]
+
+
+def _transcript(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared) -> dict[str, Any]:
+    from .metrics import ctc_greedy_decode
+
+    logits = first[0]
+    tok = it.tokenizer
+    if tok is None:
+        raise D2VError(f"bundle '{it.manifest.folder}' has no CTC vocabulary (vocab.json); rebuild it")
+    frames = max(1, math.ceil(logits.shape[0] * p.valid))
+    id2char = {int(i): str(t) for t, i in tok.get_vocab().items()}
+    blank = int(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    delimiter = str(getattr(tok, "word_delimiter_token", None) or "|")
+    for special in (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id):
+        if special is not None and special != blank:
+            id2char[int(special)] = ""  # special tokens are not characters
+    return {"transcript": ctc_greedy_decode(logits[:frames], id2char, blank=blank, delimiter=delimiter), "frames": frames}
+
+
+def _answer(it: Interpreter, out: Outputs, _first: np.ndarray, p: _Prepared) -> dict[str, Any]:
+    start, end = np.asarray(out["start_logits"])[0], np.asarray(out["end_logits"])[0]
+    seq = start.shape[-1]
+    n = len(p.ids)
+    allowed = np.zeros(seq, dtype=bool)
+    if p.segment is not None:
+        for i, s in enumerate(p.segment[:n]):
+            allowed[p.start + i] = s == 1
+    else:  # no sequence ids (a slow tokenizer): anywhere but the first and last token
+        allowed[p.start + 1 : p.start + n - 1] = True
+    if not allowed.any():
+        return {"answer": "", "score": 0.0, "start_token": None, "end_token": None}
+    first, last = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    valid = (last >= first) & (last - first < MAX_ANSWER_TOKENS) & allowed[:, None] & allowed[None, :]
+    ls, le = start - np.logaddexp.reduce(start), end - np.logaddexp.reduce(end)
+    score = np.where(valid, ls[:, None].astype(np.float64) + le[None, :], -np.inf)
+    s, e = divmod(int(score.argmax()), seq)
+    a, b = s - p.start, e - p.start
+    if p.offsets is not None:
+        answer = p.context[p.offsets[a][0] : p.offsets[b][1]]
+    else:
+        assert it.tokenizer is not None
+        answer = str(it.tokenizer.decode(p.ids[a : b + 1])).strip()
+    return {"answer": answer, "score": round(float(math.exp(score[s, e])), 6), "start_token": a, "end_token": b}
+
+
+def _tags(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared) -> dict[str, Any]:
+    tok = it.tokenizer
+    assert tok is not None
+    probs = _softmax(first[0])
+    special = set(getattr(tok, "all_special_ids", ()) or ())
+    tags = []
+    for i, token_id in enumerate(p.ids):
+        if token_id in special:
+            continue
+        row = probs[p.start + i]
+        best = int(row.argmax())
+        if p.offsets is not None and p.offsets[i][1] > p.offsets[i][0]:
+            text = p.text[p.offsets[i][0] : p.offsets[i][1]]
         else:
-            assert self.tokenizer is not None
-            answer = str(self.tokenizer.decode(p.ids[a : b + 1])).strip()
-        return {"answer": answer, "score": round(float(math.exp(score[s, e])), 6), "start_token": a, "end_token": b}
+            text = _token_text(tok, token_id)
+        tags.append({"token": text, "tag": _label(it.labels, best), "score": round(float(row[best]), 6)})
+    return {"tags": tags}
 
-    def _tags(self, logits: np.ndarray, p: _Prepared) -> dict[str, Any]:
-        tok = self.tokenizer
-        assert tok is not None
-        probs = _softmax(logits)
-        special = set(getattr(tok, "all_special_ids", ()) or ())
-        tags = []
-        for i, token_id in enumerate(p.ids):
-            if token_id in special:
-                continue
-            row = probs[p.start + i]
-            best = int(row.argmax())
-            if p.offsets is not None and p.offsets[i][1] > p.offsets[i][0]:
-                text = p.text[p.offsets[i][0] : p.offsets[i][1]]
-            else:
-                text = _token_text(tok, token_id)
-            tags.append({"token": text, "tag": _label(self.labels, best), "score": round(float(row[best]), 6)})
-        return {"tags": tags}
 
-    def _masks(self, logits: np.ndarray, p: _Prepared) -> dict[str, Any]:
-        tok = self.tokenizer
-        assert tok is not None
-        masks = []
-        for i, token_id in enumerate(p.ids):
-            if token_id == tok.mask_token_id:
-                masks.append({"position": i, "tokens": self._tokens(_softmax(logits[p.start + i]))})
-        return {"masks": masks}
+def _masks(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared) -> dict[str, Any]:
+    tok = it.tokenizer
+    assert tok is not None
+    logits = first[0]
+    found = [{"position": i, "tokens": _top_tokens(it, _softmax(logits[p.start + i]))} for i, t in enumerate(p.ids) if t == tok.mask_token_id]
+    return {"masks": found}
 
-    def _embedding(self, out: Mapping[str, np.ndarray], p: _Prepared) -> dict[str, Any]:
-        hidden = np.asarray(out.get("last_hidden_state", next(iter(out.values()))))
-        if "pooler_output" in out:
-            emb, how = np.asarray(out["pooler_output"])[0], "pooler_output"
-        elif "input_ids" in p.feed:
-            mask = p.feed["attention_mask"][0].astype(bool)
-            emb, how = hidden[0][mask].mean(0), "mean of last_hidden_state over the tokens"
-        else:
-            frames = max(1, math.ceil(hidden.shape[1] * p.valid))
-            emb, how = hidden[0, :frames].mean(0), "mean of last_hidden_state over the frames"
-        return {
-            "hidden_shape": list(hidden.shape[1:]),
-            "embedding_shape": list(emb.shape),
-            "embedding_norm": round(float(np.linalg.norm(emb)), 6),
-            "pooling": how,
-        }
+
+def _embedding(it: Interpreter, out: Outputs, _first: np.ndarray, p: _Prepared) -> dict[str, Any]:
+    hidden = np.asarray(out.get("last_hidden_state", next(iter(out.values()))))
+    if "pooler_output" in out:
+        emb, how = np.asarray(out["pooler_output"])[0], "pooler_output"
+    elif "input_ids" in p.feed:
+        mask = p.feed["attention_mask"][0].astype(bool)
+        emb, how = hidden[0][mask].mean(0), "mean of last_hidden_state over the tokens"
+    else:
+        frames = max(1, math.ceil(hidden.shape[1] * p.valid))
+        emb, how = hidden[0, :frames].mean(0), "mean of last_hidden_state over the frames"
+    return {
+        "hidden_shape": list(hidden.shape[1:]),
+        "embedding_shape": list(emb.shape),
+        "embedding_norm": round(float(np.linalg.norm(emb)), 6),
+        "pooling": how,
+    }
+
+
+# heads.Head.result -> how an output becomes the result of `d2v-export run` (a completeness test checks every head has one).
+RESULTS: dict[str, Callable[[Interpreter, Outputs, np.ndarray, _Prepared], dict[str, Any]]] = {
+    "labels": _labels,
+    "choices": _choices,
+    "transcript": _transcript,
+    "mask_classes": _mask_classes,
+    "frame_classes": _frame_classes,
+    "answer": _answer,
+    "tags": _tags,
+    "masks": _masks,
+    "next_tokens": _next_tokens,
+    "xvector": _xvector,
+    "embedding": _embedding,
+}
 
 
 # --------------------------------------------------------------------------------------- API

@@ -71,7 +71,7 @@ class DeviceProfile:
 
     def shape_request(self, given: Any | None = None) -> Any:
         """A pipeline.ShapeRequest: the profile's shapes where ``given`` (the user's options) has None."""
-        from .pipeline import ShapeRequest
+        from .options import ShapeRequest
 
         given = given if given is not None else ShapeRequest()
         mine = {"batch": self.batch, "sequence": self.sequence, "choices": self.choices, "audio_seconds": self.audio_seconds}

@@ -443,14 +443,8 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in [path, *path.parent.glob(path.name + ".data")] if p.is_file())
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def _quiet() -> contextlib.AbstractContextManager[None]:
     """onnxruntime.quantization prints progress and logs advice at WARNING; keep the console clean."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
+    from .console import quiet
+
+    return quiet(("",), logging.ERROR)

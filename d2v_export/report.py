@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
-import os
 import platform
-from dataclasses import asdict, is_dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping
 
-from .spec import Drift, LatencyStats, Report, Variant
+from .cpu import REPORTED_FLAGS, cores_available, cpu_flags, cpu_name
+from .spec import REFERENCE, Drift, LatencyStats, Report, Variant, jsonable
+
+__all__ = ["SCHEMA_VERSION", "environment", "jsonable", "latency_dict", "drift_dict", "variant_name", "to_dict", "write", "markdown"]
 
 SCHEMA_VERSION = "1.0"
 # metrics against the user's labels, listed under each variant in report.md when the evaluation set has labels
@@ -32,52 +31,13 @@ def environment(threads: int) -> dict[str, Any]:
             continue
     return {
         "versions": versions,
-        "cpu": _cpu_name(),
-        "cpu_flags": _cpu_flags(),
-        "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": cpu_name(),
+        "cpu_flags": [f for f in REPORTED_FLAGS if f in cpu_flags()],
+        "cores_available": cores_available(),
         "threads": threads,
         "platform": platform.platform(),
         "device": "CPU",
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "avx_vnni")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON data: enums by value, paths as strings, dataclasses as dicts, non-finite floats as null."""
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if is_dataclass(value) and not isinstance(value, type):
-        return {k: jsonable(v) for k, v in asdict(value).items()}
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def latency_dict(lat: LatencyStats | None) -> dict[str, Any] | None:
@@ -133,7 +93,7 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
             "static": dict(graph.profile.static),
             "check": drift_dict(graph.check),
         },
-        "reference": {"name": "pytorch-fp32", "latency_ms": latency_dict(report.reference_latency)},
+        "reference": {"name": REFERENCE, "latency_ms": latency_dict(report.reference_latency)},
         "variants": [
             {
                 "name": variant_name(v),

@@ -12,9 +12,13 @@ Nothing in here imports torch, onnx or a runtime: these types are plain data.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
+
+
+REFERENCE = "pytorch-fp32"  # the name of the fp32 PyTorch reference in reports, drift and latency tables
 
 
 class Modality(str, enum.Enum):
@@ -48,6 +52,17 @@ class ExitCode(enum.IntEnum):
     TARGET_UNAVAILABLE = 6  # a requested target cannot run here (package or device missing)
     REGRESSION = 7  # slower or less accurate than the baseline
     LATENCY_BUDGET = 8  # slower than the device profile's (--target-profile) latency budget
+
+
+def verdict_code(*, drift_passed: bool, latency_passed: bool = True, regression_passed: bool = True) -> ExitCode:
+    """The one gating order of a run, a matrix and the CLI: drift (5) first, then the latency budget (8), then the baseline (7)."""
+    if not drift_passed:
+        return ExitCode.DRIFT_BUDGET
+    if not latency_passed:
+        return ExitCode.LATENCY_BUDGET
+    if not regression_passed:
+        return ExitCode.REGRESSION
+    return ExitCode.OK
 
 
 class D2VError(Exception):
@@ -249,3 +264,30 @@ class Report:
     @property
     def within_latency_budget(self) -> bool:
         return all(not v.latency_budget or v.latency_budget.get("passed") is not False for v in self.variants)
+
+    @property
+    def no_regression(self) -> bool:
+        """No regression against the baseline (True without one)."""
+        return self.comparison is None or bool(self.comparison.get("passed"))
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """What this report means for a gate (``verdict_code``): 0, 5, 8 or 7."""
+        return verdict_code(drift_passed=self.passed, latency_passed=self.within_latency_budget, regression_passed=self.no_regression)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON data: enums by value, paths as strings, dataclasses as dicts, non-finite floats as null."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: jsonable(v) for k, v in asdict(value).items()}
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

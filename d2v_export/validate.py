@@ -10,15 +10,15 @@ Returns data (``Drift``); never raises because of drift. Two kinds of check:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .backends.torch_ref import torch_forward
 from .heads import dummy_inputs, shape_points
 from .models import LoadedModel
-from .spec import Drift, ShapeProfile
-
-REFERENCE = "pytorch-fp32"
+from .spec import REFERENCE, Drift, ExportedGraph, ShapeProfile
 
 # The export check's tolerance for half-precision artifacts, as a multiple of the head's fp32 one
 # (fp16 keeps 11 significant bits, bf16 8: rounding alone moves outputs by ~5e-4 and ~4e-3 relative
@@ -53,8 +53,6 @@ def shape_check(
 
     ``tolerance``: the scaled error allowed (default: the head's, for fp32 artifacts).
     """
-    from .export import torch_forward
-
     head = model.head
     tolerance = head.tolerance if tolerance is None else tolerance
     worst_rel, worst_abs, worst_where = 0.0, 0.0, ""
@@ -82,6 +80,14 @@ def shape_check(
         failed=() if passed else ("max_scaled_error",),
         detail=f"random inputs at {len(points)} shapes ({'; '.join(fmt_sizes(p) for p in points)}); worst: {worst_where}",
     )
+
+
+def check_export(model: LoadedModel, graph: ExportedGraph, wrapper: Any, *, progress: Callable[[str], None] = lambda _msg: None) -> ExportedGraph:
+    """``graph`` with its ``check``: ONNX Runtime against the PyTorch ``wrapper`` at every shape point of its profile."""
+    from .backends.onnxruntime import OrtRunner
+
+    with OrtRunner(graph.path, threads=0, name="export-check") as runner:
+        return dataclasses.replace(graph, check=shape_check(model, wrapper, runner.infer, graph.profile, progress=progress))
 
 
 def task_drift(

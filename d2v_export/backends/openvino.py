@@ -446,19 +446,11 @@ def _compress_weights(model: Any, quant: QuantRecipe) -> tuple[Any, QuantRecipe,
     return compressed, recipe, notes
 
 
-class _nncf_quiet:
+def _nncf_quiet() -> contextlib.AbstractContextManager[None]:
     """NNCF prints progress bars and INFO lines meant for its own users; keep the console clean."""
+    from ..console import quiet
 
-    def __enter__(self) -> None:
-        self._logger = logging.getLogger("nncf")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.WARNING)
-        self._stdout = contextlib.redirect_stdout(io.StringIO())  # its rich progress bars
-        self._stdout.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._stdout.__exit__(None, None, None)
-        self._logger.setLevel(self._level)
+    return quiet(("nncf",), logging.WARNING)
 
 
 # --------------------------------------------------------------------------------------- accuracy control

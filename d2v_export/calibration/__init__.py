@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..spec import D2VError, Modality, ShapeProfile
-from . import audio, hf, images, npz, text
+from . import audio, dataset, hf, images, npz, text
 from .hf import parse_columns
 from .samples import Samples, load_cache, save_cache
 
@@ -94,14 +94,14 @@ def load_samples(
     reader = _READERS[modality]
     if path.is_file() and path.suffix.lower() == ".npz":
         return npz.read(path, [path], model, count=count, seed=seed)
-    if hf.is_saved_dataset(path) or (path.is_file() and hf.parquet_files(path)):
-        return hf.read(path, model, profile, split=split, count=count, seed=seed, columns=columns)
+    if dataset.is_saved_dataset(path) or (path.is_file() and dataset.parquet_files(path)):
+        return dataset.read(path, model, profile, split=split, count=count, seed=seed, columns=columns)
     files = reader.find(path)
     if files:
         return reader.read(path, files, model, profile, count=count, seed=seed, columns=columns)
     feeds = npz.find(path)
     if feeds:
         return npz.read(path, feeds, model, count=count, seed=seed)
-    if hf.parquet_files(path):
-        return hf.read(path, model, profile, split=split, count=count, seed=seed, columns=columns)
+    if dataset.parquet_files(path):
+        return dataset.read(path, model, profile, split=split, count=count, seed=seed, columns=columns)
     raise D2VError(f"no {reader.WHAT} in '{path}'; {reader.FIX}, a saved dataset or a .parquet file")

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..heads import SAMPLING_RATE
 from ..spec import D2VError, ShapeProfile
+from . import hf
 from .samples import Candidate, Samples, Unreadable, collect, one_line, rel_name, visible_files
 
 WHAT = "audio files"
@@ -124,8 +125,6 @@ def preparer(model: Any, profile: ShapeProfile) -> _Prepare:
 def read(
     root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, columns: Mapping[str, str] | None = None
 ) -> Samples:
-    from . import hf
-
     prepare = preparer(model, profile)
     meta = hf.metadata(root)
     labels = transcripts(root)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..spec import D2VError, ShapeProfile
+from . import hf
 from .samples import Candidate, Samples, Unreadable, collect, one_line, rel_name, visible_files
 
 WHAT = "images"
@@ -117,8 +118,6 @@ def preparer(model: Any, profile: ShapeProfile) -> Callable[[Any], dict[str, np.
 def read(
     root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, columns: Mapping[str, str] | None = None
 ) -> Samples:
-    from . import hf
-
     prepare = preparer(model, profile)
     meta = hf.metadata(root)
     base = root.parent if root.is_file() else root
