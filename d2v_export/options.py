@@ -104,7 +104,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         targets = tuple(dict.fromkeys(self.targets))  # a target named twice is built once
         if not targets:
-            raise _bad("no target: name at least one (e.g. onnxruntime)")
+            raise _bad(f"no target: name at least one (e.g. {backends.DEFAULT})")
         object.__setattr__(self, "targets", targets)
         half = tuple(dict.fromkeys(Precision(p) for p in self.half))
         if any(p not in (Precision.FP16, Precision.BF16) for p in half):

@@ -124,7 +124,7 @@ def saturates(flags: Iterable[str] | None = None, machine: str | None = None) ->
     if arch not in ("x86_64", "amd64", "i686", "x86"):
         return False
     if flags is None:
-        from .doctor import cpu_flags
+        from .cpu import cpu_flags
 
         flags = cpu_flags()
     return not (EXACT_INT8_FLAGS & set(flags))

@@ -28,7 +28,7 @@ PACKAGE = ROOT / "d2v_export"
 # tool's own fp32 checker (a core dependency): the export check, the clean-up check, the fusion benchmark
 # and the profiler run graphs with its runner and session settings whatever the targets are.
 ALLOWED_IMPORTS = {
-    "export.py": {"onnxruntime"},
+    "validate.py": {"onnxruntime"},  # the export check (validate.check_export)
     "rewrite.py": {"onnxruntime"},
     "optimize.py": {"onnxruntime"},
     "opprofile.py": {"onnxruntime"},

@@ -52,7 +52,7 @@ def make_wrapper(model: LoadedModel) -> Any:
         def forward(self, input_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return pick(self.inner(input_values=input_values, return_dict=True))
 
-    cls = {Modality.VISION: VisionWrapper, Modality.TEXT: TextWrapper, Modality.AUDIO: AudioWrapper}[head.modality]
+    cls: type[torch.nn.Module] = {Modality.VISION: VisionWrapper, Modality.TEXT: TextWrapper, Modality.AUDIO: AudioWrapper}[head.modality]
     return cls(model.module).eval()
 
 
