@@ -76,8 +76,12 @@ def export(
     path: Path,
     *,
     progress: Callable[[str], None] = lambda _msg: None,
+    reference_outputs: dict[Any, Any] | None = None,
 ) -> ExportedGraph:
-    """Export to ONNX at ``path``, check it with onnx.checker and against PyTorch in ONNX Runtime."""
+    """Export to ONNX at ``path``, check it with onnx.checker and against PyTorch in ONNX Runtime.
+
+    ``reference_outputs``: see ``validate.shape_check`` (PyTorch's outputs kept for later checks).
+    """
     import onnx
     import torch
 
@@ -117,7 +121,7 @@ def export(
     onnx.checker.check_model(str(path), full_check=True)
     export_seconds = time.perf_counter() - started
     outputs = _output_specs(path)
-    drift = check_against_torch(model, wrapper, path, profile, progress=progress)
+    drift = check_against_torch(model, wrapper, path, profile, progress=progress, reference_outputs=reference_outputs)
     return ExportedGraph(
         path=path,
         inputs=input_specs(head),
@@ -137,12 +141,13 @@ def check_against_torch(
     profile: ShapeProfile,
     *,
     progress: Callable[[str], None] = lambda _msg: None,
+    reference_outputs: dict[Any, Any] | None = None,
 ) -> Drift:
     """ONNX Runtime against PyTorch at every shape point of the profile."""
     from .backends.onnxruntime import OrtRunner
 
     with OrtRunner(path, threads=0, name="onnxruntime-check") as runner:
-        return shape_check(model, wrapper, runner.infer, profile, progress=progress)
+        return shape_check(model, wrapper, runner.infer, profile, progress=progress, reference_outputs=reference_outputs)
 
 
 def _spec(head: Head, name: str) -> TensorSpec:

@@ -304,7 +304,8 @@ def run(
         warnings = list(model.warnings)
         calib, evaluation = _samples(model, profile, options.int8, root, progress, warnings)
         work = root / ".work"
-        graph = export(model, profile, work / "model.onnx", progress=progress)
+        checked: dict[Any, Any] = {}  # PyTorch's outputs at the export check's shapes, reused by every fp32 check below
+        graph = export(model, profile, work / "model.onnx", progress=progress, reference_outputs=checked)
         if not graph.check.passed:
             raise D2VError(
                 f"ONNX Runtime does not match PyTorch for {model.head.class_name}: {graph.check.detail.split('worst: ')[-1]} "
@@ -345,7 +346,7 @@ def run(
                         drift = (
                             graph.check
                             if _same_file(artifact.model_file, graph.path)
-                            else shape_check(model, reference, runner.infer, profile, tolerance=model.head.tolerance * factor)
+                            else shape_check(model, reference, runner.infer, profile, tolerance=model.head.tolerance * factor, reference_outputs=checked)
                         )
                     else:
                         drift = _judge(model, ref_outputs, runner.infer, evaluation, options.int8)
