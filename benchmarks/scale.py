@@ -42,6 +42,7 @@ FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16"
 class Stage:
     name: str
     seconds: float = 0.0
+    cpu_s: float = 0.0  # user + system CPU seconds of the process in this stage
     rss_max: int = 0  # bytes, largest sample
     hwm_rise: int = 0  # bytes the high-water mark rose in this stage
 
@@ -51,6 +52,7 @@ class Pipeline:
     command: list[str]
     exit_code: int
     wall_s: float
+    cpu_s: float  # user + system CPU seconds of the run: the work done, less distorted by other load than wall time
     peak_rss: int  # bytes (ru_maxrss)
     weights_fp32: int  # bytes
     ratio: float | None
@@ -74,6 +76,15 @@ def cpu_class() -> str:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{name} ({cores} cores): " + (" ".join(f for f in FLAGS if f in flags) or "no AVX2")
+
+
+def _cpu(pid: int) -> float:
+    """utime + stime of a live process, in seconds (/proc/PID/stat fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -100,7 +111,7 @@ def run_pipeline(modality: str, preset: str, targets: list[str], int8: bool, ext
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, text=True, bufsize=1)
         stages = [Stage("start")]
-        stage_start, last_hwm = started, 0
+        stage_start, last_hwm, last_cpu = started, 0, 0.0
         lock = threading.Lock()
         done = threading.Event()
 
@@ -112,9 +123,12 @@ def run_pipeline(modality: str, preset: str, targets: list[str], int8: bool, ext
                 done.wait(0.05)
 
         def close_stage(now: float) -> None:
-            nonlocal last_hwm
+            nonlocal last_hwm, last_cpu
             hwm = _status(proc.pid).get("VmHWM", last_hwm)
+            cpu = _cpu(proc.pid) or last_cpu
             stages[-1].seconds = now - stage_start
+            stages[-1].cpu_s = round(cpu - last_cpu, 2)
+            last_cpu = cpu
             stages[-1].hwm_rise = max(0, hwm - last_hwm)
             last_hwm = max(last_hwm, hwm)
 
@@ -138,6 +152,8 @@ def run_pipeline(modality: str, preset: str, targets: list[str], int8: bool, ext
         _pid, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - started
+        cpu_total = usage.ru_utime + usage.ru_stime
+        stages[-1].cpu_s = round(max(0.0, cpu_total - last_cpu), 2)  # the last stage: up to the exit
         done.set()
         sampler.join()
         load_after = os.getloadavg()
@@ -150,6 +166,7 @@ def run_pipeline(modality: str, preset: str, targets: list[str], int8: bool, ext
             command=["d2v-export", *[a if a != str(out) else "TMP" for a in args]],
             exit_code=proc.returncode,
             wall_s=round(wall, 1),
+            cpu_s=round(cpu_total, 1),
             peak_rss=peak,
             weights_fp32=weights,
             ratio=round(peak / weights, 2) if weights else None,
@@ -164,14 +181,14 @@ def describe(p: Pipeline, top: int) -> str:
     load = lambda la: " / ".join(f"{x:.2f}" for x in la)  # noqa: E731
     rows = [
         f"{' '.join(p.command)}",
-        f"  exit {p.exit_code}, wall {p.wall_s:.1f} s, peak RSS {p.peak_rss / GB:.2f} GB, fp32 weights {p.weights_fp32 / GB:.2f} GB, "
+        f"  exit {p.exit_code}, wall {p.wall_s:.1f} s (CPU {p.cpu_s:.1f} s), peak RSS {p.peak_rss / GB:.2f} GB, fp32 weights {p.weights_fp32 / GB:.2f} GB, "
         f"ratio {p.ratio if p.ratio is not None else '?'}x",
         f"  load average (1/5/15 min) before {load(p.load_before)}, after {load(p.load_after)}",
-        "  stages (seconds, largest RSS sampled, rise of the high-water mark):",
+        "  stages (wall seconds, CPU seconds, largest RSS sampled, rise of the high-water mark):",
     ]
     for s in p.stages:
         mark = f"  +{s.hwm_rise / GB:.2f} GB HWM" if s.hwm_rise >= 0.05 * GB else ""
-        rows.append(f"    {s.seconds:7.1f} s  {s.rss_max / GB:5.2f} GB{mark:>17s}  {s.name}")
+        rows.append(f"    {s.seconds:7.1f} s {s.cpu_s:7.1f} cpu  {s.rss_max / GB:5.2f} GB{mark:>17s}  {s.name}")
     slow = sorted(p.stages, key=lambda s: -s.seconds)[:top]
     rows.append("  slowest: " + "; ".join(f"{s.name[:50]} {s.seconds:.1f} s" for s in slow))
     if p.tail:
