@@ -463,7 +463,9 @@ def rewrite_graph(graph: Any, names: Iterable[str], target: Any, feeds: Iterable
     if not any(done.values()):
         return graph, done
     target.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > 1_800_000_000
+    from .export import EXTERNAL_DATA_BYTES
+
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES  # as the export: the inline save holds the weights twice
     onnx.save(model, str(target), save_as_external_data=large, location=target.name + ".data" if large else None)
     del model
     if scaled_difference(graph.path, target, list(feeds)) > tolerance:
