@@ -312,6 +312,7 @@ def run(
                 f"is off by {graph.check.metrics['max_scaled_error']:.3g} (scaled), over the tolerance {model.head.tolerance:g}",
                 ExitCode.EXPORT_MISMATCH,
             )
+        release_memory()
         reference = make_wrapper(model)
         ref_outputs: list[dict[str, Any]] = []
         if evaluation is not None:
@@ -370,6 +371,7 @@ def run(
 
                     notes = (*notes, describe(done))
                 built.append((backend, artifact, drift, notes))
+                release_memory()  # the build's protobufs, NNCF's copies and the check's session are gone
 
         opt = profile.point("opt")
         feed = dummy_inputs(model.head, model.config, opt, seed=7)
@@ -674,6 +676,23 @@ def _cached(
     except OSError:
         pass  # a read-only home is no reason to fail
     return samples
+
+
+def release_memory() -> None:
+    """Hand memory freed by a finished stage back to the OS: a garbage collection, then glibc's malloc_trim.
+
+    Between stages the pipeline drops large objects (the exporter's program, protobufs, sessions), but
+    glibc keeps freed heap pages resident, so the next stage's peak stacked on them (measured on vision
+    base: +0.4 GB still resident after onnx.checker had finished). No effect where libc has no malloc_trim.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _same_file(a: Path, b: Path) -> bool:
