@@ -478,10 +478,13 @@ def scaled_difference(a: Any, b: Any, feeds: list[Any]) -> float:
     from .backends.onnxruntime import OrtRunner
     from .validate import scaled_error
 
+    # One session at a time (the outputs are small, each session holds a copy of the weights).
+    with OrtRunner(a, 1) as ra:
+        xs = [ra.infer(feed) for feed in feeds]
     worst = 0.0
-    with OrtRunner(a, 1) as ra, OrtRunner(b, 1) as rb:
-        for feed in feeds:
-            x, y = ra.infer(feed), rb.infer(feed)
+    with OrtRunner(b, 1) as rb:
+        for feed, x in zip(feeds, xs):
+            y = rb.infer(feed)
             for name, ref in x.items():
                 worst = max(worst, scaled_error(ref, y[name])[1])
     return worst
