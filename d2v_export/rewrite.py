@@ -99,20 +99,29 @@ def _prune(model: Any) -> None:
     """Drop nodes whose outputs nobody reads, then initializers nobody reads."""
     g = model.graph
     needed = {o.name for o in g.output}
-    keep = []
-    for n in reversed(list(g.node)):
+    drop = []
+    for k in range(len(g.node) - 1, -1, -1):
+        n = g.node[k]
         if any(o in needed for o in n.output):
-            keep.append(n)
             needed.update(i for i in n.input if i)
             for a in n.attribute:  # subgraphs (If/Loop) read names from outside
                 if a.g is not None and a.g.node:
                     needed.update(i for sn in a.g.node for i in sn.input)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    used = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(used)
+        else:
+            drop.append(k)
+    _delete(g.node, drop)
+    _delete(g.initializer, [k for k, t in enumerate(g.initializer) if t.name not in needed])
+
+
+def _delete(repeated: Any, indexes: Iterable[int]) -> None:
+    """Remove the items at ``indexes`` from a repeated protobuf field in place.
+
+    Not ``del field[:]`` + ``extend(kept)``: extend copies every kept message, and the copies of the
+    initializers were a full copy of the weights per rewrite (measured on vision base: +0.35 GB resident
+    per rewrite, 1.1 GB for the four, until the model is freed).
+    """
+    for k in sorted(set(indexes), reverse=True):
+        del repeated[k]
 
 
 # ------------------------------------------------------------------------------------------ rewrites
@@ -160,9 +169,7 @@ def fold_constants(model: Any) -> int:
     values = session.run(boundary, {}) if boundary else []
     for name, value in zip(boundary, values):
         g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-    remaining = [n for n in g.node if id(n) not in const_ids]
-    del g.node[:]
-    g.node.extend(remaining)
+    _delete(g.node, [k for k, n in enumerate(g.node) if id(n) in const_ids])
     _prune(model)
     return sum(n.op_type != "Constant" for n in constant)
 
@@ -171,9 +178,39 @@ def _value_types(model: Any) -> dict[str, int]:
     """Element type of every value ONNX shape inference can name (the folded values need one)."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
     g = inferred.graph
     return {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output, *g.input] if v.type.tensor_type.elem_type}
+
+
+def _without_weights(model: Any, limit: int = 4096) -> Any:
+    """A copy of ``model`` for shape inference in which every initializer over ``limit`` bytes is a typed
+    graph input instead (same name, type and shape; no data).
+
+    Shape inference serialises the model, parses it in C++ and back: with the weights that was three
+    transient copies of them (measured on vision base: +1.1 GB for 0.38 GB of weights). Only small
+    constants (shapes, axes, scalars) carry values that inference reads.
+    """
+    import onnx
+    from onnx import helper
+
+    light = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, field, getattr(model, field))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g, lg = model.graph, light.graph
+    lg.name = g.name
+    lg.node.extend(g.node)
+    lg.input.extend(g.input)
+    lg.output.extend(g.output)
+    lg.value_info.extend(g.value_info)
+    for t in g.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) > limit:
+            lg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            lg.initializer.append(t)
+    return light
 
 
 def _weight_bias(gr: _Graph, add: Any) -> tuple[Any, int, int] | None:
@@ -426,7 +463,9 @@ def rewrite_graph(graph: Any, names: Iterable[str], target: Any, feeds: Iterable
     if not any(done.values()):
         return graph, done
     target.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > 1_800_000_000
+    from .export import EXTERNAL_DATA_BYTES
+
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES  # as the export: the inline save holds the weights twice
     onnx.save(model, str(target), save_as_external_data=large, location=target.name + ".data" if large else None)
     del model
     if scaled_difference(graph.path, target, list(feeds)) > tolerance:
@@ -439,10 +478,13 @@ def scaled_difference(a: Any, b: Any, feeds: list[Any]) -> float:
     from .backends.onnxruntime import OrtRunner
     from .validate import scaled_error
 
+    # One session at a time (the outputs are small, each session holds a copy of the weights).
+    with OrtRunner(a, 1) as ra:
+        xs = [ra.infer(feed) for feed in feeds]
     worst = 0.0
-    with OrtRunner(a, 1) as ra, OrtRunner(b, 1) as rb:
-        for feed in feeds:
-            x, y = ra.infer(feed), rb.infer(feed)
+    with OrtRunner(b, 1) as rb:
+        for feed, x in zip(feeds, xs):
+            y = rb.infer(feed)
             for name, ref in x.items():
                 worst = max(worst, scaled_error(ref, y[name])[1])
     return worst

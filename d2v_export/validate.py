@@ -48,10 +48,14 @@ def shape_check(
     *,
     progress: Callable[[str], None] = lambda _msg: None,
     tolerance: float | None = None,
+    reference_outputs: dict[Any, dict[str, np.ndarray]] | None = None,
 ) -> Drift:
     """Compare ``infer`` with the PyTorch ``reference`` wrapper at each shape point; name the worst output.
 
     ``tolerance``: the scaled error allowed (default: the head's, for fp32 artifacts).
+    ``reference_outputs``: a dict the caller keeps for one reference model; PyTorch's outputs at each
+    shape point are stored there and reused by the next check (the inputs are the same at each point,
+    so every fp32 artifact of a run is compared with the same outputs, computed once).
     """
     head = model.head
     tolerance = head.tolerance if tolerance is None else tolerance
@@ -60,7 +64,13 @@ def shape_check(
     for i, sizes in enumerate(points):
         progress(f"checking against PyTorch at {fmt_sizes(sizes)}")
         feeds = dummy_inputs(head, model.config, sizes, seed=100 + i)
-        ref = torch_forward(reference, feeds, head.outputs)
+        key = (100 + i, tuple(sorted(sizes.items())))
+        if reference_outputs is not None and key in reference_outputs:
+            ref = reference_outputs[key]
+        else:
+            ref = torch_forward(reference, feeds, head.outputs)
+            if reference_outputs is not None:
+                reference_outputs[key] = ref
         got = infer(feeds)
         for name in head.outputs:
             if name not in got or got[name].shape != ref[name].shape:
@@ -82,12 +92,20 @@ def shape_check(
     )
 
 
-def check_export(model: LoadedModel, graph: ExportedGraph, wrapper: Any, *, progress: Callable[[str], None] = lambda _msg: None) -> ExportedGraph:
+def check_export(
+    model: LoadedModel,
+    graph: ExportedGraph,
+    wrapper: Any,
+    *,
+    progress: Callable[[str], None] = lambda _msg: None,
+    reference_outputs: dict[Any, dict[str, np.ndarray]] | None = None,
+) -> ExportedGraph:
     """``graph`` with its ``check``: ONNX Runtime against the PyTorch ``wrapper`` at every shape point of its profile."""
     from .backends.onnxruntime import OrtRunner
 
     with OrtRunner(graph.path, threads=0, name="export-check") as runner:
-        return dataclasses.replace(graph, check=shape_check(model, wrapper, runner.infer, graph.profile, progress=progress))
+        check = shape_check(model, wrapper, runner.infer, graph.profile, progress=progress, reference_outputs=reference_outputs)
+        return dataclasses.replace(graph, check=check)
 
 
 def task_drift(

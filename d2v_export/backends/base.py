@@ -217,10 +217,16 @@ def files_in(folder: Path) -> tuple[Path, ...]:
 
 
 def copy_onnx(source: Path, target: Path) -> None:
-    """Copy an ONNX file and any external-data file beside it (hard links when the disk allows)."""
+    """Copy an ONNX file and any external-data file beside it (the ONNX file as a hard link when the disk allows).
+
+    The external-data file is always copied: onnx refuses to load external data from a file with more than
+    one hard link ("it has multiple hard links"), which broke the INT8 build from the same export.
+    """
     for src in [source, *source.parent.glob(source.name + ".data")]:
         dst = target.parent / src.name.replace(source.name, target.name)
         try:
+            if src is not source:
+                raise OSError("external data: copy")
             dst.hardlink_to(src)
         except OSError:
             shutil.copy2(src, dst)
