@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .heads import Head, dummy_inputs, dynamic_axes, input_specs, trace_point
+from .layouts import export_layouts
 from .models import LoadedModel
 from .spec import D2VError, Drift, ExitCode, ExportedGraph, Modality, ShapeProfile, TensorSpec
 from .validate import shape_check
@@ -95,7 +96,7 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     progress(f"exporting {head.class_name} to ONNX (opset {OPSET}, dynamo)")
     large = model.parameters * 4 > 1_800_000_000
-    with _quiet():
+    with _quiet(), export_layouts(model.module) as layouts:
         try:
             torch.onnx.export(
                 wrapper,
@@ -124,7 +125,7 @@ def export(
         outputs=outputs,
         profile=profile,
         opset=OPSET,
-        exporter=f"torch.onnx dynamo (torch {torch.__version__})",
+        exporter=f"torch.onnx dynamo (torch {torch.__version__})" + "".join(f"; {layout}" for layout in layouts),
         check=drift,
         seconds=export_seconds,
     )

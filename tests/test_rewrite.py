@@ -110,3 +110,19 @@ def test_fold_constants_computes_constant_subgraphs(tmp_path: Path) -> None:
     onnx.save(model, str(dst))
     x = rng.standard_normal((3, 2, 3)).astype(np.float32)
     assert rewrite.scaled_difference(src, dst, [{"x": x}]) == 0.0
+
+
+def test_the_audio_feature_encoder_is_exported_time_major(exported: tuple[object, object, object, tuple[Modality, str]]) -> None:
+    """d2v_export.layouts: every feature-encoder convolution after the first is a MatMul in the graph, the export
+    check (against the original module) held, and the model the user loaded is left as it was."""
+    model, _profile, graph, key = exported
+    if key[0] is not Modality.AUDIO:
+        pytest.skip("the time-major layout is for the audio feature encoder")
+    m = onnx.load(str(graph.path))  # type: ignore[attr-defined]
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    grouped = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert len(convs) - len(grouped) == 1  # the raw-waveform convolution only (the positional convolutions are grouped)
+    assert "time-major" in graph.exporter and graph.check.passed  # type: ignore[attr-defined]
+    encoder = model.module.data2vec_audio.feature_extractor  # type: ignore[attr-defined]
+    assert type(encoder).__name__ == "Data2VecAudioFeatureEncoder"
+    assert len(encoder.conv_layers) == model.config.num_feat_extract_layers > 1  # type: ignore[attr-defined]
