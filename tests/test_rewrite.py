@@ -132,12 +132,17 @@ def test_the_audio_feature_encoder_is_exported_time_major(exported: tuple[object
 def test_the_first_token_layout_only_where_the_head_reads_only_the_first_token(task: str) -> None:
     """d2v_export.layouts: the last text layer runs for the first token only under sequence classification and multiple
     choice (same outputs as the full layer, padded inputs included), never under heads that read every token."""
+    import torch
+
     from d2v_export.export import make_wrapper, torch_forward
     from d2v_export.layouts import FIRST_TOKEN, export_layouts
 
     model, profile = tiny(head_for(Modality.TEXT, task))
     wrapper = make_wrapper(model)
     last = model.module.base_model.encoder.layer[-1]  # type: ignore[attr-defined]
+    with torch.no_grad():  # attention neither uniform (random init) nor one-hot: a wrong scale or mask shows
+        last.attention.self.query.weight.mul_(10.0)
+        last.attention.self.key.weight.mul_(10.0)
     feeds = _feeds(model, profile)
     assert any((f["attention_mask"] == 0).any() for f in feeds)  # padding is part of what is compared
     before = [torch_forward(wrapper, f, model.head.outputs) for f in feeds]  # type: ignore[attr-defined]
