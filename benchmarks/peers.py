@@ -550,6 +550,13 @@ def op_breakdowns(model: Any, profile: Any, plan: Plan, paths: list[Path_], thre
     return out
 
 
+def _gemm_rate(gflops: float, groups: dict[str, float]) -> float:
+    """GOP/s the profiled GEMMs achieved: every matmul+conv FLOP of the model over the time of all GEMMs (ms)."""
+    from d2v_export.opprofile import GEMM8, GEMM32
+
+    return gflops * 1000.0 / (groups.get(GEMM8, 0.0) + groups.get(GEMM32, 0.0))
+
+
 def breakdown_table(result: Mapping[str, Any], gflops: float | None) -> list[str]:
     b = result.get("breakdown") or {}
     if not b.get("paths"):
@@ -573,8 +580,8 @@ def breakdown_table(result: Mapping[str, Any], gflops: float | None) -> list[str
     lines.append("| total | " + " | ".join(f"{sum(b['paths'][n].values()):.1f}" for n in names) + " |")
     if gflops:
         lines.append(
-            "| int8 GEMM rate (all matmul+conv FLOPs / int8 GEMM time) | "
-            + " | ".join(f"{gflops / b['paths'][n][GEMM8]:.0f} GOP/s" if b["paths"][n].get(GEMM8) else "-" for n in names)
+            "| GEMM rate (all matmul+conv FLOPs / int8 + float GEMM time) | "
+            + " | ".join(f"{_gemm_rate(gflops, b['paths'][n]):.0f} GOP/s" if b["paths"][n].get(GEMM8) else "-" for n in names)
             + " |"
         )
     if b.get("attention"):

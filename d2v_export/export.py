@@ -15,6 +15,7 @@ from typing import Any, Callable
 from .backends.torch_ref import make_wrapper, torch_forward
 from .console import quiet
 from .heads import Head, dummy_inputs, dynamic_axes, input_specs, trace_point
+from .layouts import export_layouts
 from .models import LoadedModel
 from .spec import REFERENCE, D2VError, Drift, ExitCode, ExportedGraph, ShapeProfile, TensorSpec
 
@@ -77,7 +78,7 @@ def write_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     progress(f"exporting {head.class_name} to ONNX (opset {OPSET}, dynamo)")
     large = model.parameters * 4 > EXTERNAL_DATA_BYTES
-    with quiet(EXPORTER_LOGGERS, python_warnings=True):
+    with quiet(EXPORTER_LOGGERS, python_warnings=True), export_layouts(model.module) as layouts:
         try:
             torch.onnx.export(
                 wrapper,
@@ -105,7 +106,7 @@ def write_onnx(
         outputs=outputs,
         profile=profile,
         opset=OPSET,
-        exporter=f"torch.onnx dynamo (torch {torch.__version__})",
+        exporter=f"torch.onnx dynamo (torch {torch.__version__})" + "".join(f"; {layout}" for layout in layouts),
         check=NOT_CHECKED,
         seconds=export_seconds,
     )

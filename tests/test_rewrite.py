@@ -110,3 +110,47 @@ def test_fold_constants_computes_constant_subgraphs(tmp_path: Path) -> None:
     onnx.save(model, str(dst))
     x = rng.standard_normal((3, 2, 3)).astype(np.float32)
     assert rewrite.scaled_difference(src, dst, [{"x": x}]) == 0.0
+
+
+def test_the_audio_feature_encoder_is_exported_time_major(exported: tuple[object, object, object, tuple[Modality, str]]) -> None:
+    """d2v_export.layouts: every feature-encoder convolution after the first is a MatMul in the graph, the export
+    check (against the original module) held, and the model the user loaded is left as it was."""
+    model, _profile, graph, key = exported
+    if key[0] is not Modality.AUDIO:
+        pytest.skip("the time-major layout is for the audio feature encoder")
+    m = onnx.load(str(graph.path))  # type: ignore[attr-defined]
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    grouped = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert len(convs) - len(grouped) == 1  # the raw-waveform convolution only (the positional convolutions are grouped)
+    assert "time-major" in graph.exporter and graph.check.passed  # type: ignore[attr-defined]
+    encoder = model.module.data2vec_audio.feature_extractor  # type: ignore[attr-defined]
+    assert type(encoder).__name__ == "Data2VecAudioFeatureEncoder"
+    assert len(encoder.conv_layers) == model.config.num_feat_extract_layers > 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("task", ["text-classification", "multiple-choice", "token-classification", "fill-mask", "question-answering"])
+def test_the_first_token_layout_only_where_the_head_reads_only_the_first_token(task: str) -> None:
+    """d2v_export.layouts: the last text layer runs for the first token only under sequence classification and multiple
+    choice (same outputs as the full layer, padded inputs included), never under heads that read every token."""
+    import torch
+
+    from d2v_export.export import make_wrapper, torch_forward
+    from d2v_export.layouts import FIRST_TOKEN, export_layouts
+
+    model, profile = tiny(head_for(Modality.TEXT, task))
+    wrapper = make_wrapper(model)
+    last = model.module.base_model.encoder.layer[-1]  # type: ignore[attr-defined]
+    with torch.no_grad():  # attention neither uniform (random init) nor one-hot: a wrong scale or mask shows
+        last.attention.self.query.weight.mul_(10.0)
+        last.attention.self.key.weight.mul_(10.0)
+    feeds = _feeds(model, profile)
+    assert any((f["attention_mask"] == 0).any() for f in feeds)  # padding is part of what is compared
+    before = [torch_forward(wrapper, f, model.head.outputs) for f in feeds]  # type: ignore[attr-defined]
+    with export_layouts(model.module) as applied:  # type: ignore[attr-defined]
+        swapped = model.module.base_model.encoder.layer[-1] is not last  # type: ignore[attr-defined]
+        after = [torch_forward(wrapper, f, model.head.outputs) for f in feeds]  # type: ignore[attr-defined]
+    assert (FIRST_TOKEN in applied) == swapped == (task in ("text-classification", "multiple-choice"))
+    assert model.module.base_model.encoder.layer[-1] is last  # type: ignore[attr-defined]
+    for a, b in zip(before, after):
+        for name in a:
+            assert np.abs(a[name] - b[name]).max() <= 1e-5 * max(1.0, float(np.abs(a[name]).max()))
