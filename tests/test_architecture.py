@@ -17,22 +17,6 @@ from d2v_export.predict import RESULTS
 PACKAGE = Path(__file__).resolve().parents[1] / "d2v_export"
 MAX_LINES = 80
 
-# Units of the backend files being reworked in parallel (issue 13, part 1). The coordinator empties this
-# list after merging; nothing outside d2v_export/backends/, trt_device.py, quantize.py, profiles.py,
-# bundle.py and doctor.py may ever be added to it.
-ALLOWED_LONG: set[str] = {
-    "backends/openvino.py:OpenVinoBackend",
-    "backends/openvino.py:compile",
-    "backends/tensorrt.py:fp16_remainder",
-    "backends/tensorrt.py:TensorRTBackend",
-    "bundle.py:write_manifest",
-    "bundle.py:readme",
-    "profiles.py:parse_profile",
-    "quantize.py:QuantSession",
-    "trt_device.py:_CudaPython",
-    "trt_device.py:_TorchCuda",
-    "trt_device.py:EngineRunner",
-}
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -133,13 +117,8 @@ def long_units(limit: int = MAX_LINES) -> list[tuple[str, int]]:
 
 
 def test_no_function_or_class_is_over_80_lines() -> None:
-    too_long = [f"{name} ({lines} lines)" for name, lines in long_units() if name not in ALLOWED_LONG]
+    too_long = [f"{name} ({lines} lines)" for name, lines in long_units()]
     assert not too_long, f"over {MAX_LINES} lines: " + ", ".join(too_long)
-
-
-def test_the_allow_list_names_only_backend_files_still_being_reworked() -> None:
-    owners = ("backends/", "trt_device.py", "quantize.py", "profiles.py", "bundle.py", "doctor.py")
-    assert all(name.startswith(owners) for name in ALLOWED_LONG), ALLOWED_LONG
 
 
 def test_every_head_names_a_prediction_result() -> None:
