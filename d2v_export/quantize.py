@@ -94,8 +94,12 @@ def make_recipe(
     samples: int = 0,
     excluded: Sequence[str] = (),
     reduce_range: bool = False,
+    modality: str = "",
 ) -> QuantRecipe:
-    """The QuantRecipe of ``target`` ("onnxruntime", "tensorrt", ... or a RECIPES key) in ``mode``."""
+    """The QuantRecipe of ``target`` ("onnxruntime", "tensorrt", ... or a RECIPES key) in ``mode``.
+
+    ``modality`` ("vision", "text", "audio") picks the layers that stay float by rule (recipe_choice.CHOICES)."""
+    from .recipe_choice import choose
     if mode not in MODES:
         raise D2VError(f"unknown quantization mode '{mode}'; choose one of: {', '.join(MODES)}")
     if method not in METHODS:
@@ -106,6 +110,7 @@ def make_recipe(
         raise D2VError(f"no INT8 recipe for target '{target}'; choose one of: {', '.join(known)}")
     if template.mode != mode:
         raise D2VError(f"target '{target}' has no {mode} INT8; use --quant {template.mode}", ExitCode.TARGET_UNAVAILABLE)
+    choice = choose(target.removesuffix(f"-{mode}"), modality)
     return QuantRecipe(
         mode=mode,
         method=method if mode == "static" else "none",
@@ -118,6 +123,8 @@ def make_recipe(
         # Only ONNX Runtime's CPU kernels have the u8 x s8 saturation; TensorRT (GPU) and NNCF (its own
         # overflow fix) take 8-bit weights.
         reduce_range=reduce_range and not template.symmetric_activations and target.startswith("onnxruntime"),
+        float_rules=choice.float_rules,
+        choice=choice.why,
     )
 
 
@@ -183,7 +190,9 @@ class QuantSession:
         self.cache = workdir / "ranges.json"
         self.large = _size(self.source) > 1_800_000_000
         _preprocess(self.source, self.prepared, self.large)
-        self.rule_excluded = excluded_for_transformer(self.prepared, recipe.op_types)
+        from .recipe_choice import float_nodes
+
+        self.rule_excluded = float_nodes(self.prepared, recipe.float_rules, recipe.op_types)
 
     @property
     def method(self) -> Any:

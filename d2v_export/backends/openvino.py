@@ -199,15 +199,18 @@ class OpenVinoBackend:
         if precision is Precision.INT8:
             assert quant is not None
             if quant.mode == "static" and control is not None:
+                from ..recipe_choice import float_nodes
+
+                ruled = _ov_names(model, float_nodes(graph.path, quant.float_rules, quant.op_types))  # as without control
                 model, reverted = quantize_with_accuracy_control(
-                    model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8
+                    model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8, ignored=ruled
                 )
-                quant = dataclasses.replace(quant, excluded_nodes=reverted, tool="nncf quantize_with_accuracy_control")
+                quant = dataclasses.replace(quant, excluded_nodes=(*ruled, *reverted), tool="nncf quantize_with_accuracy_control")
                 more = [f"NNCF accuracy control: {len(reverted)} operation(s) reverted to float" + (f": {', '.join(reverted[:12])}" if reverted else "")]
             elif quant.mode == "static":
-                from ..quantize import excluded_for_transformer
+                from ..recipe_choice import float_nodes
 
-                model, quant, more = _quantize_static(model, quant, request.calibration, excluded_for_transformer(graph.path))
+                model, quant, more = _quantize_static(model, quant, request.calibration, float_nodes(graph.path, quant.float_rules, quant.op_types))
             else:
                 model, quant, more = _compress_weights(model, quant)
             notes.extend(more)
@@ -330,7 +333,7 @@ def _quantize_static(
         )
     ]
     if present:
-        notes.append(f"kept float (reads the raw model input, as for ONNX Runtime): {', '.join(present)}")
+        notes.append(f"kept float by rule ({', '.join(quant.float_rules)}): {', '.join(present)}")
     return quantized, recipe, notes
 
 
@@ -384,6 +387,7 @@ def quantize_with_accuracy_control(
     max_drop: float,
     *,
     max_iterations: int | None = None,
+    ignored: Sequence[str] = (),
 ) -> tuple[Any, tuple[str, ...]]:
     """Static INT8 with NNCF's accuracy control: quantize, then revert the most harmful layers to float
     until ``metric(int8) >= metric(fp32) - max_drop`` (absolute drop) or nothing is left to revert.
@@ -392,6 +396,8 @@ def quantize_with_accuracy_control(
     (same order; each output dict is keyed by the OpenVINO/ONNX output name); higher is better. A usual
     one is top-1 agreement with reference outputs the caller computed once. NNCF calls it on the whole
     set and on single items (to rank layers), with the models compiled at f32 precision.
+
+    ``ignored``: OpenVINO operation names left float from the start (the recipe's float rules).
 
     Returns the (maybe partly reverted) quantized ``ov.Model`` and the names of the operations reverted
     to float. NNCF does not return its report: the names come from its INFO log record
@@ -429,6 +435,7 @@ def quantize_with_accuracy_control(
             model_type=nncf.ModelType.TRANSFORMER,
             preset=nncf.QuantizationPreset.MIXED,
             subset_size=len(calib),
+            ignored_scope=nncf.IgnoredScope(names=list(ignored)) if ignored else None,
             advanced_accuracy_restorer_parameters=params,
         )
     return quantized, tuple(reverted)
