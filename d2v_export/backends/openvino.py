@@ -201,7 +201,8 @@ class OpenVinoBackend:
             if quant.mode == "static" and control is not None:
                 from ..recipe_choice import float_nodes
 
-                ruled = _ov_names(model, float_nodes(graph.path, quant.float_rules, quant.op_types))  # as without control
+                keep = float_nodes(graph.path, quant.float_rules, quant.op_types)
+                ruled = _ov_names(model, keep, _onnx_outputs(graph.path, keep))  # as without control
                 model, reverted = quantize_with_accuracy_control(
                     model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8, ignored=ruled
                 )
@@ -210,7 +211,8 @@ class OpenVinoBackend:
             elif quant.mode == "static":
                 from ..recipe_choice import float_nodes
 
-                model, quant, more = _quantize_static(model, quant, request.calibration, float_nodes(graph.path, quant.float_rules, quant.op_types))
+                keep = float_nodes(graph.path, quant.float_rules, quant.op_types)
+                model, quant, more = _quantize_static(model, quant, request.calibration, keep, _onnx_outputs(graph.path, keep))
             else:
                 model, quant, more = _compress_weights(model, quant)
             notes.extend(more)
@@ -302,13 +304,14 @@ def _default_hint(core: Any, device: str) -> str:
 
 
 def _quantize_static(
-    model: Any, quant: QuantRecipe, calibration: Sequence[Mapping[str, np.ndarray]], keep_float: Sequence[str] = ()
+    model: Any, quant: QuantRecipe, calibration: Sequence[Mapping[str, np.ndarray]], keep_float: Sequence[str] = (),
+    outputs: Mapping[str, str] | None = None,
 ) -> tuple[Any, QuantRecipe, list[str]]:
     """``keep_float``: ONNX node names left float (the layer that reads the raw input, as for ONNX Runtime)."""
     import nncf
 
     feeds = list(calibration)
-    present = _ov_names(model, keep_float)
+    present = _ov_names(model, keep_float, outputs)
     with _nncf_quiet():
         quantized = nncf.quantize(
             model,
@@ -337,10 +340,22 @@ def _quantize_static(
     return quantized, recipe, notes
 
 
-def _ov_names(model: Any, onnx_names: Sequence[str]) -> list[str]:
-    """The OpenVINO operations converted from these ONNX nodes (a Conv or Gemm with bias becomes "<name>/WithoutBiases")."""
+def _ov_names(model: Any, onnx_names: Sequence[str], outputs: Mapping[str, str] | None = None) -> list[str]:
+    """The OpenVINO operations converted from these ONNX nodes (a Conv or Gemm with bias becomes "<name>/WithoutBiases";
+    one that writes a graph output is named after that output: ``outputs`` maps node name -> its output tensor)."""
     ops = {op.get_friendly_name() for op in model.get_ops()}
-    return [candidate for n in onnx_names for candidate in (n, f"{n}/WithoutBiases") if candidate in ops]
+    found = []
+    for n in onnx_names:
+        named = [candidate for candidate in (n, f"{n}/WithoutBiases") if candidate in ops]
+        found += named or [o for o in [(outputs or {}).get(n)] if o in ops]
+    return found
+
+
+def _onnx_outputs(onnx_path: Path, names: Sequence[str]) -> dict[str, str]:
+    import onnx
+
+    wanted = set(names)
+    return {n.name: n.output[0] for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.name in wanted and n.output}
 
 
 def _compress_weights(model: Any, quant: QuantRecipe) -> tuple[Any, QuantRecipe, list[str]]:
