@@ -305,7 +305,7 @@ def _default_hint(core: Any, device: str) -> str:
 
 def _quantize_static(
     model: Any, quant: QuantRecipe, calibration: Sequence[Mapping[str, np.ndarray]], keep_float: Sequence[str] = (),
-    outputs: Mapping[str, str] | None = None,
+    outputs: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[Any, QuantRecipe, list[str]]:
     """``keep_float``: ONNX node names left float (the layer that reads the raw input, as for ONNX Runtime)."""
     import nncf
@@ -340,22 +340,31 @@ def _quantize_static(
     return quantized, recipe, notes
 
 
-def _ov_names(model: Any, onnx_names: Sequence[str], outputs: Mapping[str, str] | None = None) -> list[str]:
+def _ov_names(model: Any, onnx_names: Sequence[str], outputs: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """The OpenVINO operations converted from these ONNX nodes (a Conv or Gemm with bias becomes "<name>/WithoutBiases";
-    one that writes a graph output is named after that output: ``outputs`` maps node name -> its output tensor)."""
+    one that writes a graph output, itself or through its bias Add, is named after that output: ``outputs`` maps
+    node name -> those tensor names, from ``_onnx_outputs``)."""
     ops = {op.get_friendly_name() for op in model.get_ops()}
     found = []
     for n in onnx_names:
         named = [candidate for candidate in (n, f"{n}/WithoutBiases") if candidate in ops]
-        found += named or [o for o in [(outputs or {}).get(n)] if o in ops]
+        found += named or [o for o in (outputs or {}).get(n, ()) if o in ops][:1]
     return found
 
 
-def _onnx_outputs(onnx_path: Path, names: Sequence[str]) -> dict[str, str]:
+def _onnx_outputs(onnx_path: Path, names: Sequence[str]) -> dict[str, list[str]]:
+    """Node name -> its output tensor and the outputs of Add nodes reading it (a MatMul's bias)."""
     import onnx
 
+    nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
     wanted = set(names)
-    return {n.name: n.output[0] for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.name in wanted and n.output}
+    out: dict[str, list[str]] = {n.name: [n.output[0]] for n in nodes if n.name in wanted and n.output}
+    for reader in nodes:
+        if reader.op_type == "Add":
+            for name, tensors in out.items():
+                if tensors[0] in reader.input:
+                    tensors.append(reader.output[0])
+    return out
 
 
 def _compress_weights(model: Any, quant: QuantRecipe) -> tuple[Any, QuantRecipe, list[str]]:
