@@ -118,7 +118,7 @@ def test_static_int8_stays_within_the_task_budget_on_every_target(modality: str,
         assert d["samples"] == splits["eval"], (name, d["detail"])  # the whole held-out split
         assert dict(d["budget"]) == BUDGET and not d["informational"], (name, d["budget"])  # trained weights: accuracy gates
         m = d["metrics"]
-        assert m["reference_accuracy"] >= {"vision": 0.9, "text": 0.75}[modality], (name, m)  # the model is trained
+        assert m["reference_accuracy"] >= {"vision": 0.9, "text": 0.75, "audio": 0.7}[modality], (name, m)  # the model is trained
         assert d["passed"], (name, m, v["notes"])
         assert m["accuracy_drop"] <= BUDGET["accuracy_drop"] and m["top1_agreement"] >= BUDGET["top1_agreement"], (name, m)
         assert m["logit_cosine"] >= BUDGET["logit_cosine"], (name, m)
