@@ -378,7 +378,7 @@ def build_paths(
     graphs: dict[tuple[str, ...], Any] = {(): (graph, {})}
     for target in options.targets:
         backend = backends.get(target)
-        for name, request, names, what in _plan(backend, options, samples, threads):
+        for name, request, names, what in _plan(backend, options, samples, threads, model.head.modality.value):
             if names not in graphs:
                 graphs[names] = for_model(graph, names, model, profile, work / f"clean-{len(graphs)}" / "model.onnx")
             g, done = graphs[names]

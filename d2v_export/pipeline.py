@@ -375,7 +375,7 @@ def _build_all(work: _Work, root: Path) -> list[Built]:
     built = []
     for target in work.options.targets:
         backend = backends.get(target)
-        for name, request, rewrites, what in _plan(backend, work.options, work.calib, work.threads):
+        for name, request, rewrites, what in _plan(backend, work.options, work.calib, work.threads, work.model.head.modality.value):
             built.append(_build_one(work, backend, root / name, request, rewrites, what))
             release_memory()  # the build's protobufs, NNCF's copies and the check's session are gone
     return built
@@ -537,7 +537,7 @@ def _write_bundles_and_report(result: Report, built: list[Built], model: LoadedM
 # ----------------------------------------------------------------------------------- what the stages use
 
 
-def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int) -> list[tuple[str, BuildRequest, tuple[str, ...], str]]:
+def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int, modality: str = "") -> list[tuple[str, BuildRequest, tuple[str, ...], str]]:
     """(variant name, request, graph rewrites, description) for every variant of one target.
 
     Without --pick: fp32, the extra float precisions and the INT8 recipe the user asked for. With it: fp32,
@@ -547,7 +547,7 @@ def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int
     """
     default_rewrites = tuple(backend.rewrites) if options.rewrite else ()
     plan = []
-    for request in _requests(backend, options, calib, threads):
+    for request in _requests(backend, options, calib, threads, modality):
         if options.pick and request.quant is not None and backend.pick_levers:
             continue  # replaced by the backend's candidates below
         name = f"{backend.name}-{request.precision.value}" + (f"-{request.quant.mode}" if request.quant else "")
@@ -571,7 +571,7 @@ def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int
             continue  # --no-rewrite: no clean-up anywhere
         names = default_rewrites if lever.rewrite is None else (_ALL_REWRITES() if lever.rewrite else ())
         samples = len(calib) if calib is not None and lever.mode == "static" else 0
-        recipe = make_recipe(backend, lever.mode, method=int8.method, samples=samples, reduce_range=rr)
+        recipe = make_recipe(backend, lever.mode, method=int8.method, samples=samples, reduce_range=rr, modality=modality)
         if lever.symmetric_activations is not None:
             recipe = dataclasses.replace(recipe, symmetric_activations=lever.symmetric_activations)
         key = (recipe, names)
@@ -595,7 +595,7 @@ def _deferred(options: RunOptions) -> set[str]:
     return {t for t in options.targets if options.defer_build and backends.get(t).can_defer}
 
 
-def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads: int) -> list[BuildRequest]:
+def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads: int, modality: str = "") -> list[BuildRequest]:
     """fp32 always (it is the baseline of every comparison), plus fp16/bf16 where supported, plus INT8 when asked for."""
     common = dict(threads=threads, defer_build=options.defer_build, device=options.device)
     requests = [BuildRequest(precision=Precision.FP32, **common)]  # type: ignore[arg-type]
@@ -605,7 +605,9 @@ def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads:
         from .quantize import make_recipe
 
         samples = len(calib) if calib is not None and int8.mode == "static" else 0
-        recipe = make_recipe(backend, int8.mode, method=int8.method, samples=samples, reduce_range=wants_reduce_range(int8, options.profile))
+        recipe = make_recipe(
+            backend, int8.mode, method=int8.method, samples=samples, reduce_range=wants_reduce_range(int8, options.profile), modality=modality
+        )
         feeds = tuple(calib.feeds) if calib is not None and int8.mode == "static" else ()
         requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, **common))  # type: ignore[arg-type]
     return requests

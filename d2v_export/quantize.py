@@ -72,6 +72,9 @@ class Recipes(Protocol):
     @property
     def int8_recipes(self) -> Mapping[str, RecipeTemplate]: ...
 
+    @property
+    def recipe_choices(self) -> Mapping[str, Any]: ...
+
 
 def make_recipe(
     target: Recipes,
@@ -81,8 +84,13 @@ def make_recipe(
     samples: int = 0,
     excluded: Sequence[str] = (),
     reduce_range: bool = False,
+    modality: str = "",
 ) -> QuantRecipe:
-    """The QuantRecipe of a target (its backend: ``backends.get(name)``) in ``mode``."""
+    """The QuantRecipe of a target (its backend: ``backends.get(name)``) in ``mode``.
+
+    ``modality`` ("vision", "text", "audio") picks the layers that stay float by rule (``Backend.recipe_choices``)."""
+    from .recipe_choice import choose
+
     if mode not in MODES:
         raise D2VError(f"unknown quantization mode '{mode}'; choose one of: {', '.join(MODES)}")
     if method not in METHODS:
@@ -93,6 +101,7 @@ def make_recipe(
     template = templates.get(mode)
     if template is None:
         raise D2VError(f"target '{target.name}' has no {mode} INT8; use --quant {next(iter(templates))}", ExitCode.TARGET_UNAVAILABLE)
+    choice = choose(target, modality)
     return QuantRecipe(
         mode=mode,
         method=method if mode == "static" else "none",
@@ -103,6 +112,8 @@ def make_recipe(
         excluded_nodes=tuple(excluded),
         tool=TOOL,
         reduce_range=reduce_range and template.reduce_range,
+        float_rules=choice.float_rules,
+        choice=choice.why,
     )
 
 
@@ -173,7 +184,9 @@ class QuantSession:
         # ``_finish`` stays one file (and checked) up to ``large``.
         self.external = self.large or self.source.with_name(self.source.name + ".data").is_file()
         _preprocess(self.source, self.prepared, self.external)
-        self.rule_excluded = excluded_for_transformer(self.prepared, recipe.op_types)
+        from .recipe_choice import float_nodes
+
+        self.rule_excluded = float_nodes(self.prepared, recipe.float_rules, recipe.op_types)
 
     @property
     def method(self) -> Any:

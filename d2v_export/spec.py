@@ -191,6 +191,10 @@ class QuantRecipe:
     # 7-bit weights (ONNX Runtime's reduce_range): u8 x s8 products stay exact on x86 CPUs without VNNI,
     # whose AVX2 kernel (VPMADDUBSW) saturates 16-bit pair sums with full 8-bit weights (docs/quantization.md).
     reduce_range: bool = False
+    # Structural rules for the nodes that stay float (recipe_choice.RULES: "input", "head", "ffn_out"),
+    # chosen per target and modality by recipe_choice.choose; ``choice`` says why, for the report.
+    float_rules: tuple[str, ...] = ("input",)
+    choice: str = ""
 
 
 @dataclass(frozen=True)

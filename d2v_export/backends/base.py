@@ -24,6 +24,7 @@ from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
 
 if TYPE_CHECKING:
     from ..quantize import RecipeTemplate
+    from ..recipe_choice import Choice
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class Backend(Protocol):
     - ``precisions``: what ``compile`` builds; device profiles and ``matrix`` are checked against it.
     - ``int8_recipes``: INT8 mode ("static", "dynamic") -> what it quantizes (``quantize.RecipeTemplate``);
       the modes ``--quant`` may ask of this target. Empty when ``precisions`` has no INT8.
+    - ``recipe_choices``: modality ("vision", "text", "audio"; "*" for all) -> the layers its INT8 keeps
+      float by rule and why (``recipe_choice.Choice``, chosen by measurement); unlisted: ``recipe_choice.BASE``.
     - ``devices``: the ``--device`` values it takes (``Devices``).
     - ``can_defer``: with ``BuildRequest.defer_build`` it writes a portable half without its runtime
       (TensorRT: the engine is built later on the device), so an unavailable runtime does not stop a run.
@@ -152,6 +155,9 @@ class Backend(Protocol):
 
     @property
     def int8_recipes(self) -> Mapping[str, RecipeTemplate]: ...
+
+    @property
+    def recipe_choices(self) -> Mapping[str, Choice]: ...
 
     @property
     def rewrites(self) -> tuple[str, ...]: ...
@@ -254,6 +260,7 @@ class BackendBase:
     packages: tuple[str, ...] = ()
     precisions: tuple[Precision, ...] = (Precision.FP32,)
     int8_recipes: Mapping[str, RecipeTemplate] = {}
+    recipe_choices: Mapping[str, Choice] = {}
     devices = Devices("CPU", "CPU", "CPU")
     can_defer = False
     rewrites: tuple[str, ...] = ()
