@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .recipe_choice import excluded_for_transformer  # re-exported: the 'input' rule
 from .spec import D2VError, ExitCode, ExportedGraph, QuantizedGraph, QuantRecipe
 
 MODES = ("static", "dynamic")
@@ -298,38 +299,6 @@ def _write_static(session: QuantSession, raw: Path, keep_float: tuple[str, ...])
 
 
 # Ops that only move or reshape data: a node reached from a graph input through these reads raw input.
-_SHAPE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Cast", "Identity", "Flatten", "Expand")
-
-
-def excluded_for_transformer(onnx_path: Path, op_types: Sequence[str] = MATMUL_OPS) -> tuple[str, ...]:
-    """Nodes of ``op_types`` that stay float although the recipe quantizes their op type.
-
-    One rule, measured: the layer that reads the raw model input (the waveform convolution of audio
-    models, the patch convolution of vision models) stays float. An 8-bit per-tensor waveform is what
-    broke static INT8 on audio (CTC frame agreement 0.78 -> 0.93 with this one node float, tiny
-    preset); the layer is a fraction of a percent of the FLOPs. Text reads its input through
-    embedding Gathers, which are not quantized at all.
-
-    Everything else that must stay float is an op type outside ``op_types`` (LayerNormalization,
-    Softmax, the GELU's Erf, Gather, residual Adds): the quantizer never touches those, and
-    ``_float_readers`` makes sure no quantized value reaches them.
-    """
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    raw = {i.name for i in graph.input}
-    found: list[str] = []
-    for node in graph.node:  # topological order
-        data = [i for i in node.input[:1] if i]
-        if not data or data[0] not in raw:
-            continue
-        if node.op_type in _SHAPE_OPS:
-            raw.update(node.output)
-        elif node.op_type in op_types:
-            found.append(node.name)
-    return tuple(found)
-
-
 # ------------------------------------------------------------------------------- helpers
 
 
