@@ -49,14 +49,17 @@ def plain_holds(modality: str) -> set[str]:
     """Targets whose default recipe meets the budget without the fallback (docs/FIDELITY.md, "Default recipe").
 
     OpenVINO audio still needs it (one sample of 160 short of the accuracy budget; NNCF accuracy control then
-    passes without reverting anything). ONNX Runtime text on a CPU without VNNI (7-bit weights) was one sample
+    passes without reverting anything); so does the TensorRT Q/DQ graph of audio since the feature encoder is
+    exported time-major (d2v_export.layouts): top-1 agreement 0.988 and logit cosine 0.9998, but one answer of
+    160 lost (0.63 points against the 0.5 budget) with all 70 calibration samples, two gained with 64 of them:
+    a one-sample coin flip the fallback settles in 3 steps. ONNX Runtime text on a CPU without VNNI (7-bit weights) was one sample
     short of the top-1 agreement budget in the last measurement there.
     """
     from d2v_export.quantize import saturates
 
     every = {"onnxruntime-int8-static", "openvino-int8-static", "tensorrt-int8-static"}
     if modality == "audio":
-        return every - {"openvino-int8-static"}
+        return every - {"openvino-int8-static", "tensorrt-int8-static"}
     if modality == "text" and saturates():
         return every - {"onnxruntime-int8-static"}
     return every
