@@ -32,7 +32,7 @@ change what a model computes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 ENCODER_CLASS = "Data2VecAudioFeatureEncoder"
@@ -131,9 +131,12 @@ def _first_token_layer(layer: Any) -> Any:
     return FirstTokenLayer().eval()
 
 
-def _swaps(module: Any) -> list[tuple[Any, str, Any, Any, str]]:
+Swap = tuple[Any, str, Any, Callable[[Any], Any], str]
+
+
+def _swaps(module: Any) -> list[Swap]:
     """(parent, attribute, original, replacement factory, description) for every layout that applies."""
-    found = []
+    found: list[Swap] = []
     for name, child in list(module.named_modules()):
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module

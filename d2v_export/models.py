@@ -191,13 +191,13 @@ def preset_processors(modality: Modality, config: Any, head: Head) -> tuple[Any 
         )  # fmt: skip
         return proc, None
     if modality is Modality.AUDIO:
-        proc = transformers.Wav2Vec2FeatureExtractor(
+        extractor = transformers.Wav2Vec2FeatureExtractor(
             feature_size=1, sampling_rate=SAMPLING_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True
         )
         tok = None
         if head.task == "automatic-speech-recognition":
             tok = assets.ctc_tokenizer(CTC_VOCAB)
-        return proc, tok
+        return extractor, tok
     return None, assets.text_tokenizer()
 
 
