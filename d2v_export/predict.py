@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .bundle import PAIR_SEPARATOR, Manifest, verify
-from .spec import Artifact, D2VError, Dim, ExitCode, Modality, Precision, ShapeProfile
+from .spec import Artifact, D2VError, Dim, Modality, Precision, ShapeProfile
 
 MAX_ANSWER_TOKENS = 30
 
