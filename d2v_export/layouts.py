@@ -8,9 +8,10 @@ Two layouts today.
 transposes and a GELU. Exported as is, ONNX Runtime runs those convolutions through its slow int8
 convolution kernels (ConvInteger / QLinearConv) and every layer pays two transposes. Time-major, each
 convolution after the first is one MatMul over [batch, time, kernel × channels] frames (strided
-slices, or a plain reshape where kernel == stride), the LayerNorm is an ordinary last-axis one, and no
-transposes remain inside the encoder. The first convolution (the raw waveform, one input channel, kept
-float by the INT8 recipes) stays a convolution.
+whole strides as contiguous slices reshaped, the taps past them as strided slices), the LayerNorm is an
+ordinary last-axis one, and no transposes remain inside the encoder. The first convolution too: the raw
+waveform is one channel, so its windows are the signal reshaped into strides (kernel 10 = two strides
+of 5); its MatMul stays float in the INT8 recipes (the layer that reads the raw input).
 
 Measured on audio base, batch 1, 1 s, 2 threads (2-core AMD EPYC, AVX-512 VNNI, loaded
 machine, fastest of 40 interleaved runs): ONNX Runtime static INT8 167 → 71 ms, dynamic INT8 178 →
@@ -55,8 +56,25 @@ def _plain_conv(layer: Any) -> bool:
     )
 
 
+def _frames(hidden: Any, kernel: int, stride: int) -> Any:
+    """[batch, time, channels] -> [batch, steps, kernel × channels]: the windows a strided convolution reads, tap
+    major. Whole strides are contiguous slices reshaped (no copy per tap); only the taps past the last whole stride
+    (kernel % stride of them) are strided slices."""
+    import torch
+
+    batch, channels = hidden.shape[0], hidden.shape[2]
+    steps = (hidden.shape[1] - kernel) // stride + 1
+    whole, rest = divmod(kernel, stride)
+    pieces = [
+        hidden[:, j * stride : j * stride + steps * stride].reshape(batch, steps, stride * channels) for j in range(whole)
+    ]
+    first = whole * stride
+    pieces += [hidden[:, first + i : first + i + stride * (steps - 1) + 1 : stride] for i in range(rest)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+
 def _time_major_encoder(encoder: Any) -> Any:
-    """A module computing what ``encoder`` (a Data2VecAudioFeatureEncoder) computes, time-major after its first layer."""
+    """A module computing what ``encoder`` (a Data2VecAudioFeatureEncoder) computes, time-major from the waveform on."""
     import torch
     from torch import nn
 
@@ -75,22 +93,15 @@ def _time_major_encoder(encoder: Any) -> Any:
             self.activation = conv_layer.activation
 
         def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [batch, time, channels]
-            k, s = self.kernel, self.stride
-            steps = (hidden.shape[1] - k) // s + 1
-            if k == s:
-                frames = hidden[:, : steps * s].reshape(hidden.shape[0], steps, k * hidden.shape[2])
-            else:
-                frames = torch.cat([hidden[:, j : j + s * (steps - 1) + 1 : s] for j in range(k)], dim=-1)
-            return self.activation(self.layer_norm(self.linear(frames)))
+            return self.activation(self.layer_norm(self.linear(_frames(hidden, self.kernel, self.stride))))
 
     class TimeMajorEncoder(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.first = encoder.conv_layers[0]
-            self.layers = nn.ModuleList(Layer(layer) for layer in encoder.conv_layers[1:])
+            self.layers = nn.ModuleList(Layer(layer) for layer in encoder.conv_layers)
 
         def forward(self, input_values: torch.Tensor) -> torch.Tensor:
-            hidden = self.first(input_values[:, None]).transpose(1, 2)
+            hidden = input_values[:, :, None]  # the waveform: one channel, already time-major
             for layer in self.layers:
                 hidden = layer(hidden)
             return hidden.transpose(1, 2)  # the caller's layout: [batch, channels, time]
@@ -141,7 +152,7 @@ def _swaps(module: Any) -> list[Swap]:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         kind = type(child).__name__
-        if kind == ENCODER_CLASS and len(child.conv_layers) > 1 and all(map(_plain_conv, child.conv_layers[1:])):
+        if kind == ENCODER_CLASS and len(child.conv_layers) > 1 and all(map(_plain_conv, child.conv_layers)):
             found.append((parent, attr, child, _time_major_encoder, TIME_MAJOR))
         if (
             kind == "Data2VecTextEncoder"

@@ -108,7 +108,8 @@ def _feeds_output_directly(node: object, readers: dict, outputs: set[str]) -> bo
     return False
 
 
-_SHAPE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Cast", "Identity", "Flatten", "Expand")
+# ops that only move the raw input (the time-major waveform windows: Slice, Reshape, Concat)
+_SHAPE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Cast", "Identity", "Flatten", "Expand", "Slice", "Concat")
 
 
 def excluded_for_transformer(onnx_path: Path, op_types: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> tuple[str, ...]:

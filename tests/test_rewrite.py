@@ -113,15 +113,15 @@ def test_fold_constants_computes_constant_subgraphs(tmp_path: Path) -> None:
 
 
 def test_the_audio_feature_encoder_is_exported_time_major(exported: tuple[object, object, object, tuple[Modality, str]]) -> None:
-    """d2v_export.layouts: every feature-encoder convolution after the first is a MatMul in the graph, the export
-    check (against the original module) held, and the model the user loaded is left as it was."""
+    """d2v_export.layouts: every feature-encoder convolution, the raw-waveform one included, is a MatMul in the graph,
+    the export check (against the original module) held, and the model the user loaded is left as it was."""
     model, _profile, graph, key = exported
     if key[0] is not Modality.AUDIO:
         pytest.skip("the time-major layout is for the audio feature encoder")
     m = onnx.load(str(graph.path))  # type: ignore[attr-defined]
     convs = [n for n in m.graph.node if n.op_type == "Conv"]
     grouped = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    assert len(convs) - len(grouped) == 1  # the raw-waveform convolution only (the positional convolutions are grouped)
+    assert len(convs) == len(grouped)  # only the positional convolutions (grouped) remain convolutions
     assert "time-major" in graph.exporter and graph.check.passed  # type: ignore[attr-defined]
     encoder = model.module.data2vec_audio.feature_extractor  # type: ignore[attr-defined]
     assert type(encoder).__name__ == "Data2VecAudioFeatureEncoder"
