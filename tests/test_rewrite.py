@@ -154,3 +154,32 @@ def test_the_first_token_layout_only_where_the_head_reads_only_the_first_token(t
     for a, b in zip(before, after):
         for name in a:
             assert np.abs(a[name] - b[name]).max() <= 1e-5 * max(1.0, float(np.abs(a[name]).max()))
+
+
+@pytest.mark.parametrize("task", ["image-classification", "semantic-segmentation", "feature-extraction"])
+def test_the_mean_pooled_layout_only_where_the_head_reads_only_the_patch_mean(task: str) -> None:
+    """d2v_export.layouts: under image classification with mean pooling (the real checkpoints' head) the last layer's
+    feed-forward output projection runs once on the patch-token mean; same logits as the full layer; never under heads
+    that read every token (segmentation, the bare model's hidden states)."""
+    import torch
+
+    from d2v_export.export import make_wrapper, torch_forward
+    from d2v_export.layouts import MEAN_POOLED, export_layouts
+
+    model, profile = tiny(head_for(Modality.VISION, task))
+    wrapper = make_wrapper(model)
+    last = model.module.base_model.encoder.layer[-1]  # type: ignore[attr-defined]
+    output = last.output
+    with torch.no_grad():  # a projection far from zero, so skipping or mis-scaling it shows in the logits
+        output.dense.weight.mul_(10.0)
+        output.dense.bias.add_(1.0)
+    feeds = _feeds(model, profile)
+    before = [torch_forward(wrapper, f, model.head.outputs) for f in feeds]  # type: ignore[attr-defined]
+    with export_layouts(model.module) as applied:  # type: ignore[attr-defined]
+        swapped = last.output is not output
+        after = [torch_forward(wrapper, f, model.head.outputs) for f in feeds]  # type: ignore[attr-defined]
+    assert (MEAN_POOLED in applied) == swapped == (task == "image-classification")
+    assert last.output is output
+    for a, b in zip(before, after):
+        for name in a:
+            assert np.abs(a[name] - b[name]).max() <= 1e-5 * max(1.0, float(np.abs(a[name]).max()))
