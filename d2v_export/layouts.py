@@ -170,10 +170,11 @@ def _pooled_output(output: Any) -> Any:
 
 def _reads_patch_mean_only(module: Any) -> bool:
     """Image classification with mean pooling: the head reads LayerNorm(mean of the last layer's patch tokens) only."""
-    inner = getattr(module, "data2vec_vision", None)
+    inner: Any = getattr(module, "data2vec_vision", None)
     pooler = getattr(inner, "pooler", None)
     return (
         type(module).__name__ == "Data2VecVisionForImageClassification"
+        and inner is not None
         and pooler is not None
         and getattr(pooler, "layernorm", None) is not None
         and type(getattr(inner, "layernorm", None)).__name__ == "Identity"

@@ -89,7 +89,8 @@ def make_recipe(
 ) -> QuantRecipe:
     """The QuantRecipe of a target (its backend: ``backends.get(name)``) in ``mode``.
 
-    ``modality`` ("vision", "text", "audio") picks the layers that stay float by rule (``Backend.recipe_choices``)."""
+    ``modality`` ("vision", "text", "audio") picks the layers that stay float by rule and, where the backend says so,
+    the activation encoding (``Backend.recipe_choices``)."""
     from .recipe_choice import choose
 
     if mode not in MODES:
@@ -108,7 +109,7 @@ def make_recipe(
         method=method if mode == "static" else "none",
         samples=samples if mode == "static" else 0,
         per_channel=template.per_channel,
-        symmetric_activations=template.symmetric_activations,
+        symmetric_activations=template.symmetric_activations if choice.symmetric_activations is None else choice.symmetric_activations,
         op_types=template.op_types,
         excluded_nodes=tuple(excluded),
         tool=TOOL,

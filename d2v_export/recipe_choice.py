@@ -1,4 +1,5 @@
-"""Which layers of a Data2Vec graph stay float by rule, per target and modality: data the backends declare.
+"""Which layers of a Data2Vec graph stay float by rule, and which activation encoding, per target and modality:
+data the backends declare.
 
     choice = choose(backends.get(name), "audio")    # Choice(float_rules=("input", "head"), why=...)
     names = float_nodes(onnx_path, choice.float_rules, ("MatMul", "Gemm", "Conv"))
@@ -15,7 +16,8 @@ plain static INT8 without fallback, judged on each model's whole held-out split,
 cosine (continuous) as well as top-1 agreement and accuracy (a few samples each). Calibration
 method (MinMax / Percentile / Entropy) and NNCF's SmoothQuant strength were measured too and stay at
 their defaults: no setting won on more than one modality (docs/quantization.md, "Default recipe per
-modality"). Only choices with a clear mechanism and no measurable latency cost are in the table.
+modality"). Only choices with a clear mechanism and no measurable latency cost are in the table, and one that
+is a latency gain: OpenVINO's symmetric activations where the trained examples kept their accuracy with them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ RULES = ("input", "head", "ffn_out")
 class Choice:
     float_rules: tuple[str, ...]  # RULES that stay float (besides what the target's own placement keeps)
     why: str  # one line for the report
+    # int8 activations with zero point 0 (OpenVINO: NNCF's PERFORMANCE preset); None: the target's template decides
+    symmetric_activations: bool | None = None
 
 
 BASE = Choice(("input",), "the layer that reads the raw input stays float (every target, every modality)")

@@ -55,6 +55,11 @@ def test_the_table_is_data_and_make_recipe_records_the_choice() -> None:
     assert r.float_rules == choose(backends.get("tensorrt"), "text").float_rules and r.choice == choose(backends.get("tensorrt"), "text").why
     assert make_recipe(backends.get("onnxruntime"), "static", samples=4).float_rules == ("input",)  # no modality: the base rule
     assert make_recipe(backends.get("openvino"), "static", samples=4, modality="text").float_rules == ("input", "head")
+    # OpenVINO's preset per modality: symmetric activations (PERFORMANCE) for vision and audio, MIXED for text
+    ov_static = {m: make_recipe(backends.get("openvino"), "static", samples=4, modality=m) for m in ("vision", "text", "audio")}
+    assert {m: r.symmetric_activations for m, r in ov_static.items()} == {"vision": True, "text": False, "audio": True}
+    assert "symmetric" in ov_static["audio"].choice and make_recipe(backends.get("tensorrt"), "static", samples=4, modality="audio").symmetric_activations
+    assert {lv.symmetric_activations for lv in backends.get("openvino").pick_levers} >= {True, False}  # --pick tries the other preset
 
 
 def test_rules_find_the_head_and_the_ffn_output_projections(graphs: dict[str, tuple]) -> None:  # type: ignore[type-arg]
@@ -112,3 +117,4 @@ def test_openvino_keeps_the_task_head_float(graphs: dict[str, tuple], tmp_path: 
     feeding = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
     assert "FakeQuantize" not in feeding, feeding
     assert sum(o.get_type_name() == "FakeQuantize" for o in ir.get_ops()) > 0  # the rest is quantized
+    assert art.quantization.symmetric_activations and any("preset=PERFORMANCE" in n for n in art.notes)  # audio's preset

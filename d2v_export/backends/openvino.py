@@ -12,8 +12,9 @@ Precisions (see docs/openvino.md):
 - bf16: f32 IR, run with the hint bf16; only where the device lists BF16 in OPTIMIZATION_CAPABILITIES.
 - fp16: IR weights stored in f16 (half the file). GPUs run it in f16; a CPU without native f16 decompresses
   the weights and runs at its own default precision (said in the artifact's notes).
-- int8: static (``QuantRecipe.mode == "static"``): ``nncf.quantize`` with model_type=TRANSFORMER and the
-  MIXED preset on the calibration feeds (FakeQuantize nodes in the IR). Dynamic: ``nncf.compress_weights``,
+- int8: static (``QuantRecipe.mode == "static"``): ``nncf.quantize`` with model_type=TRANSFORMER on the
+  calibration feeds (FakeQuantize nodes in the IR), the PERFORMANCE preset (symmetric activations) for
+  vision and audio and MIXED for text (``recipe_choices``). Dynamic: ``nncf.compress_weights``,
   INT8 weight-only compression; activations stay float (said in the notes, since it is not ORT's dynamic
   quantization). The float parts keep OpenVINO's default precision hint; the notes record which one.
 
@@ -133,6 +134,28 @@ HEAD_STAYS_FLOAT = Choice(
         "~90 % of the INT8 output error (1 - logit cosine 1.4e-3 -> 1.5e-4, top-1 agreement 0.975 -> 0.994), "
         "no change on vision and text; one small GEMM",
 )
+# Vision and audio also take symmetric int8 activations (NNCF's PERFORMANCE preset): 1.02-1.11x faster than MIXED's
+# asymmetric ones on this session's peers.py run (audio 1 s 29.3 -> 26.4 ms, 2-core EPYC with AVX-512 VNNI) with the
+# trained examples' accuracy kept (vision n=300: no answer changed; audio n=160: +1.25 points, like MIXED). Text stays
+# MIXED: symmetric activations cost it 2 of 240 answers (0.83 points, over the 0.5 budget; MIXED 0.42), the one-sided
+# GELU outputs losing half their range (TensorRT text's ffn_out rule is the same mechanism).
+HEAD_STAYS_FLOAT_SYMMETRIC = Choice(
+    HEAD_STAYS_FLOAT.float_rules,
+    HEAD_STAYS_FLOAT.why + "; symmetric int8 activations (NNCF PERFORMANCE preset): 1.02-1.11x faster than MIXED, the trained "
+    "example's accuracy kept (text keeps MIXED: it lost 2 of 240 answers with symmetric activations)",
+    symmetric_activations=True,
+)
+
+
+# What --pick tries besides fp32 (each judged on the evaluation split, then timed interleaved).
+PICK_LEVERS = (
+    Lever("static", description="NNCF TRANSFORMER, the modality's preset (recipe_choice), SmoothQuant, graph clean-up"),
+    Lever("static", "-raw", rewrite=False, description="NNCF TRANSFORMER, the modality's preset, the export as it is"),
+    # the preset the modality's default does not use (a duplicate of the default is dropped)
+    Lever("static", "-sym", symmetric_activations=True, description="NNCF TRANSFORMER, PERFORMANCE preset (symmetric activations)"),
+    Lever("static", "-asym", symmetric_activations=False, description="NNCF TRANSFORMER, MIXED preset (asymmetric activations)"),
+    Lever("dynamic", description="NNCF INT8 weight-only compression"),
+)
 
 
 class OpenVinoBackend(BackendBase):
@@ -146,19 +169,14 @@ class OpenVinoBackend(BackendBase):
         "static": RecipeTemplate("NNCF transformer preset: int8 activations and per-channel weights on MatMul/Gemm/Conv", "static", MATMUL_OPS),
         "dynamic": RecipeTemplate("NNCF weight compression: int8 weights only", "dynamic", ("MatMul", "Gemm")),
     }
-    recipe_choices = {"*": HEAD_STAYS_FLOAT}  # layers its INT8 keeps float by rule (recipe_choice)
+    # layers its INT8 keeps float by rule, and the activation encoding, per modality (recipe_choice)
+    recipe_choices = {"*": HEAD_STAYS_FLOAT, "vision": HEAD_STAYS_FLOAT_SYMMETRIC, "audio": HEAD_STAYS_FLOAT_SYMMETRIC}
     devices = Devices("CPU", r"(CPU|GPU|NPU|AUTO)(\.\d+)?", "CPU, GPU, GPU.1, NPU or AUTO")
     # Exact graph clean-up before convert_model (d2v_export.rewrite), on by default: measured on the base
     # presets' NNCF INT8 IRs, 1.04x (text) and 1.12x (audio: no transposes around the channel LayerNorms),
     # vision unchanged; docs/PERFORMANCE.md.
     rewrites = ("fold_constants", "fold_layer_scale", "fold_query_scale", "channel_layernorm")
-    # What --pick tries besides fp32 (each judged on the evaluation split, then timed interleaved).
-    pick_levers = (
-        Lever("static", description="NNCF TRANSFORMER, MIXED preset (SmoothQuant), graph clean-up"),
-        Lever("static", "-raw", rewrite=False, description="NNCF TRANSFORMER, MIXED preset, the export as it is"),
-        Lever("static", "-sym", symmetric_activations=True, description="NNCF TRANSFORMER, PERFORMANCE preset (symmetric activations)"),
-        Lever("dynamic", description="NNCF INT8 weight-only compression"),
-    )
+    pick_levers = PICK_LEVERS
 
     def available(self) -> Availability:
         try:
@@ -328,7 +346,8 @@ def _int8(
         keep = float_nodes(graph.path, quant.float_rules, quant.op_types)
         ruled = _ov_names(model, keep, _onnx_outputs(graph.path, keep))  # as without control
         model, reverted = quantize_with_accuracy_control(
-            model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8, ignored=ruled
+            model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8, ignored=ruled,
+            symmetric_activations=quant.symmetric_activations,
         )
         quant = dataclasses.replace(quant, excluded_nodes=(*ruled, *reverted), tool="nncf quantize_with_accuracy_control")
         more = [f"NNCF accuracy control: {len(reverted)} operation(s) reverted to float" + (f": {', '.join(reverted[:12])}" if reverted else "")]
@@ -424,8 +443,8 @@ def _quantize_static(
             model,
             nncf.Dataset(feeds),
             model_type=nncf.ModelType.TRANSFORMER,
-            # MIXED: NNCF's own choice for transformers (docs/openvino.md); PERFORMANCE (symmetric activations)
-            # is a --pick candidate
+            # MIXED: NNCF's own choice for transformers; PERFORMANCE (symmetric activations): the vision and
+            # audio default (recipe_choices), a --pick candidate for text
             preset=nncf.QuantizationPreset.PERFORMANCE if quant.symmetric_activations else nncf.QuantizationPreset.MIXED,
             subset_size=len(feeds),
             ignored_scope=nncf.IgnoredScope(names=present) if present else None,
@@ -511,6 +530,7 @@ def quantize_with_accuracy_control(
     *,
     max_iterations: int | None = None,
     ignored: Sequence[str] = (),
+    symmetric_activations: bool = False,
 ) -> tuple[Any, tuple[str, ...]]:
     """Static INT8 with NNCF's accuracy control: quantize, then revert the most harmful layers to float
     until ``metric(int8) >= metric(fp32) - max_drop`` (absolute drop) or nothing is left to revert.
@@ -521,6 +541,7 @@ def quantize_with_accuracy_control(
     set and on single items (to rank layers), with the models compiled at f32 precision.
 
     ``ignored``: OpenVINO operation names left float from the start (the recipe's float rules).
+    ``symmetric_activations``: NNCF's PERFORMANCE preset instead of MIXED (the recipe's activation encoding).
 
     Returns the (maybe partly reverted) quantized ``ov.Model`` and the names of the operations reverted
     to float. NNCF does not return its report: the names come from its INFO log record
@@ -556,7 +577,7 @@ def quantize_with_accuracy_control(
             max_drop=max_drop,
             drop_type=nncf.DropType.ABSOLUTE,
             model_type=nncf.ModelType.TRANSFORMER,
-            preset=nncf.QuantizationPreset.MIXED,
+            preset=nncf.QuantizationPreset.PERFORMANCE if symmetric_activations else nncf.QuantizationPreset.MIXED,
             subset_size=len(calib),
             ignored_scope=nncf.IgnoredScope(names=list(ignored)) if ignored else None,
             advanced_accuracy_restorer_parameters=params,
