@@ -170,3 +170,19 @@ def test_a_large_run_offloads_pytorch_and_times_in_pairs(tmp_path: Path, monkeyp
     # (the tiny preset's dynamic INT8 misses its top-1 budget on random weights with or without the offload)
     assert next(v for v in report.variants if v.quantization is None).drift.passed
     assert not (tmp_path / "out" / ".work").exists()
+
+
+def test_the_export_keeps_no_reference_to_the_parameters(tmp_path: Path) -> None:
+    """Once exported, the parameters are the model's alone (onnxscript's rewrite rules kept the last graph, and with it
+    every parameter, for the life of the process): dropping the model frees them, and so does the offload."""
+    import gc
+    import weakref
+
+    from d2v_export.export import write_onnx
+
+    model, profile = tiny(head_for(Modality.VISION, "image-classification"))
+    alive = [weakref.ref(p) for p in model.module.parameters()]
+    write_onnx(model, profile, tmp_path / "model.onnx")
+    del model
+    gc.collect()
+    assert alive and not [r for r in alive if r() is not None]
