@@ -145,6 +145,7 @@ def measure_pairs(
     shape: Mapping[str, int],
     settings: BenchSettings = BenchSettings(),
     progress: Callable[[int, int], None] = lambda _done, _total: None,
+    between: Callable[[], None] = lambda: None,
 ) -> BenchResult:
     """Each candidate opened alone (``candidates[name]()`` gives a context manager yielding its runner) and timed
     interleaved with the open ``reference`` (name, runner), then closed: one candidate resident at a time.
@@ -152,6 +153,7 @@ def measure_pairs(
     Each pair's timed budget is ``settings.seconds * 2 / (candidates + 1)``, so every runner gets about
     the timed time it would get in one table. ``stats[reference]`` pools the reference's timings of all
     pairs; ``pair_reference[name]`` is the reference in ``name``'s pair, what its speedup is taken against.
+    ``between`` runs after each candidate is closed (the pipeline hands freed memory back to the OS there).
     """
     ref_name, ref_runner = reference
     if not candidates:
@@ -166,6 +168,7 @@ def measure_pairs(
     for name, opener in candidates.items():
         with opener() as runner:
             one = measure_full({ref_name: ref_runner, name: runner}, feed, batch=batch, shape=shape, settings=share, progress=progress)
+        between()
         stats_by_name[name] = one.stats[name]
         pair_reference[name] = one.stats[ref_name]
         pooled += one.stats[ref_name].samples_ms

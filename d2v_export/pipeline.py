@@ -427,11 +427,11 @@ def _build_one(work: _Work, backend: Any, folder: Path, request: BuildRequest, r
 def _check(work: _Work, backend: Any, artifact: Artifact, request: BuildRequest) -> Drift:
     """Float variants: the shape check against PyTorch (the fp32 ONNX itself: the export's check); INT8: task drift."""
     model = work.model
+    if request.quant is None and _same_file(artifact.model_file, work.graph.path):
+        return work.graph.check  # no session to open: at large size one held the weights again for nothing
     with backend.runner(artifact, threads=work.threads) as runner:
         if request.quant is not None:
             return _task_drift(work, runner.infer)
-        if _same_file(artifact.model_file, work.graph.path):
-            return work.graph.check
         tolerance = model.head.tolerance * HALF_TOLERANCE_FACTOR.get(request.precision.value, 1.0)
         return shape_check(model, work.reference, runner.infer, work.profile, tolerance=tolerance, reference_outputs=work.checked)
 
@@ -476,7 +476,7 @@ def _measure(work: _Work, built: list[Built], bench_progress: BenchProgress) -> 
         if large(work.model):
             work.progress(f"measuring latency at {opt} with {threads} threads (each variant in a pair with the reference, {settings.seconds:g} s budget)")
             openers = {b.artifact.name: functools.partial(b.backend.runner, b.artifact, threads=threads) for b in built}
-            return bench.measure_pairs((REFERENCE_NAME, reference), openers, feed, batch=opt["batch"], shape=opt, settings=settings, progress=bench_progress)
+            return bench.measure_pairs((REFERENCE_NAME, reference), openers, feed, batch=opt["batch"], shape=opt, settings=settings, progress=bench_progress, between=release_memory)
         with contextlib.ExitStack() as stack:
             runners = {REFERENCE_NAME: reference}
             for b in built:
