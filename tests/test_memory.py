@@ -170,6 +170,8 @@ def test_a_large_run_offloads_pytorch_and_times_in_pairs(tmp_path: Path, monkeyp
     # (the tiny preset's dynamic INT8 misses its top-1 budget on random weights with or without the offload)
     assert next(v for v in report.variants if v.quantization is None).drift.passed
     assert not (tmp_path / "out" / ".work").exists()
+    assert "each variant timed in a pair with the reference" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "each variant in a pair with the reference" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
 
 
 def test_the_export_keeps_no_reference_to_the_parameters(tmp_path: Path) -> None:
