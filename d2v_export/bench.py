@@ -15,10 +15,19 @@ calls can be a hundred times slower than the steady state.
 Timed rounds: at least ``min_iterations``, at most ``max_iterations``, stopping once ``seconds`` have
 passed. A fixed count is ``min_iterations == max_iterations``; a pure time budget is a large
 ``max_iterations``.
+
+In pairs (``measure_pairs``, the pipeline's choice for models whose fp32 weights exceed
+``export.EXTERNAL_DATA_BYTES``): every variant is opened alone and timed interleaved with the already
+open reference, then closed, so one artifact and the reference are resident at a time instead of all
+of them. Each pair gets its share of the time budget (each runner about as much timed time as in one
+table); a variant's speedup is taken against the reference timings of its own pair
+(``BenchResult.pair_reference``), and the reference's reported latency pools all of its pairs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import statistics
 import time
@@ -53,16 +62,22 @@ class BenchResult:
     settled: dict[str, bool] = field(default_factory=dict)  # False: hit the warm-up cap still drifting
     timed_rounds: int = 0
     seconds: float = 0.0  # wall time of the timed rounds
+    # measured in pairs (``measure_pairs``): each variant's own pair's reference timings
+    pair_reference: dict[str, LatencyStats] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         """For report.json: how the numbers were taken."""
-        return {
+        out: dict[str, object] = {
             "warmup_rounds": self.warmup_rounds,
             "settled": dict(self.settled),
             "timed_rounds": self.timed_rounds,
             "seconds": round(self.seconds, 3),
             "interleaved": True,
         }
+        if self.pair_reference:
+            out["interleaved"] = "in pairs with the reference"
+            out["pair_reference_p50_ms"] = {name: round(s.p50, 4) for name, s in self.pair_reference.items()}
+        return out
 
 
 def measure(
@@ -116,6 +131,52 @@ def measure_full(
             gc.enable()
     stats_by_name = {name: stats(values, batch=batch, shape=shape) for name, values in timings.items()}
     return BenchResult(stats_by_name, warm, settled, rounds, elapsed)
+
+
+Opener = Callable[[], "contextlib.AbstractContextManager[Runner]"]
+
+
+def measure_pairs(
+    reference: tuple[str, Runner],
+    candidates: Mapping[str, Opener],
+    feed: Mapping[str, np.ndarray],
+    *,
+    batch: int,
+    shape: Mapping[str, int],
+    settings: BenchSettings = BenchSettings(),
+    progress: Callable[[int, int], None] = lambda _done, _total: None,
+    between: Callable[[], None] = lambda: None,
+) -> BenchResult:
+    """Each candidate opened alone (``candidates[name]()`` gives a context manager yielding its runner) and timed
+    interleaved with the open ``reference`` (name, runner), then closed: one candidate resident at a time.
+
+    Each pair's timed budget is ``settings.seconds * 2 / (candidates + 1)``, so every runner gets about
+    the timed time it would get in one table. ``stats[reference]`` pools the reference's timings of all
+    pairs; ``pair_reference[name]`` is the reference in ``name``'s pair, what its speedup is taken against.
+    ``between`` runs after each candidate is closed (the pipeline hands freed memory back to the OS there).
+    """
+    ref_name, ref_runner = reference
+    if not candidates:
+        return measure_full({ref_name: ref_runner}, feed, batch=batch, shape=shape, settings=settings, progress=progress)
+    share = dataclasses.replace(settings, seconds=settings.seconds * 2 / (len(candidates) + 1))
+    stats_by_name: dict[str, LatencyStats] = {}
+    pair_reference: dict[str, LatencyStats] = {}
+    pooled: list[float] = []
+    settled: dict[str, bool] = {ref_name: True}
+    warm = rounds = 0
+    elapsed = 0.0
+    for name, opener in candidates.items():
+        with opener() as runner:
+            one = measure_full({ref_name: ref_runner, name: runner}, feed, batch=batch, shape=shape, settings=share, progress=progress)
+        between()
+        stats_by_name[name] = one.stats[name]
+        pair_reference[name] = one.stats[ref_name]
+        pooled += one.stats[ref_name].samples_ms
+        settled[name] = one.settled.get(name, False)
+        settled[ref_name] = settled[ref_name] and one.settled.get(ref_name, False)
+        warm, rounds, elapsed = warm + one.warmup_rounds, rounds + one.timed_rounds, elapsed + one.seconds
+    stats_by_name = {ref_name: stats(pooled, batch=batch, shape=shape), **stats_by_name}
+    return BenchResult(stats_by_name, warm, settled, rounds, elapsed, pair_reference)
 
 
 def _order(names: list[str], rounds: int) -> list[str]:

@@ -97,6 +97,7 @@ def write_onnx(
         except Exception as exc:  # the exporter raises many types; one line is what the user needs
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise D2VError(f"ONNX export of {head.class_name} failed: {first[:300]}", ExitCode.EXPORT_MISMATCH) from exc
+    _forget_exported_graph()
     onnx.checker.check_model(str(path), full_check=True)
     export_seconds = time.perf_counter() - started
     outputs = _output_specs(path)
@@ -110,6 +111,28 @@ def write_onnx(
         check=NOT_CHECKED,
         seconds=export_seconds,
     )
+
+
+def _forget_exported_graph() -> None:
+    """Drop what the exporter's optimizer keeps of the last graph it rewrote.
+
+    onnxscript's rewrite rules are module-level objects whose pattern matchers keep the last graph they
+    matched (``SimplePatternMatcher._graph``, onnxscript 0.7): the whole ONNX IR of the export, whose
+    initializers wrap the PyTorch parameters themselves. So the exported graph outlived the export, and
+    the parameters could never be freed while the process lived (the pipeline's offload of PyTorch's
+    weights freed nothing at vision large). Reset to the state a new matcher starts in.
+    """
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # another onnxscript layout: nothing known to drop
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for name in ("_graph", "_match", "_tracer"):
+                obj.__dict__.pop(name, None)
+            obj._current_node = None
 
 
 def _spec(head: Head, name: str) -> TensorSpec:

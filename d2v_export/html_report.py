@@ -447,7 +447,9 @@ def _summary_section(doc: Mapping[str, Any]) -> list[str]:
         bench_text = f" Warm-up {bench.get('warmup_rounds')} rounds" + (f" (still drifting: {', '.join(unsettled)})" if unsettled else " (all settled)") + "."
     out.append(
         f"<p class=\"muted\">Latency at batch {esc((ref or {}).get('batch', '?'))}, shape {esc(shape)}: {esc((ref or {}).get('n', 0))} timed runs per variant, "
-        f"interleaved round-robin with the reference, {esc(env.get('threads'))} threads on {esc(env.get('cpu'))} "
+        + ("each variant in a pair with the reference (speedup against its own pair's reference), " if isinstance(bench.get("interleaved"), str)
+           else "interleaved round-robin with the reference, ")
+        + f"{esc(env.get('threads'))} threads on {esc(env.get('cpu'))} "
         f"({esc(env.get('cores_available'))} cores available).{esc(bench_text)}</p>"
     )
     return out

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -300,10 +301,11 @@ def run(
         graph, reference = _export_checked(model, profile, root / ".work", progress, checked)
         release_memory()
         ref_outputs = _reference_outputs(model, reference, evaluation, threads, progress)
+        _offload_reference(model, reference, root / ".work", progress)
         work = _Work(model, profile, graph, reference, ref_outputs, calib, evaluation, options, threads, root / ".work", progress, checked)
         built = _build_all(work, root)
         measured = _measure(work, built, bench_progress)
-        variants = _variants(built, measured.stats, options, spec.modality)
+        variants = _variants(built, measured, options, spec.modality)
         built, variants, picked = _pick(work, built, variants)
         result = _assemble(spec, model, graph, threads, measured, variants, warnings, picked)
         shutil.rmtree(work.folder)
@@ -370,6 +372,33 @@ def _reference_outputs(model: LoadedModel, reference: Any, evaluation: Samples |
         return [ref_runner.infer(f) for f in evaluation.feeds]
 
 
+def large(model: LoadedModel) -> bool:
+    """fp32 weights over ``export.EXTERNAL_DATA_BYTES`` (the large presets): the run trades a little time for memory.
+
+    PyTorch's weights are offloaded between the evaluation reference and the latency stage, and latency is
+    measured in pairs with the reference (``bench.measure_pairs``). Base-size runs do neither.
+    """
+    from .export import EXTERNAL_DATA_BYTES
+
+    return model.parameters * 4 > EXTERNAL_DATA_BYTES
+
+
+def _offload_reference(model: LoadedModel, reference: Any, work: Path, progress: Progress) -> None:
+    """Stage "offload" (large models only): PyTorch's weights to a file in the work folder until the latency stage.
+
+    Nothing runs PyTorch meanwhile (the checks reuse its outputs; a forward would read them back first), and
+    at vision large they were 1.2 GB resident under every build's peak (benchmarks/scale.py).
+    """
+    if not large(model):
+        return
+    from .backends.torch_ref import offload
+
+    progress("offloading the PyTorch weights until the latency stage")
+    work.mkdir(parents=True, exist_ok=True)
+    offload(reference, work / "reference-weights.pt")
+    release_memory()
+
+
 def _build_all(work: _Work, root: Path) -> list[Built]:
     """Stage "build": every variant of every target (``_plan``), each judged as soon as it is built."""
     built = []
@@ -398,11 +427,11 @@ def _build_one(work: _Work, backend: Any, folder: Path, request: BuildRequest, r
 def _check(work: _Work, backend: Any, artifact: Artifact, request: BuildRequest) -> Drift:
     """Float variants: the shape check against PyTorch (the fp32 ONNX itself: the export's check); INT8: task drift."""
     model = work.model
+    if request.quant is None and _same_file(artifact.model_file, work.graph.path):
+        return work.graph.check  # no session to open: at large size one held the weights again for nothing
     with backend.runner(artifact, threads=work.threads) as runner:
         if request.quant is not None:
             return _task_drift(work, runner.infer)
-        if _same_file(artifact.model_file, work.graph.path):
-            return work.graph.check
         tolerance = model.head.tolerance * HALF_TOLERANCE_FACTOR.get(request.precision.value, 1.0)
         return shape_check(model, work.reference, runner.infer, work.profile, tolerance=tolerance, reference_outputs=work.checked)
 
@@ -432,20 +461,35 @@ def _judge(
 
 
 def _measure(work: _Work, built: list[Built], bench_progress: BenchProgress) -> bench.BenchResult:
-    """Stage "measure": the reference and every variant, interleaved, at the profile's opt shape."""
+    """Stage "measure": the reference and every variant, interleaved, at the profile's opt shape.
+
+    Large models (``large``): PyTorch's weights are read back, and each variant is opened alone and timed
+    in a pair with the reference (``bench.measure_pairs``), so that one artifact is resident at a time.
+    """
+    from .backends.torch_ref import restore
+
     opt = work.profile.point("opt")
     feed = dummy_inputs(work.model.head, work.model.config, opt, seed=7)
-    with contextlib.ExitStack() as stack:
-        runners = {REFERENCE_NAME: stack.enter_context(TorchRunner(work.reference, work.model.head.outputs, work.threads))}
-        for b in built:
-            runners[b.artifact.name] = stack.enter_context(b.backend.runner(b.artifact, threads=work.threads))
-        work.progress(f"measuring latency at {opt} with {work.threads} threads (interleaved, {work.options.bench.seconds:g} s budget)")
-        return bench.measure_full(runners, feed, batch=opt["batch"], shape=opt, settings=work.options.bench, progress=bench_progress)
+    settings, threads = work.options.bench, work.threads
+    restore(work.reference)
+    with TorchRunner(work.reference, work.model.head.outputs, threads) as reference:
+        if large(work.model):
+            work.progress(f"measuring latency at {opt} with {threads} threads (each variant in a pair with the reference, {settings.seconds:g} s budget)")
+            openers = {b.artifact.name: functools.partial(b.backend.runner, b.artifact, threads=threads) for b in built}
+            return bench.measure_pairs((REFERENCE_NAME, reference), openers, feed, batch=opt["batch"], shape=opt, settings=settings, progress=bench_progress, between=release_memory)
+        with contextlib.ExitStack() as stack:
+            runners = {REFERENCE_NAME: reference}
+            for b in built:
+                runners[b.artifact.name] = stack.enter_context(b.backend.runner(b.artifact, threads=threads))
+            work.progress(f"measuring latency at {opt} with {threads} threads (interleaved, {settings.seconds:g} s budget)")
+            return bench.measure_full(runners, feed, batch=opt["batch"], shape=opt, settings=settings, progress=bench_progress)
 
 
-def _variants(built: list[Built], latency: Mapping[str, LatencyStats], options: RunOptions, modality: Modality) -> tuple[Variant, ...]:
-    """The report's variants: verdict, latency, speedup and the device profile's latency verdict."""
-    ref = latency[REFERENCE_NAME]
+def _variants(built: list[Built], measured: bench.BenchResult, options: RunOptions, modality: Modality) -> tuple[Variant, ...]:
+    """The report's variants: verdict, latency, speedup (against the reference of its own pair, when timed in pairs)
+    and the device profile's latency verdict."""
+    latency = measured.stats
+    pooled = latency[REFERENCE_NAME]
     return tuple(
         Variant(
             target=b.artifact.target,
@@ -453,7 +497,7 @@ def _variants(built: list[Built], latency: Mapping[str, LatencyStats], options: 
             artifact=b.artifact.name,
             drift=b.drift,
             latency=latency[b.artifact.name],
-            speedup_vs_reference=_speedup(ref, latency[b.artifact.name]),
+            speedup_vs_reference=_speedup(measured.pair_reference.get(b.artifact.name, pooled), latency[b.artifact.name]),
             quantization=b.artifact.quantization,
             notes=b.artifact.notes + b.notes,
             latency_budget=options.profile.latency_verdict(modality, latency[b.artifact.name]) if options.profile else None,

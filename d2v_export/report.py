@@ -177,8 +177,10 @@ def markdown(doc: Mapping[str, Any]) -> str:
     n = (ref or {}).get("n", 0)
     lines += [
         "",
-        f"Latency: batch {ref['batch'] if ref else '?'}, shape {shape}, {n} interleaved timed runs per variant after warm-up, "
-        f"{env['threads']} threads on {env['cpu']} ({env['cores_available']} cores available).",
+        f"Latency: batch {ref['batch'] if ref else '?'}, shape {shape}, "
+        + (f"each variant timed in a pair with the reference after warm-up (speedup against its own pair's reference; {n} reference runs in all), "
+           if isinstance((doc.get("bench") or {}).get("interleaved"), str) else f"{n} interleaved timed runs per variant after warm-up, ")
+        + f"{env['threads']} threads on {env['cpu']} ({env['cores_available']} cores available).",
         "",
         "## Export check",
         "",

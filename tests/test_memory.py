@@ -92,3 +92,99 @@ def test_prune_drops_only_what_nobody_reads(vision: tuple[Any, Any, Any]) -> Non
     rewrite._prune(m)
     assert [t.name for t in m.graph.initializer] == kept
     assert m.ByteSize() < before
+
+
+def test_offloaded_reference_frees_its_weights_and_reads_them_back(tmp_path: Path) -> None:
+    from d2v_export.backends.torch_ref import offload, offloaded, restore, torch_forward
+    from d2v_export.heads import dummy_inputs
+
+    model, profile = tiny(head_for(Modality.TEXT, "fill-mask"))  # tied embeddings: they must stay tied
+    wrapper = make_wrapper(model)
+    feed = dummy_inputs(model.head, model.config, profile.point("opt"), seed=1)
+    before = torch_forward(wrapper, feed, model.head.outputs)
+    params = dict(wrapper.named_parameters(remove_duplicate=False))
+    tied = {n for n, p in params.items() if sum(q is p for q in params.values()) > 1}
+    offload(wrapper, tmp_path / "weights.pt")
+    assert offloaded(wrapper) and (tmp_path / "weights.pt").stat().st_size > 0
+    assert all(p.numel() == 0 and p.untyped_storage().nbytes() == 0 for p in wrapper.parameters())
+    # any forward reads them back first (nothing that needs PyTorch can run on an empty model)
+    after = torch_forward(wrapper, feed, model.head.outputs)
+    assert not offloaded(wrapper) and not restore(wrapper)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    again = dict(wrapper.named_parameters(remove_duplicate=False))
+    assert all(again[n] is params[n] for n in params)  # same Parameter objects: the module sees no change
+    assert {n for n, p in again.items() if sum(q is p for q in again.values()) > 1} == tied
+
+
+def test_latency_in_pairs_opens_one_variant_at_a_time(vision: tuple[Any, Any, Any], tmp_path: Path) -> None:
+    import contextlib
+
+    from d2v_export import bench
+    from d2v_export.backends.torch_ref import TorchRunner
+    from d2v_export.heads import dummy_inputs
+
+    model, profile, graph = vision
+    backend = get("onnxruntime")
+    artifacts = {name: backend.compile(graph, tmp_path / name, BuildRequest()) for name in ("a", "b")}
+    open_now: list[str] = []
+    most = []
+
+    @contextlib.contextmanager
+    def opener(name: str) -> Any:
+        with backend.runner(artifacts[name], threads=1) as runner:
+            open_now.append(name)
+            most.append(len(open_now))
+            yield runner
+            open_now.remove(name)
+
+    settings = bench.BenchSettings(warmup=1, min_iterations=5, max_iterations=50, seconds=0.3, max_warmup_seconds=1.0)
+    feed = dummy_inputs(model.head, model.config, profile.point("opt"), seed=7)
+    with TorchRunner(make_wrapper(model), model.head.outputs, 1) as ref:
+        result = bench.measure_pairs(("pytorch", ref), {n: (lambda n=n: opener(n)) for n in artifacts}, feed, batch=1, shape={}, settings=settings)
+    assert max(most) == 1 and not open_now
+    assert set(result.stats) == {"pytorch", "a", "b"} and set(result.pair_reference) == {"a", "b"}
+    pooled = result.stats["pytorch"].samples_ms
+    assert pooled == result.pair_reference["a"].samples_ms + result.pair_reference["b"].samples_ms
+    assert all(result.stats[n].n >= 5 for n in "ab") and result.timed_rounds == result.stats["pytorch"].n
+    assert result.to_dict()["interleaved"] == "in pairs with the reference"
+
+
+def test_a_large_run_offloads_pytorch_and_times_in_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny model passed off as large (the threshold at 0): the whole run, offload and pairs included."""
+    from d2v_export.bench import BenchSettings
+    from d2v_export.models import parse_source
+    from d2v_export.options import QuantOptions, RunOptions, ShapeRequest
+    from d2v_export.pipeline import run
+
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 0)
+    messages: list[str] = []
+    settings = BenchSettings(warmup=1, min_iterations=3, max_iterations=20, seconds=0.2, max_warmup_seconds=1.0)
+    options = RunOptions(output=tmp_path / "out", int8=QuantOptions(mode="dynamic"), bench=settings)
+    report = run(parse_source("preset:tiny", Modality.TEXT, None), ShapeRequest(batch=(1, 1, 2), sequence=(8, 16, 32)), options, progress=messages.append)
+    assert any("offloading the PyTorch weights" in m for m in messages)
+    assert report.bench["interleaved"] == "in pairs with the reference"
+    assert {v.artifact for v in report.variants} == set(report.bench["pair_reference_p50_ms"])
+    for v in report.variants:
+        own = report.bench["pair_reference_p50_ms"][v.artifact]
+        assert v.speedup_vs_reference == pytest.approx(own / v.latency.p50, abs=1e-3)
+    # (the tiny preset's dynamic INT8 misses its top-1 budget on random weights with or without the offload)
+    assert next(v for v in report.variants if v.quantization is None).drift.passed
+    assert not (tmp_path / "out" / ".work").exists()
+    assert "each variant timed in a pair with the reference" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "each variant in a pair with the reference" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+
+
+def test_the_export_keeps_no_reference_to_the_parameters(tmp_path: Path) -> None:
+    """Once exported, the parameters are the model's alone (onnxscript's rewrite rules kept the last graph, and with it
+    every parameter, for the life of the process): dropping the model frees them, and so does the offload."""
+    import gc
+    import weakref
+
+    from d2v_export.export import write_onnx
+
+    model, profile = tiny(head_for(Modality.VISION, "image-classification"))
+    alive = [weakref.ref(p) for p in model.module.parameters()]
+    write_onnx(model, profile, tmp_path / "model.onnx")
+    del model
+    gc.collect()
+    assert alive and not [r for r in alive if r() is not None]

@@ -82,3 +82,53 @@ class TorchRunner(RunnerBase):
         import torch
 
         torch.set_num_threads(self._previous_threads)
+
+
+# --------------------------------------------------------------------------------------- offload
+
+
+_OFFLOADED = "_d2v_offloaded"  # on a wrapper whose weights are on disk: the file they are in
+
+
+def offload(wrapper: Any, path: Any) -> None:
+    """Write the wrapper's parameters to ``path`` and free them; the next forward (or ``restore``) reads them back.
+
+    Between the evaluation reference and the latency stage nothing runs PyTorch (every check reuses its
+    outputs), so at large size its fp32 weights need not sit beside the builds' copies: the pipeline
+    offloads them there. The parameters keep their identity (tied weights stay tied); each one's data
+    becomes an empty tensor until restored. A forward on an offloaded wrapper restores it first, so a
+    caller that does need PyTorch still gets the real model, only later.
+    """
+    import torch
+
+    if getattr(wrapper, _OFFLOADED, None) is not None:
+        return
+    params = dict(wrapper.named_parameters())
+    torch.save({name: p.detach() for name, p in params.items()}, str(path))
+    for p in params.values():
+        p.data = torch.empty(0, dtype=p.dtype)
+    setattr(wrapper, _OFFLOADED, str(path))
+    if not getattr(wrapper, "_d2v_restore_hook", None):
+        wrapper._d2v_restore_hook = wrapper.register_forward_pre_hook(_restore_hook)
+
+
+def _restore_hook(module: Any, _args: Any) -> None:
+    restore(module)  # a pre-hook that returned a value would replace the forward's arguments
+
+
+def restore(wrapper: Any) -> bool:
+    """Read back what ``offload`` wrote (memory-mapped: the pages load as they are touched); False when not offloaded."""
+    import torch
+
+    path = getattr(wrapper, _OFFLOADED, None)
+    if path is None:
+        return False
+    saved = torch.load(path, mmap=True, weights_only=True)
+    for name, p in wrapper.named_parameters():
+        p.data = saved[name]
+    setattr(wrapper, _OFFLOADED, None)
+    return True
+
+
+def offloaded(wrapper: Any) -> bool:
+    return getattr(wrapper, _OFFLOADED, None) is not None
