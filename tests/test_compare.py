@@ -8,9 +8,11 @@ happen on purpose).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import json
+import shutil
 import tempfile
 import types
 from pathlib import Path
@@ -36,7 +38,9 @@ def tiny_vision_report() -> tuple[str, str]:
     from d2v_export.pipeline import RunOptions, run
     from d2v_export.spec import Modality
 
-    out = Path(tempfile.mkdtemp(prefix="d2v-compare-")) / "run"
+    root = Path(tempfile.mkdtemp(prefix="d2v-compare-"))
+    atexit.register(shutil.rmtree, root, True)  # cached for the process: removed when it ends
+    out = root / "run"
     run(parse_source("preset:tiny", Modality.VISION, None), TINY_SHAPES, RunOptions(output=out, bench=QUICK, threads=1))
     return (out / "report.json").read_text(encoding="utf-8"), str(out)
 
