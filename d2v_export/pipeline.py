@@ -35,6 +35,7 @@ from .backends.base import BuildRequest
 from .backends.torch_ref import NAME as REFERENCE_NAME, TorchRunner, make_wrapper
 from .cpu import cores_available
 from .export import write_onnx
+from .memory import release_memory
 from .heads import SAMPLING_RATE, dummy_inputs
 from .models import LoadedModel, load
 from .calibration.samples import Samples
@@ -796,23 +797,6 @@ def _cached(
     except OSError:
         pass  # a read-only home is no reason to fail
     return samples
-
-
-def release_memory() -> None:
-    """Hand memory freed by a finished stage back to the OS: a garbage collection, then glibc's malloc_trim.
-
-    Between stages the pipeline drops large objects (the exporter's program, protobufs, sessions), but
-    glibc keeps freed heap pages resident, so the next stage's peak stacked on them (measured on vision
-    base: +0.4 GB still resident after onnx.checker had finished). No effect where libc has no malloc_trim.
-    """
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -30,6 +30,7 @@ from d2v_export.backends.openvino import (
     fake_quantize_count,
     quantize_with_accuracy_control,
 )
+from d2v_export.backends import _openvino_smooth as smoothing
 from d2v_export.calibration import load_samples
 from d2v_export.export import export, make_wrapper, torch_forward
 from d2v_export.heads import HEADS, Head, dummy_inputs, head_for
@@ -197,6 +198,10 @@ def test_int8_static_nncf(head: Head, exported: Exported, tmp_path: Path) -> Non
     assert artifact.quantization.samples == len(calib)
     assert any("model_type=TRANSFORMER" in n for n in artifact.notes)
     assert any("runtime precision hint" in n for n in artifact.notes)
+    # SmoothQuant ran in place before NNCF (its own step off): our Multiply nodes, none of NNCF's
+    names = [op.get_friendly_name() for op in ov_model(artifact.model_file).get_ops() if op.get_type_name() == "Multiply"]
+    assert any(n.endswith(smoothing.SUFFIX) for n in names) and not any("nncf_smooth_quant" in n for n in names)
+    assert any("SmoothQuant" in n and "by d2v-export" in n for n in artifact.notes)
 
     feeds, labels, source = calibration_feeds(model, profile, "evaluation")
     wrapper = make_wrapper(model)
@@ -206,6 +211,48 @@ def test_int8_static_nncf(head: Head, exported: Exported, tmp_path: Path) -> Non
     assert drift.metrics and all(math.isfinite(v) for v in drift.metrics.values()), drift.metrics
     # random weights: the verdict is data, not asserted; shown with -rA / on failure
     print(f"{head.key} openvino int8 static drift: {dict(drift.metrics)} passed={drift.passed}")
+
+
+def ov_model(xml: Path) -> Any:
+    import openvino as ov
+
+    return ov.Core().read_model(str(xml))
+
+
+def test_smoothquant_in_place_keeps_the_float_model(exported: Exported) -> None:
+    """smooth() changes no float result (f32), adds one Multiply per group and replaces weights in place."""
+    import openvino as ov
+
+    head = head_for(Modality.TEXT, "text-classification")
+    model, profile, _graph = exported(head)
+    feeds = list(calibration_feeds(model, profile, "calibration", count=4)[0])
+    xml = exported.fp32(head).model_file
+    before = ov.Core().compile_model(ov_model(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    smoothed = ov_model(xml)
+    groups = smoothing.find_groups(smoothed)
+    count = smoothing.smooth(smoothed, feeds)
+    assert count == sum(len(g.matmuls) for g in groups) > 0
+    assert sum(op.get_friendly_name().endswith(smoothing.SUFFIX) for op in smoothed.get_ops()) == len(groups)
+    after = ov.Core().compile_model(smoothed, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for feed in feeds:
+        a, b = before(feed)[0], after(feed)[0]
+        assert np.max(np.abs(a - b)) <= 1e-4 * max(1.0, float(np.max(np.abs(a)))), np.max(np.abs(a - b))
+
+
+def test_smoothquant_scales_move_outliers_into_the_weights() -> None:
+    amax = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 80.0], np.float32)  # one outlier channel
+    even = np.ones((10, 6), np.float32)  # [K, N]: a MatMul without transpose_b
+    skewed = even.copy()
+    skewed[9] = 50.0  # its weights already large where the activation is
+    s = smoothing.scales(amax, [even], [-2], smoothing.ALPHA)
+    assert int(np.argmax(s)) == 9 and np.allclose(s[:9], s[0])
+    spread = lambda x: float(x.max() / np.median(x))  # noqa: E731
+    assert spread(amax / s) < spread(amax) / 10  # the int8 activation range no longer spans the outlier
+    # a group (query, key, value) takes the most even of its members' scales
+    both = smoothing.scales(amax, [skewed, even], [-2, -2], smoothing.ALPHA)
+    alone = [smoothing.scales(amax, [w], [-2], smoothing.ALPHA) for w in (skewed, even)]
+    best = max(alone, key=lambda x: float(x.min() / x.max()))
+    assert np.array_equal(both, best)
 
 
 def test_int8_weight_only_compression(exported: Exported, tmp_path: Path) -> None:

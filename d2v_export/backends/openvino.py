@@ -14,7 +14,8 @@ Precisions (see docs/openvino.md):
   the weights and runs at its own default precision (said in the artifact's notes).
 - int8: static (``QuantRecipe.mode == "static"``): ``nncf.quantize`` with model_type=TRANSFORMER on the
   calibration feeds (FakeQuantize nodes in the IR), the PERFORMANCE preset (symmetric activations) for
-  vision and audio and MIXED for text (``recipe_choices``). Dynamic: ``nncf.compress_weights``,
+  vision and audio and MIXED for text (``recipe_choices``). SmoothQuant runs before it, in place
+  (``_openvino_smooth``: NNCF's own step would copy the model; same method and alpha). Dynamic: ``nncf.compress_weights``,
   INT8 weight-only compression; activations stay float (said in the notes, since it is not ORT's dynamic
   quantization). The float parts keep OpenVINO's default precision hint; the notes record which one.
 
@@ -41,6 +42,7 @@ from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
 from ..quantize import MATMUL_OPS, RecipeTemplate
 from ..recipe_choice import Choice
 from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, Snippet, files_in, require_available
+from ._openvino_smooth import ALPHA as SMOOTH_ALPHA, smooth
 
 MODEL_FILE = "openvino_model.xml"  # optimum-intel's OV_XML_FILE_NAME
 WEIGHTS_FILE = "openvino_model.bin"
@@ -438,6 +440,7 @@ def _quantize_static(
 
     feeds = list(calibration)
     present = _ov_names(model, keep_float, outputs)
+    smoothed = smooth(model, feeds)  # in place, one weight at a time (NNCF's copies the model)
     with _nncf_quiet():
         quantized = nncf.quantize(
             model,
@@ -448,6 +451,7 @@ def _quantize_static(
             preset=nncf.QuantizationPreset.PERFORMANCE if quant.symmetric_activations else nncf.QuantizationPreset.MIXED,
             subset_size=len(feeds),
             ignored_scope=nncf.IgnoredScope(names=present) if present else None,
+            advanced_parameters=_without_smoothquant(),
         )
     recipe = dataclasses.replace(
         quant, method="minmax", samples=len(feeds), per_channel=True, tool=f"nncf {nncf.__version__}",
@@ -455,15 +459,23 @@ def _quantize_static(
     )  # fmt: skip
     notes = [
         (
-            f"NNCF {nncf.__version__} quantize: model_type=TRANSFORMER (SmoothQuant, attention kept accurate), "
+            f"NNCF {nncf.__version__} quantize: model_type=TRANSFORMER (attention kept accurate), "
             + ("preset=PERFORMANCE (symmetric per-channel weights, symmetric activations)" if quant.symmetric_activations
                else "preset=MIXED (symmetric per-channel weights, asymmetric activations)")
             + f", {len(feeds)} calibration samples"
-        )
+        ),
+        f"SmoothQuant (alpha {SMOOTH_ALPHA}) on {smoothed} MatMuls by d2v-export, in place before NNCF (its own step off)",
     ]
     if present:
         notes.append(f"kept float by rule ({', '.join(quant.float_rules)}): {', '.join(present)}")
     return quantized, recipe, notes
+
+
+def _without_smoothquant() -> Any:
+    """NNCF's parameters with its SmoothQuant step off: ``_openvino_smooth.smooth`` ran it already."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
+
+    return AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(convolution=-1, matmul=-1))
 
 
 def _ov_names(model: Any, onnx_names: Sequence[str], outputs: Mapping[str, Sequence[str]] | None = None) -> list[str]:
@@ -568,6 +580,7 @@ def quantize_with_accuracy_control(
     params = AdvancedAccuracyRestorerParameters()
     if max_iterations is not None:
         params.max_num_iterations = max_iterations
+    smooth(ov_model, calib)  # as _quantize_static does
     with _capture_reverted() as reverted:
         quantized = nncf.quantize_with_accuracy_control(
             ov_model,
@@ -580,6 +593,7 @@ def quantize_with_accuracy_control(
             preset=nncf.QuantizationPreset.PERFORMANCE if symmetric_activations else nncf.QuantizationPreset.MIXED,
             subset_size=len(calib),
             ignored_scope=nncf.IgnoredScope(names=list(ignored)) if ignored else None,
+            advanced_quantization_parameters=_without_smoothquant(),
             advanced_accuracy_restorer_parameters=params,
         )
     return quantized, tuple(reverted)
