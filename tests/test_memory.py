@@ -188,3 +188,45 @@ def test_the_export_keeps_no_reference_to_the_parameters(tmp_path: Path) -> None
     del model
     gc.collect()
     assert alive and not [r for r in alive if r() is not None]
+
+
+def test_clean_up_sizes_its_weights_without_serialising_them(vision: tuple[Any, Any, Any]) -> None:
+    """The external-data decision of the clean-up: the initializers' size from shapes and types (``ByteSize`` serialises
+    the whole model under protobuf's upb backend: a transient copy of every weight)."""
+    _model, _profile, graph = vision
+    m = onnx.load(str(graph.path))
+    raw = sum(len(t.raw_data) for t in m.graph.initializer)
+    assert 0 < raw <= rewrite._initializer_bytes(m) <= m.ByteSize()
+
+
+def test_memory_is_handed_back_after_the_clean_up_and_between_a_build_and_its_check(
+    vision: tuple[Any, Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clean-up's protobuf and the build's converted model are freed heap that glibc kept resident under the check."""
+    pytest.importorskip("openvino")
+    from d2v_export import pipeline
+    from d2v_export.options import RunOptions
+
+    model, profile, graph = vision
+    events: list[str] = []
+    backend = get("openvino")
+    real_for_model, real_runner = rewrite.for_model, backend.runner
+
+    def for_model(*args: Any) -> Any:
+        events.append("clean-up")
+        return real_for_model(*args)
+
+    def runner(*args: Any, **kwargs: Any) -> Any:
+        events.append("check")
+        return real_runner(*args, **kwargs)
+
+    monkeypatch.setattr(rewrite, "for_model", for_model)
+    monkeypatch.setattr(backend, "runner", runner)
+    monkeypatch.setattr(backend, "compile", lambda *a, **k: events.append("build") or type(backend).compile(backend, *a, **k))
+    monkeypatch.setattr(pipeline, "release_memory", lambda: events.append("release"))
+    options = RunOptions(output=tmp_path / "out", targets=(backend.name,))
+    work = pipeline._Work(model, profile, graph, make_wrapper(model), [], None, None, options, 1, tmp_path / "work", lambda _m: None)
+    name, request, rewrites, what = pipeline._plan(backend, options, None, 1, "vision")[0]
+    built = pipeline._build_one(work, backend, tmp_path / name, request, rewrites, what)
+    assert built.drift.passed and rewrites
+    assert events == ["clean-up", "release", "build", "release", "check"]
