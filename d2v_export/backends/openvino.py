@@ -318,7 +318,9 @@ def _build(backend: OpenVinoBackend, graph: ExportedGraph, folder: Path, request
         default = _default_hint(core, device) or "precision"
         notes.append(f"fp16 IR: {device} has no native f16, it runs the model in its default {default}")
     folder.mkdir(parents=True, exist_ok=True)
-    model = ov.convert_model(str(graph.path))
+    # INT8: weights owned by the model, not mapped from the ONNX file, so the ones SmoothQuant replaces are
+    # freed instead of staying resident in the mapping through NNCF (large sizes; docs/PERFORMANCE.md)
+    model = ov.convert_model(str(graph.path), share_weights=precision is not Precision.INT8)
     quant = request.quant
     if precision is Precision.INT8:
         model, quant, hint = _int8(model, graph, request, control, notes, _default_hint(core, device), device)
