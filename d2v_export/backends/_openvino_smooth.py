@@ -139,8 +139,12 @@ def apply(group: Group, s: np.ndarray) -> None:
 
 
 def _weight(matmul: Any) -> np.ndarray | None:
+    """The MatMul's own constant f32 weight; None for anything else, and (as NNCF) for a weight that other
+    operations read too (a language-model decoder tied to the embedding table)."""
     node = matmul.input(1).get_source_output().get_node()
     if node.get_type_name() != "Constant" or node.get_element_type().get_type_name() != "f32":
+        return None
+    if len(node.output(0).get_target_inputs()) > 1:
         return None
     data = node.get_data()
     return data if data.ndim >= 2 else None
