@@ -108,8 +108,10 @@ def _int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
         click.option("--columns", default=None, metavar="ROLE=COLUMN,...",
                      help="Dataset/metadata columns where the usual names do not fit, e.g. image=img,label=fine_label. "
                           "Roles: image, audio, text, text_pair, question, context, label, transcription."),
-        click.option("--max-drift", multiple=True, metavar="METRIC=VALUE",
-                     help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable."),
+        click.option("--max-drift", multiple=True, metavar="METRIC=VALUE[@CONFIDENCE]",
+                     help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable. A metric that counts answers "
+                          "(top1_agreement, accuracy_drop, span_exact_match) fails only when over budget with 95 %% confidence; "
+                          "@C asks for another confidence (accuracy_drop=0.005@0.8), @0 judges the measured value alone."),
         click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="ONNX Runtime INT8 with 7-bit weights, exact on x86 CPUs without VNNI (their u8 x s8 kernel saturates "
                           "with 8-bit weights). auto: on when the --target-profile's CPU, else this one, lacks VNNI."),
@@ -132,9 +134,10 @@ def _defer_build_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 def _int8_settings(kw: dict[str, Any]) -> Any:
     """options.QuantOptions from the shared INT8 flags (parsed here, validated by the library)."""
     from .calibration.hf import parse_columns
-    from .metrics import parse_budget
+    from .metrics import parse_drift
     from .options import QuantOptions
 
+    budget, confidence = parse_drift(list(kw["max_drift"]))
     return QuantOptions(
         mode=kw["quant"],
         method=kw["calib_method"],
@@ -143,7 +146,8 @@ def _int8_settings(kw: dict[str, Any]) -> Any:
         evaluation=kw["eval_path"],
         eval_samples=kw["eval_samples"],
         columns=parse_columns(kw["columns"]),
-        budget=parse_budget(list(kw["max_drift"])),
+        budget=budget,
+        confidence=confidence,
         fallback=kw["fallback"] == "auto",
         reduce_range=kw["reduce_range"],
     )
@@ -290,6 +294,8 @@ def _summary(report: Any, output: Path) -> None:
         lat = v.latency
         speed = f"{v.speedup_vs_reference:.2f}x" if v.speedup_vs_reference else "-"
         verdict = "ok" if v.drift.passed else f"DRIFT over budget: {', '.join(v.drift.failed)}"
+        if v.drift.passed and v.drift.unresolved:
+            verdict += f" (not proven within budget on {v.drift.samples} samples: {', '.join(v.drift.unresolved)}; more --eval-samples resolve it)"
         p50 = f"{lat.p50:9.2f} ms" if lat else "not measured"
         click.echo(f"  {v.artifact:28s} p50 {p50}  {speed:>7s} vs PyTorch  drift {verdict}")
         for note in v.notes:

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .confidence import describe
 from .metrics import METRICS, drift_score
 from .spec import REFERENCE, D2VError, ExitCode, jsonable
 
@@ -323,6 +324,12 @@ def _drift_changes(base: Mapping[str, Any], cur: Mapping[str, Any], tolerance: f
         worse_by = (float(b) - float(c)) if higher else (float(c) - float(b))
         flagged = worse_by > tolerance
         reason = f"worse by {worse_by:.4g} (tolerance {tolerance:g})" if flagged else ""
+        found = (cur.get("bounds") or {}).get(metric)
+        if flagged and found:  # a metric that counts answers: worse only when its favourable bound is worse too
+            best = float(found[1] if higher else found[0])
+            if ((float(b) - best) if higher else (best - float(b))) <= tolerance:
+                flagged = False
+                reason = f"worse by {worse_by:.4g}, within its noise ({describe(cur['bounds'], cur.get('confidence') or {}, metric).strip()})"
         out.append(MetricChange(metric, float(b), float(c), limit, higher, worse_by, flagged, reason))
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .confidence import describe
 from .spec import D2VError, ExitCode, Report
 
 
@@ -28,7 +29,8 @@ def failure(report: Report, options: Any) -> D2VError | None:
         bad = []
         for v in report.variants:
             if not v.drift.passed:
-                worst = ", ".join(f"{m} {v.drift.metrics.get(m, float('nan')):.4g} vs {v.drift.budget.get(m, float('nan')):g}" for m in v.drift.failed)
+                worst = ", ".join(f"{m} {v.drift.metrics.get(m, float('nan')):.4g}{describe(v.drift.bounds, v.drift.confidence, m)} vs {v.drift.budget.get(m, float('nan')):g}"
+                                  for m in v.drift.failed)
                 bad.append(f"{v.artifact} ({worst})")
         int8 = options.int8
         return D2VError(

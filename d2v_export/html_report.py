@@ -221,9 +221,12 @@ def drift_plot(variants: Sequence[Mapping[str, Any]]) -> str:
     if not metrics:
         return _svg(width, 60, [_text(20, 35, "no drift budget in this report")], kind="drift", label="drift against budget")
     failed_names: dict[str, set[str]] = {}
+    noise_judged: dict[str, set[str]] = {}  # metrics judged on confidence bounds: the verdict, not the bar, decides
     for v in variants:
         for m in (v.get("drift") or {}).get("failed") or []:
             failed_names.setdefault(m, set()).add(str(v.get("name")))
+        for m in (v.get("drift") or {}).get("bounds") or {}:
+            noise_judged.setdefault(m, set()).add(str(v.get("name")))
     body: list[str] = []
     y = 10.0
     bar_h, gap = 20, 6
@@ -260,7 +263,7 @@ def drift_plot(variants: Sequence[Mapping[str, Any]]) -> str:
                 axis_note = ""
             x0 = scale.p0
         for name, value, limit in rows:
-            ok = _metric_ok(None if value is None else float(value), None if limit is None else float(limit), higher)
+            ok = name in noise_judged.get(metric, set()) or _metric_ok(None if value is None else float(value), None if limit is None else float(limit), higher)
             ok = ok and name not in failed_names.get(metric, set())
             color = PASS if ok else FAIL
             cy = y + bar_h / 2

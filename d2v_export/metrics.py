@@ -8,11 +8,12 @@ The kind of metric comes from ``Head.metric`` (see heads.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .confidence import DEFAULT_CONFIDENCE, Count, Paired, bounds
 from .spec import D2VError
 
 
@@ -100,19 +101,49 @@ def within(value: float, limit: float, higher_is_better: bool) -> bool:
     return value >= limit - slack if higher_is_better else value <= limit + slack
 
 
-def judge(metrics: dict[str, float], budget: dict[str, float]) -> tuple[bool, tuple[str, ...]]:
-    """(passed, failed metric names). Lower bound for higher-is-better metrics, upper bound otherwise.
+@dataclass(frozen=True)
+class Judgement:
+    """A budget's verdict on measured metrics; ``bounds`` and ``unresolved`` only for metrics that count answers."""
+
+    passed: bool
+    failed: tuple[str, ...]  # over budget (with the confidence asked for, where the metric has counts)
+    unresolved: tuple[str, ...] = ()  # within budget as measured or by the noise, but too few items to show it
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (lower, upper), one-sided each
+    confidence: Mapping[str, float] = field(default_factory=dict)  # metric -> the confidence its bounds were taken at
+
+
+def judge(
+    metrics: Mapping[str, float],
+    budget: Mapping[str, float],
+    evidence: Mapping[str, Count | Paired] | None = None,
+    confidence: Mapping[str, float] | None = None,
+) -> Judgement:
+    """Judge ``metrics`` against ``budget``: lower bound for higher-is-better metrics, upper bound otherwise.
 
     Budgets are inclusive (``within``). A budget key absent from ``metrics`` is ignored; a NaN value fails.
+    A metric with ``evidence`` (the counts behind it) fails only when its confidence bound on the favourable
+    side is beyond the limit — over budget with ``confidence[metric]`` (default ``DEFAULT_CONFIDENCE``; 0 judges
+    the measured value alone) — and is *unresolved* when only the bound on the other side is.
     """
-    failed = []
+    failed, unresolved, found, levels = [], [], {}, {}
     for name, limit in budget.items():
         if name not in metrics:
             continue
         higher = METRICS[name].higher_is_better if name in METRICS else False
-        if not within(metrics[name], limit, higher):
+        level = (confidence or {}).get(name, DEFAULT_CONFIDENCE)
+        proof = (evidence or {}).get(name)
+        if proof is None or level <= 0 or math.isnan(metrics[name]):
+            if not within(metrics[name], limit, higher):
+                failed.append(name)
+            continue
+        low, high = found[name] = bounds(proof, level)
+        levels[name] = level
+        favourable, unfavourable = (high, low) if higher else (low, high)
+        if not within(favourable, limit, higher):
             failed.append(name)
-    return not failed, tuple(failed)
+        elif not within(unfavourable, limit, higher):
+            unresolved.append(name)
+    return Judgement(not failed, tuple(failed), tuple(unresolved), found, levels)
 
 
 def budgets(kind: str, *, random_weights: bool, overrides: Mapping[str, float] | None = None) -> tuple[dict[str, float], dict[str, str]]:
@@ -131,23 +162,47 @@ def budgets(kind: str, *, random_weights: bool, overrides: Mapping[str, float] |
 
 
 def parse_budget(items: list[str]) -> dict[str, float]:
-    """Parse ``["top1_agreement=0.99", "wer=0.05,cer=0.02"]`` into a budget."""
-    out: dict[str, float] = {}
+    """Parse ``["top1_agreement=0.99", "wer=0.05,cer=0.02"]`` into a budget (a confidence suffix is dropped: ``parse_drift``)."""
+    return parse_drift(items)[0]
+
+
+def parse_drift(items: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Parse ``["accuracy_drop=0.01@0.9", "wer=0.05"]`` into (budget, confidence per metric that named one).
+
+    ``@C`` (0 or 0.5 <= C < 1): the metric fails only when over budget with confidence C (metrics that count
+    answers: ``confidence``); ``@0`` judges the measured value alone.
+    """
+    budget: dict[str, float] = {}
+    levels: dict[str, float] = {}
     valid = ", ".join(sorted(METRICS))
     for item in (p.strip() for raw in items for p in raw.split(",")):
         if not item:
             continue
         name, sep, text = (s.strip() for s in item.partition("="))
         if not sep or name not in METRICS:
-            raise D2VError(f"bad budget '{item}': use METRIC=LIMIT with METRIC one of: {valid}")
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise D2VError(f"bad budget '{item}': '{text}' is not a number; use METRIC=LIMIT, e.g. {name}=0.99")
-        out[name] = value
-    return out
+            raise D2VError(f"bad budget '{item}': use METRIC=LIMIT[@CONFIDENCE] with METRIC one of: {valid}")
+        text, at, level = (s.strip() for s in text.partition("@"))
+        budget[name] = _number(text, f"bad budget '{item}': '{text}' is not a number; use METRIC=LIMIT, e.g. {name}=0.99")
+        if at:
+            levels[name] = _confidence(level, item)
+    return budget, levels
+
+
+def _number(text: str, problem: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise D2VError(problem)
+    return value
+
+
+def _confidence(text: str, item: str) -> float:
+    value = _number(text, f"bad confidence in '{item}': '{text}' is not a number; use e.g. @0.95, or @0 to judge the measured value alone")
+    if value != 0 and not 0.5 <= value < 1:
+        raise D2VError(f"bad confidence in '{item}': {value:g} is outside 0.5..1; use e.g. @0.95, or @0 to judge the measured value alone")
+    return value
 
 
 # ---------------------------------------------------------------------------------- text
@@ -273,25 +328,38 @@ def _mean(total: float, n: int) -> float:
 
 
 Outputs = list[dict[str, np.ndarray]]
+# A metric is a number, or the counts behind it where it counts answers (``confidence``): items, not
+# positions — the answers of one item are one piece of evidence, the positions of one sequence are not independent.
+Measured = float | Count | Paired
+
+
+def _value(m: Measured) -> float:
+    """The metric's value: k / n for a count (1.0 when there are no items), (lost - gained) / n for a paired difference."""
+    if isinstance(m, Count):
+        return _mean(m.k, m.n)
+    if isinstance(m, Paired):
+        return (m.lost - m.gained) / m.n if m.n else 0.0
+    return m
 
 
 # ---------------------------------------------------------------------------------- kinds
 
 
-def _classification(ref: Outputs, cand: Outputs, names: tuple[str, ...], labels: list[Any] | None, **_unused: Any) -> dict[str, float]:
+def _classification(ref: Outputs, cand: Outputs, names: tuple[str, ...], labels: list[Any] | None, **_unused: Any) -> dict[str, Measured]:
     r = np.concatenate([a.reshape(-1, a.shape[-1]) for _, a, _ in _pairs(ref, cand, names[0])])
     c = np.concatenate([b.reshape(-1, b.shape[-1]) for _, _, b in _pairs(ref, cand, names[0])])
     k = min(5, r.shape[-1])
     rk, ck = np.argsort(-r, -1, kind="stable")[:, :k], np.argsort(-c, -1, kind="stable")[:, :k]
-    out = {
-        "top1_agreement": float((r.argmax(-1) == c.argmax(-1)).mean()),
+    out: dict[str, Measured] = {
+        "top1_agreement": Count(int((r.argmax(-1) == c.argmax(-1)).sum()), len(r)),
         "top5_overlap": float((rk[:, :, None] == ck[:, None, :]).any(-1).sum(-1).mean() / k),
         "logit_cosine": float(_cosine(r, c).mean()),
     }
     if labels is not None:
         y = np.array([int(v) for v in _labels(labels, len(r))])
-        ra, ca = float((r.argmax(-1) == y).mean()), float((c.argmax(-1) == y).mean())
-        out |= {"reference_accuracy": ra, "candidate_accuracy": ca, "accuracy_drop": ra - ca}
+        rr, cr = r.argmax(-1) == y, c.argmax(-1) == y
+        lost, gained = int((rr & ~cr).sum()), int((cr & ~rr).sum())
+        out |= {"reference_accuracy": float(rr.mean()), "candidate_accuracy": float(cr.mean()), "accuracy_drop": Paired(lost, gained, len(r))}
     return out
 
 
@@ -354,7 +422,7 @@ def _best_spans(start: np.ndarray, end: np.ndarray, mask: np.ndarray | None) -> 
     return np.stack([flat // seq, flat % seq], -1)
 
 
-def _question_answering(ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any) -> dict[str, float]:
+def _question_answering(ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any) -> dict[str, Measured]:
     if len(names) < 2:
         raise D2VError(f"question-answering needs start and end logits, got outputs: {', '.join(names)}")
     s_name, e_name = ("start_logits", "end_logits") if {"start_logits", "end_logits"} <= set(names) else names[:2]
@@ -366,7 +434,7 @@ def _question_answering(ref: Outputs, cand: Outputs, names: tuple[str, ...], mas
         st += int((rs.argmax(-1) == cs.argmax(-1)).sum())
         en += int((re_.argmax(-1) == ce.argmax(-1)).sum())
         n += len(rs)
-    return {"span_exact_match": _mean(span, n), "start_agreement": _mean(st, n), "end_agreement": _mean(en, n)}
+    return {"span_exact_match": Count(span, n), "start_agreement": Count(st, n), "end_agreement": Count(en, n)}
 
 
 def _language_model(ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any) -> dict[str, float]:
@@ -417,7 +485,7 @@ def _embedding(ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Mask
     return {"embedding_cosine": min(means, default=1.0), "min_cosine": worst}
 
 
-_KINDS: dict[str, Callable[..., dict[str, float]]] = {
+_KINDS: dict[str, Callable[..., Mapping[str, Measured]]] = {
     "classification": _classification,
     "ctc": _ctc,
     "token-classification": _token_classification,
@@ -428,7 +496,7 @@ _KINDS: dict[str, Callable[..., dict[str, float]]] = {
 }
 
 
-def compute(
+def compute_with_evidence(
     kind: str,
     reference: list[dict[str, np.ndarray]],
     candidate: list[dict[str, np.ndarray]],
@@ -437,12 +505,13 @@ def compute(
     labels: list[Any] | None = None,
     id2char: dict[int, str] | None = None,
     attention_masks: list[np.ndarray] | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, Count | Paired]]:
     """Drift metrics of ``kind`` (a ``Head.metric``) plus max/mean absolute error over ``output_names``.
 
     ``labels``: one per batch row (class ids, or transcripts for ctc). ``attention_masks``: one
     (batch, seq) array per sample; positions where it is 0 are skipped (for fill-mask, pass the
     mask-token positions). A mask whose shape is not the output's (batch, seq) is ignored.
+    Returns (values, the counts behind the values that count answers: for ``judge``'s confidence bounds).
     """
     if kind not in _KINDS:
         raise D2VError(f"unknown metric kind '{kind}'; choose one of: {', '.join(_KINDS)}")
@@ -459,7 +528,7 @@ def compute(
                 worst = m if math.isnan(m) or m > worst else worst
                 total += float(d.sum(dtype=np.float64))
                 count += d.size
-    out = _KINDS[kind](
+    measured = _KINDS[kind](
         reference,
         candidate,
         names=tuple(output_names),
@@ -467,7 +536,13 @@ def compute(
         id2char=id2char,
         masks=_Masks(attention_masks, len(reference)),
     )
-    return {"max_abs_error": worst, "mean_abs_error": total / count if count else 0.0} | out
+    values = {"max_abs_error": worst, "mean_abs_error": total / count if count else 0.0} | {k: _value(m) for k, m in measured.items()}
+    return values, {k: m for k, m in measured.items() if isinstance(m, (Count, Paired))}
+
+
+def compute(kind: str, reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]], **options: Any) -> dict[str, float]:
+    """The values of ``compute_with_evidence`` (same arguments) without the counts behind them."""
+    return compute_with_evidence(kind, reference, candidate, **options)[0]
 
 
 # The one number per task that fallback and accuracy control optimize (a CTC transcript is judged by

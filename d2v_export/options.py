@@ -54,6 +54,7 @@ class QuantOptions:
     eval_samples: int = 16
     columns: Mapping[str, str] = field(default_factory=dict)  # {role: column} for metadata files and datasets (calibration.hf)
     budget: Mapping[str, float] = field(default_factory=dict)  # overrides of metrics.DEFAULT_BUDGETS
+    confidence: Mapping[str, float] = field(default_factory=dict)  # metric -> confidence it must be over budget with to fail
     fallback: bool = False  # return the most sensitive nodes to float until the budget holds
     seed: int = 0
     reduce_range: str = "auto"  # ONNX Runtime 7-bit weights: "auto" (when the deployment CPU lacks VNNI), "on", "off"
@@ -68,7 +69,7 @@ class QuantOptions:
         for name, count in (("samples", self.samples), ("eval_samples", self.eval_samples)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise _bad(f"INT8 {name} {count!r}: give a whole number of at least 1")
-        unknown = sorted(set(self.budget) - set(METRICS))
+        unknown = sorted((set(self.budget) | set(self.confidence)) - set(METRICS))
         if unknown:
             raise _bad(f"drift budget for unknown metric(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METRICS))}")
 

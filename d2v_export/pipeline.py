@@ -701,7 +701,8 @@ def _task_drift(work: _Work, infer: Callable[..., Any]) -> Drift:
     int8, evaluation = work.options.int8, work.evaluation
     assert evaluation is not None and int8 is not None
     gate, info = budgets_for(work.model, int8)
-    return task_drift(work.model, work.ref_outputs, infer, evaluation.feeds, gate, labels=evaluation.labels, source=evaluation.source, informational=info)
+    return task_drift(work.model, work.ref_outputs, infer, evaluation.feeds, gate, labels=evaluation.labels, source=evaluation.source,
+                      informational=info, confidence=int8.confidence)
 
 
 def _fall_back(work: _Work, backend: Any, graph: ExportedGraph, folder: Path, request: BuildRequest) -> tuple[Artifact, Drift, tuple[str, ...]]:

@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any, Mapping
 
+from .confidence import describe
 from .cpu import REPORTED_FLAGS, cores_available, cpu_flags, cpu_name
 from .spec import REFERENCE, Drift, LatencyStats, Report, Variant, jsonable
 
@@ -132,6 +133,16 @@ def _ms(lat: Mapping[str, Any] | None, key: str) -> str:
     return f"{lat[key]:.2f}" if lat else "–"
 
 
+def noise(drift: Mapping[str, Any], name: str) -> str:
+    """" [0.962, 0.994] at 95 %, unresolved": a metric's confidence bounds and what they decided; "" without bounds."""
+    text = describe(drift.get("bounds") or {}, drift.get("confidence") or {}, name)
+    if not text:
+        return ""
+    if name in (drift.get("failed") or ()):
+        return text + ", over budget with that confidence"
+    return text + (", too few items to show it is within budget" if name in (drift.get("unresolved") or ()) else "")
+
+
 def _metric_summary(drift: Mapping[str, Any]) -> str:
     metrics = drift.get("metrics") or {}
     budget = drift.get("budget") or {}
@@ -140,7 +151,7 @@ def _metric_summary(drift: Mapping[str, Any]) -> str:
     for name in shown:
         value = metrics.get(name)
         limit = budget.get(name)
-        text = "n/a" if value is None else f"{value:.3g}"
+        text = "n/a" if value is None else f"{value:.3g}" + noise(drift, name)
         parts.append(f"{name} {text}" + (f" (limit {limit:g})" if limit is not None else ""))
     for name in drift.get("informational") or {}:
         value = metrics.get(name)

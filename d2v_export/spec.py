@@ -144,6 +144,11 @@ class Drift:
     failed: tuple[str, ...] = ()  # metrics over budget
     detail: str = ""  # one line: the worst output, the shapes compared, where the inputs came from
     informational: Mapping[str, str] = field(default_factory=dict)  # metric -> why it is reported but does not gate
+    # metrics that count answers (d2v_export.confidence): metric -> (lower, upper) bound, each one-sided at the
+    # metric's confidence; a metric fails only when over budget with that confidence
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    confidence: Mapping[str, float] = field(default_factory=dict)  # metric -> the confidence of its bounds
+    unresolved: tuple[str, ...] = ()  # within budget as far as the items show, but too few of them to prove it
 
 
 @dataclass(frozen=True)

@@ -118,10 +118,12 @@ def task_drift(
     labels: Sequence[object] | None = None,
     source: str = "",
     informational: Mapping[str, str] | None = None,
+    confidence: Mapping[str, float] | None = None,
 ) -> Drift:
     """Task-aware metrics of a candidate against the reference outputs on the same real samples.
 
-    ``informational``: metrics reported but not judged, with the reason (``metrics.budgets``).
+    ``informational``: metrics reported but not judged, with the reason (``metrics.budgets``). ``confidence``:
+    metric -> the confidence a metric that counts answers must be over budget with to fail (``metrics.judge``).
     """
     from . import metrics
 
@@ -132,7 +134,7 @@ def task_drift(
         id2char = {i: t for t, i in model.tokenizer.get_vocab().items()}
     masks = [np.asarray(f["attention_mask"]) for f in feeds] if "attention_mask" in feeds[0] and not head.multiple_choice else None
     usable_labels = usable_labels_for(model, labels)
-    values = metrics.compute(
+    values, evidence = metrics.compute_with_evidence(
         head.metric,
         [dict(r) for r in reference],
         cands,
@@ -141,9 +143,10 @@ def task_drift(
         id2char=id2char,
         attention_masks=masks,
     )
-    passed, failed = metrics.judge(values, dict(budget))
+    verdict = metrics.judge(values, budget, evidence, confidence)
     info = {m: why for m, why in (informational or {}).items() if m in values}
-    return Drift(REFERENCE, len(feeds), values, dict(budget), passed, failed, detail=f"{len(feeds)} real samples from {source}", informational=info)
+    return Drift(REFERENCE, len(feeds), values, dict(budget), verdict.passed, verdict.failed, detail=f"{len(feeds)} real samples from {source}",
+                 informational=info, bounds=verdict.bounds, confidence=verdict.confidence, unresolved=verdict.unresolved)
 
 
 def usable_labels_for(model: LoadedModel, labels: Sequence[object] | None) -> list[object] | None:

@@ -245,6 +245,27 @@ def test_agreement_metrics_use_their_direction(report_doc: dict[str, Any]) -> No
     assert next(v for v in better.variants if v.name == "onnxruntime-fp32").verdict != cmp.REGRESSION
 
 
+def test_a_counted_metric_is_a_regression_only_beyond_its_noise(report_doc: dict[str, Any]) -> None:
+    """Two answers of 240 (0.0083) are worse than the 0.005 tolerance, but not beyond the noise of 240 items."""
+    from d2v_export.confidence import Count, bounds
+
+    def with_agreement(k: int, n: int) -> dict[str, Any]:
+        doc = copy.deepcopy(report_doc)
+        d = doc["variants"][0]["drift"]
+        d["metrics"]["top1_agreement"], d["budget"]["top1_agreement"] = k / n, 0.9
+        d["bounds"], d["confidence"] = {"top1_agreement": list(bounds(Count(k, n), 0.95))}, {"top1_agreement": 0.95}
+        return doc
+
+    def row(c: Any) -> Any:
+        return next(v for v in c.variants if v.name == "onnxruntime-fp32")
+
+    noisy = row(cmp.compare(with_agreement(240, 240), with_agreement(238, 240)))
+    change = next(m for m in noisy.drift if m.metric == "top1_agreement")
+    assert noisy.verdict == cmp.UNCHANGED and not change.flagged and "within its noise" in change.reason
+    assert row(cmp.compare(with_agreement(2400, 2400), with_agreement(2380, 2400))).verdict == cmp.REGRESSION  # the same share, 10x the items
+    assert row(cmp.compare(with_agreement(240, 240), with_agreement(220, 240))).verdict == cmp.REGRESSION  # 20 answers: real
+
+
 def test_new_and_missing_variants(report_doc: dict[str, Any]) -> None:
     renamed = copy.deepcopy(report_doc)
     renamed["variants"][0]["name"] = "openvino-fp32"
