@@ -6,7 +6,7 @@
     report = run(parse_source("preset:tiny", Modality.VISION, None), ShapeRequest(), RunOptions(output=Path("out")))
     sys.exit(report.exit_code)                   # 0, or 5 / 8 / 7 (drift, latency budget, baseline)
 
-``run`` is a list of named stages (``STAGES``), each a function below: load the model, read the
+``run`` calls named stages in order, each a function below (docs/DESIGN.md lists them): load the model, read the
 samples, export and check against PyTorch, build every target's variants, judge them (with the
 fallback), measure latency, assemble the report, compare with a baseline, write manifests and the
 report. The options and the rules about them (validation, a device profile merged in) are
@@ -58,7 +58,7 @@ from .spec import (
 )
 from .validate import HALF_TOLERANCE_FACTOR, check_export, shape_check, task_drift
 
-__all__ = ["QuantOptions", "RunOptions", "ShapeRequest", "apply_profile", "require_int8", "run", "STAGES", "resolve_profile",
+__all__ = ["QuantOptions", "RunOptions", "ShapeRequest", "apply_profile", "require_int8", "run", "resolve_profile",
            "check_targets", "staging", "default_threads", "wants_reduce_range", "budget_for", "Interrupted"]  # fmt: skip
 
 DEFAULT_BATCH: Range = (1, 1, 8)
@@ -772,11 +772,10 @@ def _cached(
     model: LoadedModel, profile: ShapeProfile, path: Path | None, split: str, count: int, seed: int, progress: Progress,
     columns: Mapping[str, str] | None = None,
 ) -> Samples:
-    """load_samples through a cache keyed by the source (paths, sizes, mtimes), the processor and the shapes."""
-    import hashlib
-    import json
-
+    """load_samples through a cache keyed by the source (paths, sizes, mtimes), the processor, the shapes and
+    what reads them (the tool's version and the readers' source: `calibration.samples.cache_key`)."""
     from .calibration import bundled_path, load_cache, load_samples, save_cache
+    from .calibration.samples import cache_key
 
     source = path if path is not None else bundled_path(model.head.modality, split, model.head.task)
     if source.is_file() and source.suffix == ".npz":
@@ -788,8 +787,7 @@ def _cached(
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
     proc = model.processor.to_json_string() if model.processor is not None and hasattr(model.processor, "to_json_string") else ""
     tok = type(model.tokenizer).__name__ + str(len(model.tokenizer)) if model.tokenizer is not None else ""
-    key_src = json.dumps([stamp, proc, tok, model.head.key, str(profile), count, seed, split, dict(columns or {})], sort_keys=True, default=str)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    key = cache_key([stamp, proc, tok, model.head.key, str(profile), count, seed, split, dict(columns or {})])
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2v-export" / f"{split}-{key}.npz"
     if cache.is_file():
         progress(f"reusing the {split} cache {cache}")

@@ -7,6 +7,7 @@ the unreadable ones in `Samples.skipped`, and returns the chosen ones in their s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,11 @@ Feed = dict[str, np.ndarray]
 
 CACHE_KEY = "__d2v_cache__"  # the JSON metadata array that marks an .npz as a calibration cache
 CACHE_VERSION = 1
+# What turns a user's files into feeds besides the files themselves, so part of every cache key (`cache_key`):
+# the source of the readers (every module of this package, and the input table they fill) and the libraries
+# they decode and preprocess with.
+READER_SOURCES: tuple[Path, ...] = (Path(__file__).parent, Path(__file__).parent.parent / "heads.py")
+READER_LIBRARIES = ("transformers", "numpy", "pillow", "soundfile", "scipy", "datasets", "pyarrow")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no single truth value
@@ -180,6 +186,42 @@ def rel_name(path: Path, root: Path) -> str:
 
 
 # --------------------------------------------------------------------------- cache
+
+
+def cache_key(parts: Any) -> str:
+    """The name of a cache of the feeds that ``parts`` (file stamps, processor, shapes, seed, ...) describe.
+
+    Keyed also on what makes the feeds: the tool's version, a hash of the readers' source
+    (`READER_SOURCES`) and the versions of `READER_LIBRARIES`, so a cache from before an upgrade, or
+    from other reader code, is never reused.
+    """
+    from .. import __version__
+
+    made_by = [__version__, reader_digest(), _library_versions()]
+    text = json.dumps([parts, made_by], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def reader_digest(sources: Sequence[Path] | None = None) -> str:
+    """sha256 of the readers' source files (each .py under each folder of ``sources``, by relative name)."""
+    digest = hashlib.sha256()
+    for source in READER_SOURCES if sources is None else sources:
+        files = sorted(source.glob("*.py")) if source.is_dir() else [source]
+        for f in files:
+            digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in READER_LIBRARIES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def save_cache(samples: Samples, path: Path) -> Path:
