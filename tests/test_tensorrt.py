@@ -74,7 +74,8 @@ HEADS = [
     head_for(Modality.TEXT, "text-classification"),
     head_for(Modality.AUDIO, "automatic-speech-recognition"),
 ]
-FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf")  # what NVIDIA's BERT/ViT placement keeps in float
+FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf")
+FAKE_TRTEXEC = ROOT / "tests" / "fake_trt" / "bin" / "trtexec"  # what NVIDIA's BERT/ViT placement keeps in float
 GPU = trt_engine.probe()
 needs_gpu = pytest.mark.skipif(not GPU.ok, reason="needs TensorRT and an NVIDIA GPU")
 
@@ -348,40 +349,71 @@ def test_deferred_bundle_recipe_and_script(head: Head, precision: Precision, bui
     batch = profile.dim("batch")
     assert [i["min"][0] for i in recipe["inputs"]] == [batch.min] * len(graph.inputs)
     assert [i["max"][0] for i in recipe["inputs"]] == [batch.max] * len(graph.inputs)
-    flags = {Precision.FP32: "--noTF32", Precision.FP16: "--fp16", Precision.INT8: "--stronglyTyped"}
-    assert recipe["strongly_typed"] is (precision is Precision.INT8)
+    # every precision strongly typed, no precision flag: the same bundle builds on TensorRT 10.x and 11.x
+    flags = {Precision.FP32: {"--stronglyTyped", "--noTF32"}, Precision.FP16: {"--stronglyTyped"}, Precision.INT8: {"--stronglyTyped"}}
+    assert recipe["strongly_typed"] is True and recipe["builder_flags"] == []
+    assert recipe["tensorrt"]["min_version"] == "10.0" and recipe["tensorrt"]["max_version_exclusive"] is None
     assert (recipe["quantization"] is not None) is (precision is Precision.INT8)
 
-    # The script, run for real against a stand-in trtexec that records its arguments.
-    script = folder / SCRIPT_FILE
+    # The script, run for real against the stand-in trtexec of TensorRT 11 (rejects --fp16/--int8/--best, writes the plan).
+    work = tmp_path / "bundle"
+    shutil.copytree(folder, work)
+    script = work / SCRIPT_FILE
     assert script.stat().st_mode & stat.S_IXUSR
     subprocess.run(["bash", "-n", str(script)], check=True)
-    fake = tmp_path / "trtexec"
-    record = tmp_path / "args.json"
-    fake.write_text(f'#!{sys.executable}\nimport json, os, sys\njson.dump([os.getcwd(), *sys.argv[1:]], open({str(record)!r}, "w"))\n')
-    fake.chmod(0o755)
-    subprocess.run([str(script), "--verbose"], check=True, env=dict(os.environ, TRTEXEC=str(fake)), timeout=60)
-    cwd, *args = json.loads(record.read_text())
-    assert Path(cwd).resolve() == folder.resolve()
-    assert "--onnx=model.onnx" in args and f"--saveEngine={PLAN_FILE}" in args and args[-1] == "--verbose"
+    log = tmp_path / "args.json"
+    env = dict(os.environ, TRTEXEC=str(FAKE_TRTEXEC), FAKE_TRTEXEC_LOG=str(log), FAKE_TRT_VERSION="11.4.0", PYTHON=sys.executable)
+    done = subprocess.run([str(script), "--verbose"], env=env, timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cwd, *args = json.loads(log.read_text())
+    assert Path(cwd).resolve() == work.resolve()
+    assert "--onnx=model.onnx" in args and f"--saveEngine=.{PLAN_FILE}.partial" in args and args[-1] == "--verbose"
     for flag, which in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
         assert _shape_arg(args, flag) == expected[which], flag
-    assert flags[precision] in args and not ({"--int8", "--fp16", "--stronglyTyped", "--noTF32"} - {flags[precision]}) & set(args)
-    assert "--timingCacheFile=timing.cache" in args
+    assert flags[precision] <= set(args) and not {"--int8", "--fp16", "--best", "--noTF32"} - flags[precision] & set(args)
+    assert "--timingCacheFile=timing.cache" in args and "--profilingVerbosity=detailed" in args and "--exportLayerInfo=layers.json" in args
     assert any(re.fullmatch(r"--memPoolSize=workspace:\d+M", a) for a in args)
-    assert recipe["trtexec"].split()[1:] == args[:-1]
+    assert [a.replace(f".{PLAN_FILE}.partial", PLAN_FILE) for a in recipe["trtexec"].split()[1:]] == [a.replace(f".{PLAN_FILE}.partial", PLAN_FILE) for a in args[:-1]]
+    assert (work / PLAN_FILE).read_bytes().startswith(b"FAKEPLAN-trtexec") and not (work / f".{PLAN_FILE}.partial").exists()
+    engine = json.loads((work / ENGINE_MANIFEST).read_text())  # recorded by trt_device.py record
+    assert engine["built_with"] == "trtexec" and engine["tensorrt"] == "11.4.0" and engine["layer_info"] == "layers.json"
+    assert engine["verified_on_this_version"] is False and "not verified on this version" in done.stderr
 
     assert find_bundles(folder) == (folder,)
     assert folder in find_bundles(folder.parent)
 
 
-def test_int8_bundle_graph_is_the_qdq_graph_and_float_bundles_the_fp32_one(built: Built) -> None:
+def test_int8_bundle_graph_is_the_qdq_graph_fp16_the_fp16_graph_and_fp32_the_export(built: Built) -> None:
+    from onnx import TensorProto
+
     head = HEADS[1]
     _, _, graph = built.graph(head)
-    for precision in (Precision.FP32, Precision.FP16):
-        assert (built.deferred(head, precision).path / "model.onnx").read_bytes() == graph.path.read_bytes()
+    export_bytes = graph.path.read_bytes()
+    assert (built.deferred(head, Precision.FP32).path / "model.onnx").read_bytes() == export_bytes
+    half = _onnx(built.deferred(head, Precision.FP16).path / "model.onnx")
+    assert graph.path.read_bytes() == export_bytes  # the export itself (hard-linked into the fp32 bundle) is untouched
+    # typed fp16 in the graph: fp16 weights, fp32 inputs/outputs with casts at the boundaries, fp32 islands only as FP32_OPS
+    floats = [i for i in half.graph.initializer if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)]
+    assert floats and all(i.data_type == TensorProto.FLOAT16 or i.name.endswith("_fp32") for i in floats)
+    assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in half.graph.output)
+    assert {n.op_type for n in half.graph.node if n.name.endswith("_d2v_to_fp32")} == {"Cast"}
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in half.graph.node}
     ops = {n.op_type for n in _onnx(built.deferred(head, Precision.INT8).path / "model.onnx").graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+@pytest.mark.parametrize("head", HEADS, ids=lambda h: h.key)
+def test_fp16_bundle_matches_pytorch_within_the_half_tolerance(head: Head, built: Built) -> None:
+    """The fp16 graph on ONNX Runtime (CPU, graph optimisations off) against PyTorch, as every half artifact is checked."""
+    from d2v_export.validate import HALF_TOLERANCE_FACTOR
+
+    model, profile, _ = built.graph(head)
+    artifact = built.deferred(head, Precision.FP16)
+    with BACKEND.runner(artifact, threads=THREADS) as runner:
+        assert runner.name == "tensorrt-fp16 (fp16 graph, simulated on ONNX Runtime)"
+        drift = shape_check(model, make_wrapper(model), runner.infer, profile, tolerance=head.tolerance * HALF_TOLERANCE_FACTOR["fp16"])
+    assert drift.passed, drift.detail
+    assert drift.metrics["max_scaled_error"] > 0  # really fp16: not the fp32 graph again
 
 
 # ------------------------------------------------------------------------------------ (d) error paths

@@ -6,7 +6,7 @@ The portable half is written everywhere, with or without TensorRT and a GPU:
     folder/build_recipe.json   shapes min/opt/max per input, precision, typing, workspace, timing cache
     folder/build_engine.sh     the same recipe as a `trtexec` command line
 
-The engine half needs TensorRT >= 10 and an NVIDIA GPU (``device.py``, also shipped in every bundle as
+The engine half needs TensorRT 10.x or 11.x and an NVIDIA GPU (``device.py``, also shipped in every bundle as
 ``trt_device.py``):
 
     folder/model.plan            the serialized engine (tied to GPU, TensorRT and CUDA versions)
@@ -14,20 +14,20 @@ The engine half needs TensorRT >= 10 and an NVIDIA GPU (``device.py``, also ship
                                  (+ GPU benchmark and a check against ONNX Runtime after build_engine)
     folder/timing.cache          TensorRT's timing cache, reused by later builds on the same device
 
-Precisions and how each is built (TensorRT 10 docs: explicit quantization is used with strong typing,
-precision builder flags are deprecated since 10.12 and removed in 11):
+Precisions and how each is built: every one **strongly typed with no precision flag** (``--stronglyTyped``,
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED``), so one bundle builds on TensorRT 10.x and 11.x (11 removed
+weak typing, ``BuilderFlag.FP16/INT8`` and trtexec ``--fp16/--int8/--best``; its migration guide):
 
-- fp32: fp32 graph, weakly typed, TF32 cleared (``--noTF32``): a true fp32 engine, comparable with the
-  fp32 ONNX export check.
-- fp16: fp32 graph, weakly typed with ``BuilderFlag.FP16`` (``--fp16``): TensorRT picks fp16 kernels
-  where faster; LayerNormalization (opset 17+) maps to INormalizationLayer, which computes in fp32 by
-  default whatever the builder flags (TensorRT API docs: to avoid overflow).
-  Needs TensorRT 10.x (TensorRT 11 removed the flag: convert the graph to mixed precision first).
+- fp32: fp32 graph, TF32 cleared (``--noTF32``): a true fp32 engine, comparable with the fp32 ONNX export check.
+- fp16: the fp32 export rewritten to fp16 (``fp16_remainder``: fp16 weights and compute, fp32 graph inputs and
+  outputs with casts at the boundaries, LayerNormalization and Softmax in fp32), as Model Optimizer's AutoCast
+  does for TensorRT 11 (``keep_io_types``). Checked here on ONNX Runtime against PyTorch with the half-precision
+  tolerance (``validate.HALF_TOLERANCE_FACTOR``), like every half artifact.
 - int8: Q/DQ graph (``int8_recipes["static"]``: symmetric int8, per-channel
   weights, Q/DQ only on the inputs of MatMul/Gemm/Conv) whose float remainder is rewritten to fp16
   (``fp16_remainder``: fp32 graph inputs/outputs with casts at the boundaries, fp16 Q/DQ scales,
   LayerNormalization and Softmax computed in fp32), built **strongly typed** (``--stronglyTyped``, no
-  precision flags; TensorRT >= 10.12): int8 where the Q/DQ pairs are, fp16 elsewhere, fp32 exactly
+  precision flags; TensorRT >= 10.0): int8 where the Q/DQ pairs are, fp16 elsewhere, fp32 exactly
   where the graph says. Its accuracy is simulated on ONNX Runtime with graph optimisations off, so the
   Q/DQ pairs stay float fake-quantization (``SimulationRunner``), never ORT's integer kernels.
 
@@ -42,12 +42,13 @@ fix-ups, fp16 remainder, checks), ``build`` (writing the bundle, fallback), ``en
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ...quantize import MATMUL_OPS, RecipeTemplate
 from ...recipe_choice import Choice
-from ...spec import Artifact, Drift, ExportedGraph, Precision
+from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
 from ..base import Availability, Backend, BackendBase, BuildRequest, Devices, Opened, Recovery, Runner, Snippet, onnx_snippet
 from ..onnxruntime import OrtRunner
 from . import device as trt_device
@@ -76,7 +77,7 @@ class TensorRTBackend(BackendBase):
     name = NAME
     extra = "tensorrt"
     install_hint = "pip install 'd2v-export[tensorrt]' --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"
-    packages = ("tensorrt", "cuda-python")
+    packages = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "cuda-python")
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
     int8_recipes = {
         "static": RecipeTemplate(
@@ -94,6 +95,23 @@ class TensorRTBackend(BackendBase):
             return Availability(False, f"{p.reason} — {DEFER_HINT}", version=p.version)
         return Availability(True, version=p.version, devices=(p.device,))
 
+    def resolve_device(self, device: str, *, defer_build: bool = False) -> str:
+        """``cuda:N``; unless the build is deferred, a GPU that TensorRT finds at that index (exit 6 when not)."""
+        if not self.devices.accepts(device.strip()):
+            raise self.devices.refuse(self.name, device)
+        index = trt_device.device_index(device.strip())
+        probe = None if defer_build else trt_device.probe(index)
+        if probe is not None and not probe.ok:
+            raise D2VError(f"target {self.name} cannot use cuda:{index} here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
+        return f"cuda:{index}"
+
+    def measured_on(self, artifact: Artifact, device: str) -> str:
+        """The GPU whose engine ran here; else ONNX Runtime on the CPU stood in for it (a simulation, engine not built)."""
+        index = _engine_device(artifact.path)
+        if (artifact.path / PLAN_FILE).is_file() and trt_device.probe(index).ok:
+            return trt_device.probe(index).device or device
+        return f"CPU (ONNX Runtime simulation; the engine for {device} is not built yet)"
+
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
         return compile_bundle(graph, folder, request)
 
@@ -108,7 +126,16 @@ class TensorRTBackend(BackendBase):
             return EngineRunnerAdapter(trt_device.EngineRunner(plan, name=label, device=device))
         if artifact.precision is Precision.INT8:
             return SimulationRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (Q/DQ graph, fp16 remainder, simulated on ONNX Runtime)")
+        if artifact.precision is Precision.FP16:
+            return SimulationRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (fp16 graph, simulated on ONNX Runtime)")
         return OrtRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (engine not built: fp32 graph on ONNX Runtime)")
+
+    def diagnose(self) -> dict[str, str | int | None]:
+        """``doctor``: what to install here for TensorRT and CUDA (by Jetson L4T release or driver branch)."""
+        return trt_device.diagnosis()
+
+    def diagnosis_lines(self, details: Mapping[str, Any]) -> list[str]:
+        return _diagnosis_lines(details)
 
     def open_bundle(self, folder: Path, model_file: str, files: Sequence[str]) -> Opened:
         """Its engine where one was built and TensorRT runs here, else its ONNX file on ONNX Runtime (the
@@ -121,6 +148,12 @@ class TensorRTBackend(BackendBase):
             ("", "A TensorRT engine (`model.plan`) runs only on the GPU model and TensorRT version it was built with; "
              "without one, `d2v-export run` runs `model.onnx` with ONNX Runtime and says so."),
         )  # fmt: skip
+
+
+def _diagnosis_lines(details: Mapping[str, Any]) -> list[str]:
+    l4t, driver = details.get("jetson_l4t"), details.get("driver_branch")
+    where = f"Jetson L4T {l4t}" if l4t else (f"driver R{driver}" if driver else "no NVIDIA driver found")
+    return ["", f"tensorrt ({where}): {details.get('install')}"]
 
 
 BACKEND: Backend = TensorRTBackend()

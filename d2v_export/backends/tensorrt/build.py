@@ -10,10 +10,10 @@ from pathlib import Path
 from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
 from ..base import BuildRequest, Recovery, copy_onnx, files_in
 from . import device as trt_device
-from .graph import _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules
+from .graph import _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules, fp16_remainder
 from .recipe import (
     BUILDS, DEFER_HINT, DEVICE_SCRIPT, NAME, NOT_BUILT, ONNX_FILE, PLAN_FILE, RECIPE_FILE, SCRIPT_FILE, SIMULATED_FLOAT,
-    SIMULATED_INT8, SIMULATED_LATENCY, TIMING_CACHE, build_script, make_build_recipe, settings_from,
+    SIMULATED_FP16, SIMULATED_INT8, SIMULATED_LATENCY, TIMING_CACHE, build_script, make_build_recipe, settings_from,
 )  # fmt: skip
 
 
@@ -36,6 +36,8 @@ def compile_bundle(graph: ExportedGraph, folder: Path, request: BuildRequest) ->
     quant = None
     if precision is Precision.INT8:
         quant = _quantize(graph, onnx_path, request)
+    elif precision is Precision.FP16:
+        _fp16_graph(graph.path, onnx_path)
     else:
         copy_onnx(graph.path, onnx_path)
     return _bundle(graph, folder, precision, quant, build_here, device)
@@ -96,9 +98,23 @@ def _bundle(graph: ExportedGraph, folder: Path, precision: Precision, quant: Qua
         )
     else:
         model_file = onnx_path
-        accuracy = SIMULATED_INT8 if precision is Precision.INT8 else SIMULATED_FLOAT.format(p=precision.value.upper())
+        accuracy = {Precision.INT8: SIMULATED_INT8, Precision.FP16: SIMULATED_FP16}.get(precision, SIMULATED_FLOAT.format(p=precision.value.upper()))
         notes = (NOT_BUILT, accuracy, SIMULATED_LATENCY)
     return Artifact(NAME, precision, folder, model_file, files_in(folder), quantization=quant, notes=notes)
+
+
+def _fp16_graph(source: Path, target: Path) -> None:
+    """The fp16 bundle's graph: the fp32 export with fp16 weights and compute, fp32 inputs and outputs with casts at
+    the boundaries, ``FP32_OPS`` between casts (``fp16_remainder``), so that a strongly typed build with no
+    precision flag gives an fp16 engine on TensorRT 10 and 11 alike. Written to a new file: the export's own file
+    (possibly hard-linked elsewhere) is never rewritten."""
+    target.unlink(missing_ok=True)
+    shutil.copyfile(source, target)  # a copy, not a link: fp16_remainder rewrites it in place
+    data = source.with_name(source.name + ".data")
+    if data.exists():
+        shutil.copyfile(data, target.with_name(target.name + ".data"))
+    fp16_remainder(target)  # loads any external data and saves one file (fp16 halves the weights)
+    target.with_name(target.name + ".data").unlink(missing_ok=True)
 
 
 def _quantize(graph: ExportedGraph, target: Path, request: BuildRequest) -> QuantRecipe:

@@ -9,27 +9,40 @@ TensorRT bundle as ``trt_device.py``, so that on a device with only TensorRT:
     python3 trt_device.py build  [--no-verify] [--device N] [--workspace-gb G] [--timing-cache F] [--iterations N]
     python3 trt_device.py run    INPUTS.npz [--output OUT.npz] [--device N]
     python3 trt_device.py probe
+    python3 trt_device.py record [--tensorrt VERSION]   # after build_engine.sh: engine_manifest.json, manifest.json
 
 ``build`` verifies the bundle against its manifest.json (sha256 of every file; refused without one unless
 ``--no-verify``), reads build_recipe.json (its ``onnx``/``engine``/``timing_cache`` paths confined to the
 bundle by the manifest's rule), builds ``model.plan``, benchmarks it with CUDA events and writes
 ``engine_manifest.json``; every file it writes goes to a temporary name first and is renamed into place.
 
-Version gates (``tensorrt`` in the recipe): 10.0 for fp32/fp16 bundles; 10.12 for the strongly typed
-INT8 Q/DQ graph (the first release whose strongly typed networks take every Q/DQ pattern; JetPack 6 has
-10.3). TensorRT 11 removed weak typing (the ``FP16`` builder flag). Where the Python bindings cannot
-serve, the message names ``build_engine.sh`` (trtexec, the same recipe).
+Version gate (``tensorrt`` in the recipe): 10.0 for every precision. Every bundle is built strongly typed
+with no precision flag (fp16 and the INT8 remainder are typed in the graph), which TensorRT 10.x and 11.x
+both build; strongly typed networks and Q/DQ with fp16 scales parse from 10.0 (onnx-tensorrt 10.0 GA).
+TensorRT 8.x (JetPack 6.0) is refused in one line; a version not in ``VERIFIED_VERSIONS`` builds with the
+note "not verified on this version". Where the Python bindings cannot serve, the message names
+``build_engine.sh`` (trtexec, the same recipe).
+
+CUDA: cuda-python when it imports and works, else the CUDA runtime the device already has (``libcudart``
+through ctypes: TensorRT links it; JetPack ships it), else a CUDA build of torch. ``install_hint`` names
+what to install on this machine (x86/SBSA by driver version, Jetson by L4T release).
+
+``record`` needs only the standard library (numpy is imported when present): build_engine.sh runs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import enum
 import functools
 import hashlib
 import json
 import os
+import platform
+import re
 import sys
 import tempfile
 import time
@@ -38,7 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # `record` (run by build_engine.sh) needs only the standard library
+    if not TYPE_CHECKING:
+        np = None
 
 if TYPE_CHECKING:  # checked by mypy against tensorrt-stubs; never imported at module load
     import tensorrt
@@ -64,10 +81,16 @@ else:  # run as a file inside a bundle: the same one-line errors and exit codes,
 
 
 MIN_VERSION = (10, 0)  # explicit quantization, strongly typed networks, INT64 I/O and execute_async_v3
-INT8_MIN_VERSION = (10, 12)  # strongly typed INT8 Q/DQ complete (and the precision flags deprecated)
+# Strongly typed networks and Q/DQ with fp16 scales parse from 10.0 (onnx-tensorrt 10.0 GA; Model Optimizer's
+# ONNX PTQ asks for >= 10.0); 10.12 only deprecated weak typing. JetPack 6.1/6.2 ship 10.3.
+INT8_MIN_VERSION = (10, 0)
 MIN_MAJOR = MIN_VERSION[0]
-INSTALL_HINT = "pip install 'd2v-export[tensorrt]' (TensorRT and cuda-python) on a machine with an NVIDIA GPU"
+# TensorRT versions (major.minor) on which d2v-export's device check (scripts/tensorrt_device_check.sh) has run
+# and its engines matched the ONNX Runtime simulation; every other version builds with a "not verified" note.
+VERIFIED_VERSIONS: tuple[str, ...] = ()
+INSTALL_HINT = "pip install 'd2v-export[tensorrt]' (TensorRT 10, CUDA 12) on a machine with an NVIDIA GPU"
 TRTEXEC_HINT = "or build with trtexec: bash build_engine.sh in the bundle"
+JETPACK_TOO_OLD = "JetPack 6.0 ships TensorRT 8.6: upgrade to JetPack 6.1 or 6.2 (TensorRT 10.3)"
 
 RECIPE_FILE = "build_recipe.json"
 MANIFEST_FILE = "manifest.json"
@@ -77,8 +100,9 @@ TIMING_CACHE = "timing.cache"
 DEVICE_SCRIPT = "trt_device.py"
 RECIPE_FORMAT = "d2v-export/tensorrt-build-recipe"
 RECIPE_VERSION = 1
-# Files build-engine writes into a bundle (and adds to its manifest.json).
-ENGINE_FILES = (PLAN_FILE, ENGINE_MANIFEST, TIMING_CACHE)
+LAYER_INFO = "layers.json"  # trtexec --exportLayerInfo / the engine inspector: each layer's precision and fusion
+# Files build-engine and build_engine.sh write into a bundle (and add to its manifest.json).
+ENGINE_FILES = (PLAN_FILE, ENGINE_MANIFEST, TIMING_CACHE, LAYER_INFO)
 
 
 @dataclass(frozen=True)
@@ -157,16 +181,44 @@ def probe(device: int = 0) -> Probe:
     if trt is None:
         stub = _stub_only()
         what = "TensorRT is not installed (only its type stubs are)" if stub else "TensorRT is not installed"
-        return Probe(False, f"{what} ({INSTALL_HINT}; {TRTEXEC_HINT})")
+        return Probe(False, f"{what} ({install_hint()}; {TRTEXEC_HINT})")
     version = str(getattr(trt, "__version__", "0"))
     if parse_version(version) < MIN_VERSION:
-        return Probe(False, f"TensorRT {version} is too old (d2v-export needs {MIN_MAJOR}.0 or newer; {INSTALL_HINT})", version)
+        return Probe(False, too_old(version, "{}.{}".format(*MIN_VERSION)), version)
     try:
         cuda = cuda_api(device)
     except D2VError as exc:
         return Probe(False, f"TensorRT {version} is installed but {exc}", version)
     info = cuda.device_info()
     return Probe(True, version=version, device=f"{info['gpu']} (cuda:{device}, compute {info['compute_capability']})")
+
+
+def too_old(version: str, needed: str) -> str:
+    """The one line refusing a TensorRT older than ``needed`` (8.x: JetPack 6.0)."""
+    jetpack = f"; {JETPACK_TOO_OLD}" if parse_version(version) < (10, 0) else ""
+    return f"TensorRT {version} is older than {needed}, which this bundle needs{jetpack}; or install {INSTALL_HINT.split(' (')[0]}"
+
+
+def verified(version: str) -> bool:
+    """Whether d2v-export's device check has run on this TensorRT (major.minor)."""
+    return "{}.{}".format(*parse_version(version)) in VERIFIED_VERSIONS
+
+
+def _note_if_unverified(version: str) -> None:
+    if not verified(version):
+        print(f"[trt_device] note: TensorRT {version or '(version unknown)'}: not verified on this version (d2v-export's device "
+              "check has not run on it); engine_manifest.json's check against ONNX Runtime is the evidence", file=sys.stderr)  # fmt: skip
+
+
+def diagnosis() -> dict[str, str | int | None]:
+    """``doctor``'s TensorRT details: the Jetson L4T release or driver branch, and what to install for it."""
+    l4t, driver = l4t_release(), driver_major()
+    return {
+        "jetson_l4t": "R{}.{}".format(*l4t) if l4t else None,
+        "driver_branch": driver,
+        "install": install_hint(l4t, driver, detect=False),
+        "cuda_via": "cuda-python, else libcudart (ctypes), else torch.cuda",
+    }
 
 
 def _stub_only() -> bool:
@@ -180,26 +232,84 @@ def _stub_only() -> bool:
 def require(device: int = 0, min_version: str = "") -> Probe:
     """The probe when TensorRT (at least ``min_version``) and a GPU are usable; else D2VError(TARGET_UNAVAILABLE).
 
-    The version gate comes first: on JetPack 6 (TensorRT 10.3) an INT8 bundle is refused for its version,
-    whatever else is missing."""
+    The version gate comes first: TensorRT 8.x (JetPack 6.0) is refused for its version, whatever else is
+    missing; an old bundle whose recipe asks for more (10.12) is held to that."""
     trt = import_tensorrt()
     needs = f"this bundle needs TensorRT {min_version} or newer" if min_version else ""
-    if trt is not None and min_version:
+    if trt is not None:
         version = str(getattr(trt, "__version__", "0"))
-        if parse_version(version) < parse_version(min_version):
-            raise D2VError(
-                f"TensorRT {version} is older than {min_version}, which this bundle needs "
-                "(strongly typed INT8 Q/DQ is complete from 10.12; JetPack 6 ships 10.3): upgrade TensorRT, "
-                "or export an fp16 bundle (--target tensorrt without --int8) for this device",
-                ExitCode.TARGET_UNAVAILABLE,
-            )
+        needed = max(parse_version(min_version or "0"), MIN_VERSION)
+        if parse_version(version) < needed:
+            raise D2VError(too_old(version, "{}.{}".format(*needed)), ExitCode.TARGET_UNAVAILABLE)
     p = probe(device)
     if not p.ok:
         raise D2VError(f"{p.reason}; {needs}" if needs else p.reason, ExitCode.TARGET_UNAVAILABLE)
     return p
 
 
+# ------------------------------------------------------------------------------------ what to install here
+
+CUDA12_DRIVER = 525  # the oldest Linux driver branch that runs CUDA 12.x (minor version compatibility)
+CUDA13_DRIVER = 580  # cuda-python 13 / TensorRT 11 (CUDA 13) need R580+
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def l4t_release(text: str | None = None) -> tuple[int, int] | None:
+    """Jetson's L4T release from /etc/nv_tegra_release ("# R36 (release), REVISION: 4.0, ..."): (36, 4); None elsewhere."""
+    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)", _read("/etc/nv_tegra_release") if text is None else text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def driver_major(text: str | None = None) -> int | None:
+    """The NVIDIA driver branch from /proc/driver/nvidia/version ("... Kernel Module  550.54.14 ..."): 550."""
+    m = re.search(r"Kernel Module(?: for \w+)?\s+(\d+)\.\d+", _read("/proc/driver/nvidia/version") if text is None else text)
+    return int(m.group(1)) if m else None
+
+
+def install_hint(l4t: tuple[int, int] | None = None, driver: int | None = None, *, detect: bool = True) -> str:
+    """Exactly what to install for TensorRT and CUDA on this machine: on a Jetson by its L4T release, elsewhere by
+    the driver branch (``detect``: read both from this machine where not given)."""
+    if detect:
+        l4t = l4t or l4t_release()
+        driver = driver or driver_major()
+    if l4t is not None:
+        if l4t < (36, 4):
+            return f"L4T R{l4t[0]}.{l4t[1]}: {JETPACK_TOO_OLD}"
+        return (
+            "Jetson (JetPack 6.1/6.2): use JetPack's TensorRT 10.3 with its python3 (sudo apt install nvidia-jetpack, "
+            "or python3-libnvinfer), not pip's tensorrt or cuda-python (PyPI's aarch64 wheels are server builds and "
+            "cuda-python 13 needs an R580 driver); CUDA is reached through JetPack's libcudart"
+        )
+    if driver is not None and driver < CUDA12_DRIVER:
+        return f"the NVIDIA driver R{driver} is too old for CUDA 12: install R{CUDA12_DRIVER} or newer, then {INSTALL_HINT.split(' (')[0]}"
+    extra = "pip install 'd2v-export[tensorrt]' --extra-index-url https://pypi.nvidia.com (TensorRT 10.x, cuda-python 12: CUDA 12, driver R525+)"
+    if driver is not None and driver >= CUDA13_DRIVER:
+        return f"{extra}, or [tensorrt-cu13] for TensorRT 11 and CUDA 13 (this R{driver} driver runs both)"
+    return f"{extra}; [tensorrt-cu13] (TensorRT 11, CUDA 13) needs an R{CUDA13_DRIVER}+ driver"
+
+
 # ------------------------------------------------------------------------------------ CUDA helpers
+
+# CUDA runtime error codes (cudaError_t) that mean "this machine cannot run it", not a bug: exit 6.
+_CUDA_UNAVAILABLE = {2: "out of GPU memory: free GPU memory or use smaller shapes", 3: "CUDA could not be initialised",
+                     35: "the NVIDIA driver is older than this CUDA runtime", 46: "the GPU is busy or unavailable",
+                     100: "no CUDA-capable device", 101: "invalid device", 999: "unknown CUDA error"}  # fmt: skip
+
+
+def cuda_failure(code: int, text: str, call: str = "") -> D2VError:
+    """A CUDA runtime error as the tool's one-line error: TARGET_UNAVAILABLE (6) for memory, driver and device
+    errors, INTERNAL (1) for the rest (a bug in how the runtime was called)."""
+    where = f" in {call}" if call else ""
+    if code in _CUDA_UNAVAILABLE:
+        return D2VError(f"CUDA error {code}{where}: {text} ({_CUDA_UNAVAILABLE[code]})", ExitCode.TARGET_UNAVAILABLE)
+    return D2VError(f"CUDA error {code}{where}: {text}", ExitCode.INTERNAL)
+
 
 
 class CudaApi(Protocol):
@@ -217,26 +327,34 @@ class CudaApi(Protocol):
     def to_host(self, host: np.ndarray, ptr: int, stream: int) -> None: ...
     def synchronize(self, stream: int) -> None: ...
     def event(self) -> Any: ...
+    def destroy_event(self, event: Any) -> None: ...
     def record(self, event: Any, stream: int) -> None: ...
     def elapsed_ms(self, start: Any, end: Any) -> float: ...
 
 
 def cuda_api(device: int = 0) -> CudaApi:
-    """cuda-python when installed, else a CUDA build of torch; D2VError naming what is missing otherwise."""
+    """cuda-python when installed, else the CUDA runtime library already here (libcudart, which TensorRT links),
+    else a CUDA build of torch; D2VError naming what is missing and what to install otherwise."""
     reasons = []
     try:
         return _CudaPython(device)
     except ImportError:
-        reasons.append("cuda-python is not installed (pip install cuda-python)")
+        reasons.append("cuda-python is not installed")
     except Exception as exc:  # noqa: BLE001 -- any CUDA error such as "no CUDA-capable device"
         reasons.append(f"cuda-python: {_first_line(exc)}")
+    try:
+        return _CudaRuntime(device)
+    except OSError as exc:
+        reasons.append(f"no CUDA runtime library ({_first_line(exc)})")
+    except Exception as exc:  # noqa: BLE001
+        reasons.append(f"libcudart: {_first_line(exc)}")
     try:
         return _TorchCuda(device)
     except ImportError:
         pass  # torch is optional: cuda-python is what the tensorrt extra installs
     except Exception as exc:  # noqa: BLE001 -- torch's own CUDA errors
         reasons.append(f"torch: {_first_line(exc)}")
-    raise D2VError("no NVIDIA GPU is usable here (" + "; ".join(reasons) + ")", ExitCode.TARGET_UNAVAILABLE)
+    raise D2VError(f"no NVIDIA GPU is usable here ({'; '.join(reasons)}); {install_hint()}", ExitCode.TARGET_UNAVAILABLE)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -280,7 +398,7 @@ class _CudaPython:
         err, *values = result if isinstance(result, tuple) else (result,)
         if int(err) != 0:
             _, text = self.rt.cudaGetErrorString(err)
-            raise RuntimeError(f"CUDA error {int(err)}: {text.decode() if isinstance(text, bytes) else text}")
+            raise cuda_failure(int(err), text.decode() if isinstance(text, bytes) else str(text))
         if not values:
             return None
         return values[0] if len(values) == 1 else tuple(values)
@@ -296,12 +414,7 @@ class _CudaPython:
 
     def host_buffer(self, nbytes: int) -> np.ndarray:
         """Page-locked host memory as a uint8 array (asynchronous copies need pinned memory to overlap)."""
-        import ctypes
-
-        ptr = int(self._check(self.rt.cudaMallocHost(max(1, nbytes))))
-        array = np.frombuffer(memoryview((ctypes.c_uint8 * max(1, nbytes)).from_address(ptr)).cast("B"), dtype=np.uint8)
-        self._host[array.ctypes.data] = ptr
-        return array
+        return _pinned_array(self._host, int(self._check(self.rt.cudaMallocHost(max(1, nbytes)))), nbytes)
 
     def free_host(self, array: np.ndarray) -> None:
         ptr = self._host.pop(array.ctypes.data, 0)
@@ -328,12 +441,152 @@ class _CudaPython:
     def event(self) -> Any:
         return self._check(self.rt.cudaEventCreate())
 
+    def destroy_event(self, event: Any) -> None:
+        self._check(self.rt.cudaEventDestroy(event))
+
     def record(self, event: Any, stream: int) -> None:
         self._check(self.rt.cudaEventRecord(event, stream))
 
     def elapsed_ms(self, start: Any, end: Any) -> float:
         self._check(self.rt.cudaEventSynchronize(end))
         return float(self._check(self.rt.cudaEventElapsedTime(start, end)))
+
+
+def _cudart_candidates() -> list[str]:
+    """Where the CUDA runtime library may be: $D2V_CUDART, the loader's search path, the CUDA toolkit folders
+    (JetPack: /usr/local/cuda), and the nvidia-cuda-runtime wheel that pip's TensorRT depends on."""
+    found = [os.environ["D2V_CUDART"]] if os.environ.get("D2V_CUDART") else []
+    found += [n for n in (ctypes.util.find_library("cudart"),) if n]
+    found += ["libcudart.so", "libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0"]
+    roots = ["/usr/local/cuda/lib64", f"/usr/local/cuda/targets/{platform.machine()}-linux/lib"]
+    roots += [str(Path(p) / "nvidia" / "cuda_runtime" / "lib") for p in sys.path if p]
+    for root in roots:
+        found += sorted(str(f) for f in Path(root).glob("libcudart.so*")) if Path(root).is_dir() else []
+    return list(dict.fromkeys(found))
+
+
+def _load_cudart() -> ctypes.CDLL:
+    errors = []
+    for name in _cudart_candidates():
+        try:
+            return ctypes.CDLL(name)
+        except OSError as exc:
+            errors.append(str(exc))
+    raise OSError(f"libcudart not found ({errors[-1] if errors else 'no candidate'}); set D2V_CUDART to its path")
+
+
+_VOIDP = ctypes.c_void_p
+
+
+class _CudaRuntime:
+    """The CUDA runtime library already on the device (libcudart: TensorRT links it, JetPack ships it), through
+    ctypes: no cuda-python needed. Pointers, streams and events are plain ints."""
+
+    name = "libcudart"
+
+    def __init__(self, device: int = 0) -> None:
+        self.lib = _load_cudart()
+        self.lib.cudaGetErrorString.restype = ctypes.c_char_p
+        self.lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+        count = ctypes.c_int(0)
+        self._call("cudaGetDeviceCount", ctypes.byref(count))
+        if count.value < 1:
+            raise RuntimeError("no CUDA device")
+        if device >= count.value:
+            raise RuntimeError(f"cuda:{device} does not exist ({count.value} device(s): cuda:0..cuda:{count.value - 1})")
+        self._call("cudaSetDevice", ctypes.c_int(device))
+        self.device = device
+        self._host: dict[int, int] = {}
+
+    def _call(self, fn: str, *args: Any) -> None:
+        err = int(getattr(self.lib, fn)(*args))
+        if err != 0:
+            text = self.lib.cudaGetErrorString(err)
+            raise cuda_failure(err, text.decode(errors="replace") if text else "?", fn)
+
+    def _out(self, fn: str, ctype: Any, *args: Any) -> Any:
+        value = ctype()
+        self._call(fn, ctypes.byref(value), *args)
+        return value.value
+
+    def device_info(self) -> dict[str, str]:
+        return _cudart_info(self)
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._out("cudaMalloc", _VOIDP, ctypes.c_size_t(max(1, nbytes))) or 0)
+
+    def free(self, ptr: int) -> None:
+        self._call("cudaFree", _VOIDP(ptr))
+
+    def host_buffer(self, nbytes: int) -> np.ndarray:
+        return _pinned_array(self._host, int(self._out("cudaMallocHost", _VOIDP, ctypes.c_size_t(max(1, nbytes))) or 0), nbytes)
+
+    def free_host(self, array: np.ndarray) -> None:
+        ptr = self._host.pop(array.ctypes.data, 0)
+        if ptr:
+            self._call("cudaFreeHost", _VOIDP(ptr))
+
+    def stream(self) -> int:
+        return int(self._out("cudaStreamCreate", _VOIDP) or 0)
+
+    def destroy_stream(self, stream: int) -> None:
+        self._call("cudaStreamDestroy", _VOIDP(stream))
+
+    def _copy(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
+        self._call("cudaMemcpyAsync", _VOIDP(dst), _VOIDP(src), ctypes.c_size_t(nbytes), ctypes.c_int(kind), _VOIDP(stream))
+
+    def to_device(self, ptr: int, host: np.ndarray, stream: int) -> None:
+        self._copy(ptr, host.ctypes.data, host.nbytes, 1, stream)  # cudaMemcpyHostToDevice
+
+    def to_host(self, host: np.ndarray, ptr: int, stream: int) -> None:
+        self._copy(host.ctypes.data, ptr, host.nbytes, 2, stream)  # cudaMemcpyDeviceToHost
+
+    def synchronize(self, stream: int) -> None:
+        self._call("cudaStreamSynchronize", _VOIDP(stream))
+
+    def event(self) -> Any:
+        return int(self._out("cudaEventCreate", _VOIDP) or 0)
+
+    def destroy_event(self, event: Any) -> None:
+        self._call("cudaEventDestroy", _VOIDP(event))
+
+    def record(self, event: Any, stream: int) -> None:
+        self._call("cudaEventRecord", _VOIDP(event), _VOIDP(stream))
+
+    def elapsed_ms(self, start: Any, end: Any) -> float:
+        self._call("cudaEventSynchronize", _VOIDP(end))
+        ms = ctypes.c_float()
+        self._call("cudaEventElapsedTime", ctypes.byref(ms), _VOIDP(start), _VOIDP(end))
+        return float(ms.value)
+
+
+def _pinned_array(owned: dict[int, int], ptr: int, nbytes: int) -> np.ndarray:
+    """A uint8 array over ``nbytes`` of page-locked memory at ``ptr``, remembered in ``owned`` (array address -> pointer)."""
+    array = np.frombuffer(memoryview((ctypes.c_uint8 * max(1, nbytes)).from_address(ptr)).cast("B"), dtype=np.uint8)
+    owned[array.ctypes.data] = ptr
+    return array
+
+
+def _cudart_info(api: _CudaRuntime) -> dict[str, str]:
+    major = api._out("cudaDeviceGetAttribute", ctypes.c_int, 75, api.device)  # cudaDevAttrComputeCapabilityMajor
+    minor = api._out("cudaDeviceGetAttribute", ctypes.c_int, 76, api.device)
+    runtime, driver = api._out("cudaRuntimeGetVersion", ctypes.c_int), api._out("cudaDriverGetVersion", ctypes.c_int)
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    api._call("cudaMemGetInfo", ctypes.byref(free), ctypes.byref(total))
+    return _info(api, _gpu_name(api.device), f"{major}.{minor}", f"{runtime // 1000}.{runtime % 1000 // 10}",
+                 f"{driver // 1000}.{driver % 1000 // 10}", int(total.value))  # fmt: skip
+
+
+def _gpu_name(device: int) -> str:
+    """The GPU's name from the driver library (libcuda, present wherever a driver is); a placeholder without it."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        handle, name = ctypes.c_int(), ctypes.create_string_buffer(256)
+        if cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(handle), device) == 0 and cuda.cuDeviceGetName(name, 256, handle) == 0:
+            return name.value.decode(errors="replace")
+    except (OSError, AttributeError):
+        pass
+    return f"CUDA device {device}"
 
 
 class _TorchCuda:
@@ -408,6 +661,8 @@ class _TorchCuda:
     def event(self) -> Any:
         return self.torch.cuda.Event(enable_timing=True)
 
+    destroy_event = staticmethod(lambda _event: None)  # torch destroys an event when it is garbage-collected
+
     def record(self, event: Any, stream: int) -> None:
         event.record(self._streams[stream])
 
@@ -425,6 +680,7 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: a service user must read a copied bundle
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -433,6 +689,16 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (/proc), else set and restored."""
+    m = re.search(r"^Umask:\s*([0-7]+)", _read("/proc/self/status"), re.MULTILINE)
+    if m:
+        return int(m.group(1), 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, doc: Mapping[str, Any]) -> None:
@@ -550,6 +816,7 @@ def build(onnx_path: Path, plan_path: Path, settings: BuildSettings) -> dict[str
     require(settings.device, settings.min_version)
     import tensorrt as trt
 
+    _note_if_unverified(str(trt.__version__))
     logger, errors = _logger()
     started = time.perf_counter()
     builder = trt.Builder(logger)
@@ -583,13 +850,14 @@ def build(onnx_path: Path, plan_path: Path, settings: BuildSettings) -> dict[str
     if config.add_optimization_profile(profile) < 0:
         raise D2VError(f"TensorRT refused the optimization profile of {onnx_path.name} ({errors.last or 'min <= opt <= max per input?'}); fix the shape ranges and re-export")
     cache_path = settings.timing_cache
-    cache_loaded = False
+    cache_loaded, refused = False, ""
     if cache_path is not None:
         data = cache_path.read_bytes() if cache_path.is_file() else b""
         # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused (then replaced by a
         # fresh one, written back after the build), never silently mixed in.
         cache_loaded = bool(data) and _use_timing_cache(config, data)
         if not cache_loaded:
+            refused, errors.last = errors.last, ""  # TensorRT's refusal must not explain a later, unrelated failure
             _use_timing_cache(config, b"")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -613,6 +881,8 @@ def build(onnx_path: Path, plan_path: Path, settings: BuildSettings) -> dict[str
         "workspace_bytes": settings.workspace_bytes,
         "timing_cache": str(cache_path) if cache_path is not None else None,
         "timing_cache_reused": cache_loaded,
+        "timing_cache_refused": refused or None,
+        "verified_on_this_version": verified(str(trt.__version__)),
         "profile": [dataclasses.asdict(i) for i in settings.inputs],
         "build_seconds": round(time.perf_counter() - started, 3),
         "plan_bytes": plan_path.stat().st_size,
@@ -653,7 +923,7 @@ def _logger() -> tuple[tensorrt.ILogger, _Errors]:
 
 # ------------------------------------------------------------------------------------ runner
 
-_NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_, "UINT8": np.uint8}
+_NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
 
 
 def _nptype(dtype: Any) -> np.dtype[Any]:
@@ -728,7 +998,7 @@ class EngineRunner:
         self.name = name
         self.cuda = cuda_api(device)
         self._logger, self._errors = _logger()
-        self.runtime = trt.Runtime(self._logger)
+        self.runtime: Any = trt.Runtime(self._logger)
         self.engine, self.context = _load_engine(self.runtime, plan, self._errors)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -783,10 +1053,12 @@ class EngineRunner:
         return gpu_times_ms(self, feed, warmup=warmup, iterations=iterations, per_round=per_round)
 
     def close(self) -> None:
+        """Device buffers, the stream, then the execution context, engine and runtime (in that order)."""
         self._memory.free()
         if self.stream:
             self.cuda.destroy_stream(self.stream)
             self.stream = 0
+        self.context = self.engine = self.runtime = None
 
 
 def gpu_times_ms(runner: EngineRunner, feed: Mapping[str, np.ndarray], *, warmup: int = 10, iterations: int = 100, per_round: int = 10) -> list[float]:
@@ -799,12 +1071,16 @@ def gpu_times_ms(runner: EngineRunner, feed: Mapping[str, np.ndarray], *, warmup
     per_round = max(1, min(per_round, iterations))
     start, end = runner.cuda.event(), runner.cuda.event()
     times = []
-    for _ in range(max(1, iterations // per_round)):
-        runner.cuda.record(start, runner.stream)
-        for _ in range(per_round):
-            runner._execute()
-        runner.cuda.record(end, runner.stream)
-        times.append(runner.cuda.elapsed_ms(start, end) / per_round)
+    try:
+        for _ in range(max(1, iterations // per_round)):
+            runner.cuda.record(start, runner.stream)
+            for _ in range(per_round):
+                runner._execute()
+            runner.cuda.record(end, runner.stream)
+            times.append(runner.cuda.elapsed_ms(start, end) / per_round)
+    finally:  # each call's events are its own
+        runner.cuda.destroy_event(start)
+        runner.cuda.destroy_event(end)
     return times
 
 
@@ -902,6 +1178,34 @@ def write_engine_manifest(folder: Path, manifest: Mapping[str, Any], onnx_path: 
     atomic_write_json(Path(folder) / ENGINE_MANIFEST, doc)
 
 
+def record(bundle: Path, *, built_with: str = "trtexec", tensorrt_version: str = "") -> dict[str, Any]:
+    """After ``build_engine.sh`` (trtexec): write engine_manifest.json for the plan trtexec saved and add the
+    engine files to manifest.json, so that the bundle verifies as after the Python build. Standard library only.
+
+    The plan is recorded as built on this machine; nothing is benchmarked here (trtexec printed its timings)."""
+    bundle = Path(bundle)
+    recipe = read_recipe(bundle)
+    onnx_path = confined(bundle, recipe.get("onnx"), "onnx")
+    plan = confined(bundle, recipe.get("engine"), "engine")
+    if not plan.is_file():
+        raise D2VError(f"bundle '{bundle}' has no {plan.name}: run build_engine.sh (trtexec) first, then record it")
+    doc: dict[str, Any] = {
+        "built_with": built_with,
+        "tensorrt": tensorrt_version or None,
+        "verified_on_this_version": verified(tensorrt_version) if tensorrt_version else False,
+        "precision": recipe.get("precision"),
+        "strongly_typed": recipe.get("strongly_typed"),
+        "trtexec": recipe.get("trtexec"),
+        "plan_bytes": plan.stat().st_size,
+        "layer_info": LAYER_INFO if (bundle / LAYER_INFO).is_file() else None,
+        "device_index": 0,
+    }
+    write_engine_manifest(bundle, doc, onnx_path)
+    if (bundle / MANIFEST_FILE).is_file():
+        relist(bundle)
+    return doc
+
+
 def run_bundle(bundle: Path, feed: Mapping[str, np.ndarray], *, verify: bool = True, device: int = 0) -> dict[str, np.ndarray]:
     """Run the bundle's engine on model-ready inputs (names as in build_recipe.json)."""
     bundle = Path(bundle)
@@ -920,7 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python3 trt_device.py build|run|probe`` inside a bundle (or with --bundle DIR)."""
     here = Path(__file__).resolve().parent
     ap = argparse.ArgumentParser(prog=DEVICE_SCRIPT, description="Build and run this TensorRT bundle on the device (TensorRT, cuda-python, numpy).")
-    ap.add_argument("command", choices=("build", "run", "probe"))
+    ap.add_argument("command", choices=("build", "run", "probe", "record"))
     ap.add_argument("inputs", nargs="?", help="run: an .npz of model inputs named as in build_recipe.json")
     ap.add_argument("--bundle", type=Path, default=here, help="the bundle folder (default: this file's folder)")
     ap.add_argument("--device", default="cuda:0", help="CUDA device, cuda:N")
@@ -929,8 +1233,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timing-cache", type=Path, default=None)
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--output", type=Path, default=None, help="run: write the outputs to this .npz")
+    ap.add_argument("--tensorrt", default="", help="record: the TensorRT version trtexec reported")
     args = ap.parse_args(argv)
     try:
+        if args.command == "record":
+            record(args.bundle, tensorrt_version=args.tensorrt)
+            _note_if_unverified(args.tensorrt)
+            print(json.dumps({"recorded": [n for n in ENGINE_FILES if (args.bundle / n).is_file()]}))
+            return 0
+        if np is None:
+            raise D2VError(f"{args.command} needs numpy (pip install numpy, or apt install python3-numpy)", ExitCode.TARGET_UNAVAILABLE)
         index = device_index(args.device)
         if args.command == "probe":
             p = probe(index)

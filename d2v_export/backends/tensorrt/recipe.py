@@ -15,6 +15,7 @@ from typing import Any
 from ...heads import concrete_shape
 from ...spec import ExportedGraph, Precision, QuantRecipe
 from . import device as trt_device
+from .device import JETPACK_TOO_OLD
 
 NAME = "tensorrt"
 ONNX_FILE = "model.onnx"
@@ -34,6 +35,10 @@ SIMULATED_INT8 = (
     "accuracy: Q/DQ graph with its fp16 remainder, simulated on ONNX Runtime with graph optimisations off "
     "(Q/DQ kept as float fake-quantization, fp16 tensors rounded as in the graph) — not engine accuracy"
 )
+SIMULATED_FP16 = (
+    "accuracy: the fp16 graph (fp32 I/O) on ONNX Runtime with graph optimisations off, checked against PyTorch with "
+    "the half-precision tolerance — not engine accuracy"
+)
 SIMULATED_FLOAT = "accuracy: the fp32 ONNX graph on ONNX Runtime — {p} engine accuracy is measured by build-engine on the device"
 SIMULATED_LATENCY = "latency: ONNX Runtime on this CPU — not engine latency"
 
@@ -49,9 +54,19 @@ FP16_REMAINDER_NOTE = (
 )
 
 
+FP16_GRAPH_NOTE = (
+    "fp16 everywhere (weights, activations), graph inputs and outputs fp32 with casts at the boundaries, "
+    f"{' and '.join(FP32_OPS)} computed in fp32"
+)
+
+
 @dataclass(frozen=True)
 class Build:
-    """How one precision becomes an engine: builder settings and the matching trtexec flags."""
+    """How one precision becomes an engine: builder settings and the matching trtexec flags.
+
+    Every precision is built strongly typed with no precision flag, so one bundle builds on TensorRT 10.x
+    and 11.x alike: TensorRT 11 removed weak typing (``BuilderFlag.FP16/INT8``, trtexec ``--fp16/--int8/--best``)
+    and takes ``STRONGLY_TYPED`` / ``--stronglyTyped`` as a no-op (always on); 10.x needs them."""
 
     strongly_typed: bool
     builder_flags: tuple[str, ...]
@@ -61,10 +76,11 @@ class Build:
 
 
 BUILDS: dict[Precision, Build] = {
-    Precision.FP32: Build(False, (), ("TF32",), ("--noTF32",), "fp32 graph, weakly typed, TF32 off: a true fp32 engine"),
+    Precision.FP32: Build(True, (), ("TF32",), ("--stronglyTyped", "--noTF32"), "fp32 graph, strongly typed, TF32 off: a true fp32 engine"),
     Precision.FP16: Build(
-        False, ("FP16",), (), ("--fp16",),
-        "fp32 graph, weakly typed with the FP16 flag (TensorRT 10.x; removed in 11: convert the graph to mixed precision there)",
+        True, (), (), ("--stronglyTyped",),
+        "fp16 graph (weights and compute fp16, fp32 I/O with casts at the boundaries, LayerNorm/Softmax in fp32), "
+        "strongly typed: every tensor runs in the type the graph gives it (TensorRT 10 and 11 alike)",
     ),
     # TF32 is cleared in the Python build (harmless: no GEMM of this graph stays fp32); trtexec keeps its
     # default, so an fp32 GEMM left by hand in the graph may run in TF32 there.
@@ -74,6 +90,9 @@ BUILDS: dict[Precision, Build] = {
         "int8 where the Q/DQ pairs are, fp16 elsewhere (TensorRT docs: no precision flags with Q/DQ)",
     ),
 }  # fmt: skip
+# trtexec flags TensorRT 11 removed (its trtexec migration guide): never in a bundle's script.
+REMOVED_TRTEXEC_FLAGS = ("--fp16", "--int8", "--bf16", "--fp8", "--int4", "--best")
+LAYER_INFO = trt_device.LAYER_INFO
 
 
 # ------------------------------------------------------------------------------------ the recipe
@@ -107,9 +126,11 @@ def make_build_recipe(graph: ExportedGraph, precision: Precision, quant: QuantRe
         "engine": PLAN_FILE,
         "precision": precision.value,
         "tensorrt": {
-            # strongly typed INT8 Q/DQ is complete from 10.12; weak typing (the FP16 flag) is gone in 11
+            # strongly typed networks and Q/DQ with fp16 scales parse from 10.0 (onnx-tensorrt 10.0 GA); no upper bound:
+            # no precision flag is used, so TensorRT 11 (no weak typing) builds the same graph
             "min_version": "{}.{}".format(*(trt_device.INT8_MIN_VERSION if precision is Precision.INT8 else trt_device.MIN_VERSION)),
-            "max_version_exclusive": "11" if build.builder_flags else None,
+            "max_version_exclusive": None,
+            "verified_versions": list(trt_device.VERIFIED_VERSIONS),
         },
         "device_script": DEVICE_SCRIPT,
         "strongly_typed": build.strongly_typed,
@@ -131,14 +152,15 @@ def make_build_recipe(graph: ExportedGraph, precision: Precision, quant: QuantRe
         ],
         "outputs": [t.name for t in graph.outputs],
         "quantization": dataclasses.asdict(quant) if quant is not None else None,
-        "float_remainder": FP16_REMAINDER_NOTE if precision is Precision.INT8 else None,
+        "float_remainder": FP16_REMAINDER_NOTE if precision is Precision.INT8 else (FP16_GRAPH_NOTE if precision is Precision.FP16 else None),
     }
     doc["trtexec"] = shlex.join(trtexec_command(doc))
     return doc
 
 
-def trtexec_command(recipe: Mapping[str, Any], *, workspace_bytes: int | None = None, timing_cache: str | None = None) -> list[str]:
-    """``trtexec`` arguments equivalent to the Python build of ``recipe`` (it also benchmarks the engine)."""
+def trtexec_command(recipe: Mapping[str, Any], *, workspace_bytes: int | None = None, timing_cache: str | None = None, engine: str | None = None) -> list[str]:
+    """``trtexec`` arguments equivalent to the Python build of ``recipe`` (it also benchmarks the engine and
+    writes each layer's precision and fusion to layers.json)."""
 
     def shapes(which: str) -> str:
         return ",".join(f"{i['name']}:{'x'.join(str(d) for d in i[which])}" for i in recipe["inputs"])
@@ -148,32 +170,58 @@ def trtexec_command(recipe: Mapping[str, Any], *, workspace_bytes: int | None = 
     return [
         "trtexec",
         f"--onnx={recipe['onnx']}",
-        f"--saveEngine={recipe['engine']}",
+        f"--saveEngine={engine or recipe['engine']}",
         f"--minShapes={shapes('min')}",
         f"--optShapes={shapes('opt')}",
         f"--maxShapes={shapes('max')}",
         *build.trtexec_flags,
         f"--memPoolSize=workspace:{mib}M",
         f"--timingCacheFile={timing_cache or recipe['timing_cache']}",
+        "--profilingVerbosity=detailed",
+        f"--exportLayerInfo={LAYER_INFO}",
     ]
 
 
 def build_script(recipe: Mapping[str, Any]) -> str:
-    cmd = trtexec_command(recipe)
+    """build_engine.sh: refuses TensorRT 8.x in one line (exit 6, as trt_device.py does), builds with trtexec into
+    a temporary name, moves the plan into place and records it (``trt_device.py record``: engine_manifest.json,
+    manifest.json relisted), so the bundle still verifies afterwards."""
+    partial = f".{recipe['engine']}.partial"
+    cmd = trtexec_command(recipe, engine=partial)
     args = " \\\n    ".join(shlex.quote(a) for a in cmd[1:])
+    engine = shlex.quote(str(recipe["engine"]))
     return f"""#!/usr/bin/env bash
 # Build (and benchmark) the TensorRT engine of this bundle on the device that will run it:
 # engines are tied to the GPU, the TensorRT and the CUDA version they were built with.
-# Needs TensorRT {recipe['tensorrt']['min_version']} or newer; trtexec from $TRTEXEC, PATH or /usr/src/tensorrt/bin (JetPack).
-# The same build from Python: python3 {DEVICE_SCRIPT} build  (TensorRT + cuda-python + numpy, Python 3.10+),
+# Needs TensorRT {recipe['tensorrt']['min_version']} or newer (10.x or 11.x: strongly typed, no precision flag);
+# trtexec from $TRTEXEC, PATH or /usr/src/tensorrt/bin (JetPack).
+# The same build from Python: python3 {DEVICE_SCRIPT} build  (TensorRT + numpy, Python 3.10+),
 # or d2v-export build-engine <this folder>; both also write {ENGINE_MANIFEST}.
 # Precision {recipe['precision']}: {recipe['why']}.
 set -euo pipefail
 cd "$(dirname "$0")"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
+PYTHON="${{PYTHON:-$(command -v python3 || true)}}"
+# trtexec's banner names its version: [TensorRT v8602] = 8.6.2, [TensorRT v100300] = 10.3.0
+code=$("$TRTEXEC" --help 2>&1 | grep -o 'TensorRT v[0-9]*' | head -n 1 | tr -dc '0-9' || true)
+version=""
+if [ -n "$code" ]; then
+    if [ "$code" -lt 10000 ]; then
+        echo "error: TensorRT $((code / 1000)).$((code % 1000 / 100)) is older than 10.0, which this bundle needs; {JETPACK_TOO_OLD}" >&2
+        exit 6
+    fi
+    version="$((code / 10000)).$((code % 10000 / 100)).$((code % 100))"
+fi
+trap 'rm -f {shlex.quote(partial)}' EXIT
 "$TRTEXEC" \\
     {args} \\
     "$@"
+mv -f {shlex.quote(partial)} {engine}
+if [ -n "$PYTHON" ]; then
+    "$PYTHON" {DEVICE_SCRIPT} record --tensorrt "$version"
+else
+    echo "warning: no python3 here: run 'python3 {DEVICE_SCRIPT} record' before copying or running this bundle" >&2
+fi
 """
 
 

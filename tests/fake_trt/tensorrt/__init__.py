@@ -1,13 +1,37 @@
-"""A stand-in for TensorRT's Python API (the calls trt_device.py makes). Version from $FAKE_TRT_VERSION."""
+"""A stand-in for TensorRT's Python API (the calls trt_device.py makes). Version from $FAKE_TRT_VERSION.
+
+10.x: weak typing still there (BuilderFlag.FP16/INT8), strong typing opt-in; a strongly typed network with a
+precision flag fails to build, as TensorRT refuses it. 11.x: no BuilderFlag.FP16/INT8 (removed), every network
+strongly typed (the STRONGLY_TYPED creation flag accepted and ignored). 8.x: only the version, to be refused.
+$FAKE_TRT_FAIL_BUILD=1 makes the build fail without a message; a timing cache holding b"bad" is refused with
+an error logged, as a cache from another GPU is."""
+import ctypes
 import json
 import os
 
 import numpy as np
 
-from cuda.bindings import runtime as _cuda
+try:
+    from cuda.bindings import runtime as _cuda
 
-__version__ = os.environ.get("FAKE_TRT_VERSION", "10.12.0")
+    MEMORY = _cuda.MEMORY
+except ImportError:  # the libcudart path: device pointers are real host addresses (tests/fake_trt/libcudart.c)
+    MEMORY = {}
+
+__version__ = os.environ.get("FAKE_TRT_VERSION", "10.3.0")
+MAJOR = int(__version__.split(".")[0])
 BUILT: list = []
+
+
+def _read(ptr, n):
+    return bytes(MEMORY[ptr][:n]) if ptr in MEMORY else ctypes.string_at(ptr, n)
+
+
+def _write(ptr, data):
+    if ptr in MEMORY:
+        MEMORY[ptr][: len(data)] = data
+    else:
+        ctypes.memmove(ptr, data, len(data))
 
 
 class NetworkDefinitionCreationFlag:
@@ -20,7 +44,11 @@ class MemoryPoolType:
 
 class BuilderFlag:
     TF32 = 7
-    FP16 = 0
+
+
+if MAJOR < 11:  # weak typing: removed in TensorRT 11
+    BuilderFlag.FP16 = 0
+    BuilderFlag.INT8 = 1
 
 
 class TensorIOMode:
@@ -101,6 +129,9 @@ class _Config:
         return _Cache(data)
 
     def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.data == b"bad":
+            self.logger.log(ILogger.Severity.ERROR, "timing cache was created on another device (fake refusal)")
+            return False
         self.cache = cache
         return True
 
@@ -116,13 +147,21 @@ class Builder:
         return _Network(flags)
 
     def create_builder_config(self):
-        return _Config()
+        config = _Config()
+        config.logger = self.logger
+        return config
 
     def create_optimization_profile(self):
         return _Profile()
 
     def build_serialized_network(self, network, config):
-        doc = {"shapes": config.profiles[0].shapes, "strongly_typed": bool(network.flags), "cleared": sorted(config.cleared)}
+        strong = MAJOR >= 11 or bool(network.flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        if os.environ.get("FAKE_TRT_FAIL_BUILD") or (strong and config.flags):
+            if config.flags:
+                self.logger.log(ILogger.Severity.ERROR, "precision flags are not allowed with a strongly typed network (fake)")
+            return None
+        doc = {"shapes": config.profiles[0].shapes, "strongly_typed": strong, "flags": sorted(config.flags),
+               "cleared": sorted(config.cleared), "version": __version__}
         BUILT.append(doc)
         return memoryview(b"FAKEPLAN" + json.dumps(doc).encode())
 
@@ -172,9 +211,9 @@ class _Context:
         first = next(iter(self.engine.doc["shapes"]))
         shape = self.shapes[first]
         n = int(np.prod(shape))
-        x = np.frombuffer(bytes(_cuda.MEMORY[self.addresses[first]][: 4 * n]), dtype=np.float32).reshape(shape)
+        x = np.frombuffer(_read(self.addresses[first], 4 * n), dtype=np.float32).reshape(shape)
         y = x.sum(axis=-1).astype(np.float32)
-        _cuda.MEMORY[self.addresses["logits"]][: y.nbytes] = y.tobytes()
+        _write(self.addresses["logits"], y.tobytes())
         return True
 
 

@@ -2,6 +2,7 @@
 import ctypes
 import enum
 import itertools
+import os
 import time
 
 MEMORY: dict = {}  # device pointer -> bytearray
@@ -12,6 +13,7 @@ CALLS: list = []
 
 class cudaError_t(enum.IntEnum):
     cudaSuccess = 0
+    cudaErrorMemoryAllocation = 2
     cudaErrorInvalidDevice = 101
 
 
@@ -36,7 +38,7 @@ def cudaSetDevice(device):
 
 
 def cudaGetErrorString(err):
-    return cudaError_t.cudaSuccess, b"fake error"
+    return cudaError_t.cudaSuccess, b"out of memory" if err == 2 else b"fake error"
 
 
 def cudaGetDeviceProperties(device):
@@ -52,6 +54,8 @@ def cudaDriverGetVersion():
 
 
 def cudaMalloc(n):
+    if os.environ.get("FAKE_CUDA_OOM"):
+        return cudaError_t.cudaErrorMemoryAllocation, 0
     ptr = next(_ids)
     MEMORY[ptr] = bytearray(n)
     return cudaError_t.cudaSuccess, ptr
@@ -102,6 +106,11 @@ class _Event:
 
 def cudaEventCreate():
     return cudaError_t.cudaSuccess, _Event()
+
+
+def cudaEventDestroy(event):
+    CALLS.append(("cudaEventDestroy",))
+    return (cudaError_t.cudaSuccess,)
 
 
 def cudaEventRecord(event, stream):
