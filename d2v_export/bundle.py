@@ -30,7 +30,7 @@ from . import backends
 from .spec import jsonable
 from .spec import D2VError, Modality
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: device and deploy_device (what it was measured on, what it was built for)
 MANIFEST = "manifest.json"
 README = "README.md"
 PAIR_SEPARATOR = "|||"  # "question ||| context", "text ||| text pair", "prompt ||| choice ||| choice"
@@ -188,6 +188,14 @@ def _labels(config: Any) -> dict[str, str] | None:
     return {str(int(k)): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
 
 
+def _devices(variant_verdict: Mapping[str, Any] | None, environment: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({device: what the variant was measured on, deploy_device: what it was built for}, from its report entry, null
+    without one; the environment with the variant's device in place of the PyTorch reference's)."""
+    devices = {k: (variant_verdict or {}).get(k) for k in ("device", "deploy_device")}
+    env = {k: v for k, v in environment.items() if k != "device"} | ({"device": devices["device"]} if devices["device"] else {})
+    return devices, env
+
+
 def write_manifest(
     folder: Path,
     *,
@@ -204,7 +212,7 @@ def write_manifest(
 
     ``artifact`` is the backend's Artifact, ``model`` the LoadedModel, ``graph`` the ExportedGraph,
     ``variant_verdict`` this variant's entry of report.json (``report.to_dict(...)["variants"][i]``,
-    or None when there is no report), ``environment`` ``report.environment(threads)``.
+    or None when there is no report), ``environment`` ``report.environment(threads)``; devices: ``_devices``.
     """
     from . import __version__, backends
 
@@ -220,6 +228,7 @@ def write_manifest(
     model_file = Path(artifact.model_file)
     rel_model = model_file.relative_to(folder).as_posix() if model_file.is_absolute() and _inside(folder, model_file) else model_file.name
     verdict = None
+    devices, env = _devices(variant_verdict, environment)
     if variant_verdict is not None:
         v = dict(variant_verdict)
         drift = v.get("drift") or {}
@@ -246,6 +255,7 @@ def write_manifest(
         "precision": artifact.precision.value,
         "model_file": rel_model,
         "runtime": runtime,
+        **devices,
         "quantization": jsonable(artifact.quantization),
         "notes": list(artifact.notes),
         "inputs": [_tensor_doc(t, dims, static) for t in graph.inputs],
@@ -254,7 +264,7 @@ def write_manifest(
         "export": {"exporter": graph.exporter, "opset": graph.opset},
         "preprocessing": preprocessing(model, graph, folder),
         "labels": _labels(model.config),
-        "environment": jsonable(dict(environment)),
+        "environment": jsonable(env),
         "verdict": verdict,
     }
     (folder / README).write_text(readme(doc, folder=folder), encoding="utf-8")

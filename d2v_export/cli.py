@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -19,7 +20,7 @@ EXIT_CODES_HELP = """\b
 Exit codes:
   0  success                          4  ONNX does not match PyTorch
   1  internal error (a bug)           5  accuracy drift over budget
-  2  bad option (usage)               6  target not available here
+  2  bad option (usage)               6  target or device not available here; a matrix in which no cell ran
   3  bad input (model, task, paths)   7  regression against a baseline
                                       8  over the --target-profile's latency budget
   128+N  stopped by signal N (130 Ctrl-C, 143 SIGTERM); nothing written"""
@@ -153,6 +154,15 @@ def _int8_settings(kw: dict[str, Any]) -> Any:
     )
 
 
+def _device_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--device, shared by the single run and `matrix`; what each target takes comes from its backend."""
+    takes = "; ".join(f"{name}: {b.devices.choices} (default {b.devices.default})" for name, b in ((n, backends.get(n)) for n in backends.names()))
+    return click.option("--device", "device", multiple=True, metavar="[TARGET=]DEVICE",
+                        help="Device to build for and measure on. TARGET=DEVICE sets one target's (repeatable); a plain DEVICE "
+                             f"sets every other target's, and must be one each of them takes. Default: each target's own. {takes}. "
+                             "A device the target does not take: exit 2; one that is not here: exit 6 (both before any work).")  # fmt: skip
+
+
 def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
@@ -177,7 +187,7 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
                          help="A device profile from targets/ (xeon-vnni, generic-avx2, nvidia-t4, jetson-orin) or a TOML file: "
                               "target, precision, threads, shapes and a latency budget that becomes a verdict (exit 8 when over it). "
                               "Options given explicitly win over the profile's."),
-            click.option("--device", default=None, help="Backend device: OpenVINO CPU/GPU/AUTO, TensorRT cuda:0 (default: CPU, or the profile's)."),
+            _device_option(),
             click.option("--fp16", is_flag=True, help="Also build fp16 variants on targets that support it (OpenVINO, TensorRT)."),
             click.option("--bf16", is_flag=True, help="Also build bf16 variants on targets that support it (OpenVINO on CPUs with bf16)."),
             click.option("--pick", is_flag=True,
@@ -214,11 +224,12 @@ def _export_command(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any)
     from .compare import parse_tolerance
     from .gate import failure
     from .models import parse_source
-    from .options import RunOptions, ShapeRequest, apply_profile, require_int8
+    from .options import RunOptions, ShapeRequest, apply_profile, parse_devices, require_int8
 
     progress, bench_progress, close_bar = _progress_printers(kw["quiet"])
     spec = parse_source(kw["model"], modality, kw["task"])
     settings = _int8_settings(kw)
+    device, devices = parse_devices(kw["device"])
     options = RunOptions(
         output=kw["output"] or Path("out") / modality.value,
         targets=kw["targets"],
@@ -227,7 +238,6 @@ def _export_command(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any)
         bench=BenchSettings(seconds=kw["bench_seconds"]),
         int8=settings if kw["int8"] or kw["pick"] else None,
         half=tuple(p for p, on in ((Precision.FP16, kw["fp16"]), (Precision.BF16, kw["bf16"])) if on),
-        device=kw["device"] or "CPU",
         defer_build=kw["defer_build"],
         baseline=kw["baseline"],
         latency_tolerance=parse_tolerance(kw["latency_tolerance"]),
@@ -242,7 +252,10 @@ def _export_command(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any)
 
         ctx = click.get_current_context()
         explicit = {name for name, param in _EXPLICIT.items() if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT}
+        if device is None:  # only a plain --device overrides the profile's device; TARGET=DEVICE applies on top of it
+            explicit.discard("device")
         options, shapes = apply_profile(options, shapes, load_profile(kw["target_profile"]), explicit=explicit, int8=settings)
+    options = dataclasses.replace(options, device=device, devices={**options.devices, **devices})  # checked against the final targets
     require_int8(options.int8, settings, enable="--int8")
     report = pipeline.run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
     close_bar()
@@ -417,8 +430,10 @@ Examples:
 """)  # fmt: skip
 @click.option("--model", "-m", default="preset:base", show_default=True, help="preset:NAME (per modality), or a checkpoint for one modality.")
 @click.option("--modality", "modalities", multiple=True, type=click.Choice([m.value for m in Modality]), default=("vision", "text", "audio"), show_default=True)
-@click.option("--target", "targets", multiple=True, default=backends.names(), show_default=True)
-@click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), default=("fp32", "int8"), show_default=True)
+@click.option("--target", "targets", multiple=True, default=backends.names(), show_default=True, help="Target; repeat for several (an unknown one: exit 2).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), default=("fp32", "int8"), show_default=True,
+              help="Precision; repeat for several. A target that cannot build one here skips its cell with the reason.")
+@_device_option()
 @click.option("--task", default=None, help="Task for every modality (default: the model's own head).")
 @click.option("--shard", default=None, metavar="I/N", help="Run only shard I of N (1-based); merge with matrix-merge.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("out/matrix"), show_default=True)
@@ -431,26 +446,39 @@ Examples:
 @_handle_errors
 def matrix(model: str, modalities: tuple[str, ...], targets: tuple[str, ...], precisions: tuple[str, ...], task: str | None,
            shard: str | None, output: Path, force: bool, threads: int, bench_seconds: float, quiet: bool, defer_build: bool,
-           **int8: Any) -> None:  # fmt: skip
+           device: tuple[str, ...], **int8: Any) -> None:  # fmt: skip
     """Run modalities x targets x precisions into one report (matrix.json/.md/.html) naming the latency-vs-drift front.
 
-    The INT8 options apply to the int8 cells, as --int8 does in a single run."""
+    The INT8 options apply to the int8 cells, as --int8 does in a single run. A matrix in which no cell ran
+    exits 6 with the reason."""
     from . import matrix as mx
     from .bench import BenchSettings
 
-    from .options import require_int8
+    from .options import parse_devices, require_int8
 
     settings = _int8_settings(int8)
     quant = settings if "int8" in precisions else None
     require_int8(quant, settings, enable="--precision int8")
+    plain, per_target = parse_devices(device)
     doc = mx.run_matrix(
         model, modalities, targets, precisions, output,
         shard=mx.parse_shard(shard), bench=BenchSettings(seconds=bench_seconds), quant=quant,
-        threads=threads, task=task, force=force, defer_build=defer_build,
+        threads=threads, task=task, force=force, defer_build=defer_build, device=plain, devices=per_target,
         progress=(lambda _m: None) if quiet else (lambda m: click.echo(f"[d2v-export] {m}", err=True)),
     )  # fmt: skip
     click.echo(mx.markdown(doc))
-    sys.exit(mx.exit_code(doc))
+    _exit_matrix(doc)
+
+
+def _exit_matrix(doc: dict[str, Any], code: int | None = None) -> None:
+    """Exit with the matrix's code (or ``code``); a matrix that measured nothing says why on one line first."""
+    from . import matrix as mx
+
+    problem = mx.nothing_measured(doc)
+    code = mx.exit_code(doc) if code is None else code
+    if problem is not None and code == int(ExitCode.TARGET_UNAVAILABLE):
+        click.echo(f"error: {problem}", err=True)
+    sys.exit(code)
 
 
 @main.command("matrix-merge")
@@ -475,7 +503,7 @@ def matrix_merge(shards: tuple[Path, ...], output: Path, force: bool, baseline: 
         click.echo((output / "comparison.md").read_text(encoding="utf-8"))
         if code == 0 and not gate["passed"]:
             code = int(ExitCode.REGRESSION)
-    sys.exit(code)
+    _exit_matrix(doc, code)
 
 
 @main.command("run", epilog="""\b

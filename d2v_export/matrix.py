@@ -10,11 +10,15 @@ cells whose 0-based position k in that list has k % n == i - 1: shard 1/3 takes 
 Every shard of a CI fan-out computes the same list, so the shards cover it exactly once;
 ``merge`` joins their matrix.json files.
 
-Cells of one (modality, target) run in one ``pipeline.run`` (fp32 is always built; int8 when an int8
-cell is in the shard); the precision picks which variants of that run land in the matrix. A target
-whose backend is not available here, an unknown target, or a precision the target or pipeline does
-not build is *skipped* with the reason; an error in one run marks its cells *failed* and the others
-go on.
+Cells of one (modality, target) run in one ``pipeline.run`` (fp32 is always built; fp16, bf16 and int8
+when such a cell is in the shard, as ``--fp16``/``--bf16``/``--int8`` of a single run); the precision
+picks which variants of that run land in the matrix. Each target builds for its own device
+(``devices``/``device``, as ``--device`` of a single run; default the target's own). An unknown target,
+or a device a target does not take, is a usage error (exit 2) before anything runs. A target whose
+backend or device is not available here, or that cannot build a precision
+(``Backend.precision_problem``: the backend's own reason), is *skipped* with the reason; an error in
+one run marks its cells *failed* and the others go on. A matrix in which no cell ran measured nothing:
+``exit_code`` gives 6 (``nothing_measured`` says why and what to do), never 0.
 
 Pareto front, per modality: variant a dominates b when a's p50 <= b's p50 and a's drift score <= b's,
 one of them strictly. The drift score (``metrics.drift_score``) is the largest share of any budget
@@ -42,8 +46,8 @@ from .metrics import drift_score
 from .pick import pareto
 from .spec import D2VError, ExitCode, Modality, Precision, jsonable, verdict_code
 
-SCHEMA_VERSION = "1.1"  # 1.1: variants' speedup_vs_common_reference (modalities_detail) and simulated
-BUILT_PRECISIONS = ("fp32", "int8")  # what pipeline.run builds today
+SCHEMA_VERSION = "1.2"  # 1.1: variants' speedup_vs_common_reference (modalities_detail) and simulated; 1.2: variants' device
+HALF = (Precision.FP16.value, Precision.BF16.value)  # the extra float precisions a run builds on request (RunOptions.half)
 
 
 @dataclass(frozen=True)
@@ -103,21 +107,36 @@ def plan(
     return cells
 
 
-def _skip_reason(cell: Cell, defer_build: bool = False) -> str | None:
-    """Why a cell cannot run here, or None. With ``defer_build`` a target that can defer (TensorRT) runs."""
+def check_targets(targets: Iterable[str]) -> list[str]:
+    """The matrix's targets in order; D2VError(USAGE) naming the valid ones for a name the registry does not know
+    (a plug-in that failed to load is known: its cells are skipped with the reason)."""
+    from . import backends
+
+    tgts = _ordered(targets, [])
+    known = set(backends.names()) | set(backends.broken())
+    for t in tgts:
+        if t not in known:
+            raise D2VError(f"unknown target '{t}'; choose from: {', '.join(backends.names())}", ExitCode.USAGE)
+    return tgts
+
+
+def _skip_reason(cell: Cell, defer_build: bool = False, device: str | None = None) -> str | None:
+    """Why a cell cannot run here, or None. With ``defer_build`` a target that can defer (TensorRT) runs.
+
+    ``device``: the one the target builds for (None: its default); absent here, the cell is skipped."""
     from . import backends
 
     if cell.target not in backends.names():
-        return f"unknown target '{cell.target}'; known: {', '.join(backends.names())}"
+        return f"target not usable: {backends.broken().get(cell.target, 'not a target')}"
     backend = backends.get(cell.target)
     reason = backends.unavailable(backend, defer_build=defer_build)
     if reason is not None:
         return f"target not available here: {reason}"
-    if cell.precision not in {p.value for p in backend.precisions}:
-        return f"{cell.target} does not build {cell.precision}"
-    if cell.precision not in BUILT_PRECISIONS:
-        return f"the pipeline builds {' and '.join(BUILT_PRECISIONS)}; {cell.precision} is not built yet"
-    return None
+    try:
+        device = backend.resolve_device(device or backend.devices.default, defer_build=defer_build)
+    except D2VError as exc:
+        return f"device not available here: {exc}"
+    return backend.precision_problem(Precision(cell.precision), device)
 
 
 def run_matrix(
@@ -136,6 +155,8 @@ def run_matrix(
     force: bool = False,
     defer_build: bool = False,
     profile: Any = None,
+    device: str | None = None,
+    devices: Mapping[str, str] | None = None,
     progress: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Any]:
     """Run the cells (of one shard), write matrix.json/.md/.html into ``output``, return the document.
@@ -146,20 +167,29 @@ def run_matrix(
     TensorRT or a GPU: the portable half, latency and drift simulated on ONNX Runtime; such variants
     are marked ``simulated`` and kept off the front). ``profile``: a device profile whose latency budget
     judges every variant, as in a single run (its device, threads and shapes apply; the matrix's own
-    targets and precisions stay). Per-cell reports go to ``output/cells/<modality>-<target>/``.
-    ``exit_code(doc)`` gates the result with the single run's rule.
+    targets and precisions stay). ``device``/``devices``: as RunOptions' (every target's device, and per
+    target), checked before anything runs. Per-cell reports go to ``output/cells/<modality>-<target>/``.
+    ``exit_code(doc)`` gates the result with the single run's rule; nothing ran: 6.
     """
-    from .options import ShapeRequest
+    from . import backends
+    from .options import RunOptions, ShapeRequest
 
     output = Path(output)
+    targets = check_targets(targets)
+    devices = dict(devices or {})
+    RunOptions(output=output, targets=tuple(t for t in targets if t in backends.names()) or (backends.DEFAULT,),
+               device=device, devices=devices)  # fmt: skip  # exit 2 for a device a target does not take
+    cells = plan(modalities, targets, precisions, shard=shard)
+    if not cells and shard is not None:
+        total = len(plan(modalities, targets, precisions))
+        raise D2VError(f"--shard {shard[0]}/{shard[1]} holds no cell: the matrix has {total}; use at most {total} shards", ExitCode.USAGE)
     _check_output(output, force)
     output.mkdir(parents=True, exist_ok=True)
     shapes = shapes if shapes is not None else ShapeRequest()
-    cells = plan(modalities, targets, precisions, shard=shard)
     results: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in cells:
-        reason = _skip_reason(cell, defer_build)
+        reason = _skip_reason(cell, defer_build, devices.get(cell.target) or device)
         if reason is not None:
             progress(f"{cell.key}: skipped ({reason})")
             results[cell.key] = _cell_doc(cell, "skipped", reason)
@@ -171,14 +201,15 @@ def run_matrix(
     for (modality, target), group in groups.items():
         progress(f"{modality}/{target}: running ({', '.join(c.precision for c in group)})")
         cell_docs, random = _run_group(model, modality, target, group, output, shapes=shapes, bench=bench, quant=quant, threads=threads,
-                                       task=task, defer_build=defer_build, profile=profile, progress=progress)  # fmt: skip
+                                       task=task, defer_build=defer_build, profile=profile, progress=progress,
+                                       device=devices.get(target) or device)  # fmt: skip
         results.update(cell_docs)
         random_weights = random_weights or random
     doc = _document(
         model=model,
         cells=[results[c.key] for c in cells],
         modalities=_ordered(modalities, [m.value for m in Modality]),
-        targets=_ordered(targets, []),
+        targets=targets,
         precisions=_ordered(precisions, [p.value for p in Precision]),
         shard=f"{shard[0]}/{shard[1]}" if shard else None,
         random_weights=random_weights,
@@ -190,7 +221,7 @@ def run_matrix(
 
 def _run_group(
     model: str, modality: str, target: str, group: list[Cell], output: Path, *, shapes: Any, bench: BenchSettings, quant: Any,
-    threads: int, task: str | None, defer_build: bool, profile: Any, progress: Callable[[str], None],
+    threads: int, task: str | None, defer_build: bool, profile: Any, progress: Callable[[str], None], device: str | None = None,
 ) -> tuple[dict[str, dict[str, Any]], bool]:  # fmt: skip
     """The cells of one (modality, target) from one pipeline.run: their documents, and whether the weights were random."""
     from . import backends
@@ -199,7 +230,8 @@ def _run_group(
     from .pipeline import run
 
     folder = output / "cells" / f"{modality}-{target}"
-    want_int8 = any(c.precision == "int8" for c in group)
+    want_int8 = any(c.precision == Precision.INT8.value for c in group)
+    half = tuple(Precision(c.precision) for c in group if c.precision in HALF)
     try:
         spec = parse_source(model, Modality(modality), task)
         options = RunOptions(
@@ -209,11 +241,14 @@ def _run_group(
             threads=threads,
             bench=bench,
             int8=(quant if quant is not None else QuantOptions()) if want_int8 else None,
+            half=half,
             defer_build=defer_build,
+            device=device,
         )
         if profile is not None:  # the matrix names targets and precisions; the profile its device, threads, shapes and budget
-            options, shapes = apply_profile(options, shapes, profile, explicit={"targets", "int8"})
-            options = dataclasses.replace(options, half=(), int8=options.int8 if want_int8 else None)
+            explicit = {"targets", "int8"} | ({"device"} if device else set())
+            options, shapes = apply_profile(options, shapes, profile, explicit=explicit)
+            options = dataclasses.replace(options, half=half, int8=options.int8 if want_int8 else None)
         run(spec, shapes, options, progress=_prefixed(progress, f"{modality}/{target}"))
         report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     except Exception as exc:  # one cell's failure must not stop the others
@@ -239,15 +274,29 @@ def _prefixed(progress: Callable[[str], None], prefix: str) -> Callable[[str], N
 
 
 def exit_code(doc: Mapping[str, Any]) -> int:
-    """The first failed cell's code (3 bad input, 4 export mismatch, 1 internal, ...); else the single run's
-    rule (``spec.verdict_code``) over every variant: 5 when one is over its drift budget, then 8 when one is
-    over the device profile's latency budget; else 0 (every cell ran or was skipped)."""
+    """The first failed cell's code (3 bad input, 4 export mismatch, 1 internal, ...); else 6 when no cell ran
+    (``nothing_measured``); else the single run's rule (``spec.verdict_code``) over every variant: 5 when one
+    is over its drift budget, then 8 when one is over the device profile's latency budget; else 0 (at least one
+    cell ran, the others ran or were skipped)."""
     for cell in doc.get("cells") or []:
         if cell.get("status") == "failed":
             return int(cell.get("exit_code") or ExitCode.INTERNAL)
+    if nothing_measured(doc) is not None:
+        return int(ExitCode.TARGET_UNAVAILABLE)
     variants = [v for c in doc.get("cells") or [] for v in c.get("variants") or []]
     return int(verdict_code(drift_passed=all(v.get("drift_passed") is not False for v in variants),
                             latency_passed=all(v.get("latency_budget_passed") is not False for v in variants)))  # fmt: skip
+
+
+def nothing_measured(doc: Mapping[str, Any]) -> str | None:
+    """The error line for a matrix in which no cell ran (every cell skipped, or none at all), else None."""
+    cells = doc.get("cells") or []
+    if any(c.get("status") == "ran" for c in cells):
+        return None
+    first = next((f"{c['modality']}/{c['target']}/{c['precision']}: {c.get('reason')}" for c in cells if c.get("status") == "skipped"), "")
+    return (f"the matrix measured nothing: {len(cells)} cell(s), none ran" + (f" (e.g. {first})" if first else "") +
+            "; choose targets and precisions that run here (d2v-export doctor lists them), install the missing runtime, "
+            "or pass --defer-build for a target that defers its build")  # fmt: skip
 
 
 def _one_line(exc: BaseException) -> str:
@@ -289,6 +338,7 @@ def _variant_entry(v: Mapping[str, Any], ref_p50: float | None) -> dict[str, Any
         "name": v.get("name"),
         "target": v.get("target"),
         "precision": v.get("precision"),
+        "device": v.get("device"),
         "quantization": (v.get("quantization") or {}).get("mode") if v.get("quantization") else None,
         "p50_ms": lat.get("p50"),
         "p90_ms": lat.get("p90"),
@@ -339,7 +389,7 @@ def _document(*, model: str, cells: list[dict[str, Any]], modalities: list[str],
         "cells": cells,
         "modalities_detail": summarize(cells),
         "warnings": warnings,
-        "passed": all(c["status"] != "failed" for c in cells) and all(
+        "passed": any(c["status"] == "ran" for c in cells) and all(c["status"] != "failed" for c in cells) and all(
             v.get("drift_passed") is not False for c in cells for v in c.get("variants") or []
         ),
     }

@@ -95,7 +95,8 @@ class RunOptions:
     latency_tolerance: float = 0.10
     drift_tolerance: float = 0.005
     relative_to_reference: bool = False
-    device: str = "CPU"  # the backend's device (OpenVINO: CPU/GPU/AUTO; TensorRT: cuda:0)
+    device: str | None = None  # every target's --device; None: each target's own default (Backend.devices.default)
+    devices: Mapping[str, str] = field(default_factory=dict)  # target -> its device (--device TARGET=DEVICE), over ``device``
     profile: Any = None  # a profiles.DeviceProfile whose latency budget becomes a verdict (see apply_profile)
     half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
     defer_build: bool = False  # TensorRT without TensorRT or a GPU here: write the portable half only
@@ -115,6 +116,50 @@ class RunOptions:
             raise _bad(f"threads {self.threads!r}: give 0 (every core) or a positive number")
         if self.pick and self.int8 is None:
             object.__setattr__(self, "int8", QuantOptions())  # the candidates are INT8 recipes (fp32 competes too)
+        _check_devices(self)
+
+    def device_for(self, target: str) -> str:
+        """The device ``target`` builds for and is measured on: its own --device, else the plain one, else its default."""
+        return self.devices.get(target) or self.device or backends.get(target).devices.default
+
+
+def _check_devices(options: RunOptions) -> None:
+    """Every device names a target of the run and is one that target takes (``Backend.devices``): else exit 2.
+
+    Whether the device is present here is the backend's question (``Backend.resolve_device``), asked
+    by ``pipeline.run`` before any work."""
+    stray = sorted(set(options.devices) - set(options.targets))
+    if stray:
+        raise _bad(f"--device {stray[0]}=...: {stray[0]} is not a target of this run ({', '.join(options.targets)}); "
+                   f"add --target {stray[0]} or drop that --device")  # fmt: skip
+    for target in options.targets:
+        if target in backends.names():
+            backend = backends.get(target)
+            device = options.device_for(target)
+            if not backend.devices.accepts(device.strip()):
+                raise backend.devices.refuse(target, device)
+
+
+def parse_devices(values: Collection[str]) -> tuple[str | None, dict[str, str]]:
+    """``--device`` values -> (the plain device for every target, {target: device}).
+
+    ``["CPU", "TARGET=GPU"]``: at most one plain value, one per target; a target name must be a known
+    target (``backends.names()``). Which device a target takes is checked by ``RunOptions``."""
+    plain: list[str] = []
+    per_target: dict[str, str] = {}
+    for raw in values:
+        name, sep, device = (s.strip() for s in str(raw).partition("="))
+        if not sep:
+            plain.append(name)
+            continue
+        if name not in backends.names():
+            raise _bad(f"--device '{raw}': '{name}' is not a target; use TARGET=DEVICE with TARGET one of: {', '.join(backends.names())}")
+        if not device or per_target.get(name, device) != device:
+            raise _bad(f"--device '{raw}': give {name} one device, e.g. --device {name}={backends.get(name).devices.default}")
+        per_target[name] = device
+    if len(set(plain)) > 1 or "" in plain:
+        raise _bad(f"--device: one plain device for every target ({', '.join(plain) or 'empty'} given); name the others per target, TARGET=DEVICE")
+    return (plain[0] if plain else None), per_target
 
 
 def require_int8(int8: QuantOptions | None, settings: QuantOptions, *, enable: str = "--int8") -> None:
@@ -154,8 +199,9 @@ def apply_profile(
     if not given("targets"):
         changes["targets"] = tuple(profile.targets)
     changes["threads"] = options.threads or profile.threads
-    if not given("device") and profile.device:
-        changes["device"] = profile.device
+    targets = changes.get("targets", options.targets)
+    if not given("device") and profile.device and profile.backend in targets:  # the profile's device is its backend's
+        changes["devices"] = {profile.backend: profile.device, **options.devices}
     if profile.int8 and (options.int8 is None or not given("int8")):
         quant = options.int8 or int8 or QuantOptions()
         if profile.quantize and not given("int8.mode"):

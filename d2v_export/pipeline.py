@@ -119,6 +119,24 @@ def check_targets(targets: tuple[str, ...], *, defer_build: bool = False, half: 
             )
 
 
+def check_devices(options: RunOptions) -> RunOptions:
+    """``options`` with every target's device as its backend names it (``Backend.resolve_device``), before any export.
+
+    D2VError(USAGE) for a device the target does not take; D2VError(TARGET_UNAVAILABLE) for one that is not
+    here (not asked of a deferred build), or that cannot build an extra float precision the target declares
+    (OpenVINO bf16 on a CPU without BF16)."""
+    devices = {}
+    for name in options.targets:
+        backend = backends.get(name)
+        device = devices[name] = backend.resolve_device(options.device_for(name), defer_build=options.defer_build)
+        for precision in (p for p in options.half if p in backend.precisions):
+            problem = backend.precision_problem(precision, device)
+            if problem is not None:
+                raise D2VError(f"target {name} cannot build {precision.value} on {device}: {problem}; drop --{precision.value} or "
+                               "choose another --device", ExitCode.TARGET_UNAVAILABLE)  # fmt: skip
+    return dataclasses.replace(options, devices=devices)
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP during a run: it unwinds like Ctrl-C, so the staging folder is removed."""
 
@@ -243,6 +261,7 @@ class Built(NamedTuple):
     drift: Drift
     notes: tuple[str, ...]
     what: str  # what the candidate is (--pick's table)
+    device: str = ""  # the device it was built for (BuildRequest.device)
 
 
 @dataclass
@@ -294,6 +313,7 @@ def run(
     """
     _warn_about_profile(options, progress)
     check_targets(options.targets, defer_build=options.defer_build, half=options.half)
+    options = check_devices(options)
     threads = options.threads or default_threads()
     baseline = _load_baseline(options)
     with staging(options.output, options.force, progress) as root:
@@ -424,7 +444,7 @@ def _build_one(work: _Work, backend: Any, folder: Path, request: BuildRequest, r
         from .rewrite import describe
 
         notes = (*notes, describe(changed))
-    return Built(backend, artifact, drift, notes, what)
+    return Built(backend, artifact, drift, notes, what, request.device)
 
 
 def _check(work: _Work, backend: Any, artifact: Artifact, request: BuildRequest) -> Drift:
@@ -504,6 +524,8 @@ def _variants(built: list[Built], measured: bench.BenchResult, options: RunOptio
             quantization=b.artifact.quantization,
             notes=b.artifact.notes + b.notes,
             latency_budget=options.profile.latency_verdict(modality, latency[b.artifact.name]) if options.profile else None,
+            device=b.backend.measured_on(b.artifact, b.device),
+            deploy_device=b.device,
         )
         for b in built
     )
@@ -626,7 +648,8 @@ def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int
             continue
         seen.add(key)
         feeds = tuple(calib.feeds) if calib is not None and lever.mode == "static" else ()
-        request = BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=threads, defer_build=options.defer_build, device=options.device)
+        request = BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=threads, defer_build=options.defer_build,
+                               device=options.device_for(backend.name))
         plan.append((f"{backend.name}-int8-{lever.mode}{lever.suffix}", request, names, lever.description or lever.mode))
     return plan
 
@@ -644,7 +667,7 @@ def _deferred(options: RunOptions) -> set[str]:
 
 def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads: int, modality: str = "") -> list[BuildRequest]:
     """fp32 always (it is the baseline of every comparison), plus fp16/bf16 where supported, plus INT8 when asked for."""
-    common = dict(threads=threads, defer_build=options.defer_build, device=options.device)
+    common = dict(threads=threads, defer_build=options.defer_build, device=options.device_for(backend.name))
     requests = [BuildRequest(precision=Precision.FP32, **common)]  # type: ignore[arg-type]
     requests += [BuildRequest(precision=p, **common) for p in options.half if p in backend.precisions]  # type: ignore[arg-type]
     int8 = options.int8

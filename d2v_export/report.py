@@ -23,6 +23,7 @@ def environment(threads: int) -> dict[str, Any]:
     from importlib import metadata
 
     from . import backends
+    from .backends.torch_ref import DEVICE
 
     versions = {"python": platform.python_version()}
     for pkg in dict.fromkeys(("d2v-export", "torch", "transformers", "onnx", *backends.packages(), "numpy")):
@@ -37,7 +38,7 @@ def environment(threads: int) -> dict[str, Any]:
         "cores_available": cores_available(),
         "threads": threads,
         "platform": platform.platform(),
-        "device": "CPU",
+        "device": DEVICE,  # the PyTorch reference's; every variant's own is its "device"
     }
 
 
@@ -102,6 +103,8 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
                 "precision": v.precision.value,
                 "quantization": jsonable(v.quantization),
                 "artifact": v.artifact,
+                "device": v.device,
+                "deploy_device": v.deploy_device,
                 "drift": drift_dict(v.drift),
                 "latency_ms": latency_dict(v.latency),
                 "speedup_vs_reference": v.speedup_vs_reference,

@@ -237,6 +237,8 @@ class Variant:
     quantization: QuantRecipe | None = None
     notes: tuple[str, ...] = ()
     latency_budget: Mapping[str, object] | None = None  # a device profile's verdict (profiles.latency_verdict)
+    device: str = ""  # what its drift and latency were measured on (Backend.measured_on)
+    deploy_device: str = ""  # the device it was built for (the target's --device)
 
 
 @dataclass(frozen=True)

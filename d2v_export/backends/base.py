@@ -87,6 +87,14 @@ class Devices:
     def accepts(self, device: str) -> bool:
         return re.fullmatch(self.pattern, device, re.IGNORECASE) is not None
 
+    def refuse(self, target: str, device: str) -> D2VError:
+        """The usage error (exit 2) for a ``--device`` this target does not take."""
+        return D2VError(
+            f"--device '{device}' is not a device of target {target} (it takes {self.choices}); "
+            f"use --device {target}={self.default}, or give each target its own with --device TARGET=DEVICE",
+            ExitCode.USAGE,
+        )
+
 
 @dataclass(frozen=True)
 class Snippet:
@@ -134,7 +142,7 @@ class Backend(Protocol):
     - ``rewrites``: the exact graph clean-ups (d2v_export.rewrite) it compiles from by default.
     - ``pick_levers``: the INT8 candidates it offers ``--pick``.
 
-    Methods: ``available``, ``compile`` and ``runner`` (the core); ``recover`` (``--fallback auto``:
+    Methods: ``available``, ``compile`` and ``runner`` (the core); ``resolve_device``, ``precision_problem``, ``measured_on`` (BackendBase's docs); ``recover`` (``--fallback auto``:
     raises D2VError(TARGET_UNAVAILABLE) when the target cannot); ``open_bundle`` (which backend and
     model file run a bundle here, with notes); ``readme_snippet``; ``diagnose`` and ``diagnosis_lines``
     (what ``doctor`` shows beyond ``available``).
@@ -170,6 +178,10 @@ class Backend(Protocol):
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact: ...
 
     def runner(self, artifact: Artifact, *, threads: int) -> Runner: ...
+
+    def resolve_device(self, device: str, *, defer_build: bool = False) -> str: ...
+    def precision_problem(self, precision: Precision, device: str) -> str | None: ...
+    def measured_on(self, artifact: Artifact, device: str) -> str: ...
 
     def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """``--fallback auto``: the INT8 artifact with its most sensitive parts back in float; (artifact, drift, what stayed float)."""
@@ -268,6 +280,24 @@ class BackendBase:
 
     def available(self) -> Availability:
         raise NotImplementedError
+
+    def resolve_device(self, device: str, *, defer_build: bool = False) -> str:
+        """``device`` as this target names it; D2VError(USAGE) when ``devices`` does not take it, D2VError(TARGET_UNAVAILABLE)
+        when it is not here (a backend that can tell; not asked when the run defers the build)."""
+        if not self.devices.accepts(device):
+            raise self.devices.refuse(self.name, device)
+        return self.devices.default if device.upper() == self.devices.default.upper() else device
+
+    def precision_problem(self, precision: Precision, device: str) -> str | None:
+        """Why this target cannot build ``precision`` for ``device`` here (one line, for the user), or None."""
+        if precision in self.precisions:
+            return None
+        built = [p.value for p in self.precisions]
+        return f"{self.name} builds {', '.join(built[:-1]) + ' and ' if len(built) > 1 else ''}{built[-1]}, not {precision.value}"
+
+    def measured_on(self, artifact: Artifact, device: str) -> str:
+        """The device this run measured ``artifact`` (built for ``device``) on: ``device``, or what stood in for it."""
+        return device
 
     def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
         raise D2VError(f"--fallback auto is not supported by target '{self.name}'; use --fallback off", ExitCode.TARGET_UNAVAILABLE)

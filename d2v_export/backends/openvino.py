@@ -160,6 +160,26 @@ PICK_LEVERS = (
 )
 
 
+def _resolve_device(backend: OpenVinoBackend, device: str, *, defer_build: bool = False) -> str:
+    """``device`` upper-cased, once ``devices`` takes it (exit 2) and this machine has it (exit 6)."""
+    if not backend.devices.accepts(device.strip()):
+        raise backend.devices.refuse(backend.name, device)
+    require_available(backend)
+    import openvino as ov
+
+    return _check_device(ov.Core(), device)
+
+
+def _precision_problem(backend: OpenVinoBackend, precision: Precision, device: str) -> str | None:
+    """The declared precisions, and bf16 only where ``device`` lists BF16 in its OPTIMIZATION_CAPABILITIES."""
+    problem = BackendBase.precision_problem(backend, precision, device)
+    if problem is not None or precision is not Precision.BF16 or not backend.available().ok:
+        return problem
+    import openvino as ov
+
+    return _bf16_problem(ov.Core(), device.strip().upper())
+
+
 class OpenVinoBackend(BackendBase):
     name = "openvino"
     extra = "openvino"
@@ -179,6 +199,8 @@ class OpenVinoBackend(BackendBase):
     # vision unchanged; docs/PERFORMANCE.md.
     rewrites = ("fold_constants", "fold_layer_scale", "fold_query_scale", "channel_layernorm")
     pick_levers = PICK_LEVERS
+    resolve_device = _resolve_device  # 'CPU', 'GPU.1', 'AUTO' ...: one openvino.Core().available_devices has (exit 6 when not)
+    precision_problem = _precision_problem  # the declared precisions; bf16 only where the device lists BF16
 
     def available(self) -> Availability:
         try:
@@ -296,13 +318,16 @@ def _checked(core: Any, request: BuildRequest, precisions: Sequence[Precision]) 
     if precision is Precision.INT8:
         _require_nncf()
     caps = _capabilities(core, device)
-    if precision is Precision.BF16 and "BF16" not in caps:
-        raise D2VError(
-            f"{device} has no native bf16 (OPTIMIZATION_CAPABILITIES: {', '.join(caps) or 'unknown'}); "
-            "use --precision fp32, or a CPU with AVX512-BF16 or AMX",
-            ExitCode.TARGET_UNAVAILABLE,
-        )
+    problem = _bf16_problem(core, device) if precision is Precision.BF16 else None
+    if problem is not None:
+        raise D2VError(f"{problem}; use --precision fp32, or a CPU with AVX512-BF16 or AMX", ExitCode.TARGET_UNAVAILABLE)
     return device, caps
+
+
+def _bf16_problem(core: Any, device: str) -> str | None:
+    """Why ``device`` cannot run bf16 (no BF16 in its OPTIMIZATION_CAPABILITIES), or None."""
+    caps = _capabilities(core, device)
+    return None if "BF16" in caps else f"{device} has no native bf16 (OPTIMIZATION_CAPABILITIES: {', '.join(caps) or 'unknown'})"
 
 
 def _build(backend: OpenVinoBackend, graph: ExportedGraph, folder: Path, request: BuildRequest, control: Recovery | None) -> Artifact:
@@ -400,7 +425,7 @@ def _check_device(core: Any, wanted: str) -> str:
     if any(d == device or d.startswith(device + ".") for d in found):
         return device
     raise D2VError(
-        f"OpenVINO device '{wanted}' is not available here (found: {', '.join(found) or 'none'}); use --device CPU",
+        f"OpenVINO device '{wanted}' is not available here (found: {', '.join(found) or 'none'}); use --device openvino=CPU",
         ExitCode.TARGET_UNAVAILABLE,
     )
 

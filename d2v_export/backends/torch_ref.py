@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..models import LoadedModel
 
 NAME = REFERENCE
+DEVICE = "CPU"  # where the reference runs: the model is never moved off the CPU (report.json environment.device)
 
 
 def make_wrapper(model: LoadedModel) -> Any:
