@@ -45,7 +45,7 @@ from .spec import REFERENCE, D2VError, ExitCode, jsonable
 
 __all__ = ["compare", "load_report", "parse_tolerance", "exit_code", "to_dict", "markdown", "write", "describe_regressions", "drift_score"]
 
-SUPPORTED_MAJOR = 1
+SUPPORTED_MAJOR = 1  # reads every report.json 1.x (a 1.0 baseline compares with a 1.1 report); tests/test_report_schema.py
 
 REGRESSION, IMPROVEMENT, UNCHANGED, NEW, MISSING = "regression", "improvement", "unchanged", "new", "missing"
 NOT_COMPARED = "n/a"

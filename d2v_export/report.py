@@ -13,7 +13,7 @@ from .spec import REFERENCE, Drift, LatencyStats, Report, Variant, jsonable
 
 __all__ = ["SCHEMA_VERSION", "environment", "jsonable", "latency_dict", "drift_dict", "variant_name", "to_dict", "write", "markdown"]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # docs/report-schema.md: the fields each version added; docs/report.schema.json checks them
 # metrics against the user's labels, listed under each variant in report.md when the evaluation set has labels
 LABELLED = ("reference_accuracy", "candidate_accuracy", "reference_cer", "candidate_cer", "reference_wer", "candidate_wer")
 

@@ -37,7 +37,7 @@ def test_end_to_end_json_report(modality: str, extra: tuple[str, ...], tmp_path:
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc == json.loads((out / "report.json").read_text())
-    assert doc["schema_version"] == "1.0"
+    assert doc["schema_version"] == "1.1"
     assert doc["model"]["random_weights"] is True and doc["model"]["parameters"] > 0
     assert doc["model"]["modality"] == modality
     assert set(doc["environment"]) >= {"versions", "cpu", "threads"}
