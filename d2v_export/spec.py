@@ -41,7 +41,7 @@ class SourceKind(str, enum.Enum):
 
 
 class ExitCode(enum.IntEnum):
-    """Documented exit codes of the command line (see docs/cli.md)."""
+    """Documented exit codes of the command line (README.md, "Exit codes", and `d2v-export --help`; tests/test_docs.py checks both)."""
 
     OK = 0
     INTERNAL = 1  # a bug: please report it
