@@ -374,7 +374,7 @@ def test_deferred_bundle_recipe_and_script(head: Head, precision: Precision, bui
     assert "--timingCacheFile=timing.cache" in args and "--profilingVerbosity=detailed" in args and "--exportLayerInfo=layers.json" in args
     assert any(re.fullmatch(r"--memPoolSize=workspace:\d+M", a) for a in args)
     assert [a.replace(f".{PLAN_FILE}.partial", PLAN_FILE) for a in recipe["trtexec"].split()[1:]] == [a.replace(f".{PLAN_FILE}.partial", PLAN_FILE) for a in args[:-1]]
-    assert (work / PLAN_FILE).read_bytes().startswith(b"FAKEPLAN-trtexec") and not (work / f".{PLAN_FILE}.partial").exists()
+    assert json.loads((work / PLAN_FILE).read_bytes()[len(b"FAKEPLAN"):])["built_with"] == "trtexec" and not (work / f".{PLAN_FILE}.partial").exists()
     engine = json.loads((work / ENGINE_MANIFEST).read_text())  # recorded by trt_device.py record
     assert engine["built_with"] == "trtexec" and engine["tensorrt"] == "11.4.0" and engine["layer_info"] == "layers.json"
     assert engine["verified_on_this_version"] is False and "not verified on this version" in done.stderr
@@ -648,3 +648,22 @@ def onnx_float_matmuls(path: Path) -> set[str]:
     model = _onnx(path)
     dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     return {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and not any(i in dq for i in n.input)}
+
+
+def test_tensorrt_extras_stay_on_one_cuda_major_each() -> None:
+    """[tensorrt] resolves below TensorRT 11 and CUDA Python 13 (CUDA 12 machines, JetPack's major); [tensorrt-cu13]
+    is TensorRT 11 with CUDA Python 13. PyPI serves tensorrt-cu12 11.4 and cuda-python 13.x: without the upper
+    bounds the default install needs an R580 driver and has no weak typing."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, allowed, refused in (
+        ("tensorrt", {"tensorrt-cu12": "10.3.0", "cuda-python": "12.9.0"}, {"tensorrt-cu12": "11.4.0", "cuda-python": "13.4.4"}),
+        ("tensorrt-cu13", {"tensorrt-cu13": "11.4.0", "cuda-python": "13.4.4"}, {"tensorrt-cu13": "10.13.0", "cuda-python": "12.9.0"}),
+    ):
+        reqs = {(r := Requirement(line)).name: r.specifier for line in extras[extra]}
+        assert set(reqs) == set(allowed), (extra, reqs)
+        assert all(reqs[name].contains(v) for name, v in allowed.items()), (extra, reqs)
+        assert not any(reqs[name].contains(v) for name, v in refused.items()), (extra, reqs)

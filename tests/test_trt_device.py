@@ -36,9 +36,9 @@ no_gpu = pytest.mark.skipif(GPU.ok, reason="TensorRT and a GPU are here: the eng
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The deferred INT8 bundle exactly as a user makes it: the CLI on the tiny vision preset."""
+    """The deferred fp16 and INT8 bundles exactly as a user makes them: the CLI on the tiny vision preset."""
     out = tmp_path_factory.mktemp("trt-cli") / "vision"
-    result = cli("vision", "--model", "preset:tiny", "--target", "tensorrt", "--int8", "--defer-build", "--output", str(out), "--threads", "1")
+    result = cli("vision", "--model", "preset:tiny", "--target", "tensorrt", "--fp16", "--int8", "--defer-build", "--output", str(out), "--threads", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -110,7 +110,12 @@ def test_int8_bundle_has_an_fp16_remainder_with_fp32_io_and_builds_strongly_type
 def test_simulated_drift_of_the_fp16_remainder_is_in_the_report(run_dir: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
     variant = next(v for v in report["variants"] if v["target"] == "tensorrt" and v["precision"] == "int8")
-    assert variant["drift"]["metrics"]["top1_agreement"] >= 0.0
+    metrics, budget = variant["drift"]["metrics"], variant["drift"]["budget"]
+    assert variant["drift"]["passed"] is True and set(budget) == {"top1_agreement", "logit_cosine"}
+    assert all(metrics[name] >= limit for name, limit in budget.items()), (metrics, budget)
+    # the fp16 bundle's graph was checked against PyTorch on ONNX Runtime with the half-precision tolerance
+    half = next(v for v in report["variants"] if v["target"] == "tensorrt" and v["precision"] == "fp16")
+    assert half["drift"]["passed"] is True and 0 < half["drift"]["metrics"]["max_scaled_error"], half["drift"]
     notes = " ".join(variant.get("notes", []))
     assert "fp16 remainder" in notes and "graph optimisations off" in notes and "not engine accuracy" in notes
     assert "fp16 remainder" in (run_dir / "report.md").read_text()
@@ -217,41 +222,54 @@ def test_device_half_gates_on_the_tensorrt_version_and_names_cuda_python(int8_bu
 FAKES = Path(__file__).resolve().parent / "fake_trt"
 
 
+def _device_runner(script: Path, fakes: Path, *args: str) -> str:
+    """Python code running ``trt_device.py ARGS`` with the stand-ins of ``fakes`` first on the path, then printing
+    the stand-in cuda-python's calls (or the live events of the libcudart stand-in) as the last stderr line."""
+    return textwrap.dedent(f"""
+        import ctypes, json, os, runpy, sys
+        sys.path.insert(0, {str(fakes)!r})
+        sys.argv = [{str(script)!r}, *{list(args)!r}]
+        try:
+            runpy.run_path({str(script)!r}, run_name="__main__")
+            status = 0
+        except SystemExit as exc:
+            status = exc.code
+        try:
+            from cuda.bindings import runtime
+            print(json.dumps([c[0] for c in runtime.CALLS]), file=sys.stderr)
+        except ImportError:
+            print(json.dumps(ctypes.CDLL(os.environ["D2V_CUDART"]).fake_live_events()), file=sys.stderr)
+        sys.exit(status)
+    """)
+
+
 @no_gpu
-def test_device_half_builds_and_runs_end_to_end_on_stand_ins(int8_bundle: Path, tmp_path: Path) -> None:
-    """The whole device path in the clean venv, with stand-ins for TensorRT and cuda-python (tests/fake_trt):
-    manifest check, confined recipe paths, build (strongly typed, TF32 cleared), atomic plan / cache /
-    engine manifest, manifest relisted, benchmark in rounds between one event pair, pinned host buffers,
-    run on an .npz, device selection. The toy engine sums the image over its last axis."""
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0"])
+def test_device_half_builds_and_runs_end_to_end_on_stand_ins(version: str, int8_bundle: Path, tmp_path: Path) -> None:
+    """The whole device path in the clean venv, with stand-ins for TensorRT (JetPack 6.1's 10.3 with weak typing
+    still there; 11.4 without it) and cuda-python (tests/fake_trt): manifest check, confined recipe paths, build
+    (strongly typed, no precision flag, TF32 cleared), atomic plan / cache / engine manifest, manifest relisted,
+    benchmark in rounds between one event pair (destroyed after), pinned host buffers, run on an .npz, device
+    selection, CUDA out of memory as exit 6. The toy engine sums the image over its last axis."""
     python = _clean_venv(tmp_path / "venv")
     script = int8_bundle / DEVICE_SCRIPT
 
-    def device(*args: str) -> subprocess.CompletedProcess[str]:
-        code = textwrap.dedent(f"""
-            import json, runpy, sys
-            sys.path.insert(0, {str(FAKES)!r})
-            sys.argv = [{str(script)!r}, *{list(args)!r}]
-            try:
-                runpy.run_path({str(script)!r}, run_name="__main__")
-                status = 0
-            except SystemExit as exc:
-                status = exc.code
-            from cuda.bindings import runtime
-            print(json.dumps([c[0] for c in runtime.CALLS]), file=sys.stderr)
-            sys.exit(status)
-        """)
-        return _run(python, "-c", code, cwd=tmp_path)
+    def device(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return _run(python, "-c", _device_runner(script, FAKES, *args), cwd=tmp_path, FAKE_TRT_VERSION=version, **env)
 
     built = device("build", "--iterations", "40")
     assert built.returncode == 0, built.stderr
+    assert f"TensorRT {version}: not verified on this version" in built.stderr
     calls = json.loads(built.stderr.strip().splitlines()[-1])
     assert calls.count("cudaEventRecord") == 2 * 4  # 40 runs: 4 rounds of 10, one event pair per round
+    assert calls.count("cudaEventDestroy") == 2  # the timing call's own pair, destroyed after it
     assert "cudaMallocHost" in calls and "pageable copy" not in calls
     plan = (int8_bundle / "model.plan").read_bytes()
     doc = json.loads(plan[len(b"FAKEPLAN"):])
-    assert doc["strongly_typed"] is True and doc["cleared"] == [7]  # BuilderFlag.TF32 of the stand-in
+    assert doc["strongly_typed"] is True and doc["flags"] == [] and doc["cleared"] == [7] and doc["version"] == version
     engine = json.loads((int8_bundle / "engine_manifest.json").read_text())
     assert engine["benchmark"]["runs"] == 40 and engine["benchmark"]["n"] == 4 and engine["device_index"] == 0
+    assert engine["tensorrt"] == version and engine["verified_on_this_version"] is False
     assert engine["onnx_sha256"] == trt_device.sha256_file(int8_bundle / "model.onnx")
     assert (int8_bundle / "timing.cache").is_file()
     assert not [p.name for p in int8_bundle.iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -266,6 +284,140 @@ def test_device_half_builds_and_runs_end_to_end_on_stand_ins(int8_bundle: Path, 
 
     other = device("run", str(tmp_path / "inputs.npz"), "--device", "cuda:1")
     assert other.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "cuda:1 does not exist" in other.stderr, other.stderr
+    oom = device("run", str(tmp_path / "inputs.npz"), FAKE_CUDA_OOM="1")  # a CUDA error: the tool's exit code, one line
+    error = [line for line in oom.stderr.splitlines() if line.startswith("error: ")]
+    assert oom.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "Traceback" not in oom.stderr, oom.stderr
+    assert len(error) == 1 and "out of GPU memory" in error[0], oom.stderr
+
+    # a timing cache TensorRT refuses: recorded, replaced, and its error never explains a later failure
+    (int8_bundle / "timing.cache").write_bytes(b"bad")
+    again = device("build", "--iterations", "10", "--no-verify")
+    assert again.returncode == 0, again.stderr
+    assert "another device" in json.loads((int8_bundle / "engine_manifest.json").read_text())["timing_cache_refused"]
+    (int8_bundle / "timing.cache").write_bytes(b"bad")
+    failed = device("build", "--no-verify", FAKE_TRT_FAIL_BUILD="1")
+    error = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert failed.returncode == int(ExitCode.BAD_INPUT) and len(error) == 1 and "another device" not in error[0], failed.stderr
+
+
+@no_gpu
+def test_device_half_reaches_cuda_through_libcudart_without_cuda_python(int8_bundle: Path, tmp_path: Path) -> None:
+    """JetPack: no cuda-python; the CUDA runtime library TensorRT links is reached through ctypes (a C stand-in of
+    libcudart, tests/fake_trt/libcudart.c, built here). Build, benchmark and run, with every event destroyed."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the libcudart stand-in")
+    lib = tmp_path / "libcudart.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(lib), str(FAKES / "libcudart.c")], check=True, timeout=120)
+    only_trt = tmp_path / "fakes"
+    shutil.copytree(FAKES / "tensorrt", only_trt / "tensorrt")  # TensorRT's stand-in alone: no cuda-python
+    python = _clean_venv(tmp_path / "venv")
+    script = int8_bundle / DEVICE_SCRIPT
+
+    def device(*args: str) -> subprocess.CompletedProcess[str]:
+        return _run(python, "-c", _device_runner(script, only_trt, *args), cwd=tmp_path, D2V_CUDART=str(lib))
+
+    built = device("build", "--iterations", "20")
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stderr.strip().splitlines()[-1]) == 0  # no CUDA event left alive
+    engine = json.loads((int8_bundle / "engine_manifest.json").read_text())
+    assert engine["cuda_via"] == "libcudart" and engine["compute_capability"] == "8.7" and engine["cuda_runtime"] == "12.6"
+    image = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", pixel_values=image)
+    ran = device("run", str(tmp_path / "inputs.npz"), "--output", str(tmp_path / "out.npz"))
+    assert ran.returncode == 0, ran.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["logits"], image.sum(axis=-1), rtol=1e-6)
+
+
+FAKE_TRTEXEC = FAKES / "bin" / "trtexec"
+
+
+def _build_engine_sh(bundle: Path, version: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = dict(os.environ, TRTEXEC=str(FAKE_TRTEXEC), FAKE_TRT_VERSION=version, PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", str(bundle / SCRIPT_FILE)], env=environ, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+
+@no_gpu
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_build_engine_sh_leaves_a_bundle_that_verifies_and_runs(precision: str, run_dir: Path, tmp_path: Path) -> None:
+    """The documented `bash build_engine.sh` under TensorRT 11's trtexec (stand-in: rejects --fp16/--int8/--best):
+    it builds, records the plan, timing cache and layer info in manifest.json, and then `d2v-export run` and
+    `trt_device.py run` accept the bundle (they used to exit 3: "holds 2 file(s) not in manifest.json")."""
+    src = next(p for p in run_dir.iterdir() if p.name.startswith(f"tensorrt-{precision}"))
+    bundle = tmp_path / src.name
+    shutil.copytree(src, bundle)
+    no_numpy = tmp_path / "no-numpy" / "numpy"  # `record` needs only the standard library
+    no_numpy.mkdir(parents=True)
+    (no_numpy / "__init__.py").write_text("raise ImportError('numpy hidden by the test')\n")
+    done = _build_engine_sh(bundle, "11.4.0", tmp_path, PYTHONPATH=str(no_numpy.parent))
+    assert done.returncode == 0, done.stdout + done.stderr
+    listed = {e["path"] for e in json.loads((bundle / "manifest.json").read_text())["files"]}
+    assert {"model.plan", "timing.cache", "layers.json", "engine_manifest.json"} <= listed
+    bundle_mod.verify(bundle)
+    trt_device.verify_files(bundle)
+    image = ROOT / "calibration" / "vision" / "evaluation" / "chelsea.jpg"
+    res = cli("run", str(bundle), str(image), "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert any("TensorRT cannot run its engine here" in n for n in json.loads(res.stdout)[0]["notes"])
+    python = _clean_venv(tmp_path / "venv")
+    np.savez(tmp_path / "inputs.npz", pixel_values=np.ones((1, 3, 32, 32), np.float32))
+    ran = _run(python, "-c", _device_runner(bundle / DEVICE_SCRIPT, FAKES, "run", str(tmp_path / "inputs.npz")), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert oct((bundle / "engine_manifest.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@no_gpu
+def test_build_engine_sh_refuses_tensorrt_8_in_one_line(int8_bundle: Path, tmp_path: Path) -> None:
+    """JetPack 6.0's trtexec (TensorRT 8.6): refused before building, exit 6, one line, as trt_device.py does."""
+    before = sorted(p.name for p in int8_bundle.iterdir())
+    done = _build_engine_sh(int8_bundle, "8.6.2", tmp_path)
+    assert done.returncode == int(ExitCode.TARGET_UNAVAILABLE), done.stdout + done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "TensorRT 8.6 is older than 10.0" in done.stderr and "JetPack 6.1" in done.stderr
+    assert sorted(p.name for p in int8_bundle.iterdir()) == before  # nothing written
+
+
+def test_bundle_files_are_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
+    """atomic_write used mkstemp's 0600: a service user could not read a copied bundle. Now 0666 & ~umask."""
+    old = os.umask(0o022)
+    try:
+        trt_device.atomic_write(tmp_path / "a", b"x")
+        os.umask(0o027)
+        trt_device.atomic_write(tmp_path / "b", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o644 and (tmp_path / "b").stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize(
+    ("l4t", "driver", "expect"),
+    [
+        ((36, 4), None, "JetPack's TensorRT 10.3"),
+        ((36, 3), None, "upgrade to JetPack 6.1 or 6.2"),
+        ((35, 5), None, "upgrade to JetPack 6.1 or 6.2"),
+        (None, 470, "too old for CUDA 12"),
+        (None, 550, "'d2v-export[tensorrt]'"),
+        (None, 580, "[tensorrt-cu13] for TensorRT 11"),
+    ],
+)
+def test_install_hint_names_what_this_machine_needs(l4t: tuple[int, int] | None, driver: int | None, expect: str) -> None:
+    hint = trt_device.install_hint(l4t, driver, detect=False)
+    assert expect in hint and "\n" not in hint
+    if l4t is None and driver and driver < 580:
+        assert "tensorrt-cu13] (TensorRT 11, CUDA 13) needs an R580+ driver" in hint or "too old" in hint
+
+
+def test_l4t_and_driver_are_read_from_their_files() -> None:
+    assert trt_device.l4t_release("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64") == (36, 4)
+    assert trt_device.l4t_release("") is None
+    assert trt_device.driver_major("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024") == 550
+    assert trt_device.driver_major("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build") == 580
 
 
 def test_device_module_is_python_3_10(tmp_path: Path) -> None:

@@ -1114,7 +1114,7 @@ def percentiles(times: Sequence[float]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------ a bundle on the device
 
-Check = Callable[[Path, Mapping[str, Mapping[str, np.ndarray]], Mapping[str, Mapping[str, np.ndarray]]], Mapping[str, Any]]
+Check = Callable[[Path, Mapping[str, Mapping[str, "np.ndarray"]], Mapping[str, Mapping[str, "np.ndarray"]]], Mapping[str, Any]]
 
 
 def build_bundle(
