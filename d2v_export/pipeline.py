@@ -450,8 +450,11 @@ def _build_one(work: _Work, backend: Any, folder: Path, request: BuildRequest, r
 def _check(work: _Work, backend: Any, artifact: Artifact, request: BuildRequest) -> Drift:
     """Float variants: the shape check against PyTorch (the fp32 ONNX itself: the export's check); INT8: task drift."""
     model = work.model
-    if request.quant is None and _same_file(artifact.model_file, work.graph.path):
-        return work.graph.check  # no session to open: at large size one held the weights again for nothing
+    if request.quant is None and _same_file(artifact.model_file, work.graph.path) and backend is backends.get(backends.DEFAULT):
+        # the export check ran this very file on this runtime (validate.check_export: ONNX Runtime, the default
+        # target's); no session to open: at large size one held the weights again for nothing. Any other
+        # backend (a plug-in serving the same file) is checked with its own runner.
+        return work.graph.check
     with backend.runner(artifact, threads=work.threads) as runner:
         if request.quant is not None:
             return _task_drift(work, runner.infer)

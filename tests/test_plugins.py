@@ -23,6 +23,7 @@ PLUGIN = '''
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -46,7 +47,13 @@ class BasicRunner(RunnerBase):
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.session.run(self.outputs, dict(feed))))
+        out = dict(zip(self.outputs, self.session.run(self.outputs, dict(feed))))
+        # for the test: every call leaves a line (the shapes it ran), and its float outputs move by a known offset
+        if os.environ.get("ORT_BASIC_LOG"):
+            with open(os.environ["ORT_BASIC_LOG"], "a") as log:
+                log.write(" ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in sorted(feed.items())) + "\\n")
+        offset = float(os.environ.get("ORT_BASIC_OFFSET", "0"))
+        return {k: v + np.asarray(offset, v.dtype) if v.dtype.kind == "f" else v for k, v in out.items()}
 
 
 class OrtBasic(BackendBase):
@@ -90,8 +97,12 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+OFFSET = 3e-5  # what the plug-in's runner adds to every float output in the test: within the head's tolerance (1e-4)
+
+
 def test_a_one_file_target_works_through_the_cli(plugin_dir: Path, tmp_path: Path) -> None:
-    env = plugin_env(plugin_dir, D2V_BACKENDS="d2v_ort_basic")
+    log = tmp_path / "ort-basic.log"
+    env = plugin_env(plugin_dir, D2V_BACKENDS="d2v_ort_basic", ORT_BASIC_LOG=str(log), ORT_BASIC_OFFSET=str(OFFSET))
     out = tmp_path / "text"
     built = cli("text", "--model", "preset:tiny", "--task", "text-classification", "--target", "ort-basic",
                 "--output", str(out), "--threads", "1", "--bench-seconds", "0.5", env=env)  # fmt: skip
@@ -102,6 +113,13 @@ def test_a_one_file_target_works_through_the_cli(plugin_dir: Path, tmp_path: Pat
     assert set(variants) == {"ort-basic-fp32"}, variants.keys()
     v = variants["ort-basic-fp32"]
     assert v["target"] == "ort-basic" and v["drift"]["passed"] is True  # drift against PyTorch, judged
+    # ... on the plug-in's own runner: it ran at every shape of the check (latency only times one), and the
+    # drift is its own (the offset its runner adds), not the export's check on ONNX Runtime
+    shapes = set(log.read_text().splitlines())
+    assert len(shapes) >= 4 and any("input_ids=8x" in s for s in shapes), shapes  # min, opt, odd, largest batch, longest
+    error, export_error = v["drift"]["metrics"]["max_abs_error"], doc["export"]["check"]["metrics"]["max_abs_error"]
+    assert OFFSET * 0.9 <= error <= OFFSET * 1.1 + export_error and export_error < OFFSET * 0.5, (error, export_error)
+    assert v["drift"]["samples"] == doc["export"]["check"]["samples"]
     assert v["latency_ms"]["p50"] > 0 and v["latency_ms"]["n"] >= 10 and len(v["latency_ms"]["samples"]) == v["latency_ms"]["n"]  # timed beside the reference
     assert "plug-in: ONNX Runtime with basic graph optimisations" in v["notes"]
     assert "ort-basic-fp32" in (out / "report.md").read_text()
