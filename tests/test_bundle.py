@@ -109,7 +109,8 @@ def refused(folder: Path, *words: str) -> str:
 def test_manifest_describes_the_vision_bundle(vision_bundles: dict[str, Path]) -> None:
     folder = vision_bundles["onnxruntime-fp32"]
     doc = json.loads((folder / "manifest.json").read_text())
-    assert doc["schema_version"] == "1.0"
+    assert doc["schema_version"] == "1.1"
+    assert (doc["device"], doc["deploy_device"], doc["environment"]["device"]) == ("CPU", "CPU", "CPU")  # from its report entry
     on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert [f["path"] for f in doc["files"]] == on_disk
     assert {"model.onnx", "config.json", "preprocessor_config.json", "README.md"} <= set(on_disk)

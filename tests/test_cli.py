@@ -159,10 +159,21 @@ def test_help_shows_examples_and_exit_codes() -> None:
 
 @pytest.mark.parametrize("choice", ["on", "off"])
 def test_reduce_range_reaches_the_int8_artifact(choice: str, tmp_path: Path) -> None:
+    """Budgets no INT8 graph can miss (agreement >= 0, cosine >= -1), so the verdict is decided: exit 0."""
     out = tmp_path / "out"
     res = cli("text", "--model", "preset:tiny", "--int8", "--quant", "dynamic", "--reduce-range", choice,
-              "--output", str(out), "--json", *FAST)  # fmt: skip
-    assert res.returncode in (0, ExitCode.DRIFT_BUDGET), res.stderr
+              "--max-drift", "top1_agreement=0,logit_cosine=-1", "--output", str(out), "--json", *FAST)  # fmt: skip
+    assert res.returncode == 0, res.stderr
     (int8,) = [v for v in json.loads(res.stdout)["variants"] if v["precision"] == "int8"]
     assert int8["quantization"]["reduce_range"] is (choice == "on")
     assert any(n.startswith("7-bit weights (reduce_range)") for n in int8["notes"]) is (choice == "on")
+
+
+def test_a_budget_no_int8_graph_can_meet_exits_5(tmp_path: Path) -> None:
+    """The other side of the gate, decided too: top-1 agreement above 1 (judged on the measured value, @0) fails."""
+    out = tmp_path / "out"
+    res = cli("text", "--model", "preset:tiny", "--int8", "--quant", "dynamic", "--max-drift", "top1_agreement=1.01@0",
+              "--output", str(out), "--json", *FAST)  # fmt: skip
+    assert res.returncode == int(ExitCode.DRIFT_BUDGET), res.stderr
+    (int8,) = [v for v in json.loads(res.stdout)["variants"] if v["precision"] == "int8"]
+    assert int8["drift"]["passed"] is False and int8["drift"]["failed"] == ["top1_agreement"]
