@@ -21,12 +21,13 @@ import numpy as np
 from ..heads import SAMPLING_RATE
 from ..spec import D2VError, ShapeProfile
 from . import hf
-from .samples import Candidate, Samples, Unreadable, collect, one_line, rel_name, visible_files
+from .samples import Candidate, Samples, Unreadable, collect, confined, one_line, rel_name, visible_files
 
 WHAT = "audio files"
 FIX = "pass a folder of .wav/.flac/.ogg clips (or .npz feeds named after the model inputs)"
 EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au"})
 STEP = 1600  # 0.1 s at 16 kHz: the length bucket
+MAX_RATE = 768_000  # Hz: above any converter's rate; a header claiming more is corrupt (and its resampling filter would not fit in memory)
 LABELS_FILE = "labels.tsv"
 
 
@@ -34,30 +35,51 @@ def find(root: Path) -> list[Path]:
     return visible_files(root, lambda p: p.suffix.lower() in EXTENSIONS)
 
 
-def read_mono(path: Any, rate: int = SAMPLING_RATE) -> np.ndarray:
-    """Decode a path or binary file object, average channels, resample to `rate`. float32, 1-D. Raises Unreadable."""
+def read_mono(path: Any, rate: int = SAMPLING_RATE, limit: int | None = None) -> np.ndarray:
+    """Decode a path or binary file object, average channels, resample to `rate`. float32, 1-D. Raises Unreadable.
+
+    With `limit`, at most that many samples (at `rate`) are returned and the file is read only that far,
+    so an hours-long clip costs what its first seconds cost."""
     import soundfile as sf
 
     try:
-        data, file_rate = sf.read(str(path) if isinstance(path, Path) else path, dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path) if isinstance(path, Path) else path) as fh:
+            file_rate = _check_rate(fh.samplerate)
+            frames = -1 if limit is None else -(-int(limit) * file_rate // int(rate)) + 1
+            data = fh.read(frames, dtype="float32", always_2d=True)
+    except Unreadable:
+        raise
     except Exception as exc:  # noqa: BLE001 - libsndfile reports corrupt files in several exception types
         raise Unreadable(f"not a readable audio file ({one_line(exc)})") from None
     if data.shape[0] == 0:
         raise Unreadable("the audio file holds no samples")
-    return resample(data.mean(axis=1, dtype=np.float64), int(file_rate), rate)
+    return resample(data.mean(axis=1, dtype=np.float64), file_rate, rate, limit)
 
 
-def resample(wave: np.ndarray, file_rate: int, rate: int = SAMPLING_RATE) -> np.ndarray:
-    """A mono wave at `file_rate` brought to `rate` (polyphase). float32, 1-D."""
+def _check_rate(value: Any) -> int:
+    try:
+        file_rate = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise Unreadable(f"its sampling rate {value!r} is not a number") from None
+    if not 1 <= file_rate <= MAX_RATE:
+        raise Unreadable(f"its sampling rate {file_rate} Hz is outside 1 Hz..{MAX_RATE // 1000} kHz (a corrupt header?)")
+    return file_rate
+
+
+def resample(wave: np.ndarray, file_rate: Any, rate: int = SAMPLING_RATE, limit: int | None = None) -> np.ndarray:
+    """A mono wave at `file_rate` brought to `rate` (polyphase), at most `limit` samples of it. float32, 1-D."""
     from scipy.signal import resample_poly
 
+    file_rate = _check_rate(file_rate)
     wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+    if limit is not None:
+        wave = wave[: -(-int(limit) * file_rate // int(rate)) + 1]
     if wave.size == 0:
         raise Unreadable("the audio holds no samples")
     if file_rate != rate:
         g = gcd(int(rate), int(file_rate))
         wave = resample_poly(wave, int(rate) // g, int(file_rate) // g)
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    return np.ascontiguousarray(wave if limit is None else wave[:limit], dtype=np.float32)
 
 
 def bucket(length: int, profile: ShapeProfile) -> tuple[int, int]:
@@ -82,6 +104,10 @@ def transcripts(root: Path) -> dict[str, str]:
     for table in tables:
         if not table.is_file():
             continue
+        try:
+            confined(table, root)
+        except Unreadable:
+            continue  # a labels.tsv linked from outside the folder is not read
         for i, line in enumerate(table.read_text(encoding="utf-8", errors="replace").splitlines()):
             parts = line.rstrip("\r\n").split("\t", 1)
             if len(parts) != 2 or not parts[0].strip():
@@ -105,6 +131,10 @@ class _Prepare:
         self.proc, self.profile = proc, profile
         self.rate = int(getattr(proc, "sampling_rate", None) or SAMPLING_RATE)
         self.pad_value = float(getattr(proc, "padding_value", 0.0) or 0.0)
+        try:
+            self.limit: int | None = profile.dim("samples").max
+        except KeyError:
+            self.limit = None
 
     def __call__(self, wave: np.ndarray) -> dict[str, np.ndarray]:
         keep, target = bucket(len(wave), self.profile)
@@ -133,7 +163,7 @@ def read(
 
     def reader(path: Path) -> Callable[[], tuple[dict[str, np.ndarray], object]]:
         def run() -> tuple[dict[str, np.ndarray], object]:
-            feed = prepare(read_mono(path, prepare.rate))
+            feed = prepare(read_mono(confined(path, root), prepare.rate, prepare.limit))
             rel = path.relative_to(base).as_posix()
             label = hf.metadata_label(meta.get(rel), model, columns or {})
             if label is None:

@@ -16,7 +16,7 @@ import numpy as np
 from ..spec import D2VError, Modality, ShapeProfile
 from . import audio, images, text
 from .hf import EXTRA, SPLITS, label_role, normalize_label, pick
-from .samples import Candidate, Samples, Unreadable, collect, one_line
+from .samples import Candidate, Samples, Unreadable, collect, confined, one_line
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -95,12 +95,18 @@ def _media(value: Any, base: Path, what: str) -> Any:
     elif isinstance(value, str):
         where = value
     if data:
+        if not isinstance(data, (bytes, bytearray)):
+            raise Unreadable(f"the {what} is stored as {type(data).__name__}, not bytes")
         return io.BytesIO(bytes(data))
     if where:
-        p = Path(where)
-        for candidate in (p, base / p):
+        if not isinstance(where, str) or "\x00" in where:
+            raise Unreadable(f"the {what} is stored as a path that is not a file name ({where!r})")
+        for candidate in (Path(where), base / where):
             if candidate.is_file():
-                return candidate
+                try:  # a stored path is read only inside the dataset's folder: a shared dataset must not read /etc
+                    return confined(candidate, base)
+                except Unreadable:
+                    raise Unreadable(f"the {what} is stored as a path outside '{base}' ({where}); embed the files (datasets' embed_external_files) or copy them into the folder") from None
         raise Unreadable(f"the {what} is stored as a path that does not exist here ({where})")
     raise Unreadable(f"no {what} in this row")
 
@@ -133,9 +139,13 @@ def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: in
         def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
             value = row[col]
             if isinstance(value, dict) and value.get("array") is not None:
-                wave = audio.resample(np.asarray(value["array"], dtype=np.float64), int(value.get("sampling_rate") or prepare_audio.rate), prepare_audio.rate)
+                try:
+                    array = np.asarray(value["array"], dtype=np.float64)
+                except (TypeError, ValueError) as exc:
+                    raise Unreadable(f"its audio array is not numbers ({one_line(exc)})") from None
+                wave = audio.resample(array, value.get("sampling_rate") or prepare_audio.rate, prepare_audio.rate, prepare_audio.limit)
             else:
-                wave = audio.read_mono(_media(value, base, "audio clip"), prepare_audio.rate)
+                wave = audio.read_mono(_media(value, base, "audio clip"), prepare_audio.rate, prepare_audio.limit)
             return prepare_audio(wave), None
     else:
         fields = {r: pick(r, names, columns) for r in ("text", "text_pair", "question", "context")}

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..spec import D2VError
-from .samples import one_line
+from .samples import Unreadable, confined, one_line
 
 # role -> usual column names, first match wins. "label" is a class; "transcription" the CTC target.
 DEFAULTS: dict[str, tuple[str, ...]] = {
@@ -108,7 +108,10 @@ def normalize_label(value: Any, model: Any, names: Sequence[str] | None = None) 
     if isinstance(value, str):
         text = value.strip()
         if model.head.metric != "ctc" and text not in label2id and text.lstrip("-").isdigit():
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:  # digits int() does not take ("²") or more than its 4300: a class name after all
+                return text
         return text if model.head.metric != "ctc" else value
     return value if isinstance(value, (float, list)) else str(value)
 
@@ -124,9 +127,13 @@ def metadata(root: Path) -> dict[str, dict[str, Any]]:
     for table in tables:
         if not table.is_file() or any(part.startswith(".") for part in table.relative_to(base).parts):
             continue
+        try:
+            confined(table, root)
+        except Unreadable:
+            continue  # a metadata file linked from outside the folder is not read
         for row in _metadata_rows(table):
             name = row.get("file_name")
-            if not isinstance(name, str) or not name.strip():
+            if not isinstance(name, str) or not name.strip() or "\x00" in name:
                 continue
             path = (table.parent / name.strip()).resolve()
             try:
@@ -142,7 +149,10 @@ def _metadata_rows(table: Path) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise D2VError(f"cannot read '{table}' ({one_line(exc)}); save it as UTF-8") from None
     if table.suffix == ".csv":
-        rows: list[dict[str, Any]] = list(csv.DictReader(io.StringIO(text)))
+        try:
+            rows: list[dict[str, Any]] = list(csv.DictReader(io.StringIO(text)))
+        except csv.Error as exc:  # a NUL byte, a field over csv's size limit
+            raise D2VError(f"'{table}' is not a readable CSV file ({one_line(exc)}); write it with a CSV writer, one row per file") from None
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -150,8 +160,9 @@ def _metadata_rows(table: Path) -> list[dict[str, Any]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise D2VError(f"'{table}' line {number} is not JSON ({exc.msg}); write one JSON object per line") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise D2VError(f"'{table}' line {number} is not JSON ({why}); write one JSON object per line") from None
             if isinstance(row, dict):
                 rows.append(row)
     if rows and "file_name" not in rows[0]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..spec import D2VError, ShapeProfile
 from . import hf
-from .samples import Candidate, Samples, Unreadable, collect, one_line, rel_name, visible_files
+from .samples import Candidate, Samples, Unreadable, collect, confined, one_line, rel_name, visible_files
 
 WHAT = "images"
 FIX = "pass a folder of JPEG/PNG photos (or .npz feeds named after the model inputs)"
@@ -35,10 +35,15 @@ def find(root: Path) -> list[Path]:
 
 def open_rgb(path: Any) -> Any:
     """Decode a file (a path or a binary file object) to an upright RGB PIL image; raises Unreadable for anything Pillow rejects."""
+    import warnings
+
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # over Pillow's bomb warning (89 megapixels): refused before decoding, not decoded
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             im.seek(0)
             im.load()
             upright = ImageOps.exif_transpose(im)
@@ -124,7 +129,7 @@ def read(
 
     def reader(path: Path) -> Any:
         def run() -> tuple[dict[str, np.ndarray], object]:
-            feed = prepare(open_rgb(path))
+            feed = prepare(open_rgb(confined(path, root)))
             label = hf.metadata_label(meta.get(path.relative_to(base).as_posix()), model, columns or {})
             if label is None:
                 parts = path.relative_to(root).parts if root.is_dir() else ()

@@ -8,6 +8,8 @@ written by `save_cache` is read as the cache it is.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from ..heads import input_specs
 from ..spec import D2VError, TensorSpec
-from .samples import CACHE_KEY, Candidate, Samples, Unreadable, collect, load_cache, one_line, rel_name, visible_files
+from .samples import CACHE_KEY, Candidate, Samples, Unreadable, collect, confined, load_cache, one_line, rel_name, visible_files
 
 WHAT = ".npz feeds"
 
@@ -81,7 +83,7 @@ def read(root: Path, files: list[Path], model: Any, *, count: int | None, seed: 
     for path in files:
         name = rel_name(path, root)
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with np.load(confined(path, root), allow_pickle=False) as data:
                 if CACHE_KEY in data.files:
                     cache = load_cache(path)
                     feeds, labels, sub = list(cache.feeds), list(cache.labels or [None] * len(cache)), list(cache.names)
@@ -96,7 +98,7 @@ def read(root: Path, files: list[Path], model: Any, *, count: int | None, seed: 
         except Unreadable as exc:
             skipped.append((name, str(exc)))
             continue
-        except (OSError, ValueError, EOFError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:  # truncated or corrupt zip members
             skipped.append((name, f"not a readable .npz ({one_line(exc)})"))
             continue
         except D2VError as exc:

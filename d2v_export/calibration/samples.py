@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +183,21 @@ def visible_files(root: Path, accept: Callable[[Path], bool]) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def confined(path: Path, root: Path) -> Path:
+    """``path`` when it stays inside ``root`` once symbolic links are followed; Unreadable otherwise.
+
+    A link in a calibration folder that points outside it is refused, so that reading a folder
+    (someone else's download, say) never reads a file the user did not pass."""
+    base = root if root.is_dir() else root.parent
+    try:
+        real, top = path.resolve(), base.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise Unreadable(f"its path cannot be resolved ({one_line(exc)})") from None
+    if path == root or real == top or top in real.parents:
+        return path
+    raise Unreadable(f"a symbolic link to a file outside '{base}' ({real}); copy the file into the folder or pass the folder it is in")
+
+
 def rel_name(path: Path, root: Path) -> str:
     return path.name if root.is_file() else path.relative_to(root).as_posix()
 
@@ -278,11 +295,9 @@ def load_cache(path: Path) -> Samples:
                     f"calibration cache '{path}' has version {meta.get('version')}, this tool reads {CACHE_VERSION}; delete it to rebuild"
                 )
             feeds = tuple({name: data[f"s{i:06d}.{name}"] for name in names} for i, names in enumerate(meta["inputs"]))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        labels, names, skipped = _cache_fields(meta, len(feeds))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile, zlib.error) as exc:
         raise D2VError(f"calibration cache '{path}' cannot be read ({one_line(exc)}); delete it to rebuild") from None
-    labels = meta["labels"]
-    names = tuple(meta["names"])
-    skipped = [(str(a), str(b)) for a, b in meta["skipped"]]
     keep = []
     for i, feed in enumerate(feeds):
         why = non_finite(feed)
@@ -297,8 +312,17 @@ def load_cache(path: Path) -> Samples:
         names=tuple(names[i] for i in keep),
         labels=None if labels is None else tuple(labels[i] for i in keep),
         skipped=tuple(skipped),
-        source=str(meta["source"]),
+        source=str(meta.get("source", path)),
     )
+
+
+def _cache_fields(meta: Any, n: int) -> tuple[list[Any] | None, tuple[str, ...], list[tuple[str, str]]]:
+    """(labels, names, skipped) of a cache's metadata; ValueError when they do not fit its `n` samples."""
+    labels, names = meta["labels"], tuple(str(x) for x in meta["names"])
+    skipped = [(str(a), str(b)) for a, b in meta["skipped"]]
+    if len(names) != n or (labels is not None and (not isinstance(labels, list) or len(labels) != n)):
+        raise ValueError(f"{n} samples but {len(names)} names")
+    return labels, names, skipped
 
 
 def _jsonable(value: Any) -> Any:

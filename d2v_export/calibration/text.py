@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..spec import D2VError, ShapeProfile
-from .samples import Candidate, Samples, Unreadable, collect, one_line, rel_name, visible_files
+from .samples import Candidate, Samples, Unreadable, collect, confined, one_line, rel_name, visible_files
 
 WHAT = "text samples"
 FIX = "pass a .txt file (one sample a line), a .jsonl file, or a folder of them"
@@ -93,6 +93,8 @@ def _record(path: Path, line: str) -> dict[str, Any]:
         value = json.loads(line)
     except json.JSONDecodeError as exc:
         raise Unreadable(f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise Unreadable("JSON nested too deeply to read") from None
     if isinstance(value, str):
         return {"text": value}
     if not isinstance(value, dict):
@@ -174,9 +176,12 @@ def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, co
     for path in files:
         name = rel_name(path, root)
         try:
-            raw = path.read_bytes()
+            raw = confined(path, root).read_bytes()
         except OSError as exc:
             skipped.append((name, f"not a readable file ({one_line(exc)})"))
+            continue
+        except Unreadable as exc:
+            skipped.append((name, str(exc)))
             continue
         for number, data in enumerate(raw.splitlines(), start=1):  # one bad line costs that line, not the file
             try:

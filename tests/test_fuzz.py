@@ -1,0 +1,534 @@
+"""Every reader a user's file reaches, fuzzed with Hypothesis (issue 21 part 9; docs/fuzzing.md).
+
+The invariant, for every generated case: a valid result, or a D2VError with a documented exit code
+whose one-line message names the input; no other exception escapes the library call; nothing is
+left in an output folder; nothing outside the given paths is opened (an audit hook watches every
+Python-level `open`, and symbolic links / `../` paths / absolute paths pointing outside are planted).
+
+CI runs a small derandomized slice (profile "ci"); `scripts/fuzz.py` runs the same targets with
+D2V_FUZZ_PROFILE=long and D2V_FUZZ_EXAMPLES=N and prints `COUNTS`, the cases each target ran.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from d2v_export.spec import D2VError, Dim, ExitCode, Modality, ShapeProfile  # noqa: E402
+
+PROFILE = os.environ.get("D2V_FUZZ_PROFILE", "ci")
+LONG = PROFILE == "long"
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much, HealthCheck.large_base_example]
+
+
+def fuzz(ci_examples: int) -> settings:
+    """CI: derandomized, a fixed small count; long: D2V_FUZZ_EXAMPLES cases (scripts/fuzz.py)."""
+    if LONG:
+        n = int(os.environ.get("D2V_FUZZ_EXAMPLES", "10000"))
+        return settings(max_examples=n, deadline=None, database=None, suppress_health_check=_QUIET, derandomize=False)
+    return settings(max_examples=ci_examples, deadline=None, database=None, suppress_health_check=_QUIET, derandomize=True, print_blob=True)
+
+
+COUNTS: Counter[str] = Counter()  # target -> cases run (scripts/fuzz.py prints it)
+OUTCOMES: Counter[str] = Counter()  # "target:ok" / "target:exit3" ...
+
+VISION = ShapeProfile(dims=(Dim("batch", 1, 1, 8),), static={"image_size": 32})
+AUDIO = ShapeProfile(dims=(Dim("batch", 1, 1, 8), Dim("samples", 8000, 16000, 32000)))
+TEXT = ShapeProfile(dims=(Dim("batch", 1, 1, 8), Dim("sequence", 8, 16, 64)))
+PROFILES = {Modality.VISION: VISION, Modality.AUDIO: AUDIO, Modality.TEXT: TEXT}
+
+
+@functools.cache
+def model(modality: Modality, task: str | None = None) -> Any:
+    from d2v_export.models import load, parse_source
+
+    return load(parse_source("preset:tiny", modality, task))
+
+
+# --------------------------------------------------------------------------------------- the invariant
+
+
+class _Opens:
+    """An audit hook that records every path Python opens while armed (Pillow, numpy, json, csv, text)."""
+
+    def __init__(self) -> None:
+        self.armed: list[Path] | None = None
+        self.seen: list[str] = []
+        self.thread = threading.get_ident()
+        sys.addaudithook(self)
+
+    def __call__(self, event: str, args: tuple[Any, ...]) -> None:
+        if event == "open" and self.armed is not None and threading.get_ident() == self.thread and isinstance(args[0], (str, bytes, os.PathLike)):
+            self.seen.append(os.fsdecode(args[0]))
+
+    @contextmanager
+    def only_inside(self, *roots: Path) -> Iterator[None]:
+        self.armed, self.seen = [Path(r).resolve() for r in roots], []
+        try:
+            yield
+        finally:
+            seen, self.armed = self.seen, None
+            outside = [s for s in seen if _data_file(s) and not _within(Path(s), roots)]
+            assert not outside, f"opened outside the given paths: {outside[:3]}"
+
+
+def _data_file(path: str) -> bool:
+    """Files the readers may open that are not the user's: Python modules, installed packages, /proc, /dev."""
+    p = os.path.realpath(path)
+    import d2v_export
+
+    skip = (str(Path(d2v_export.__file__).parent), sys.prefix, sys.base_prefix, "/proc/", "/sys/", "/dev/", "/usr/", "/etc/ld.so", str(Path.home() / ".cache"))
+    return not p.startswith(skip) and not p.endswith((".py", ".pyc", ".so", ".json.lock"))
+
+
+def _within(path: Path, roots: tuple[Path, ...]) -> bool:
+    real = Path(os.path.realpath(path))
+    return any(real == Path(r).resolve() or Path(r).resolve() in real.parents for r in roots)
+
+
+_OPENS: _Opens | None = None
+
+
+def opens() -> _Opens:
+    global _OPENS
+    if _OPENS is None:
+        _OPENS = _Opens()
+    return _OPENS
+
+
+DOCUMENTED = {int(c) for c in ExitCode} - {int(ExitCode.INTERNAL)}
+
+
+def check(target: str, call: Callable[[], Any], *, names: tuple[str, ...], inside: tuple[Path, ...], output: Path | None = None) -> Any:
+    """Run one case: a result, or a one-line D2VError with a documented code naming one of `names`."""
+    COUNTS[target] += 1
+    try:
+        with opens().only_inside(*inside):
+            result = call()
+    except D2VError as exc:
+        msg = str(exc)
+        assert msg.strip() and "\n" not in msg and "Traceback" not in msg, msg
+        assert int(exc.code) in DOCUMENTED, (exc.code, msg)
+        assert any(n and n in msg for n in names), f"the error does not name the input {names}: {msg}"
+        if output is not None:
+            assert not output.exists() or not any(output.iterdir()), f"left behind in {output}: {sorted(output.iterdir())}"
+        OUTCOMES[f"{target}:exit{int(exc.code)}"] += 1
+        return exc
+    OUTCOMES[f"{target}:ok"] += 1
+    return result
+
+
+@contextmanager
+def case_dir() -> Iterator[Path]:
+    """A fresh folder per case (Hypothesis reuses a test's fixtures across its cases) with a secret beside it."""
+    with tempfile.TemporaryDirectory(prefix="d2v-fuzz-") as tmp:
+        root = Path(tmp)
+        (root / "outside").mkdir()
+        (root / "given").mkdir()
+        yield root
+
+
+def plant_outside(root: Path, name: str, data: bytes) -> Path:
+    secret = root / "outside" / name
+    secret.write_bytes(data)
+    return secret
+
+
+# --------------------------------------------------------------------------------------- generators: bytes
+
+
+def mutate(data: bytes, draw: Any) -> bytes:
+    """Truncate, flip, splice or duplicate bytes of a valid file (or leave it valid)."""
+    how = draw(st.sampled_from(("keep", "truncate", "flip", "splice", "zero_tail", "repeat")))
+    if not data or how == "keep":
+        return data
+    at = draw(st.integers(0, max(0, len(data) - 1)))
+    if how == "truncate":
+        return data[:at]
+    if how == "flip":
+        b = bytearray(data)
+        for _ in range(draw(st.integers(1, 8))):
+            i = draw(st.integers(0, len(b) - 1))
+            b[i] = draw(st.integers(0, 255))
+        return bytes(b)
+    if how == "splice":
+        return data[:at] + draw(st.binary(max_size=64)) + data[at:]
+    if how == "zero_tail":
+        return data[:at] + bytes(len(data) - at)
+    return data[:at] + data[at:][: 256] * 3
+
+
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM", "TGA", "PCX", "SGI", "IM", "DIB", "QOI", "JPEG2000", "EPS", "PDF")
+IMAGE_MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16", "I;16B", "LA", "PA", "RGBX", "La")
+EXT = {"JPEG": ".jpg", "JPEG2000": ".jp2", "TIFF": ".tif"}
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the body is a few bytes): huge images without the memory."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@st.composite
+def image_files(draw: Any) -> tuple[str, bytes]:
+    """(extension, bytes): any Pillow format and mode, animated, truncated, corrupt, huge, or not an image."""
+    from PIL import Image
+
+    kind = draw(st.sampled_from(("encoded", "encoded", "encoded", "huge", "random")))
+    if kind == "huge":
+        return ".png", _png_with_size(draw(st.integers(1, 1 << 31)), draw(st.integers(1, 1 << 31)))
+    if kind == "random":
+        magic = draw(st.sampled_from((b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00", b"RIFF")))
+        return draw(st.sampled_from((".png", ".jpg", ".gif", ".bmp", ".tif", ".webp"))), magic + draw(st.binary(max_size=512))
+    fmt = draw(st.sampled_from(IMAGE_FORMATS))
+    mode = draw(st.sampled_from(IMAGE_MODES))
+    w, h = draw(st.integers(1, 48)), draw(st.integers(1, 48))
+    frames = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    try:
+        ims = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode) for _ in range(frames)]
+        buf = io.BytesIO()
+        extra: dict[str, Any] = {"save_all": True, "append_images": ims[1:]} if frames > 1 and fmt in ("GIF", "PNG", "WEBP", "TIFF", "PDF") else {}
+        ims[0].save(buf, format=fmt, **extra)
+        data = buf.getvalue()
+    except Exception:  # noqa: BLE001 - a mode this format cannot store: an arbitrary blob instead
+        data = draw(st.binary(max_size=128))
+    return EXT.get(fmt, "." + fmt.lower()), mutate(data, draw)
+
+
+AUDIO_FORMATS = {
+    "WAV": ("PCM_16", "PCM_24", "PCM_32", "PCM_U8", "FLOAT", "DOUBLE", "ULAW", "ALAW"),
+    "FLAC": ("PCM_16", "PCM_24", "PCM_S8"),
+    "OGG": ("VORBIS",),
+    "AIFF": ("PCM_16", "FLOAT"),
+    "AU": ("PCM_16", "FLOAT"),
+}
+RATES = (1, 7, 8000, 11025, 16000, 22050, 44100, 48000, 96000, 192000, 384000, 655350)
+
+
+def _wav_header_patch(data: bytes, draw: Any) -> bytes:
+    """Rewrite one field of a RIFF/WAVE header: channels, rate, byte rate, block align, bits, data size."""
+    if len(data) < 44 or not data.startswith(b"RIFF"):
+        return data
+    offset, fmt = draw(st.sampled_from(((22, "<H"), (24, "<I"), (28, "<I"), (32, "<H"), (34, "<H"), (40, "<I"), (4, "<I"))))
+    value = draw(st.integers(0, 0xFFFF if fmt == "<H" else 0xFFFFFFFF))
+    b = bytearray(data)
+    struct.pack_into(fmt, b, offset, value)
+    return bytes(b)
+
+
+@st.composite
+def audio_files(draw: Any) -> tuple[str, bytes]:
+    """(extension, bytes): WAV/FLAC/OGG/AIFF/AU of any channels, rate, length and sample type, then mutated."""
+    import soundfile as sf
+
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.sampled_from((".wav", ".flac", ".ogg", ".mp3", ".opus"))), draw(st.binary(max_size=512))
+    fmt = draw(st.sampled_from(sorted(AUDIO_FORMATS)))
+    subtype = draw(st.sampled_from(AUDIO_FORMATS[fmt]))
+    channels = draw(st.integers(1, 6))
+    rate = draw(st.sampled_from(RATES))
+    frames = draw(st.sampled_from((0, 1, 2, 100, 1600, 8000, 20000)))
+    special = draw(st.sampled_from((None, None, np.nan, np.inf, 0.0, 1e30)))
+    wave = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(-1, 1, (frames, channels))
+    if fmt == "OGG":  # libvorbis's encoder itself crashes (SIGSEGV) on odd rates and non-finite samples: only the reader is fuzzed
+        rate, special = min((8000, 16000, 22050, 44100, 48000), key=lambda r: abs(r - rate)), None
+    if special is not None and frames:
+        wave[: max(1, frames // 3)] = special
+    buf = io.BytesIO()
+    try:
+        sf.write(buf, wave, rate, format=fmt, subtype=subtype)
+        data = buf.getvalue()
+    except Exception:  # noqa: BLE001 - a rate or channel count this format rejects
+        data = draw(st.binary(max_size=256))
+    data = _wav_header_patch(data, draw) if draw(st.booleans()) else data
+    return {"WAV": ".wav", "FLAC": ".flac", "OGG": ".ogg", "AIFF": ".aiff", "AU": ".au"}[fmt], mutate(data, draw)
+
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=40))
+JSON = st.recursive(JSON_LEAF, lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=10), kids, max_size=4)), max_leaves=12)
+WORDS = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60)
+DIGITS = st.sampled_from(("0", "1", "-1", "²", "٣", "¹²", "1" * 5000, "-" + "9" * 4400, "0x10", "1.5", "", " 7 "))
+
+
+@st.composite
+def text_lines(draw: Any) -> bytes:
+    """A .txt/.jsonl body: good records, wrong types, bad UTF-8, huge lines, deep nesting, NULs."""
+    keys = ("text", "text_pair", "question", "context", "prompt", "choices", "label")
+    out = []
+    for _ in range(draw(st.integers(0, 5))):
+        kind = draw(st.sampled_from(("record", "record", "json", "raw", "bad_utf8", "huge", "deep", "digits")))
+        if kind == "record":
+            rec = {k: draw(st.one_of(WORDS, JSON, st.lists(WORDS, max_size=6), DIGITS)) for k in draw(st.lists(st.sampled_from(keys), max_size=4, unique=True))}
+            out.append(json.dumps(rec).encode())
+        elif kind == "json":
+            out.append(json.dumps(draw(JSON)).encode())
+        elif kind == "raw":
+            out.append(draw(WORDS).encode("utf-8", "surrogatepass"))
+        elif kind == "bad_utf8":
+            out.append(draw(st.binary(max_size=40)) + b"\xff\xfe\xc3")
+        elif kind == "huge":
+            out.append(("word " * draw(st.integers(1000, 40000))).encode())
+        elif kind == "deep":
+            n = draw(st.integers(50, 200000))
+            out.append(draw(st.sampled_from((b"[" * n, b'{"text": ' + b"[" * n + b"]" * n + b"}", b'{"a":' * n))))
+        else:
+            out.append(json.dumps({"text": "a b", "label": draw(DIGITS)}).encode())
+    return draw(st.sampled_from((b"\n", b"\r\n", b"\r"))).join(out)
+
+
+# ------------------------------------------------------------------------------------------ calibration readers
+
+
+def _samples(path: Path, modality: Modality, task: str | None = None) -> Callable[[], Any]:
+    """The call under test (the model is loaded first: a preset writes its vocabulary to a temporary folder)."""
+    from d2v_export.calibration import load_samples
+
+    loaded = model(modality, task)
+    return lambda: load_samples(path, loaded, PROFILES[modality], count=None)
+
+
+def _valid(samples: Any) -> None:
+    """A result is model-ready: finite feeds with batch axis 1, names and labels that line up."""
+    assert len(samples) >= 1 and len(samples.names) == len(samples)
+    for feed in samples.feeds:
+        for value in feed.values():
+            assert value.shape[0] == 1 and (value.dtype.kind != "f" or np.isfinite(value).all())
+    assert samples.labels is None or len(samples.labels) == len(samples)
+    assert not any("outside" in n for n in samples.names)
+
+
+def _symlink_out(root: Path, secret: Path, name: str) -> None:
+    try:
+        (root / "given" / name).symlink_to(secret)
+    except OSError:
+        pass
+
+
+def run_folder(target: str, root: Path, modality: Modality, task: str | None = None) -> None:
+    given = root / "given"
+    result = check(target, _samples(given, modality, task), names=(str(given),), inside=(given,))
+    if not isinstance(result, D2VError):
+        _valid(result)
+
+
+@fuzz(60)
+@given(st.lists(image_files(), min_size=1, max_size=3), st.booleans())
+@example([(".png", _png_with_size(20000, 20000))], False)  # 400 megapixels claimed: refused before decoding
+@example([(".png", _png_with_size(12000, 12000))], False)  # 144 megapixels: under Pillow's bomb limit, still refused
+def test_image_folders(files: list[tuple[str, bytes]], link: bool) -> None:
+    from PIL import Image
+
+    with case_dir() as root:
+        for i, (ext, data) in enumerate(files):
+            (root / "given" / f"{i}{ext}").write_bytes(data)
+        if link:
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(buf, "PNG")
+            _symlink_out(root, plant_outside(root, "secret.png", buf.getvalue()), "link.png")
+        run_folder("images", root, Modality.VISION, "image-classification")
+
+
+@fuzz(40)
+@given(st.lists(audio_files(), min_size=1, max_size=3), st.booleans())
+def test_audio_folders(files: list[tuple[str, bytes]], link: bool) -> None:
+    with case_dir() as root:
+        for i, (ext, data) in enumerate(files):
+            (root / "given" / f"{i}{ext}").write_bytes(data)
+        if link:
+            import soundfile as sf
+
+            buf = io.BytesIO()
+            sf.write(buf, np.zeros(1600), 16000, format="WAV")
+            _symlink_out(root, plant_outside(root, "secret.wav", buf.getvalue()), "link.wav")
+        run_folder("audio", root, Modality.AUDIO, "audio-classification")
+
+
+TEXT_TASKS = ("text-classification", "question-answering", "multiple-choice", "fill-mask")
+
+
+@fuzz(60)
+@given(st.lists(st.tuples(st.sampled_from((".txt", ".jsonl")), text_lines()), min_size=1, max_size=3), st.sampled_from(TEXT_TASKS), st.booleans())
+@example([(".jsonl", b"[" * 100000)], "text-classification", False)  # nesting past the recursion limit
+@example([(".jsonl", b'{"text": "a", "label": "\xc2\xb2"}')], "text-classification", False)  # a superscript digit label
+def test_text_files(files: list[tuple[str, bytes]], task: str, link: bool) -> None:
+    with case_dir() as root:
+        for i, (ext, data) in enumerate(files):
+            (root / "given" / f"{i}{ext}").write_bytes(data)
+        if link:
+            _symlink_out(root, plant_outside(root, "secret.txt", b"the secret\n"), "link.txt")
+        run_folder("text", root, Modality.TEXT, task)
+
+
+NPZ_NAMES = ("input_ids", "attention_mask", "pixel_values", "input_values", "label", "labels", "other")
+DTYPES = ("int8", "uint8", "int16", "int32", "int64", "uint64", "float16", "float32", "float64", "longdouble", "complex64", "bool",
+          "U3", "S2", "datetime64[s]", "O", "V4", "f4,i2")  # fmt: skip
+
+
+@st.composite
+def npz_files(draw: Any) -> bytes:
+    """An .npz of arrays with any name, dtype and shape; object arrays (pickled), raw pickles, corrupt zips."""
+    kind = draw(st.sampled_from(("arrays", "arrays", "arrays", "pickle", "random")))
+    if kind == "pickle":
+        return pickle.dumps(draw(JSON)) if draw(st.booleans()) else b"PK\x03\x04" + pickle.dumps({"input_ids": [1, 2]})
+    if kind == "random":
+        return b"PK\x03\x04" + draw(st.binary(max_size=256))
+    arrays = {}
+    for name in draw(st.lists(st.sampled_from(NPZ_NAMES), min_size=1, max_size=4, unique=True)):
+        dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+        shape = tuple(draw(st.lists(st.integers(0, 5), max_size=4)))
+        if dtype.kind == "O":
+            arrays[name] = np.array([draw(JSON) for _ in range(2)] + [None], dtype=object)
+        else:
+            arrays[name] = np.zeros(shape, dtype=dtype) if dtype.kind in "UVSM" or dtype.names else np.asarray(
+                np.random.default_rng(0).standard_normal(shape) * draw(st.sampled_from((1, 1e6, np.inf, np.nan)))).astype(dtype)
+    buf = io.BytesIO()
+    (np.savez_compressed if draw(st.booleans()) else np.savez)(buf, **arrays)
+    return mutate(buf.getvalue(), draw)
+
+
+@fuzz(60)
+@given(st.lists(npz_files(), min_size=1, max_size=3), st.sampled_from((Modality.TEXT, Modality.VISION, Modality.AUDIO)), st.booleans())
+@example([b"PK\x03\x04\x14\x00"], Modality.TEXT, False)  # a truncated zip: BadZipFile
+def test_npz_feeds(files: list[bytes], modality: Modality, link: bool) -> None:
+    with case_dir() as root:
+        for i, data in enumerate(files):
+            (root / "given" / f"{i}.npz").write_bytes(data)
+        if link:
+            buf = io.BytesIO()
+            np.savez(buf, input_ids=np.ones((1, 8), np.int64), attention_mask=np.ones((1, 8), np.int64))
+            _symlink_out(root, plant_outside(root, "secret.npz", buf.getvalue()), "link.npz")
+        task = {Modality.TEXT: None, Modality.VISION: "image-classification", Modality.AUDIO: "audio-classification"}[modality]
+        run_folder("npz", root, modality, task)
+
+
+FILE_NAMES = st.one_of(st.sampled_from(("0.png", "./0.png", "../outside/secret.png", "/etc/passwd", "sub/../0.png", "0.png\x00x", "", "0.PNG")), WORDS)
+
+
+@st.composite
+def metadata_files(draw: Any) -> tuple[str, bytes]:
+    """metadata.csv / metadata.jsonl: rows of any columns and values, traversal paths, NULs, huge fields, bad bytes."""
+    name = draw(st.sampled_from(("metadata.csv", "metadata.jsonl")))
+    columns = draw(st.lists(st.sampled_from(("file_name", "label", "labels", "class", "target", "text", "transcription", "x")), max_size=4, unique=True))
+    rows = [{c: draw(FILE_NAMES) if c == "file_name" else draw(st.one_of(DIGITS, WORDS, JSON)) for c in columns} for _ in range(draw(st.integers(0, 4)))]
+    if name.endswith(".jsonl"):
+        body = "\n".join(json.dumps(r) if draw(st.integers(0, 5)) else draw(WORDS) for r in rows).encode("utf-8", "surrogatepass")
+    else:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow([r[c] if isinstance(r[c], str) else json.dumps(r[c]) for c in columns])
+        body = out.getvalue().encode("utf-8", "surrogatepass")
+    extra = draw(st.sampled_from((b"", b"", b"\x00", b"\xff", b"x" * 200000, b'"unclosed')))
+    return name, body + extra
+
+
+@fuzz(60)
+@given(metadata_files(), st.sampled_from(("image-classification", "audio-classification", "automatic-speech-recognition")), st.booleans())
+@example(("metadata.csv", b"file_name,label\n0.png,\xc2\xb2\n"), "image-classification", False)  # int('²') raised ValueError
+@example(("metadata.csv", b"file_name,label\n0.png," + b"1" * 5000 + b"\n"), "image-classification", False)  # past int()'s digit limit
+@example(("metadata.csv", b"file_name,label\n0.png\x00x,a\n"), "image-classification", False)  # NUL in a file name
+@example(("metadata.csv", b"file_name,label\n0.png,a\x00b\n"), "image-classification", False)  # NUL in a field
+@example(("metadata.jsonl", b"[" * 100000), "image-classification", False)
+def test_hf_metadata(meta: tuple[str, bytes], task: str, link: bool) -> None:
+    from PIL import Image
+    import soundfile as sf
+
+    with case_dir() as root:
+        given_ = root / "given"
+        if task == "image-classification":
+            Image.new("RGB", (16, 16), (10, 20, 30)).save(given_ / "0.png")
+        else:
+            sf.write(given_ / "0.wav", np.zeros(1600), 16000)
+        sub = given_ / "sub"
+        sub.mkdir()
+        (sub / meta[0]).write_bytes(meta[1])
+        (given_ / meta[0]).write_bytes(meta[1])
+        if link:
+            secret = plant_outside(root, "metadata.csv", b"file_name,label\n0.png,secret\n")
+            (given_ / "sub" / "metadata.csv").unlink(missing_ok=True)
+            _symlink_out(root, secret, "sub/metadata.csv")
+        modality = Modality.VISION if task == "image-classification" else Modality.AUDIO
+        result = check("hf_metadata", _samples(given_, modality, task), names=(str(given_),), inside=(given_,))
+        if not isinstance(result, D2VError):
+            _valid(result)
+            assert "secret" not in [str(x) for x in (result.labels or ())]
+
+
+PARQUET_COLUMNS = ("image", "img", "audio", "text", "question", "context", "label", "fine_label", "transcription", "choices", "x")
+
+
+def _cell(draw: Any, root: Path) -> Any:
+    secret = str(root / "outside" / "secret.png")
+    return draw(st.one_of(
+        JSON_LEAF, st.binary(max_size=64), DIGITS,
+        st.builds(lambda b, p: {"bytes": b, "path": p}, st.one_of(st.none(), st.binary(max_size=64), st.text(max_size=8)),
+                  st.one_of(st.none(), st.sampled_from((secret, "../outside/secret.png", "/etc/hostname", "0.png", "")))),
+        st.builds(lambda a, r: {"array": a, "sampling_rate": r}, st.lists(st.floats(width=32), max_size=50),
+                  st.one_of(st.none(), st.sampled_from((0, -16000, 1, 16000, 10**12)), st.text(max_size=4), st.floats())),
+        st.lists(WORDS, max_size=4),
+    ))  # fmt: skip
+
+
+@fuzz(40)
+@given(st.data(), st.sampled_from((Modality.VISION, Modality.AUDIO, Modality.TEXT)), st.sampled_from(("file", "folder", "saved")))
+def test_datasets_and_parquet(data: Any, modality: Modality, layout: str) -> None:
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    with case_dir() as root:
+        Image.new("RGB", (8, 8)).save(root / "outside" / "secret.png")
+        given_ = root / "given"
+        cols = data.draw(st.lists(st.sampled_from(PARQUET_COLUMNS), min_size=1, max_size=3, unique=True))
+        n = data.draw(st.integers(0, 3))
+        table: dict[str, list[Any]] = {c: [_cell(data.draw, root) for _ in range(n)] for c in cols}
+        try:
+            tbl = pa.table({c: pa.array(v) for c, v in table.items()})
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):  # mixed types arrow cannot store: one type per column
+            tbl = pa.table({c: pa.array([json.dumps(x, default=repr) for x in v], pa.string()) for c, v in table.items()})
+        if layout == "saved":
+            import datasets
+
+            target = given_ / "ds"
+            datasets.Dataset(tbl).save_to_disk(str(target))
+            victim = data.draw(st.sampled_from(sorted(p.name for p in target.iterdir())))
+            (target / victim).write_bytes(mutate((target / victim).read_bytes(), data.draw))
+        else:
+            target = given_ / "data.parquet" if layout == "file" else given_
+            buf = io.BytesIO()
+            pq.write_table(tbl, buf)
+            (given_ / ("data.parquet" if layout == "file" else "train-00000-of-00001.parquet")).write_bytes(mutate(buf.getvalue(), data.draw))
+        task = {Modality.TEXT: None, Modality.VISION: "image-classification", Modality.AUDIO: "audio-classification"}[modality]
+        result = check("datasets", _samples(target, modality, task), names=(str(target),), inside=(given_,))
+        if not isinstance(result, D2VError):
+            _valid(result)
