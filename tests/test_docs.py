@@ -191,16 +191,75 @@ def test_the_path_check_finds_what_it_should(tmp_path: Path) -> None:
     assert paths_named(doc)  # DESIGN.md names real paths, and they are found
 
 
+# ------------------------------------------------------------------------------------ names
+
+
+def names_in_code_spans(doc: Path) -> list[tuple[int, str, str]]:
+    """(line, owner, attribute) for each ``module.name`` or ``Class.name`` in a code span."""
+    found = []
+    for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+        for span in line.split("`")[1::2]:
+            for owner, attr in re.findall(r"(?:d2v_export\.)?\b((?:[a-z_]+\.)*[A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_]\w*)", span):
+                found.append((number, owner, attr))
+    return found
+
+
+def report_fields() -> dict[str, set[str]]:
+    """report.json's top-level objects and their fields, from docs/report.schema.json."""
+    import json
+
+    schema = json.loads((ROOT / "docs" / "report.schema.json").read_text(encoding="utf-8"))
+    out = {}
+    for name, prop in schema["properties"].items():
+        refs = [prop.get("$ref", "")] + [alt.get("$ref", "") for alt in prop.get("anyOf", [])]
+        for ref in filter(None, refs):
+            out[name] = set(schema["$defs"][ref.rsplit("/", 1)[1]].get("properties", {}))
+    return out
+
+
+def test_every_module_and_class_member_the_docs_name_exists() -> None:
+    """`pipeline._plan`, `metrics.METRICS`, `Backend.int8_recipes`, ...: what the docs name in d2v_export is there."""
+    import dataclasses
+    import inspect
+
+    modules = {n.split(".", 1)[1]: importlib.import_module(n) for n in module_names()}
+    classes: dict[str, list[type]] = {}
+    for module in modules.values():
+        for key, value in vars(module).items():
+            if inspect.isclass(value) and value.__module__.startswith("d2v_export"):
+                classes.setdefault(key, []).append(value)
+
+    def has(owner: object, attr: str) -> bool:
+        fields = {f.name for f in dataclasses.fields(owner)} if dataclasses.is_dataclass(owner) else set()
+        return hasattr(owner, attr) or attr in fields or attr in getattr(owner, "__annotations__", {})
+
+    missing, checked = [], 0
+    for doc in DOCS:
+        for number, owner, attr in names_in_code_spans(doc):
+            if attr in ("py", "md", "html", "json", "yml", "sh", "txt", "npz", "onnx", "xml"):
+                continue  # a file name
+            if attr in report_fields().get(owner, ()):
+                continue  # a report.json field (`bench.interleaved`): tests/test_report_schema.py checks those
+            if owner in modules:
+                checked += 1
+                if not (has(modules[owner], attr) or f"{owner}.{attr}" in modules):
+                    missing.append(f"{doc.name}:{number}: {owner}.{attr}")
+            elif owner in classes:
+                checked += 1
+                if not any(has(c, attr) for c in classes[owner]):
+                    missing.append(f"{doc.name}:{number}: {owner}.{attr}")
+    assert checked > 50 and not missing, "the docs name what d2v_export does not have:\n" + "\n".join(missing)
+
+
 # ------------------------------------------------------------------------------------ import *
 
 
+def module_names() -> list[str]:
+    return [info.name for info in pkgutil.walk_packages(d2v_export.__path__, "d2v_export.")]
+
+
 def modules_with_all() -> list[str]:
-    names = []
-    for info in pkgutil.walk_packages(d2v_export.__path__, "d2v_export."):
-        module = importlib.import_module(info.name)
-        if hasattr(module, "__all__"):
-            names.append(info.name)
-    return names
+    return [name for name in module_names() if hasattr(importlib.import_module(name), "__all__")]
 
 
 @pytest.mark.parametrize("name", modules_with_all())
