@@ -456,7 +456,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise _fail(folder, f"has no {MANIFEST}; pass a variant folder written by d2v-export (not the run's top folder)")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
         raise _fail(folder, f"has an unreadable {MANIFEST} ({exc.__class__.__name__}); rebuild it") from None
     if not isinstance(doc, dict):
         raise _fail(folder, f"has a {MANIFEST} that is not a JSON object; rebuild it")
@@ -464,6 +464,43 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise _fail(folder, f"has manifest schema {version or 'none'}, this d2v-export reads {SCHEMA_VERSION}; rebuild or upgrade")
     return doc
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _field_problem(doc: Mapping[str, Any]) -> str | None:
+    """What in the manifest's reading fields has the wrong shape (found by fuzzing: each once crashed `run`), or None."""
+    for key in ("model", "preprocessing", "static", "labels", "quantization", "verdict"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            return f"'{key}' is not an object"
+    for key in ("inputs", "outputs"):
+        value = doc.get(key)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in value)):
+            return f"'{key}' is not a list of named tensors"
+    for t in doc.get("inputs") or ():
+        dynamic = t.get("dynamic") or {}
+        ranges = dynamic.values() if isinstance(dynamic, dict) else [None]
+        if not all(isinstance(r, dict) and all(_is_int(r.get(k)) for k in ("min", "opt", "max")) and 0 < r["min"] <= r["opt"] <= r["max"] for r in ranges):
+            return f"input '{t['name']}' has a dynamic axis without 0 < min <= opt <= max"
+    if not all(_is_int(v) and v > 0 for v in (doc.get("static") or {}).values()):
+        return "'static' holds a size that is not a positive integer"
+    if not all(str(k).lstrip("-").isdecimal() and str(k).isascii() and isinstance(v, str) for k, v in (doc.get("labels") or {}).items()):
+        return "'labels' maps something other than class ids to names"
+    return None
+
+
+def _check_fields(folder: Path, doc: Mapping[str, Any]) -> None:
+    problem = _field_problem(doc)
+    if problem:
+        raise _fail(folder, f"has a malformed {MANIFEST}: {problem}; rebuild it with d2v-export")
+    for key in ("task", "class"):
+        if not isinstance((doc.get("model") or {}).get(key, ""), str):
+            raise _fail(folder, f"has a malformed {MANIFEST}: model '{key}' is not a string; rebuild it with d2v-export")
+    for key in ("target", "precision"):
+        if not isinstance(doc.get(key, ""), str):
+            raise _fail(folder, f"has a malformed {MANIFEST}: '{key}' is not a string; rebuild it with d2v-export")
 
 
 def verify(folder: Path) -> Manifest:
@@ -503,6 +540,7 @@ def verify(folder: Path) -> Manifest:
     model_file = _safe_rel(folder, doc.get("model_file"))
     if model_file not in listed:
         raise _fail(folder, f"names the model file '{model_file}', which it does not list; rebuild it")
+    _check_fields(folder, doc)
     m = doc.get("model") or {}
     try:
         modality = Modality(m.get("modality"))

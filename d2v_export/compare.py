@@ -139,10 +139,14 @@ def load_report(path: str | Path) -> dict[str, Any]:
         raise D2VError(f"report '{path}' does not exist; pass the report.json written by d2v-export (or its folder)") from None
     except OSError as exc:
         raise D2VError(f"cannot read report '{path}': {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise D2VError(f"report '{path}' is not UTF-8 text; pass a report.json written by d2v-export") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise D2VError(f"report '{path}' is not valid JSON (line {exc.lineno}: {exc.msg}); pass a report.json written by d2v-export") from None
+    except RecursionError:
+        raise D2VError(f"report '{path}' is JSON nested too deeply; pass a report.json written by d2v-export") from None
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise D2VError(f"report '{path}' has no schema_version; pass a report.json written by d2v-export")
     major = str(doc["schema_version"]).split(".", 1)[0]
@@ -151,7 +155,54 @@ def load_report(path: str | Path) -> dict[str, Any]:
             f"report '{path}' has schema_version {doc['schema_version']}; this d2v-export reads {SUPPORTED_MAJOR}.x — "
             "compare it with the d2v-export that wrote it"
         )
+    problem = _shape_problem(doc, _MATRIX if doc.get("kind") == "matrix" else _REPORT, "")
+    if problem:
+        raise D2VError(f"report '{path}' has a malformed field ({problem}); pass a report.json written by d2v-export")
     return doc
+
+
+# The fields compare and matrix-merge read, with their types (found by fuzzing: each once crashed them).
+# "number"/"string"/"bool"/"pair" are leaves; [spec] a list of spec; {"*": spec} a mapping of any keys;
+# {key: spec} an object whose keys are optional unless they end in "!". None stands for an absent value.
+_LATENCY = {"p50": "number", "samples": ["number"]}
+_DRIFT = {"passed": "bool", "budget": {"*": "number"}, "metrics": {"*": "number"}, "bounds": {"*": "pair"}, "confidence": {"*": "number"}, "failed": ["string"]}
+_REPORT = {"model": {}, "environment": {"versions": {}}, "reference": {"latency_ms": _LATENCY},
+           "variants": [{"name!": "string", "latency_ms": _LATENCY, "drift": _DRIFT}]}  # fmt: skip
+_MATRIX_VARIANT = {"name!": "string", "p50_ms": "number", "drift_score": "number", "key_metric": "string", "key_metric_value": "number",
+                   "drift_passed": "bool", "speedup_vs_common_reference": "number"}  # fmt: skip
+_MATRIX = {"model": "string", "warnings": ["string"], "modalities": ["string"], "targets": ["string"], "precisions": ["string"],
+           "cells": [{"modality!": "string", "target!": "string", "precision!": "string", "status!": "string", "report": "string",
+                      "reason": "string", "task": "string", "reference_p50_ms": "number", "variants": [_MATRIX_VARIANT]}]}  # fmt: skip
+_LEAVES: dict[str, Any] = {
+    "number": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+    "string": lambda x: isinstance(x, str),
+    "bool": lambda x: isinstance(x, bool),
+    "pair": lambda x: isinstance(x, list) and len(x) == 2 and all(_LEAVES["number"](v) for v in x),
+}
+
+
+def _shape_problem(value: Any, spec: Any, where: str) -> str | None:
+    """Where ``value`` does not fit ``spec`` ("variants[0].name is not a string"), or None."""
+    if value is None:
+        return None
+    if isinstance(spec, str):
+        return None if _LEAVES[spec](value) else f"{where or 'the document'} is not a {spec}"
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return f"{where} is not a list"
+        return next((p for i, item in enumerate(value) if (p := _shape_problem(item, spec[0], f"{where}[{i}]"))), None)
+    if not isinstance(value, dict):
+        return f"{where or 'the document'} is not an object"
+    if "*" in spec:
+        return next((p for k, item in value.items() if (p := _shape_problem(item, spec["*"], f"{where}.{k}"))), None)
+    for key, sub in spec.items():
+        name = key.rstrip("!")
+        if key.endswith("!") and value.get(name) is None:
+            return f"{where}.{name} is missing"
+        problem = _shape_problem(value.get(name), sub, f"{where}.{name}".lstrip("."))
+        if problem:
+            return problem
+    return None
 
 
 # ---------------------------------------------------------------------------------- compare

@@ -433,9 +433,8 @@ def merge_files(paths: Sequence[Path], output: Path, *, force: bool = False) -> 
 
     output = Path(output)
     _check_output(output, force)
-    output.mkdir(parents=True, exist_ok=True)
     docs, where = [], {}
-    for p in paths:
+    for p in paths:  # every shard is read and merged before anything is written: a bad one leaves no folder behind
         p = Path(p)
         p = p / "matrix.json" if p.is_dir() else p
         d = load_report(p)
@@ -448,6 +447,7 @@ def merge_files(paths: Sequence[Path], output: Path, *, force: bool = False) -> 
         return os.path.relpath(where[id(d)] / link, output)
 
     doc = merge(docs, relocate=relocate)
+    output.mkdir(parents=True, exist_ok=True)
     write(doc, output)
     return doc
 

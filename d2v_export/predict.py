@@ -207,14 +207,18 @@ class _AudioReader:
         proc = self.processor
         rate = int(getattr(proc, "sampling_rate", None) or SAMPLING_RATE)
         try:
-            wave = read_mono(path, rate)
-        except Unreadable as exc:
+            longest: int | None = self.profile.dim("samples").max
+        except KeyError:
+            longest = None
+        try:  # read one sample past the longest input, to know whether it was cut, not the whole (maybe hours-long) clip
+            wave = read_mono(path, rate, None if longest is None else longest + 1)
+            keep, target = bucket(len(wave), self.profile)
+            values = proc(wave[:keep], sampling_rate=rate, return_tensors="np")["input_values"]
+        except (Unreadable, ValueError, TypeError) as exc:
             raise D2VError(f"input '{path}': {exc}; pass an audio file (wav, flac, ogg, ...)") from None
-        keep, target = bucket(len(wave), self.profile)
         notes = []
         if keep < len(wave):
-            notes.append(f"cut to {keep / rate:g} s of {len(wave) / rate:.2f} s: the bundle's longest input")
-        values = proc(wave[:keep], sampling_rate=rate, return_tensors="np")["input_values"]
+            notes.append(f"cut to {keep / rate:g} s: the bundle's longest input")
         values = np.asarray(values, dtype=np.float32).reshape(1, -1)
         if values.shape[1] < target:
             pad = float(getattr(proc, "padding_value", 0.0) or 0.0)

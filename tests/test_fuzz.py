@@ -532,3 +532,268 @@ def test_datasets_and_parquet(data: Any, modality: Modality, layout: str) -> Non
         result = check("datasets", _samples(target, modality, task), names=(str(target),), inside=(given_,))
         if not isinstance(result, D2VError):
             _valid(result)
+
+
+# ------------------------------------------------------------------------------------------ bundles and `run`'s inputs
+
+BUNDLE_HEADS = {
+    Modality.VISION: ("image-classification", [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "height", "width"],
+                                                "dynamic": {"batch": {"min": 1, "opt": 1, "max": 4}}, "fixed": {"height": 32, "width": 32}}]),
+    Modality.AUDIO: ("audio-classification", [{"name": "input_values", "dtype": "float32", "shape": ["batch", "samples"],
+                                               "dynamic": {"batch": {"min": 1, "opt": 1, "max": 4}, "samples": {"min": 8000, "opt": 16000, "max": 32000}}}]),
+    Modality.TEXT: ("question-answering", [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"],
+                                            "dynamic": {"batch": {"min": 1, "opt": 1, "max": 4}, "sequence": {"min": 8, "opt": 16, "max": 64}}}
+                                           for n in ("input_ids", "attention_mask")]),
+}  # fmt: skip
+
+
+def make_bundle(folder: Path, modality: Modality, doc_edit: Callable[[dict[str, Any]], None] = lambda d: None) -> Path:
+    """A bundle folder as d2v-export writes one (processor / tokenizer files, a model file, manifest.json with checksums)."""
+    task, inputs = BUNDLE_HEADS[modality]
+    loaded = model(modality, task)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in (loaded.processor, loaded.tokenizer):
+        if part is not None:
+            part.save_pretrained(str(folder))
+    loaded.config.to_json_file(str(folder / "config.json"))
+    (folder / "model.onnx").write_bytes(b"not run here")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    doc: dict[str, Any] = {
+        "schema_version": "1.0", "name": folder.name, "target": "onnxruntime", "precision": "fp32", "model_file": "model.onnx",
+        "model": {"modality": modality.value, "task": task, "class": loaded.head.class_name, "random_weights": True},
+        "inputs": inputs, "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 2]}],
+        "static": {"image_size": 32} if modality is Modality.VISION else {},
+        "preprocessing": {"modality": modality.value} | ({"tokenizer": {"class": "x"}} if loaded.tokenizer is not None else {}),
+        "labels": {"0": "no", "1": "yes"},
+        "files": [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files],
+    }  # fmt: skip
+    doc_edit(doc)
+    (folder / "manifest.json").write_text(json.dumps(doc), encoding="utf-8")
+    return folder
+
+
+@functools.cache
+def _bundle_parts(modality: Modality) -> tuple[Path, Any, Any]:
+    """One verified bundle per modality for the input targets, with its processor and tokenizer loaded once."""
+    from d2v_export import bundle, predict
+
+    folder = make_bundle(Path(tempfile.mkdtemp(prefix="d2v-fuzz-bundle-")) / "b", modality)
+    manifest = bundle.verify(folder)
+    return folder, manifest, predict._load_parts(manifest)
+
+
+def _run_inputs(manifest: Any, parts: tuple[Any, Any], inputs: list[str]) -> list[Any]:
+    """`d2v-export run`'s input side: what predict() does with the arguments before the runtime sees them."""
+    from d2v_export import predict
+
+    prepare = predict.Preparer(manifest, *parts)
+    return [prepare(raw) for _name, raw in predict.expand_inputs(manifest, inputs)]
+
+
+@fuzz(60)
+@given(st.sampled_from((Modality.VISION, Modality.AUDIO, Modality.TEXT)), st.data())
+@example(Modality.TEXT, None)  # marker: see the explicit inputs below
+def test_run_inputs(modality: Modality, data: Any) -> None:
+    folder, manifest, parts = _bundle_parts(modality)
+    with case_dir() as root:
+        given_ = root / "given"
+        if data is None:  # a .jsonl argument nested past the recursion limit, and a text pair without a question
+            (given_ / "deep.jsonl").write_bytes(b"[" * 100000)
+            args = [str(given_ / "deep.jsonl"), "no separator here"]
+        elif modality is Modality.TEXT:
+            args = data.draw(st.lists(st.one_of(WORDS, st.builds(lambda a, b: f"{a} ||| {b}", WORDS, WORDS)), min_size=1, max_size=3))
+            if data.draw(st.booleans()):
+                (given_ / "in.jsonl").write_bytes(data.draw(text_lines()))
+                args.append(str(given_ / "in.jsonl"))
+        else:
+            files = data.draw(st.lists(image_files() if modality is Modality.VISION else audio_files(), min_size=1, max_size=2))
+            args = []
+            for i, (ext, blob) in enumerate(files):
+                (given_ / f"{i}{ext}").write_bytes(blob)
+                args.append(str(given_ / f"{i}{ext}"))
+        names = tuple(args) + ("empty text", "question-answering", "|||", "truncated")
+        result = check("run_inputs", lambda: _run_inputs(manifest, parts, args), names=names, inside=(given_, folder))
+        if not isinstance(result, D2VError):
+            assert len(result) >= len([a for a in args if not a.endswith(".jsonl")])
+            for prepared in result:
+                assert all(v.shape[0] == 1 for v in prepared.feed.values())
+
+
+def _mutate_doc(doc: Any, draw: Any, depth: int = 0) -> Any:
+    """Replace, drop or retype one value somewhere in a JSON document."""
+    if isinstance(doc, dict) and doc and depth < 6 and draw(st.integers(0, 3)):
+        key = draw(st.sampled_from(sorted(doc)))
+        out = dict(doc)
+        how = draw(st.sampled_from(("descend", "descend", "drop", "replace")))
+        if how == "drop":
+            del out[key]
+        elif how == "replace":
+            out[key] = draw(JSON)
+        else:
+            out[key] = _mutate_doc(doc[key], draw, depth + 1)
+        return out
+    if isinstance(doc, list) and doc and depth < 6 and draw(st.integers(0, 3)):
+        i = draw(st.integers(0, len(doc) - 1))
+        return doc[:i] + [_mutate_doc(doc[i], draw, depth + 1)] + doc[i + 1 :]
+    return draw(st.one_of(JSON, DIGITS, st.sampled_from(("../../etc/passwd", "/etc/passwd", "a/../../x", "C:\\\\x", "model.onnx"))))
+
+
+@fuzz(60)
+@given(st.sampled_from((Modality.VISION, Modality.AUDIO, Modality.TEXT)), st.data())
+@example(Modality.VISION, "labels")  # {"x": "y"}: int() of a label id crashed `run`
+@example(Modality.VISION, "model")  # a list: .get() of it crashed
+@example(Modality.AUDIO, "inputs")  # a dynamic axis without min/opt/max
+def test_bundle_manifests(modality: Modality, data: Any) -> None:
+    from d2v_export import bundle, predict
+
+    base, _manifest, parts = _bundle_parts(modality)
+    doc = json.loads((base / "manifest.json").read_text())
+    if isinstance(data, str):
+        doc[data] = {"labels": {"x": "y"}, "model": ["vision"], "inputs": [{"name": "input_values", "dynamic": {"samples": {}}}]}[data]
+    else:
+        doc = _mutate_doc(doc, data.draw)
+    with case_dir() as root:
+        folder = root / "given" / "bundle"
+        shutil_copy(base, folder)
+        if data is not None and not isinstance(data, str) and data.draw(st.booleans()):
+            (folder / "preprocessor_config.json").unlink(missing_ok=True)
+            (folder / "preprocessor_config.json").symlink_to(plant_outside(root, "p.json", b"{}"))
+        (folder / "manifest.json").write_text(json.dumps(doc), encoding="utf-8")
+
+        def read() -> Any:
+            m = bundle.verify(folder)
+            predict.Preparer(m, *parts)
+            predict.Interpreter(m, parts[1], 3)
+            return m.dims(), m.static(), m.labels
+
+        check("bundle_manifest", read, names=(str(folder),), inside=(folder,))
+
+
+def shutil_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+# ------------------------------------------------------------------------------------------ TensorRT build recipes
+
+
+@functools.cache
+def _recipe() -> dict[str, Any]:
+    from d2v_export.backends.tensorrt import device as trt_device
+    from d2v_export.backends.tensorrt.recipe import make_build_recipe
+    from d2v_export.spec import Drift, ExportedGraph, Precision, TensorSpec
+
+    graph = ExportedGraph(path=Path("model.onnx"), inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+                          outputs=(TensorSpec("logits", "float32", ("batch", 2)),),
+                          profile=ShapeProfile((Dim("batch", 1, 1, 4), Dim("sequence", 8, 16, 64)), {}), opset=18, exporter="test",
+                          check=Drift("pytorch-fp32", 0, {}, {}, True))  # fmt: skip
+    assert trt_device.RECIPE_FILE
+    return make_build_recipe(graph, Precision.INT8, None)
+
+
+@fuzz(80)
+@given(st.data())
+def test_build_recipes(data: Any) -> None:
+    from d2v_export.backends.tensorrt import device as trt_device
+    from d2v_export.backends.tensorrt.recipe import read_recipe, settings_from, trtexec_command
+
+    doc = _mutate_doc(_recipe(), data.draw)
+    with case_dir() as root:
+        folder = root / "given"
+        (folder / trt_device.RECIPE_FILE).write_text(json.dumps(doc), encoding="utf-8")
+
+        def read() -> Any:
+            recipe = read_recipe(folder)
+            for key in ("onnx", "engine", "timing_cache"):
+                trt_device.confined(folder, recipe.get(key) or "x", key)
+            return settings_from(recipe), trtexec_command(recipe)  # build_script writes a recipe it made, never a read one
+
+        check("build_recipe", read, names=(str(folder), trt_device.RECIPE_FILE), inside=(folder,))
+
+
+# ------------------------------------------------------------------------------------------ reports: compare, matrix-merge
+
+REPORT = {
+    "schema_version": "1.0", "created": "2026-12-01T00:00:00+00:00",
+    "model": {"source": "preset:tiny", "modality": "vision", "task": "image-classification"},
+    "environment": {"cpu": "x", "threads": 2, "cores_available": 2, "versions": {"onnxruntime": "1.32.0"}},
+    "reference": {"name": "pytorch-fp32", "latency_ms": {"p50": 10.0, "batch": 1, "shape": "1x3x32x32", "samples": [10.0, 10.5, 9.8, 10.1]}},
+    "variants": [{"name": "onnxruntime-int8-static", "latency_ms": {"p50": 5.0, "samples": [5.0, 5.1, 4.9, 5.2]},
+                  "drift": {"passed": True, "budget": {"top1_agreement": 0.99}, "metrics": {"top1_agreement": 1.0},
+                            "bounds": {"top1_agreement": [0.97, 1.0]}, "confidence": {"top1_agreement": 0.95}, "failed": []}}],
+}  # fmt: skip
+MATRIX = {
+    "schema_version": "1.0", "kind": "matrix", "model": "preset:tiny", "random_weights": True, "modalities": ["vision"],
+    "targets": ["onnxruntime"], "precisions": ["fp32", "int8"], "shard": "1/2", "warnings": [],
+    "cells": [{"modality": "vision", "target": "onnxruntime", "precision": "int8", "status": "ran", "task": "image-classification",
+               "report": "vision-onnxruntime/report.json", "reference_p50_ms": 10.0,
+               "variants": [{"name": "onnxruntime-int8-static", "p50_ms": 5.0, "drift_score": 0.01, "key_metric": "top1_agreement",
+                             "key_metric_value": 1.0, "drift_passed": True}]},
+              {"modality": "vision", "target": "onnxruntime", "precision": "fp32", "status": "skipped", "reason": "shard 2"}],
+}  # fmt: skip
+
+
+@fuzz(80)
+@given(st.data(), st.booleans())
+@example(None, False)  # a report nested past the recursion limit
+def test_compare_reports(data: Any, raw: bool) -> None:
+    from d2v_export import compare
+
+    with case_dir() as root:
+        base, cur = root / "given" / "base.json", root / "given" / "cur.json"
+        base.write_text(json.dumps(REPORT))
+        if data is None:
+            cur.write_bytes(b"[" * 100000)
+        else:
+            cur.write_bytes(data.draw(st.binary(max_size=300)) if raw else json.dumps(_mutate_doc(REPORT, data.draw)).encode())
+
+        def run() -> Any:
+            comparison = compare.compare(compare.load_report(base), compare.load_report(cur), relative_to_reference=True)
+            return compare.to_dict(comparison), compare.markdown(comparison)
+
+        check("compare_report", run, names=(str(cur),), inside=(root / "given",))
+
+
+@fuzz(60)
+@given(st.data())
+def test_matrix_merge(data: Any) -> None:
+    from d2v_export import matrix
+
+    with case_dir() as root:
+        shards = []
+        for i in range(data.draw(st.integers(1, 2))):
+            shard = root / "given" / f"shard{i}" / "matrix.json"
+            shard.parent.mkdir()
+            shard.write_text(json.dumps(_mutate_doc(MATRIX, data.draw) if data.draw(st.booleans()) else MATRIX))
+            shards.append(shard)
+        output = root / "merged"
+        check("matrix_merge", lambda: matrix.merge_files(shards, output), names=tuple(map(str, shards)) + ("nothing to merge", "matrix"),
+              inside=(root / "given", output), output=output)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def test_the_command_line_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
+    """The same inputs through the installed `d2v-export`: a documented exit code, one `error:` line, no traceback."""
+    from .conftest import cli
+
+    folder = make_bundle(tmp_path / "bundle", Modality.VISION)
+    (tmp_path / "bad.png").write_bytes(_png_with_size(20000, 20000))
+    (tmp_path / "deep.json").write_bytes(b"[" * 100000)
+    (tmp_path / "shard.json").write_text(json.dumps(dict(MATRIX, cells=[{"modality": 1}])))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(dict(manifest, labels={"x": "y"})))
+    runs = [
+        ("run", str(folder), str(tmp_path / "bad.png")),
+        ("compare", str(tmp_path / "deep.json"), str(tmp_path / "deep.json")),
+        ("matrix-merge", str(tmp_path / "shard.json"), "--output", str(tmp_path / "merged")),
+    ]
+    for args in runs:
+        r = cli(*args)
+        assert r.returncode == int(ExitCode.BAD_INPUT), (args, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, r.stderr
+    assert not (tmp_path / "merged").exists()

@@ -786,7 +786,32 @@ def read_recipe(bundle: Path) -> dict[str, Any]:
         raise D2VError(f"{path} is not readable JSON ({exc}); rebuild the bundle") from None
     if not isinstance(doc, dict) or doc.get("format") != RECIPE_FORMAT or doc.get("version") != RECIPE_VERSION:
         raise D2VError(f"{path} is not a version-{RECIPE_VERSION} d2v-export TensorRT recipe; rebuild the bundle with this d2v-export")
+    problem = _recipe_problem(doc)
+    if problem:
+        raise D2VError(f"{path} is malformed ({problem}); rebuild the bundle with this d2v-export")
     return doc
+
+
+def _recipe_problem(doc: Mapping[str, Any]) -> str | None:
+    """What a recipe's build fields get wrong (found by fuzzing: each once crashed settings_from / trtexec_command), or None."""
+    def strings(x: Any) -> bool:
+        return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+    def dims(x: Any) -> bool:
+        return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+
+    if doc.get("precision") not in ("fp32", "fp16", "bf16", "int8"):
+        return f"precision {doc.get('precision')!r}"
+    if not isinstance(doc.get("strongly_typed"), bool) or not strings(doc.get("builder_flags")) or not strings(doc.get("cleared_flags")):
+        return "strongly_typed, builder_flags or cleared_flags"
+    if not isinstance(doc.get("workspace_bytes"), int) or isinstance(doc["workspace_bytes"], bool) or doc["workspace_bytes"] < 1:
+        return f"workspace_bytes {doc.get('workspace_bytes')!r}"
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("dtype"), str) and all(dims(i.get(w)) for w in ("min", "opt", "max")) for i in inputs):
+        return "inputs: each needs a name, a dtype and min/opt/max shapes"
+    if not isinstance(doc.get("tensorrt") or {}, dict) or not all(isinstance(doc.get(k), str) for k in ("onnx", "engine", "timing_cache", "why")):
+        return "tensorrt, onnx, engine, timing_cache or why"
+    return None
 
 
 def settings_from(recipe: Mapping[str, Any], *, workspace_bytes: int | None = None, timing_cache: Path | None = None, device: int = 0) -> BuildSettings:
