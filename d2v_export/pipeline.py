@@ -230,6 +230,7 @@ def staging(output: Path, force: bool, progress: Progress = lambda _msg: None) -
     with _interruptible():
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
         try:
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: a service user could not read the bundles in it
             (tmp / _OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}), encoding="utf-8")
             yield tmp
             (tmp / _OWNER).unlink()
@@ -251,6 +252,12 @@ def staging(output: Path, force: bool, progress: Progress = lambda _msg: None) -
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class Built(NamedTuple):

@@ -94,6 +94,19 @@ def test_a_staging_folder_without_an_owner_is_named_not_removed(tmp_path: Path) 
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]
 
 
+def test_the_output_folder_is_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
+    """mkdtemp makes the staging folder 0700: a bundle copied out of it, or served in place, was unreadable to a service user."""
+    from d2v_export.pipeline import staging
+
+    old = os.umask(0o022)
+    try:
+        with staging(tmp_path / "out", False) as root:
+            (root / "report.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
 def test_a_folder_filled_by_another_run_meanwhile_is_not_replaced(tmp_path: Path) -> None:
     """Two runs into one output without --force: the second to finish refuses and leaves nothing."""
     from d2v_export.pipeline import staging
