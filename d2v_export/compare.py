@@ -190,6 +190,8 @@ def _shape_problem(value: Any, spec: Any, where: str) -> str | None:
     if isinstance(spec, list):
         if not isinstance(value, list):
             return f"{where} is not a list"
+        if spec[0] != "number" and any(item is None for item in value):
+            return f"{where} holds null"
         return next((p for i, item in enumerate(value) if (p := _shape_problem(item, spec[0], f"{where}[{i}]"))), None)
     if not isinstance(value, dict):
         return f"{where or 'the document'} is not an object"

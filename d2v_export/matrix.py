@@ -440,6 +440,9 @@ def merge_files(paths: Sequence[Path], output: Path, *, force: bool = False) -> 
         d = load_report(p)
         if d.get("kind") != "matrix":
             raise D2VError(f"'{p}' is not a matrix.json (no \"kind\": \"matrix\"); pass the matrix.json of each shard")
+        unknown = sorted(set(d.get("modalities") or ()) - {m.value for m in Modality} | set(d.get("precisions") or ()) - {x.value for x in Precision})
+        if unknown:
+            raise D2VError(f"'{p}' names an unknown modality or precision ({', '.join(unknown)}); pass the matrix.json a d2v-export shard wrote")
         docs.append(d)
         where[id(d)] = p.parent
 

@@ -797,3 +797,16 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path: Path) -> No
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, r.stderr
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("shard", [dict(MATRIX, modalities=["0"]), dict(MATRIX, precisions=["0"]), dict(MATRIX, cells=[None])],
+                         ids=["unknown-modality", "unknown-precision", "null-cell"])  # fmt: skip
+def test_matrix_merge_names_the_shard_that_fuzzing_broke_it_with(tmp_path: Path, shard: dict[str, Any]) -> None:
+    """Found by the fuzzer: plan()'s error named no file, and a null cell raised TypeError."""
+    from d2v_export import matrix
+
+    path = tmp_path / "matrix.json"
+    path.write_text(json.dumps(shard))
+    with pytest.raises(D2VError, match="matrix.json"):
+        matrix.merge_files([path], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
