@@ -24,7 +24,7 @@ import pytest
 
 from d2v_export import bundle as bundle_mod
 from d2v_export.backends.tensorrt import device as trt_device
-from d2v_export.backends.tensorrt import DEVICE_SCRIPT, FP32_OPS, RECIPE_FILE, SCRIPT_FILE, build_engine, fp16_remainder
+from d2v_export.backends.tensorrt import DEVICE_SCRIPT, RECIPE_FILE, SCRIPT_FILE, build_engine, fp16_remainder
 from d2v_export.spec import D2VError, ExitCode
 
 from .conftest import cli
@@ -85,8 +85,10 @@ def test_int8_bundle_has_an_fp16_remainder_with_fp32_io_and_builds_strongly_type
     for out in g.output:
         maker = producers[out.name]
         assert maker.op_type in ("Cast", "Identity"), (out.name, maker.op_type)
-    # LayerNorm and Softmax run in fp32 between casts
-    for node in (n for n in g.node if n.op_type in FP32_OPS):
+    # LayerNorm runs in fp32 between casts (Softmax reads and writes fp16: tests/test_trt_graph.py)
+    from d2v_export.backends.tensorrt.graph import INT8_FP32_OPS
+
+    for node in (n for n in g.node if n.op_type in INT8_FP32_OPS):
         data = producers[node.input[0]]
         assert data.op_type == "Cast" and data.attribute[0].i == TensorProto.FLOAT, node.name
     # ONNX Runtime loads it and it is a graph TensorRT accepts

@@ -142,11 +142,13 @@ def tensorrt_fixups(path: Path) -> dict[str, int]:
 _TYPED_INPUTS = {"Resize": (1, 2)}
 
 
-# Ops the INT8 graph's fp16 remainder computes between fp32 casts: none. LayerNormalization keeps fp16 inputs and
-# outputs and is computed in fp32 inside by TensorRT (the parser sets the layer's compute precision from
-# ``stash_type``, 1 = float, in every export), Softmax likewise reads and writes fp16; casts around them doubled their
-# memory traffic and sat between them and their QuantizeLinear (docs/tensorrt.md, "INT8 graph for TensorRT's fusions").
-INT8_FP32_OPS: tuple[str, ...] = ()
+# Ops the INT8 graph's fp16 remainder computes between fp32 casts, decided on a simulation with TensorRT's semantics
+# (docs/tensorrt.md, "INT8 graph for TensorRT's fusions"). Softmax reads and writes fp16 (no Cast between it and its
+# QuantizeLinear): ONNX Runtime and TensorRT compute it in fp32 inside, bit for bit the fp32 island's result.
+# LayerNormalization stays an fp32 island: with fp16 I/O TensorRT also computes it in fp32 (the parser sets the
+# layer's compute precision from stash_type=1), but its gamma/beta must then be fp16 too, and that cost the trained
+# text example 5 of 240 answers' agreement (top-1 0.992 -> 0.971, under the 0.98 budget).
+INT8_FP32_OPS: tuple[str, ...] = ("LayerNormalization",)
 
 def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str, int]:
     """Rewrite a Q/DQ graph (in place) so that its float remainder is fp16, for a strongly typed build.

@@ -48,9 +48,10 @@ SIMULATED_LATENCY = "latency: ONNX Runtime on this CPU — not engine latency"
 # accumulation); Softmax: exp() of the attention scores. Measured on ONNX Runtime's simulation
 # (docs/tensorrt.md): a few casts, no drift cost, and the rest of the network still fp16.
 FP32_OPS = ("LayerNormalization", "Softmax")
-FP16_REMAINDER_NOTE = (
+FP16_REMAINDER_NOTE = (  # the INT8 graph's own islands: graph.INT8_FP32_OPS
     "int8 at the Q/DQ pairs; everything else fp16 (weights, activations, Q/DQ scales), graph inputs and outputs "
-    f"fp32 with casts at the boundaries, {' and '.join(FP32_OPS)} computed in fp32"
+    "fp32 with casts at the boundaries, LayerNormalization computed in fp32 between casts, Softmax with fp16 input "
+    "and output (computed in fp32 inside); the attention scale on Q before the first MatMul"
 )
 
 
@@ -86,7 +87,7 @@ BUILDS: dict[Precision, Build] = {
     # default, so an fp32 GEMM left by hand in the graph may run in TF32 there.
     Precision.INT8: Build(
         True, (), ("TF32",), ("--stronglyTyped",),
-        "explicit Q/DQ graph with an fp16 remainder (fp32 I/O, LayerNorm/Softmax in fp32), strongly typed: "
+        "explicit Q/DQ graph with an fp16 remainder (fp32 I/O, LayerNorm in fp32), strongly typed: "
         "int8 where the Q/DQ pairs are, fp16 elsewhere (TensorRT docs: no precision flags with Q/DQ)",
     ),
 }  # fmt: skip
