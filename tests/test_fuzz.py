@@ -810,3 +810,49 @@ def test_matrix_merge_names_the_shard_that_fuzzing_broke_it_with(tmp_path: Path,
     with pytest.raises(D2VError, match="matrix.json"):
         matrix.merge_files([path], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cell", [{"bytes": "abc", "path": None}, {"bytes": None, "path": "OUTSIDE"}], ids=["bytes-as-text", "path-outside"])
+def test_dataset_images_that_crashed_or_escaped(tmp_path: Path, cell: dict[str, Any]) -> None:
+    """Found while fuzzing: a string in `bytes` raised TypeError; a path outside the dataset's folder was read."""
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    (tmp_path / "ds").mkdir()
+    cell = {k: str(tmp_path / "secret.png") if v == "OUTSIDE" else v for k, v in cell.items()}
+    pq.write_table(pa.table({"image": [cell]}), tmp_path / "ds" / "x.parquet")
+    with pytest.raises(D2VError, match="x.parquet.*(stored as str|outside)"):
+        _samples(tmp_path / "ds" / "x.parquet", Modality.VISION, "image-classification")()
+
+
+@pytest.mark.parametrize("rate", [-16000, "x", 10**12])
+def test_dataset_audio_rates_that_crashed_or_would_not_fit(tmp_path: Path, rate: Any) -> None:
+    """Found while fuzzing: a negative or text rate raised ValueError; 10^12 Hz built a resampling filter no memory holds."""
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"audio": [{"array": [0.1] * 100, "sampling_rate": rate}]}), tmp_path / "a.parquet")
+    with pytest.raises(D2VError, match="sampling rate"):
+        _samples(tmp_path / "a.parquet", Modality.AUDIO, "audio-classification")()
+
+
+def test_a_csv_field_over_the_csv_limit_names_the_file(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text("file_name,label\na.png," + "x" * 200000 + "\n")
+    with pytest.raises(D2VError, match="metadata.csv' is not a readable CSV"):
+        _samples(tmp_path, Modality.VISION, "image-classification")()
+
+
+def test_an_hours_long_clip_is_read_only_as_far_as_the_longest_input(tmp_path: Path) -> None:
+    """A WAV header at 1 Hz with 200,000 frames: 16,000x upsampling of the whole file would be 3.2e9 samples."""
+    import soundfile as sf
+
+    sf.write(tmp_path / "slow.wav", np.random.default_rng(0).uniform(-1, 1, 200_000), 1, subtype="PCM_16")
+    samples = _samples(tmp_path, Modality.AUDIO, "audio-classification")()
+    assert samples.feeds[0]["input_values"].shape == (1, AUDIO.dim("samples").max)
