@@ -653,6 +653,8 @@ def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int
         recipe = make_recipe(backend, lever.mode, method=int8.method, samples=samples, reduce_range=rr, modality=modality)
         if lever.symmetric_activations is not None:
             recipe = dataclasses.replace(recipe, symmetric_activations=lever.symmetric_activations)
+        if lever.op_types is not None:
+            recipe = dataclasses.replace(recipe, op_types=lever.op_types)
         key = (recipe, names)
         if key in seen:
             continue

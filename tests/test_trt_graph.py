@@ -7,6 +7,7 @@ NVIDIA documents (docs/tensorrt.md, "INT8 graph for TensorRT's fusions").
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,32 @@ def test_tiny_scales_are_raised_to_a_normal_fp16_and_the_check_refuses_the_rest(
         path = tmp_path / "broken.onnx"
         onnx.save(broken, str(path))
         assert any(act_q.name in p and "scale" in p for p in trt_graph.qdq_problems(path)), bad
+
+
+@pytest.mark.parametrize("head", [VISION, TEXT, AUDIO], ids=["vision", "text", "audio"])
+def test_residual_option_quantizes_the_residual_add_inputs_and_the_graph_still_runs(head: Head, graphs: Graphs, tmp_path: Path) -> None:
+    import onnx
+
+    graph, feeds = graphs.export(head)
+    residual = trt_graph.residual_adds(onnx.load(str(graph.path)))
+    assert residual  # post-LN text/audio: 2 per layer; pre-LN vision: both Adds of a layer feed a LayerNorm
+    lever = next(lv for lv in BACKEND.pick_levers if lv.suffix == "-residual")  # what --pick builds
+    assert lever.op_types is not None and trt_graph.RESIDUAL_OP in lever.op_types
+    recipe = dataclasses.replace(make_recipe(backends.get("tensorrt"), "static", samples=len(feeds)), op_types=lever.op_types)
+    request = BuildRequest(precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True)
+    artifact = BACKEND.compile(graph, tmp_path / "tensorrt-int8-static-residual", request)
+    assert artifact.quantization is not None and trt_graph.RESIDUAL_OP in artifact.quantization.op_types  # the report says so
+    path = artifact.path / "model.onnx"
+    model = onnx.load(str(path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def quantized_sum(node: Any) -> bool:
+        return node.op_type == "Add" and all(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input)
+
+    assert sum(quantized_sum(n) for n in model.graph.node) == len(residual)
+    assert trt_graph.qdq_problems(path) == []  # positive fp16 scales, int8 zero points, Q feeding DQ only
+    default = graphs.int8(head)  # without the option no Add reads an int8 tensor
+    assert not any(quantized_sum(n) for n in _load(default.path / "model.onnx").graph.node)
+    for fp32, sim in zip(_simulate(graph.path, feeds[:3]), _simulate(path, feeds[:3])):  # the simulated graph runs
+        scale = max(1.0, float(np.max(np.abs(fp32[0]))))
+        assert np.all(np.isfinite(sim[0])) and np.max(np.abs(sim[0] - fp32[0])) < 0.25 * scale

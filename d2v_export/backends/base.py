@@ -60,6 +60,7 @@ class Lever:
     rewrite: bool | None = None  # graph clean-up (d2v_export.rewrite); None: the backend's default
     reduce_range: bool | None = None  # ONNX Runtime 7-bit weights; None: --reduce-range's choice
     symmetric_activations: bool | None = None  # OpenVINO: NNCF's PERFORMANCE preset (symmetric activations)
+    op_types: tuple[str, ...] | None = None  # the recipe's op_types (TensorRT: "Add" for residual-Add Q/DQ); None: the template's
     description: str = ""
 
 

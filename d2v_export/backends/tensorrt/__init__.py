@@ -49,14 +49,14 @@ from typing import Any
 from ...quantize import MATMUL_OPS, RecipeTemplate
 from ...recipe_choice import Choice
 from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
-from ..base import Availability, Backend, BackendBase, BuildRequest, Devices, Opened, Recovery, Runner, Snippet, onnx_snippet
+from ..base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Opened, Recovery, Runner, Snippet, onnx_snippet
 from ..onnxruntime import OrtRunner
 from . import device as trt_device
 from .build import compile_bundle, recover
 from .engine import EngineRunnerAdapter, SimulationRunner, _engine_device, build_engine, build_engines, find_bundles, open_bundle
 from .graph import (
-    MIN_GEMM_DIM, _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules,
-    fp16_remainder, gemv_nodes, qdq_problems, tensorrt_fixups,
+    MIN_GEMM_DIM, RESIDUAL_OP, _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules,
+    fp16_remainder, gemv_nodes, qdq_problems, residual_adds, residual_qdq, tensorrt_fixups,
 )  # fmt: skip
 from .recipe import (
     BUILDS, DEFAULT_WORKSPACE_GB, FP16_REMAINDER_NOTE, FP32_OPS, DEFER_HINT, DEVICE_SCRIPT, ENGINE_MANIFEST, NAME, NOT_BUILT, ONNX_FILE, PLAN_FILE, RECIPE_FILE,
@@ -73,6 +73,15 @@ FFN_OUT_STAYS_FLOAT = Choice(
 )
 
 
+# What --pick tries besides fp32 (each judged on the evaluation split). Residual-Add Q/DQ is an option, not the default:
+# measured on the trained examples it was no better (docs/tensorrt.md, "Residual-Add Q/DQ").
+PICK_LEVERS = (
+    Lever("static", description="explicit Q/DQ on MatMul/Gemm/Conv inputs (TensorRT's placement rules), fp16 remainder"),
+    Lever("static", "-residual", op_types=(*MATMUL_OPS, RESIDUAL_OP),
+          description="the same plus Q/DQ on both inputs of the residual Adds that feed a LayerNorm (Model Optimizer's placement)"),
+)  # fmt: skip
+
+
 class TensorRTBackend(BackendBase):
     name = NAME
     extra = "tensorrt"
@@ -86,6 +95,7 @@ class TensorRTBackend(BackendBase):
         ),
     }  # fmt: skip
     recipe_choices = {"text": FFN_OUT_STAYS_FLOAT}  # layers its INT8 keeps float by rule (recipe_choice)
+    pick_levers = PICK_LEVERS
     devices = Devices("cuda:0", r"(cuda|gpu)(:\d+)?", "cuda or cuda:N")
     can_defer = True  # with BuildRequest.defer_build the portable half is written without TensorRT or a GPU
 
@@ -160,8 +170,8 @@ BACKEND: Backend = TensorRTBackend()
 
 __all__ = [
     "BACKEND", "BUILDS", "DEFAULT_WORKSPACE_GB", "DEVICE_SCRIPT", "ENGINE_MANIFEST", "FP16_REMAINDER_NOTE", "FP32_OPS",
-    "MIN_GEMM_DIM", "NAME", "ONNX_FILE", "PLAN_FILE", "RECIPE_FILE", "RECIPE_FORMAT", "RECIPE_VERSION", "SCRIPT_FILE",
+    "MIN_GEMM_DIM", "NAME", "ONNX_FILE", "PICK_LEVERS", "RESIDUAL_OP", "PLAN_FILE", "RECIPE_FILE", "RECIPE_FORMAT", "RECIPE_VERSION", "SCRIPT_FILE",
     "TIMING_CACHE", "Build", "EngineRunnerAdapter", "SimulationRunner", "TensorRTBackend", "build_engine", "build_engines", "build_script",
-    "find_bundles", "fp16_remainder", "gemv_nodes", "input_profiles", "make_build_recipe", "qdq_problems", "read_recipe",
+    "find_bundles", "fp16_remainder", "gemv_nodes", "input_profiles", "make_build_recipe", "qdq_problems", "read_recipe", "residual_adds", "residual_qdq",
     "settings_from", "tensorrt_fixups", "trtexec_command",
 ]  # fmt: skip

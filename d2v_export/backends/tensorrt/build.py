@@ -3,6 +3,8 @@ a GPU here, the engine; ``--fallback auto`` on the Q/DQ graph."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import shutil
 import stat
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
 from ..base import BuildRequest, Recovery, copy_onnx, files_in
 from . import device as trt_device
-from .graph import _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules, fp16_remainder
+from .graph import _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules, fp16_remainder, split_residual
 from .recipe import (
     BUILDS, DEFER_HINT, DEVICE_SCRIPT, NAME, NOT_BUILT, ONNX_FILE, PLAN_FILE, RECIPE_FILE, SCRIPT_FILE, SIMULATED_FLOAT,
     SIMULATED_FP16, SIMULATED_INT8, SIMULATED_LATENCY, TIMING_CACHE, build_script, make_build_recipe, settings_from,
@@ -64,9 +66,12 @@ def recover(graph: ExportedGraph, folder: Path, request: BuildRequest, recovery:
         _fp16_and_check(onnx_path)  # judged as shipped; the candidate itself stays fp32 for the node ranking
         return recovery.evaluate(Artifact(NAME, Precision.INT8, folder, onnx_path, files_in(folder), quantization=recipe))
 
-    result = fallback(graph, recipe, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=_fixups)
+    for_ort, residual = split_residual(recipe)
+    fixups = functools.partial(_fixups, feeds=recovery.calibration, residual=residual)
+    result = fallback(graph, for_ort, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=fixups)
     _fp16_and_check(onnx_path)  # the chosen candidate, copied to the bundle by fallback(), gets its fp16 remainder
-    artifact = _bundle(graph, folder, Precision.INT8, result.quantized.recipe, build_here, device)
+    chosen = dataclasses.replace(result.quantized.recipe, op_types=recipe.op_types)
+    artifact = _bundle(graph, folder, Precision.INT8, chosen, build_here, device)
     drift = result.drift
     if build_here:
         recovery.progress(f"{folder.name}: judging the engine built from the chosen graph")
@@ -121,6 +126,7 @@ def _quantize(graph: ExportedGraph, target: Path, request: BuildRequest) -> Quan
     from ...quantize import quantize_onnx
 
     recipe = _with_placement_rules(graph, _check_recipe(request.quant))
-    qgraph = quantize_onnx(graph, target, recipe, request.calibration)
-    _fix_and_check(target)
-    return qgraph.recipe
+    for_ort, residual = split_residual(recipe)
+    qgraph = quantize_onnx(graph, target, for_ort, request.calibration)
+    _fix_and_check(target, request.calibration, residual)
+    return dataclasses.replace(qgraph.recipe, op_types=recipe.op_types)

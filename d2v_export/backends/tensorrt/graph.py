@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ...quantize import MATMUL_OPS
 from ...spec import D2VError, ExitCode, ExportedGraph, QuantRecipe
 from .recipe import FP32_OPS, input_profiles
 
@@ -445,6 +447,125 @@ def move_attention_scale(model: Any) -> int:
     return moved
 
 
+# ------------------------------------------------------------------------------------ residual Adds
+
+# The op type a TensorRT recipe lists among its ``op_types`` to ask for residual-Add Q/DQ (``residual_qdq``), as Model
+# Optimizer lists "Add" among its quantized op types and places Q/DQ only on the residual ones; onnxruntime's quantizer
+# never sees it (``split_residual``).
+RESIDUAL_OP = "Add"
+# Ops between a GEMM and the residual Add it feeds (bias Add, layer-scale Mul, head reshapes); each may have one
+# activation input only.
+_BRANCH_OPS = ("Add", "Mul", "Reshape", "Transpose")
+
+
+def residual_adds(model: Any) -> list[Any]:
+    """The residual Adds: two activations summed, the sum read by a LayerNormalization, one of the two coming from a
+    MatMul/Gemm/Conv through ``_BRANCH_OPS`` only (within three ops). The text embedding sum (no GEMM behind it) and
+    bias Adds (a constant input) are not."""
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+
+    def activation(name: str) -> bool:
+        node = producers.get(name)
+        return bool(name) and name not in inits and not (node is not None and node.op_type == "Constant") and not (
+            node is not None and node.op_type == "DequantizeLinear" and node.input[0] in inits)
+
+    def from_gemm(name: str, depth: int = 0) -> bool:
+        node = producers.get(name)
+        if node is None or depth > 3:
+            return False
+        if node.op_type in MATMUL_OPS:
+            return True
+        moving = [i for i in node.input if activation(i)]
+        return node.op_type in _BRANCH_OPS and len(moving) == 1 and from_gemm(moving[0], depth + 1)
+
+    return [
+        n for n in graph.node
+        if n.op_type == "Add" and len(n.input) == 2 and all(activation(i) for i in n.input)
+        and "LayerNormalization" in readers.get(n.output[0], []) and any(from_gemm(i) for i in n.input)
+    ]  # fmt: skip
+
+
+def split_residual(recipe: QuantRecipe) -> tuple[QuantRecipe, bool]:
+    """(the recipe onnxruntime's quantizer gets, whether residual-Add Q/DQ was asked for): ``RESIDUAL_OP`` in
+    ``op_types`` means residual Adds only, which ``residual_qdq`` places after quantization."""
+    if RESIDUAL_OP not in recipe.op_types:
+        return recipe, False
+    return dataclasses.replace(recipe, op_types=tuple(o for o in recipe.op_types if o != RESIDUAL_OP)), True
+
+
+def residual_qdq(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> int:
+    """Q/DQ on both inputs of every residual Add of the fp32 Q/DQ graph at ``path`` (in place; returns how many inputs).
+
+    NVIDIA's Q/DQ placement recommendations and Model Optimizer quantize the residual Add's inputs, so that TensorRT can
+    fuse it with the layers around it. An input that is already quantized (a LayerNorm output that Q, K and V read)
+    reuses that pair: one int8 tensor, one scale. The others get a symmetric per-tensor pair whose scale is the
+    largest magnitude the tensor reached on ``feeds`` (max calibration, run on this graph in ONNX Runtime) / 127."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    adds = residual_adds(model)
+    if not adds:
+        return 0
+    quantized = {q.input[0]: dq.output[0] for q in graph.node if q.op_type == "QuantizeLinear"
+                 for dq in graph.node if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]}  # fmt: skip
+    wanted = [i for n in adds for i in n.input if i not in quantized]
+    amax = _amax(model, path, list(dict.fromkeys(wanted)), feeds)
+    zero = numpy_helper.from_array(np.zeros((), dtype=np.int8), "d2v_residual_zero_point")
+    graph.initializer.append(zero)
+    count = 0
+    for add in adds:
+        for i, name in enumerate(add.input):
+            if name not in quantized:
+                if not amax.get(name, 0.0) > 0:
+                    continue  # never non-zero on the samples: no scale to give it
+                scale = numpy_helper.from_array(np.array(amax[name] / 127.0, dtype=np.float32), f"{name}_d2v_residual_scale")
+                graph.initializer.append(scale)
+                q = helper.make_node("QuantizeLinear", [name, scale.name, zero.name], [f"{name}_d2v_residual_q"], name=f"{name}_d2v_residual_q")
+                dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zero.name], [f"{name}_d2v_residual_dq"], name=f"{name}_d2v_residual_dq")
+                at = list(graph.node).index(add)
+                graph.node.insert(at, dq)
+                graph.node.insert(at, q)
+                quantized[name] = dq.output[0]
+            add.input[i] = quantized[name]
+            count += 1
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return count
+
+
+def _amax(model: Any, path: Path, names: list[str], feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """The largest magnitude each tensor of ``names`` reaches over ``feeds`` (ONNX Runtime, graph optimisations off:
+    the Q/DQ pairs already in the graph stay fake-quantization, as in the simulation)."""
+    import onnx
+    import onnxruntime as ort
+
+    if not names:
+        return {}
+    if not feeds:
+        raise D2VError("residual-Add Q/DQ needs calibration samples and got none; pass --calibration DIR")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name for i in session.get_inputs()}
+    amax = dict.fromkeys(names, 0.0)
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, {k: v for k, v in feed.items() if k in inputs})):
+            amax[name] = max(amax[name], float(np.max(np.abs(value))) if np.size(value) else 0.0)
+    return amax
+
+
 # NVIDIA's int8 Tensor Core GEMMs need K and N of at least 16 (TensorRT Model Optimizer's rule).
 MIN_GEMM_DIM = 16
 
@@ -555,15 +676,18 @@ def _check_recipe(recipe: QuantRecipe | None) -> QuantRecipe:
     return recipe
 
 
-def _fix_and_check(path: Path) -> None:
-    """TensorRT's fix-ups on a freshly quantized graph, its fp16 remainder, then the check of what TensorRT accepts."""
-    _fixups(path)
+def _fix_and_check(path: Path, feeds: Sequence[Mapping[str, np.ndarray]] = (), residual: bool = False) -> None:
+    """TensorRT's fix-ups on a freshly quantized graph (with ``residual``: residual-Add Q/DQ, its scales measured on
+    ``feeds``), its fp16 remainder, then the check of what TensorRT accepts."""
+    _fixups(path, feeds, residual)
     _fp16_and_check(path)
 
 
-def _fixups(path: Path) -> None:
+def _fixups(path: Path, feeds: Sequence[Mapping[str, np.ndarray]] = (), residual: bool = False) -> None:
     """The fix-ups alone (the fallback's candidates: its node ranking compares them with the fp32 graph)."""
     tensorrt_fixups(path)
+    if residual:
+        residual_qdq(path, feeds)
     _check(path)
 
 
