@@ -229,6 +229,9 @@ def test_parse_columns() -> None:
 # --------------------------------------------------------------------------- to the report
 
 
+NO_GATE = "top1_agreement=0,logit_cosine=-1"  # a budget no build can miss: the random model's drift is not under test
+
+
 def test_labelled_accuracy_reaches_the_report(tmp_path: Path) -> None:
     """The real command: calibrate on a saved dataset, evaluate on an imagefolder with metadata.csv."""
     _image_dataset().save_to_disk(str(tmp_path / "calib"))
@@ -238,8 +241,8 @@ def test_labelled_accuracy_reaches_the_report(tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = cli("vision", "--model", "preset:tiny", "--task", "image-classification", "--int8", "--calibration", str(tmp_path / "calib"),
               "--columns", "label=species", "--eval", str(tmp_path / "eval"), "--output", str(out), "--bench-seconds", "0", "--quiet",
-              env={"XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
-    assert res.returncode in (0, 5), res.stderr  # 5: drift over budget on random weights is a verdict, not a failure here
+              "--max-drift", NO_GATE, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
+    assert res.returncode == 0, res.stderr  # the labels' path is under test here, not the drift of a random model: no gate
     doc = json.loads((out / "report.json").read_text())
     (int8,) = [v for v in doc["variants"] if v["precision"] == "int8"]
     metrics = int8["drift"]["metrics"]

@@ -367,13 +367,13 @@ def test_num_choices_reaches_the_graph(tmp_path: Path) -> None:
 
 
 def test_matrix_shards_and_merge(tmp_path: Path) -> None:
+    # no drift gate (a budget no build can miss): the shards and their merge are under test, not a random model's drift
     args = ("matrix", "--model", "preset:tiny", "--modality", "text", "--target", "onnxruntime", "--precision", "fp32", "--precision", "int8",
-            "--bench-seconds", "0", "--quiet")  # fmt: skip
+            "--bench-seconds", "0", "--quiet", "--max-drift", "top1_agreement=0,logit_cosine=-1")  # fmt: skip
     for i in (1, 2):
         res = ok(cli(*args, "--shard", f"{i}/2", "--output", str(tmp_path / f"m{i}")))
         assert "onnxruntime" in res.stdout
-    res = cli("matrix-merge", str(tmp_path / "m1"), str(tmp_path / "m2"), "--output", str(tmp_path / "all"))
-    assert res.returncode in (int(ExitCode.OK), int(ExitCode.DRIFT_BUDGET)), res.stderr
+    ok(cli("matrix-merge", str(tmp_path / "m1"), str(tmp_path / "m2"), "--output", str(tmp_path / "all")))
     doc = json.loads((tmp_path / "all" / "matrix.json").read_text())
     cells = doc["cells"] if isinstance(doc["cells"], list) else list(doc["cells"].values())
     assert [(c["precision"], c["status"] != "failed") for c in cells] == [("fp32", True), ("int8", True)], cells

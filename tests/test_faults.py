@@ -144,8 +144,9 @@ def test_invalid_utf8_lines_become_report_warnings(tmp_path: Path) -> None:
     calib.write_bytes(b"The cat sat on the mat.\nbad \xff line\nA second good sentence.\n\xc3\x28\nThird one, fine.\n")
     held.write_bytes(b"Held out one.\nHeld out two.\ncaf\xe9 au lait\n")
     out = tmp_path / "out"
-    res = cli(*TEXT, "--int8", "--calibration", str(calib), "--eval", str(held), "--output", str(out), "--bench-seconds", "0", "--quiet")
-    assert res.returncode in (0, int(ExitCode.DRIFT_BUDGET)), res.stderr
+    res = cli(*TEXT, "--int8", "--calibration", str(calib), "--eval", str(held), "--output", str(out), "--bench-seconds", "0", "--quiet",
+              "--max-drift", "top1_agreement=0,logit_cosine=-1")  # the readers are under test, not the random model's drift
+    assert res.returncode == 0, res.stderr
     warnings = json.loads((out / "report.json").read_text())["warnings"]
     assert f"skipped 2 unreadable sample(s) in {calib}: calib.txt lines 2, 4 (not valid UTF-8)" in warnings
     assert f"skipped 1 unreadable sample(s) in {held}: held.txt line 3 (not valid UTF-8)" in warnings

@@ -7,7 +7,6 @@ Each tiny head is exported once per module (the export is most of the time) and 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -197,6 +196,10 @@ def test_int8_static_nncf(head: Head, exported: Exported, tmp_path: Path) -> Non
     assert artifact.quantization is not None and artifact.quantization.tool.startswith("nncf")
     assert artifact.quantization.samples == len(calib)
     assert any("model_type=TRANSFORMER" in n for n in artifact.notes)
+    # the MIXED preset's float remainder runs f32 on every CPU (bf16, the default on AMX Xeons, drifted the trained text
+    # example alone); the PERFORMANCE preset keeps the device default (f32 cost vision base 23 % on AMX)
+    hint = json.loads((artifact.path / CONFIG_FILE).read_text())["inference_precision_hint"]
+    assert hint == (None if artifact.quantization.symmetric_activations else "f32"), (hint, artifact.quantization)
     assert any("runtime precision hint" in n for n in artifact.notes)
     # SmoothQuant ran in place before NNCF (its own step off): our Multiply nodes, none of NNCF's
     names = [op.get_friendly_name() for op in ov_model(artifact.model_file).get_ops() if op.get_type_name() == "Multiply"]
@@ -208,9 +211,9 @@ def test_int8_static_nncf(head: Head, exported: Exported, tmp_path: Path) -> Non
     reference = [torch_forward(wrapper, dict(f), head.outputs) for f in feeds]
     with BACKEND.runner(artifact, threads=THREADS) as runner:
         drift = task_drift(model, reference, runner.infer, feeds, DEFAULT_BUDGETS[head.metric], labels=labels, source=source)
-    assert drift.metrics and all(math.isfinite(v) for v in drift.metrics.values()), drift.metrics
-    # random weights: the verdict is data, not asserted; shown with -rA / on failure
-    print(f"{head.key} openvino int8 static drift: {dict(drift.metrics)} passed={drift.passed}")
+    # random weights: answers against labels mean nothing, but the outputs must still agree (measured: logit cosine
+    # 0.989-0.9986 on the tiny presets); a wrong scale or a saturated int8 path gives far less
+    assert drift.metrics["logit_cosine"] >= 0.95, drift.metrics
 
 
 def ov_model(xml: Path) -> Any:

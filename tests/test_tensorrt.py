@@ -291,6 +291,9 @@ def test_simulated_drift_of_the_qdq_graph(head: Head, built: Built) -> None:
     assert drift.samples == len(evaluation) > 0
     assert drift.metrics and all(math.isfinite(v) for v in drift.metrics.values()), drift.metrics
     assert set(DEFAULT_BUDGETS[head.metric]) & set(drift.metrics)
+    # random weights: answers against labels mean nothing, but the outputs must still agree (measured: logit cosine
+    # 0.9976-1.0 on the tiny presets); a wrong Q/DQ scale or a saturated int8 path gives far less
+    assert drift.metrics["logit_cosine"] >= 0.95, drift.metrics
 
 
 def test_deferred_fp32_runs_the_fp32_graph(built: Built) -> None:
@@ -498,7 +501,7 @@ def test_engine_int8_against_pytorch_and_the_simulation(head: Head, built: Built
     with BACKEND.runner(artifact, threads=THREADS) as engine:
         outputs = [engine.infer(f) for f in evaluation.feeds]
         drift = task_drift(model, reference, engine.infer, evaluation.feeds, DEFAULT_BUDGETS[head.metric], source=evaluation.source)
-    assert all(math.isfinite(v) for v in drift.metrics.values()), drift.metrics
+    assert drift.metrics["logit_cosine"] >= 0.95, drift.metrics  # as the simulation (test_simulated_drift_of_the_qdq_graph)
     simulated = built.deferred(head, Precision.INT8)
     with BACKEND.runner(simulated, threads=THREADS) as ort_runner:
         for feed, got in zip(evaluation.feeds, outputs):
