@@ -425,7 +425,7 @@ def move_attention_scale(model: Any) -> int:
         dq = producers.get(first.input[0])
         q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         readers = [n for n in graph.node if q is not None and q.output[0] in n.input] + [n for n in graph.node if dq is not None and dq.output[0] in n.input]
-        if q is not None and q.op_type == "QuantizeLinear" and q.input[1] in inits and readers == [dq, first]:
+        if q is not None and dq is not None and q.op_type == "QuantizeLinear" and q.input[1] in inits and readers == [dq, first]:
             pair_scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32) * np.float32(factor)
             graph.initializer.append(numpy_helper.from_array(pair_scale, f"{q.name}_d2v_scale"))
             q.input[1] = dq.input[1] = f"{q.name}_d2v_scale"
