@@ -14,7 +14,7 @@ from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .confidence import DEFAULT_CONFIDENCE, Count, Paired, bounds
-from .spec import D2VError
+from .spec import D2VError, ExitCode
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def parse_drift(items: list[str]) -> tuple[dict[str, float], dict[str, float]]:
             continue
         name, sep, text = (s.strip() for s in item.partition("="))
         if not sep or name not in METRICS:
-            raise D2VError(f"bad budget '{item}': use METRIC=LIMIT[@CONFIDENCE] with METRIC one of: {valid}")
+            raise D2VError(f"bad budget '{item}': use METRIC=LIMIT[@CONFIDENCE] with METRIC one of: {valid}", ExitCode.USAGE)
         text, at, level = (s.strip() for s in text.partition("@"))
         budget[name] = _number(text, f"bad budget '{item}': '{text}' is not a number; use METRIC=LIMIT, e.g. {name}=0.99")
         if at:
@@ -194,14 +194,14 @@ def _number(text: str, problem: str) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise D2VError(problem)
+        raise D2VError(problem, ExitCode.USAGE)
     return value
 
 
 def _confidence(text: str, item: str) -> float:
     value = _number(text, f"bad confidence in '{item}': '{text}' is not a number; use e.g. @0.95, or @0 to judge the measured value alone")
     if value != 0 and not 0.5 <= value < 1:
-        raise D2VError(f"bad confidence in '{item}': {value:g} is outside 0.5..1; use e.g. @0.95, or @0 to judge the measured value alone")
+        raise D2VError(f"bad confidence in '{item}': {value:g} is outside 0.5..1; use e.g. @0.95, or @0 to judge the measured value alone", ExitCode.USAGE)
     return value
 
 

@@ -270,6 +270,7 @@ def test_parse_drift_takes_a_confidence_per_metric() -> None:
         with pytest.raises(D2VError) as err:
             M.parse_drift([bad])
         assert bad in str(err.value) and "@0.95" in str(err.value) and "\n" not in str(err.value)
+        assert err.value.code == 2  # a usage error, as every malformed option
 
 
 def test_parse_budget() -> None:
