@@ -24,7 +24,6 @@ The bounds are beta quantiles (scipy), exact for any number of items.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
