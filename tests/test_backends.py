@@ -180,3 +180,36 @@ def test_backends_conform_to_the_protocol(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", str(tmp_path / "cache"), "-p", "d2v_export.backends"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "plugin_model.onnx"])
+def test_copy_onnx_keeps_external_data_loadable_under_any_name(name: str, tmp_path: Path) -> None:
+    """A model over export.EXTERNAL_DATA_BYTES keeps its weights in ``model.onnx.data``; copied under another name
+    the graph must name the renamed data file (it named the old one, so a plug-in with its own file name could not
+    load a model over 1 GB). A small model forced to external data stands in for the large one."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from d2v_export.backends.base import copy_onnx
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(weight, "w")],
+    )  # fmt: skip
+    source = tmp_path / "export" / "model.onnx"
+    source.parent.mkdir()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save_model(model, str(source), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    assert (tmp_path / "export" / "model.onnx.data").is_file()
+    target = tmp_path / "variant" / name
+    target.parent.mkdir()
+    copy_onnx(source, target)
+    (tmp_path / "export" / "model.onnx.data").unlink()  # the copy must not read the export's data file
+    assert sorted(p.name for p in target.parent.iterdir()) == sorted([name, name + ".data"])
+    x = np.ones((1, 3), np.float32)
+    (y,) = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(y, x @ weight)

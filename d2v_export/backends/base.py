@@ -236,19 +236,37 @@ def files_in(folder: Path) -> tuple[Path, ...]:
 
 
 def copy_onnx(source: Path, target: Path) -> None:
-    """Copy an ONNX file and any external-data file beside it (the ONNX file as a hard link when the disk allows).
+    """Copy an ONNX file and its external-data file (``<name>.data``) under ``target``'s name, loadable there.
 
-    The external-data file is always copied: onnx refuses to load external data from a file with more than
-    one hard link ("it has multiple hard links"), which broke the INT8 build from the same export.
+    The ONNX file is a hard link when the disk allows and the name is kept. Under another name the graph is
+    rewritten to name its data file ``<target name>.data`` (it names the file it was saved with; a renamed data
+    file it did not name could not be loaded). The external-data file is always copied: onnx refuses to load
+    external data from a file with more than one hard link ("it has multiple hard links").
     """
-    for src in [source, *source.parent.glob(source.name + ".data")]:
-        dst = target.parent / src.name.replace(source.name, target.name)
+    data = source.with_name(source.name + ".data")
+    renamed = data.is_file() and target.name != source.name
+    if renamed:
+        _point_at_data(source, target, target.name + ".data")
+    else:
         try:
-            if src is not source:
-                raise OSError("external data: copy")
-            dst.hardlink_to(src)
+            target.hardlink_to(source)
         except OSError:
-            shutil.copy2(src, dst)
+            shutil.copy2(source, target)
+    if data.is_file():
+        shutil.copy2(data, target.with_name(target.name + ".data"))
+
+
+def _point_at_data(source: Path, target: Path, location: str) -> None:
+    """``source``'s graph saved as ``target`` with every external tensor's location set to ``location``."""
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    tensors = [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]
+    for tensor in tensors:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(target))
 
 
 def onnx_snippet(bundle: str, onnx_file: str) -> tuple[str, ...]:
