@@ -4,6 +4,8 @@ Returns data (``Drift``); never raises because of drift. Two kinds of check:
 
 - ``shape_check``: random inputs at every shape point of the profile, max error scaled by the
   output's magnitude, against the head's tolerance. This is the export check of fp32 artifacts.
+  It ends with ``padding_check``: a batch of inputs of different lengths, padded to the longest
+  with the mask (text), against each input run alone at its own length, on the same runtime.
 - ``task_drift``: task-aware metrics (top-1 agreement, CER/WER, span match, ...) on real
   evaluation samples, against a budget. This judges quantized artifacts.
 """
@@ -18,7 +20,7 @@ import numpy as np
 from .backends.torch_ref import torch_forward
 from .heads import dummy_inputs, shape_points
 from .models import LoadedModel
-from .spec import REFERENCE, Drift, ExportedGraph, ShapeProfile
+from .spec import REFERENCE, Drift, ExportedGraph, Modality, ShapeProfile
 
 # The export check's tolerance for half-precision artifacts, as a multiple of the head's fp32 one
 # (fp16 keeps 11 significant bits, bf16 8: rounding alone moves outputs by ~5e-4 and ~4e-3 relative
@@ -26,6 +28,8 @@ from .spec import REFERENCE, Drift, ExportedGraph, ShapeProfile
 HALF_TOLERANCE_FACTOR: dict[str, float] = {"fp16": 200.0, "bf16": 500.0}
 
 Infer = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+PADDED_ROWS = 3  # rows of the padding check's batch (fewer where the profile's batch is smaller)
 
 
 def scaled_error(reference: Any, candidate: Any) -> tuple[float, float]:
@@ -80,16 +84,95 @@ def shape_check(
             err, rel = scaled_error(ref[name], got[name])
             if rel >= worst_rel:
                 worst_rel, worst_abs, worst_where = rel, err, f"output '{name}' at {fmt_sizes(sizes)}"
-    passed = worst_rel <= tolerance
-    return Drift(
-        reference=REFERENCE,
-        samples=len(points),
-        metrics={"max_abs_error": worst_abs, "max_scaled_error": worst_rel},
-        budget={"max_scaled_error": tolerance},
-        passed=passed,
-        failed=() if passed else ("max_scaled_error",),
-        detail=f"random inputs at {len(points)} shapes ({'; '.join(fmt_sizes(p) for p in points)}); worst: {worst_where}",
-    )
+    metrics, budget = {"max_abs_error": worst_abs, "max_scaled_error": worst_rel}, {"max_scaled_error": tolerance}
+    detail = f"random inputs at {len(points)} shapes ({'; '.join(fmt_sizes(p) for p in points)}); worst: {worst_where}"
+    progress("checking a padded batch against each input alone")
+    padding = padding_check(model, infer, profile)
+    if padding is not None:
+        metrics["padding_scaled_error"], budget["padding_scaled_error"] = padding.error, tolerance
+        detail = f"{padding.describe()}; {detail}"  # "worst: ..." stays last: the export error quotes what follows it
+    failed = tuple(m for m in budget if not metrics[m] <= budget[m])
+    return Drift(REFERENCE, len(points), metrics, budget, passed=not failed, failed=failed, detail=detail)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddingResult:
+    """A padded batch against each of its rows run alone: the worst scaled difference, and where."""
+
+    error: float  # max |padded row (valid positions) - alone| / max(1, max |alone|); inf when not finite
+    lengths: tuple[int, ...]  # each row's own length (tokens or samples)
+    worst: str  # "output 'logits' of row 2 (length 5)"
+
+    def describe(self) -> str:
+        what = "padded to the longest with the mask" if len(set(self.lengths)) > 1 else "equal lengths, no padding (audio graphs take no mask)"
+        return (f"padded batch of {len(self.lengths)} (lengths {', '.join(map(str, self.lengths))}; {what}) against each row alone: "
+                f"largest difference {self.error:.3g} scaled, {self.worst}")
+
+
+def padding_lengths(model: LoadedModel, profile: ShapeProfile) -> tuple[int, ...] | None:
+    """Each row's length for the padding check, longest first; None where the profile's batch cannot hold the rows and 1.
+
+    Text: the optimal length, two thirds and one third of it (never under the profile's shortest). Audio: the optimal
+    length for every row: the audio graphs take no attention mask (heads.input_specs), so audio is checked for rows
+    that do not change each other, never for padding (docs/bundles.md "Padding and masks").
+    """
+    opt = profile.point("opt")
+    if "batch" not in opt or profile.dim("batch").min > 1 or profile.dim("batch").max < 2:
+        return None
+    rows = min(PADDED_ROWS, profile.dim("batch").max)
+    axis = "samples" if model.head.modality is Modality.AUDIO else "sequence"
+    if axis not in opt:
+        return None
+    if model.head.modality is Modality.AUDIO:
+        return (opt[axis],) * rows
+    lo = profile.dim(axis).min
+    return tuple(max(lo, opt[axis] * (rows - i) // rows) for i in range(rows))
+
+
+def padded_batch(model: LoadedModel, profile: ShapeProfile, lengths: Sequence[int], seed: int = 7) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """(the batch padded to the longest, each row alone at its own length): random inputs shaped like real ones.
+
+    Text rows are padded on the right with the tokenizer's pad id and a 0 in ``attention_mask`` (what a Hugging
+    Face tokenizer does with ``padding=True``); audio rows all have the same length (no padding).
+    """
+    longest = max(lengths)
+    axis = "samples" if model.head.modality is Modality.AUDIO else "sequence"
+    sizes = dict(profile.point("opt"), batch=len(lengths), **{axis: longest})
+    batch = dummy_inputs(model.head, model.config, sizes, seed=seed)
+    if "attention_mask" in batch:
+        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+        ids = batch["input_ids"]
+        ids[..., 1:] = np.random.default_rng(seed).integers(3, model.config.vocab_size, size=ids[..., 1:].shape)
+        batch["attention_mask"][...] = 1
+        for row, n in enumerate(lengths):
+            batch["input_ids"][row, ..., n:] = pad_id
+            batch["attention_mask"][row, ..., n:] = 0
+    alone = [{k: np.ascontiguousarray(v[row : row + 1, ..., :n]) for k, v in batch.items()} for row, n in enumerate(lengths)]
+    return batch, alone
+
+
+def padding_check(model: LoadedModel, infer: Infer, profile: ShapeProfile) -> PaddingResult | None:
+    """Run a padded batch and each of its rows alone through ``infer``; compare each row on its valid positions.
+
+    Outputs per position (hidden states, token logits) are compared on the row's own length only; pooled outputs
+    whole. None where the profile cannot hold such a batch (``padding_lengths``). Never raises for a difference.
+    """
+    lengths = padding_lengths(model, profile)
+    if lengths is None:
+        return None
+    batch, alone = padded_batch(model, profile, lengths)
+    got = infer(batch)
+    worst, where = 0.0, "none"
+    for row, (feed, n) in enumerate(zip(alone, lengths)):
+        single = infer(feed)
+        for name in model.head.outputs:
+            ref, cand = np.asarray(single[name])[0], np.asarray(got[name])[row]
+            if cand.ndim and ref.ndim and cand.shape[0] != ref.shape[0] and cand.shape[1:] == ref.shape[1:]:
+                cand = cand[: ref.shape[0]]  # per position: the valid ones (the padded batch is longer)
+            rel = float("inf") if cand.shape != ref.shape else scaled_error(ref, cand)[1]
+            if rel >= worst:
+                worst, where = rel, f"output '{name}' of row {row + 1} (length {n})"
+    return PaddingResult(worst, lengths, where)
 
 
 def check_export(
