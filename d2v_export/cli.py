@@ -526,6 +526,28 @@ def predict_command(bundle: Path, inputs: tuple[str, ...], top_k: int, threads: 
     click.echo(to_json(results) if as_json else format_text(results), nl=False)
 
 
+@main.command(epilog="""\b
+Examples:
+  d2v-export deploy out/text/onnxruntime-fp32 --triton models/           # tritonserver --model-repository=models/
+  d2v-export deploy out/audio/openvino-int8-static --triton models/ --ovms ovms/ --name asr
+  d2v-export deploy out/vision/tensorrt-fp16 --triton models/             # then, on the device: sh models/install_plan_tensorrt-fp16.sh
+""")  # fmt: skip
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--triton", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="REPOSITORY",
+              help="Write a Triton Inference Server model repository entry: REPOSITORY/NAME/config.pbtxt and REPOSITORY/NAME/1/.")
+@click.option("--ovms", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="FOLDER",
+              help="Write an OpenVINO Model Server layout: FOLDER/NAME/1/ with the IR, and NAME added to FOLDER/config.json.")
+@click.option("--name", default=None, help="Model name on the server (default: the bundle folder's name).")
+@click.option("--force", is_flag=True, help="Replace a model of the same name already there.")
+@_handle_errors
+def deploy(bundle: Path, triton: Path | None, ovms: Path | None, name: str | None, force: bool) -> None:
+    """Lay out a bundle for a model server (checksums verified first): a Triton model repository, an OVMS folder."""
+    from . import serving
+
+    for folder in serving.deploy(bundle, triton=triton, ovms=ovms, name=name, force=force):
+        click.echo(f"wrote {folder}")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON.")
 @_handle_errors

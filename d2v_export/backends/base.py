@@ -109,6 +109,25 @@ class Snippet:
     after: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ServingLayout:
+    """How model servers load this target's bundle; ``d2v_export.serving`` writes the layouts (``d2v-export deploy``).
+
+    ``triton``: the config.pbtxt field and value that pick Triton's backend (("platform", "onnxruntime_onnx"),
+    ("backend", "openvino")); ``files``: (bundle file, name in Triton's version folder), where ``{name}`` is the
+    bundle's model file and ``{stem}`` its name without the suffix (the first is required, the others copied when
+    present); ``deferred``: a file built later on the device (a TensorRT engine) and its name in the version folder,
+    copied in by a script the writer leaves beside the repository; ``instance_kind``: Triton's instance_group kind;
+    ``ovms``: OpenVINO Model Server loads the bundle's model files as they are.
+    """
+
+    triton: tuple[str, str]
+    files: tuple[tuple[str, str], ...] = ()
+    deferred: tuple[str, str] | None = None
+    instance_kind: str = "KIND_CPU"
+    ovms: bool = False
+
+
 @runtime_checkable
 class Runner(Protocol):
     """Executes an artifact. Used as a context manager; ``infer`` is what the benchmark times."""
@@ -296,6 +315,7 @@ class BackendBase:
     can_defer = False
     rewrites: tuple[str, ...] = ()
     pick_levers: tuple[Lever, ...] = ()
+    serving: ServingLayout | None = None  # model-server layouts (d2v-export deploy); None: none
 
     def available(self) -> Availability:
         raise NotImplementedError

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
 from ..quantize import MATMUL_OPS, RecipeTemplate
-from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, copy_onnx, files_in
+from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, ServingLayout, copy_onnx, files_in
 
 MODEL_FILE = "model.onnx"
 SPINNING = "session.intra_op.allow_spinning"
@@ -67,6 +67,8 @@ class OnnxRuntimeBackend(BackendBase):
         ),
     }  # fmt: skip
     devices = Devices("CPU", "CPU", "CPU")
+    # Triton's ONNX Runtime backend: 1/model.onnx (external weights keep their name: the graph refers to it)
+    serving = ServingLayout(("platform", "onnxruntime_onnx"), (("{name}", "model.onnx"), ("{name}.data", "{name}.data")))
     # The graph clean-up (d2v_export.rewrite) is off by default here: ONNX Runtime folds constants itself at
     # load time and the other rewrites measured within noise on its kernels; --pick tries it.
     rewrites: tuple[str, ...] = ()

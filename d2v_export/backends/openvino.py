@@ -43,7 +43,7 @@ import numpy as np
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
 from ..quantize import MATMUL_OPS, RecipeTemplate
 from ..recipe_choice import Choice
-from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, Snippet, files_in, require_available
+from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, ServingLayout, Snippet, files_in, require_available
 from ._openvino_smooth import ALPHA as SMOOTH_ALPHA, smooth
 
 MODEL_FILE = "openvino_model.xml"  # optimum-intel's OV_XML_FILE_NAME
@@ -196,6 +196,8 @@ class OpenVinoBackend(BackendBase):
     # layers its INT8 keeps float by rule, and the activation encoding, per modality (recipe_choice)
     recipe_choices = {"*": HEAD_STAYS_FLOAT, "vision": HEAD_STAYS_FLOAT_SYMMETRIC, "audio": HEAD_STAYS_FLOAT_SYMMETRIC}
     devices = Devices("CPU", r"(CPU|GPU|NPU|AUTO)(\.\d+)?", "CPU, GPU, GPU.1, NPU or AUTO")
+    # Triton's OpenVINO backend reads 1/model.xml + model.bin; OpenVINO Model Server the IR as it is
+    serving = ServingLayout(("backend", "openvino"), (("{name}", "model.xml"), ("{stem}.bin", "model.bin")), ovms=True)
     # Exact graph clean-up before convert_model (d2v_export.rewrite), on by default: measured on the base
     # presets' NNCF INT8 IRs, 1.04x (text) and 1.12x (audio: no transposes around the channel LayerNorms),
     # vision unchanged; docs/PERFORMANCE.md.

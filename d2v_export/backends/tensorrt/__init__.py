@@ -49,7 +49,7 @@ from typing import Any
 from ...quantize import MATMUL_OPS, RecipeTemplate
 from ...recipe_choice import Choice
 from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
-from ..base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Opened, Recovery, Runner, Snippet, onnx_snippet
+from ..base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Opened, Recovery, Runner, ServingLayout, Snippet, onnx_snippet
 from ..onnxruntime import OrtRunner
 from . import device as trt_device
 from .build import compile_bundle, recover
@@ -98,6 +98,8 @@ class TensorRTBackend(BackendBase):
     pick_levers = PICK_LEVERS
     devices = Devices("cuda:0", r"(cuda|gpu)(:\d+)?", "cuda or cuda:N")
     can_defer = True  # with BuildRequest.defer_build the portable half is written without TensorRT or a GPU
+    # Triton's TensorRT backend: 1/model.plan, the engine build_engine.sh builds on the device (engines are tied to GPU and version)
+    serving = ServingLayout(("platform", "tensorrt_plan"), deferred=("model.plan", "model.plan"), instance_kind="KIND_GPU")
 
     def available(self) -> Availability:
         p = trt_device.probe()
