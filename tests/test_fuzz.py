@@ -260,6 +260,8 @@ def audio_files(draw: Any) -> tuple[str, bytes]:
     wave = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(-1, 1, (frames, channels))
     if fmt == "OGG":  # libvorbis's encoder itself crashes (SIGSEGV) on odd rates and non-finite samples: only the reader is fuzzed
         rate, special = min((8000, 16000, 22050, 44100, 48000), key=lambda r: abs(r - rate)), None
+    if subtype in ("ULAW", "ALAW") and special not in (None, 0.0):  # libsndfile's u-law/A-law encoder crashes on 1e30, inf, NaN
+        special = None
     if special is not None and frames:
         wave[: max(1, frames // 3)] = special
     buf = io.BytesIO()
@@ -856,3 +858,4 @@ def test_an_hours_long_clip_is_read_only_as_far_as_the_longest_input(tmp_path: P
     sf.write(tmp_path / "slow.wav", np.random.default_rng(0).uniform(-1, 1, 200_000), 1, subtype="PCM_16")
     samples = _samples(tmp_path, Modality.AUDIO, "audio-classification")()
     assert samples.feeds[0]["input_values"].shape == (1, AUDIO.dim("samples").max)
+
