@@ -334,7 +334,60 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
     if doc.get("labels"):
         lines.append("Class ids map to names through `labels` in manifest.json (also `id2label` in config.json).")
     lines += snippet.after
+    lines += _long_recording_lines(doc, snippet.code[-1])
     return "\n".join(lines) + "\n"
+
+
+def _long_recording_lines(doc: Mapping[str, Any], run_line: str) -> list[str]:
+    """Speech recognition / frame classification: README lines that run a recording of any length in windows
+    (``d2v_export.chunking``, which ``d2v-export run`` uses). ``run_line`` is the snippet's last line: feed -> outputs."""
+    from . import chunking
+
+    if doc["model"]["modality"] != "audio" or doc["model"]["task"] not in ("automatic-speech-recognition", "audio-frame-classification"):
+        return []
+    samples = next((t["dynamic"]["samples"] for t in doc["inputs"] if "samples" in t.get("dynamic", {})), None)
+    if samples is None:
+        return []
+    try:
+        window, stride = chunking.sizes(int(samples["max"]))
+    except ValueError:
+        return []
+    rate = int(doc["preprocessing"].get("sampling_rate") or 16000)
+    decode = (["vocab = {i: t for t, i in json.load(open(\"" + doc["name"] + "/vocab.json\")).items()}  # greedy CTC, once over the whole",
+               "ids = [i for j, i in enumerate(logits.argmax(-1)) if i != 0 and (j == 0 or i != logits.argmax(-1)[j - 1])]",
+               'print(" ".join("".join(vocab[i] for i in ids if vocab[i] not in ("<s>", "</s>", "<unk>")).replace("|", " ").split()))']
+              if doc["model"]["task"] == "automatic-speech-recognition" else ["print(logits.argmax(-1))  # one class per 20 ms frame"])  # fmt: skip
+    return [
+        "",
+        "## Long recordings",
+        "",
+        f"A recording longer than the longest input ({samples['max'] / rate:g} s) runs in overlapping windows of {window / rate:g} s: "
+        f"each window's outer {stride / rate:g} s of frames are dropped (none at the recording's ends), the kept frames tile the "
+        "recording once and are decoded once, as `d2v-export run` does. Continuing the code above:",
+        "",
+        "```python",
+        "import json",
+        "",
+        'values = feed["input_values"]  # the whole recording, normalized once',
+        f"window, stride, hop, n = {window}, {stride}, {chunking.HOP}, values.shape[1]  # samples; hop: the feature encoder's stride",
+        "kept, done, start = [], 0, 0",
+        "while True:",
+        "    last = start + window >= n",
+        "    if last and n > window:",
+        "        start = -(-(n - window) // hop) * hop  # the last window ends with the recording, on a frame boundary",
+        '    feed = {"input_values": values[:, start : start + window]}',
+        f"    {run_line}",
+        "    frames = list(outputs.values())[0][0]  # (frames, classes): frame j is frame start // hop + j of the recording",
+        "    keep_to = len(frames) if last else (window - stride) // hop",
+        "    kept.append(frames[done - start // hop : keep_to])",
+        "    done = start // hop + keep_to",
+        "    if last:",
+        "        break",
+        "    start += window - 2 * stride",
+        "logits = np.concatenate(kept)  # as many frames as the whole recording run at once",
+        *decode,
+        "```",
+    ]
 
 
 def _feed_lines(name: str, modality: str, task: str, pre: Mapping[str, Any]) -> list[str]:

@@ -8,8 +8,12 @@ Inputs, per modality (see docs/bundles.md):
 - vision: image files (any format Pillow reads; EXIF orientation applied, converted to RGB), prepared
   by the bundle's own image processor (`preprocessor_config.json`).
 - audio: audio files of any sampling rate and channel count (averaged to mono, resampled to the
-  processor's rate with scipy's polyphase resampler), prepared by the bundle's feature extractor;
-  clips longer than the bundle's largest shape are cut (said in the result's notes).
+  processor's rate with scipy's polyphase resampler), prepared by the bundle's feature extractor.
+  Speech recognition and frame classification take a recording of any length (up to ``MAX_SECONDS``):
+  longer than the bundle's longest input, it is run in overlapping windows whose frame-level outputs
+  are stitched (``d2v_export.chunking``) and decoded once. Heads that pool the whole clip (audio
+  classification, x-vector, feature extraction) see its first window: clips longer than the bundle's
+  largest shape are cut (said in the result's notes).
 - text: each argument is one text. ``A ||| B`` is a text pair: question ||| context for
   question-answering, prompt ||| choice ||| choice ... for multiple-choice, text ||| text pair for
   classification. Fill-mask needs the tokenizer's mask token (``<mask>``) in the text. An argument
@@ -34,6 +38,8 @@ from .bundle import PAIR_SEPARATOR, Manifest, verify
 from .spec import Artifact, D2VError, Dim, Modality, Precision, ShapeProfile
 
 MAX_ANSWER_TOKENS = 30
+MAX_SECONDS = 3600  # the longest recording run reads (its samples are held in memory): see docs/bundles.md "Long recordings"
+CHUNKED = ("transcript", "frame_classes")  # heads.Head.result of the audio heads whose outputs are per frame: chunked
 
 
 @dataclass
@@ -48,6 +54,7 @@ class _Prepared:
     segment: list[int | None] | None = None  # text: sequence id of each token (QA context is 1)
     context: str = ""  # QA: the context text
     choices: list[str] = field(default_factory=list)  # multiple-choice
+    windows: list[Any] = field(default_factory=list)  # audio longer than the longest input: chunking.Window spans of feed
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -165,9 +172,23 @@ class Preparer:
 
     def __call__(self, raw: Any) -> _Prepared:
         prepared = self.read(raw)
-        if self.batch > 1:  # a profile whose smallest batch is above 1: repeat the input, read the first row
+        if self.batch > 1 and not prepared.windows:  # a profile whose smallest batch is above 1: repeat the input, read the first row
             prepared.feed = {k: np.repeat(v, self.batch, axis=0) for k, v in prepared.feed.items()}
         return prepared
+
+    def infer(self, runner: Any, prepared: _Prepared, names: list[str]) -> Mapping[str, np.ndarray]:
+        """The outputs of one input; a chunked recording's first output is its windows' kept frames, stitched."""
+        if not prepared.windows:
+            return runner.infer(prepared.feed)
+        from .chunking import stitch
+
+        values, parts, name = prepared.feed["input_values"], [], None
+        for w in prepared.windows:
+            feed = self.read.window(values, w)  # type: ignore[attr-defined]
+            out = runner.infer({"input_values": np.repeat(feed, self.batch, axis=0) if self.batch > 1 else feed})
+            name = names[0] if names and names[0] in out else next(iter(out))
+            parts.append(np.asarray(out[name])[0, w.keep_from : w.keep_to])
+        return {str(name): stitch(parts)[None]}
 
 
 class _ImageReader:
@@ -194,36 +215,61 @@ class _ImageReader:
 
 class _AudioReader:
     def __init__(self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None) -> None:
+        from . import chunking
+        from .heads import SAMPLING_RATE, head_for
+
         if processor is None:
             raise D2VError(f"bundle '{manifest.folder}' has no feature extractor (preprocessor_config.json); rebuild it")
         self.processor = processor
         self.profile = profile
+        self.rate = int(getattr(processor, "sampling_rate", None) or SAMPLING_RATE)
+        self.pad = float(getattr(processor, "padding_value", 0.0) or 0.0)
+        try:
+            self.longest: int | None = profile.dim("samples").max
+        except KeyError:
+            self.longest = None
+        self.encoder = chunking.encoder_of(manifest.folder)
+        self.sizes: tuple[int, int] | None = None
+        if self.longest is not None and head_for(manifest.modality, manifest.task).result in CHUNKED:
+            try:
+                self.sizes = chunking.sizes(self.longest, self.encoder)
+            except ValueError:
+                self.sizes = None  # a longest input too short to chunk: cut instead
 
     def __call__(self, path: Path) -> _Prepared:
+        from . import chunking
         from .calibration.audio import bucket, read_mono
         from .calibration.samples import Unreadable
-        from .heads import SAMPLING_RATE
 
-        proc = self.processor
-        rate = int(getattr(proc, "sampling_rate", None) or SAMPLING_RATE)
+        proc, rate, longest = self.processor, self.rate, self.longest
+        # read one sample past what is used, to know whether it was cut, not the whole (maybe hours-long) clip
+        limit = None if longest is None else (MAX_SECONDS * rate if self.sizes else longest) + 1
         try:
-            longest: int | None = self.profile.dim("samples").max
-        except KeyError:
-            longest = None
-        try:  # read one sample past the longest input, to know whether it was cut, not the whole (maybe hours-long) clip
-            wave = read_mono(path, rate, None if longest is None else longest + 1)
-            keep, target = bucket(len(wave), self.profile)
+            wave = read_mono(path, rate, limit)
+            whole = self.sizes is not None and longest is not None and len(wave) > longest
+            keep, target = (min(len(wave), MAX_SECONDS * rate), 0) if whole else bucket(len(wave), self.profile)
             values = proc(wave[:keep], sampling_rate=rate, return_tensors="np")["input_values"]
         except (Unreadable, ValueError, TypeError) as exc:
             raise D2VError(f"input '{path}': {exc}; pass an audio file (wav, flac, ogg, ...)") from None
-        notes = []
-        if keep < len(wave):
-            notes.append(f"cut to {keep / rate:g} s: the bundle's longest input")
+        length = len(wave)
+        del wave
         values = np.asarray(values, dtype=np.float32).reshape(1, -1)
+        notes = [f"cut to {keep / rate:g} s: " + ("run reads at most this much" if whole else "the bundle's longest input")] if keep < length else []
+        if whole:
+            assert self.sizes is not None
+            window, stride = self.sizes
+            plan = chunking.windows(keep, window, stride, self.encoder)
+            notes.append(f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side")
+            return _Prepared({"input_values": values}, notes=notes, windows=plan)
         if values.shape[1] < target:
-            pad = float(getattr(proc, "padding_value", 0.0) or 0.0)
-            values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=pad)
+            values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=self.pad)
         return _Prepared({"input_values": values}, notes=notes, valid=min(1.0, keep / max(1, values.shape[1])))
+
+    def window(self, values: np.ndarray, w: Any) -> np.ndarray:
+        """One window of the recording's values, padded at its end up to the profile's shortest input."""
+        part = values[:, w.start : w.stop]
+        short = self.profile.dim("samples").min - part.shape[1]
+        return np.pad(part, ((0, 0), (0, short)), constant_values=self.pad) if short > 0 else part
 
 
 class _TextReader:
@@ -526,7 +572,7 @@ def predict(bundle: Path, inputs: list[str], *, threads: int = 0, top_k: int = 5
     with backend.runner(artifact, threads=threads) as runner:
         for name, raw in items:
             prepared = prepare(raw)
-            out = runner.infer(prepared.feed)
+            out = prepare.infer(runner, prepared, interpret.names)
             result: dict[str, Any] = {"input": name, "task": manifest.task, "runtime": runtime}
             result |= interpret(out, prepared)
             result["notes"] = notes + prepared.notes
