@@ -75,14 +75,16 @@ def _batch_axis(manifest: Manifest) -> tuple[str, int] | None:
         return None
     axis = first.pop()
     ranges = [(t.get("dynamic") or {}).get(axis) for t in manifest.inputs]
-    if not ranges or any(r is None for r in ranges):
+    if not ranges or any(r is None or int(r["min"]) == int(r["max"]) for r in ranges):  # min == max: baked in, static
         return None
     return axis, min(int(r["max"]) for r in ranges)
 
 
 def _dims(tensor: Mapping[str, Any], skip_first: bool) -> list[int]:
-    """The tensor's dims as Triton writes them: -1 for a dynamic axis, the size of a fixed one."""
-    fixed = tensor.get("fixed") or {}
+    """The tensor's dims as Triton writes them: -1 for a dynamic axis, the size of a fixed one (a range with
+    min == max is one number the exporter baked in)."""
+    fixed = dict(tensor.get("fixed") or {})
+    fixed |= {axis: int(r["min"]) for axis, r in (tensor.get("dynamic") or {}).items() if int(r["min"]) == int(r["max"])}
     dims = [axis if isinstance(axis, int) else int(fixed.get(axis, -1)) for axis in tensor.get("shape") or ()]
     return dims[1:] if skip_first else dims
 
