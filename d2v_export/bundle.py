@@ -335,7 +335,32 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
         lines.append("Class ids map to names through `labels` in manifest.json (also `id2label` in config.json).")
     lines += snippet.after
     lines += _long_recording_lines(doc, snippet.code[-1])
+    lines += _padding_lines(doc)
     return "\n".join(lines) + "\n"
+
+
+def _padding_lines(doc: Mapping[str, Any]) -> list[str]:
+    """README lines on batching inputs of different lengths: which inputs take a mask and what padding means."""
+    lines = ["", "## Batches and padding", ""]
+    if doc["model"]["modality"] == "vision":
+        return lines + ["Images are resized to one size by the processor: a batch needs no padding and no mask."]
+    if doc["model"]["modality"] == "audio":
+        return lines + [
+            "The graph takes `input_values` only: **no attention mask**. Batch clips of the same length; a clip padded "
+            "with zeros (`padding_value` 0.0) to a longer one gives a different answer, because the model sees the "
+            "zeros as sound. (With a mask, PyTorch's Data2Vec audio still differs: its positional convolution "
+            "carries the padded frames into the last valid ones.) Run clips of different lengths one at a time."
+        ]
+    dynamic = "dynamic" in doc["name"]
+    return lines + [
+        "`input_ids` and `attention_mask` take a batch of texts of different lengths: pad each row on the right to "
+        "the longest with the tokenizer's pad id and put 0 in `attention_mask` there (what the tokenizer does with "
+        "`padding=True`). Each row answers as it would alone, on its own positions; outputs per token are "
+        "meaningful only where the mask is 1. d2v-export checks this in every export check.",
+        "This variant computes its INT8 scales over the whole batch (dynamic INT8): a row's answer moves a little "
+        "with the other rows (see docs/bundles.md, \"Padding and masks\")." if dynamic else
+        "Each row's answer equals its answer alone within the export check's tolerance.",
+    ]
 
 
 def _long_recording_lines(doc: Mapping[str, Any], run_line: str) -> list[str]:

@@ -128,3 +128,12 @@ def _reference(model: Any) -> Any:
     from d2v_export.export import make_wrapper
 
     return make_wrapper(model)
+
+
+def test_bundle_readme_says_which_inputs_take_a_mask() -> None:
+    from d2v_export.bundle import _padding_lines
+
+    text = "\n".join(_padding_lines({"name": "onnxruntime-int8-dynamic", "model": {"modality": "text"}}))
+    audio = "\n".join(_padding_lines({"name": "openvino-fp32", "model": {"modality": "audio"}}))
+    assert "pad id" in text and "`attention_mask`" in text and "whole batch" in text
+    assert "no attention mask" in audio and "`padding_value` 0.0" in audio
