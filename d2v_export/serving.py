@@ -9,7 +9,7 @@ profile's largest batch and the batch axis is left out of ``dims`` (with ``dynam
 and output starts with a dynamic batch axis; otherwise ``max_batch_size: 0`` and the full shapes. A dynamic
 axis is -1, a fixed one its size; data types map from the graph's element types. Which Triton backend loads a
 target, which files go into the version folder and whether OVMS takes it is the target's own answer
-(``Backend.serving``, a ``backends.base.ServingLayout``). Needs only the standard library and the bundle.
+(``BackendBase.serving``, a ``backends.base.ServingLayout``; a plug-in without it has no layout). Needs only the standard library and the bundle.
 
 Each model folder is written in a hidden staging folder beside it and renamed into place at the end, so a
 repository holds whole models only; several bundles can be deployed into one repository under different names.

@@ -117,7 +117,8 @@ def options_named(doc: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("doc", [README, ROOT / "docs" / "reports.md", ROOT / "docs" / "bundles.md",
-                                 ROOT / "docs" / "calibration.md", ROOT / "docs" / "quantization.md"], ids=lambda p: p.name)  # fmt: skip
+                                 ROOT / "docs" / "calibration.md", ROOT / "docs" / "quantization.md",
+                                 ROOT / "docs" / "deployment.md"], ids=lambda p: p.name)  # fmt: skip
 def test_every_option_the_docs_name_is_an_option_of_the_command(doc: Path) -> None:
     real = click_options()
     unknown = {o: n for o, n in options_named(doc).items() if o not in real}
