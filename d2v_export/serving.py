@@ -74,8 +74,9 @@ def _batch_axis(manifest: Manifest) -> tuple[str, int] | None:
     if len(first) != 1:
         return None
     axis = first.pop()
-    ranges = [(t.get("dynamic") or {}).get(axis) for t in manifest.inputs]
-    if not ranges or any(r is None or int(r["min"]) == int(r["max"]) for r in ranges):  # min == max: baked in, static
+    found = [(t.get("dynamic") or {}).get(axis) for t in manifest.inputs]
+    ranges = [r for r in found if r is not None]
+    if not ranges or len(ranges) < len(found) or any(int(r["min"]) == int(r["max"]) for r in ranges):  # min == max: baked in
         return None
     return axis, min(int(r["max"]) for r in ranges)
 
