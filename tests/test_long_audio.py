@@ -25,6 +25,8 @@ from d2v_export.options import ShapeRequest
 from d2v_export.pipeline import RunOptions, run
 from d2v_export.spec import Modality
 
+from .test_bundle import bundles  # noqa: F401 - the session fixture
+
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "She sells sea shells by the sea shore every summer morning.",
@@ -181,3 +183,18 @@ def test_a_clip_longer_than_run_reads_is_cut_and_says_so(asr: Path, speech: Path
     (result,) = predict.predict(asr, [str(speech)], threads=1)
     assert any(n.startswith("cut to 30 s: run reads at most") for n in result["notes"])
     assert result["frames"] == chunking.Encoder().frames(30 * 16000)
+
+
+def test_audio_classification_sees_the_first_window_and_says_so(bundles: Any, speech: Path, tmp_path: Path) -> None:
+    """A head that pools the whole clip is not chunked: it gets the longest input's worth, the same as that cut alone."""
+    import soundfile as sf
+
+    from d2v_export.calibration.audio import read_mono
+
+    folder = bundles("audio", "audio-classification")["onnxruntime-fp32"]
+    first = tmp_path / "first2s.wav"
+    sf.write(str(first), read_mono(speech, 16000)[: 2 * 16000], 16000)
+    long, cut = predict.predict(folder, [str(speech), str(first)], threads=1)
+    assert any(n.startswith("cut to 2 s: the bundle's longest input") for n in long["notes"])
+    assert not any("windows" in n for n in long["notes"])
+    assert long["labels"] == cut["labels"]
