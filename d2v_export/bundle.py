@@ -285,7 +285,7 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
     (e.g. the settings the variant was measured with) when given."""
     snippet = backends.get(doc["target"]).readme_snippet(doc["name"], doc["model_file"], folder)
     m = doc["model"]
-    name, target, model_file = doc["name"], doc["target"], doc["model_file"]
+    name, target = doc["name"], doc["target"]
     modality, task = m["modality"], m["task"]
     example = {"vision": "cat.jpg", "audio": "speech.wav", "text": '"A sentence to classify."'}[modality]
     if task == "question-answering":

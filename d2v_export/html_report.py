@@ -327,7 +327,7 @@ def scatter_plot(
         path = " ".join(f"{xscale(max(float(p['x']), floor)):.1f},{yscale(float(p['y'])):.1f}" for p in on_front)
         body.append(f'<polyline points="{path}" fill="none" stroke="#0969da" stroke-width="2" stroke-opacity="0.6"/>')
     placed: list[tuple[float, float]] = []
-    for i, p in enumerate(usable):
+    for p in usable:
         xv = float(p["x"])
         x = xscale(max(xv, floor)) if math.isfinite(xv) else xscale.p1
         y = yscale(float(p["y"]))

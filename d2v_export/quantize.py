@@ -24,7 +24,6 @@ Nothing here passes string-keyed ``extra_options`` to callers: QuantRecipe field
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -34,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .recipe_choice import excluded_for_transformer  # re-exported: the 'input' rule
+from .recipe_choice import excluded_for_transformer as excluded_for_transformer  # re-exported: the 'input' rule
 from .spec import D2VError, ExitCode, ExportedGraph, QuantizedGraph, QuantRecipe
 
 MODES = ("static", "dynamic")

@@ -348,7 +348,7 @@ def channel_layernorm(model: Any) -> int:
 
         def reduce_mean(inp: str, out: str) -> Any:
             if gr.opset >= 18:
-                axes = gr.set_initializer(f"{p}_axes", np.array([1], np.int64))
+                axes = gr.set_initializer(f"{p}_axes", np.array([1], np.int64))  # noqa: B023 - called at once, in this iteration
                 return helper.make_node("ReduceMean", [inp, axes], [out], keepdims=1, name=out)
             return helper.make_node("ReduceMean", [inp], [out], axes=[1], keepdims=1, name=out)
 

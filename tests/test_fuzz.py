@@ -19,7 +19,6 @@ import json
 import os
 import pickle
 import struct
-import subprocess
 import sys
 import tempfile
 import threading

@@ -152,7 +152,10 @@ def test_broken_stitching_fails_the_bounds(asr: Path, speech: Path) -> None:
     """No stride dropping, or every window one frame off: the same bounds refuse both."""
     reference, model = _whole(speech)
     whole = _decode(reference, model.tokenizer)
-    every_frame = lambda plan: [dataclasses.replace(w, keep_from=0, keep_to=chunking.Encoder().frames(w.stop - w.start)) for w in plan]
+
+    def every_frame(plan: list[chunking.Window]) -> list[chunking.Window]:
+        return [dataclasses.replace(w, keep_from=0, keep_to=chunking.Encoder().frames(w.stop - w.start)) for w in plan]
+
     logits, _ = _chunked(asr, speech, every_frame)
     assert len(logits) > len(reference) and metrics.cer(whole, _decode(logits, model.tokenizer)) > 10 * CER_BOUND
     def shifted(plan: list[chunking.Window]) -> list[chunking.Window]:  # every inner window read one frame (320 samples) late

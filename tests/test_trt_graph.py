@@ -119,7 +119,7 @@ def test_moving_the_attention_scale_keeps_the_qdq_graph_outputs(graphs: Graphs, 
         before = tmp_path / f"before-{source.stem}.onnx"
         onnx.save(model, str(before))
         assert trt_graph.move_attention_scale(model) == len(scaled) == len(trt_graph.attention_blocks(model)) > 0
-        for (first, node, _), out in zip(scaled, model.graph.output[-len(scaled):]):
+        for (first, _node, _), out in zip(scaled, model.graph.output[-len(scaled):]):
             assert out.name == first.output[0]  # the scores output is the first MatMul's own now
         moved = tmp_path / f"moved-{source.stem}.onnx"
         onnx.save(model, str(moved))

@@ -535,7 +535,7 @@ def _onnx_outputs(onnx_path: Path, names: Sequence[str]) -> dict[str, list[str]]
     out: dict[str, list[str]] = {n.name: [n.output[0]] for n in nodes if n.name in wanted and n.output}
     for reader in nodes:
         if reader.op_type == "Add":
-            for name, tensors in out.items():
+            for tensors in out.values():
                 if tensors[0] in reader.input:
                     tensors.append(reader.output[0])
     return out
