@@ -51,6 +51,13 @@ class BenchSettings:
     max_warmup: int = 50  # warm-up rounds at most
     max_warmup_seconds: float | None = None  # warm-up time at most, all runners together; None: ``seconds``, at least 2 s
     disable_gc: bool = True  # no Python garbage collection pauses inside timed runs
+    # every artifact opened once more in a child process (d2v_export.cold_start, about a second per variant at
+    # tiny size): None measures it unless ``seconds`` is 0 (--bench-seconds 0, the quickest run)
+    cold_start: bool | None = None
+
+    @property
+    def measures_cold_start(self) -> bool:
+        return self.cold_start if self.cold_start is not None else self.seconds > 0
 
 
 @dataclass(frozen=True)

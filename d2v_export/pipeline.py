@@ -42,12 +42,14 @@ from .calibration.samples import Samples
 from .options import QuantOptions, Range, RunOptions, ShapeRequest, apply_profile, require_int8
 from .spec import (
     Artifact,
+    ColdStart,
     D2VError,
     Drift,
     ExportedGraph,
     Dim,
     ExitCode,
     LatencyStats,
+    LengthDrift,
     Modality,
     ModelInfo,
     ModelSpec,
@@ -334,7 +336,8 @@ def run(
         work = _Work(model, profile, graph, reference, ref_outputs, calib, evaluation, options, threads, root / ".work", progress, checked)
         built = _build_all(work, root)
         measured = _measure(work, built, bench_progress)
-        variants = _variants(built, measured, options, spec.modality)
+        extras = _Extras(_cold_starts(work, built, warnings), _drift_by_length(work, built))
+        variants = _variants(built, measured, options, spec.modality, extras)
         built, variants, picked = _pick(work, built, variants)
         result = _assemble(spec, model, graph, threads, measured, variants, warnings, picked)
         shutil.rmtree(work.folder)
@@ -521,9 +524,68 @@ def _measure(work: _Work, built: list[Built], bench_progress: BenchProgress) -> 
             return bench.measure_full(runners, feed, batch=opt["batch"], shape=opt, settings=settings, progress=bench_progress)
 
 
-def _variants(built: list[Built], measured: bench.BenchResult, options: RunOptions, modality: Modality) -> tuple[Variant, ...]:
-    """The report's variants: verdict, latency, speedup (against the reference of its own pair, when timed in pairs)
-    and the device profile's latency verdict."""
+class _Extras(NamedTuple):
+    """What the stages after latency measured per variant name: cold start, INT8 audio drift against length."""
+
+    cold_start: dict[str, ColdStart]
+    by_length: dict[str, tuple[LengthDrift, ...]]
+
+
+def _cold_starts(work: _Work, built: list[Built], warnings: list[str]) -> dict[str, ColdStart]:
+    """Stage "cold start": each artifact opened and run once in a child process of its own (``d2v_export.cold_start``).
+
+    Skipped with ``--bench-seconds 0`` (``BenchSettings.measures_cold_start``) and for deferred builds (nothing
+    here runs what the device will); a child that fails leaves a warning instead of numbers."""
+    if not work.options.bench.measures_cold_start:
+        return {}
+    import numpy as np
+
+    from .cold_start import measure
+
+    feed_path = work.folder / "cold-start-feed.npz"
+    feed_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(feed_path, **dummy_inputs(work.model.head, work.model.config, work.profile.point("opt"), seed=7))
+    deferred = _deferred(work.options)
+    found: dict[str, ColdStart] = {}
+    for b in (b for b in built if b.artifact.target not in deferred):
+        work.progress(f"cold start of {b.artifact.name} (a child process)")
+        result, why = measure(b.artifact, feed_path, threads=work.threads)
+        if result is None:
+            warnings.append(f"cold start of {b.artifact.name} not measured: {why}")
+            work.progress(f"WARNING: {warnings[-1]}")
+        else:
+            found[b.artifact.name] = result
+    return found
+
+
+def _drift_by_length(work: _Work, built: list[Built]) -> dict[str, tuple[LengthDrift, ...]]:
+    """Stage "drift by length" (INT8 audio variants): each against PyTorch on one input at the profile's min, opt and
+    max length (``validate.length_feeds``: the evaluation samples joined and repeated), so that drift growing
+    with length shows."""
+    from .backends.torch_ref import restore
+    from .validate import drift_by_length, length_feeds
+
+    int8 = [b for b in built if b.artifact.precision is Precision.INT8]
+    if work.model.head.modality is not Modality.AUDIO or not int8 or work.evaluation is None:
+        return {}
+    dim = work.profile.dim("samples")
+    feeds = length_feeds(work.evaluation.feeds, sorted({dim.min, dim.opt, dim.max}))
+    seconds = [f["input_values"].shape[-1] / SAMPLING_RATE for f in feeds]
+    work.progress("INT8 drift against input length: " + ", ".join(f"{s:g} s" for s in seconds))
+    restore(work.reference)
+    with TorchRunner(work.reference, work.model.head.outputs, work.threads) as ref:
+        reference = [ref.infer(f) for f in feeds]
+    found = {}
+    for b in int8:
+        with b.backend.runner(b.artifact, threads=work.threads) as runner:
+            found[b.artifact.name] = drift_by_length(work.model, reference, runner.infer, feeds, SAMPLING_RATE)
+    return found
+
+
+def _variants(built: list[Built], measured: bench.BenchResult, options: RunOptions, modality: Modality, extras: _Extras | None = None) -> tuple[Variant, ...]:
+    """The report's variants: verdict, latency, speedup (against the reference of its own pair, when timed in pairs),
+    the device profile's latency verdict, cold start and INT8 audio drift against length (``extras``)."""
+    extras = extras or _Extras({}, {})
     latency = measured.stats
     pooled = latency[REFERENCE_NAME]
     return tuple(
@@ -539,6 +601,8 @@ def _variants(built: list[Built], measured: bench.BenchResult, options: RunOptio
             latency_budget=options.profile.latency_verdict(modality, latency[b.artifact.name]) if options.profile else None,
             device=b.backend.measured_on(b.artifact, b.device),
             deploy_device=b.device,
+            cold_start=extras.cold_start.get(b.artifact.name),
+            drift_by_length=extras.by_length.get(b.artifact.name, ()),
         )
         for b in built
     )

@@ -110,6 +110,8 @@ def to_dict(report: Report, root: Path) -> dict[str, Any]:
                 "speedup_vs_reference": v.speedup_vs_reference,
                 "notes": list(v.notes),
                 "latency_budget": jsonable(v.latency_budget),
+                "cold_start": jsonable(v.cold_start),
+                "drift_by_length": jsonable(v.drift_by_length),
             }
             for v in report.variants
         ],
@@ -221,6 +223,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         budget = v.get("latency_budget")
         if budget and budget.get("passed") is not None:
             lines.append(f"  - latency budget ({budget['profile']}): {'within' if budget['passed'] else 'OVER'} — {budget['detail']}")
+    lines += _cold_start_lines(doc["variants"]) + _length_lines(doc["variants"])
     pick = doc.get("pick")
     if pick:
         lines += ["", "## The pick", "", f"**{pick['name']}** ({pick['candidate']}): {pick['why']}.", "",
@@ -239,3 +242,34 @@ def markdown(doc: Mapping[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     lines += ["", f"<sub>{versions}. Created {doc['created']}. Schema {doc['schema_version']}.</sub>", ""]
     return "\n".join(lines)
+
+
+def _cold_start_lines(variants: list[Mapping[str, Any]]) -> list[str]:
+    """report.md's "Cold start" table: each artifact opened in a child process of its own."""
+    measured = [v for v in variants if v.get("cold_start")]
+    if not measured:
+        return []
+    lines = ["", "## Cold start", "",
+             "Each artifact opened in a fresh child process: importing the runtime, opening the artifact (session creation, "
+             "compile_model), the first inference at the latency shape; peak resident memory of that process, and what the "
+             "artifact added to it after the runtime was imported.", "",
+             "| variant | import ms | open ms | first inference ms | peak RSS MB | artifact's share MB |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for v in measured:
+        c = v["cold_start"]
+        lines.append(f"| {v['name']} | {c['import_ms']:.0f} | {c['open_ms']:.0f} | {c['first_inference_ms']:.1f} | {c['peak_rss_mb']:.0f} | {c['artifact_rss_mb']:.0f} |")
+    return lines
+
+
+def _length_lines(variants: list[Mapping[str, Any]]) -> list[str]:
+    """report.md's "INT8 drift against input length" table (audio INT8 variants)."""
+    rows = [(v["name"], d) for v in variants for d in v.get("drift_by_length") or ()]
+    if not rows:
+        return []
+    names = list(dict.fromkeys(k for _, d in rows for k in d["metrics"]))
+    lines = ["", "## INT8 drift against input length", "",
+             "One input per length (the evaluation samples joined end to end and repeated), against PyTorch: information, not a gate.", "",
+             "| variant | seconds | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]  # fmt: skip
+    for name, d in rows:
+        values = [d["metrics"].get(k) for k in names]
+        lines.append(f"| {name} | {d['seconds']:g} | " + " | ".join("–" if x is None else f"{x:.4f}" for x in values) + " |")
+    return lines

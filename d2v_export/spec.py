@@ -227,6 +227,28 @@ class Artifact:
 
 
 @dataclass(frozen=True)
+class ColdStart:
+    """What opening an artifact costs, measured in a fresh child process (``d2v_export.cold_start``)."""
+
+    import_ms: float  # importing the runtime (``Backend.available()``)
+    open_ms: float  # the runner: session creation / compile_model
+    first_inference_ms: float  # the first ``infer`` at the latency shape
+    peak_rss_mb: float  # the child's peak resident memory, all of it
+    baseline_rss_mb: float  # the child's peak with the interpreter and the runtime imported, before opening
+    artifact_rss_mb: float  # peak_rss_mb - baseline_rss_mb: what opening and running this artifact added
+    measured_in: str = "child process"
+
+
+@dataclass(frozen=True)
+class LengthDrift:
+    """An INT8 audio variant against the PyTorch reference on one input of one length (``validate.drift_by_length``)."""
+
+    seconds: float
+    samples: int
+    metrics: Mapping[str, float]  # the task's output-agreement metrics (logit_cosine, frame_agreement for CTC, ...)
+
+
+@dataclass(frozen=True)
 class Variant:
     target: str
     precision: Precision
@@ -239,6 +261,8 @@ class Variant:
     latency_budget: Mapping[str, object] | None = None  # a device profile's verdict (profiles.latency_verdict)
     device: str = ""  # what its drift and latency were measured on (Backend.measured_on)
     deploy_device: str = ""  # the device it was built for (the target's --device)
+    cold_start: ColdStart | None = None  # None: not measured (--bench-seconds 0, a deferred build, the child failed)
+    drift_by_length: tuple[LengthDrift, ...] = ()  # INT8 audio variants: at the profile's min, opt and max length
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 from .backends.torch_ref import torch_forward
 from .heads import dummy_inputs, shape_points
 from .models import LoadedModel
-from .spec import REFERENCE, Drift, ExportedGraph, Modality, ShapeProfile
+from .spec import REFERENCE, Drift, ExportedGraph, LengthDrift, Modality, ShapeProfile
 
 # The export check's tolerance for half-precision artifacts, as a multiple of the head's fp32 one
 # (fp16 keeps 11 significant bits, bf16 8: rounding alone moves outputs by ~5e-4 and ~4e-3 relative
@@ -230,6 +230,36 @@ def task_drift(
     info = {m: why for m, why in (informational or {}).items() if m in values}
     return Drift(REFERENCE, len(feeds), values, dict(budget), verdict.passed, verdict.failed, detail=f"{len(feeds)} real samples from {source}",
                  informational=info, bounds=verdict.bounds, confidence=verdict.confidence, unresolved=verdict.unresolved)
+
+
+# what ``drift_by_length`` keeps of the task's metrics: the outputs' agreement, meaningful on random weights too
+LENGTH_METRICS = ("logit_cosine", "frame_agreement", "top1_agreement", "token_agreement", "embedding_cosine")
+
+
+def length_feeds(feeds: Sequence[Mapping[str, np.ndarray]], lengths: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """One audio input (batch 1) per length in ``lengths``: the waves of ``feeds`` (the evaluation samples, their trailing
+    zero padding dropped) joined end to end, repeated up to the longest length and cut to each."""
+    waves = [np.trim_zeros(np.asarray(row, dtype=np.float32), "b") for f in feeds for row in np.asarray(f["input_values"]).reshape(-1, np.shape(f["input_values"])[-1])]
+    wave = np.concatenate(waves) if waves else np.zeros(0, np.float32)
+    if not wave.size:  # silence only: a quiet noise instead, so that the lengths still differ in content
+        wave = (0.01 * np.random.default_rng(7).standard_normal(max(lengths))).astype(np.float32)
+    long = np.tile(wave, -(-max(lengths) // wave.size))
+    return [{"input_values": np.ascontiguousarray(long[None, :n])} for n in lengths]
+
+
+def drift_by_length(
+    model: LoadedModel, reference: Sequence[Mapping[str, np.ndarray]], candidate: Infer, feeds: Sequence[Mapping[str, np.ndarray]], rate: int
+) -> tuple[LengthDrift, ...]:
+    """The candidate against the reference outputs on each of ``feeds`` (``length_feeds``), one entry per length:
+    the task's output-agreement metrics (``LENGTH_METRICS``) at that length. Information, never a gate."""
+    from . import metrics
+
+    out = []
+    for ref, feed in zip(reference, feeds):
+        values = metrics.compute(model.head.metric, [dict(ref)], [dict(candidate(feed))], output_names=model.head.outputs)
+        samples = int(np.shape(feed["input_values"])[-1])
+        out.append(LengthDrift(round(samples / rate, 4), samples, {k: values[k] for k in LENGTH_METRICS if k in values}))
+    return tuple(out)
 
 
 def usable_labels_for(model: LoadedModel, labels: Sequence[object] | None) -> list[object] | None:
