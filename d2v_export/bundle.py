@@ -624,6 +624,12 @@ def verify(folder: Path) -> Manifest:
         modality = Modality(m.get("modality"))
     except ValueError:
         raise _fail(folder, f"has an unknown modality {m.get('modality')!r} in {MANIFEST}; rebuild it") from None
+    from .heads import head_for
+
+    try:
+        head_for(modality, str(m.get("task", "")))
+    except D2VError:  # found by fuzzing: heads' own message named no bundle
+        raise _fail(folder, f"names the task {m.get('task')!r}, which {modality.value} has not, in {MANIFEST}; rebuild it") from None
     labels = doc.get("labels")
     return Manifest(
         folder=folder,

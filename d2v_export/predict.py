@@ -156,6 +156,11 @@ def _segments(record: Mapping[str, Any]) -> list[str]:
     return [part.strip() for part in text.split(PAIR_SEPARATOR)] if PAIR_SEPARATOR in text else [text]
 
 
+def _shown(text: Any) -> str:
+    """An input as an error message quotes it: one line (found by fuzzing: a text with a newline split the message), 60 characters."""
+    return " ".join(str(text).split())[:60]
+
+
 class Preparer:
     """Raw input -> feed, with the bundle's processor / tokenizer and the calibration readers' steps.
 
@@ -292,14 +297,14 @@ class _TextReader:
         enc, tok, task = self.encoder, self.tokenizer, self.manifest.task
         parts = _segments(record)
         if any(not p.strip() for p in parts):
-            raise D2VError(f"empty text in '{record.get('text', record)}'; pass non-empty text (pairs as 'A {PAIR_SEPARATOR} B')")
+            raise D2VError(f"empty text in '{_shown(record.get('text', record))}'; pass non-empty text (pairs as 'A {PAIR_SEPARATOR} B')")
         if self.result == "choices":
             return self._choices(parts)
         if len(parts) > 2:
             raise D2VError(f"'{PAIR_SEPARATOR}' splits a text into at most two parts for {task}; got {len(parts)}")
         qa = self.result == "answer"
         if qa and len(parts) != 2:
-            raise D2VError(f"question-answering needs 'question {PAIR_SEPARATOR} context'; got no '{PAIR_SEPARATOR}' in '{parts[0][:60]}'")
+            raise D2VError(f"question-answering needs 'question {PAIR_SEPARATOR} context'; got no '{PAIR_SEPARATOR}' in '{_shown(parts[0])}'")
         pair = parts[1] if len(parts) > 1 else None
         offsets = segment = None
         if self.result in ("answer", "tags"):
@@ -309,7 +314,7 @@ class _TextReader:
         if self.result == "next_tokens" and len(row) > 1 and row[-1] == tok.eos_token_id:
             row = row[:-1]  # predict the token after the text, not after the end-of-text marker
         if self.result == "masks" and tok.mask_token_id not in row:
-            raise D2VError(f"fill-mask needs {tok.mask_token} in the text: '{parts[0][:60]}'; write e.g. 'Paris is the {tok.mask_token} of France.'")
+            raise D2VError(f"fill-mask needs {tok.mask_token} in the text: '{_shown(parts[0])}'; write e.g. 'Paris is the {tok.mask_token} of France.'")
         notes = [f"truncated to {enc.hi} tokens: the bundle's longest sequence"] if self._too_long(parts) else []
         ids, mask = enc.pad([row])
         start = ids.shape[1] - min(len(row), ids.shape[1]) if enc.left else 0

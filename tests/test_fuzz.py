@@ -646,6 +646,7 @@ def _mutate_doc(doc: Any, draw: Any, depth: int = 0) -> Any:
 @given(st.sampled_from((Modality.VISION, Modality.AUDIO, Modality.TEXT)), st.data())
 @example(Modality.VISION, "labels")  # {"x": "y"}: int() of a label id crashed `run`
 @example(Modality.VISION, "model")  # a list: .get() of it crashed
+@example(Modality.TEXT, "task")  # "": heads' error named no bundle
 @example(Modality.AUDIO, "inputs")  # a dynamic axis without min/opt/max
 def test_bundle_manifests(modality: Modality, data: Any) -> None:
     from d2v_export import bundle, predict
@@ -653,7 +654,10 @@ def test_bundle_manifests(modality: Modality, data: Any) -> None:
     base, _manifest, parts = _bundle_parts(modality)
     doc = json.loads((base / "manifest.json").read_text())
     if isinstance(data, str):
-        doc[data] = {"labels": {"x": "y"}, "model": ["vision"], "inputs": [{"name": "input_values", "dynamic": {"samples": {}}}]}[data]
+        if data == "task":
+            doc["model"] = dict(doc["model"], task="")
+        else:
+            doc[data] = {"labels": {"x": "y"}, "model": ["vision"], "inputs": [{"name": "input_values", "dynamic": {"samples": {}}}]}[data]
     else:
         doc = _mutate_doc(doc, data.draw)
     with case_dir() as root:
@@ -861,3 +865,31 @@ def test_an_hours_long_clip_is_read_only_as_far_as_the_longest_input(tmp_path: P
     samples = _samples(tmp_path, Modality.AUDIO, "audio-classification")()
     assert samples.feeds[0]["input_values"].shape == (1, AUDIO.dim("samples").max)
 
+
+
+def test_run_quotes_a_text_on_one_line() -> None:
+    """Found by the long run: a question-answering text with a newline and no '|||' split the error over two lines."""
+    _folder, manifest, parts = _bundle_parts(Modality.TEXT)
+    for text in ("first line\nsecond line", " \n "):
+        with pytest.raises(D2VError) as err:
+            _run_inputs(manifest, parts, [text])
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("how", ["not-utf8-cell", "not-utf8-column", "long-path"])
+def test_parquet_that_the_long_run_broke(tmp_path: Path, how: str) -> None:
+    """Found by the long run: a string cell or column name that is not UTF-8 (UnicodeDecodeError), a stored path of
+    5,000 characters (OSError ENAMETOOLONG)."""
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "t.parquet"
+    if how == "long-path":
+        pq.write_table(pa.table({"image": [{"bytes": None, "path": "1" * 5000}]}), path)
+    else:
+        column, text = ("text", "QQQQQQQQ") if how == "not-utf8-cell" else ("QQQQQQQQ", "a short text")
+        pq.write_table(pa.table({column: [text]}), path, compression="none", write_statistics=False)
+        path.write_bytes(path.read_bytes().replace(b"QQQQQQQQ", b"Q\xff\xfeQQQQQ"))
+    modality, task = (Modality.VISION, "image-classification") if how == "long-path" else (Modality.TEXT, None)
+    check("regression", _samples(path, modality, task), names=(str(path),), inside=(tmp_path,))

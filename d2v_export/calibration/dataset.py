@@ -85,6 +85,15 @@ def _table(path: Path, use: str) -> tuple[Any, dict[str, Any], str]:
     return table, features, f"{path} [{split}]" if len(groups) > 1 else str(path)
 
 
+def _row(table: Any, i: int) -> dict[str, Any]:
+    import pyarrow as pa
+
+    try:
+        return dict(table.slice(i, 1).to_pylist()[0])
+    except (UnicodeDecodeError, pa.ArrowException) as exc:  # found by fuzzing: a string cell that is not UTF-8
+        raise Unreadable(f"the row cannot be decoded ({one_line(exc)})") from None
+
+
 def _media(value: Any, base: Path, what: str) -> Any:
     """A file object or path for a stored image / audio value ({bytes, path}, bytes, or a path string)."""
     data, where = None, None
@@ -102,7 +111,11 @@ def _media(value: Any, base: Path, what: str) -> Any:
         if not isinstance(where, str) or "\x00" in where:
             raise Unreadable(f"the {what} is stored as a path that is not a file name ({where!r})")
         for candidate in (Path(where), base / where):
-            if candidate.is_file():
+            try:
+                found = candidate.is_file()
+            except OSError as exc:  # found by fuzzing: a 5,000-character name (ENAMETOOLONG)
+                raise Unreadable(f"the {what} is stored as a path that cannot be a file here ({one_line(exc)})") from None
+            if found:
                 try:  # a stored path is read only inside the dataset's folder: a shared dataset must not read /etc
                     return confined(candidate, base)
                 except Unreadable:
@@ -114,7 +127,10 @@ def _media(value: Any, base: Path, what: str) -> Any:
 def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: int | None, seed: int, columns: Mapping[str, str]) -> Samples:
     """Samples from a saved dataset folder or parquet file(s), one per row."""
     table, features, source = _table(path, split)
-    names = list(table.column_names)
+    try:
+        names = [str(n) for n in table.column_names]
+    except UnicodeDecodeError:  # found by fuzzing: a column name that is not UTF-8
+        raise D2VError(f"'{source}' has a column name that is not UTF-8; write the dataset again") from None
     modality = model.head.modality
     base = path if path.is_dir() else path.parent
     role = label_role(model)
@@ -123,7 +139,7 @@ def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: in
     what = {Modality.VISION: "images", Modality.AUDIO: "audio clips", Modality.TEXT: "text samples"}[modality]
     fix = "name the column with --columns, e.g. --columns " + {
         Modality.VISION: "image=img", Modality.AUDIO: "audio=speech", Modality.TEXT: "text=review"}[modality]
-    row_of: Callable[[int], dict[str, Any]] = lambda i: table.slice(i, 1).to_pylist()[0]  # noqa: E731
+    row_of: Callable[[int], dict[str, Any]] = lambda i: _row(table, i)  # noqa: E731
 
     found: str | None
     if modality is Modality.VISION:
