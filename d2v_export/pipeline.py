@@ -544,7 +544,8 @@ def _cold_starts(work: _Work, built: list[Built], warnings: list[str]) -> dict[s
 
     feed_path = work.folder / "cold-start-feed.npz"
     feed_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(feed_path, **dummy_inputs(work.model.head, work.model.config, work.profile.point("opt"), seed=7))
+    feed: dict[str, Any] = dummy_inputs(work.model.head, work.model.config, work.profile.point("opt"), seed=7)  # the latency stage's
+    np.savez(feed_path, **feed)
     deferred = _deferred(work.options)
     found: dict[str, ColdStart] = {}
     for b in (b for b in built if b.artifact.target not in deferred):
