@@ -21,6 +21,7 @@ import io
 import json
 import os
 import pickletools
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -33,6 +34,7 @@ from .spec import D2VError, Modality
 SCHEMA_VERSION = "1.1"  # 1.1: device and deploy_device (what it was measured on, what it was built for)
 MANIFEST = "manifest.json"
 README = "README.md"
+RUNNER_TARGETS = ("onnxruntime", "openvino")  # bundles that ship bundle_run.py (runs without torch)
 PAIR_SEPARATOR = "|||"  # "question ||| context", "text ||| text pair", "prompt ||| choice ||| choice"
 
 # Files a Hugging Face tokenizer may write with save_pretrained.
@@ -267,7 +269,7 @@ def write_manifest(
         "environment": jsonable(env),
         "verdict": verdict,
     }
-    (folder / README).write_text(readme(doc, folder=folder), encoding="utf-8")
+    _write_readme_and_runner(folder, doc)
     doc["files"] = [
         {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)
     ]
@@ -276,6 +278,15 @@ def write_manifest(
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def _write_readme_and_runner(folder: Path, doc: Mapping[str, Any]) -> None:
+    """README.md, and for ONNX Runtime / OpenVINO bundles ``bundle_run.py`` (d2v_export/bundle_runtime.py: runs without torch)."""
+    if doc["target"] in RUNNER_TARGETS:
+        from . import bundle_runtime
+
+        shutil.copyfile(Path(bundle_runtime.__file__), folder / bundle_runtime.SCRIPT)
+    (folder / README).write_text(readme(doc, folder=folder), encoding="utf-8")
 
 
 def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
@@ -335,8 +346,35 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
         lines.append("Class ids map to names through `labels` in manifest.json (also `id2label` in config.json).")
     lines += snippet.after
     lines += _long_recording_lines(doc, snippet.code[-1])
+    lines += _torchfree_lines(doc)
     lines += _padding_lines(doc)
     return "\n".join(lines) + "\n"
+
+
+def _torchfree_lines(doc: Mapping[str, Any]) -> list[str]:
+    """README lines on ``bundle_run.py``: running the bundle with its runtime and preprocessing libraries only."""
+    from .bundle_runtime import SCRIPT, TASKS
+
+    target, m = doc["target"], doc["model"]
+    if target not in RUNNER_TARGETS:
+        return []
+    needs = {"vision": "pillow", "audio": "soundfile (and scipy for files not at the bundle's sampling rate)", "text": "tokenizers"}
+    lines = ["", "## Run it without torch", ""]
+    if m["task"] not in TASKS:
+        return lines + [f"`{SCRIPT}` answers {', '.join(TASKS)}; for {m['task']} use the runtime code above or `d2v-export run`."]
+    example = {"vision": "cat.jpg", "audio": "speech.wav", "text": '"A sentence to classify."'}[m["modality"]]
+    return lines + [
+        f"`{SCRIPT}` runs this bundle with no torch, transformers or d2v-export: Python 3.10+, numpy, {target}, "
+        f"and for {m['modality']} inputs {needs[m['modality']]}:",
+        "",
+        "```sh",
+        f"pip install numpy {target} {needs[m['modality']].split(' ')[0]}",
+        f"python3 {doc['name']}/{SCRIPT} {example} --top-k 5",
+        "```",
+        "",
+        "It prepares inputs as `d2v-export run` does and prints the same JSON (labels and scores, or the transcript). "
+        "It does not check the checksums (`d2v-export run` does); a recording longer than the bundle's longest input is cut to it.",
+    ]
 
 
 def _padding_lines(doc: Mapping[str, Any]) -> list[str]:
