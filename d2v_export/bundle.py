@@ -286,6 +286,8 @@ def _write_readme_and_runner(folder: Path, doc: Mapping[str, Any]) -> None:
         from . import bundle_runtime
 
         shutil.copyfile(Path(bundle_runtime.__file__), folder / bundle_runtime.SCRIPT)
+        if doc["model"]["modality"] == "audio":  # long recordings in windows, as `run` does
+            shutil.copyfile(Path(bundle_runtime.__file__).with_name("chunking.py"), folder / bundle_runtime.CHUNKING_SCRIPT)
     (folder / README).write_text(readme(doc, folder=folder), encoding="utf-8")
 
 
@@ -353,7 +355,7 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
 
 def _torchfree_lines(doc: Mapping[str, Any]) -> list[str]:
     """README lines on ``bundle_run.py``: running the bundle with its runtime and preprocessing libraries only."""
-    from .bundle_runtime import SCRIPT, TASKS
+    from .bundle_runtime import CHUNKING_SCRIPT, SCRIPT, TASKS
 
     target, m = doc["target"], doc["model"]
     if target not in RUNNER_TARGETS:
@@ -373,7 +375,8 @@ def _torchfree_lines(doc: Mapping[str, Any]) -> list[str]:
         "```",
         "",
         "It prepares inputs as `d2v-export run` does and prints the same JSON (labels and scores, or the transcript). "
-        "It does not check the checksums (`d2v-export run` does); a recording longer than the bundle's longest input is cut to it.",
+        "It does not check the checksums (`d2v-export run` does). A recording longer than the bundle's longest input is "
+        f"transcribed whole in windows as `run` does (with `{CHUNKING_SCRIPT}`, shipped beside it) or, for a head that pools the clip, cut.",
     ]
 
 

@@ -14,8 +14,9 @@ config says; audio averaged to mono, resampled to the extractor's rate, normaliz
 the 0.1 s bucket; text tokenized with ``tokenizers`` (truncated to the bundle's longest sequence, padded
 to a multiple of 8). Results carry the same keys as ``d2v-export run --json`` for heads whose result is
 "labels" (image, text and audio classification) and "transcript" (speech recognition, CTC greedy
-decoding). A recording longer than the bundle's longest input is cut to it (noted); ``d2v-export run``
-transcribes it whole in windows. The bundle's checksums are not verified here (``d2v-export run`` does).
+decoding). A recording longer than the bundle's longest input is transcribed whole in windows, as ``run``
+does, with d2v_export/chunking.py (shipped beside this file as ``bundle_chunking.py``: stdlib + numpy); an
+audio classifier sees it cut. The bundle's checksums are not verified here (``d2v-export run`` does).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ TASKS = {  # task -> result kind (the subset of d2v_export.heads this runner ans
 STEP = 1600  # 0.1 s at 16 kHz: the audio length bucket (d2v_export.calibration.audio.STEP)
 MULTIPLE = 8  # text rows are padded to a multiple of this (d2v_export.calibration.text.MULTIPLE)
 PAIR_SEPARATOR = "|||"
+CHUNKING_SCRIPT = "bundle_chunking.py"  # d2v_export/chunking.py, shipped beside bundle_run.py in audio bundles
+MAX_SECONDS = 3600  # the longest recording read (held in memory), as d2v-export run
 
 
 class BundleError(Exception):
@@ -176,20 +179,73 @@ def read_mono(path: Path, rate: int) -> np.ndarray:
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
-def prepare_audio(path: Path, pre: Mapping[str, Any], samples: tuple[int, int] | None) -> tuple[dict[str, np.ndarray], float, list[str]]:
-    """An audio file -> ({"input_values": (1, n)}, fraction of n that is signal, notes), as the feature extractor does."""
-    rate = int(pre.get("sampling_rate") or 16000)
-    wave = read_mono(path, rate)
-    lo, hi = samples or (1, None)
-    keep = len(wave) if hi is None else min(len(wave), hi)
-    notes = [f"cut to {keep / rate:g} s: the bundle's longest input"] if keep < len(wave) else []
-    x = wave[:keep].astype(np.float32)
-    if pre.get("do_normalize", True):
-        x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
-    target = max(-(-keep // STEP) * STEP, lo)
-    target = target if hi is None else min(target, hi)
-    x = np.pad(x, (0, max(0, target - keep)), constant_values=float(pre.get("padding_value") or 0.0))
-    return {"input_values": x[None].astype(np.float32)}, min(1.0, keep / max(1, target)), notes
+def _chunking(folder: Path) -> Any | None:
+    """d2v_export.chunking: the package's, or the copy beside this file in a bundle (``bundle_chunking.py``); None without one."""
+    if __package__:
+        from . import chunking
+
+        return chunking
+    path = folder / CHUNKING_SCRIPT
+    if not path.is_file():
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bundle_chunking", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bundle_chunking"] = module  # dataclasses look their module up
+    keep, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the bundle: `run` would refuse it
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = keep
+    return module
+
+
+class AudioPrep:
+    """An audio file -> ({"input_values": (1, n)}, fraction of n that is signal, notes, windows), as the feature extractor
+    does; a recording longer than the longest input goes whole (up to MAX_SECONDS) in windows where the head is per frame."""
+
+    def __init__(self, folder: Path, pre: Mapping[str, Any], samples: tuple[int, int] | None, chunked: bool) -> None:
+        self.pre, self.rate = pre, int(pre.get("sampling_rate") or 16000)
+        self.lo: int = samples[0] if samples else 1
+        self.hi: int | None = samples[1] if samples else None
+        self.pad = float(pre.get("padding_value") or 0.0)
+        self.chunking = _chunking(folder) if chunked and self.hi is not None else None
+        self.sizes: tuple[int, int] | None = None
+        if self.chunking is not None:
+            self.encoder = self.chunking.encoder_of(folder)
+            try:
+                self.sizes = self.chunking.sizes(self.hi, self.encoder)
+            except ValueError:
+                self.sizes = None  # a longest input too short to chunk: cut instead
+
+    def _normalize(self, x: np.ndarray) -> np.ndarray:
+        return (x - x.mean()) / np.sqrt(x.var() + 1e-7) if self.pre.get("do_normalize", True) else x
+
+    def __call__(self, path: Path) -> tuple[dict[str, np.ndarray], float, list[str], list[Any]]:
+        rate, hi = self.rate, self.hi
+        wave = read_mono(path, rate)
+        whole = self.sizes is not None and hi is not None and len(wave) > hi
+        keep = min(len(wave), MAX_SECONDS * rate) if whole else (len(wave) if hi is None else min(len(wave), hi))
+        notes = [f"cut to {keep / rate:g} s: " + ("run reads at most this much" if whole else "the bundle's longest input")] if keep < len(wave) else []
+        x = self._normalize(wave[:keep].astype(np.float32)).astype(np.float32)
+        if whole:
+            assert self.sizes is not None and self.chunking is not None
+            window, stride = self.sizes
+            plan = self.chunking.windows(keep, window, stride, self.encoder)
+            notes.append(f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side")
+            return {"input_values": x[None]}, 1.0, notes, plan
+        target = max(-(-keep // STEP) * STEP, self.lo)
+        target = target if hi is None else min(target, hi)
+        x = np.pad(x, (0, max(0, target - keep)), constant_values=self.pad)
+        return {"input_values": x[None].astype(np.float32)}, min(1.0, keep / max(1, target)), notes, []
+
+    def window(self, values: np.ndarray, w: Any) -> np.ndarray:
+        """One window of the recording, padded at its end up to the profile's shortest input."""
+        part = values[:, w.start : w.stop]
+        short = self.lo - part.shape[1]
+        return np.pad(part, ((0, 0), (0, short)), constant_values=self.pad) if short > 0 else part
 
 
 class TextPrep:
@@ -288,6 +344,7 @@ class BundleRunner:
         self.pre = {**self.pre, **{k: v for k, v in pre.items() if k not in ("tokenizer", "modality")}}
         self.text = TextPrep(self.folder, self.manifest) if self.modality == "text" else None
         self.ctc = ctc_vocabulary(self.folder) if TASKS[self.task] == "transcript" else None
+        self.audio = AudioPrep(self.folder, self.pre, _dims(self.manifest, "samples"), self.ctc is not None) if self.modality == "audio" else None
         self.k, self.labels = top_k, self.manifest.get("labels")
         self.infer, version = open_session(self.folder, self.manifest, threads)
         batch = _dims(self.manifest, "batch")
@@ -295,22 +352,31 @@ class BundleRunner:
         self.runtime = f"{version} ({self.manifest.get('precision')}, {self.manifest.get('model_file')})"
         self.names = [str(o["name"]) for o in self.manifest.get("outputs") or ()]
 
-    def _feed(self, raw: str) -> tuple[dict[str, np.ndarray], float, list[str]]:
+    def _feed(self, raw: str) -> tuple[dict[str, np.ndarray], float, list[str], list[Any]]:
         if self.text is not None:
-            return self.text(raw), 1.0, []
+            return self.text(raw), 1.0, [], []
         path = Path(raw).expanduser()
         if not path.is_file():
             raise BundleError(f"input '{raw}' is not a file; pass {'image' if self.modality == 'vision' else 'audio'} files")
-        if self.modality == "vision":
-            return prepare_image(path, self.pre, (self.manifest.get("static") or {}).get("image_size")), 1.0, []
-        return prepare_audio(path, self.pre, _dims(self.manifest, "samples"))
+        if self.audio is None:
+            return prepare_image(path, self.pre, (self.manifest.get("static") or {}).get("image_size")), 1.0, [], []
+        return self.audio(path)
 
-    def __call__(self, raw: str) -> dict[str, Any]:
-        feed, valid, notes = self._feed(raw)
-        if self.batch > 1:
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if self.batch > 1:  # a profile whose smallest batch is above 1: repeat the input, read the first row
             feed = {k: np.repeat(v, self.batch, axis=0) for k, v in feed.items()}
         out = self.infer(feed)
-        first = np.asarray(out[self.names[0]] if self.names and self.names[0] in out else next(iter(out.values())))
+        return np.asarray(out[self.names[0]] if self.names and self.names[0] in out else next(iter(out.values())))
+
+    def __call__(self, raw: str) -> dict[str, Any]:
+        feed, valid, notes, plan = self._feed(raw)
+        if plan:  # a long recording: each window's kept frames, stitched, decoded once
+            assert self.audio is not None and self.audio.chunking is not None
+            values = feed["input_values"]
+            parts = [self._run({"input_values": self.audio.window(values, w)})[0, w.keep_from : w.keep_to] for w in plan]
+            first = self.audio.chunking.stitch(parts)[None]
+        else:
+            first = self._run(feed)
         result: dict[str, Any] = {"input": raw, "task": self.task, "runtime": self.runtime}
         if self.ctc is not None:
             frames = max(1, math.ceil(first.shape[1] * valid))

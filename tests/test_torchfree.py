@@ -20,8 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from d2v_export import predict
-from d2v_export.bundle_runtime import SCRIPT
+from d2v_export import bundle, predict
+from d2v_export.bundle_runtime import CHUNKING_SCRIPT, SCRIPT
 from d2v_export.calibration import bundled_path
 from d2v_export.spec import Modality
 
@@ -92,6 +92,13 @@ def test_bundles_run_without_torch_as_d2v_export_run_does(modality: str, venv: t
     built = bundles(modality, task, ("onnxruntime", "openvino"))
     assert {"onnxruntime-fp32", "openvino-fp32"} <= set(built)
     python, _site = venv
+    if modality == "audio":  # longer than the bundle's 2 s: transcribed whole in windows (bundle_chunking.py), as run does
+        import soundfile as sf
+
+        waves = [sf.read(str(AUDIO / f), dtype="float32")[0] for f in ("flite_rms_11.wav", "espeak_en-us_15.wav", "flite_kal16_14.wav")]
+        sf.write(str(tmp_path / "long.wav"), np.concatenate(waves), 16000)
+        inputs = [*inputs, str(tmp_path / "long.wav")]
+        assert all((built[n] / CHUNKING_SCRIPT).is_file() for n in ("onnxruntime-fp32", "openvino-fp32"))
     for name in ("onnxruntime-fp32", "openvino-fp32"):
         folder = built[name]
         assert (folder / SCRIPT).is_file() and SCRIPT in (folder / "README.md").read_text() and "Run it without torch" in (folder / "README.md").read_text()
@@ -99,6 +106,9 @@ def test_bundles_run_without_torch_as_d2v_export_run_does(modality: str, venv: t
         ran = _run(python, str(folder / SCRIPT), *inputs, "--top-k", "5", "--threads", "1", cwd=tmp_path)
         assert ran.returncode == 0, ran.stderr
         _same(expected, json.loads(ran.stdout), f"{modality} {name}")
+        bundle.verify(folder)  # the run left nothing in the bundle (no __pycache__): `run` still accepts it
+        if modality == "audio":
+            assert "windows of 2 s" in " ".join(expected[-1]["notes"]), expected[-1]["notes"]
 
 
 def test_audio_at_another_rate_needs_scipy_and_then_matches(venv: tuple[Path, Path], bundles: Callable[..., dict[str, Path]], tmp_path: Path) -> None:  # noqa: F811
