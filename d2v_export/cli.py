@@ -548,6 +548,23 @@ def deploy(bundle: Path, triton: Path | None, ovms: Path | None, name: str | Non
         click.echo(f"wrote {folder}")
 
 
+@main.command(epilog="""\b
+Examples:
+  d2v-export serve out/text/onnxruntime-fp32 --port 8000 --name text     # then: curl localhost:8000/v2/models/text
+""")  # fmt: skip
+@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--name", default=None, help="Model name in the v2 routes (default: the bundle folder's name).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
+@_handle_errors
+def serve(bundle: Path, host: str, port: int, name: str | None, threads: int) -> None:
+    """Serve a bundle over the KServe v2 REST protocol (the [serve] extra): health, metadata, inference on tensors."""
+    from . import serve as server
+
+    server.serve(bundle, host=host, port=port, name=name, threads=threads)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON.")
 @_handle_errors
