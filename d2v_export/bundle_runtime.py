@@ -269,17 +269,22 @@ class TextPrep:
             raise BundleError(f"bundle '{folder}': the tokenizer has no padding token")
         self.left = info.get("padding_side") == "left"
 
-    def __call__(self, text: str) -> dict[str, np.ndarray]:
+    def __call__(self, text: str) -> tuple[dict[str, np.ndarray], list[str]]:
         parts = [p.strip() for p in text.split(PAIR_SEPARATOR)] if PAIR_SEPARATOR in text else [text]
         if len(parts) > 2 or not all(parts):
             raise BundleError(f"'{text[:60]}': pass a non-empty text, or a pair as 'A {PAIR_SEPARATOR} B'")
-        row = self.tok.encode(parts[0], parts[1] if len(parts) > 1 else None).ids
+        pair = parts[1] if len(parts) > 1 else None
+        self.tok.no_truncation()
+        full = len(self.tok.encode(parts[0], pair).ids)
+        self.tok.enable_truncation(max_length=self.hi)
+        notes = [f"truncated to {self.hi} tokens: the bundle's longest sequence"] if full > self.hi else []
+        row = self.tok.encode(parts[0], pair).ids
         target = min(max(-(-len(row) // MULTIPLE) * MULTIPLE, self.lo), self.hi)
         row = row[:target]
         ids, mask = np.full((1, target), self.pad_id, np.int64), np.zeros((1, target), np.int64)
         where = slice(target - len(row), target) if self.left else slice(0, len(row))
         ids[0, where], mask[0, where] = row, 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask}, notes
 
 
 # --------------------------------------------------------------------------------------- outputs
@@ -354,7 +359,8 @@ class BundleRunner:
 
     def _feed(self, raw: str) -> tuple[dict[str, np.ndarray], float, list[str], list[Any]]:
         if self.text is not None:
-            return self.text(raw), 1.0, [], []
+            feed, notes = self.text(raw)
+            return feed, 1.0, notes, []
         path = Path(raw).expanduser()
         if not path.is_file():
             raise BundleError(f"input '{raw}' is not a file; pass {'image' if self.modality == 'vision' else 'audio'} files")

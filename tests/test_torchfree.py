@@ -33,7 +33,7 @@ VISION = bundled_path(Modality.VISION, "evaluation")
 AUDIO = bundled_path(Modality.AUDIO, "evaluation")
 CASES = {
     "vision": ("image-classification", [str(VISION / "chelsea.jpg"), str(VISION / "rocket.jpg")]),
-    "text": ("text-classification", ["A fine day at the beach.", "Is it raining? ||| No, the sun is out."]),
+    "text": ("text-classification", ["A fine day at the beach.", "Is it raining? ||| No, the sun is out.", " ".join(["a long text"] * 20)]),
     "audio": ("automatic-speech-recognition", [str(AUDIO / "flite_awb_13.wav"), str(AUDIO / "klettres_en_no.wav")]),
 }
 PACKAGES = ("numpy", "numpy.libs", "onnxruntime", "flatbuffers", "openvino", "openvino_telemetry", "packaging", "PIL", "pillow.libs",
@@ -107,6 +107,8 @@ def test_bundles_run_without_torch_as_d2v_export_run_does(modality: str, venv: t
         assert ran.returncode == 0, ran.stderr
         _same(expected, json.loads(ran.stdout), f"{modality} {name}")
         bundle.verify(folder)  # the run left nothing in the bundle (no __pycache__): `run` still accepts it
+        if modality == "text":
+            assert "truncated to 32 tokens" in " ".join(expected[-1]["notes"]), expected[-1]["notes"]
         if modality == "audio":
             assert "windows of 2 s" in " ".join(expected[-1]["notes"]), expected[-1]["notes"]
 
