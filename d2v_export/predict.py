@@ -120,12 +120,12 @@ def expand_inputs(manifest: Manifest, inputs: list[str]) -> list[tuple[str, Any]
     out: list[tuple[str, Any]] = []
     for raw in inputs:
         if manifest.modality is not Modality.TEXT:
-            path = Path(raw).expanduser()
+            path = _user_path(raw)
             if not path.is_file():
                 raise D2VError(f"input '{raw}' is not a file; pass {'image' if manifest.modality is Modality.VISION else 'audio'} files")
             out.append((raw, path))
             continue
-        path = Path(raw).expanduser()
+        path = _user_path(raw)
         if path.suffix.lower() in (".txt", ".jsonl") and path.is_file():
             from .calibration.text import _record
 
@@ -142,6 +142,14 @@ def expand_inputs(manifest: Manifest, inputs: list[str]) -> list[tuple[str, Any]
         else:
             out.append((raw, {"text": raw}))
     return out
+
+
+def _user_path(raw: str) -> Path:
+    """``~/x`` expanded; ``~name`` for no such user (or a text like "~0") stays as typed (found by fuzzing: RuntimeError)."""
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:
+        return Path(raw)
 
 
 def _segments(record: Mapping[str, Any]) -> list[str]:

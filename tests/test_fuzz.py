@@ -870,6 +870,8 @@ def test_an_hours_long_clip_is_read_only_as_far_as_the_longest_input(tmp_path: P
 def test_run_quotes_a_text_on_one_line() -> None:
     """Found by the long run: a question-answering text with a newline and no '|||' split the error over two lines."""
     _folder, manifest, parts = _bundle_parts(Modality.TEXT)
+    with pytest.raises(D2VError, match="~0"):  # found by the long run: Path("~0").expanduser() raised RuntimeError
+        _run_inputs(manifest, parts, ["~0"])
     for text in ("first line\nsecond line", " \n "):
         with pytest.raises(D2VError) as err:
             _run_inputs(manifest, parts, [text])
