@@ -581,7 +581,12 @@ def _bundle_parts(modality: Modality) -> tuple[Path, Any, Any]:
     """One verified bundle per modality for the input targets, with its processor and tokenizer loaded once."""
     from d2v_export import bundle, predict
 
-    folder = make_bundle(Path(tempfile.mkdtemp(prefix="d2v-fuzz-bundle-")) / "b", modality)
+    import atexit
+    import shutil
+
+    top = Path(tempfile.mkdtemp(prefix="d2v-fuzz-bundle-"))
+    atexit.register(shutil.rmtree, top, True)
+    folder = make_bundle(top / "b", modality)
     manifest = bundle.verify(folder)
     return folder, manifest, predict._load_parts(manifest)
 
