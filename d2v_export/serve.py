@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from .bundle import Manifest, verify
-from .serving import TRITON_TYPES, _dims, model_name
+from .serving import TRITON_TYPES, model_name, tensor_dims
 from .spec import D2VError, ExitCode
 
 VERSION = "1"
@@ -62,7 +62,7 @@ class ServedModel:
 
     def metadata(self) -> dict[str, Any]:
         def port(t: Mapping[str, Any]) -> dict[str, Any]:
-            return {"name": str(t["name"]), "datatype": V2_TYPES.get(str(t.get("dtype")), "BYTES"), "shape": _dims(t, skip_first=False)}
+            return {"name": str(t["name"]), "datatype": V2_TYPES.get(str(t.get("dtype")), "BYTES"), "shape": tensor_dims(t, skip_first=False)}
 
         return {
             "name": self.name,
@@ -102,9 +102,9 @@ def _requested(request: Mapping[str, Any], names: list[str]) -> dict[str, bool]:
 def _check_shape(manifest: Manifest, spec: Mapping[str, Any], shape: list[int]) -> None:
     name, axes = spec["name"], list(spec.get("shape") or ())
     if len(shape) != len(axes):
-        raise V2Error(f"input '{name}' has shape {shape}; the model takes rank {len(axes)} ({_dims(spec, skip_first=False)}, -1 dynamic)")
+        raise V2Error(f"input '{name}' has shape {shape}; the model takes rank {len(axes)} ({tensor_dims(spec, skip_first=False)}, -1 dynamic)")
     ranges = manifest.dims()
-    for axis, size, want in zip(axes, shape, _dims(spec, skip_first=False)):
+    for axis, size, want in zip(axes, shape, tensor_dims(spec, skip_first=False)):
         if want != -1 and size != want:
             raise V2Error(f"input '{name}' has shape {shape}; axis '{axis}' must be {want}")
         if want == -1 and str(axis) in ranges:

@@ -81,7 +81,7 @@ def _batch_axis(manifest: Manifest) -> tuple[str, int] | None:
     return axis, min(int(r["max"]) for r in ranges)
 
 
-def _dims(tensor: Mapping[str, Any], skip_first: bool) -> list[int]:
+def tensor_dims(tensor: Mapping[str, Any], skip_first: bool) -> list[int]:
     """The tensor's dims as Triton writes them: -1 for a dynamic axis, the size of a fixed one (a range with
     min == max is one number the exporter baked in)."""
     fixed = dict(tensor.get("fixed") or {})
@@ -100,7 +100,7 @@ def _triton_type(manifest: Manifest, tensor: Mapping[str, Any]) -> str:
 def _tensors(manifest: Manifest, key: str, tensors: Sequence[Mapping[str, Any]], skip_first: bool) -> list[str]:
     lines = [f"{key} ["]
     for i, t in enumerate(tensors):
-        dims = ", ".join(str(d) for d in _dims(t, skip_first))
+        dims = ", ".join(str(d) for d in tensor_dims(t, skip_first))
         lines += ["  {", f"    name: {json.dumps(str(t['name']))}", f"    data_type: {_triton_type(manifest, t)}", f"    dims: [ {dims} ]"]
         lines.append("  }," if i + 1 < len(tensors) else "  }")
     return lines + ["]"]
