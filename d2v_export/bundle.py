@@ -34,7 +34,6 @@ from .spec import D2VError, Modality
 SCHEMA_VERSION = "1.1"  # 1.1: device and deploy_device (what it was measured on, what it was built for)
 MANIFEST = "manifest.json"
 README = "README.md"
-RUNNER_TARGETS = ("onnxruntime", "openvino")  # bundles that ship bundle_run.py (runs without torch)
 PAIR_SEPARATOR = "|||"  # "question ||| context", "text ||| text pair", "prompt ||| choice ||| choice"
 
 # Files a Hugging Face tokenizer may write with save_pretrained.
@@ -281,13 +280,15 @@ def write_manifest(
 
 
 def _write_readme_and_runner(folder: Path, doc: Mapping[str, Any]) -> None:
-    """README.md, and for ONNX Runtime / OpenVINO bundles ``bundle_run.py`` (d2v_export/bundle_runtime.py: runs without torch)."""
-    if doc["target"] in RUNNER_TARGETS:
-        from . import bundle_runtime
+    """README.md, and for the targets whose backend runs without torch (``Backend.standalone_runner``: ONNX Runtime,
+    OpenVINO) ``bundle_run.py`` (d2v_export/backends/bundle_run.py)."""
+    if _runs_without_torch(doc["target"]):
+        from . import chunking
+        from .backends import bundle_run
 
-        shutil.copyfile(Path(bundle_runtime.__file__), folder / bundle_runtime.SCRIPT)
+        shutil.copyfile(Path(bundle_run.__file__), folder / bundle_run.SCRIPT)
         if doc["model"]["modality"] == "audio":  # long recordings in windows, as `run` does
-            shutil.copyfile(Path(bundle_runtime.__file__).with_name("chunking.py"), folder / bundle_runtime.CHUNKING_SCRIPT)
+            shutil.copyfile(Path(chunking.__file__), folder / bundle_run.CHUNKING_SCRIPT)
     (folder / README).write_text(readme(doc, folder=folder), encoding="utf-8")
 
 
@@ -353,12 +354,16 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _runs_without_torch(target: str) -> bool:
+    return target in backends.names() and bool(getattr(backends.get(target), "standalone_runner", False))
+
+
 def _torchfree_lines(doc: Mapping[str, Any]) -> list[str]:
     """README lines on ``bundle_run.py``: running the bundle with its runtime and preprocessing libraries only."""
-    from .bundle_runtime import CHUNKING_SCRIPT, SCRIPT, TASKS
+    from .backends.bundle_run import CHUNKING_SCRIPT, SCRIPT, TASKS
 
     target, m = doc["target"], doc["model"]
-    if target not in RUNNER_TARGETS:
+    if not _runs_without_torch(target):
         return []
     needs = {"vision": "pillow", "audio": "soundfile (and scipy for files not at the bundle's sampling rate)", "text": "tokenizers"}
     lines = ["", "## Run it without torch", ""]

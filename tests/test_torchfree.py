@@ -1,4 +1,4 @@
-"""ONNX Runtime and OpenVINO bundles run without torch: ``bundle_run.py`` (d2v_export/bundle_runtime.py) in a clean venv.
+"""ONNX Runtime and OpenVINO bundles run without torch: ``bundle_run.py`` (d2v_export/backends/bundle_run.py) in a clean venv.
 
 The venv holds only numpy, the two runtimes and the preprocessing libraries (Pillow, soundfile, tokenizers; scipy
 added later, for resampling), linked from this environment; torch, transformers and d2v_export do not import there.
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from d2v_export import bundle, predict
-from d2v_export.bundle_runtime import CHUNKING_SCRIPT, SCRIPT
+from d2v_export.backends.bundle_run import CHUNKING_SCRIPT, SCRIPT
 from d2v_export.calibration import bundled_path
 from d2v_export.spec import Modality
 

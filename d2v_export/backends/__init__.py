@@ -33,7 +33,7 @@ __all__ = [
 DEFAULT = "onnxruntime"  # the --target when none is given: a core dependency, runs everywhere
 ENTRY_POINTS = "d2v_export.backends"
 ENV = "D2V_BACKENDS"
-_NOT_TARGETS = {"base", "torch_ref"}
+_NOT_TARGETS = {"base", "torch_ref", "bundle_run"}
 
 
 @lru_cache(maxsize=None)

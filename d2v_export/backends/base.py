@@ -313,6 +313,7 @@ class BackendBase:
     recipe_choices: Mapping[str, Choice] = {}
     devices = Devices("CPU", "CPU", "CPU")
     can_defer = False
+    standalone_runner = False  # its bundles ship backends/bundle_run.py as bundle_run.py: they run without torch
     rewrites: tuple[str, ...] = ()
     pick_levers: tuple[Lever, ...] = ()
     serving: ServingLayout | None = None  # model-server layouts (d2v-export deploy); None: none

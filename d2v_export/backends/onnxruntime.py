@@ -67,6 +67,7 @@ class OnnxRuntimeBackend(BackendBase):
         ),
     }  # fmt: skip
     devices = Devices("CPU", "CPU", "CPU")
+    standalone_runner = True  # bundle_run.py runs its bundles with onnxruntime + numpy (backends/bundle_run.py)
     # Triton's ONNX Runtime backend: 1/model.onnx (external weights keep their name: the graph refers to it)
     serving = ServingLayout(("platform", "onnxruntime_onnx"), (("{name}", "model.onnx"), ("{name}.data", "{name}.data")))
     # The graph clean-up (d2v_export.rewrite) is off by default here: ONNX Runtime folds constants itself at

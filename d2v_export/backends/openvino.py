@@ -196,6 +196,7 @@ class OpenVinoBackend(BackendBase):
     # layers its INT8 keeps float by rule, and the activation encoding, per modality (recipe_choice)
     recipe_choices = {"*": HEAD_STAYS_FLOAT, "vision": HEAD_STAYS_FLOAT_SYMMETRIC, "audio": HEAD_STAYS_FLOAT_SYMMETRIC}
     devices = Devices("CPU", r"(CPU|GPU|NPU|AUTO)(\.\d+)?", "CPU, GPU, GPU.1, NPU or AUTO")
+    standalone_runner = True  # bundle_run.py runs its bundles with openvino + numpy (backends/bundle_run.py)
     # Triton's OpenVINO backend reads 1/model.xml + model.bin; OpenVINO Model Server the IR as it is
     serving = ServingLayout(("backend", "openvino"), (("{name}", "model.xml"), ("{stem}.bin", "model.bin")), ovms=True)
     # Exact graph clean-up before convert_model (d2v_export.rewrite), on by default: measured on the base

@@ -182,7 +182,7 @@ def read_mono(path: Path, rate: int) -> np.ndarray:
 def _chunking(folder: Path) -> Any | None:
     """d2v_export.chunking: the package's, or the copy beside this file in a bundle (``bundle_chunking.py``); None without one."""
     if __package__:
-        from . import chunking
+        from .. import chunking
 
         return chunking
     path = folder / CHUNKING_SCRIPT
