@@ -277,12 +277,7 @@ def test_device_half_builds_and_runs_end_to_end_on_stand_ins(version: str, int8_
     assert not [p.name for p in int8_bundle.iterdir() if p.name.startswith(".")]  # no temporary files left
     bundle_mod.verify(int8_bundle)  # the files build wrote were added to manifest.json
 
-    image = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    np.savez(tmp_path / "inputs.npz", pixel_values=image)
-    ran = device("run", str(tmp_path / "inputs.npz"), "--output", str(tmp_path / "out.npz"))
-    assert ran.returncode == 0, ran.stderr
-    with np.load(tmp_path / "out.npz") as out:
-        np.testing.assert_allclose(out["logits"], image.sum(axis=-1), rtol=1e-6)
+    _runs_the_stand_in_engine(device, tmp_path, seed=0)
 
     other = device("run", str(tmp_path / "inputs.npz"), "--device", "cuda:1")
     assert other.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "cuda:1 does not exist" in other.stderr, other.stderr
@@ -324,12 +319,7 @@ def test_device_half_reaches_cuda_through_libcudart_without_cuda_python(int8_bun
     assert json.loads(built.stderr.strip().splitlines()[-1]) == 0  # no CUDA event left alive
     engine = json.loads((int8_bundle / "engine_manifest.json").read_text())
     assert engine["cuda_via"] == "libcudart" and engine["compute_capability"] == "8.7" and engine["cuda_runtime"] == "12.6"
-    image = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    np.savez(tmp_path / "inputs.npz", pixel_values=image)
-    ran = device("run", str(tmp_path / "inputs.npz"), "--output", str(tmp_path / "out.npz"))
-    assert ran.returncode == 0, ran.stderr
-    with np.load(tmp_path / "out.npz") as out:
-        np.testing.assert_allclose(out["logits"], image.sum(axis=-1), rtol=1e-6)
+    _runs_the_stand_in_engine(device, tmp_path, seed=1)
 
 
 FAKE_TRTEXEC = FAKES / "bin" / "trtexec"
@@ -541,3 +531,13 @@ def test_run_without_an_engine_uses_the_bundles_onnx_on_onnx_runtime(run_dir: Pa
         assert result["runtime"].startswith("onnxruntime ") and "model.onnx" in result["runtime"], result["runtime"]
         assert any(n.startswith("the bundle has no TensorRT engine: ran its ONNX file 'model.onnx' with ONNX Runtime") for n in result["notes"])
         assert result["labels"]
+
+
+def _runs_the_stand_in_engine(device: Any, tmp_path: Path, seed: int) -> None:
+    """``trt_device.py run`` on an image: the stand-in engine's logits are the image summed over its last axis."""
+    image = np.random.default_rng(seed).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", pixel_values=image)
+    ran = device("run", str(tmp_path / "inputs.npz"), "--output", str(tmp_path / "out.npz"))
+    assert ran.returncode == 0, ran.stderr
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["logits"], image.sum(axis=-1), rtol=1e-6)
