@@ -210,81 +210,117 @@ def _metric_ok(value: float | None, limit: float | None, higher: bool) -> bool:
     return within(value, limit, higher)  # the same inclusive rule as metrics.judge
 
 
-def drift_plot(variants: Sequence[Mapping[str, Any]]) -> str:
-    """One panel per budget metric: a bar per variant, the budget as a dashed line."""
+def _budget_metrics(variants: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The budget metrics of all variants, in first-seen order."""
     metrics: list[str] = []
     for v in variants:
         for m in (v.get("drift") or {}).get("budget") or {}:
             if m not in metrics:
                 metrics.append(m)
-    width, left, right = 980, 210, 150
-    if not metrics:
-        return _svg(width, 60, [_text(20, 35, "no drift budget in this report")], kind="drift", label="drift against budget")
-    failed_names: dict[str, set[str]] = {}
-    noise_judged: dict[str, set[str]] = {}  # metrics judged on confidence bounds: the verdict, not the bar, decides
+    return metrics
+
+
+def _variants_by_metric(variants: Sequence[Mapping[str, Any]], field: str) -> dict[str, set[str]]:
+    """metric -> names of the variants whose drift lists it under ``field`` ("failed" or "bounds")."""
+    found: dict[str, set[str]] = {}
     for v in variants:
-        for m in (v.get("drift") or {}).get("failed") or []:
-            failed_names.setdefault(m, set()).add(str(v.get("name")))
-        for m in (v.get("drift") or {}).get("bounds") or {}:
-            noise_judged.setdefault(m, set()).add(str(v.get("name")))
+        for m in (v.get("drift") or {}).get(field) or []:
+            found.setdefault(m, set()).add(str(v.get("name")))
+    return found
+
+
+def _drift_scale(values: list[float], limits: list[float], higher: bool, p0: float, p1: float) -> tuple[Scale, str]:
+    """The x scale of one metric's panel and its axis note."""
+    everything = values + limits
+    if higher:
+        floor = min(everything) if everything else 0.0
+        pad = max((1.0 - floor) * 0.35, 0.002)
+        lo = max(0.0, floor - pad) if floor < 1.0 else 0.9
+        return Scale(lo, 1.0, p0, p1), (f"axis from {fmt_num(lo, 4)} to 1" if lo > 0 else "")
+    pos = [v for v in everything if v > 0]
+    if pos and limits and min(pos) < max(limits) / 100:
+        return Scale(min(pos) / 3, max(pos) * 3, p0, p1, log=True), "log scale"
+    return Scale(0.0, (max(everything) if everything else 1.0) * 1.15 or 1.0, p0, p1), ""
+
+
+def _drift_bar(scale: Scale, y: float, name: str, value: Any, ok: bool, failed: bool) -> list[str]:
+    """One variant's bar (or the reason it has none) in a metric's panel."""
+    x0, edge = scale.p0, DRIFT_WIDTH - DRIFT_RIGHT - 60
+    cy = y + DRIFT_BAR / 2
+    body = [_text(DRIFT_LEFT - 10, cy + 4, name, anchor="end", size=12)]
+    if value is None:
+        note = "not finite: over budget" if failed else "not measured (ignored by the budget)"
+        return body + [_text(x0 + 6, cy + 4, note, size=11, fill=FAIL if failed else MUTED)]
+    x = scale(float(value))
+    width = max(1.5, x - x0)
+    color = PASS if ok else FAIL
+    body.append(f'<rect x="{x0:.1f}" y="{y:.1f}" width="{width:.1f}" height="{DRIFT_BAR}" fill="{color}" fill-opacity="0.75"/>')
+    label = fmt_num(float(value), 4) + (" ✓" if ok else " ✗")
+    inside = x >= edge
+    body.append(
+        _text(
+            x - 6 if inside else x + 6,
+            cy + 4,
+            label,
+            size=11,
+            anchor="end" if inside else "start",
+            fill="#ffffff" if inside else "#1f2328",
+            weight="600",
+        )
+    )
+    return body
+
+
+def _drift_panel(metric: str, variants: Sequence[Mapping[str, Any]], y: float, failed: set[str], judged: set[str]) -> tuple[list[str], float]:
+    """One budget metric's panel: a bar per variant and the budget as a dashed line; returns (svg, next y)."""
+    rows = []
+    for v in variants:
+        drift = v.get("drift") or {}
+        if metric in (drift.get("budget") or {}):
+            rows.append((v["name"], drift.get("metrics", {}).get(metric), drift["budget"][metric]))
+    higher = METRICS[metric].higher_is_better if metric in METRICS else False
+    limits = [float(r[2]) for r in rows if r[2] is not None]
+    values = [float(r[1]) for r in rows if r[1] is not None]
+    direction = "higher is better, budget is a lower bound" if higher else "lower is better, budget is an upper bound"
+    body = [_text(12, y + 16, metric, size=13, weight="700")]
+    body.append(_text(12 + 8 * len(metric) + 14, y + 16, f"({direction})", size=11, fill=MUTED))
+    y += 44
+    plot_top = y
+    scale, axis_note = _drift_scale(values, limits, higher, DRIFT_LEFT, DRIFT_WIDTH - DRIFT_RIGHT)
+    for name, value, limit in rows:
+        measured = None if value is None else float(value)
+        ok = name in judged or _metric_ok(measured, None if limit is None else float(limit), higher)
+        ok = ok and name not in failed
+        body += _drift_bar(scale, y, name, value, ok, name in failed)
+        y += DRIFT_BAR + 6
+    body += _x_axis(scale, y + 2, plot_top - 4, axis_note, "")
+    for limit in sorted(set(limits)):
+        bx = scale(limit)
+        body.append(
+            f'<line x1="{bx:.1f}" y1="{plot_top - 6:.1f}" x2="{bx:.1f}" y2="{y + 2:.1f}" '
+            f'stroke="{FAIL}" stroke-width="2" stroke-dasharray="6 4"/>'
+        )
+        body.append(_text(bx, plot_top - 9, f"budget {fmt_num(limit, 4)}", size=11, anchor="middle", fill=FAIL, weight="600"))
+    return body, y + 52
+
+
+DRIFT_WIDTH, DRIFT_LEFT, DRIFT_RIGHT, DRIFT_BAR = 980, 210, 150, 20
+
+
+def drift_plot(variants: Sequence[Mapping[str, Any]]) -> str:
+    """One panel per budget metric: a bar per variant, the budget as a dashed line."""
+    metrics = _budget_metrics(variants)
+    if not metrics:
+        body = [_text(20, 35, "no drift budget in this report")]
+        return _svg(DRIFT_WIDTH, 60, body, kind="drift", label="drift against budget")
+    failed = _variants_by_metric(variants, "failed")
+    judged = _variants_by_metric(variants, "bounds")  # judged on confidence bounds: the verdict, not the bar, decides
     body: list[str] = []
     y = 10.0
-    bar_h, gap = 20, 6
     for metric in metrics:
-        rows = [
-            (v["name"], (v.get("drift") or {}).get("metrics", {}).get(metric), (v.get("drift") or {}).get("budget", {}).get(metric))
-            for v in variants
-            if metric in ((v.get("drift") or {}).get("budget") or {})
-        ]
-        higher = METRICS[metric].higher_is_better if metric in METRICS else False
-        limits = [float(r[2]) for r in rows if r[2] is not None]
-        vals = [float(r[1]) for r in rows if r[1] is not None]
-        direction = "higher is better, budget is a lower bound" if higher else "lower is better, budget is an upper bound"
-        body.append(_text(12, y + 16, f"{metric}", size=13, weight="700"))
-        body.append(_text(12 + 8 * len(metric) + 14, y + 16, f"({direction})", size=11, fill=MUTED))
-        y += 44
-        plot_top = y
-        everything = vals + limits
-        if higher:
-            floor = min(everything) if everything else 0.0
-            pad = max((1.0 - floor) * 0.35, 0.002)
-            lo = max(0.0, floor - pad) if floor < 1.0 else 0.9
-            scale = Scale(lo, 1.0, left, width - right)
-            axis_note = f"axis from {fmt_num(lo, 4)} to 1" if lo > 0 else ""
-            x0 = scale.p0
-        else:
-            pos = [v for v in everything if v > 0]
-            log = bool(pos) and bool(limits) and min(pos) < max(limits) / 100
-            if log:
-                scale = Scale(min(pos) / 3, max(pos) * 3, left, width - right, log=True)
-                axis_note = "log scale"
-            else:
-                scale = Scale(0.0, (max(everything) if everything else 1.0) * 1.15 or 1.0, left, width - right)
-                axis_note = ""
-            x0 = scale.p0
-        for name, value, limit in rows:
-            ok = name in noise_judged.get(metric, set()) or _metric_ok(None if value is None else float(value), None if limit is None else float(limit), higher)
-            ok = ok and name not in failed_names.get(metric, set())
-            color = PASS if ok else FAIL
-            cy = y + bar_h / 2
-            body.append(_text(left - 10, cy + 4, name, anchor="end", size=12))
-            if value is None:
-                failed = name in failed_names.get(metric, set())
-                body.append(_text(x0 + 6, cy + 4, "not finite: over budget" if failed else "not measured (ignored by the budget)",
-                                  size=11, fill=FAIL if failed else MUTED))
-            else:
-                x = scale(float(value))
-                body.append(f'<rect x="{x0:.1f}" y="{y:.1f}" width="{max(1.5, x - x0):.1f}" height="{bar_h}" fill="{color}" fill-opacity="0.75"/>')
-                body.append(_text(x + 6 if x < width - right - 60 else x - 6, cy + 4, fmt_num(float(value), 4) + (" ✓" if ok else " ✗"),
-                                  size=11, anchor="start" if x < width - right - 60 else "end", fill="#1f2328" if x < width - right - 60 else "#ffffff", weight="600"))
-            y += bar_h + gap
-        body += _x_axis(scale, y + 2, plot_top - 4, axis_note, "")
-        for limit in sorted(set(limits)):
-            bx = scale(limit)
-            body.append(f'<line x1="{bx:.1f}" y1="{plot_top - 6:.1f}" x2="{bx:.1f}" y2="{y + 2:.1f}" stroke="{FAIL}" stroke-width="2" stroke-dasharray="6 4"/>')
-            body.append(_text(bx, plot_top - 9, f"budget {fmt_num(limit, 4)}", size=11, anchor="middle", fill=FAIL, weight="600"))
-        y += 52
-    return _svg(width, int(y), body, kind="drift", label="drift per metric against its budget")
+        panel, y = _drift_panel(metric, variants, y, failed.get(metric, set()), judged.get(metric, set()))
+        body += panel
+    return _svg(DRIFT_WIDTH, int(y), body, kind="drift", label="drift per metric against its budget")
 
 
 def scatter_plot(
@@ -583,49 +619,86 @@ def render_comparison_section(c: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------- matrix.html
 
 
-def render_matrix(doc: Mapping[str, Any]) -> str:
-    """matrix.json document -> one self-contained HTML page."""
-    title = f"d2v-export matrix: {doc.get('model', '?')}"
-    body = [f"<h1>{esc(title)}</h1>"]
-    body.append(
-        f"<p class=\"muted\">created {esc(doc.get('created'))} · modalities {esc(', '.join(doc.get('modalities') or []))} · "
+def _matrix_header(doc: Mapping[str, Any], title: str) -> list[str]:
+    """The title, what the matrix covered, and the random-weights banner."""
+    covered = (
+        f"created {esc(doc.get('created'))} · modalities {esc(', '.join(doc.get('modalities') or []))} · "
         f"targets {esc(', '.join(doc.get('targets') or []))} · precisions {esc(', '.join(doc.get('precisions') or []))}"
-        + (f" · shard {esc(doc['shard'])}" if doc.get("shard") else "") + "</p>"
     )
+    if doc.get("shard"):
+        covered += f" · shard {esc(doc['shard'])}"
+    body = [f"<h1>{esc(title)}</h1>", f'<p class="muted">{covered}</p>']
     if doc.get("random_weights"):
-        body.append('<div class="banner" role="alert">RANDOM WEIGHTS — presets have the real architecture but untrained weights: '
-                    "latency is meaningful, accuracy numbers only measure conversion drift.</div>")
-    cells = list(doc.get("cells") or [])
+        body.append(
+            '<div class="banner" role="alert">RANDOM WEIGHTS — presets have the real architecture but untrained weights: '
+            "latency is meaningful, accuracy numbers only measure conversion drift.</div>"
+        )
+    return body
+
+
+def _cells_section(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every cell with its status, reason and report link."""
     rows = []
     for c in cells:
         status = c.get("status")
         cls = {"ran": "pass", "failed": "fail"}.get(status, "muted")
-        link = _Raw(f'<a href="{esc(c["report"])}">{esc(c["report"])}</a>') if c.get("report") and status == "ran" else "–"
-        rows.append([c.get("modality"), c.get("target"), c.get("precision"), _Raw(f'<span class="{cls}">{esc(status)}</span>'), c.get("reason") or "", link])
+        ran = c.get("report") and status == "ran"
+        link = _Raw(f'<a href="{esc(c["report"])}">{esc(c["report"])}</a>') if ran else "–"
+        badge = _Raw(f'<span class="{cls}">{esc(status)}</span>')
+        rows.append([c.get("modality"), c.get("target"), c.get("precision"), badge, c.get("reason") or "", link])
     counts = {s: sum(1 for c in cells if c.get("status") == s) for s in ("ran", "skipped", "failed")}
-    body.append(f"<h2>Cells</h2><p>{counts['ran']} ran, {counts['skipped']} skipped, {counts['failed']} failed.</p>")
-    body.append(_table(["modality", "target", "precision", "status", "reason", "report"], rows))
+    summary = f"{counts['ran']} ran, {counts['skipped']} skipped, {counts['failed']} failed."
+    header = ["modality", "target", "precision", "status", "reason", "report"]
+    return [f"<h2>Cells</h2><p>{summary}</p>", _table(header, rows)]
+
+
+def _matrix_variant_row(v: Mapping[str, Any], front: Sequence[str]) -> list[Any]:
+    name = f"<b>{esc(v['name'])}</b>" + (" (simulated)" if v.get("simulated") else "") + (" ★" if v["name"] in front else "")
+    speedup = v.get("speedup_vs_common_reference")
+    key = v.get("key_metric")
+    return [
+        _Raw(name),
+        v.get("target"),
+        v.get("precision"),
+        fmt_num(v.get("p50_ms")),
+        f"{speedup:.2f}×" if speedup else "–",
+        fmt_num(v.get("drift_score"), 3),
+        f"{key} {fmt_num(v.get('key_metric_value'), 4)}" if key else "–",
+        _ok(v.get("drift_passed")),
+    ]
+
+
+def _modality_section(modality: str, info: Mapping[str, Any]) -> list[str]:
+    """One modality's variants: a table and the latency-versus-drift scatter with its Pareto front."""
+    variants = info.get("variants") or []
+    front = info.get("pareto") or []
+    body = [f"<h2>{esc(modality)}: {esc(info.get('task', ''))}</h2>"]
+    ref = info.get("reference_p50_ms")
+    if ref is not None:
+        body.append(f"<p>PyTorch fp32 reference p50 {fmt_num(ref)} ms. {esc(SPEEDUP_MEANING)}</p>")
+    header = ["variant", "target", "precision", "p50 ms", "speedup vs common ref", "drift score", "key metric", "drift"]
+    body.append(_table(header, [_matrix_variant_row(v, front) for v in variants], numeric=(3, 4, 5)))
+    body.append(f"<p>Latency-versus-drift front (★): {esc(', '.join(front) or 'none')}.</p>")
+    points = [
+        {"name": v["name"], "x": v.get("drift_score"), "y": v.get("p50_ms"), "ok": v.get("drift_passed")}
+        for v in variants
+    ]
+    plot = scatter_plot(points, y_label="p50 latency (ms)", y_higher_better=False, reference_y=ref, front=front, kind="pareto")
+    caption = "Blue ring and line: the Pareto front (no other variant is both faster and closer to the reference)."
+    body.append(f"<figure>{plot}<figcaption>{caption}</figcaption></figure>")
+    return body
+
+
+def render_matrix(doc: Mapping[str, Any]) -> str:
+    """matrix.json document -> one self-contained HTML page."""
+    title = f"d2v-export matrix: {doc.get('model', '?')}"
+    body = _matrix_header(doc, title)
+    body += _cells_section(list(doc.get("cells") or []))
     for modality, info in (doc.get("modalities_detail") or {}).items():
-        variants = info.get("variants") or []
-        front = info.get("pareto") or []
-        body.append(f"<h2>{esc(modality)}: {esc(info.get('task', ''))}</h2>")
-        vrows = []
-        for v in variants:
-            vrows.append([
-                _Raw(f"<b>{esc(v['name'])}</b>" + (" (simulated)" if v.get("simulated") else "") + (" ★" if v["name"] in front else "")), v.get("target"), v.get("precision"), fmt_num(v.get("p50_ms")),
-                f"{v['speedup_vs_common_reference']:.2f}×" if v.get("speedup_vs_common_reference") else "–", fmt_num(v.get("drift_score"), 3),
-                f"{v.get('key_metric')} {fmt_num(v.get('key_metric_value'), 4)}" if v.get("key_metric") else "–", _ok(v.get("drift_passed")),
-            ])
-        ref = info.get("reference_p50_ms")
-        if ref is not None:
-            body.append(f"<p>PyTorch fp32 reference p50 {fmt_num(ref)} ms. {esc(SPEEDUP_MEANING)}</p>")
-        body.append(_table(["variant", "target", "precision", "p50 ms", "speedup vs common ref", "drift score", "key metric", "drift"], vrows, numeric=(3, 4, 5)))
-        body.append(f"<p>Latency-versus-drift front (★): {esc(', '.join(front) or 'none')}.</p>")
-        points = [{"name": v["name"], "x": v.get("drift_score"), "y": v.get("p50_ms"), "ok": v.get("drift_passed")} for v in variants]
-        body.append("<figure>" + scatter_plot(points, y_label="p50 latency (ms)", y_higher_better=False, reference_y=ref, front=front, kind="pareto") +
-                    "<figcaption>Blue ring and line: the Pareto front (no other variant is both faster and closer to the reference).</figcaption></figure>")
+        body += _modality_section(modality, info)
     if doc.get("warnings"):
-        body.append("<h2>Warnings</h2><ul class=\"warnings\">" + "".join(f"<li>{esc(w)}</li>" for w in doc["warnings"]) + "</ul>")
+        items = "".join(f"<li>{esc(w)}</li>" for w in doc["warnings"])
+        body.append(f'<h2>Warnings</h2><ul class="warnings">{items}</ul>')
     return _page(title, body)
 
 

@@ -166,18 +166,40 @@ def _metric_summary(drift: Mapping[str, Any]) -> str:
 
 def markdown(doc: Mapping[str, Any]) -> str:
     """A short Markdown report that fits a CI step summary."""
-    model, env = doc["model"], doc["environment"]
+    lines = _md_head(doc) + _md_latency_table(doc) + _md_export(doc)
+    for v in doc["variants"]:
+        lines += _md_variant_notes(v)
+    lines += _cold_start_lines(doc["variants"]) + _length_lines(doc["variants"])
+    lines += _md_pick(doc.get("pick"))
+    comparison = doc.get("comparison")
+    if comparison:
+        verdict = "no regression" if comparison.get("passed") else "REGRESSION in " + ", ".join(comparison.get("regressions", []))
+        lines += ["", "## Against the baseline", "", f"{verdict} — the table is in comparison.md."]
+    if doc["warnings"]:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in doc["warnings"]]
+    versions = ", ".join(f"{k} {v}" for k, v in doc["environment"]["versions"].items())
+    lines += ["", f"<sub>{versions}. Created {doc['created']}. Schema {doc['schema_version']}.</sub>", ""]
+    return "\n".join(lines)
+
+
+def _md_head(doc: Mapping[str, Any]) -> list[str]:
+    model = doc["model"]
     lines = [f"# d2v-export report: {model['modality']} / {model['task']}", ""]
     if model["random_weights"]:
-        lines += ["> **RANDOM WEIGHTS** — this preset has the real architecture but untrained weights: "
-                  "latency is meaningful, accuracy numbers only measure conversion drift.", ""]  # fmt: skip
+        lines += [
+            "> **RANDOM WEIGHTS** — this preset has the real architecture but untrained weights: "
+            "latency is meaningful, accuracy numbers only measure conversion drift.",
+            "",
+        ]
     verdict = "PASSED" if doc["passed"] else "FAILED"
-    lines += [
-        f"**Verdict: {verdict}** — model `{model['source']}` ({model['class']}, {model['parameters']:,} parameters)",
-        "",
-    ]
-    ref = doc["reference"]["latency_ms"]
-    lines += [
+    source = f"model `{model['source']}` ({model['class']}, {model['parameters']:,} parameters)"
+    return lines + [f"**Verdict: {verdict}** — {source}", ""]
+
+
+def _md_latency_table(doc: Mapping[str, Any]) -> list[str]:
+    """The reference and every variant: percentiles, speedup, drift; then how latency was measured."""
+    ref, env = doc["reference"]["latency_ms"], doc["environment"]
+    lines = [
         "| variant | precision | p50 ms | p90 ms | p99 ms | speedup vs PyTorch | drift | |",
         "|---|---|---:|---:|---:|---:|---|---|",
         f"| pytorch (reference) | fp32 | {_ms(ref, 'p50')} | {_ms(ref, 'p90')} | {_ms(ref, 'p99')} | 1.00× | – | |",
@@ -186,62 +208,78 @@ def markdown(doc: Mapping[str, Any]) -> str:
         lat = v["latency_ms"]
         speed = f"{v['speedup_vs_reference']:.2f}×" if v["speedup_vs_reference"] else "–"
         ok = "✅" if v["drift"]["passed"] else "❌"
-        lines.append(
-            f"| {v['name']} | {v['precision']} | {_ms(lat, 'p50')} | {_ms(lat, 'p90')} | {_ms(lat, 'p99')} | {speed} | {_metric_summary(v['drift'])} | {ok} |"
-        )
+        percentiles = f"{_ms(lat, 'p50')} | {_ms(lat, 'p90')} | {_ms(lat, 'p99')}"
+        lines.append(f"| {v['name']} | {v['precision']} | {percentiles} | {speed} | {_metric_summary(v['drift'])} | {ok} |")
     shape = (ref or {}).get("shape") or {}
     n = (ref or {}).get("n", 0)
-    lines += [
-        "",
-        f"Latency: batch {ref['batch'] if ref else '?'}, shape {shape}, "
-        + (f"each variant timed in a pair with the reference after warm-up (speedup against its own pair's reference; {n} reference runs in all), "
-           if isinstance((doc.get("bench") or {}).get("interleaved"), str) else f"{n} interleaved timed runs per variant after warm-up, ")
-        + f"{env['threads']} threads on {env['cpu']} ({env['cores_available']} cores available).",
+    if isinstance((doc.get("bench") or {}).get("interleaved"), str):
+        how = (
+            "each variant timed in a pair with the reference after warm-up "
+            f"(speedup against its own pair's reference; {n} reference runs in all), "
+        )
+    else:
+        how = f"{n} interleaved timed runs per variant after warm-up, "
+    where = f"{env['threads']} threads on {env['cpu']} ({env['cores_available']} cores available)."
+    return lines + ["", f"Latency: batch {ref['batch'] if ref else '?'}, shape {shape}, " + how + where]
+
+
+def _md_export(doc: Mapping[str, Any]) -> list[str]:
+    export = doc["export"]
+    lines = [
         "",
         "## Export check",
         "",
-        f"{doc['export']['exporter']}, opset {doc['export']['opset']}, {doc['export']['seconds']:.1f} s. "
-        f"{doc['export']['check']['detail']}.",
+        f"{export['exporter']}, opset {export['opset']}, {export['seconds']:.1f} s. {export['check']['detail']}.",
         "",
         "| axis | min | opt | max |",
         "|---|---:|---:|---:|",
     ]
-    for axis, r in doc["export"]["shapes"].items():
+    for axis, r in export["shapes"].items():
         lines.append(f"| {axis} | {r['min']} | {r['opt']} | {r['max']} |")
-    for name, size in doc["export"]["static"].items():
+    for name, size in export["static"].items():
         lines.append(f"| {name} (static) | {size} | {size} | {size} |")
-    for v in doc["variants"]:
-        if v["drift"]["detail"]:
-            lines += ["", f"- **{v['name']}**: {v['drift']['detail']}"]
-            labelled = [k for k in LABELLED if k in v["drift"]["metrics"]]
-            if labelled:
-                lines.append("  - against the labels: " + ", ".join(f"{k} {v['drift']['metrics'][k]:.3g}" for k in labelled))
-            for name, why in (v["drift"].get("informational") or {}).items():
-                lines.append(f"  - `{name}` is information, not a gate: {why}")
-        for note in v["notes"]:
-            lines.append(f"  - {note}")
-        budget = v.get("latency_budget")
-        if budget and budget.get("passed") is not None:
-            lines.append(f"  - latency budget ({budget['profile']}): {'within' if budget['passed'] else 'OVER'} — {budget['detail']}")
-    lines += _cold_start_lines(doc["variants"]) + _length_lines(doc["variants"])
-    pick = doc.get("pick")
-    if pick:
-        lines += ["", "## The pick", "", f"**{pick['name']}** ({pick['candidate']}): {pick['why']}.", "",
-                  f"| candidate | recipe | p50 ms | {pick['statistic']} ms | drift score | outcome |", "|---|---|---:|---:|---:|---|"]  # fmt: skip
-        for c in pick["candidates"]:
-            score = "–" if c.get("drift_score") is None else f"{c['drift_score']:.3g}"
-            star = " ★" if c["name"] in (pick.get("front") or ()) else ""
-            lines.append(f"| {c['name']}{star} | {c['candidate']} | {c['p50_ms']:.3f} | {c['compared_ms']:.3f} | {score} | {c['outcome']} |")
-        lines += ["", "★: on the latency-versus-drift front (no other candidate is both faster and closer to the reference)."]
-    comparison = doc.get("comparison")
-    if comparison:
-        verdict = "no regression" if comparison.get("passed") else "REGRESSION in " + ", ".join(comparison.get("regressions", []))
-        lines += ["", "## Against the baseline", "", f"{verdict} — the table is in comparison.md."]
-    if doc["warnings"]:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in doc["warnings"]]
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    lines += ["", f"<sub>{versions}. Created {doc['created']}. Schema {doc['schema_version']}.</sub>", ""]
-    return "\n".join(lines)
+    return lines
+
+
+def _md_variant_notes(v: Mapping[str, Any]) -> list[str]:
+    """A variant's drift detail, label metrics, informational metrics, notes and latency budget."""
+    lines = []
+    drift = v["drift"]
+    if drift["detail"]:
+        lines += ["", f"- **{v['name']}**: {drift['detail']}"]
+        labelled = [k for k in LABELLED if k in drift["metrics"]]
+        if labelled:
+            lines.append("  - against the labels: " + ", ".join(f"{k} {drift['metrics'][k]:.3g}" for k in labelled))
+        for name, why in (drift.get("informational") or {}).items():
+            lines.append(f"  - `{name}` is information, not a gate: {why}")
+    for note in v["notes"]:
+        lines.append(f"  - {note}")
+    budget = v.get("latency_budget")
+    if budget and budget.get("passed") is not None:
+        within = "within" if budget["passed"] else "OVER"
+        lines.append(f"  - latency budget ({budget['profile']}): {within} — {budget['detail']}")
+    return lines
+
+
+def _md_pick(pick: Mapping[str, Any] | None) -> list[str]:
+    if not pick:
+        return []
+    lines = [
+        "",
+        "## The pick",
+        "",
+        f"**{pick['name']}** ({pick['candidate']}): {pick['why']}.",
+        "",
+        f"| candidate | recipe | p50 ms | {pick['statistic']} ms | drift score | outcome |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for c in pick["candidates"]:
+        score = "–" if c.get("drift_score") is None else f"{c['drift_score']:.3g}"
+        star = " ★" if c["name"] in (pick.get("front") or ()) else ""
+        timing = f"{c['p50_ms']:.3f} | {c['compared_ms']:.3f}"
+        lines.append(f"| {c['name']}{star} | {c['candidate']} | {timing} | {score} | {c['outcome']} |")
+    star_meaning = "★: on the latency-versus-drift front (no other candidate is both faster and closer to the reference)."
+    return lines + ["", star_meaning]
 
 
 def _cold_start_lines(variants: list[Mapping[str, Any]]) -> list[str]:
