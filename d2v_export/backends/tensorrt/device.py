@@ -832,6 +832,48 @@ def settings_from(recipe: Mapping[str, Any], *, workspace_bytes: int | None = No
 # ------------------------------------------------------------------------------------ build
 
 
+def _builder_config(trt: Any, builder: Any, settings: BuildSettings, onnx_path: Path, errors: Any) -> tuple[Any, list[str]]:
+    """The builder config: workspace, the recipe's flags (set and cleared) and one optimization profile."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
+    for flag in settings.builder_flags:
+        if not hasattr(trt.BuilderFlag, flag):
+            raise D2VError(
+                f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (weak typing was removed in TensorRT 11); "
+                "build the int8 bundle (strongly typed, fp16 remainder) or use TensorRT 10.x for this fp16 bundle",
+                ExitCode.TARGET_UNAVAILABLE,
+            )
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    cleared = []
+    for flag in settings.cleared_flags:
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
+            cleared.append(flag)
+    profile = builder.create_optimization_profile()
+    for inp in settings.inputs:
+        profile.set_shape(inp.name, trt.Dims(list(inp.min)), trt.Dims(list(inp.opt)), trt.Dims(list(inp.max)))
+    if config.add_optimization_profile(profile) < 0:
+        why = errors.last or "min <= opt <= max per input?"
+        raise D2VError(
+            f"TensorRT refused the optimization profile of {onnx_path.name} ({why}); fix the shape ranges and re-export"
+        )
+    return config, cleared
+
+
+def _timing_cache(config: Any, cache_path: Path | None, errors: Any) -> tuple[bool, str]:
+    """Load the timing cache into ``config``: (loaded, TensorRT's refusal if it refused the file)."""
+    if cache_path is None:
+        return False, ""
+    data = cache_path.read_bytes() if cache_path.is_file() else b""
+    # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused (then replaced by a
+    # fresh one, written back after the build), never silently mixed in.
+    if data and _use_timing_cache(config, data):
+        return True, ""
+    refused, errors.last = errors.last, ""  # TensorRT's refusal must not explain a later, unrelated failure
+    _use_timing_cache(config, b"")
+    return False, refused
+
+
 def build(onnx_path: Path, plan_path: Path, settings: BuildSettings) -> dict[str, object]:
     """Parse ``onnx_path``, build a serialized engine at ``plan_path`` (atomically) and return its manifest.
 
@@ -854,36 +896,9 @@ def build(onnx_path: Path, plan_path: Path, settings: BuildSettings) -> dict[str
     if not parser.parse_from_file(str(onnx_path)):
         messages = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
         raise D2VError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {'; '.join(messages[:3]) or errors.last}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
-    for flag in settings.builder_flags:
-        if not hasattr(trt.BuilderFlag, flag):
-            raise D2VError(
-                f"TensorRT {trt.__version__} has no BuilderFlag.{flag} (weak typing was removed in TensorRT 11); "
-                "build the int8 bundle (strongly typed, fp16 remainder) or use TensorRT 10.x for this fp16 bundle",
-                ExitCode.TARGET_UNAVAILABLE,
-            )
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    cleared = []
-    for flag in settings.cleared_flags:
-        if hasattr(trt.BuilderFlag, flag):
-            config.clear_flag(getattr(trt.BuilderFlag, flag))
-            cleared.append(flag)
-    profile = builder.create_optimization_profile()
-    for inp in settings.inputs:
-        profile.set_shape(inp.name, trt.Dims(list(inp.min)), trt.Dims(list(inp.opt)), trt.Dims(list(inp.max)))
-    if config.add_optimization_profile(profile) < 0:
-        raise D2VError(f"TensorRT refused the optimization profile of {onnx_path.name} ({errors.last or 'min <= opt <= max per input?'}); fix the shape ranges and re-export")
+    config, cleared = _builder_config(trt, builder, settings, onnx_path, errors)
     cache_path = settings.timing_cache
-    cache_loaded, refused = False, ""
-    if cache_path is not None:
-        data = cache_path.read_bytes() if cache_path.is_file() else b""
-        # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused (then replaced by a
-        # fresh one, written back after the build), never silently mixed in.
-        cache_loaded = bool(data) and _use_timing_cache(config, data)
-        if not cache_loaded:
-            refused, errors.last = errors.last, ""  # TensorRT's refusal must not explain a later, unrelated failure
-            _use_timing_cache(config, b"")
+    cache_loaded, refused = _timing_cache(config, cache_path, errors)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise D2VError(f"TensorRT could not build an engine from {onnx_path.name}: {errors.last or 'see the log above'}")
