@@ -124,6 +124,63 @@ def _media(value: Any, base: Path, what: str) -> Any:
     raise Unreadable(f"no {what} in this row")
 
 
+Feed = Callable[[dict[str, Any]], tuple[dict[str, np.ndarray], object]]
+WHAT = {Modality.VISION: "images", Modality.AUDIO: "audio clips", Modality.TEXT: "text samples"}
+EXAMPLE_COLUMN = {Modality.VISION: "image=img", Modality.AUDIO: "audio=speech", Modality.TEXT: "text=review"}
+
+
+def _image_feed(col: str, base: Path, model: Any, profile: ShapeProfile) -> Feed:
+    prepare = images.preparer(model, profile)
+
+    def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
+        return prepare(images.open_rgb(_media(row[col], base, "image"))), None
+
+    return feed
+
+
+def _audio_feed(col: str, base: Path, model: Any, profile: ShapeProfile) -> Feed:
+    prepare = audio.preparer(model, profile)
+
+    def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
+        value = row[col]
+        if isinstance(value, dict) and value.get("array") is not None:
+            try:
+                array = np.asarray(value["array"], dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise Unreadable(f"its audio array is not numbers ({one_line(exc)})") from None
+            wave = audio.resample(array, value.get("sampling_rate") or prepare.rate, prepare.rate, prepare.limit)
+        else:
+            wave = audio.read_mono(_media(value, base, "audio clip"), prepare.rate, prepare.limit)
+        return prepare(wave), None
+
+    return feed
+
+
+def _text_columns(names: list[str], columns: Mapping[str, str]) -> tuple[dict[str, str | None], str | None]:
+    """(role -> column, the column that must be there) for text rows."""
+    fields = {r: pick(r, names, columns) for r in ("text", "text_pair", "question", "context")}
+    found = fields["text"] or (fields["question"] if fields["context"] else None)
+    if found is None and "choices" in names:
+        found = "choices"
+    return fields, found
+
+
+def _text_feed(fields: Mapping[str, str | None], label_col: str | None, model: Any, profile: ShapeProfile) -> Feed:
+    encode = text.encoder(model, profile)
+
+    def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
+        record = {k: v for k, v in row.items() if k in ("prompt", "choices")}
+        for r, c in fields.items():
+            if c is not None:
+                record[r] = row[c]
+        if model.head.multiple_choice and label_col is not None and isinstance(row.get(label_col), int):
+            record["label"] = row[label_col]
+        values, label = encode(record)
+        return values, (label if model.head.multiple_choice else None)
+
+    return feed
+
+
 def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: int | None, seed: int, columns: Mapping[str, str]) -> Samples:
     """Samples from a saved dataset folder or parquet file(s), one per row."""
     table, features, source = _table(path, split)
@@ -133,66 +190,31 @@ def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: in
         raise D2VError(f"'{source}' has a column name that is not UTF-8; write the dataset again") from None
     modality = model.head.modality
     base = path if path.is_dir() else path.parent
-    role = label_role(model)
-    label_col = pick(role, names, columns, features)
+    label_col = pick(label_role(model), names, columns, features)
     class_names = getattr(features.get(label_col or ""), "names", None)
-    what = {Modality.VISION: "images", Modality.AUDIO: "audio clips", Modality.TEXT: "text samples"}[modality]
-    fix = "name the column with --columns, e.g. --columns " + {
-        Modality.VISION: "image=img", Modality.AUDIO: "audio=speech", Modality.TEXT: "text=review"}[modality]
-    row_of: Callable[[int], dict[str, Any]] = lambda i: _row(table, i)  # noqa: E731
-
-    found: str | None
-    if modality is Modality.VISION:
-        found = pick("image", names, columns, features)
-        prepare = images.preparer(model, profile)
-
-        def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
-            return prepare(images.open_rgb(_media(row[col], base, "image"))), None
-    elif modality is Modality.AUDIO:
-        found = pick("audio", names, columns, features)
-        prepare_audio = audio.preparer(model, profile)
-
-        def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
-            value = row[col]
-            if isinstance(value, dict) and value.get("array") is not None:
-                try:
-                    array = np.asarray(value["array"], dtype=np.float64)
-                except (TypeError, ValueError) as exc:
-                    raise Unreadable(f"its audio array is not numbers ({one_line(exc)})") from None
-                wave = audio.resample(array, value.get("sampling_rate") or prepare_audio.rate, prepare_audio.rate, prepare_audio.limit)
-            else:
-                wave = audio.read_mono(_media(value, base, "audio clip"), prepare_audio.rate, prepare_audio.limit)
-            return prepare_audio(wave), None
+    what, fix = WHAT[modality], f"name the column with --columns, e.g. --columns {EXAMPLE_COLUMN[modality]}"
+    if modality is Modality.TEXT:
+        fields, found = _text_columns(names, columns)
     else:
-        fields = {r: pick(r, names, columns) for r in ("text", "text_pair", "question", "context")}
-        found = fields["text"] or (fields["question"] if fields["context"] else None)
-        if found is None and "choices" in names:
-            found = "choices"
-        encode = text.encoder(model, profile)
-
-        def feed(row: dict[str, Any]) -> tuple[dict[str, np.ndarray], object]:
-            record = {k: v for k, v in row.items() if k in ("prompt", "choices")}
-            for r, c in fields.items():
-                if c is not None:
-                    record[r] = row[c]
-            if model.head.multiple_choice and label_col is not None and isinstance(row.get(label_col), int):
-                record["label"] = row[label_col]
-            values, label = encode(record)
-            return values, (label if model.head.multiple_choice else None)
-
+        found = pick("image" if modality is Modality.VISION else "audio", names, columns, features)
     if found is None:
         raise D2VError(f"no {what.rstrip('s')} column in '{source}' (columns: {', '.join(names)}); {fix}")
+    if modality is Modality.TEXT:
+        feed = _text_feed(fields, label_col, model, profile)
+    elif modality is Modality.VISION:
+        feed = _image_feed(found, base, model, profile)
+    else:
+        feed = _audio_feed(found, base, model, profile)
 
     def reader(i: int) -> Callable[[], tuple[dict[str, np.ndarray], object]]:
         def run() -> tuple[dict[str, np.ndarray], object]:
-            row = row_of(i)
+            row = _row(table, i)
             values, own = feed(row)
-            label = own if own is not None else normalize_label(row.get(label_col), model, class_names) if label_col else None
-            return values, label
+            if own is not None or not label_col:
+                return values, own
+            return values, normalize_label(row.get(label_col), model, class_names)
 
         return run
 
-    col: str = found
-    stem = path.name
-    candidates = [Candidate(f"{stem}[{i}]", reader(i)) for i in range(table.num_rows)]
+    candidates = [Candidate(f"{path.name}[{i}]", reader(i)) for i in range(table.num_rows)]
     return collect(candidates, count=count, seed=seed, source=source, what=what, fix=fix)
