@@ -451,6 +451,8 @@ def render(doc: Mapping[str, Any]) -> str:
         body.append(render_comparison_section(comparison))
     body += _export_section(doc)
     body += _variant_details(doc)
+    body += _cold_start_section(doc.get("variants") or [])
+    body += _length_section(doc.get("variants") or [])
     if doc.get("warnings"):
         body.append("<h2>Warnings</h2><ul class=\"warnings\">" + "".join(f"<li>{esc(w)}</li>" for w in doc["warnings"]) + "</ul>")
     body += _environment_section(doc)
@@ -563,6 +565,36 @@ def _environment_section(doc: Mapping[str, Any]) -> list[str]:
     env_rows += [[k, v] for k, v in (env.get("versions") or {}).items()]
     out.append("<h2>Environment</h2>" + _table(["", ""], env_rows))
     return out
+
+
+def _cold_start_section(variants: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each artifact opened in a child process of its own (report.json ``cold_start``)."""
+    measured = [v for v in variants if v.get("cold_start")]
+    if not measured:
+        return []
+    header = ["variant", "import ms", "open ms", "first inference ms", "peak RSS MB", "artifact's share MB"]
+    rows = []
+    for v in measured:
+        c = v["cold_start"]
+        keys = ("import_ms", "open_ms", "first_inference_ms", "peak_rss_mb", "artifact_rss_mb")
+        rows.append([v["name"], *(fmt_num(c[k]) for k in keys)])
+    what = (
+        "Each artifact opened in a fresh child process: importing the runtime, opening the artifact, the first "
+        "inference at the latency shape; the peak resident memory of that process and the artifact's share of it."
+    )
+    return ["<h2>Cold start</h2>", f"<p>{esc(what)}</p>", _table(header, rows, numeric=(1, 2, 3, 4, 5))]
+
+
+def _length_section(variants: Sequence[Mapping[str, Any]]) -> list[str]:
+    """INT8 audio drift against input length (report.json ``drift_by_length``): information, not a gate."""
+    found = [(v["name"], d) for v in variants for d in v.get("drift_by_length") or ()]
+    if not found:
+        return []
+    names = list(dict.fromkeys(k for _, d in found for k in d["metrics"]))
+    rows = [[name, f"{d['seconds']:g}"] + [fmt_num(d["metrics"].get(k), 4) for k in names] for name, d in found]
+    what = "One input per length against PyTorch: information, not a gate."
+    numeric = tuple(range(1, len(names) + 2))
+    return ["<h2>INT8 drift against input length</h2>", f"<p>{esc(what)}</p>", _table(["variant", "seconds", *names], rows, numeric)]
 
 
 def render_pick_section(pick: Mapping[str, Any], reference: Mapping[str, Any] | None) -> str:

@@ -127,3 +127,25 @@ def test_render_script_without_chromium_says_so(tmp_path: Path) -> None:
     proc = subprocess.run([shutil.which("bash") or "/bin/bash", str(SCRIPT), str(page), str(tmp_path / "o.png")], capture_output=True, text=True,
                           env={"PATH": "/nonexistent", "CHROMIUM": ""}, timeout=60)  # fmt: skip
     assert proc.returncode == 3 and "apt-get install -y chromium" in proc.stderr
+
+
+def test_cold_start_and_length_drift_sections(doc: dict[str, Any]) -> None:
+    """report.html shows what report.md shows: cold start per artifact and INT8 drift against input length."""
+    d = copy.deepcopy(doc)
+    for v in d["variants"]:
+        v["cold_start"], v["drift_by_length"] = None, []
+    assert "Cold start" not in render(d) and "against input length" not in render(d)
+    cold = {"import_ms": 412.0, "open_ms": 37.5, "first_inference_ms": 8.25, "peak_rss_mb": 161.0,
+            "baseline_rss_mb": 120.0, "artifact_rss_mb": 41.0, "measured_in": "child process"}  # fmt: skip
+    d["variants"][1]["cold_start"] = cold
+    d["variants"][1]["drift_by_length"] = [
+        {"seconds": 1.0, "samples": 4, "metrics": {"logit_cosine": 0.9987, "cer": None}},
+        {"seconds": 10.0, "samples": 4, "metrics": {"logit_cosine": 0.9871, "cer": 0.0312}},
+    ]
+    page = render(d)
+    cold_part = page[page.index("<h2>Cold start</h2>") :]
+    for shown in ("onnxruntime-int8-static", "412", "37.5", "8.25", "161", "41"):
+        assert shown in cold_part.split("</table>")[0], shown
+    length_part = page[page.index("<h2>INT8 drift against input length</h2>") :].split("</table>")[0]
+    for shown in ("logit_cosine", "cer", "0.9987", "0.9871", "0.0312", "n/a", ">10<"):
+        assert shown in length_part, shown
