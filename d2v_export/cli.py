@@ -363,28 +363,6 @@ def audio(audio_seconds: Any, **kw: Any) -> None:
     _export_command(Modality.AUDIO, {"audio_seconds": audio_seconds}, **kw)
 
 
-@main.command("build-engine", epilog="""\b
-Examples:
-  d2v-export vision --target tensorrt --int8 --defer-build --output out/vision   # on any machine
-  d2v-export build-engine out/vision/tensorrt-int8-static                        # on the GPU device (e.g. a Jetson)
-  d2v-export build-engine out/vision --timing-cache ~/.cache/trt-timing.cache     # every TensorRT bundle in a run
-""")  # fmt: skip
-@click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--workspace-gb", type=click.FloatRange(min=0.1), default=4.0, show_default=True, help="Builder workspace memory limit.")
-@click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Persistent timing cache (default: in the bundle).")
-@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True, help="Timed engine runs after warm-up.")
-@click.option("--device", default="cuda:0", show_default=True, help="CUDA device to build on (cuda:N).")
-@click.option("--no-verify", is_flag=True, help="Build a bundle that has no manifest.json (its files are then unchecked).")
-@_handle_errors
-def build_engine(bundle: Path, workspace_gb: float, timing_cache: Path | None, iterations: int, device: str, no_verify: bool) -> None:
-    """Build and benchmark the TensorRT engine of a deferred bundle on this device (needs TensorRT and an NVIDIA GPU)."""
-    from .backends.tensorrt import build_engines  # this command is the TensorRT target's own
-
-    for plan in build_engines(bundle, workspace_gb=workspace_gb, timing_cache=timing_cache, iterations=iterations, device=device,
-                              verify=not no_verify, progress=lambda msg: click.echo(f"[d2v-export] {msg}", err=True)):  # fmt: skip
-        click.echo(f"built {plan}")
-
-
 @main.command(epilog="""\b
 Examples:
   d2v-export compare last/report.json out/report.json --latency-tolerance 10%
@@ -576,3 +554,15 @@ def doctor(as_json: bool) -> None:
 
     d = doc.diagnose()
     click.echo(json.dumps(d, indent=2) if as_json else doc.format_text(d))
+
+
+def _add_backend_commands() -> None:
+    """Each target's own commands (``Backend.commands``), with the CLI's error handling."""
+    for name in backends.names():
+        for command in backends.get(name).commands():
+            if command.callback is not None:
+                command.callback = _handle_errors(command.callback)
+            main.add_command(command)
+
+
+_add_backend_commands()

@@ -2,7 +2,8 @@
 
 - No import circles among the modules of ``d2v_export`` (module-level and function-level imports,
   relative ones resolved): shared helpers live below the rooms that share them.
-- No function or class longer than ``MAX_LINES``: units a reader takes in at once.
+- No function longer than ``MAX_LINES`` (methods included): units a reader takes in at once. A class is a
+  container of such units; it is held to ``MAX_CLASS_LINES`` (a backend with a dozen short methods is fine).
 - Prediction is driven by the heads table: every head names a result ``d2v-export run`` knows.
 """
 
@@ -16,6 +17,7 @@ from d2v_export.predict import RESULTS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "d2v_export"
 MAX_LINES = 80
+MAX_CLASS_LINES = 200
 
 
 
@@ -104,21 +106,21 @@ def test_no_import_circles() -> None:
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
-def long_units(limit: int = MAX_LINES) -> list[tuple[str, int]]:
-    """("file.py:name", lines) for every function or class (at any depth) longer than ``limit`` lines."""
+def long_units() -> list[tuple[str, int]]:
+    """("file.py:name", lines) for every function over MAX_LINES and every class over MAX_CLASS_LINES (any depth)."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 lines = (node.end_lineno or node.lineno) - node.lineno + 1
-                if lines > limit:
+                if lines > (MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_LINES):
                     found.append((f"{path.relative_to(PACKAGE).as_posix()}:{node.name}", lines))
     return found
 
 
-def test_no_function_or_class_is_over_80_lines() -> None:
+def test_no_function_is_over_80_lines_and_no_class_over_200() -> None:
     too_long = [f"{name} ({lines} lines)" for name, lines in long_units()]
-    assert not too_long, f"over {MAX_LINES} lines: " + ", ".join(too_long)
+    assert not too_long, f"over {MAX_LINES} lines (a function) or {MAX_CLASS_LINES} (a class): " + ", ".join(too_long)
 
 
 def test_every_head_names_a_prediction_result() -> None:

@@ -213,3 +213,17 @@ def test_copy_onnx_keeps_external_data_loadable_under_any_name(name: str, tmp_pa
     x = np.ones((1, 3), np.float32)
     (y,) = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(y, x @ weight)
+
+
+def test_a_target_brings_its_own_commands() -> None:
+    """`build-engine` is TensorRT's command, registered through the registry (cli.py does not define it) and run
+    with the CLI's error handling: a folder without a bundle is a one-line error with exit 3, not a traceback."""
+    from click.testing import CliRunner
+
+    from d2v_export.cli import main
+
+    own = {c.name: (name, c) for name in backends.names() for c in backends.get(name).commands()}
+    assert own["build-engine"][0] == "tensorrt" and main.commands["build-engine"] is own["build-engine"][1]
+    assert "build-engine" not in (Path(__file__).parents[1] / "d2v_export" / "cli.py").read_text(encoding="utf-8")
+    result = CliRunner().invoke(main, ["build-engine", str(Path(__file__).parent)])
+    assert result.exit_code == 3 and result.output.count("\n") == 1 and "holds no TensorRT bundle" in result.output, result.output

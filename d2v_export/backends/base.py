@@ -223,6 +223,10 @@ class Backend(Protocol):
         """``doctor``'s console lines for what ``diagnose`` returned."""
         ...
 
+    def commands(self) -> Sequence[Any]:
+        """The target's own Click commands, added to ``d2v-export`` (TensorRT's ``build-engine``); most have none."""
+        ...
+
 
 @dataclass(frozen=True)
 class Opened:
@@ -356,6 +360,9 @@ class BackendBase:
 
     def diagnosis_lines(self, details: Mapping[str, Any]) -> list[str]:
         return []
+
+    def commands(self) -> Sequence[Any]:
+        return ()
 
 
 class RunnerBase:

@@ -149,6 +149,12 @@ class TensorRTBackend(BackendBase):
     def diagnosis_lines(self, details: Mapping[str, Any]) -> list[str]:
         return _diagnosis_lines(details)
 
+    def commands(self) -> Sequence[Any]:
+        """``d2v-export build-engine`` (backends/tensorrt/commands.py): build a deferred bundle's engine on the device."""
+        from .commands import build_engine
+
+        return (build_engine,)
+
     def open_bundle(self, folder: Path, model_file: str, files: Sequence[str]) -> Opened:
         """Its engine where one was built and TensorRT runs here, else its ONNX file on ONNX Runtime (the
         same graph the engine was or will be built from), said in the notes."""
