@@ -57,17 +57,16 @@ def _ort_group(op: str, weight_matmul: bool) -> str:
 
 
 def onnxruntime_breakdown(path: Path, feed: Mapping[str, np.ndarray], *, threads: int, runs: int = 10) -> dict[str, float]:
-    """ms per run in each group, from ONNX Runtime's profiler (the session d2v-export's runner builds, plus profiling)."""
-    import onnxruntime as ort
+    """ms per run in each group, from the reference runtime's profiler (the session its runner builds, plus profiling)."""
+    from . import backends
 
-    from .backends.onnxruntime import session_options
-
+    reference = backends.reference()
     with tempfile.TemporaryDirectory(prefix="d2v-prof-") as tmp:
-        opts = session_options(threads)
+        opts = reference.session_options(threads)
         opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "trace")
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = reference.open_session(path, opts)
         weights = _weight_matmuls(Path(opts.optimized_model_filepath))
         names = [i.name for i in session.get_inputs()]
         inputs = {n: feed[n] for n in names}

@@ -69,11 +69,12 @@ def fuse_graph(graph: ExportedGraph, target: Path, model: Any) -> tuple[Exported
 
 
 def max_difference(a: Path, b: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> float:
-    """Largest absolute output difference between two ONNX files on ``feeds`` (ORT, 1 thread)."""
-    from .backends.onnxruntime import OrtRunner
+    """Largest absolute output difference between two ONNX files on ``feeds`` (the reference runtime, 1 thread)."""
+    from . import backends
 
+    reference = backends.reference()
     worst = 0.0
-    with OrtRunner(a, 1) as ra, OrtRunner(b, 1) as rb:
+    with reference.onnx_runner(a, threads=1) as ra, reference.onnx_runner(b, threads=1) as rb:
         for feed in feeds:
             x, y = ra.infer(feed), rb.infer(feed)
             for name in x:
@@ -83,7 +84,7 @@ def max_difference(a: Path, b: Path, feeds: Sequence[Mapping[str, np.ndarray]]) 
 
 def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, np.ndarray]], work: Path) -> list[tuple[str, str, str, Callable[[], Path]]]:
     """(name, precision, how, build) for each ORT lever variant; ``build()`` writes the file and returns its path."""
-    from .backends.onnxruntime import BACKEND as ONNX_RUNTIME  # these levers are ONNX Runtime's own fusions
+    from . import backends  # these levers are the reference runtime's own fusions (onnxruntime.transformers)
     from .quantize import make_recipe, quantize_onnx, saturates
 
     cache: dict[str, Any] = {}
@@ -102,7 +103,7 @@ def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, 
 
     def int8(mode: str) -> Callable[[], Path]:
         def build() -> Path:
-            recipe = make_recipe(ONNX_RUNTIME, mode, samples=len(calib) if mode == "static" else 0, reduce_range=saturates())
+            recipe = make_recipe(backends.reference(), mode, samples=len(calib) if mode == "static" else 0, reduce_range=saturates())
             target = work / f"fused-int8-{mode}.onnx"
             quantize_onnx(fused(), target, recipe, list(calib) if mode == "static" else ())
             return target

@@ -128,10 +128,12 @@ def _delete(repeated: Any, indexes: Iterable[int]) -> None:
 
 
 def fold_constants(model: Any) -> int:
-    """Compute every node that depends on constants only (no graph input) with ONNX Runtime; returns the node count folded."""
+    """Compute every node that depends on constants only (no graph input) with the reference runtime (no graph
+    optimisations: each node as it is); returns the node count folded."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
+
+    from . import backends
 
     g = model.graph
     known = {t.name for t in g.initializer}
@@ -162,13 +164,12 @@ def fold_constants(model: Any) -> int:
         initializer=[t for t in g.initializer if t.name in reads],
     )
     sub_model = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(sub_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    values = session.run(boundary, {}) if boundary else []
-    for name, value in zip(boundary, values):
-        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    values: dict[str, np.ndarray] = {}
+    if boundary:
+        with backends.reference().onnx_runner(sub_model.SerializeToString(), threads=0, name="constant folding", optimize=False) as runner:
+            values = runner.infer({})
+    for name in boundary:
+        g.initializer.append(numpy_helper.from_array(np.asarray(values[name]), name))
     _delete(g.node, [k for k, n in enumerate(g.node) if id(n) in const_ids])
     _prune(model)
     return sum(n.op_type != "Constant" for n in constant)
@@ -489,15 +490,15 @@ def _initializer_bytes(model: Any) -> int:
 
 
 def scaled_difference(a: Any, b: Any, feeds: list[Any]) -> float:
-    """Worst output difference of two ONNX files on ``feeds`` (ONNX Runtime), scaled by the output's magnitude."""
-    from .backends.onnxruntime import OrtRunner
+    """Worst output difference of two ONNX files on ``feeds`` (the reference runtime), scaled by the output's magnitude."""
+    from . import backends
     from .validate import scaled_error
 
     # One session at a time (the outputs are small, each session holds a copy of the weights).
-    with OrtRunner(a, 1) as ra:
+    with backends.reference().onnx_runner(a, threads=1) as ra:
         xs = [ra.infer(feed) for feed in feeds]
     worst = 0.0
-    with OrtRunner(b, 1) as rb:
+    with backends.reference().onnx_runner(b, threads=1) as rb:
         for feed, x in zip(feeds, xs):
             y = rb.infer(feed)
             for name, ref in x.items():

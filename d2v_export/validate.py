@@ -184,10 +184,11 @@ def check_export(
     progress: Callable[[str], None] = lambda _msg: None,
     reference_outputs: dict[Any, dict[str, np.ndarray]] | None = None,
 ) -> ExportedGraph:
-    """``graph`` with its ``check``: ONNX Runtime against the PyTorch ``wrapper`` at every shape point of its profile."""
-    from .backends.onnxruntime import OrtRunner
+    """``graph`` with its ``check``: the reference runtime (``backends.reference()``) against the PyTorch ``wrapper``
+    at every shape point of its profile."""
+    from . import backends
 
-    with OrtRunner(graph.path, threads=0, name="export-check") as runner:
+    with backends.reference().onnx_runner(graph.path, threads=0, name="export-check") as runner:
         check = shape_check(model, wrapper, runner.infer, graph.profile, progress=progress, reference_outputs=reference_outputs)
         return dataclasses.replace(graph, check=check)
 

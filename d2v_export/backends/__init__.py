@@ -9,6 +9,10 @@ Targets come from three places, in this order (a later one never replaces an ear
 
 A plug-in that does not import, has no backend, or reuses a taken name is not a target; ``broken()``
 says why (``doctor`` lists it), and asking for it by name gives that reason.
+
+``reference()`` is the runtime d2v-export's own checks run plain ONNX graphs with on the CPU, whatever the
+targets of a run are (the export check, the graph clean-up's check, the fusion check, the profiler): a
+backend that is also a ``ReferenceRuntime``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import os
 import pkgutil
 from functools import lru_cache
 from importlib import metadata
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 from ..spec import D2VError, ExitCode, Precision
 from .base import (
@@ -26,14 +31,35 @@ from .base import (
 )  # fmt: skip
 
 __all__ = [
-    "DEFAULT", "ENTRY_POINTS", "ENV", "Availability", "Backend", "BackendBase", "BuildRequest", "Devices", "Opened",
-    "Runner", "Snippet", "broken", "building", "files_in", "get", "names", "packages", "require", "unavailable",
+    "DEFAULT", "ENTRY_POINTS", "ENV", "REFERENCE", "Availability", "Backend", "BackendBase", "BuildRequest", "Devices", "Opened",
+    "ReferenceRuntime", "Runner", "Snippet", "broken", "building", "files_in", "get", "names", "packages", "reference", "require",
+    "unavailable",
 ]  # fmt: skip
 
 DEFAULT = "onnxruntime"  # the --target when none is given: a core dependency, runs everywhere
 ENTRY_POINTS = "d2v_export.backends"
 ENV = "D2V_BACKENDS"
+REFERENCE = DEFAULT  # the runtime of the tool's own checks (reference()): a core dependency, runs plain ONNX on CPU
 _NOT_TARGETS = {"base", "torch_ref", "bundle_run"}
+
+
+@runtime_checkable
+class ReferenceRuntime(Backend, Protocol):
+    """A backend that also runs any ONNX graph (a file or its bytes) as it is, on the CPU, for the tool's own checks."""
+
+    display_name: str
+
+    def onnx_runner(self, model: Path | bytes, *, threads: int, name: str = "reference", optimize: bool = True) -> Runner:
+        """A runner of ``model`` (``optimize=False``: no graph optimisations, a faithful float run of every node)."""
+        ...
+
+    def session_options(self, threads: int, *, optimize: bool = True) -> Any:
+        """The runtime's session settings ``onnx_runner`` uses, to add to (e.g. profiling)."""
+        ...
+
+    def open_session(self, model: Path | bytes, options: Any) -> Any:
+        """The runtime's own session of ``model`` on the CPU with ``options`` (for what a runner does not expose)."""
+        ...
 
 
 @lru_cache(maxsize=None)
@@ -86,6 +112,14 @@ def get(name: str) -> Backend:
     if name in failed:
         raise D2VError(f"target '{name}' is not usable: {failed[name]}", ExitCode.TARGET_UNAVAILABLE)
     raise D2VError(f"unknown target '{name}'; choose one of: {', '.join(names())}")
+
+
+def reference() -> ReferenceRuntime:
+    """The backend of ``REFERENCE``, which runs plain ONNX graphs on the CPU for the export check and the other checks."""
+    backend = get(REFERENCE)
+    if not isinstance(backend, ReferenceRuntime):
+        raise D2VError(f"target '{REFERENCE}' cannot run plain ONNX graphs for the checks", ExitCode.TARGET_UNAVAILABLE)
+    return backend
 
 
 def require(name: str, *, defer_build: bool = False) -> Backend:

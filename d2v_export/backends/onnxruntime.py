@@ -34,12 +34,17 @@ def session_options(threads: int, *, optimize: bool = True) -> Any:
     return opts
 
 
-class OrtRunner(RunnerBase):
-    def __init__(self, path: Path, threads: int, name: str = "onnxruntime", *, optimize: bool = True) -> None:
-        import onnxruntime as ort
+def open_session(model: Path | bytes, options: Any) -> Any:
+    """An ONNX Runtime session of ``model`` (a file, or the serialized graph) on the CPU execution provider."""
+    import onnxruntime as ort
 
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"])
+
+
+class OrtRunner(RunnerBase):
+    def __init__(self, path: Path | bytes, threads: int, name: str = "onnxruntime", *, optimize: bool = True) -> None:
         self.name = name
-        self.session = ort.InferenceSession(str(path), session_options(threads, optimize=optimize), providers=["CPUExecutionProvider"])
+        self.session = open_session(path, session_options(threads, optimize=optimize))
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,6 +56,7 @@ class OrtRunner(RunnerBase):
 
 class OnnxRuntimeBackend(BackendBase):
     name = "onnxruntime"
+    display_name = "ONNX Runtime"  # how messages and docs write it
     extra = ""
     install_hint = "pip install onnxruntime"
     packages = ("onnxruntime", "onnxruntime-gpu")
@@ -126,6 +132,16 @@ class OnnxRuntimeBackend(BackendBase):
 
     def runner(self, artifact: Artifact, *, threads: int) -> OrtRunner:
         return OrtRunner(artifact.model_file, threads, name=f"{self.name}-{artifact.precision.value}")
+
+    # The reference runtime (backends.reference()): d2v-export's own checks run plain ONNX graphs with these.
+    def onnx_runner(self, model: Path | bytes, *, threads: int, name: str = "reference", optimize: bool = True) -> OrtRunner:
+        return OrtRunner(model, threads, name=name, optimize=optimize)
+
+    def session_options(self, threads: int, *, optimize: bool = True) -> Any:
+        return session_options(threads, optimize=optimize)
+
+    def open_session(self, model: Path | bytes, options: Any) -> Any:
+        return open_session(model, options)
 
 
 def _range_notes(recipe: Any) -> tuple[str, ...]:
