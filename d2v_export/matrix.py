@@ -310,8 +310,8 @@ def _cell_doc(cell: Cell, status: str, reason: str = "", **extra: Any) -> dict[s
             "report": None, "task": None, "reference_p50_ms": None, "variants": []} | extra  # fmt: skip
 
 
-SIMULATED = ("deferred build: latency and drift are ONNX Runtime's simulation of the graph, not the target's; "
-             "build and measure the engine on the device with d2v-export build-engine")
+SIMULATED = ("deferred build: latency and drift were measured on a stand-in for the target's runtime ({device}), not on "
+             "the target; build the artifact on the device and measure it there")
 
 
 def _cell_from_report(cell: Cell, report: Mapping[str, Any], folder: Path, output: Path, *, simulated: bool = False) -> dict[str, Any]:
@@ -323,7 +323,8 @@ def _cell_from_report(cell: Cell, report: Mapping[str, Any], folder: Path, outpu
         return _cell_doc(cell, "failed", f"the run built no {cell.precision} variant", report=link)
     entries = [_variant_entry(v, ref.get("p50")) | {"simulated": simulated} for v in variants]
     failed = [e["name"] for e in entries if e["drift_passed"] is False]
-    reason = "; ".join(r for r in (f"drift over budget: {', '.join(failed)}" if failed else "", SIMULATED if simulated else "") if r)
+    stand_in = SIMULATED.format(device=entries[0].get("device") or "another runtime") if simulated else ""
+    reason = "; ".join(r for r in (f"drift over budget: {', '.join(failed)}" if failed else "", stand_in) if r)
     return _cell_doc(cell, "ran", reason, report=link, task=(report.get("model") or {}).get("task"),
                      reference_p50_ms=ref.get("p50"), variants=entries)  # fmt: skip
 

@@ -24,60 +24,113 @@ from d2v_export.spec import D2VError, ExitCode, Precision
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "d2v_export"
 
-# Imports of a target's module from outside backends/ that are allowed, and why. ONNX Runtime is also the
-# tool's own fp32 checker (a core dependency): the export check, the clean-up check, the fusion benchmark
-# and the profiler run graphs with its runner and session settings whatever the targets are.
-ALLOWED_IMPORTS = {
-    "validate.py": {"onnxruntime"},  # the export check (validate.check_export)
-    "rewrite.py": {"onnxruntime"},
-    "optimize.py": {"onnxruntime"},
-    "opprofile.py": {"onnxruntime"},
-    "cli.py": {"tensorrt"},  # `d2v-export build-engine`, the TensorRT target's own command
-}
 EXAMPLE_LINE = re.compile(r"^\s*(\$ )?(d2v-export|python3?) ")
+COMMAND_DECORATORS = {"command", "group"}  # @click.command(...), @main.command(...), @click.group(...)
+
+
+def target_words() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(names, modules): every target's ``--target`` value and display name (``display_name``, where the backend
+    declares one), and the module under ``backends/`` that holds each target."""
+    names: list[str] = []
+    modules: list[str] = []
+    for name in backends.names():
+        backend = backends.get(name)
+        names += [name, getattr(backend, "display_name", "")]
+        module = type(backend).__module__.split(".")
+        if "backends" in module[:-1]:
+            modules.append(module[module.index("backends") + 1])
+    return tuple(dict.fromkeys(n for n in names if n)), tuple(dict.fromkeys(modules))
+
+
+def _name_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
+    """A target's name in any case, its words joined by nothing, a space or a hyphen ("Onnx Runtime", "ONNX-Runtime",
+    "onnxruntime"); not a module path (``onnxruntime.quantization``), a key or a file name (``openvino_model.xml``)."""
+    spelled = ["[\\s-]?".join(map(re.escape, re.split(r"[\s-]+", n))) for n in sorted(names, key=len, reverse=True)]
+    return re.compile(r"(?<![\w.])(" + "|".join(spelled) + r")(?!\w|\.\w)", re.IGNORECASE)
+
+
+def _module_pattern(modules: tuple[str, ...]) -> re.Pattern[str]:
+    """A backend module's path in a string: what ``importlib.import_module`` loads it by."""
+    return re.compile(r"\bbackends[./](" + "|".join(map(re.escape, modules)) + r")\b", re.IGNORECASE)
+
+
+def _is_command(node: ast.AST) -> bool:
+    """A Click command or group: its docstring is its --help text."""
+    for deco in getattr(node, "decorator_list", ()):
+        func = deco.func if isinstance(deco, ast.Call) else deco
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if name in COMMAND_DECORATORS:
+            return True
+    return False
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the documentation strings (module, class, function), but not those of Click commands (help text)."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            is_text = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+            if is_text and not _is_command(node):
                 found.add(id(first.value))
     return found
 
 
-def target_knowledge(path: Path, targets: tuple[str, ...]) -> list[str]:
-    """Where a module outside backends/ names a target. What counts, and what does not:
+def _imported(node: ast.AST) -> list[str]:
+    """Dotted module paths an import statement loads (``from .backends import x`` loads ``backends.x``)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        return [f"{node.module or ''}.{alias.name}" for alias in node.names]
+    return []
 
-    Forbidden: a target name (a ``--target`` value, as the registry lists it) inside any string constant
-    of the code — a comparison (``target == "tensorrt"``), a default (``("onnxruntime",)``), a dict key, a
-    variant folder (``"onnxruntime-fp32"``), an install hint (``d2v-export[openvino]``), a message naming
-    which target builds what (``"add --target openvino"``). Also forbidden: importing a target's backend
-    module (``from .backends.openvino import ...``), except the pairs in ALLOWED_IMPORTS.
 
-    Not target knowledge: docstrings and comments (documentation); lines of help text that are example
-    command lines (starting with ``d2v-export `` or ``python3 ``); a target name followed by ``.`` or a
+def _dynamic_import(node: ast.AST) -> str:
+    """The literal path of ``importlib.import_module("x", "pkg")``, package prefixed to a relative name; else ""."""
+    if not isinstance(node, ast.Call):
+        return ""
+    func = node.func
+    if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) not in ("import_module", "__import__"):
+        return ""
+    texts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    if len(texts) == 2 and texts[0].startswith("."):
+        return texts[1] + texts[0]  # import_module(".openvino", "d2v_export.backends")
+    return texts[0] if texts else ""
+
+
+def target_knowledge(path: Path, names: tuple[str, ...], modules: tuple[str, ...]) -> list[str]:
+    """Where a module outside backends/ names a target (``names``: --target values and display names, any case)
+    or loads a target's module (``modules``: the backend modules' names). What counts, and what does not:
+
+    Forbidden: a target name inside any string constant of the code, in any case and spelled with or without
+    spaces ("ONNX Runtime", "onnx runtime", "OpenVINO") — a comparison (``target == "tensorrt"``), a default
+    (``("onnxruntime",)``), a registry lookup (``backends.get("openvino")``), a dict key, a variant folder
+    (``"onnxruntime-fp32"``), an install hint (``d2v-export[openvino]``), a message or help text naming which
+    target builds what (``"add --target openvino"``, a Click ``help=`` string, a sentence ending in "TensorRT.").
+    The docstring of a Click command is its ``--help`` text: it counts. Also forbidden: importing a target's
+    backend module, statically (``from .backends.openvino import ...``, ``from .backends import openvino``) or
+    through dynamic loading (a string ``backends.openvino``, as ``importlib.import_module`` takes it).
+
+    Not target knowledge: other docstrings and comments (documentation); lines that are example command lines
+    (starting with ``d2v-export `` or ``python3 ``); a target name followed by ``.`` and a word character or by a
     word character (a Python module path such as ``onnxruntime.quantization``, a key such as
-    ``onnxruntime_providers``, a file name such as ``openvino_model.xml``); and imports of the runtime
-    packages themselves (``import onnxruntime``): a module that runs ONNX Runtime uses a library, it does
-    not decide anything about a target.
+    ``onnxruntime_providers``, a file name such as ``openvino_model.xml``); and imports of the runtime packages
+    themselves (``import onnxruntime``): a module that runs a library does not decide anything about a target.
     """
     tree = ast.parse(path.read_text(encoding="utf-8"))
     docs = _docstrings(tree)
-    name_re = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, targets)) + r")(?![\w.])")
+    name_re, module_re = _name_pattern(names), _module_pattern(modules)
+    where = path.relative_to(PACKAGE).as_posix() if PACKAGE in path.parents else path.name
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
             for line in node.value.splitlines():
-                if not EXAMPLE_LINE.match(line) and name_re.search(line):
-                    found.append(f"{path.name}:{node.lineno}: {line.strip()[:100]!r}")
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            parts = node.module.split(".")
-            if "backends" in parts and parts.index("backends") + 1 < len(parts):
-                module = parts[parts.index("backends") + 1]
-                if module in targets and module not in ALLOWED_IMPORTS.get(path.name, set()):
-                    found.append(f"{path.name}:{node.lineno}: imports backends.{module}")
+                if module_re.search(line) or (not EXAMPLE_LINE.match(line) and name_re.search(line)):
+                    found.append(f"{where}:{node.lineno}: {line.strip()[:100]!r}")
+        for module in [*_imported(node), _dynamic_import(node)]:
+            hit = module_re.search(module)
+            if hit:
+                found.append(f"{where}:{node.lineno}: imports backends.{hit.group(1)}")
     return found
 
 
@@ -85,30 +138,122 @@ def outside_backends() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if (PACKAGE / "backends") not in p.parents)
 
 
+# Hits in files other people are changing now (issue 23), so that this test fails for any NEW hit meanwhile:
+# file -> the start of each text found there, as often as it occurs. Empty each entry when its file is fixed.
+# (The export check's messages can name the reference runtime as ``backends.reference().display_name``.)
+KNOWN_HITS: dict[str, tuple[str, ...]] = {
+    # cli.py: options' help text (the helper removing the target policy from pipeline.py, options.py, cli.py)
+    "cli.py": (
+        "INT8 mode: static (calibrated activations) or dynamic (ORT: runtime activation ranges; OpenVINO:",
+        "ONNX Runtime INT8 with 7-bit weights, exact on x86 CPUs without VNNI",
+        "TensorRT where no TensorRT/GPU is present: write the Q/DQ graph",
+        "Also build fp16 variants on targets that support it (OpenVINO, TensorRT).",
+        "Also build bf16 variants on targets that support it (OpenVINO on CPUs with bf16).",
+        "Exact Data2Vec graph clean-up before compiling, for the targets that gain from it (OpenVINO)",
+        "Write an OpenVINO Model Server layout",
+    ),
+    # pipeline.py: the export check's failure messages (the same helper)
+    "pipeline.py": (
+        "ONNX Runtime answers a padded batch differently from each input alone:",
+        "ONNX Runtime does not match PyTorch for",
+    ),
+    # html_report.py: the export check's line (the lead's report work)
+    "html_report.py": ("ONNX Runtime matches PyTorch",),
+    # serving.py: OpenVINO Model Server and Triton's TensorRT backend, d2v-export deploy (the audio-mask helper)
+    "serving.py": (
+        "# Run it on the device after `bash BUNDLE/build_engine.sh`: engines are tied to the GPU and TensorRT",
+        "# and Triton's TensorRT version must be the one that built the engine.",
+        "OpenVINO Model Server",
+        "OpenVINO Model Server",
+        "' is not an OpenVINO Model Server config (no model_config_list)",
+    ),
+}
+
+
+def new_hits(found: list[str], known: dict[str, tuple[str, ...]]) -> list[str]:
+    """The hits in ``found`` ("file:line: 'text'") beyond those ``known`` lists for their file: each known entry
+    excuses one hit whose text starts with it."""
+    left = {file: list(starts) for file, starts in known.items()}
+    extra = []
+    for hit in found:
+        file, _, rest = hit.partition(":")
+        text = rest.split(": ", 1)[1]
+        text = ast.literal_eval(text) if text[:1] in "'\"" else text
+        match = next((start for start in left.get(file, []) if text.startswith(start)), None)
+        if match is None:
+            extra.append(hit)
+        else:
+            left[file].remove(match)
+    return extra
+
+
 def test_no_target_names_outside_backends() -> None:
-    targets = backends.names()
-    assert {"onnxruntime", "openvino", "tensorrt"} <= set(targets)
-    found = [hit for path in outside_backends() for hit in target_knowledge(path, targets)]
-    assert not found, "target knowledge outside d2v_export/backends/ (ask the backend instead):\n" + "\n".join(found)
+    names, modules = target_words()
+    assert {"onnxruntime", "openvino", "tensorrt", "ONNX Runtime", "OpenVINO", "TensorRT"} <= set(names)
+    assert {"onnxruntime", "openvino", "tensorrt"} <= set(modules)
+    found = [hit for path in outside_backends() for hit in target_knowledge(path, names, modules)]
+    extra = new_hits(found, KNOWN_HITS)
+    assert not extra, "target knowledge outside d2v_export/backends/ (ask the backend or the registry instead):\n" + "\n".join(extra)
+
+
+PLANTED = '''"""Docstring naming tensorrt and ONNX Runtime is fine."""
+import importlib
+import onnxruntime as ort
+from openvino import Core
+from .backends.openvino import compile_config
+from .backends import tensorrt
+from . import backends
+OPTION = click.option("--x", help="Runs on Onnx Runtime.")
+SENTENCE = "Built for OpenVINO."
+
+
+@main.command("build")
+def build():
+    """Build the TensorRT engine."""
+
+
+def f(t):
+    """tensorrt here too, and openvino."""
+    # a comment naming tensorrt is fine
+    if t == "tensorrt":
+        return ("onnxruntime",), "out/onnxruntime-fp32", "pip install d2v-export[openvino]", backends.get("ONNXRUNTIME")
+    importlib.import_module("d2v_export.backends.openvino")
+    importlib.import_module(".onnxruntime", "d2v_export.backends")
+    HELP = """\\nExample:\\n  d2v-export vision --target tensorrt\\n"""
+    return "onnxruntime.quantization", "onnxruntime_providers", "openvino_model.xml", "nncf.openvino", HELP
+'''
 
 
 def test_the_grep_finds_what_it_forbids(tmp_path: Path) -> None:
     """The rule is not vacuous: each forbidden form is found, each allowed form is not."""
     bad = tmp_path / "bad.py"
-    bad.write_text(
-        '"""Docstring naming tensorrt is fine."""\n'
-        'from .backends.openvino import compile_config\n'
-        'def f(t):\n'
-        '    """tensorrt here too."""\n'
-        '    if t == "tensorrt":\n'
-        '        return ("onnxruntime",), "out/onnxruntime-fp32", "pip install d2v-export[openvino]"\n'
-        '    HELP = """\\nExample:\\n  d2v-export vision --target tensorrt\\n"""\n'
-        '    return "onnxruntime.quantization", "onnxruntime_providers", "openvino_model.xml", HELP\n'
-    )
-    hits = target_knowledge(bad, ("onnxruntime", "openvino", "tensorrt"))
-    assert sorted(h.split(": ", 1)[1] for h in hits) == sorted([
-        "imports backends.openvino", "'tensorrt'", "'onnxruntime'", "'out/onnxruntime-fp32'", "'pip install d2v-export[openvino]'",
-    ]), hits  # fmt: skip
+    bad.write_text(PLANTED)
+    names = ("onnxruntime", "ONNX Runtime", "openvino", "OpenVINO", "tensorrt", "TensorRT")
+    hits = target_knowledge(bad, names, ("onnxruntime", "openvino", "tensorrt"))
+    assert sorted(h.split(": ", 1)[1] for h in hits) == sorted(
+        [
+            "imports backends.openvino",  # from .backends.openvino import ...
+            "imports backends.tensorrt",  # from .backends import tensorrt
+            "'Runs on Onnx Runtime.'",  # help text, mixed case, display name
+            "'Built for OpenVINO.'",  # a sentence's last word
+            "'Build the TensorRT engine.'",  # a Click command's docstring is its --help
+            "'tensorrt'",
+            "'onnxruntime'",
+            "'out/onnxruntime-fp32'",
+            "'pip install d2v-export[openvino]'",
+            "'ONNXRUNTIME'",  # a registry lookup by name, any case
+            "'d2v_export.backends.openvino'",  # dynamic loading: the module path ...
+            "imports backends.openvino",  # ... and the import_module call
+            "imports backends.onnxruntime",  # import_module(".onnxruntime", "d2v_export.backends")
+        ]
+    ), hits
+
+
+def test_known_hits_excuse_only_what_they_list() -> None:
+    found = ["a.py:1: 'x y'", "a.py:7: 'x z'", "b.py:2: \"y's\"", "b.py:3: imports backends.openvino"]
+    assert new_hits(found, {"a.py": ("x", "x"), "b.py": ("y's", "imports backends.openvino")}) == []
+    assert new_hits(found, {"a.py": ("x",), "b.py": ("y", "imports")}) == ["a.py:7: 'x z'"]  # one more than listed
+    assert new_hits(found, {"a.py": ("x y", "x y"), "b.py": ("y's",)}) == ["a.py:7: 'x z'", "b.py:3: imports backends.openvino"]
 
 
 def test_every_backend_declares_what_the_tool_asks() -> None:

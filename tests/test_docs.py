@@ -78,13 +78,18 @@ def test_no_document_has_a_heading_twice() -> None:
         assert not twice, f"{doc.relative_to(ROOT)} has these headings twice: {twice}"
 
 
-def test_the_imports_design_allows_are_the_ones_the_target_test_allows() -> None:
-    """DESIGN.md's "Adding a target" names the modules outside backends/ that import a target: test_backends' list."""
-    from .test_backends import ALLOWED_IMPORTS
+def test_the_reference_runtime_design_names_is_the_registrys() -> None:
+    """DESIGN.md's "Adding a target" names what the reference runtime offers the checks: the registry's own names."""
+    from d2v_export import backends
 
     text = section(DESIGN.read_text(encoding="utf-8"), "Adding a target")
-    paragraph = text[text.index("ALLOWED_IMPORTS") : text.index("What a backend declares")]
-    assert set(re.findall(r"`(\w+\.py)`", paragraph)) == set(ALLOWED_IMPORTS)
+    paragraph = text[text.index("No module outside `backends/` imports a target's module") : text.index("What a backend declares")]
+    named = set(re.findall(r"`(?:backends\.)?(\w+)(?:\(|`)", paragraph)) - {"backends"}
+    runtime = backends.ReferenceRuntime
+    offered = set(backends.__all__) | set(runtime.__annotations__) | {m for m in dir(runtime) if not m.startswith("_")}
+    assert {"reference", "REFERENCE", "ReferenceRuntime", "onnx_runner", "session_options", "open_session"} <= named
+    assert named <= offered, named - offered
+    assert isinstance(backends.reference(), backends.ReferenceRuntime)
 
 
 # ------------------------------------------------------------------------------------ the CLI

@@ -254,6 +254,7 @@ def test_matrix_defer_build_and_int8_knobs_reach_the_runs(tmp_path: Path) -> Non
     doc = json.loads((out / "deferred" / "matrix.json").read_text())
     assert [c["status"] for c in doc["cells"]] == ["ran", "ran"]
     assert all("deferred build" in c["reason"] and all(v["simulated"] for v in c["variants"]) for c in doc["cells"])
+    assert all(c["variants"][0]["device"] in c["reason"] for c in doc["cells"])  # the reason names the stand-in
     assert doc["modalities_detail"]["vision"]["pareto"] == []  # simulated latency is not the target's: off the front
     report = json.loads((out / "deferred" / "cells" / "vision-tensorrt" / "report.json").read_text())
     (int8,) = [v for v in report["variants"] if v["precision"] == "int8"]

@@ -184,6 +184,7 @@ def _precision_problem(backend: OpenVinoBackend, precision: Precision, device: s
 
 class OpenVinoBackend(BackendBase):
     name = "openvino"
+    display_name = "OpenVINO"  # how messages and docs write it
     extra = "openvino"
     install_hint = INSTALL
     packages = ("openvino", "nncf")

@@ -84,6 +84,7 @@ PICK_LEVERS = (
 
 class TensorRTBackend(BackendBase):
     name = NAME
+    display_name = "TensorRT"  # how messages and docs write it
     extra = "tensorrt"
     install_hint = "pip install 'd2v-export[tensorrt]' --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"
     packages = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "cuda-python")
