@@ -34,32 +34,68 @@ def _modules() -> dict[str, tuple[Path, bool]]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports anywhere in its body.
-
-    ``from . import x`` depends on the submodule x; ``from .pkg import name`` on pkg. A submodule's
-    implicit import of its own parent package is not an edge (every package would be a circle).
-    """
+    """Module -> the package modules it imports anywhere in its body (``module_deps``)."""
     modules = _modules()
     graph: dict[str, set[str]] = {}
     for name, (path, is_package) in modules.items():
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-            if isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name in modules}
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = name.split(".") if is_package else name.split(".")[:-1]
-                    base = base[: len(base) - (node.level - 1)]
-                    source = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    source = node.module or ""
-                for alias in node.names:
-                    if f"{source}.{alias.name}" in modules:
-                        deps.add(f"{source}.{alias.name}")
-                    elif source in modules:
-                        deps.add(source)
-        graph[name] = deps - {name}
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        graph[name] = module_deps(tree, name, is_package, set(modules)) - {name}
     return graph
+
+
+def module_deps(tree: ast.AST, name: str, is_package: bool, modules: set[str]) -> set[str]:
+    """The package modules ``tree`` (module ``name``) imports: statements at any depth, and dynamic loading.
+
+    ``from . import x`` depends on the submodule x; ``from .pkg import name`` on pkg. A submodule's
+    implicit import of its own parent package is not an edge (every package would be a circle).
+    ``importlib.import_module("d2v_export.x")`` with a literal (``".x"`` with a literal package, or with
+    ``__package__``/``__name__``) is an edge like ``import d2v_export.x``.
+    """
+    here = name.split(".") if is_package else name.split(".")[:-1]
+    deps: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names if a.name in modules}
+        elif isinstance(node, ast.ImportFrom):
+            source = _resolve("." * node.level + (node.module or ""), here) if node.level else (node.module or "")
+            for alias in node.names:
+                if f"{source}.{alias.name}" in modules:
+                    deps.add(f"{source}.{alias.name}")
+                elif source in modules:
+                    deps.add(source)
+        else:
+            loaded = _dynamic_import(node, name, here)
+            if loaded in modules:
+                deps.add(loaded)
+    return deps
+
+
+def _resolve(relative: str, here: list[str]) -> str:
+    """``..x.y`` seen from the package ``here`` (a list of its parts) as an absolute dotted name."""
+    level = len(relative) - len(relative.lstrip("."))
+    base = here[: len(here) - (level - 1)]
+    rest = relative[level:]
+    return ".".join(base + ([rest] if rest else []))
+
+
+def _dynamic_import(node: ast.AST, name: str, here: list[str]) -> str:
+    """The module ``importlib.import_module(...)`` loads when its name is a literal; else ""."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return ""
+    func = node.func
+    if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) != "import_module":
+        return ""
+    first = node.args[0]
+    if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+        return ""
+    if not first.value.startswith("."):
+        return first.value
+    package = node.args[1] if len(node.args) > 1 else None
+    if isinstance(package, ast.Constant) and isinstance(package.value, str):
+        return _resolve(first.value, package.value.split("."))
+    if isinstance(package, ast.Name) and package.id in ("__package__", "__name__"):
+        return _resolve(first.value, here if package.id == "__package__" else name.split("."))
+    return ""
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -99,6 +135,23 @@ def test_the_import_graph_sees_function_level_and_relative_imports() -> None:
     assert "d2v_export.pipeline" in graph["d2v_export.cli"]  # imported inside a function, relatively
     assert "d2v_export.backends.torch_ref" in graph["d2v_export.validate"]  # from .backends.torch_ref import ...
     assert "d2v_export.spec" in graph["d2v_export.calibration.hf"]  # from ..spec import ...
+
+
+def test_the_import_graph_counts_dynamic_imports_with_a_literal() -> None:
+    code = ast.parse(
+        "import importlib\n"
+        "def f(m):\n"
+        "    importlib.import_module('d2v_export.spec')\n"
+        "    importlib.import_module('.backends.onnxruntime', __package__)\n"
+        "    importlib.import_module('.hf', 'd2v_export.calibration')\n"
+        "    importlib.import_module(f'd2v_export.{m}')\n"  # not a literal: what it loads is not known here
+    )
+    modules = set(_modules())
+    assert module_deps(code, "d2v_export.validate", False, modules) == {
+        "d2v_export.spec",
+        "d2v_export.backends.onnxruntime",
+        "d2v_export.calibration.hf",
+    }
 
 
 def test_no_import_circles() -> None:
