@@ -6,7 +6,7 @@ Runs natively and under qemu-aarch64 in the arm64 root, so it needs what ``bundl
 more: the standard library, numpy, the runtime and the modality's preprocessing library (no torch, no
 d2v_export). Prints one JSON object: the machine, the Arm features the kernel reports (the HWCAP bits ONNX
 Runtime's kernels are chosen by), the runtime, and ``bundle_run.py``'s results; OUT.npz holds, per input,
-every output array the bundle returned, joined (one array per window for a recording run in windows).
+every output array the bundle returned (``input3.0``, ``input3.1``, ...: several for a recording run in windows).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def probe(folder: Path, inputs: list[str]) -> tuple[dict[str, Any], dict[str, np
 
     def recording(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = infer(feed)
-        captured.extend(np.asarray(outputs[name], dtype=np.float64).ravel() for name in sorted(outputs))
+        captured.extend(np.asarray(outputs[name], dtype=np.float64) for name in sorted(outputs))
         return outputs
 
     runner.infer = recording
@@ -59,7 +59,7 @@ def probe(folder: Path, inputs: list[str]) -> tuple[dict[str, Any], dict[str, np
     for number, raw in enumerate(inputs):
         captured.clear()
         results.append(runner(raw))
-        arrays[f"input{number}"] = np.concatenate(captured)
+        arrays |= {f"input{number}.{k}": a for k, a in enumerate(captured)}
     about = {"machine": platform.machine(), "features": arm_features(), "runtime": runner.runtime, "results": results}
     return about, arrays
 
