@@ -523,7 +523,7 @@ def _export_section(doc: Mapping[str, Any]) -> list[str]:
     check = ex.get("check") or {}
     out.append("<h2>Export check</h2>")
     out.append(
-        f"<p>{esc(ex.get('exporter'))}, opset {esc(ex.get('opset'))}, {esc(ex.get('seconds'))} s. {_ok(check.get('passed'), 'ONNX Runtime matches PyTorch', 'mismatch')} "
+        f"<p>{esc(ex.get('exporter'))}, opset {esc(ex.get('opset'))}, {esc(ex.get('seconds'))} s. {_ok(check.get('passed'), 'matches PyTorch', 'mismatch')} "
         f"— {esc(_metrics_text(check))}. {esc(check.get('detail'))}</p>"
     )
     axes = [[a, r.get("min"), r.get("opt"), r.get("max")] for a, r in (ex.get("shapes") or {}).items()]
