@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .quantize import _quiet
+from .console import quiet
 from .spec import D2VError, ExitCode, ExportedGraph, Modality
 
 # onnxruntime.transformers' model_type per modality: the fusion patterns it tries.
@@ -43,7 +43,7 @@ def fuse(source: Path, target: Path, *, model_type: str, num_heads: int, hidden_
     from onnxruntime.transformers.optimizer import optimize_model
 
     before = len(onnx.load(str(source), load_external_data=False).graph.node)
-    with _quiet():
+    with quiet():  # onnxruntime.transformers logs advice at WARNING
         try:
             optimized = optimize_model(str(source), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
         except Exception as exc:  # the optimizer raises many types; one line is what the user needs

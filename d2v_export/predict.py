@@ -127,7 +127,7 @@ def expand_inputs(manifest: Manifest, inputs: list[str]) -> list[tuple[str, Any]
             continue
         path = _user_path(raw)
         if path.suffix.lower() in (".txt", ".jsonl") and path.is_file():
-            from .calibration.text import _record
+            from .calibration.text import line_record
 
             try:
                 lines = path.read_text(encoding="utf-8").splitlines()
@@ -136,7 +136,7 @@ def expand_inputs(manifest: Manifest, inputs: list[str]) -> list[tuple[str, Any]
             for number, line in enumerate(lines, start=1):
                 if line.strip():
                     try:
-                        out.append((f"{raw}:{number}", _record(path, line.strip())))
+                        out.append((f"{raw}:{number}", line_record(path, line.strip())))
                     except Exception as exc:  # noqa: BLE001 - Unreadable, one line
                         raise D2VError(f"input '{raw}' line {number}: {exc}") from None
         else:
@@ -206,12 +206,12 @@ class Preparer:
 
 class _ImageReader:
     def __init__(self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None) -> None:
-        from .calibration.images import _Pixels
+        from .calibration.images import ImagePixels
 
         if processor is None:
             raise D2VError(f"bundle '{manifest.folder}' has no image processor (preprocessor_config.json); rebuild it")
         size = profile.static.get("image_size")
-        self.pixels = _Pixels(processor, int(size) if size else None)
+        self.pixels = ImagePixels(processor, int(size) if size else None)
 
     def __call__(self, path: Path) -> _Prepared:
         from .calibration.images import open_rgb
@@ -291,14 +291,14 @@ class _TextReader:
     "next_tokens" (no end-of-text marker); every other head encodes the text (or pair) as is."""
 
     def __init__(self, manifest: Manifest, profile: ShapeProfile, _processor: Any | None, tokenizer: Any | None) -> None:
-        from .calibration.text import _Encoder
+        from .calibration.text import TokenEncoder
         from .heads import head_for
 
         if tokenizer is None:
             raise D2VError(f"bundle '{manifest.folder}' has no tokenizer files; rebuild it")
         self.manifest = manifest
         self.tokenizer = tokenizer
-        self.encoder = _Encoder(tokenizer, profile)
+        self.encoder = TokenEncoder(tokenizer, profile)
         self.result = head_for(manifest.modality, manifest.task).result
 
     def __call__(self, record: Mapping[str, Any]) -> _Prepared:

@@ -4,6 +4,8 @@
   relative ones resolved): shared helpers live below the rooms that share them.
 - No function longer than ``MAX_LINES`` (methods included): units a reader takes in at once. A class is a
   container of such units; it is held to ``MAX_CLASS_LINES`` (a backend with a dozen short methods is fine).
+- No module imports another room's private names (``from .calibration.text import _record``): what two rooms
+  share is public, named for what it does.
 - Prediction is driven by the heads table: every head names a result ``d2v-export run`` knows.
 """
 
@@ -157,6 +159,31 @@ def test_the_import_graph_counts_dynamic_imports_with_a_literal() -> None:
 def test_no_import_circles() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def private_imports() -> list[str]:
+    """"importer: module._name" for every private name a module imports from another folder, or from another room of
+    the top level. What two rooms share is public, named for what it does; a subpackage (``backends/tensorrt/``)
+    may share its privates among its own modules."""
+    modules = _modules()
+    found = []
+    for name, (path, is_package) in modules.items():
+        here = name.split(".") if is_package else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith(PACKAGE.name)):
+                continue
+            source = _resolve("." * node.level + (node.module or ""), here) if node.level else (node.module or "")
+            folder = source if source in modules and modules[source][1] else source.rpartition(".")[0]
+            same_folder = folder == ".".join(here) and folder != PACKAGE.name
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__") and not same_folder:
+                    found.append(f"{name}: {source}.{alias.name}")
+    return found
+
+
+def test_no_module_imports_another_rooms_private_names() -> None:
+    found = private_imports()
+    assert not found, "private names imported across rooms (make them public, named for what they do): " + ", ".join(found)
 
 
 def long_units() -> list[tuple[str, int]]:

@@ -71,8 +71,9 @@ def to_rgb(im: Any) -> Any:
     return im.convert("RGB")
 
 
-class _Pixels:
-    """Calls the processor; forces `image_size` with a size override when the processor differs."""
+class ImagePixels:
+    """An RGB image -> ``pixel_values`` with the model's processor; forces `image_size` with a size override when the
+    processor differs. Shared by the calibration reader and ``d2v-export run`` (predict.py)."""
 
     def __init__(self, processor: Any, size: int | None) -> None:
         self.processor = processor
@@ -111,7 +112,7 @@ def preparer(model: Any, profile: ShapeProfile) -> Callable[[Any], dict[str, np.
     if model.processor is None:
         raise D2VError("the model has no image processor; pass a checkpoint folder with preprocessor_config.json, or .npz feeds")
     size = profile.static.get("image_size") or getattr(model.config, "image_size", None)
-    pixels = _Pixels(model.processor, int(size) if size else None)
+    pixels = ImagePixels(model.processor, int(size) if size else None)
 
     def prepare(img: Any) -> dict[str, np.ndarray]:
         value = pixels(img)

@@ -56,7 +56,10 @@ def _target(length: int, lo: int, hi: int) -> int:
     return min(max(-(-length // MULTIPLE) * MULTIPLE, lo), hi)
 
 
-class _Encoder:
+class TokenEncoder:
+    """Texts -> token ids within the profile's lengths, and rows padded to one bucketed length with their mask.
+    Shared by the calibration reader and ``d2v-export run`` (predict.py)."""
+
     def __init__(self, tokenizer: Any, profile: ShapeProfile) -> None:
         self.tok = tokenizer
         self.lo, self.hi = _limits(profile, tokenizer)
@@ -86,7 +89,8 @@ class _Encoder:
         return ids, mask
 
 
-def _record(path: Path, line: str) -> dict[str, Any]:
+def line_record(path: Path, line: str) -> dict[str, Any]:
+    """One line of a .txt file (its text) or a .jsonl file (its object) as a record; Unreadable when it is not one."""
     if path.suffix.lower() != ".jsonl":
         return {"text": line}
     try:
@@ -132,7 +136,7 @@ def encoder(model: Any, profile: ShapeProfile) -> Callable[[dict[str, Any]], tup
     """A record ({"text": ...}, {"question", "context"}, {"prompt", "choices"}, optional "label") -> (feed, label)."""
     if model.tokenizer is None:
         raise D2VError("the model has no tokenizer; pass a checkpoint folder with tokenizer files, or .npz feeds")
-    enc = _Encoder(model.tokenizer, profile)
+    enc = TokenEncoder(model.tokenizer, profile)
     task = model.head.task
     multiple_choice = model.head.multiple_choice
     c_lo, c_hi = _choice_limits(profile)
@@ -169,7 +173,7 @@ def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, co
     encode = encoder(model, profile)
 
     def reader(path: Path, line: str) -> Any:
-        return lambda: encode(_record(path, line))
+        return lambda: encode(line_record(path, line))
 
     candidates: list[Candidate] = []
     skipped: list[tuple[str, str]] = []
