@@ -157,8 +157,6 @@ KNOWN_HITS: dict[str, tuple[str, ...]] = {
         "ONNX Runtime answers a padded batch differently from each input alone:",
         "ONNX Runtime does not match PyTorch for",
     ),
-    # html_report.py: the export check's line (the lead's report work)
-    "html_report.py": ("ONNX Runtime matches PyTorch",),
     # serving.py: OpenVINO Model Server and Triton's TensorRT backend, d2v-export deploy (the audio-mask helper)
     "serving.py": (
         "# Run it on the device after `bash BUNDLE/build_engine.sh`: engines are tied to the GPU and TensorRT",
