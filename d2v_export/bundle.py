@@ -197,6 +197,38 @@ def _devices(variant_verdict: Mapping[str, Any] | None, environment: Mapping[str
     return devices, env
 
 
+def _runtime(target: str) -> dict[str, Any]:
+    """The target's runtime and its version here (None where it is not installed)."""
+    from . import backends
+
+    try:
+        version = backends.get(target).available().version or None
+    except D2VError:
+        version = None
+    return {"name": target, "version": version}
+
+
+def _verdict(variant_verdict: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The manifest's copy of the variant's verdict in report.json (None without a report)."""
+    if variant_verdict is None:
+        return None
+    v = dict(variant_verdict)
+    drift = v.get("drift") or {}
+    latency = v.get("latency_ms")
+    verdict = {
+        "passed": drift.get("passed"),
+        "drift": drift,
+        "latency_ms": {k: latency.get(k) for k in ("p50", "p90", "p99", "batch", "shape")} if latency else None,
+        "speedup_vs_reference": v.get("speedup_vs_reference"),
+        "notes": list(v.get("notes") or ()),
+    }
+    return verdict | {k: v[k] for k in ("budget", "latency_budget") if k in v}
+
+
+def _output_doc(t: Any) -> dict[str, Any]:
+    return {"name": t.name, "dtype": t.dtype, "shape": [a if isinstance(a, int) else str(a) for a in t.shape]}
+
+
 def write_manifest(
     folder: Path,
     *,
@@ -215,31 +247,16 @@ def write_manifest(
     ``variant_verdict`` this variant's entry of report.json (``report.to_dict(...)["variants"][i]``,
     or None when there is no report), ``environment`` ``report.environment(threads)``; devices: ``_devices``.
     """
-    from . import __version__, backends
+    from . import __version__
 
     folder = Path(folder)
     head = model.head
     dims = {d.name: d for d in graph.profile.dims}
     static = dict(graph.profile.static)
-    try:
-        avail = backends.get(artifact.target).available()
-        runtime = {"name": artifact.target, "version": avail.version or None}
-    except D2VError:
-        runtime = {"name": artifact.target, "version": None}
     model_file = Path(artifact.model_file)
-    rel_model = model_file.relative_to(folder).as_posix() if model_file.is_absolute() and _inside(folder, model_file) else model_file.name
-    verdict = None
+    inside = model_file.is_absolute() and _inside(folder, model_file)
+    rel_model = model_file.relative_to(folder).as_posix() if inside else model_file.name
     devices, env = _devices(variant_verdict, environment)
-    if variant_verdict is not None:
-        v = dict(variant_verdict)
-        drift = v.get("drift") or {}
-        verdict = {
-            "passed": drift.get("passed"),
-            "drift": drift,
-            "latency_ms": {k: (v.get("latency_ms") or {}).get(k) for k in ("p50", "p90", "p99", "batch", "shape")} if v.get("latency_ms") else None,
-            "speedup_vs_reference": v.get("speedup_vs_reference"),
-            "notes": list(v.get("notes") or ()),
-        } | {k: v[k] for k in ("budget", "latency_budget") if k in v}
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "name": folder.name,
@@ -255,18 +272,18 @@ def write_manifest(
         "target": artifact.target,
         "precision": artifact.precision.value,
         "model_file": rel_model,
-        "runtime": runtime,
+        "runtime": _runtime(artifact.target),
         **devices,
         "quantization": jsonable(artifact.quantization),
         "notes": list(artifact.notes),
         "inputs": [_tensor_doc(t, dims, static) for t in graph.inputs],
-        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": [a if isinstance(a, int) else str(a) for a in t.shape]} for t in graph.outputs],
+        "outputs": [_output_doc(t) for t in graph.outputs],
         "static": static,
         "export": {"exporter": graph.exporter, "opset": graph.opset},
         "preprocessing": preprocessing(model, graph, folder),
         "labels": _labels(model.config),
         "environment": jsonable(env),
-        "verdict": verdict,
+        "verdict": _verdict(variant_verdict),
     }
     _write_readme_and_runner(folder, doc)
     doc["files"] = [
@@ -627,10 +644,8 @@ def _check_fields(folder: Path, doc: Mapping[str, Any]) -> None:
             raise _fail(folder, f"has a malformed {MANIFEST}: '{key}' is not a string; rebuild it with d2v-export")
 
 
-def verify(folder: Path) -> Manifest:
-    """Check a bundle against its manifest; return the manifest or raise a one-line D2VError (BAD_INPUT)."""
-    folder = Path(folder)
-    doc = _read_manifest(folder)
+def _listed(folder: Path, doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's file list by path; malformed, duplicate or self-listing entries refused."""
     entries = doc.get("files")
     if not isinstance(entries, list) or not entries:
         raise _fail(folder, f"has no file list in {MANIFEST}; rebuild it")
@@ -642,18 +657,25 @@ def verify(folder: Path) -> Manifest:
         if rel == MANIFEST or rel in listed:
             raise _fail(folder, f"lists '{rel}' twice or lists the manifest itself; rebuild it")
         listed[rel] = entry
+    return listed
+
+
+def _check_files(folder: Path, listed: Mapping[str, Mapping[str, Any]]) -> None:
+    """The folder holds exactly the listed files (no pickles, no links), each with its size and sha256."""
     present = _files(folder)  # refuses symbolic links
     for path in present:
         why = pickle_reason(path)
         if why:
-            raise _fail(folder, f"holds '{path.relative_to(folder).as_posix()}', which {why}; bundles must not contain pickles")
+            rel = path.relative_to(folder).as_posix()
+            raise _fail(folder, f"holds '{rel}', which {why}; bundles must not contain pickles")
     names = {p.relative_to(folder).as_posix() for p in present}
     extra = sorted(names - set(listed))
     if extra:
         raise _fail(folder, f"holds {len(extra)} file(s) not in {MANIFEST} (e.g. '{extra[0]}'); remove them or rebuild the bundle")
     missing = sorted(set(listed) - names)
     if missing:
-        raise _fail(folder, f"is missing '{missing[0]}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + "; copy the whole folder again")
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise _fail(folder, f"is missing '{missing[0]}'{more}; copy the whole folder again")
     for rel, entry in listed.items():
         path = folder / rel
         size = path.stat().st_size
@@ -661,21 +683,36 @@ def verify(folder: Path) -> Manifest:
             raise _fail(folder, f"file '{rel}' has {size} bytes, the manifest says {entry.get('size')}: it was changed; refusing it")
         if sha256_file(path) != str(entry.get("sha256", "")).lower():
             raise _fail(folder, f"file '{rel}' does not match its sha256 in {MANIFEST}: it was changed; refusing it")
-    model_file = _safe_rel(folder, doc.get("model_file"))
-    if model_file not in listed:
-        raise _fail(folder, f"names the model file '{model_file}', which it does not list; rebuild it")
-    _check_fields(folder, doc)
+
+
+def _modality(folder: Path, doc: Mapping[str, Any]) -> Modality:
+    """The manifest's modality, and its task known to that modality's heads."""
+    from .heads import head_for
+
     m = doc.get("model") or {}
     try:
         modality = Modality(m.get("modality"))
     except ValueError:
         raise _fail(folder, f"has an unknown modality {m.get('modality')!r} in {MANIFEST}; rebuild it") from None
-    from .heads import head_for
-
     try:
         head_for(modality, str(m.get("task", "")))
     except D2VError:  # found by fuzzing: heads' own message named no bundle
         raise _fail(folder, f"names the task {m.get('task')!r}, which {modality.value} has not, in {MANIFEST}; rebuild it") from None
+    return modality
+
+
+def verify(folder: Path) -> Manifest:
+    """Check a bundle against its manifest; return the manifest or raise a one-line D2VError (BAD_INPUT)."""
+    folder = Path(folder)
+    doc = _read_manifest(folder)
+    listed = _listed(folder, doc)
+    _check_files(folder, listed)
+    model_file = _safe_rel(folder, doc.get("model_file"))
+    if model_file not in listed:
+        raise _fail(folder, f"names the model file '{model_file}', which it does not list; rebuild it")
+    _check_fields(folder, doc)
+    modality = _modality(folder, doc)
+    m = doc.get("model") or {}
     labels = doc.get("labels")
     return Manifest(
         folder=folder,
