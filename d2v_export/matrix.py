@@ -139,6 +139,40 @@ def _skip_reason(cell: Cell, defer_build: bool = False, device: str | None = Non
     return backend.precision_problem(Precision(cell.precision), device)
 
 
+def _cells_of_shard(
+    modalities: Iterable[str], targets: Iterable[str], precisions: Iterable[str], shard: tuple[int, int] | None
+) -> list[Cell]:
+    """The cells of this shard (all without one); a shard that holds none is a usage error."""
+    modalities, targets, precisions = list(modalities), list(targets), list(precisions)
+    cells = plan(modalities, targets, precisions, shard=shard)
+    if not cells and shard is not None:
+        total = len(plan(modalities, targets, precisions))
+        raise D2VError(
+            f"--shard {shard[0]}/{shard[1]} holds no cell: the matrix has {total}; use at most {total} shards", ExitCode.USAGE
+        )
+    return cells
+
+
+def _runnable(
+    cells: list[Cell],
+    defer_build: bool,
+    devices: Mapping[str, str],
+    device: str | None,
+    progress: Callable[[str], None],
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], list[Cell]]]:
+    """(the skipped cells' documents, the runnable cells grouped by (modality, target))."""
+    skipped: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        reason = _skip_reason(cell, defer_build, devices.get(cell.target) or device)
+        if reason is not None:
+            progress(f"{cell.key}: skipped ({reason})")
+            skipped[cell.key] = _cell_doc(cell, "skipped", reason)
+        else:
+            groups.setdefault((cell.modality, cell.target), []).append(cell)
+    return skipped, groups
+
+
 def run_matrix(
     model: str,
     modalities: Iterable[str],
@@ -179,22 +213,11 @@ def run_matrix(
     devices = dict(devices or {})
     RunOptions(output=output, targets=tuple(t for t in targets if t in backends.names()) or (backends.DEFAULT,),
                device=device, devices=devices)  # fmt: skip  # exit 2 for a device a target does not take
-    cells = plan(modalities, targets, precisions, shard=shard)
-    if not cells and shard is not None:
-        total = len(plan(modalities, targets, precisions))
-        raise D2VError(f"--shard {shard[0]}/{shard[1]} holds no cell: the matrix has {total}; use at most {total} shards", ExitCode.USAGE)
+    cells = _cells_of_shard(modalities, targets, precisions, shard)
     _check_output(output, force)
     output.mkdir(parents=True, exist_ok=True)
     shapes = shapes if shapes is not None else ShapeRequest()
-    results: dict[str, dict[str, Any]] = {}
-    groups: dict[tuple[str, str], list[Cell]] = {}
-    for cell in cells:
-        reason = _skip_reason(cell, defer_build, devices.get(cell.target) or device)
-        if reason is not None:
-            progress(f"{cell.key}: skipped ({reason})")
-            results[cell.key] = _cell_doc(cell, "skipped", reason)
-        else:
-            groups.setdefault((cell.modality, cell.target), []).append(cell)
+    results, groups = _runnable(cells, defer_build, devices, device, progress)
 
     warnings: list[str] = []
     random_weights = False
