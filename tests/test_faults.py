@@ -83,7 +83,7 @@ def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path: Path)
 
 
 def test_a_staging_folder_without_an_owner_is_named_not_removed(tmp_path: Path) -> None:
-    from d2v_export.pipeline import staging
+    from d2v_export.staging import staging
 
     foreign = tmp_path / ".out.abc123.partial"
     foreign.mkdir()
@@ -96,7 +96,7 @@ def test_a_staging_folder_without_an_owner_is_named_not_removed(tmp_path: Path) 
 
 def test_the_output_folder_is_readable_by_others_as_the_umask_allows(tmp_path: Path) -> None:
     """mkdtemp makes the staging folder 0700: a bundle copied out of it, or served in place, was unreadable to a service user."""
-    from d2v_export.pipeline import staging
+    from d2v_export.staging import staging
 
     old = os.umask(0o022)
     try:
@@ -109,7 +109,7 @@ def test_the_output_folder_is_readable_by_others_as_the_umask_allows(tmp_path: P
 
 def test_a_folder_filled_by_another_run_meanwhile_is_not_replaced(tmp_path: Path) -> None:
     """Two runs into one output without --force: the second to finish refuses and leaves nothing."""
-    from d2v_export.pipeline import staging
+    from d2v_export.staging import staging
     from d2v_export.spec import D2VError
 
     out = tmp_path / "out"
