@@ -173,6 +173,24 @@ def _runnable(
     return skipped, groups
 
 
+def _check_devices(output: Path, targets: Sequence[str], device: str | None, devices: Mapping[str, str]) -> None:
+    """Exit 2 for a device a target does not take, as a single run's options would, before anything runs."""
+    from . import backends
+    from .options import RunOptions
+
+    known = tuple(t for t in targets if t in backends.names()) or (backends.DEFAULT,)
+    RunOptions(output=output, targets=known, device=device, devices=dict(devices))
+
+
+def _cell_reports(doc: Mapping[str, Any], root: Path) -> dict[str, Path]:
+    """"modality/target" -> the report.json of each cell that ran (the first of a group)."""
+    out: dict[str, Path] = {}
+    for c in doc.get("cells") or []:
+        if c.get("status") == "ran" and c.get("report"):
+            out.setdefault(f"{c['modality']}/{c['target']}", (root / c["report"]).parent / "report.json")
+    return out
+
+
 def run_matrix(
     model: str,
     modalities: Iterable[str],
@@ -205,14 +223,12 @@ def run_matrix(
     target), checked before anything runs. Per-cell reports go to ``output/cells/<modality>-<target>/``.
     ``exit_code(doc)`` gates the result with the single run's rule; nothing ran: 6.
     """
-    from . import backends
-    from .options import RunOptions, ShapeRequest
+    from .options import ShapeRequest
 
     output = Path(output)
     targets = check_targets(targets)
     devices = dict(devices or {})
-    RunOptions(output=output, targets=tuple(t for t in targets if t in backends.names()) or (backends.DEFAULT,),
-               device=device, devices=devices)  # fmt: skip  # exit 2 for a device a target does not take
+    _check_devices(output, targets, device, devices)
     cells = _cells_of_shard(modalities, targets, precisions, shard)
     _check_output(output, force)
     output.mkdir(parents=True, exist_ok=True)
@@ -548,14 +564,7 @@ def compare_to_baseline(
     if base_doc.get("kind") != "matrix":
         raise D2VError(f"baseline '{base_file}' is not a matrix.json (no \"kind\": \"matrix\"); pass the merged matrix.json of the last run")
 
-    def reports(d: Mapping[str, Any], root: Path) -> dict[str, Path]:
-        out: dict[str, Path] = {}
-        for c in d.get("cells") or []:
-            if c.get("status") == "ran" and c.get("report"):
-                out.setdefault(f"{c['modality']}/{c['target']}", (root / c["report"]).parent / "report.json")
-        return out
-
-    cur, base = reports(doc, Path(output)), reports(base_doc, base_file.parent)
+    cur, base = _cell_reports(doc, Path(output)), _cell_reports(base_doc, base_file.parent)
     runs: list[dict[str, Any]] = []
     notes: list[str] = []
     for key, path in cur.items():
