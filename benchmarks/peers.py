@@ -365,11 +365,11 @@ def build_paths(
     paths.append(Path_("peer: OpenVINO + NNCF INT8", PEER, "int8", OvModel(qm, threads, "peer-ov-int8", *io), f"nncf.quantize(model_type=TRANSFORMER), {len(calib)} samples",
                        build_s=s, file=work / "peer-nncf" / "openvino_model.xml"))
 
-    # --- d2v-export: exactly the candidates `--pick` builds (pipeline._plan), each on the graph the pipeline gives it
+    # --- d2v-export: exactly the candidates `--pick` builds (Backend.plan), each on the graph the pipeline gives it
     graph, s = timed(lambda: export_mod.export(model, profile, work / "d2v" / "model.onnx"))
     log(f"  d2v export (dynamo) {s:.1f} s, check {graph.check.metrics.get('max_scaled_error', float('nan')):.2g}")
     from d2v_export.calibration.samples import Samples
-    from d2v_export.pipeline import RunOptions, _plan
+    from d2v_export.pipeline import RunOptions, plan_context
     from d2v_export.rewrite import describe, for_model
 
     options = RunOptions(output=work / "unused", targets=("onnxruntime", "openvino"), threads=threads, int8=QuantOptions(samples=len(calib)), pick=True)
@@ -377,7 +377,8 @@ def build_paths(
     graphs: dict[tuple[str, ...], Any] = {(): (graph, {})}
     for target in options.targets:
         backend = backends.get(target)
-        for name, request, names, what in _plan(backend, options, samples, threads, model.head.modality.value):
+        for planned in backend.plan(plan_context(backend, options, samples, threads, model.head.modality.value)):
+            name, request, names, what = planned.name, planned.request, planned.rewrites, planned.what
             if names not in graphs:
                 graphs[names] = for_model(graph, names, model, profile, work / f"clean-{len(graphs)}" / "model.onnx")
             g, done = graphs[names]

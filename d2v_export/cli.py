@@ -96,7 +96,8 @@ def _int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """The INT8 knobs, shared by the single run and `matrix` (one definition, one meaning)."""
     return [
         click.option("--quant", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-                     help="INT8 mode: static (calibrated activations) or dynamic (ORT: runtime activation ranges; OpenVINO: weight-only)."),
+                     help="INT8 mode: static (calibrated activations) or dynamic (no calibration: each target's own, e.g. activation "
+                          "ranges at run time or weights only; docs/quantization.md)."),
         click.option("--calibration", type=click.Path(path_type=Path, exists=True), default=None,
                      help="Calibration samples: a folder of images/audio (labels from Hugging Face metadata.csv/.jsonl or class folders), "
                           "a .txt/.jsonl text file, a datasets save_to_disk folder, a .parquet file, .npz feeds, or a calibration-cache.npz."),
@@ -113,12 +114,23 @@ def _int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
                      help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable. A metric that counts answers "
                           "(top1_agreement, accuracy_drop, span_exact_match) fails only when over budget with 95 %% confidence; "
                           "@C asks for another confidence (accuracy_drop=0.005@0.8), @0 judges the measured value alone."),
-        click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                     help="ONNX Runtime INT8 with 7-bit weights, exact on x86 CPUs without VNNI (their u8 x s8 kernel saturates "
-                          "with 8-bit weights). auto: on when the --target-profile's CPU, else this one, lacks VNNI."),
+        *_target_int8_options(),
         click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
                      help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds."),
     ]  # fmt: skip
+
+
+def _target_int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """Each target's own INT8 settings (``Backend.int8_options``) as flags: their names, choices and help are the target's."""
+    return [
+        click.option(o.flag, o.name, type=click.Choice(o.choices), default=o.default, show_default=True, help=o.help)
+        for o in backends.int8_options().values()
+    ]
+
+
+def _targets_that(has: Callable[[Any], bool]) -> str:
+    """The targets whose backend ``has`` something, for help text: "a, b" (or "none")."""
+    return ", ".join(name for name in backends.names() if has(backends.get(name))) or "none"
 
 
 def _int8_options_decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -128,8 +140,10 @@ def _int8_options_decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _defer_build_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    deferring = _targets_that(lambda b: b.can_defer)
     return click.option("--defer-build", is_flag=True,
-                        help="TensorRT where no TensorRT/GPU is present: write the Q/DQ graph, build recipe and simulated drift; build the engine on the device later.")  # fmt: skip
+                        help=f"Targets that can defer their build ({deferring}) where their runtime or device is not here: write the "
+                             "portable half (graph, build recipe, simulated drift) and build on the device later.")  # fmt: skip
 
 
 def _int8_settings(kw: dict[str, Any]) -> Any:
@@ -150,7 +164,7 @@ def _int8_settings(kw: dict[str, Any]) -> Any:
         budget=budget,
         confidence=confidence,
         fallback=kw["fallback"] == "auto",
-        reduce_range=kw["reduce_range"],
+        target_options={name: kw[name] for name in backends.int8_options() if name in kw},
     )
 
 
@@ -188,15 +202,17 @@ def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., 
                               "target, precision, threads, shapes and a latency budget that becomes a verdict (exit 8 when over it). "
                               "Options given explicitly win over the profile's."),
             _device_option(),
-            click.option("--fp16", is_flag=True, help="Also build fp16 variants on targets that support it (OpenVINO, TensorRT)."),
-            click.option("--bf16", is_flag=True, help="Also build bf16 variants on targets that support it (OpenVINO on CPUs with bf16)."),
+            click.option("--fp16", is_flag=True, help=f"Also build fp16 variants on targets that build them ({', '.join(backends.building(Precision.FP16))})."),
+            click.option("--bf16", is_flag=True, help=f"Also build bf16 variants on targets that build them ({', '.join(backends.building(Precision.BF16))}; "
+                                                       "on devices with bf16)."),
             click.option("--pick", is_flag=True,
                          help="Build every target's candidate recipes (INT8 static/dynamic, graph clean-up on/off, weight widths, NNCF presets, "
                               "and fp32), drop those over the drift budget, time the rest interleaved and ship the fastest (report.json 'pick'). "
                               "Implies --int8."),
             click.option("--rewrite/--no-rewrite", default=True, show_default=True,
-                         help="Exact Data2Vec graph clean-up before compiling, for the targets that gain from it (OpenVINO): constant "
-                              "folding, layer-scale and query-scale folding, channel LayerNorm without transposes."),
+                         help="Exact Data2Vec graph clean-up before compiling, for the targets that gain from it "
+                              f"({_targets_that(lambda b: bool(getattr(b, 'rewrites', ())))}): constant folding, layer-scale and query-scale "
+                              "folding, channel LayerNorm without transposes; --pick tries it on the others."),
             _defer_build_option(),
             click.option("--baseline", type=click.Path(path_type=Path, exists=True), default=None,
                          help="A previous report.json (or its folder): compare latency and drift; exit 7 on a regression."),
@@ -514,7 +530,9 @@ Examples:
 @click.option("--triton", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="REPOSITORY",
               help="Write a Triton Inference Server model repository entry: REPOSITORY/NAME/config.pbtxt and REPOSITORY/NAME/1/.")
 @click.option("--ovms", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="FOLDER",
-              help="Write an OpenVINO Model Server layout: FOLDER/NAME/1/ with the IR, and NAME added to FOLDER/config.json.")
+              help="Write a model-server layout for the targets whose bundles that server loads as they are "
+                   f"({_targets_that(lambda b: getattr(getattr(b, 'serving', None), 'ovms', False))}; docs/deployment.md): "
+                   "FOLDER/NAME/1/ with the model files, and NAME added to FOLDER/config.json.")
 @click.option("--name", default=None, help="Model name on the server (default: the bundle folder's name).")
 @click.option("--force", is_flag=True, help="Replace a model of the same name already there.")
 @_handle_errors

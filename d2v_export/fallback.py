@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .quantize import QuantSession
+from .quantize import TOOL, QuantSession
 from .spec import D2VError, Drift, ExportedGraph, QuantizedGraph, QuantRecipe
 
 RANKING_FEEDS = 4  # calibration feeds the per-node error is measured on
@@ -118,7 +118,7 @@ def fallback(
         path, drift, excluded = tried[chosen]
         copy_model(path, target)
     kept = tuple(ranking[:chosen])
-    quantized = QuantizedGraph(path=target, graph=graph, recipe=replace(recipe, excluded_nodes=excluded))
+    quantized = QuantizedGraph(path=target, graph=graph, recipe=replace(recipe, excluded_nodes=excluded, tool=TOOL))
     return FallbackResult(quantized, drift, kept, tuple(steps), tuple(ranking))
 
 

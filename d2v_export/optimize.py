@@ -103,7 +103,8 @@ def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, 
 
     def int8(mode: str) -> Callable[[], Path]:
         def build() -> Path:
-            recipe = make_recipe(backends.reference(), mode, samples=len(calib) if mode == "static" else 0, reduce_range=saturates())
+            recipe = make_recipe(backends.reference(), mode, samples=len(calib) if mode == "static" else 0)
+            recipe = dataclasses.replace(recipe, reduce_range=saturates())  # 7-bit weights where the u8 x s8 kernel saturates
             target = work / f"fused-int8-{mode}.onnx"
             quantize_onnx(fused(), target, recipe, list(calib) if mode == "static" else ())
             return target

@@ -18,13 +18,9 @@ from typing import Any, Collection, Mapping
 
 from . import backends
 from .bench import BenchSettings
-from .spec import D2VError, ExitCode, Precision
+from .spec import CALIBRATION_METHODS, QUANT_MODES, D2VError, ExitCode, Precision, QuantConfig
 
 Range = tuple[float, float, float]
-
-QUANT_MODES = ("static", "dynamic")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-REDUCE_RANGE = ("auto", "on", "off")
 
 
 def _bad(message: str) -> D2VError:
@@ -44,9 +40,11 @@ class ShapeRequest:
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """INT8 as the user asked for it. The target turns it into its own recipe (quantize.make_recipe)."""
+    """INT8 as the user asked for it: the neutral config (``config``: mode, method), the samples it is calibrated and judged
+    on, the drift budget, and each target's own settings (``target_options``). Each target plans its recipes from it
+    (``Backend.plan``)."""
 
-    mode: str = "static"  # "static" (calibrated activations) | "dynamic" (ORT: runtime activation ranges; OpenVINO: weight-only)
+    mode: str = "static"  # "static" (calibrated activations) | "dynamic" (what each target does without calibration)
     method: str = "minmax"  # static calibration: minmax | entropy | percentile
     calibration: Path | None = None  # None: the bundled real samples
     samples: int = 32  # calibration samples
@@ -57,21 +55,30 @@ class QuantOptions:
     confidence: Mapping[str, float] = field(default_factory=dict)  # metric -> confidence it must be over budget with to fail
     fallback: bool = False  # return the most sensitive nodes to float until the budget holds
     seed: int = 0
-    reduce_range: str = "auto"  # ONNX Runtime 7-bit weights: "auto" (when the deployment CPU lacks VNNI), "on", "off"
+    target_options: Mapping[str, str] = field(default_factory=dict)  # a target's own INT8 settings by name (Backend.int8_options)
 
     def __post_init__(self) -> None:
         from .metrics import METRICS
 
-        for name, value, allowed in (("mode", self.mode, QUANT_MODES), ("method", self.method, CALIBRATION_METHODS),
-                                     ("reduce_range", self.reduce_range, REDUCE_RANGE)):  # fmt: skip
+        for name, value, allowed in (("mode", self.mode, QUANT_MODES), ("method", self.method, CALIBRATION_METHODS)):
             if value not in allowed:
                 raise _bad(f"INT8 {name} '{value}': choose one of {', '.join(allowed)}")
+        declared = backends.int8_options()
+        for name, value in self.target_options.items():
+            if name not in declared:
+                raise _bad(f"INT8 setting '{name}' is no target's; known: {', '.join(sorted(declared)) or 'none'}")
+            declared[name].check(value)  # the target's own choices (exit 2)
         for name, count in (("samples", self.samples), ("eval_samples", self.eval_samples)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise _bad(f"INT8 {name} {count!r}: give a whole number of at least 1")
         unknown = sorted((set(self.budget) | set(self.confidence)) - set(METRICS))
         if unknown:
             raise _bad(f"drift budget for unknown metric(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METRICS))}")
+
+    @property
+    def config(self) -> QuantConfig:
+        """The neutral INT8 config of this run (``samples``: the calibration samples asked for)."""
+        return QuantConfig(mode=self.mode, method=self.method, samples=self.samples)
 
     def int8_only_settings(self) -> tuple[str, ...]:
         """The settings given here that only an INT8 build uses (the CLI names them as its flags)."""
@@ -99,7 +106,7 @@ class RunOptions:
     devices: Mapping[str, str] = field(default_factory=dict)  # target -> its device (--device TARGET=DEVICE), over ``device``
     profile: Any = None  # a profiles.DeviceProfile whose latency budget becomes a verdict (see apply_profile)
     half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
-    defer_build: bool = False  # TensorRT without TensorRT or a GPU here: write the portable half only
+    defer_build: bool = False  # targets that can defer (Backend.can_defer) write their portable half, without their runtime here
     rewrite: bool = True  # the exact graph clean-up (d2v_export.rewrite) for the targets that ask for it
     pick: bool = False  # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.pick)
 

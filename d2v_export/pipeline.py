@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 from . import __version__, backends, bench, report as report_mod
-from .backends.base import BuildRequest
+from .backends.base import BuildRequest, PlanContext, RunnerKey
 from .backends.torch_ref import NAME as REFERENCE_NAME, TorchRunner, make_wrapper
 from .cpu import cores_available
 from .export import write_onnx
@@ -58,7 +58,7 @@ from .spec import (
 from .validate import HALF_TOLERANCE_FACTOR, check_export, shape_check, task_drift
 
 __all__ = ["QuantOptions", "RunOptions", "ShapeRequest", "apply_profile", "require_int8", "run", "resolve_profile",
-           "check_targets", "staging", "default_threads", "wants_reduce_range", "budget_for", "Interrupted"]  # fmt: skip
+           "check_targets", "staging", "default_threads", "plan_context", "budget_for", "Interrupted"]  # fmt: skip
 
 DEFAULT_BATCH: Range = (1, 1, 8)
 DEFAULT_SEQUENCE: Range = (8, 128, 512)
@@ -164,6 +164,7 @@ class _Work:
     progress: Progress
     checked: dict[Any, Any] = field(default_factory=dict)  # PyTorch's outputs at the export check's shapes (validate.shape_check)
     rewritten: dict[tuple[str, ...], tuple[ExportedGraph, dict[str, int]]] = field(default_factory=dict)
+    export_check: RunnerKey | None = None  # what ran the export check (runner, options, file): graph.check stands for it
 
     def graph_for(self, names: tuple[str, ...]) -> tuple[ExportedGraph, dict[str, int]]:
         """The export with the named clean-up rewrites applied (made once per set of names), and what they changed."""
@@ -208,6 +209,7 @@ def run(
         ref_outputs = _reference_outputs(model, reference, evaluation, threads, progress)
         _offload_reference(model, reference, root / ".work", progress)
         work = _Work(model, profile, graph, reference, ref_outputs, calib, evaluation, options, threads, root / ".work", progress, checked)
+        work.export_check = _export_check_key(graph)
         built = _build_all(work, root)
         measured = _measure(work, built, bench_progress)
         extras = _Extras(_cold_starts(work, built, warnings), _drift_by_length(work, built))
@@ -252,7 +254,7 @@ def _load_model(spec: ModelSpec, shapes: ShapeRequest, progress: Progress) -> tu
 
 
 def _export_checked(model: LoadedModel, profile: ShapeProfile, work: Path, progress: Progress, checked: dict[Any, Any]) -> tuple[ExportedGraph, Any]:
-    """Stage "export + check": ONNX, checked against the PyTorch reference in ONNX Runtime (exit 4 when it does not match).
+    """Stage "export + check": ONNX, checked against the PyTorch reference in the reference runtime (exit 4 when it does not match).
 
     ``checked`` keeps PyTorch's outputs at the check's shapes, reused by every fp32 artifact's check.
     """
@@ -260,16 +262,22 @@ def _export_checked(model: LoadedModel, profile: ShapeProfile, work: Path, progr
     graph = write_onnx(model, profile, work / "model.onnx", progress=progress)
     release_memory()  # the exporter's program and protobufs
     graph = check_export(model, graph, reference, progress=progress, reference_outputs=checked)
+    runtime = backends.reference().display_name
     if "padding_scaled_error" in graph.check.failed and "max_scaled_error" not in graph.check.failed:
-        raise D2VError(f"ONNX Runtime answers a padded batch differently from each input alone: {graph.check.detail.split('; random')[0]} "
+        raise D2VError(f"{runtime} answers a padded batch differently from each input alone: {graph.check.detail.split('; random')[0]} "
                        f"(tolerance {model.head.tolerance:g}); a bug of the export: report it", ExitCode.EXPORT_MISMATCH)
     if not graph.check.passed:
         raise D2VError(
-            f"ONNX Runtime does not match PyTorch for {model.head.class_name}: {graph.check.detail.split('worst: ')[-1]} "
+            f"{runtime} does not match PyTorch for {model.head.class_name}: {graph.check.detail.split('worst: ')[-1]} "
             f"is off by {graph.check.metrics['max_scaled_error']:.3g} (scaled), over the tolerance {model.head.tolerance:g}",
             ExitCode.EXPORT_MISMATCH,
         )
     return graph, reference
+
+
+def _export_check_key(graph: ExportedGraph) -> RunnerKey:
+    """What ran the export check: ``validate.check_export`` runs the reference runtime's ``onnx_runner`` on the file."""
+    return backends.reference().onnx_runner_key(graph.path)
 
 
 def _reference_outputs(model: LoadedModel, reference: Any, evaluation: Samples | None, threads: int, progress: Progress) -> list[dict[str, Any]]:
@@ -309,12 +317,12 @@ def _offload_reference(model: LoadedModel, reference: Any, work: Path, progress:
 
 
 def _build_all(work: _Work, root: Path) -> list[Built]:
-    """Stage "build": every variant of every target (``_plan``), each judged as soon as it is built."""
+    """Stage "build": every variant each target plans (``Backend.plan``), each judged as soon as it is built."""
     built = []
     for target in work.options.targets:
         backend = backends.get(target)
-        for name, request, rewrites, what in _plan(backend, work.options, work.calib, work.threads, work.model.head.modality.value):
-            built.append(_build_one(work, backend, root / name, request, rewrites, what))
+        for v in backend.plan(plan_context(backend, work.options, work.calib, work.threads, work.model.head.modality.value)):
+            built.append(_build_one(work, backend, root / v.name, v.request, v.rewrites, v.what))
             release_memory()  # the build's protobufs, NNCF's copies and the check's session are gone
     return built
 
@@ -337,10 +345,10 @@ def _build_one(work: _Work, backend: Any, folder: Path, request: BuildRequest, r
 def _check(work: _Work, backend: Any, artifact: Artifact, request: BuildRequest) -> Drift:
     """Float variants: the shape check against PyTorch (the fp32 ONNX itself: the export's check); INT8: task drift."""
     model = work.model
-    if request.quant is None and _same_file(artifact.model_file, work.graph.path) and backend is backends.get(backends.DEFAULT):
-        # the export check ran this very file on this runtime (validate.check_export: ONNX Runtime, the default
-        # target's); no session to open: at large size one held the weights again for nothing. Any other
-        # backend (a plug-in serving the same file) is checked with its own runner.
+    if request.quant is None and work.export_check is not None and backend.check_key(artifact) == work.export_check:
+        # the export check ran this very file with this very runner and its options (a hard link of the export, the
+        # reference runtime's own session): no session to open, at large size one held the weights again for nothing.
+        # Any other runner, options or file (a plug-in serving the same file differently) is checked with its own runner.
         return work.graph.check
     with backend.runner(artifact, threads=work.threads) as runner:
         if request.quant is not None:
@@ -558,95 +566,27 @@ def _write_bundles_and_report(result: Report, built: list[Built], model: LoadedM
 # ----------------------------------------------------------------------------------- what the stages use
 
 
-def _plan(backend: Any, options: RunOptions, calib: Samples | None, threads: int, modality: str = "") -> list[tuple[str, BuildRequest, tuple[str, ...], str]]:
-    """(variant name, request, graph rewrites, description) for every variant of one target.
-
-    Without --pick: fp32, the extra float precisions and the INT8 recipe the user asked for. With it: fp32,
-    the float precisions and every INT8 lever the backend offers (``pick_levers``), less those that cannot
-    be exact on the deployment CPU (8-bit ONNX Runtime weights where the u8 x s8 kernel saturates) and
-    duplicates of one another.
-    """
-    default_rewrites = tuple(backend.rewrites) if options.rewrite else ()
-    plan = []
-    for request in _requests(backend, options, calib, threads, modality):
-        if options.pick and request.quant is not None and backend.pick_levers:
-            continue  # replaced by the backend's candidates below
-        name = f"{backend.name}-{request.precision.value}" + (f"-{request.quant.mode}" if request.quant else "")
-        what = f"{request.precision.value}" + (f" {request.quant.mode}" if request.quant else "")
-        plan.append((name, request, default_rewrites, what))
-    if not options.pick or options.int8 is None:
-        return plan
-    from .quantize import make_recipe, saturates
-
+def plan_context(backend: Any, options: RunOptions, calib: Samples | None, threads: int, modality: str = "") -> PlanContext:
+    """What ``backend`` plans its variants from (``Backend.plan``): the run's options as they concern it."""
     int8 = options.int8
-    run_rr = wants_reduce_range(int8, options.profile)
-    exact_8bit = not saturates(getattr(options.profile, "requires_cpu_flags", ()) or None)
-    seen = set()
-    for lever in backend.pick_levers:
-        if lever.mode == "static" and calib is None:
-            continue
-        rr = run_rr if lever.reduce_range is None else lever.reduce_range
-        if rr is False and lever.reduce_range is False and not exact_8bit:
-            continue  # 8-bit weights saturate on this CPU (quantize.saturates)
-        if lever.rewrite and not options.rewrite:
-            continue  # --no-rewrite: no clean-up anywhere
-        names = default_rewrites if lever.rewrite is None else (_ALL_REWRITES() if lever.rewrite else ())
-        samples = len(calib) if calib is not None and lever.mode == "static" else 0
-        recipe = make_recipe(backend, lever.mode, method=int8.method, samples=samples, reduce_range=rr, modality=modality)
-        if lever.symmetric_activations is not None:
-            recipe = dataclasses.replace(recipe, symmetric_activations=lever.symmetric_activations)
-        if lever.op_types is not None:
-            recipe = dataclasses.replace(recipe, op_types=lever.op_types)
-        key = (recipe, names)
-        if key in seen:
-            continue
-        seen.add(key)
-        feeds = tuple(calib.feeds) if calib is not None and lever.mode == "static" else ()
-        request = BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=threads, defer_build=options.defer_build,
-                               device=options.device_for(backend.name))
-        plan.append((f"{backend.name}-int8-{lever.mode}{lever.suffix}", request, names, lever.description or lever.mode))
-    return plan
-
-
-def _ALL_REWRITES() -> tuple[str, ...]:
-    from .rewrite import DEFAULT
-
-    return DEFAULT
+    return PlanContext(
+        int8=int8.config if int8 is not None else None,
+        settings=dict(int8.target_options) if int8 is not None else {},
+        calibration=tuple(calib.feeds) if calib is not None else (),
+        half=options.half,
+        pick=options.pick,
+        rewrite=options.rewrite,
+        defer_build=options.defer_build,
+        device=options.device_for(backend.name),
+        threads=threads,
+        modality=modality,
+        profile=options.profile,
+    )
 
 
 def _deferred(options: RunOptions) -> set[str]:
     """Targets whose artifacts are not run on their own runtime here (a deferred TensorRT build)."""
     return {t for t in options.targets if options.defer_build and backends.get(t).can_defer}
-
-
-def _requests(backend: Any, options: RunOptions, calib: Samples | None, threads: int, modality: str = "") -> list[BuildRequest]:
-    """fp32 always (it is the baseline of every comparison), plus fp16/bf16 where supported, plus INT8 when asked for."""
-    common = dict(threads=threads, defer_build=options.defer_build, device=options.device_for(backend.name))
-    requests = [BuildRequest(precision=Precision.FP32, **common)]  # type: ignore[arg-type]
-    requests += [BuildRequest(precision=p, **common) for p in options.half if p in backend.precisions]  # type: ignore[arg-type]
-    int8 = options.int8
-    if int8 is not None:
-        from .quantize import make_recipe
-
-        samples = len(calib) if calib is not None and int8.mode == "static" else 0
-        recipe = make_recipe(
-            backend, int8.mode, method=int8.method, samples=samples, reduce_range=wants_reduce_range(int8, options.profile), modality=modality
-        )
-        feeds = tuple(calib.feeds) if calib is not None and int8.mode == "static" else ()
-        requests.append(BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, **common))  # type: ignore[arg-type]
-    return requests
-
-
-def wants_reduce_range(int8: QuantOptions, profile: Any = None) -> bool:
-    """7-bit ONNX Runtime weights? "auto": when the CPU the artifact is for has no VNNI/AMX (quantize.saturates).
-
-    That CPU is the device profile's (its requires_cpu_flags), else this machine, where the drift is measured.
-    """
-    if int8.reduce_range in ("on", "off"):
-        return int8.reduce_range == "on"
-    from .quantize import saturates
-
-    return saturates(getattr(profile, "requires_cpu_flags", ()) or None)
 
 
 def _worse(kind: str, candidate: Drift, plain: Drift) -> bool:
@@ -775,13 +715,6 @@ def _cached(
     except OSError:
         pass  # a read-only home is no reason to fail
     return samples
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _speedup(reference: LatencyStats, candidate: LatencyStats) -> float | None:

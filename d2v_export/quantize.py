@@ -34,11 +34,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from .recipe_choice import excluded_for_transformer as excluded_for_transformer  # re-exported: the 'input' rule
-from .spec import D2VError, ExitCode, ExportedGraph, QuantizedGraph, QuantRecipe
+from .spec import CALIBRATION_METHODS, QUANT_MODES, D2VError, ExitCode, ExportedGraph, IgnoredScope, QuantConfig, QuantizedGraph, QuantRecipe
 
-MODES = ("static", "dynamic")
-METHODS = ("minmax", "entropy", "percentile")
-TOOL = "onnxruntime.quantization"
+MODES = QUANT_MODES
+METHODS = CALIBRATION_METHODS
+TOOL = "onnxruntime.quantization"  # the recipe's ``tool`` of every graph this module quantizes
 MATMUL_OPS = ("MatMul", "Gemm", "Conv")
 
 # Op types that must read float values whatever the target: normalisation, attention probabilities,
@@ -56,11 +56,9 @@ class RecipeTemplate:
     description: str
     mode: str  # "static" | "dynamic"
     op_types: tuple[str, ...]  # ops whose inputs are quantized (static: Q/DQ pairs; dynamic: integer ops)
-    symmetric_activations: bool = False  # int8 activations with zero point 0 (TensorRT's explicit quantization)
+    symmetric_activations: bool = False  # int8 activations with zero point 0 (NNCF's "performance" preset)
     per_channel: bool = True  # one weight scale per output channel, symmetric int8
-    # Whether --reduce-range (7-bit weights) applies: only ONNX Runtime's CPU kernels have the u8 x s8
-    # saturation; TensorRT (GPU) and NNCF (its own overflow fix) take 8-bit weights.
-    reduce_range: bool = False
+    tool: str = ""  # what quantizes it (the recipe's ``tool`` until the quantizer that runs stamps its own)
 
 
 class Recipes(Protocol):
@@ -78,44 +76,54 @@ class Recipes(Protocol):
 
 def make_recipe(
     target: Recipes,
-    mode: str,
+    mode: str | QuantConfig,
     *,
     method: str = "minmax",
     samples: int = 0,
     excluded: Sequence[str] = (),
-    reduce_range: bool = False,
     modality: str = "",
 ) -> QuantRecipe:
-    """The QuantRecipe of a target (its backend: ``backends.get(name)``) in ``mode``.
+    """The QuantRecipe of a target (its backend: ``backends.get(name)``) for a ``QuantConfig`` (or a mode, with
+    ``method``, ``samples`` and ``excluded`` node names).
 
     ``modality`` ("vision", "text", "audio") picks the layers that stay float by rule and, where the backend says so,
-    the activation encoding (``Backend.recipe_choices``)."""
+    the activation encoding (``Backend.recipe_choices``); the config's preset and ignored scope come on top."""
     from .recipe_choice import choose
 
+    config = mode if isinstance(mode, QuantConfig) else _config(mode, method, samples, excluded)
+    templates = target.int8_recipes
+    if not templates:
+        raise D2VError(f"target '{target.name}' builds no INT8; leave out --int8 for it", ExitCode.TARGET_UNAVAILABLE)
+    template = templates.get(config.mode)
+    if template is None:
+        raise D2VError(f"target '{target.name}' has no {config.mode} INT8; use --quant {next(iter(templates))}", ExitCode.TARGET_UNAVAILABLE)
+    choice = choose(target, modality)
+    symmetric = template.symmetric_activations if choice.symmetric_activations is None else choice.symmetric_activations
+    if config.preset is not None:
+        symmetric = config.preset == "performance"
+    op_types = template.op_types if config.op_types is None else config.op_types
+    static = config.mode == "static"
+    return QuantRecipe(
+        mode=config.mode,
+        method=config.method if static else "none",
+        samples=config.samples if static else 0,
+        per_channel=template.per_channel,
+        symmetric_activations=symmetric,
+        op_types=tuple(t for t in op_types if t not in config.ignored.types),
+        excluded_nodes=tuple(config.ignored.names),
+        tool=template.tool,
+        float_rules=tuple(dict.fromkeys([*choice.float_rules, *config.ignored.rules])),
+        choice=choice.why,
+    )
+
+
+def _config(mode: str, method: str, samples: int, excluded: Sequence[str]) -> QuantConfig:
+    """A QuantConfig from ``make_recipe``'s plain arguments; a bad mode or method is a one-line error."""
     if mode not in MODES:
         raise D2VError(f"unknown quantization mode '{mode}'; choose one of: {', '.join(MODES)}")
     if method not in METHODS:
         raise D2VError(f"unknown calibration method '{method}'; choose one of: {', '.join(METHODS)}")
-    templates = target.int8_recipes
-    if not templates:
-        raise D2VError(f"target '{target.name}' builds no INT8; leave out --int8 for it", ExitCode.TARGET_UNAVAILABLE)
-    template = templates.get(mode)
-    if template is None:
-        raise D2VError(f"target '{target.name}' has no {mode} INT8; use --quant {next(iter(templates))}", ExitCode.TARGET_UNAVAILABLE)
-    choice = choose(target, modality)
-    return QuantRecipe(
-        mode=mode,
-        method=method if mode == "static" else "none",
-        samples=samples if mode == "static" else 0,
-        per_channel=template.per_channel,
-        symmetric_activations=template.symmetric_activations if choice.symmetric_activations is None else choice.symmetric_activations,
-        op_types=template.op_types,
-        excluded_nodes=tuple(excluded),
-        tool=TOOL,
-        reduce_range=reduce_range and template.reduce_range,
-        float_rules=choice.float_rules,
-        choice=choice.why,
-    )
+    return QuantConfig(mode=mode, method=method, samples=samples, ignored=IgnoredScope(names=tuple(excluded)))
 
 
 # x86 instruction sets whose INT8 dot product accumulates u8 x s8 in 32 bits (no 16-bit saturation).
@@ -163,7 +171,7 @@ def quantize_onnx(
         if recipe.mode == "static":
             session.calibrate(calibration)
         excluded = session.write(target, recipe.excluded_nodes)
-    return QuantizedGraph(path=target, graph=graph, recipe=replace(recipe, excluded_nodes=excluded))
+    return QuantizedGraph(path=target, graph=graph, recipe=replace(recipe, excluded_nodes=excluded, tool=TOOL))
 
 
 class QuantSession:

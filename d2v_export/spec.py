@@ -181,9 +181,47 @@ class ExportedGraph:
     seconds: float = 0.0
 
 
+QUANT_MODES = ("static", "dynamic")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+PRESETS = ("performance", "mixed")  # NNCF's: symmetric int8 activations (performance) or asymmetric ones (mixed)
+
+
+@dataclass(frozen=True)
+class IgnoredScope:
+    """What INT8 leaves float, as NNCF's ignored scope: by structural rule, by node name, by op type."""
+
+    rules: tuple[str, ...] = ()  # recipe_choice.RULES ("input", "head", "ffn_out"): found by their place in the graph
+    names: tuple[str, ...] = ()  # node names of the exported graph
+    types: tuple[str, ...] = ()  # op types that are never quantized
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The INT8 asked of a target, in no target's terms (NNCF's ``quantize(preset=, ignored_scope=, subset_size=)``).
+
+    The run's ``--quant``/``--calib-method``, or one ``--pick`` candidate (``backends.base.Lever``); the backend turns
+    it into what it builds (``Backend.plan``, ``quantize.make_recipe``), and ``QuantRecipe`` records what was made.
+    What one target alone understands is not here: it is that target's own setting (``Backend.int8_options``).
+    """
+
+    mode: str = "static"  # "static": calibrated activations | "dynamic": the target's activation-free INT8
+    method: str = "minmax"  # static calibration: minmax | entropy | percentile
+    samples: int = 0  # calibration samples used (static)
+    preset: str | None = None  # PRESETS; None: the target's own choice for the modality (recipe_choice)
+    ignored: IgnoredScope = IgnoredScope()
+    op_types: tuple[str, ...] | None = None  # ops whose inputs are quantized; None: the target's template's
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("mode", self.mode, QUANT_MODES), ("method", self.method, CALIBRATION_METHODS)):
+            if value not in allowed:
+                raise D2VError(f"INT8 {name} '{value}': choose one of {', '.join(allowed)}", ExitCode.USAGE)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise D2VError(f"INT8 preset '{self.preset}': choose one of {', '.join(PRESETS)}", ExitCode.USAGE)
+
+
 @dataclass(frozen=True)
 class QuantRecipe:
-    """How an INT8 graph was made. Plain data so that reports can show it."""
+    """How an INT8 graph was made (a ``QuantConfig`` as one target applied it). Plain data so that reports can show it."""
 
     mode: str  # "static" | "dynamic"
     method: str = "minmax"  # calibration method for static
@@ -192,9 +230,9 @@ class QuantRecipe:
     symmetric_activations: bool = False
     op_types: tuple[str, ...] = ()
     excluded_nodes: tuple[str, ...] = ()
-    tool: str = "onnxruntime.quantization"
-    # 7-bit weights (ONNX Runtime's reduce_range): u8 x s8 products stay exact on x86 CPUs without VNNI,
-    # whose AVX2 kernel (VPMADDUBSW) saturates 16-bit pair sums with full 8-bit weights (docs/quantization.md).
+    tool: str = ""  # what quantized it: the quantizer that ran stamps itself (the target's template says what it plans)
+    # 7-bit weights (onnxruntime.quantization's reduce_range, read by the shared quantizer): u8 x s8 products stay exact
+    # on x86 CPUs without VNNI, whose AVX2 kernel saturates 16-bit pair sums with 8-bit weights (docs/quantization.md).
     reduce_range: bool = False
     # Structural rules for the nodes that stay float (recipe_choice.RULES: "input", "head", "ffn_out"),
     # chosen per target and modality by recipe_choice.choose; ``choice`` says why, for the report.

@@ -248,7 +248,8 @@ def runner(*args, **kwargs):
     return real_runner(*args, **kwargs)
 
 options = RunOptions(output=root / "out", targets=(backend.name,))
-name, request, rewrites, what = pipeline._plan(backend, options, None, 1, "vision")[0]
+planned = backend.plan(pipeline.plan_context(backend, options, None, 1, "vision"))[0]
+name, request, rewrites, what = planned.name, planned.request, planned.rewrites, planned.what
 def work(folder):
     return pipeline._Work(model, profile, graph, make_wrapper(model), [], None, None, options, 1, root / folder, lambda _m: None)
 pipeline._build_one(work("warm-up"), backend, root / "warm-up" / name, request, rewrites, what)  # libraries loaded

@@ -28,7 +28,7 @@ from d2v_export.quantize import (
     make_recipe,
     quantize_onnx,
 )
-from d2v_export.spec import D2VError, ExportedGraph, Modality
+from d2v_export.spec import D2VError, ExitCode, ExportedGraph, Modality
 from d2v_export.validate import task_drift
 
 from .conftest import tiny
@@ -119,6 +119,8 @@ def test_recipes_are_data() -> None:
     assert (trt.method, trt.samples, trt.excluded_nodes) == ("entropy", 8, ("node_x",))
     dyn = make_recipe(backends.get("onnxruntime"), "dynamic", samples=8)
     assert (dyn.mode, dyn.samples) == ("dynamic", 0)
+    # the recipe's tool is the target's (its template), not one tool stamped on every target's
+    assert (dyn.tool, make_recipe(backends.get("openvino"), "static").tool) == ("onnxruntime.quantization", "nncf")
     with pytest.raises(D2VError, match="tensorrt"):
         make_recipe(backends.get("nosuchtarget"), "static")
     with pytest.raises(D2VError, match="static"):
@@ -351,7 +353,8 @@ def test_reduce_range_writes_7bit_weights(cases: dict[Modality, Case], mode: str
     case = cases[Modality.TEXT]
     calib = case.calibration if mode == "static" else ()
     full = quantize_onnx(case.graph, tmp_path / "full.onnx", make_recipe(backends.get("onnxruntime"), mode, samples=len(calib)), calib)
-    reduced = quantize_onnx(case.graph, tmp_path / "reduced.onnx", make_recipe(backends.get("onnxruntime"), mode, samples=len(calib), reduce_range=True), calib)
+    seven_bit = dataclasses.replace(make_recipe(backends.get("onnxruntime"), mode, samples=len(calib)), reduce_range=True)
+    reduced = quantize_onnx(case.graph, tmp_path / "reduced.onnx", seven_bit, calib)
     assert reduced.recipe.reduce_range and not full.recipe.reduce_range
     full_w, reduced_w = _int8_weights(full.path), _int8_weights(reduced.path)
     assert full_w and len(full_w) == len(reduced_w)
@@ -366,23 +369,59 @@ def test_reduce_range_only_where_the_kernel_saturates() -> None:
     assert saturates(["avx2", "fma"], "x86_64") and saturates(["avx512f", "avx2"], "x86_64")  # Skylake-SP: AVX-512 without VNNI
     assert not saturates(["avx2", "avx512_vnni"], "x86_64") and not saturates(["avx2", "avx_vnni"], "x86_64")
     assert not saturates([], "aarch64")
-    assert make_recipe(backends.get("onnxruntime"), "static", reduce_range=True).reduce_range
-    assert not make_recipe(backends.get("tensorrt"), "static", reduce_range=True).reduce_range  # GPU: symmetric int8, no such kernel
-    assert not make_recipe(backends.get("openvino"), "static", reduce_range=True).reduce_range  # NNCF has its own overflow fix
+
+
+def _int8_recipes(target: str, settings: dict[str, str], *, pick: bool = False, profile: Any = None) -> dict[str, Any]:
+    """The INT8 recipes ``target``'s plan makes, by variant name (no build)."""
+    from d2v_export.backends.base import PlanContext
+    from d2v_export.spec import QuantConfig
+
+    backend = backends.get(target)
+    ctx = PlanContext(int8=QuantConfig("static"), settings=settings, calibration=({},), pick=pick, profile=profile, modality="text")
+    return {v.name: v.request.quant for v in backend.plan(ctx) if v.request.quant is not None}
+
+
+def test_only_the_target_that_owns_reduce_range_applies_it() -> None:
+    """--reduce-range is ONNX Runtime's own setting (its backend declares, validates and plans it); other targets ignore it."""
+    assert backends.int8_options()["reduce_range"] in backends.get("onnxruntime").int8_options
+    assert _int8_recipes("onnxruntime", {"reduce_range": "on"})["onnxruntime-int8-static"].reduce_range
+    assert not _int8_recipes("onnxruntime", {"reduce_range": "off"})["onnxruntime-int8-static"].reduce_range
+    assert not _int8_recipes("tensorrt", {"reduce_range": "on"})["tensorrt-int8-static"].reduce_range  # GPU: symmetric int8, no such kernel
+    assert not _int8_recipes("openvino", {"reduce_range": "on"})["openvino-int8-static"].reduce_range  # NNCF has its own overflow fix
+    from d2v_export.options import QuantOptions
+
+    with pytest.raises(D2VError, match="--reduce-range 'sometimes': choose one of auto, on, off") as bad:
+        QuantOptions(target_options={"reduce_range": "sometimes"})
+    assert bad.value.code == ExitCode.USAGE
+    with pytest.raises(D2VError, match="no target's") as unknown:
+        QuantOptions(target_options={"weight_bits": "7"})
+    assert unknown.value.code == ExitCode.USAGE
+
+
+def test_pick_drops_8bit_weights_where_the_deployment_cpu_saturates() -> None:
+    from d2v_export.profiles import load_profile
+
+    avx2 = _int8_recipes("onnxruntime", {}, pick=True, profile=load_profile("generic-avx2"))
+    vnni = _int8_recipes("onnxruntime", {}, pick=True, profile=load_profile("xeon-vnni"))
+    # no VNNI: auto gives 7-bit weights (so -7bit is a duplicate), and 8-bit weights would saturate: not a candidate
+    assert avx2["onnxruntime-int8-static"].reduce_range and "onnxruntime-int8-static-7bit" not in avx2
+    assert "onnxruntime-int8-static-8bit" not in avx2 and "onnxruntime-int8-dynamic-8bit" not in avx2
+    # VNNI: auto gives 8-bit weights (so -8bit is a duplicate); 7-bit weights are a candidate
+    assert not vnni["onnxruntime-int8-static"].reduce_range and vnni["onnxruntime-int8-static-7bit"].reduce_range
+    assert "onnxruntime-int8-static-8bit" not in vnni and "onnxruntime-int8-static-clean" in vnni
 
 
 def test_reduce_range_auto_follows_the_profile_cpu() -> None:
     from d2v_export.doctor import cpu_flags
-    from d2v_export.pipeline import QuantOptions, wants_reduce_range
+    from d2v_export.backends.onnxruntime import wants_reduce_range
     from d2v_export.profiles import load_profile
     from d2v_export.quantize import saturates
 
-    auto = QuantOptions()
-    assert wants_reduce_range(auto, load_profile("generic-avx2")) is True
-    assert wants_reduce_range(auto, load_profile("xeon-vnni")) is False
-    assert wants_reduce_range(auto) is saturates(cpu_flags())  # no profile: this machine, where drift is measured
-    assert wants_reduce_range(QuantOptions(reduce_range="on"), load_profile("xeon-vnni")) is True
-    assert wants_reduce_range(QuantOptions(reduce_range="off"), load_profile("generic-avx2")) is False
+    assert wants_reduce_range("auto", load_profile("generic-avx2")) is True
+    assert wants_reduce_range("auto", load_profile("xeon-vnni")) is False
+    assert wants_reduce_range("auto") is saturates(cpu_flags())  # no profile: this machine, where drift is measured
+    assert wants_reduce_range("on", load_profile("xeon-vnni")) is True
+    assert wants_reduce_range("off", load_profile("generic-avx2")) is False
 
 
 def test_the_saturation_rule_matches_this_cpu(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from d2v_export import backends
 from d2v_export.backends.tensorrt import device as trt_engine
 from d2v_export.backends.base import BuildRequest
 from d2v_export.backends.tensorrt import (
+    TensorRTRequest,
     BACKEND,
     ENGINE_MANIFEST,
     NOT_BUILT,
@@ -104,10 +105,10 @@ class Built:
 
     def request(self, head: Head, precision: Precision, *, defer: bool = True) -> BuildRequest:
         if precision is not Precision.INT8:
-            return BuildRequest(precision=precision, threads=THREADS, defer_build=defer)
+            return TensorRTRequest(precision=precision, threads=THREADS, defer_build=defer)
         calib = self.samples(head, "calibration")
         recipe = make_recipe(backends.get("tensorrt"), "static", samples=len(calib))
-        return BuildRequest(precision=precision, quant=recipe, calibration=tuple(calib.feeds), threads=THREADS, defer_build=defer)
+        return TensorRTRequest(precision=precision, quant=recipe, calibration=tuple(calib.feeds), threads=THREADS, defer_build=defer)
 
     def deferred(self, head: Head, precision: Precision) -> Artifact:
         if (head.key, precision) not in self._bundles:
@@ -461,11 +462,11 @@ def test_int8_needs_static_symmetric_qdq(built: Built, tmp_path: Path) -> None:
     head = HEADS[1]
     _, _, graph = built.graph(head)
     dynamic = make_recipe(backends.get("onnxruntime"), "dynamic")
-    request = BuildRequest(precision=Precision.INT8, quant=dynamic, defer_build=True)
+    request = TensorRTRequest(precision=Precision.INT8, quant=dynamic, defer_build=True)
     with pytest.raises(D2VError, match="static"):
         BACKEND.compile(graph, tmp_path / "x", request)
     with pytest.raises(D2VError):
-        BACKEND.compile(graph, tmp_path / "y", BuildRequest(precision=Precision.BF16, defer_build=True))
+        BACKEND.compile(graph, tmp_path / "y", TensorRTRequest(precision=Precision.BF16, defer_build=True))
 
 
 # ------------------------------------------------------------------------------------ (e) on a GPU

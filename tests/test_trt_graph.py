@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from d2v_export import backends
-from d2v_export.backends.base import BuildRequest
-from d2v_export.backends.tensorrt import BACKEND
+from d2v_export.backends.tensorrt import BACKEND, TensorRTRequest
 from d2v_export.backends.tensorrt import graph as trt_graph
 from d2v_export.calibration import load_samples
 from d2v_export.export import export
@@ -57,7 +56,7 @@ class Graphs:
         if key not in self.made:
             graph, feeds = self.export(head, shapes)
             recipe = make_recipe(backends.get("tensorrt"), "static", samples=len(feeds))
-            request = BuildRequest(precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True)
+            request = TensorRTRequest(precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True)
             self.made[key] = BACKEND.compile(graph, graph.path.parent.parent / "tensorrt-int8", request)
         return self.made[key]
 
@@ -255,7 +254,7 @@ def test_residual_option_quantizes_the_residual_add_inputs_and_the_graph_still_r
     lever = next(lv for lv in BACKEND.pick_levers if lv.suffix == "-residual")  # what --pick builds
     assert lever.op_types is not None and trt_graph.RESIDUAL_OP in lever.op_types
     recipe = dataclasses.replace(make_recipe(backends.get("tensorrt"), "static", samples=len(feeds)), op_types=lever.op_types)
-    request = BuildRequest(precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True)
+    request = TensorRTRequest(precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True)
     artifact = BACKEND.compile(graph, tmp_path / "tensorrt-int8-static-residual", request)
     assert artifact.quantization is not None and trt_graph.RESIDUAL_OP in artifact.quantization.op_types  # the report says so
     path = artifact.path / "model.onnx"

@@ -27,13 +27,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..spec import D2VError, ExitCode, Precision
 from .base import (
-    Availability, Backend, BackendBase, BuildRequest, Devices, Opened, Runner, Snippet, files_in, require_available, unavailable,
+    Availability, Backend, BackendBase, BuildRequest, Devices, Opened, PlanContext, Planned, Runner, RunnerKey, Snippet, TargetOption,
+    files_in, require_available, unavailable,
 )  # fmt: skip
 
 __all__ = [
     "DEFAULT", "ENTRY_POINTS", "ENV", "REFERENCE", "Availability", "Backend", "BackendBase", "BuildRequest", "Devices", "Opened",
-    "ReferenceRuntime", "Runner", "Snippet", "broken", "building", "files_in", "get", "names", "packages", "reference", "require",
-    "unavailable",
+    "PlanContext", "Planned", "ReferenceRuntime", "Runner", "RunnerKey", "Snippet", "TargetOption", "broken", "building", "files_in",
+    "get", "int8_options", "names", "packages", "reference", "require", "unavailable",
 ]  # fmt: skip
 
 DEFAULT = "onnxruntime"  # the --target when none is given: a core dependency, runs everywhere
@@ -59,6 +60,11 @@ class ReferenceRuntime(Backend, Protocol):
 
     def open_session(self, model: Path | bytes, options: Any) -> Any:
         """The runtime's own session of ``model`` on the CPU with ``options`` (for what a runner does not expose)."""
+        ...
+
+    def onnx_runner_key(self, model: Path, *, optimize: bool = True) -> RunnerKey:
+        """The ``RunnerKey`` of ``onnx_runner(model, optimize=optimize)``: a target whose ``check_key`` equals it may reuse
+        that runner's check of the file (the export check) instead of opening the file again."""
         ...
 
 
@@ -137,3 +143,12 @@ def building(precision: Precision) -> tuple[str, ...]:
 def packages() -> tuple[str, ...]:
     """Every target's runtime distributions, once each, in target order (what the report and doctor record)."""
     return tuple(dict.fromkeys(p for backend in _load()[0].values() for p in backend.packages))
+
+
+def int8_options() -> dict[str, TargetOption]:
+    """Every target's own INT8 settings (``Backend.int8_options``) by name; the first target to declare a name owns it."""
+    found: dict[str, TargetOption] = {}
+    for backend in _load()[0].values():
+        for option in getattr(backend, "int8_options", ()):
+            found.setdefault(option.name, option)
+    return found

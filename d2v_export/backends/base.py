@@ -11,16 +11,18 @@ versions the report records).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
+from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantConfig, QuantRecipe
 
 if TYPE_CHECKING:
     from ..quantize import RecipeTemplate
@@ -37,31 +39,91 @@ class Availability:
 
 @dataclass(frozen=True)
 class BuildRequest:
-    """What the pipeline asks a backend to build."""
+    """What a backend's plan (``Backend.plan``) asks its ``compile`` to build. A target that needs more subclasses it."""
 
     precision: Precision = Precision.FP32
     quant: QuantRecipe | None = None  # the recipe for INT8, None for float precisions
     calibration: tuple[Mapping[str, np.ndarray], ...] = ()  # calibration feeds for static INT8
     threads: int = 1
     device: str = "CPU"
-    defer_build: bool = False  # TensorRT: write the portable half only
 
 
 @dataclass(frozen=True)
 class Lever:
-    """One INT8 candidate a backend offers ``--pick``: a recipe variation and whether the graph clean-up runs.
+    """One INT8 candidate a backend offers ``--pick``: a change to the run's ``QuantConfig``, the graph clean-up, and the
+    target's own settings (``Backend.int8_options``, by name).
 
-    ``None`` fields keep the run's own choice. ``suffix`` names the variant folder (``openvino-int8-static``
-    + suffix); the default recipe of a mode has suffix "".
+    ``None`` fields keep the run's own choice. ``suffix`` names the variant folder (``NAME-int8-static`` + suffix); the
+    default recipe of a mode has suffix "".
     """
 
     mode: str  # "static" | "dynamic"
     suffix: str = ""
-    rewrite: bool | None = None  # graph clean-up (d2v_export.rewrite); None: the backend's default
-    reduce_range: bool | None = None  # ONNX Runtime 7-bit weights; None: --reduce-range's choice
-    symmetric_activations: bool | None = None  # OpenVINO: NNCF's PERFORMANCE preset (symmetric activations)
-    op_types: tuple[str, ...] | None = None  # the recipe's op_types (TensorRT: "Add" for residual-Add Q/DQ); None: the template's
+    rewrites: tuple[str, ...] | None = None  # graph clean-up (d2v_export.rewrite) names; None: the backend's default
+    preset: str | None = None  # spec.PRESETS ("performance": symmetric activations, "mixed"); None: the target's choice
+    op_types: tuple[str, ...] | None = None  # ops whose inputs are quantized; None: the template's
+    settings: Mapping[str, str] = field(default_factory=dict)  # the target's own INT8 settings for this candidate
     description: str = ""
+
+
+@dataclass(frozen=True)
+class TargetOption:
+    """A setting one target owns (``Backend.int8_options``): the CLI makes a flag of it and ``QuantOptions.target_options``
+    carries its value by ``name``; the backend reads it in its plan. Its text and its choices are the target's."""
+
+    name: str  # the key in QuantOptions.target_options and Lever.settings
+    flag: str  # the command line's flag: "--reduce-range"
+    choices: tuple[str, ...]
+    default: str
+    help: str
+
+    def check(self, value: str) -> None:
+        """D2VError (exit 2) for a value not among ``choices``."""
+        if value not in self.choices:
+            raise D2VError(f"{self.flag} '{value}': choose one of {', '.join(self.choices)}", ExitCode.USAGE)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a backend plans its variants from (``Backend.plan``): the run's options as they concern one target."""
+
+    int8: QuantConfig | None = None  # the run's INT8 (mode, method, samples = the calibration samples); None: float only
+    settings: Mapping[str, str] = field(default_factory=dict)  # the targets' own INT8 settings (TargetOption name -> value)
+    calibration: tuple[Mapping[str, np.ndarray], ...] = ()  # calibration feeds (static INT8)
+    half: tuple[Precision, ...] = ()  # extra float precisions asked for
+    pick: bool = False  # --pick: every candidate (``Backend.pick_levers``), not only the run's recipe
+    rewrite: bool = True  # --no-rewrite: no graph clean-up anywhere
+    defer_build: bool = False  # --defer-build: a target that can defer (``can_defer``) writes its portable half
+    device: str = "CPU"  # the device this target builds for
+    threads: int = 1
+    modality: str = ""  # "vision", "text", "audio": the recipe choice per modality
+    profile: Any = None  # the device profile the artifacts are for (profiles.DeviceProfile), or None: this machine
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One variant a backend plans: its folder name, what to build, the graph clean-up it builds from, and what it is."""
+
+    name: str  # the variant folder: NAME-PRECISION[-MODE[SUFFIX]]
+    request: BuildRequest
+    rewrites: tuple[str, ...] = ()
+    what: str = ""  # how --pick's table describes the candidate
+
+
+@dataclass(frozen=True)
+class RunnerKey:
+    """What a check of a file depends on: the runner that ran it, that runner's options, and the file itself (device and
+    inode: a hard link is the same file, a copy is not). A check is reused only for an equal key (``Backend.check_key``)."""
+
+    runner: str
+    options: tuple[tuple[str, str], ...]
+    file: tuple[int, int]
+
+
+def file_identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of ``path``: the same for every hard link of one file."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 @dataclass(frozen=True)
@@ -159,10 +221,13 @@ class Backend(Protocol):
     - ``devices``: the ``--device`` values it takes (``Devices``).
     - ``can_defer``: with ``BuildRequest.defer_build`` it writes a portable half without its runtime
       (TensorRT: the engine is built later on the device), so an unavailable runtime does not stop a run.
-    - ``rewrites``: the exact graph clean-ups (d2v_export.rewrite) it compiles from by default.
-    - ``pick_levers``: the INT8 candidates it offers ``--pick``.
+    - ``int8_options``: settings only this target understands (``TargetOption``): the CLI makes flags of them, and
+      their values reach ``plan`` in ``PlanContext.settings``.
 
-    Methods: ``available``, ``compile`` and ``runner`` (the core); ``resolve_device``, ``precision_problem``, ``measured_on`` (BackendBase's docs); ``recover`` (``--fallback auto``:
+    Methods: ``plan`` (the variants it builds in a run, ``--pick`` candidates included: ``BackendBase`` plans them from
+    ``precisions``, ``int8_recipes``, ``rewrites`` and ``pick_levers``); ``available``, ``compile`` and ``runner`` (the
+    core); ``check_key`` (when a check another runner made of the same file may stand for its own: None, never);
+    ``resolve_device``, ``precision_problem``, ``measured_on`` (BackendBase's docs); ``recover`` (``--fallback auto``:
     raises D2VError(TARGET_UNAVAILABLE) when the target cannot); ``open_bundle`` (which backend and
     model file run a bundle here, with notes); ``readme_snippet``; ``diagnose`` and ``diagnosis_lines``
     (what ``doctor`` shows beyond ``available``).
@@ -188,16 +253,21 @@ class Backend(Protocol):
     def recipe_choices(self) -> Mapping[str, Choice]: ...
 
     @property
-    def rewrites(self) -> tuple[str, ...]: ...
+    def int8_options(self) -> tuple[TargetOption, ...]: ...
 
-    @property
-    def pick_levers(self) -> tuple[Lever, ...]: ...
+    def plan(self, ctx: PlanContext) -> Sequence[Planned]:
+        """The variants this target builds in a run: fp32 first (the baseline of every comparison), then the rest."""
+        ...
 
     def available(self) -> Availability: ...
 
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact: ...
 
     def runner(self, artifact: Artifact, *, threads: int) -> Runner: ...
+
+    def check_key(self, artifact: Artifact) -> RunnerKey | None:
+        """What ``runner`` would run ``artifact`` with (runner, options, file); None: nothing stands for its own check."""
+        ...
 
     def resolve_device(self, device: str, *, defer_build: bool = False) -> str: ...
     def precision_problem(self, precision: Precision, device: str) -> str | None: ...
@@ -318,12 +388,36 @@ class BackendBase:
     devices = Devices("CPU", "CPU", "CPU")
     can_defer = False
     standalone_runner = False  # its bundles ship backends/bundle_run.py as bundle_run.py: they run without torch
-    rewrites: tuple[str, ...] = ()
-    pick_levers: tuple[Lever, ...] = ()
+    rewrites: tuple[str, ...] = ()  # the exact graph clean-ups (d2v_export.rewrite) it compiles from by default
+    pick_levers: tuple[Lever, ...] = ()  # the INT8 candidates it offers --pick
+    int8_options: tuple[TargetOption, ...] = ()
     serving: ServingLayout | None = None  # model-server layouts (d2v-export deploy); None: none
 
     def available(self) -> Availability:
         raise NotImplementedError
+
+    def plan(self, ctx: PlanContext) -> list[Planned]:
+        """fp32, the extra float precisions it builds, and INT8: the run's recipe, or with ``--pick`` every candidate
+        ``candidates`` keeps (less duplicates). A target changes one step by overriding ``request``, ``recipe`` or
+        ``candidates``."""
+        return plan_variants(self, ctx)
+
+    def request(self, ctx: PlanContext, **fields: Any) -> BuildRequest:
+        """The build request of one planned variant (a target that needs more returns its own subclass)."""
+        return BuildRequest(**fields)
+
+    def recipe(self, config: QuantConfig, settings: Mapping[str, str], ctx: PlanContext) -> QuantRecipe:
+        """The QuantRecipe for ``config`` (``settings``: this target's own INT8 settings, the run's with a candidate's)."""
+        from ..quantize import make_recipe
+
+        return make_recipe(self, config, modality=ctx.modality)
+
+    def candidates(self, ctx: PlanContext) -> tuple[Lever, ...]:
+        """The ``--pick`` candidates worth building for this run (all of ``pick_levers``)."""
+        return tuple(self.pick_levers)
+
+    def check_key(self, artifact: Artifact) -> RunnerKey | None:
+        return None
 
     def resolve_device(self, device: str, *, defer_build: bool = False) -> str:
         """``device`` as this target names it; D2VError(USAGE) when ``devices`` does not take it, D2VError(TARGET_UNAVAILABLE)
@@ -363,6 +457,46 @@ class BackendBase:
 
     def commands(self) -> Sequence[Any]:
         return ()
+
+
+def plan_variants(backend: Any, ctx: PlanContext) -> list[Planned]:
+    """``BackendBase.plan``: fp32, ``ctx.half`` where ``backend.precisions`` has it, then the INT8 variants."""
+    default = tuple(backend.rewrites) if ctx.rewrite else ()
+    planned = []
+    for precision in (Precision.FP32, *(p for p in ctx.half if p in backend.precisions)):
+        request = backend.request(ctx, precision=precision, threads=ctx.threads, device=ctx.device)
+        planned.append(Planned(f"{backend.name}-{precision.value}", request, default, precision.value))
+    if ctx.int8 is None:
+        return planned
+    levers = tuple(lv for lv in backend.candidates(ctx) if lv.mode != "static" or ctx.calibration) if ctx.pick else ()
+    seen = set()
+    for lever in levers or (Lever(ctx.int8.mode),):
+        one = _int8_variant(backend, ctx, lever, default)
+        if one is None or (one.request.quant, one.rewrites) in seen:
+            continue  # --no-rewrite for a clean-up candidate, or a duplicate of another candidate
+        seen.add((one.request.quant, one.rewrites))
+        planned.append(one)
+    return planned
+
+
+def _int8_variant(backend: Any, ctx: PlanContext, lever: Lever, default: tuple[str, ...]) -> Planned | None:
+    """The INT8 variant of one lever (the run's own recipe: ``Lever(mode)``); None when --no-rewrite rules it out."""
+    assert ctx.int8 is not None
+    if lever.rewrites and not ctx.rewrite:
+        return None
+    static = lever.mode == "static"
+    config = dataclasses.replace(
+        ctx.int8,
+        mode=lever.mode,
+        samples=len(ctx.calibration) if static else 0,
+        preset=ctx.int8.preset if lever.preset is None else lever.preset,
+        op_types=ctx.int8.op_types if lever.op_types is None else lever.op_types,
+    )
+    recipe = backend.recipe(config, {**ctx.settings, **lever.settings}, ctx)
+    feeds = ctx.calibration if static else ()
+    request = backend.request(ctx, precision=Precision.INT8, quant=recipe, calibration=feeds, threads=ctx.threads, device=ctx.device)
+    rewrites = default if lever.rewrites is None else lever.rewrites
+    return Planned(f"{backend.name}-int8-{lever.mode}{lever.suffix}", request, rewrites, lever.description or f"int8 {lever.mode}")
 
 
 class RunnerBase:

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
-from ..quantize import MATMUL_OPS, RecipeTemplate
-from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, ServingLayout, copy_onnx, files_in
+from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantConfig, QuantRecipe
+from ..quantize import MATMUL_OPS, TOOL, RecipeTemplate
+from ..rewrite import DEFAULT as CLEAN_UP
+from .base import (
+    Availability, Backend, BackendBase, BuildRequest, Devices, Lever, PlanContext, Recovery, RunnerBase, RunnerKey, ServingLayout,
+    TargetOption, copy_onnx, file_identity, files_in,
+)  # fmt: skip
 
 MODEL_FILE = "model.onnx"
 SPINNING = "session.intra_op.allow_spinning"
+
+# ONNX Runtime's own INT8 setting: 7-bit weights. Its u8 x s8 kernel saturates on x86 CPUs without VNNI (quantize.saturates).
+REDUCE_RANGE = TargetOption(
+    "reduce_range",
+    "--reduce-range",
+    ("auto", "on", "off"),
+    "auto",
+    "ONNX Runtime INT8 with 7-bit weights, exact on x86 CPUs without VNNI (their u8 x s8 kernel saturates with 8-bit "
+    "weights). auto: on when the --target-profile's CPU, else this one, lacks VNNI.",
+)
 
 
 def session_options(threads: int, *, optimize: bool = True) -> Any:
@@ -64,12 +79,12 @@ class OnnxRuntimeBackend(BackendBase):
     int8_recipes = {
         "static": RecipeTemplate(
             "QDQ: uint8 activations calibrated per tensor, int8 weights per channel, on MatMul/Gemm/Conv inputs only",
-            "static", MATMUL_OPS, reduce_range=True,
+            "static", MATMUL_OPS, tool=TOOL,
         ),
         "dynamic": RecipeTemplate(
             "MatMulInteger: uint8 activation ranges measured at run time, int8 weights per channel, MatMul/Gemm only "
             "(ConvInteger is slow on CPU)",
-            "dynamic", ("MatMul", "Gemm"), reduce_range=True,
+            "dynamic", ("MatMul", "Gemm"), tool=TOOL,
         ),
     }  # fmt: skip
     devices = Devices("CPU", "CPU", "CPU")
@@ -79,15 +94,29 @@ class OnnxRuntimeBackend(BackendBase):
     # The graph clean-up (d2v_export.rewrite) is off by default here: ONNX Runtime folds constants itself at
     # load time and the other rewrites measured within noise on its kernels; --pick tries it.
     rewrites: tuple[str, ...] = ()
+    int8_options = (REDUCE_RANGE,)
     pick_levers = (
         Lever("static", description="QDQ, uint8 activations, per-channel int8 weights"),
         Lever("dynamic", description="MatMulInteger, activation ranges at run time"),
-        Lever("static", "-7bit", reduce_range=True, description="QDQ with 7-bit weights"),
-        Lever("dynamic", "-7bit", reduce_range=True, description="MatMulInteger with 7-bit weights"),
-        Lever("static", "-8bit", reduce_range=False, description="QDQ with 8-bit weights (CPUs with VNNI/AMX only)"),
-        Lever("dynamic", "-8bit", reduce_range=False, description="MatMulInteger with 8-bit weights (CPUs with VNNI/AMX only)"),
-        Lever("static", "-clean", rewrite=True, description="QDQ after the graph clean-up"),
-    )
+        Lever("static", "-7bit", settings={"reduce_range": "on"}, description="QDQ with 7-bit weights"),
+        Lever("dynamic", "-7bit", settings={"reduce_range": "on"}, description="MatMulInteger with 7-bit weights"),
+        Lever("static", "-8bit", settings={"reduce_range": "off"}, description="QDQ with 8-bit weights (CPUs with VNNI/AMX only)"),
+        Lever("dynamic", "-8bit", settings={"reduce_range": "off"}, description="MatMulInteger with 8-bit weights (CPUs with VNNI/AMX only)"),
+        Lever("static", "-clean", rewrites=CLEAN_UP, description="QDQ after the graph clean-up"),
+    )  # fmt: skip
+
+    def candidates(self, ctx: PlanContext) -> tuple[Lever, ...]:
+        """``pick_levers`` less the 8-bit ones where the CPU the artifact is for saturates them (``quantize.saturates``)."""
+        from ..quantize import saturates
+
+        if not saturates(_deployment_flags(ctx.profile)):
+            return self.pick_levers
+        return tuple(lv for lv in self.pick_levers if lv.settings.get(REDUCE_RANGE.name) != "off")
+
+    def recipe(self, config: QuantConfig, settings: Mapping[str, str], ctx: PlanContext) -> QuantRecipe:
+        """The shared recipe with the weight width ``--reduce-range`` (or the candidate) asks for."""
+        recipe = super().recipe(config, settings, ctx)
+        return dataclasses.replace(recipe, reduce_range=wants_reduce_range(settings.get(REDUCE_RANGE.name, REDUCE_RANGE.default), ctx.profile))
 
     def available(self) -> Availability:
         try:
@@ -133,6 +162,17 @@ class OnnxRuntimeBackend(BackendBase):
     def runner(self, artifact: Artifact, *, threads: int) -> OrtRunner:
         return OrtRunner(artifact.model_file, threads, name=f"{self.name}-{artifact.precision.value}")
 
+    def check_key(self, artifact: Artifact) -> RunnerKey:
+        """``runner``'s session on ``artifact``'s file; the reference's (``onnx_runner_key``) when the file is the same."""
+        return self.onnx_runner_key(artifact.model_file)
+
+    def onnx_runner_key(self, model: Path, *, optimize: bool = True) -> RunnerKey:
+        # the class, so that a subclass with another runner never shares a key; threads are left out: the CPU
+        # execution provider's results do not depend on them
+        runner = f"{type(self).__module__}.{type(self).__qualname__}: InferenceSession, CPUExecutionProvider"
+        options = (("graph_optimization_level", "all" if optimize else "none"), (SPINNING, "0"))
+        return RunnerKey(runner, options, file_identity(Path(model)))
+
     # The reference runtime (backends.reference()): d2v-export's own checks run plain ONNX graphs with these.
     def onnx_runner(self, model: Path | bytes, *, threads: int, name: str = "reference", optimize: bool = True) -> OrtRunner:
         return OrtRunner(model, threads, name=name, optimize=optimize)
@@ -142,6 +182,22 @@ class OnnxRuntimeBackend(BackendBase):
 
     def open_session(self, model: Path | bytes, options: Any) -> Any:
         return open_session(model, options)
+
+
+def wants_reduce_range(setting: str, profile: Any = None) -> bool:
+    """7-bit weights? ``--reduce-range`` "on"/"off"; "auto": when the CPU the artifact is for has no VNNI/AMX
+    (``quantize.saturates``): the device profile's (its requires_cpu_flags), else this machine, where the drift is measured."""
+    REDUCE_RANGE.check(setting)
+    if setting in ("on", "off"):
+        return setting == "on"
+    from ..quantize import saturates
+
+    return saturates(_deployment_flags(profile))
+
+
+def _deployment_flags(profile: Any) -> tuple[str, ...] | None:
+    """The CPU flags a device profile requires, or None: this machine's."""
+    return tuple(getattr(profile, "requires_cpu_flags", ()) or ()) or None
 
 
 def _range_notes(recipe: Any) -> tuple[str, ...]:

@@ -154,10 +154,10 @@ HEAD_STAYS_FLOAT_SYMMETRIC = Choice(
 # What --pick tries besides fp32 (each judged on the evaluation split, then timed interleaved).
 PICK_LEVERS = (
     Lever("static", description="NNCF TRANSFORMER, the modality's preset (recipe_choice), SmoothQuant, graph clean-up"),
-    Lever("static", "-raw", rewrite=False, description="NNCF TRANSFORMER, the modality's preset, the export as it is"),
+    Lever("static", "-raw", rewrites=(), description="NNCF TRANSFORMER, the modality's preset, the export as it is"),
     # the preset the modality's default does not use (a duplicate of the default is dropped)
-    Lever("static", "-sym", symmetric_activations=True, description="NNCF TRANSFORMER, PERFORMANCE preset (symmetric activations)"),
-    Lever("static", "-asym", symmetric_activations=False, description="NNCF TRANSFORMER, MIXED preset (asymmetric activations)"),
+    Lever("static", "-sym", preset="performance", description="NNCF TRANSFORMER, PERFORMANCE preset (symmetric activations)"),
+    Lever("static", "-asym", preset="mixed", description="NNCF TRANSFORMER, MIXED preset (asymmetric activations)"),
     Lever("dynamic", description="NNCF INT8 weight-only compression"),
 )
 
@@ -191,8 +191,8 @@ class OpenVinoBackend(BackendBase):
     precisions = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8)
     # OpenVINO never runs quantize_onnx: NNCF quantizes; these templates say what it does, for the report.
     int8_recipes = {
-        "static": RecipeTemplate("NNCF transformer preset: int8 activations and per-channel weights on MatMul/Gemm/Conv", "static", MATMUL_OPS),
-        "dynamic": RecipeTemplate("NNCF weight compression: int8 weights only", "dynamic", ("MatMul", "Gemm")),
+        "static": RecipeTemplate("NNCF transformer preset: int8 activations and per-channel weights on MatMul/Gemm/Conv", "static", MATMUL_OPS, tool="nncf"),
+        "dynamic": RecipeTemplate("NNCF weight compression: int8 weights only", "dynamic", ("MatMul", "Gemm"), tool="nncf"),
     }
     # layers its INT8 keeps float by rule, and the activation encoding, per modality (recipe_choice)
     recipe_choices = {"*": HEAD_STAYS_FLOAT, "vision": HEAD_STAYS_FLOAT_SYMMETRIC, "audio": HEAD_STAYS_FLOAT_SYMMETRIC}

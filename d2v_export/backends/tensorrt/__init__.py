@@ -32,7 +32,7 @@ weak typing, ``BuilderFlag.FP16/INT8`` and trtexec ``--fp16/--int8/--best``; its
   Q/DQ pairs stay float fake-quantization (``SimulationRunner``), never ORT's integer kernels.
 
 Without TensorRT or a GPU: ``compile`` raises D2VError(TARGET_UNAVAILABLE) naming ``--defer-build``;
-with ``BuildRequest.defer_build`` it writes the portable half only, and ``runner`` runs ``model.onnx`` on
+with ``TensorRTRequest.defer_build`` (``--defer-build``) it writes the portable half only, and ``runner`` runs ``model.onnx`` on
 ONNX Runtime, named and noted as a simulation (never engine accuracy or latency).
 
 The modules: ``recipe`` (build_recipe.json, trtexec script, file names), ``graph`` (Q/DQ placement,
@@ -46,13 +46,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...quantize import MATMUL_OPS, RecipeTemplate
+from ...quantize import MATMUL_OPS, TOOL, RecipeTemplate
 from ...recipe_choice import Choice
 from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
-from ..base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Opened, Recovery, Runner, ServingLayout, Snippet, onnx_snippet
+from ..base import (
+    Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Opened, PlanContext, Recovery, Runner, ServingLayout, Snippet,
+    onnx_snippet,
+)  # fmt: skip
 from ..onnxruntime import OrtRunner
 from . import device as trt_device
-from .build import compile_bundle, recover
+from .build import TensorRTRequest, compile_bundle, recover
 from .engine import EngineRunnerAdapter, SimulationRunner, _engine_device, build_engine, build_engines, find_bundles, open_bundle
 from .graph import (
     MIN_GEMM_DIM, RESIDUAL_OP, _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules,
@@ -92,13 +95,13 @@ class TensorRTBackend(BackendBase):
     int8_recipes = {
         "static": RecipeTemplate(
             "explicit quantization: symmetric int8 Q/DQ (zero point 0) on MatMul/Gemm/Conv inputs only, int8 weights per channel",
-            "static", MATMUL_OPS, symmetric_activations=True,
+            "static", MATMUL_OPS, symmetric_activations=True, tool=TOOL,
         ),
     }  # fmt: skip
     recipe_choices = {"text": FFN_OUT_STAYS_FLOAT}  # layers its INT8 keeps float by rule (recipe_choice)
     pick_levers = PICK_LEVERS
     devices = Devices("cuda:0", r"(cuda|gpu)(:\d+)?", "cuda or cuda:N")
-    can_defer = True  # with BuildRequest.defer_build the portable half is written without TensorRT or a GPU
+    can_defer = True  # with TensorRTRequest.defer_build the portable half is written without TensorRT or a GPU
     # Triton's TensorRT backend: 1/model.plan, the engine build_engine.sh builds on the device (engines are tied to GPU and version)
     serving = ServingLayout(("platform", "tensorrt_plan"), deferred=("model.plan", "model.plan"), instance_kind="KIND_GPU")
 
@@ -124,6 +127,10 @@ class TensorRTBackend(BackendBase):
         if (artifact.path / PLAN_FILE).is_file() and trt_device.probe(index).ok:
             return trt_device.probe(index).device or device
         return f"CPU (ONNX Runtime simulation; the engine for {device} is not built yet)"
+
+    def request(self, ctx: PlanContext, **fields: Any) -> TensorRTRequest:
+        """With ``--defer-build`` the portable half only (``TensorRTRequest.defer_build``)."""
+        return TensorRTRequest(**fields, defer_build=ctx.defer_build)
 
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
         return compile_bundle(graph, folder, request)
@@ -180,7 +187,7 @@ BACKEND: Backend = TensorRTBackend()
 __all__ = [
     "BACKEND", "BUILDS", "DEFAULT_WORKSPACE_GB", "DEVICE_SCRIPT", "ENGINE_MANIFEST", "FP16_REMAINDER_NOTE", "FP32_OPS",
     "MIN_GEMM_DIM", "NAME", "ONNX_FILE", "PICK_LEVERS", "RESIDUAL_OP", "PLAN_FILE", "RECIPE_FILE", "RECIPE_FORMAT", "RECIPE_VERSION", "SCRIPT_FILE",
-    "TIMING_CACHE", "Build", "EngineRunnerAdapter", "SimulationRunner", "TensorRTBackend", "build_engine", "build_engines", "build_script",
+    "TIMING_CACHE", "Build", "EngineRunnerAdapter", "TensorRTRequest", "SimulationRunner", "TensorRTBackend", "build_engine", "build_engines", "build_script",
     "find_bundles", "fp16_remainder", "gemv_nodes", "input_profiles", "make_build_recipe", "qdq_problems", "read_recipe", "residual_adds", "residual_qdq",
     "settings_from", "tensorrt_fixups", "trtexec_command",
 ]  # fmt: skip

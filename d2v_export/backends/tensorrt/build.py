@@ -19,13 +19,21 @@ from .recipe import (
 )  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorRTRequest(BuildRequest):
+    """TensorRT's build request (``TensorRTBackend.request``): ``defer_build`` writes the portable half only."""
+
+    defer_build: bool = False  # --defer-build: no TensorRT or GPU needed here; the engine is built on the device
+
+
 def _probe(request: BuildRequest) -> tuple[int, bool]:
     """(CUDA device index, whether the engine is built here); D2VError(TARGET_UNAVAILABLE) when it must be and cannot."""
     device = trt_device.device_index(request.device)
     probe = trt_device.probe(device)
-    if not probe.ok and not request.defer_build:  # fail before the (slow) quantization
+    defer = isinstance(request, TensorRTRequest) and request.defer_build
+    if not probe.ok and not defer:  # fail before the (slow) quantization
         raise D2VError(f"tensorrt cannot build an engine here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
-    return device, probe.ok and not request.defer_build
+    return device, probe.ok and not defer
 
 
 def compile_bundle(graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
