@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import importlib.util
 import re
 import subprocess
@@ -482,3 +483,76 @@ def test_the_shared_record_check_finds_a_planted_field(tmp_path: Path) -> None:
     (package / "backends" / "alpha.py").write_text("def build(r):\n    return r.both + r.only_alpha + getattr(r, 'checked')\n")
     (package / "backends" / "beta" / "build.py").write_text("def build(r):\n    return r.both, r.common\n")
     assert one_target_fields(package) == ["spec.py: Request.checked is read by alpha only", "spec.py: Request.only_alpha is read by alpha only"]
+
+
+# ---------------------------------------------------------------------------- a check is reused only for its own runner
+
+DRIFTING = '''
+from d2v_export.backends.onnxruntime import OnnxRuntimeBackend, OrtRunner
+
+
+class Drifting(OrtRunner):
+    def infer(self, feed):
+        return {k: v + 0.01 for k, v in super().infer(feed).items()}  # a deliberately different setup
+
+
+class DriftingBackend(OnnxRuntimeBackend):
+    name = "drifting"
+    display_name = "Drifting"
+
+    def runner(self, artifact, *, threads):
+        return Drifting(artifact.model_file, threads, name="drifting")
+
+
+BACKEND = DriftingBackend()
+'''
+
+
+def test_the_export_check_stands_only_for_its_own_runner_options_and_file(tmp_path: Path) -> None:
+    """``check_key``: (runner, options, file). A hard link of the export on the reference's own session shares the
+    export check's key; a copy of the file, other session options or another runner class (a subclass) do not."""
+    from d2v_export.backends.onnxruntime import OnnxRuntimeBackend
+    from d2v_export.spec import Artifact
+
+    export = tmp_path / "export.onnx"
+    export.write_bytes(b"not a graph: keys never open the file")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "model.onnx").hardlink_to(export)
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "model.onnx").write_bytes(export.read_bytes())
+    ort = backends.get(backends.REFERENCE)
+    checked = backends.reference().onnx_runner_key(export)
+
+    def key(backend: Backend, folder: str) -> object:
+        return backend.check_key(Artifact(backend.name, Precision.FP32, tmp_path / folder, tmp_path / folder / "model.onnx", ()))
+
+    assert key(ort, "linked") == checked
+    assert key(ort, "copied") != checked  # the same bytes, another file
+    assert backends.reference().onnx_runner_key(export, optimize=False) != checked  # other session options
+    assert key(type("Sub", (OnnxRuntimeBackend,), {"name": "sub"})(), "linked") != checked  # another runner class
+    assert BackendBase().check_key(Artifact("x", Precision.FP32, tmp_path, export, ())) is None  # a plug-in: its own check
+
+
+def test_a_target_running_the_export_file_differently_sees_its_own_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plug-in that serves the export's own file (a hard link) through a different runner is checked through that
+    runner: its fp32 variant reports the drift it adds, while the reference target's reuses the export check."""
+    from d2v_export.bench import BenchSettings
+    from d2v_export.models import parse_source
+    from d2v_export.pipeline import RunOptions, ShapeRequest, run
+    from d2v_export.spec import Modality
+
+    (tmp_path / "drifting_plugin.py").write_text(DRIFTING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(backends.ENV, "drifting_plugin")
+    backends._load.cache_clear()
+    try:
+        options = RunOptions(output=tmp_path / "out", targets=(backends.REFERENCE, "drifting"), bench=BenchSettings(seconds=0), threads=1)
+        report = run(parse_source("preset:tiny", Modality.VISION, None), ShapeRequest(), options)
+    finally:
+        monkeypatch.delenv(backends.ENV)
+        backends._load.cache_clear()
+    drift = {v.artifact.split("/")[-1]: v.drift for v in report.variants}
+    assert drift[f"{backends.REFERENCE}-fp32"] == report.export.check  # the same runner, options and file: reused
+    out = tmp_path / "out"
+    assert os.path.samefile(out / "drifting-fp32" / "model.onnx", out / f"{backends.REFERENCE}-fp32" / "model.onnx")  # one file
+    assert not drift["drifting-fp32"].passed and drift["drifting-fp32"].metrics["max_scaled_error"] > 1e-3
