@@ -407,19 +407,40 @@ def _padding_lines(doc: Mapping[str, Any]) -> list[str]:
     lines = ["", "## Batches and padding", ""]
     if doc["model"]["modality"] == "vision":
         return lines + ["Images are resized to one size by the processor: a batch needs no padding and no mask."]
-    if doc["model"]["modality"] == "audio":
-        return lines + [
-            "The graph takes `input_values` only: **no attention mask**. Batch clips of the same length; a clip padded "
-            "with zeros (`padding_value` 0.0) to a longer one gives a different answer, because the model sees the "
-            "zeros as sound. (With a mask, PyTorch's Data2Vec audio still differs: its positional convolution "
-            "carries the padded frames into the last valid ones.) Run clips of different lengths one at a time."
-        ]
     dynamic = "dynamic" in doc["name"]
+    if doc["model"]["modality"] == "audio":
+        return lines + _audio_padding_lines(doc, dynamic)
     return lines + [
         "`input_ids` and `attention_mask` take a batch of texts of different lengths: pad each row on the right to "
         "the longest with the tokenizer's pad id and put 0 in `attention_mask` there (what the tokenizer does with "
         "`padding=True`). Each row answers as it would alone, on its own positions; outputs per token are "
         "meaningful only where the mask is 1. d2v-export checks this in every export check.",
+        "This variant computes its INT8 scales over the whole batch (dynamic INT8): a row's answer moves a little "
+        "with the other rows (see docs/bundles.md, \"Padding and masks\")." if dynamic else
+        "Each row's answer equals its answer alone within the export check's tolerance.",
+    ]
+
+
+def _audio_padding_lines(doc: Mapping[str, Any], dynamic: bool) -> list[str]:
+    """Audio: the sample mask the graph takes and the frame-level mask it reduces it to (or, for a graph exported before
+    audio graphs took a mask, that there is none)."""
+    if not any(t.get("name") == "attention_mask" for t in doc.get("inputs") or ()):
+        return [
+            "The graph takes `input_values` only: **no attention mask**. Batch clips of the same length; a clip padded "
+            "with zeros to a longer one gives a different answer. Run clips of different lengths one at a time."
+        ]
+    return [
+        "`input_values` and `attention_mask` take a batch of clips of different lengths: pad each clip on the right to "
+        "the longest with `padding_value` 0.0 and put 0 in `attention_mask` there (what the feature extractor does with "
+        "`padding=True, return_attention_mask=True`). The model reduces the sample mask to a **frame-level mask**: a clip "
+        "of n samples has the frames whose receptive field lies within its n samples "
+        "(`_get_feat_extract_output_lengths(n)`, (n - 400) // 320 + 1 with the usual feature encoder), 20 ms each. "
+        "Outputs per frame (CTC logits, frame classes, hidden states) are meaningful on those frames only; pooled "
+        "outputs (sequence classification, x-vectors) pool those frames only. A single clip takes a mask of ones.",
+        "The graph re-zeroes the padded frames before each layer of the positional convolution stack, so a padded row "
+        "equals its run alone; transformers' own batched forward does not (its positional convolutions carry the "
+        "padding into the last real frames; see docs/bundles.md, \"Padding and masks\"). d2v-export checks this in "
+        "every export check.",
         "This variant computes its INT8 scales over the whole batch (dynamic INT8): a row's answer moves a little "
         "with the other rows (see docs/bundles.md, \"Padding and masks\")." if dynamic else
         "Each row's answer equals its answer alone within the export check's tolerance.",
@@ -463,7 +484,8 @@ def _long_recording_lines(doc: Mapping[str, Any], run_line: str) -> list[str]:
         "    last = start + window >= n",
         "    if last and n > window:",
         "        start = -(-(n - window) // hop) * hop  # the last window ends with the recording, on a frame boundary",
-        '    feed = {"input_values": values[:, start : start + window]}',
+        '    part = values[:, start : start + window]',
+        '    feed = {"input_values": part, "attention_mask": np.ones(part.shape, dtype=np.int64)}  # a window has no padding',
         f"    {run_line}",
         "    frames = list(outputs.values())[0][0]  # (frames, classes): frame j is frame start // hop + j of the recording",
         "    keep_to = len(frames) if last else (window - stride) // hop",
@@ -500,7 +522,8 @@ def _feed_lines(name: str, modality: str, task: str, pre: Mapping[str, Any]) -> 
             f'extractor = AutoFeatureExtractor.from_pretrained("{name}")',
             'wave, rate = sf.read("speech.wav", dtype="float32", always_2d=True)',
             f"wave = resample_poly(wave.mean(axis=1), {rate}, rate) if rate != {rate} else wave.mean(axis=1)  # mono, {rate} Hz",
-            f'feed = {{"input_values": extractor(wave, sampling_rate={rate}, return_tensors="np")["input_values"].astype(np.float32)}}',
+            f'inputs = extractor(wave, sampling_rate={rate}, return_attention_mask=True, return_tensors="np")',
+            'feed = {"input_values": inputs["input_values"].astype(np.float32), "attention_mask": inputs["attention_mask"].astype(np.int64)}',
         ]
     else:
         lines += [

@@ -8,13 +8,15 @@ exporter fails. Every wrapper is put in eval mode (a wrapper left in train mode 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 from .backends.torch_ref import make_wrapper, torch_forward
 from .console import quiet
-from .heads import Head, dummy_inputs, dynamic_axes, input_specs, trace_point
+from .heads import Head, audio_mask_note, dummy_inputs, dynamic_axes, input_specs, trace_point
 from .layouts import export_layouts
 from .models import LoadedModel
 from .spec import REFERENCE, D2VError, Drift, ExitCode, ExportedGraph, ShapeProfile, TensorSpec
@@ -77,8 +79,11 @@ def write_onnx(
     started = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     progress(f"exporting {head.class_name} to ONNX (opset {OPSET}, dynamo)")
+    note = audio_mask_note(model.config, model.processor) if head.modality.value == "audio" else None
+    if note:
+        progress(note)
     large = model.parameters * 4 > EXTERNAL_DATA_BYTES
-    with quiet(EXPORTER_LOGGERS, python_warnings=True), export_layouts(model.module) as layouts:
+    with quiet(EXPORTER_LOGGERS, python_warnings=True), export_layouts(model.module) as layouts, batched_xvector_pooling(model.module):
         try:
             torch.onnx.export(
                 wrapper,
@@ -111,6 +116,54 @@ def write_onnx(
         check=NOT_CHECKED,
         seconds=export_seconds,
     )
+
+
+@contextlib.contextmanager
+def batched_xvector_pooling(module: Any) -> Iterator[None]:
+    """For the export only: the x-vector head's statistics pooling over each row's valid frames as masked sums.
+
+    transformers pools a masked batch row by row in a Python loop (``hidden_states[i, :length]``), which the exporter
+    unrolls for the traced batch size: the graph then refuses any other batch. The same mean and (unbiased) standard
+    deviation over the same frames, as sums under a frame mask, export with a dynamic batch; the export check compares
+    the graph with the original module, loop included.
+    """
+    if type(module).__name__ != "Data2VecAudioForXVector":
+        yield
+        return
+    module.forward = _xvector_forward(module)
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def _xvector_forward(module: Any) -> Callable[..., Any]:
+    import torch
+    from transformers.modeling_outputs import XVectorOutput
+
+    def forward(input_values: Any, attention_mask: Any = None, **_kwargs: Any) -> Any:
+        weighted = module.config.use_weighted_layer_sum
+        outputs = module.data2vec_audio(input_values, attention_mask=attention_mask, output_hidden_states=weighted)
+        if weighted:
+            stacked = torch.stack(outputs.hidden_states, dim=1)
+            hidden = (stacked * torch.nn.functional.softmax(module.layer_weights, dim=-1).view(-1, 1, 1)).sum(dim=1)
+        else:
+            hidden = outputs.last_hidden_state
+        hidden = module.projector(hidden)
+        for tdnn_layer in module.tdnn:
+            hidden = tdnn_layer(hidden)
+        if attention_mask is None:
+            lengths = torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.long)
+        else:
+            lengths = module._get_tdnn_output_lengths(module._get_feat_extract_output_lengths(attention_mask.sum(dim=1)))
+        valid = (torch.arange(hidden.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1).to(hidden.dtype)
+        count = lengths.to(hidden.dtype)[:, None]
+        mean = (hidden * valid).sum(dim=1) / count
+        std = torch.sqrt((((hidden - mean[:, None]) ** 2) * valid).sum(dim=1) / (count - 1))
+        embeddings = module.feature_extractor(torch.cat([mean, std], dim=-1))
+        return XVectorOutput(logits=module.classifier(embeddings), embeddings=embeddings)
+
+    return forward
 
 
 def _forget_exported_graph() -> None:

@@ -8,7 +8,7 @@ Adding a head is adding a row; tests are parametrized over this table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -91,7 +91,7 @@ def input_specs(head: Head) -> tuple[TensorSpec, ...]:
     if head.modality is Modality.VISION:
         return (TensorSpec("pixel_values", "float32", ("batch", 3, "height", "width")),)
     if head.modality is Modality.AUDIO:
-        return (TensorSpec("input_values", "float32", ("batch", "samples")),)
+        return (TensorSpec("input_values", "float32", ("batch", "samples")), TensorSpec("attention_mask", "int64", ("batch", "samples")))
     axes: tuple[int | str, ...] = ("batch", "choices", "sequence") if head.multiple_choice else ("batch", "sequence")
     return (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes))
 
@@ -145,6 +145,9 @@ def dummy_inputs(head: Head, config: Any, sizes: dict[str, int], seed: int = 0) 
             feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32)
         elif spec.name == "input_values":
             feeds[spec.name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+            feeds["attention_mask"] = _padded_audio(feeds[spec.name], rng)
+        elif spec.name == "attention_mask" and head.modality is Modality.AUDIO:
+            continue  # made with the values (``_padded_audio``)
         elif spec.name == "input_ids":
             cfg = config
             ids = rng.integers(3, cfg.vocab_size, size=shape, dtype=np.int64)
@@ -158,3 +161,48 @@ def dummy_inputs(head: Head, config: Any, sizes: dict[str, int], seed: int = 0) 
                 flat_mask[row, keep:] = 0
             feeds["input_ids"], feeds["attention_mask"] = flat_ids.reshape(shape), flat_mask.reshape(shape)
     return feeds
+
+
+def _padded_audio(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The mask of random audio rows, every row after the first padded a little at its end (zero values, mask 0:
+    what the feature extractor does with ``padding=True``); ``values`` is zeroed where the mask is 0."""
+    mask = np.ones(values.shape, dtype=np.int64)
+    samples = values.shape[-1]
+    for row in range(1, values.shape[0]):
+        keep = samples - int(rng.integers(0, max(1, samples // 4)))
+        values[row, keep:] = 0.0
+        mask[row, keep:] = 0
+    return mask
+
+
+def with_audio_mask(feed: dict[str, np.ndarray], lengths: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """``feed`` with the ``attention_mask`` an audio graph takes beside ``input_values``: 1 for each row's first
+    ``lengths[row]`` samples (real samples), 0 for the padding after them; all ones without ``lengths``. A feed that
+    has a mask already, or no ``input_values``, is returned as it is."""
+    if "input_values" not in feed or "attention_mask" in feed:
+        return feed
+    values = np.asarray(feed["input_values"])
+    mask = np.ones(values.shape, dtype=np.int64)
+    for row, n in enumerate(lengths or ()):
+        mask[row, n:] = 0
+    return dict(feed, attention_mask=mask)
+
+
+def audio_mask_note(config: Any, processor: Any | None) -> str | None:
+    """A one-line warning where an audio checkpoint says its inputs come without a mask, else None.
+
+    Data2Vec audio's feature encoder is layer-norm in every transformers version (its config may carry
+    ``feat_extract_norm="group"``, copied from wav2vec2, but the model never reads it) and every head applies
+    ``attention_mask``: the audio graphs always take it. A checkpoint whose feature extractor has
+    ``return_attention_mask=False`` (or whose config says ``feat_extract_norm="group"``) was prepared the wav2vec2-base
+    way: zero-padded, no mask. Its graph still takes the mask, and a mask of ones gives what the checkpoint gives
+    without one; a padded batch needs the mask made by the caller, since the extractor will not return it.
+    """
+    group = getattr(config, "feat_extract_norm", None) == "group"
+    no_mask = processor is not None and getattr(processor, "return_attention_mask", True) is False
+    if not (group or no_mask):
+        return None
+    why = "its config says feat_extract_norm='group'" if group else "its feature extractor has return_attention_mask=False"
+    return (f"warning: this checkpoint is prepared without an attention mask ({why}); the graph takes `attention_mask` "
+            "all the same (Data2Vec audio's feature encoder is layer-norm): pass ones for a single clip, and make the mask "
+            "yourself for a padded batch (return_attention_mask=True)")

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .bundle import PAIR_SEPARATOR, Manifest, verify
+from .heads import with_audio_mask
 from .spec import Artifact, D2VError, Dim, Modality, Precision, ShapeProfile
 
 MAX_ANSWER_TOKENS = 30
@@ -182,9 +183,16 @@ class Preparer:
         self.profile = _profile(manifest)
         self.batch = manifest.dims().get("batch", (1, 1, 1))[0]
         self.read = _READERS[manifest.modality](manifest, self.profile, processor, tokenizer)
+        # the graph's inputs: an audio bundle exported before audio graphs took a mask gets none
+        self.inputs = {str(t.get("name")) for t in manifest.inputs} or None
+
+    def _graph_inputs(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return feed if self.inputs is None else {k: v for k, v in feed.items() if k in self.inputs}
 
     def __call__(self, raw: Any) -> _Prepared:
         prepared = self.read(raw)
+        if not prepared.windows:
+            prepared.feed = self._graph_inputs(prepared.feed)
         if self.batch > 1 and not prepared.windows:  # a profile whose smallest batch is above 1: repeat the input, read the first row
             prepared.feed = {k: np.repeat(v, self.batch, axis=0) for k, v in prepared.feed.items()}
         return prepared
@@ -197,8 +205,8 @@ class Preparer:
 
         values, parts, name = prepared.feed["input_values"], [], None
         for w in prepared.windows:
-            feed = self.read.window(values, w)  # type: ignore[attr-defined]
-            out = runner.infer({"input_values": np.repeat(feed, self.batch, axis=0) if self.batch > 1 else feed})
+            feed = self._graph_inputs(self.read.window(values, w))  # type: ignore[attr-defined]
+            out = runner.infer({k: np.repeat(v, self.batch, axis=0) for k, v in feed.items()} if self.batch > 1 else feed)
             name = names[0] if names and names[0] in out else next(iter(out))
             parts.append(np.asarray(out[name])[0, w.keep_from : w.keep_to])
         return {str(name): stitch(parts)[None]}
@@ -273,16 +281,21 @@ class _AudioReader:
             window, stride = self.sizes
             plan = chunking.windows(keep, window, stride, self.encoder)
             notes.append(f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side")
-            return _Prepared({"input_values": values}, notes=notes, windows=plan)
+            return _Prepared({"input_values": values}, notes=notes, windows=plan)  # each window gets its mask (``window``)
+        real = values.shape[1]
         if values.shape[1] < target:
             values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=self.pad)
-        return _Prepared({"input_values": values}, notes=notes, valid=min(1.0, keep / max(1, values.shape[1])))
+        feed = with_audio_mask({"input_values": values}, [real])  # the bucket's padding is masked
+        return _Prepared(feed, notes=notes, valid=min(1.0, keep / max(1, values.shape[1])))
 
-    def window(self, values: np.ndarray, w: Any) -> np.ndarray:
-        """One window of the recording's values, padded at its end up to the profile's shortest input."""
+    def window(self, values: np.ndarray, w: Any) -> dict[str, np.ndarray]:
+        """One window of the recording: its values, padded at the end up to the profile's shortest input, and its mask
+        (ones on the window's samples, zeros on that padding)."""
         part = values[:, w.start : w.stop]
-        short = self.profile.dim("samples").min - part.shape[1]
-        return np.pad(part, ((0, 0), (0, short)), constant_values=self.pad) if short > 0 else part
+        real = part.shape[1]
+        short = self.profile.dim("samples").min - real
+        part = np.pad(part, ((0, 0), (0, short)), constant_values=self.pad) if short > 0 else part
+        return with_audio_mask({"input_values": part}, [real])
 
 
 class _TextReader:

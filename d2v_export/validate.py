@@ -5,7 +5,7 @@ Returns data (``Drift``); never raises because of drift. Two kinds of check:
 - ``shape_check``: random inputs at every shape point of the profile, max error scaled by the
   output's magnitude, against the head's tolerance. This is the export check of fp32 artifacts.
   It ends with ``padding_check``: a batch of inputs of different lengths, padded to the longest
-  with the mask (text), against each input run alone at its own length, on the same runtime.
+  with the mask (text and audio), against each input run alone at its own length, on the same runtime.
 - ``task_drift``: task-aware metrics (top-1 agreement, CER/WER, span match, ...) on real
   evaluation samples, against a budget. This judges quantized artifacts.
 """
@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .backends.torch_ref import torch_forward
-from .heads import dummy_inputs, shape_points
+from .heads import dummy_inputs, shape_points, with_audio_mask
 from .models import LoadedModel
 from .spec import REFERENCE, Drift, ExportedGraph, LengthDrift, Modality, ShapeProfile
 
@@ -103,19 +103,22 @@ class PaddingResult:
     error: float  # max |padded row (valid positions) - alone| / max(1, max |alone|); inf when not finite
     lengths: tuple[int, ...]  # each row's own length (tokens or samples)
     worst: str  # "output 'logits' of row 2 (length 5)"
+    frames: tuple[int, ...] = ()  # audio: each row's valid frames (the frame-level mask); empty for text
 
     def describe(self) -> str:
-        what = "padded to the longest with the mask" if len(set(self.lengths)) > 1 else "equal lengths, no padding (audio graphs take no mask)"
-        return (f"padded batch of {len(self.lengths)} (lengths {', '.join(map(str, self.lengths))}; {what}) against each row alone: "
+        what = "padded to the longest with the mask" if len(set(self.lengths)) > 1 else "equal lengths, no padding"
+        lengths = ", ".join(map(str, self.lengths))
+        if self.frames:
+            lengths = f"{lengths} samples = {', '.join(map(str, self.frames))} frames"
+        return (f"padded batch of {len(self.lengths)} (lengths {lengths}; {what}) against each row alone: "
                 f"largest difference {self.error:.3g} scaled, {self.worst}")
 
 
 def padding_lengths(model: LoadedModel, profile: ShapeProfile) -> tuple[int, ...] | None:
     """Each row's length for the padding check, longest first; None where the profile's batch cannot hold the rows and 1.
 
-    Text: the optimal length, two thirds and one third of it (never under the profile's shortest). Audio: the optimal
-    length for every row: the audio graphs take no attention mask (heads.input_specs), so audio is checked for rows
-    that do not change each other, never for padding (docs/bundles.md "Padding and masks").
+    The optimal length, two thirds and one third of it (never under the profile's shortest): tokens for text, samples
+    for audio (the audio graphs take an ``attention_mask`` of samples, reduced to frames inside the model).
     """
     opt = profile.point("opt")
     if "batch" not in opt or profile.dim("batch").min > 1 or profile.dim("batch").max < 2:
@@ -124,8 +127,6 @@ def padding_lengths(model: LoadedModel, profile: ShapeProfile) -> tuple[int, ...
     axis = "samples" if model.head.modality is Modality.AUDIO else "sequence"
     if axis not in opt:
         return None
-    if model.head.modality is Modality.AUDIO:
-        return (opt[axis],) * rows
     lo = profile.dim(axis).min
     return tuple(max(lo, opt[axis] * (rows - i) // rows) for i in range(rows))
 
@@ -133,47 +134,65 @@ def padding_lengths(model: LoadedModel, profile: ShapeProfile) -> tuple[int, ...
 def padded_batch(model: LoadedModel, profile: ShapeProfile, lengths: Sequence[int], seed: int = 7) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """(the batch padded to the longest, each row alone at its own length): random inputs shaped like real ones.
 
-    Text rows are padded on the right with the tokenizer's pad id and a 0 in ``attention_mask`` (what a Hugging
-    Face tokenizer does with ``padding=True``); audio rows all have the same length (no padding).
+    Rows are padded on the right with a 0 in ``attention_mask``, as a Hugging Face tokenizer or feature extractor does
+    with ``padding=True``: text with the tokenizer's pad id, audio with the feature extractor's padding value (0.0).
     """
     longest = max(lengths)
-    axis = "samples" if model.head.modality is Modality.AUDIO else "sequence"
+    audio = model.head.modality is Modality.AUDIO
+    axis = "samples" if audio else "sequence"
     sizes = dict(profile.point("opt"), batch=len(lengths), **{axis: longest})
     batch = dummy_inputs(model.head, model.config, sizes, seed=seed)
-    if "attention_mask" in batch:
-        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 1
-        ids = batch["input_ids"]
-        ids[..., 1:] = np.random.default_rng(seed).integers(3, model.config.vocab_size, size=ids[..., 1:].shape)
-        batch["attention_mask"][...] = 1
-        for row, n in enumerate(lengths):
-            batch["input_ids"][row, ..., n:] = pad_id
-            batch["attention_mask"][row, ..., n:] = 0
+    rng = np.random.default_rng(seed)
+    pad: float | int
+    if audio:
+        key, pad = "input_values", float(getattr(model.processor, "padding_value", 0.0) or 0.0)
+        batch[key][...] = (0.1 * rng.standard_normal(batch[key].shape)).astype(np.float32)
+    else:
+        key, pad = "input_ids", model.config.pad_token_id if model.config.pad_token_id is not None else 1
+        batch[key][..., 1:] = rng.integers(3, model.config.vocab_size, size=batch[key][..., 1:].shape)
+    batch["attention_mask"][...] = 1
+    for row, n in enumerate(lengths):
+        batch[key][row, ..., n:] = pad
+        batch["attention_mask"][row, ..., n:] = 0
     alone = [{k: np.ascontiguousarray(v[row : row + 1, ..., :n]) for k, v in batch.items()} for row, n in enumerate(lengths)]
     return batch, alone
+
+
+def frames_of(config: Any, samples: int) -> int:
+    """Frames the audio feature encoder gives for ``samples`` input samples (transformers'
+    ``_get_feat_extract_output_lengths``): the frames whose receptive field lies within the real samples."""
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        samples = (samples - kernel) // stride + 1
+    return int(samples)
 
 
 def padding_check(model: LoadedModel, infer: Infer, profile: ShapeProfile) -> PaddingResult | None:
     """Run a padded batch and each of its rows alone through ``infer``; compare each row on its valid positions.
 
-    Outputs per position (hidden states, token logits) are compared on the row's own length only; pooled outputs
-    whole. None where the profile cannot hold such a batch (``padding_lengths``). Never raises for a difference.
+    Outputs per position (hidden states, token or frame logits) are compared on the row's own length only: its tokens,
+    or for audio the frames the feature encoder gives for its samples (``frames_of``, the frame-level mask the model
+    reduces the sample mask to); pooled outputs (sequence classification, x-vectors) whole. None where the profile
+    cannot hold such a batch (``padding_lengths``). Never raises for a difference.
     """
     lengths = padding_lengths(model, profile)
     if lengths is None:
         return None
     batch, alone = padded_batch(model, profile, lengths)
+    audio = model.head.modality is Modality.AUDIO
     got = infer(batch)
     worst, where = 0.0, "none"
     for row, (feed, n) in enumerate(zip(alone, lengths)):
         single = infer(feed)
+        valid = frames_of(model.config, n) if audio else n
         for name in model.head.outputs:
             ref, cand = np.asarray(single[name])[0], np.asarray(got[name])[row]
             if cand.ndim and ref.ndim and cand.shape[0] != ref.shape[0] and cand.shape[1:] == ref.shape[1:]:
-                cand = cand[: ref.shape[0]]  # per position: the valid ones (the padded batch is longer)
+                cand = cand[:valid]  # per position: the valid ones (the padded batch is longer)
             rel = float("inf") if cand.shape != ref.shape else scaled_error(ref, cand)[1]
             if rel >= worst:
                 worst, where = rel, f"output '{name}' of row {row + 1} (length {n})"
-    return PaddingResult(worst, lengths, where)
+    frames = tuple(frames_of(model.config, n) for n in lengths) if audio else ()
+    return PaddingResult(worst, lengths, where, frames)
 
 
 def check_export(
@@ -217,7 +236,8 @@ def task_drift(
     id2char = None
     if head.metric == "ctc" and model.tokenizer is not None:
         id2char = {i: t for t, i in model.tokenizer.get_vocab().items()}
-    masks = [np.asarray(f["attention_mask"]) for f in feeds] if "attention_mask" in feeds[0] and not head.multiple_choice else None
+    text_masks = head.modality is Modality.TEXT and "attention_mask" in feeds[0] and not head.multiple_choice
+    masks = [np.asarray(f["attention_mask"]) for f in feeds] if text_masks else None  # audio masks are of samples, not frames
     usable_labels = usable_labels_for(model, labels)
     values, evidence = metrics.compute_with_evidence(
         head.metric,
@@ -246,7 +266,7 @@ def length_feeds(feeds: Sequence[Mapping[str, np.ndarray]], lengths: Sequence[in
     if not wave.size:  # silence only: a quiet noise instead, so that the lengths still differ in content
         wave = (0.01 * np.random.default_rng(7).standard_normal(max(lengths))).astype(np.float32)
     long = np.tile(wave, -(-max(lengths) // wave.size))
-    return [{"input_values": np.ascontiguousarray(long[None, :n])} for n in lengths]
+    return [with_audio_mask({"input_values": np.ascontiguousarray(long[None, :n])}) for n in lengths]
 
 
 def drift_by_length(

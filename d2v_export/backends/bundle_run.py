@@ -203,7 +203,7 @@ def _chunking(folder: Path) -> Any | None:
 
 
 class AudioPrep:
-    """An audio file -> ({"input_values": (1, n)}, fraction of n that is signal, notes, windows), as the feature extractor
+    """An audio file -> ({"input_values": (1, n), "attention_mask": (1, n)}, fraction of n that is signal, notes, windows), as the feature extractor
     does; a recording longer than the longest input goes whole (up to MAX_SECONDS) in windows where the head is per frame."""
 
     def __init__(self, folder: Path, pre: Mapping[str, Any], samples: tuple[int, int] | None, chunked: bool) -> None:
@@ -235,17 +235,26 @@ class AudioPrep:
             window, stride = self.sizes
             plan = self.chunking.windows(keep, window, stride, self.encoder)
             notes.append(f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side")
-            return {"input_values": x[None]}, 1.0, notes, plan
+            return {"input_values": x[None]}, 1.0, notes, plan  # each window gets its mask (``window``)
         target = max(-(-keep // STEP) * STEP, self.lo)
         target = target if hi is None else min(target, hi)
         x = np.pad(x, (0, max(0, target - keep)), constant_values=self.pad)
-        return {"input_values": x[None].astype(np.float32)}, min(1.0, keep / max(1, target)), notes, []
+        return audio_feed(x[None].astype(np.float32), keep), min(1.0, keep / max(1, target)), notes, []
 
-    def window(self, values: np.ndarray, w: Any) -> np.ndarray:
-        """One window of the recording, padded at its end up to the profile's shortest input."""
+    def window(self, values: np.ndarray, w: Any) -> dict[str, np.ndarray]:
+        """One window of the recording, padded at its end up to the profile's shortest input, with its mask."""
         part = values[:, w.start : w.stop]
-        short = self.lo - part.shape[1]
-        return np.pad(part, ((0, 0), (0, short)), constant_values=self.pad) if short > 0 else part
+        real = part.shape[1]
+        short = self.lo - real
+        return audio_feed(np.pad(part, ((0, 0), (0, short)), constant_values=self.pad) if short > 0 else part, real)
+
+
+def audio_feed(values: np.ndarray, real: int) -> dict[str, np.ndarray]:
+    """{"input_values", "attention_mask"}: the mask is 1 on the first ``real`` samples, 0 on the padding after them
+    (the audio graph reduces it to frames; the runner drops it for a graph that takes none)."""
+    mask = np.zeros(values.shape, dtype=np.int64)
+    mask[:, :real] = 1
+    return {"input_values": values, "attention_mask": mask}
 
 
 class TextPrep:
@@ -356,6 +365,7 @@ class BundleRunner:
         self.batch = batch[0] if batch else 1
         self.runtime = f"{version} ({self.manifest.get('precision')}, {self.manifest.get('model_file')})"
         self.names = [str(o["name"]) for o in self.manifest.get("outputs") or ()]
+        self.inputs = {str(i.get("name")) for i in self.manifest.get("inputs") or ()}  # an older audio graph takes no mask
 
     def _feed(self, raw: str) -> tuple[dict[str, np.ndarray], float, list[str], list[Any]]:
         if self.text is not None:
@@ -369,6 +379,8 @@ class BundleRunner:
         return self.audio(path)
 
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if self.inputs:
+            feed = {k: v for k, v in feed.items() if k in self.inputs}
         if self.batch > 1:  # a profile whose smallest batch is above 1: repeat the input, read the first row
             feed = {k: np.repeat(v, self.batch, axis=0) for k, v in feed.items()}
         out = self.infer(feed)
@@ -379,7 +391,7 @@ class BundleRunner:
         if plan:  # a long recording: each window's kept frames, stitched, decoded once
             assert self.audio is not None and self.audio.chunking is not None
             values = feed["input_values"]
-            parts = [self._run({"input_values": self.audio.window(values, w)})[0, w.keep_from : w.keep_to] for w in plan]
+            parts = [self._run(self.audio.window(values, w))[0, w.keep_from : w.keep_to] for w in plan]
             first = self.audio.chunking.stitch(parts)[None]
         else:
             first = self._run(feed)

@@ -50,11 +50,80 @@ def make_wrapper(model: LoadedModel) -> Any:
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return pick(self.inner(input_values=input_values, return_dict=True))
+        def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+            return pick(self.inner(input_values=input_values, attention_mask=attention_mask, return_dict=True))
 
     cls: type[torch.nn.Module] = {Modality.VISION: VisionWrapper, Modality.TEXT: TextWrapper, Modality.AUDIO: AudioWrapper}[head.modality]
+    if head.modality is Modality.AUDIO:
+        mask_positional_convolutions(model.module)
+        integer_frame_lengths(model.module)
     return cls(model.module).eval()
+
+
+POSITIONAL_CLASS = "Data2VecAudioPositionalConvEmbedding"
+
+
+def mask_positional_convolutions(module: Any) -> bool:
+    """Make each row of a padded audio batch what that row gives alone: re-zero the padded frames before every layer of
+    the positional convolution stack. True when a stack was swapped (once; a second call finds it swapped).
+
+    transformers zeroes the padded frames once, before the stack (``Data2VecAudioEncoder``), but Data2Vec audio's stack
+    has ``num_conv_pos_embeddings`` layers (5 at base), each a convolution with a bias, a LayerNorm and a GELU: after
+    the first, the padded frames are no longer zero and the next layers read them into the last valid frames (as far as
+    ``(layers - 1) * (conv_pos_kernel_size // 2)`` frames back), and through attention into every frame. Alone, those
+    frames read zeros (the convolution's own padding). Re-zeroing the padded frames before each layer gives them zeros in
+    a batch too. The encoder leaves padded frames exactly zero and no real frame is all zeros (it is a LayerNorm and a
+    Linear with a bias away from the audio), so the frames that are all zeros are the padded ones: no mask is needed.
+    An input with no padding is computed exactly as before.
+    """
+    import torch
+
+    class PaddingExactPositionalConv(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.layers = inner.layers
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [batch, frames, hidden]
+            keep = (hidden_states != 0).any(dim=-1).unsqueeze(1).to(hidden_states.dtype)  # [batch, 1, frames]
+            hidden_states = hidden_states.transpose(1, 2)
+            for layer in self.layers:
+                hidden_states = layer(hidden_states * keep)
+            return hidden_states.transpose(1, 2)
+
+    swapped = False
+    for parent in list(module.modules()):
+        inner = getattr(parent, "pos_conv_embed", None)
+        if inner is not None and type(inner).__name__ == POSITIONAL_CLASS:
+            parent.pos_conv_embed = PaddingExactPositionalConv(inner)
+            swapped = True
+    return swapped
+
+
+def integer_frame_lengths(module: Any) -> None:
+    """Count the frames of a sample length (``_get_feat_extract_output_lengths``) in integers only, in every audio model
+    of ``module``.
+
+    transformers writes ``torch.div(length - kernel, stride, rounding_mode="floor")``, which the exporter turns into a
+    cast to float, a division and a floor. A float32 runtime gets the right count; one that runs float parts in bf16 or
+    fp16 (OpenVINO INT8's default on a CPU with AMX/BF16, TensorRT's fp16 remainder) rounds 15990 / 5 and counts frames
+    that do not exist: OpenVINO then refuses the frame mask's ScatterND (an index out of range). ``//`` on integers
+    exports as an integer Div with a sign correction: the same counts, exactly, at every precision.
+    """
+    for inner in list(module.modules()):
+        if callable(getattr(type(inner), "_get_feat_extract_output_lengths", None)) and hasattr(inner, "config"):
+            inner._get_feat_extract_output_lengths = _frame_lengths(inner.config)
+
+
+def _frame_lengths(config: Any) -> Any:
+    def lengths(input_lengths: Any, add_adapter: bool | None = None) -> Any:
+        for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+            input_lengths = (input_lengths - kernel) // stride + 1
+        if config.add_adapter if add_adapter is None else add_adapter:
+            for _ in range(config.num_adapter_layers):
+                input_lengths = (input_lengths - 1) // config.adapter_stride + 1
+        return input_lengths
+
+    return lengths
 
 
 def torch_forward(wrapper: Any, feeds: Mapping[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..heads import SAMPLING_RATE
+from ..heads import SAMPLING_RATE, with_audio_mask
 from ..spec import D2VError, ShapeProfile
 from . import hf
 from .samples import Candidate, Samples, Unreadable, collect, confined, one_line, rel_name, visible_files
@@ -120,7 +120,8 @@ def transcripts(root: Path) -> dict[str, str]:
 
 
 class _Prepare:
-    """A mono wave at `rate` -> {"input_values": (1, samples)}, bucketed, with the model's feature extractor."""
+    """A mono wave at `rate` -> {"input_values": (1, samples), "attention_mask": (1, samples)}, bucketed, with the model's
+    feature extractor; the mask is 1 on the real samples, 0 on the bucket's padding."""
 
     def __init__(self, model: Any, profile: ShapeProfile) -> None:
         proc = model.processor
@@ -143,9 +144,10 @@ class _Prepare:
         except (ValueError, TypeError) as exc:
             raise Unreadable(f"the feature extractor rejected it ({one_line(exc)})") from None
         values = np.asarray(values, dtype=np.float32).reshape(1, -1)
+        real = values.shape[1]
         if values.shape[1] < target:
             values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=self.pad_value)
-        return {"input_values": values}
+        return with_audio_mask({"input_values": values}, [real])  # the padding after the real samples is masked
 
 
 def preparer(model: Any, profile: ShapeProfile) -> _Prepare:

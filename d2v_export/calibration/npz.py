@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..heads import input_specs
+from ..heads import input_specs, with_audio_mask
 from ..spec import D2VError, TensorSpec
 from .samples import CACHE_KEY, Candidate, Samples, Unreadable, collect, confined, load_cache, one_line, rel_name, visible_files
 
@@ -41,14 +41,21 @@ def _cast(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
     raise Unreadable(f"{spec.name} is {value.dtype}, the model takes {spec.dtype}")
 
 
+def _optional(spec: TensorSpec, files: Any) -> bool:
+    """An audio ``attention_mask`` may be left out beside ``input_values``: unpadded clips, a mask of ones."""
+    return spec.name == "attention_mask" and "input_values" in files
+
+
 def _split(data: Any, specs: tuple[TensorSpec, ...]) -> tuple[list[dict[str, np.ndarray]], list[object] | None]:
     """The samples of one plain .npz, each with batch axis 1."""
-    missing = [s.name for s in specs if s.name not in data.files]
+    missing = [s.name for s in specs if s.name not in data.files and not _optional(s, data.files)]
     if missing:
         raise Unreadable(f"no array named {', '.join(missing)} (found: {', '.join(data.files) or 'none'})")
     arrays: dict[str, np.ndarray] = {}
     sizes = set()
     for spec in specs:
+        if spec.name not in data.files:
+            continue  # an optional audio mask: all ones, below
         value = np.asarray(data[spec.name])
         rank = len(spec.shape)
         if value.ndim == rank - 1:
@@ -60,7 +67,7 @@ def _split(data: Any, specs: tuple[TensorSpec, ...]) -> tuple[list[dict[str, np.
     if len(sizes) != 1:
         raise Unreadable(f"the inputs disagree on the batch size ({sorted(sizes)})")
     n = sizes.pop()
-    feeds = [{k: np.ascontiguousarray(v[i : i + 1]) for k, v in arrays.items()} for i in range(n)]
+    feeds = [with_audio_mask({k: np.ascontiguousarray(v[i : i + 1]) for k, v in arrays.items()}) for i in range(n)]
     labels = None
     for key in ("labels", "label"):
         if key in data.files:
@@ -86,7 +93,7 @@ def read(root: Path, files: list[Path], model: Any, *, count: int | None, seed: 
             with np.load(confined(path, root), allow_pickle=False) as data:
                 if CACHE_KEY in data.files:
                     cache = load_cache(path)
-                    feeds, labels, sub = list(cache.feeds), list(cache.labels or [None] * len(cache)), list(cache.names)
+                    feeds, labels, sub = [with_audio_mask(dict(f)) for f in cache.feeds], list(cache.labels or [None] * len(cache)), list(cache.names)
                     skipped.extend(cache.skipped)
                     bad = [f for f in feeds if set(f) != names]
                     if bad:
