@@ -1,6 +1,6 @@
 """``--pick``: the tool chooses the artifact to ship.
 
-The pipeline builds every candidate the targets offer (``Backend.pick_levers``: INT8 static and dynamic,
+The pipeline builds every candidate the targets plan (``Backend.plan`` from their ``pick_levers``: INT8 static and dynamic,
 with and without the graph clean-up, 8- and 7-bit ONNX Runtime weights where the CPU allows, NNCF's
 presets; plus every float variant), judges each on the evaluation split and times all of them
 interleaved in one run. ``choose`` then keeps, among the candidates within their drift budget and
