@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from d2v_export import backends
-from d2v_export.backends.base import BuildRequest
+from d2v_export.backends.base import BuildRequest, PlanContext
 from d2v_export.calibration import load_samples
 from d2v_export.export import export
 from d2v_export.heads import HEADS, Head, audio_mask_note, head_for
@@ -70,7 +70,7 @@ class Built:
             request = BuildRequest()
             if mode is not None:
                 recipe = make_recipe(backend, mode, samples=len(feeds), modality=head.modality.value)
-                request = BuildRequest(precision=Precision.INT8, quant=recipe, calibration=feeds, threads=2, defer_build=True)
+                request = backend.request(PlanContext(defer_build=True), precision=Precision.INT8, quant=recipe, calibration=feeds, threads=2)
             self.made[key] = backend.compile(graph, self.root / f"{head.key.replace('/', '-')}-{target}-{mode}", request)
         return self.made[key]
 
