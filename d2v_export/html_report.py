@@ -311,8 +311,8 @@ def drift_plot(variants: Sequence[Mapping[str, Any]]) -> str:
     """One panel per budget metric: a bar per variant, the budget as a dashed line."""
     metrics = _budget_metrics(variants)
     if not metrics:
-        body = [_text(20, 35, "no drift budget in this report")]
-        return _svg(DRIFT_WIDTH, 60, body, kind="drift", label="drift against budget")
+        empty = [_text(20, 35, "no drift budget in this report")]
+        return _svg(DRIFT_WIDTH, 60, empty, kind="drift", label="drift against budget")
     failed = _variants_by_metric(variants, "failed")
     judged = _variants_by_metric(variants, "bounds")  # judged on confidence bounds: the verdict, not the bar, decides
     body: list[str] = []
@@ -672,7 +672,7 @@ def _cells_section(cells: Sequence[Mapping[str, Any]]) -> list[str]:
     """Every cell with its status, reason and report link."""
     rows = []
     for c in cells:
-        status = c.get("status")
+        status = str(c.get("status"))
         cls = {"ran": "pass", "failed": "fail"}.get(status, "muted")
         ran = c.get("report") and status == "ran"
         link = _Raw(f'<a href="{esc(c["report"])}">{esc(c["report"])}</a>') if ran else "–"
