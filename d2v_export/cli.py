@@ -112,7 +112,7 @@ def _int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
                           "Roles: image, audio, text, text_pair, question, context, label, transcription."),
         click.option("--max-drift", multiple=True, metavar="METRIC=VALUE[@CONFIDENCE]",
                      help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable. A metric that counts answers "
-                          "(top1_agreement, accuracy_drop, span_exact_match) fails only when over budget with 95 %% confidence; "
+                          "(top1_agreement, accuracy_drop, span_exact_match) fails only when over budget with 95 % confidence; "
                           "@C asks for another confidence (accuracy_drop=0.005@0.8), @0 judges the measured value alone."),
         *_target_int8_options(),
         click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
@@ -177,52 +177,147 @@ def _device_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                              "A device the target does not take: exit 2; one that is not here: exit 6 (both before any work).")  # fmt: skip
 
 
-def _common(modality: Modality) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _source_options(modality: Modality) -> list[Decorator]:
+    """What to export, where to write it, and how to time it."""
+    return [
+        click.option(
+            "--model",
+            "-m",
+            "model",
+            default="preset:base",
+            show_default=True,
+            metavar="SOURCE",
+            help="A Hugging Face hub id, a local checkpoint folder, or preset:tiny|base|large (offline, random weights).",
+        ),
+        click.option(
+            "--task",
+            "-t",
+            type=click.Choice(tasks(modality)),
+            default=None,
+            help=f"Hugging Face task name. Default: the checkpoint's own head ({DEFAULT_TASK[modality]} for presets).",
+        ),
+        click.option(
+            "--target",
+            "targets",
+            multiple=True,
+            default=(backends.DEFAULT,),
+            show_default=True,
+            type=click.Choice(backends.names()),
+            help="Runtime to build for; repeat for several.",
+        ),
+        click.option(
+            "--output",
+            "-o",
+            type=click.Path(path_type=Path, file_okay=False),
+            default=None,
+            help=f"Folder for artifacts and report.json/report.md. Default: out/{modality.value}.",
+        ),
+        click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
+        click.option(
+            "--batch-size",
+            callback=_range(int),
+            default=None,
+            metavar="MIN:OPT:MAX",
+            help="Dynamic batch range (default 1:1:8); a single N fixes the batch at N. Latency is measured at OPT.",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="Threads for every runtime and the PyTorch reference; 0 = all cores available.",
+        ),
+        click.option(
+            "--bench-seconds",
+            type=click.FloatRange(min=0),
+            default=8.0,
+            show_default=True,
+            help="Time budget for the interleaved latency measurement (at least 10 runs each).",
+        ),
+    ]
+
+
+def _variant_options() -> list[Decorator]:
+    """Which variants to build: INT8 and its settings, a device profile and device, half precisions, --pick."""
+    fp16, bf16 = ", ".join(backends.building(Precision.FP16)), ", ".join(backends.building(Precision.BF16))
+    rewriting = _targets_that(lambda b: bool(getattr(b, "rewrites", ())))
+    return [
+        click.option(
+            "--int8",
+            is_flag=True,
+            help="Also build INT8 variants (static, calibrated on the bundled real samples unless --calibration).",
+        ),
+        *_int8_options(),
+        click.option(
+            "--target-profile",
+            default=None,
+            metavar="NAME|FILE",
+            help="A device profile from targets/ (xeon-vnni, generic-avx2, nvidia-t4, jetson-orin) or a TOML file: "
+            "target, precision, threads, shapes and a latency budget that becomes a verdict (exit 8 when over it). "
+            "Options given explicitly win over the profile's.",
+        ),
+        _device_option(),
+        click.option("--fp16", is_flag=True, help=f"Also build fp16 variants on targets that build them ({fp16})."),
+        click.option(
+            "--bf16", is_flag=True, help=f"Also build bf16 variants on targets that build them ({bf16}; on devices with bf16)."
+        ),
+        click.option(
+            "--pick",
+            is_flag=True,
+            help="Build every target's candidate recipes (INT8 static/dynamic, graph clean-up on/off, weight widths, "
+            "NNCF presets, and fp32), drop those over the drift budget, time the rest interleaved and ship the fastest "
+            "(report.json 'pick'). Implies --int8.",
+        ),
+        click.option(
+            "--rewrite/--no-rewrite",
+            default=True,
+            show_default=True,
+            help=f"Exact Data2Vec graph clean-up before compiling, for the targets that gain from it ({rewriting}): "
+            "constant folding, layer-scale and query-scale folding, channel LayerNorm without transposes; "
+            "--pick tries it on the others.",
+        ),
+        _defer_build_option(),
+    ]
+
+
+def _gate_options() -> list[Decorator]:
+    """The baseline comparison and what is printed."""
+    return [
+        click.option(
+            "--baseline",
+            type=click.Path(path_type=Path, exists=True),
+            default=None,
+            help="A previous report.json (or its folder): compare latency and drift; exit 7 on a regression.",
+        ),
+        click.option(
+            "--latency-tolerance",
+            default="10%",
+            show_default=True,
+            help="Slowdown allowed before --baseline flags it (10% or 0.1).",
+        ),
+        click.option(
+            "--drift-tolerance",
+            type=float,
+            default=0.005,
+            show_default=True,
+            help="Worsening of a drift metric allowed against --baseline.",
+        ),
+        click.option(
+            "--relative-to-reference", is_flag=True, help="Compare latency as a ratio to each run's PyTorch reference."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (progress goes to stderr)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress on stderr."),
+    ]
+
+
+def _common(modality: Modality) -> Decorator:
+    """The options every export command (vision, text, audio) takes, in --help's order."""
+
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
-            click.option("--model", "-m", "model", default="preset:base", show_default=True, metavar="SOURCE",
-                         help="A Hugging Face hub id, a local checkpoint folder, or preset:tiny|base|large (offline, random weights)."),
-            click.option("--task", "-t", type=click.Choice(tasks(modality)), default=None,
-                         help=f"Hugging Face task name. Default: the checkpoint's own head ({DEFAULT_TASK[modality]} for presets)."),
-            click.option("--target", "targets", multiple=True, default=(backends.DEFAULT,), show_default=True,
-                         type=click.Choice(backends.names()), help="Runtime to build for; repeat for several."),
-            click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
-                         help=f"Folder for artifacts and report.json/report.md. Default: out/{modality.value}."),
-            click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
-            click.option("--batch-size", callback=_range(int), default=None, metavar="MIN:OPT:MAX",
-                         help="Dynamic batch range (default 1:1:8); a single N fixes the batch at N. Latency is measured at OPT."),
-            click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                         help="Threads for every runtime and the PyTorch reference; 0 = all cores available."),
-            click.option("--bench-seconds", type=click.FloatRange(min=0), default=8.0, show_default=True,
-                         help="Time budget for the interleaved latency measurement (at least 10 runs each)."),
-            click.option("--int8", is_flag=True, help="Also build INT8 variants (static, calibrated on the bundled real samples unless --calibration)."),
-            *_int8_options(),
-            click.option("--target-profile", default=None, metavar="NAME|FILE",
-                         help="A device profile from targets/ (xeon-vnni, generic-avx2, nvidia-t4, jetson-orin) or a TOML file: "
-                              "target, precision, threads, shapes and a latency budget that becomes a verdict (exit 8 when over it). "
-                              "Options given explicitly win over the profile's."),
-            _device_option(),
-            click.option("--fp16", is_flag=True, help=f"Also build fp16 variants on targets that build them ({', '.join(backends.building(Precision.FP16))})."),
-            click.option("--bf16", is_flag=True, help=f"Also build bf16 variants on targets that build them ({', '.join(backends.building(Precision.BF16))}; "
-                                                       "on devices with bf16)."),
-            click.option("--pick", is_flag=True,
-                         help="Build every target's candidate recipes (INT8 static/dynamic, graph clean-up on/off, weight widths, NNCF presets, "
-                              "and fp32), drop those over the drift budget, time the rest interleaved and ship the fastest (report.json 'pick'). "
-                              "Implies --int8."),
-            click.option("--rewrite/--no-rewrite", default=True, show_default=True,
-                         help="Exact Data2Vec graph clean-up before compiling, for the targets that gain from it "
-                              f"({_targets_that(lambda b: bool(getattr(b, 'rewrites', ())))}): constant folding, layer-scale and query-scale "
-                              "folding, channel LayerNorm without transposes; --pick tries it on the others."),
-            _defer_build_option(),
-            click.option("--baseline", type=click.Path(path_type=Path, exists=True), default=None,
-                         help="A previous report.json (or its folder): compare latency and drift; exit 7 on a regression."),
-            click.option("--latency-tolerance", default="10%", show_default=True, help="Slowdown allowed before --baseline flags it (10% or 0.1)."),
-            click.option("--drift-tolerance", type=float, default=0.005, show_default=True, help="Worsening of a drift metric allowed against --baseline."),
-            click.option("--relative-to-reference", is_flag=True, help="Compare latency as a ratio to each run's PyTorch reference."),
-            click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout (progress goes to stderr)."),
-            click.option("--quiet", "-q", is_flag=True, help="No progress on stderr."),
-        ]  # fmt: skip
-        for opt in reversed(options):
+        for opt in reversed(_source_options(modality) + _variant_options() + _gate_options()):
             fn = opt(fn)
         return fn
 
