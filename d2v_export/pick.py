@@ -29,6 +29,58 @@ def _drift_doc(variant: Variant) -> dict[str, Any]:
     return {"metrics": dict(d.metrics), "budget": dict(d.budget), "failed": list(d.failed), "passed": d.passed}
 
 
+def _outcome(v: Variant, best: Variant, statistic: str, deferred: set[str]) -> str:
+    """What became of a candidate: picked, not eligible, over budget, or how much slower than the pick."""
+    t, best_t = _stat(v, statistic), _stat(best, statistic)
+    if v is best:
+        return "picked"
+    if v.target in deferred:
+        return "not measured on its own runtime here (deferred build): not eligible"
+    if not v.drift.passed:
+        return f"over the drift budget ({', '.join(v.drift.failed) or 'failed'})"
+    if best_t > 0:
+        return f"slower: {t:.2f} ms vs {best_t:.2f} ms ({t / best_t:.2f}x the pick's {statistic})"
+    return "slower"
+
+
+def _candidate(
+    v: Variant, name: str, outcome: str, statistic: str, described: Mapping[str, str], primary: str | None
+) -> dict[str, Any]:
+    """report.json's entry of one candidate."""
+    from .metrics import drift_score
+
+    return {
+        "name": name,
+        "target": v.target,
+        "precision": v.precision.value,
+        "candidate": described.get(name, v.precision.value),
+        "p50_ms": _stat(v, "p50"),
+        "p90_ms": _stat(v, "p90"),
+        "compared_ms": _stat(v, statistic),
+        "drift_passed": v.drift.passed,
+        "drift_score": drift_score(_drift_doc(v)),
+        "key_metric": primary,
+        "key_metric_value": v.drift.metrics.get(primary) if primary else None,
+        "outcome": outcome,
+    }
+
+
+def _why(best: Variant, eligible: list[Variant], nxt: Variant | None, name: Mapping[int, str], statistic: str) -> str:
+    """The pick's reason: how much faster than the next candidate within budget, and than its target's fp32."""
+    best_t = _stat(best, statistic)
+    if nxt is not None:
+        why = (
+            f"fastest of {len(eligible)} candidates within the drift budget at {statistic}: {best_t:.2f} ms, "
+            f"{_stat(nxt, statistic) / best_t:.2f}x faster than the next ({name[id(nxt)]}, {_stat(nxt, statistic):.2f} ms)"
+        )
+    else:
+        why = f"the only candidate within the drift budget ({best_t:.2f} ms at {statistic})"
+    fp32 = [v for v in eligible if v.precision is Precision.FP32 and v.target == best.target]
+    if fp32 and best is not fp32[0] and best_t > 0:
+        why += f"; {_stat(fp32[0], statistic) / best_t:.2f}x its target's fp32"
+    return why
+
+
 def choose(
     variants: Sequence[Variant],
     described: Mapping[str, str],
@@ -43,7 +95,7 @@ def choose(
     ``latency_percentile`` (p50/p90/p99) is the statistic compared. ``deferred``: targets whose artifacts
     did not run on their own runtime here (never picked: their latency is not theirs).
     """
-    from .metrics import PRIMARY, drift_score
+    from .metrics import PRIMARY
 
     statistic = str(getattr(profile, "latency_percentile", "") or "p50")
     deferred = set(deferred)
@@ -52,52 +104,20 @@ def choose(
     if not eligible:  # cannot happen while fp32 is built for every target; say so rather than crash
         eligible = [v for v in variants if v.target not in deferred] or list(variants)
     best = min(eligible, key=lambda v: (_stat(v, statistic), v.precision is not Precision.FP32, name[id(v)]))
-    best_t = _stat(best, statistic)
     runner_up = sorted((v for v in eligible if v is not best), key=lambda v: _stat(v, statistic))
     primary = PRIMARY.get(metric_kind)
 
-    candidates = []
-    for v in variants:
-        t = _stat(v, statistic)
-        if v is best:
-            outcome = "picked"
-        elif v.target in deferred:
-            outcome = "not measured on its own runtime here (deferred build): not eligible"
-        elif not v.drift.passed:
-            outcome = f"over the drift budget ({', '.join(v.drift.failed) or 'failed'})"
-        else:
-            outcome = f"slower: {t:.2f} ms vs {best_t:.2f} ms ({t / best_t:.2f}x the pick's {statistic})" if best_t > 0 else "slower"
-        candidates.append(
-            {
-                "name": name[id(v)],
-                "target": v.target,
-                "precision": v.precision.value,
-                "candidate": described.get(name[id(v)], v.precision.value),
-                "p50_ms": _stat(v, "p50"),
-                "p90_ms": _stat(v, "p90"),
-                "compared_ms": t,
-                "drift_passed": v.drift.passed,
-                "drift_score": drift_score(_drift_doc(v)),
-                "key_metric": primary,
-                "key_metric_value": v.drift.metrics.get(primary) if primary else None,
-                "outcome": outcome,
-            }
-        )
-    front = pareto([
-        {"name": c["name"], "p50_ms": c["compared_ms"], "drift_score": c["drift_score"]}
-        for c in candidates if c["drift_score"] is not None and c["target"] not in deferred
-    ])  # fmt: skip
-    if runner_up:
-        nxt = runner_up[0]
-        why = (
-            f"fastest of {len(eligible)} candidates within the drift budget at {statistic}: {best_t:.2f} ms, "
-            f"{_stat(nxt, statistic) / best_t:.2f}x faster than the next ({name[id(nxt)]}, {_stat(nxt, statistic):.2f} ms)"
-        )
-    else:
-        why = f"the only candidate within the drift budget ({best_t:.2f} ms at {statistic})"
-    fp32 = [v for v in eligible if v.precision is Precision.FP32 and v.target == best.target]
-    if fp32 and best is not fp32[0] and best_t > 0:
-        why += f"; {_stat(fp32[0], statistic) / best_t:.2f}x its target's fp32"
+    candidates = [
+        _candidate(v, name[id(v)], _outcome(v, best, statistic, deferred), statistic, described, primary) for v in variants
+    ]
+    front = pareto(
+        [
+            {"name": c["name"], "p50_ms": c["compared_ms"], "drift_score": c["drift_score"]}
+            for c in candidates
+            if c["drift_score"] is not None and c["target"] not in deferred
+        ]
+    )
+    why = _why(best, eligible, runner_up[0] if runner_up else None, name, statistic)
     return {
         "artifact": best.artifact,
         "name": name[id(best)],
