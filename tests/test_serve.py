@@ -166,13 +166,31 @@ def test_openvino_audio_bundle_answers_a_v2_client_as_run_does(bundles: dict[str
     feed, expected = run_feed(bundle, clip)
     with served(bundle, "asr") as (client, _url):
         meta = client.get_model_metadata("asr")
-        assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("input_values", "FP32", [-1, -1])]
+        inputs = [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]]
+        assert inputs == [("input_values", "FP32", [-1, -1]), ("attention_mask", "INT64", [-1, -1])]
         assert meta["outputs"][0]["name"] == "logits" and meta["outputs"][0]["shape"][:2] == [-1, -1]
         result = client.infer("asr", v2_inputs(feed, True))  # no outputs named: all of them, as binary data
         np.testing.assert_allclose(result.as_numpy("logits"), expected["logits"], rtol=0, atol=1e-5)
-        short = {"input_values": feed["input_values"][:, :100]}  # shorter than the exported range
+        short = {k: v[:, :100] for k, v in feed.items()}  # shorter than the exported range
         assert_error(lambda: client.infer("asr", v2_inputs(short, True)), "400", "axis 'samples'")
+        assert_padded_batch_answers_as_each_clip_alone(client, feed)
         assert client.is_server_live()
+
+
+def assert_padded_batch_answers_as_each_clip_alone(client: Any, feed: dict[str, np.ndarray]) -> None:
+    """Two clips of different lengths in one v2 request, the shorter zero-padded with 0 in ``attention_mask``: each row's
+    logits on its own frames are what the clip gives alone (the frame-level mask, docs/bundles.md "Padding and masks")."""
+    values = feed["input_values"][:, : int(feed["attention_mask"].sum())]
+    n, cut = values.shape[1], values.shape[1] * 2 // 3
+    shorter = np.pad(values[:, :cut], ((0, 0), (0, n - cut)))
+    mask = np.ones((2, n), dtype=np.int64)
+    mask[1, cut:] = 0
+    both = client.infer("asr", v2_inputs({"input_values": np.concatenate([values, shorter]), "attention_mask": mask}, True))
+    for row, length in enumerate((n, cut)):
+        alone = {"input_values": np.ascontiguousarray(values[:, :length]), "attention_mask": np.ones((1, length), dtype=np.int64)}
+        single = client.infer("asr", v2_inputs(alone, True)).as_numpy("logits")[0]
+        assert single.shape[0] == (length - 400) // 320 + 1
+        np.testing.assert_allclose(both.as_numpy("logits")[row, : single.shape[0]], single, rtol=0, atol=1e-4)
 
 
 def test_a_taken_port_is_a_one_line_usage_error(bundles: dict[str, Path]) -> None:
