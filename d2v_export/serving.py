@@ -205,8 +205,8 @@ def install_script(bundle: Path, name: str, built: str, dst: str) -> str:
     """The script that copies the engine built on the device from ``bundle`` into ``<repository>/<name>/1/``."""
     return f"""#!/usr/bin/env sh
 # Copy the engine that build_engine.sh built in the bundle into this Triton model repository (d2v-export deploy).
-# Run it on the device after `bash BUNDLE/build_engine.sh`: engines are tied to the GPU and TensorRT that built them,
-# and Triton's TensorRT version must be the one that built the engine.
+# Run it on the device after `bash BUNDLE/build_engine.sh`: an engine is tied to the GPU and the runtime version
+# that built it, and Triton's backend must run that same version.
 # Usage: sh install_plan_{name}.sh [BUNDLE]   (default: the bundle this repository was written from)
 set -eu
 bundle="${{1:-{bundle}}}"
