@@ -58,6 +58,10 @@ UNSUPPORTED = {
     ("openvino", "text/multiple-choice"): "optimum-intel 1.27 has no OVModelForMultipleChoice",
     ("openvino", "vision/feature-extraction"): "OVModelForFeatureExtraction.forward takes input_ids and attention_mask only (text)",
     ("openvino", "audio/feature-extraction"): "OVModelForFeatureExtraction.forward takes input_ids and attention_mask only (text)",
+    # the audio graphs take attention_mask (docs/bundles.md "Padding and masks"); these three feed input_values alone
+    ("onnxruntime", "audio/automatic-speech-recognition"): "optimum-onnx 0.1.0's ORTModelForCTC.forward feeds input_values only",
+    ("onnxruntime", "audio/audio-frame-classification"): "optimum-onnx 0.1.0's ORTModelForAudioFrameClassification.forward feeds input_values only",
+    ("onnxruntime", "audio/audio-xvector"): "optimum-onnx 0.1.0's ORTModelForAudioXVector.forward feeds input_values only",
 }
 # optimum class -> outputs of the bundle it does not return (ORT/OVModelForFeatureExtraction: last_hidden_state only)
 DROPPED = {"FeatureExtraction": {"pooler_output"}}
