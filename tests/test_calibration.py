@@ -327,7 +327,7 @@ def test_cache_round_trip(tmp_path, audio):
     s = Samples(s.feeds, s.names, s.labels, (("x.wav", "broken"),), s.source)
     path = save_cache(s, tmp_path / "out" / "calibration.npz")
     with np.load(path, allow_pickle=False) as data:  # readable without pickle
-        assert len(data.files) == 5
+        assert len(data.files) == 1 + 4 * 2  # the metadata, then input_values and attention_mask per sample
     back = load_cache(path)
     assert back.names == s.names and back.labels == s.labels and back.skipped == s.skipped and back.source == s.source
     for a, b in zip(s.feeds, back.feeds):
@@ -337,6 +337,16 @@ def test_cache_round_trip(tmp_path, audio):
     assert not list((tmp_path / "out").glob(".cache-*"))
     with pytest.raises(D2VError, match="does not exist"):
         load_cache(tmp_path / "none.npz")
+
+
+def test_an_audio_cache_without_masks_loads_with_masks_of_ones(tmp_path, audio):
+    """Caches written before the audio graphs took ``attention_mask`` hold ``input_values`` only: they load with ones."""
+    s = load_samples(None, audio, AUDIO, count=2, seed=2)
+    old = Samples(tuple({"input_values": f["input_values"]} for f in s.feeds), s.names, s.labels, (), s.source)
+    back = load_cache(save_cache(old, tmp_path / "old.npz"))
+    for feed in back.feeds:
+        assert feed["attention_mask"].dtype == np.int64 and feed["attention_mask"].shape == feed["input_values"].shape
+        assert feed["attention_mask"].all()
 
 
 # --------------------------------------------------------------------------- package assets

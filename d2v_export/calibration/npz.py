@@ -93,7 +93,7 @@ def read(root: Path, files: list[Path], model: Any, *, count: int | None, seed: 
             with np.load(confined(path, root), allow_pickle=False) as data:
                 if CACHE_KEY in data.files:
                     cache = load_cache(path)
-                    feeds, labels, sub = [with_audio_mask(dict(f)) for f in cache.feeds], list(cache.labels or [None] * len(cache)), list(cache.names)
+                    feeds, labels, sub = list(cache.feeds), list(cache.labels or [None] * len(cache)), list(cache.names)
                     skipped.extend(cache.skipped)
                     bad = [f for f in feeds if set(f) != names]
                     if bad:

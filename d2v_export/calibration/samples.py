@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..heads import with_audio_mask
 from ..spec import D2VError
 
 Feed = dict[str, np.ndarray]
@@ -294,7 +295,8 @@ def load_cache(path: Path) -> Samples:
                 raise D2VError(
                     f"calibration cache '{path}' has version {meta.get('version')}, this tool reads {CACHE_VERSION}; delete it to rebuild"
                 )
-            feeds = tuple({name: data[f"s{i:06d}.{name}"] for name in names} for i, names in enumerate(meta["inputs"]))
+            # an audio cache from before the audio graphs took a mask: unpadded clips, a mask of ones
+            feeds = tuple(with_audio_mask({name: data[f"s{i:06d}.{name}"] for name in names}) for i, names in enumerate(meta["inputs"]))
         labels, names, skipped = _cache_fields(meta, len(feeds))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile, zlib.error) as exc:
         raise D2VError(f"calibration cache '{path}' cannot be read ({one_line(exc)}); delete it to rebuild") from None
