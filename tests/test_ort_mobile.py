@@ -223,14 +223,13 @@ def test_the_runner_opens_the_ort_format_only_and_feeds_what_the_graph_declares(
     onnx = dataclasses.replace(artifact, model_file=audio_run / "onnxruntime-fp32" / "model.onnx")
     with pytest.raises(Exception, match="ORT model verification failed"):  # an ONNX file is not what a device loads
         backend.runner(onnx, threads=1)
-    wave = np.zeros((1, 16000), np.float32)
+    wave, mask = np.zeros((1, 16000), np.float32), np.ones((1, 16000), np.int64)
     with backend.runner(artifact, threads=1) as runner:
         with pytest.raises(D2VError, match="needs input\\(s\\) input_values, which the feed lacks"):
-            runner.infer({"attention_mask": np.ones((1, 16000), np.int64)})
-        extra = runner.infer(
-            {"input_values": wave, "not_an_input": np.ones((1, 3), np.int64)}
-        )  # only declared inputs go in
-        assert np.array_equal(extra["logits"], runner.infer({"input_values": wave})["logits"])
+            runner.infer({"attention_mask": mask})
+        feed = {"input_values": wave, "attention_mask": mask}
+        extra = runner.infer(feed | {"not_an_input": np.ones((1, 3), np.int64)})  # only declared inputs go in
+        assert np.array_equal(extra["logits"], runner.infer(feed)["logits"])
 
 
 def test_nothing_outside_its_file_names_the_target() -> None:
