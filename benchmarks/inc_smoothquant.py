@@ -117,9 +117,7 @@ def inc_public_api(wrapper: Any, feeds: list[dict[str, Any]]) -> str:
         return "ok"
     except BaseException as exc:  # noqa: BLE001 - IPEX's own import error is an AttributeError, INC's an AssertionError
         tb = traceback.format_exception(exc)
-        where = next(
-            (ln.strip() for ln in reversed(tb) if ln.strip().startswith("File ")), ""
-        )
+        where = next((ln.strip() for ln in reversed(tb) if ln.strip().startswith("File ")), "")
         return f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''} ({where})"
 
 
@@ -138,25 +136,19 @@ def inc_transform_class() -> Any:
     return TorchSmoothQuant
 
 
-def inc_smooth(
-    model: Any, feeds: list[dict[str, Any]], alpha: float, folding: bool
-) -> tuple[Any, dict[str, Any]]:
+def inc_smooth(model: Any, feeds: list[dict[str, Any]], alpha: float, folding: bool) -> tuple[Any, dict[str, Any]]:
     """A LoadedModel whose module went through INC SmoothQuant; (model, info)."""
     import torch
 
     from d2v_export.export import make_wrapper
 
     TorchSmoothQuant = inc_transform_class()
-    wrapper = make_wrapper(
-        dataclasses.replace(model, module=copy.deepcopy(model.module))
-    )
+    wrapper = make_wrapper(dataclasses.replace(model, module=copy.deepcopy(model.module)))
     sq = TorchSmoothQuant(wrapper, dataloader=feeds, example_inputs=feeds[0])
     with torch.no_grad():
         out = sq.transform(alpha=alpha, folding=folding, calib_iter=len(feeds))
     absorbed = dict(getattr(sq, "absorb_to_layer", {}) or {})
-    wrapped = [
-        n for n, m in out.named_modules() if type(m).__name__ == "SQLinearWrapper"
-    ]
+    wrapped = [n for n, m in out.named_modules() if type(m).__name__ == "SQLinearWrapper"]
     info = {
         "absorbing_layers": len(absorbed),
         "smoothed_linears": sum(len(v) for v in absorbed.values()),
@@ -188,9 +180,7 @@ def quantize_and_judge(
 
     t0 = time.perf_counter()
     graph = export(model, profile, work / name / "model.onnx")
-    recipe = make_recipe(
-        backends.get("onnxruntime"), "static", method="minmax", samples=len(calib.feeds)
-    )
+    recipe = make_recipe(backends.get("onnxruntime"), "static", method="minmax", samples=len(calib.feeds))
     q = quantize_onnx(graph, work / name / "model.int8.onnx", recipe, calib.feeds)
     budget = DEFAULT_BUDGETS[model.head.metric]
     with OrtRunner(q.path, threads=threads, name=name) as runner:
@@ -224,9 +214,7 @@ def quantize_and_judge(
     }
 
 
-def latency(
-    paths: dict[str, str], feed: dict[str, np.ndarray], threads: int, rounds: int
-) -> dict[str, float]:
+def latency(paths: dict[str, str], feed: dict[str, np.ndarray], threads: int, rounds: int) -> dict[str, float]:
     import random
 
     from d2v_export.backends.onnxruntime import OrtRunner
@@ -277,9 +265,7 @@ def run_case(
         count=calib_samples,
         seed=0,
     )
-    evaluation = load_samples(
-        spec["evaluation"], model, profile, split="evaluation", count=None, seed=0
-    )
+    evaluation = load_samples(spec["evaluation"], model, profile, split="evaluation", count=None, seed=0)
     log(
         f"{case}: {model.head.class_name}, {model.parameters / 1e6:.1f} M parameters, random weights: {model.random_weights}; "
         f"{len(calib)} calibration / {len(evaluation)} evaluation samples"
@@ -303,24 +289,16 @@ def run_case(
     log(f"  -> {result['inc_public_api']}")
 
     log("plain static INT8")
-    result["variants"]["static"] = quantize_and_judge(
-        model, profile, calib, evaluation, ref, work, "static", threads
-    )
+    result["variants"]["static"] = quantize_and_judge(model, profile, calib, evaluation, ref, work, "static", threads)
     log(f"  -> {result['variants']['static']['int8_vs_reference']}")
     for mode in modes:
         for alpha in alphas:
             name = f"sq-{mode}-a{alpha:g}"
-            log(
-                f"{name}: INC TorchSmoothQuant.transform(alpha={alpha}, folding={mode == 'fold'})"
-            )
+            log(f"{name}: INC TorchSmoothQuant.transform(alpha={alpha}, folding={mode == 'fold'})")
             try:
-                smoothed, info = inc_smooth(
-                    model, tfeeds, alpha, folding=mode == "fold"
-                )
+                smoothed, info = inc_smooth(model, tfeeds, alpha, folding=mode == "fold")
             except BaseException as exc:  # noqa: BLE001 - record whatever INC raises
-                result["variants"][name] = {
-                    "error": f"{exc.__class__.__name__}: {str(exc).strip()[:300]}"
-                }
+                result["variants"][name] = {"error": f"{exc.__class__.__name__}: {str(exc).strip()[:300]}"}
                 log(f"  -> {result['variants'][name]['error']}")
                 continue
             if info["smoothed_linears"] == 0 and info["inserted_muls"] == 0:
@@ -332,27 +310,19 @@ def run_case(
                 continue
             wrap = make_wrapper(smoothed)
             equiv = max(
-                float(
-                    np.max(np.abs(torch_forward(wrap, f, model.head.outputs)[o] - r[o]))
-                )
+                float(np.max(np.abs(torch_forward(wrap, f, model.head.outputs)[o] - r[o])))
                 for f, r in zip(evaluation.feeds, ref)
                 for o in model.head.outputs
             )
             entry = {"inc": info, "fp32_max_abs_diff_vs_original": equiv}
-            entry |= quantize_and_judge(
-                smoothed, profile, calib, evaluation, ref, work, name, threads
-            )
+            entry |= quantize_and_judge(smoothed, profile, calib, evaluation, ref, work, name, threads)
             result["variants"][name] = entry
             log(f"  -> fp32 diff {equiv:.2e}; {entry['int8_vs_reference']}")
     if rounds:
-        paths = {
-            n: v["int8_path"] for n, v in result["variants"].items() if "int8_path" in v
-        }
+        paths = {n: v["int8_path"] for n, v in result["variants"].items() if "int8_path" in v}
         paths["fp32"] = str(work / "static" / "model.onnx")
         feed = dummy_inputs(model.head, model.config, profile.point("opt"), seed=7)
-        log(
-            f"latency, {rounds} interleaved rounds at {profile.point('opt')}, {threads} threads"
-        )
+        log(f"latency, {rounds} interleaved rounds at {profile.point('opt')}, {threads} threads")
         result["latency_p50_ms"] = latency(paths, feed, threads, rounds)
         result["load_average_1min"] = round(os.getloadavg()[0], 2)
         log(f"  -> {result['latency_p50_ms']}")

@@ -43,7 +43,12 @@ def main() -> None:
             n = int(seconds * 16000)
             wav = Path(tmp) / f"{seconds:g}.wav"
             sf.write(str(wav), np.resize(speech, n), 16000)
-            out = subprocess.run([sys.executable, "-c", CHILD, str(args.bundle), str(wav), str(args.threads)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, str(args.bundle), str(wav), str(args.threads)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rss, wall, frames = out.stdout.split()[-3:]
             print(f"| {seconds:g} | {frames} | {float(rss):.0f} | {float(wall):.1f} |", flush=True)
             wav.unlink()

@@ -113,7 +113,10 @@ def make_plan(quick: bool, batch: int) -> Plan:
         "base",
         {
             Modality.VISION: [Point("224px b1", {"batch": 1}), Point(f"224px b{batch}", {"batch": batch}, True)],
-            Modality.TEXT: [Point("128 tok b1", {"batch": 1, "sequence": 128}), Point(f"128 tok b{batch}", {"batch": batch, "sequence": 128}, True)],
+            Modality.TEXT: [
+                Point("128 tok b1", {"batch": 1, "sequence": 128}),
+                Point(f"128 tok b{batch}", {"batch": batch, "sequence": 128}, True),
+            ],
             Modality.AUDIO: [
                 Point("1 s b1", {"batch": 1, "samples": sr}),
                 Point("5 s b1", {"batch": 1, "samples": 5 * sr}),
@@ -151,7 +154,9 @@ class OrtFile(RunnerBase):
 class OvModel(RunnerBase):
     """An ov.Model compiled with runtime defaults (what optimum-intel's OVModel does: LATENCY hint) and N threads."""
 
-    def __init__(self, model: Any, threads: int, name: str, onnx_inputs: Sequence[str] = (), onnx_outputs: Sequence[str] = ()) -> None:
+    def __init__(
+        self, model: Any, threads: int, name: str, onnx_inputs: Sequence[str] = (), onnx_outputs: Sequence[str] = ()
+    ) -> None:
         import openvino as ov
 
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
@@ -196,16 +201,28 @@ class MatMulProbe(RunnerBase):
         m, k, n = MM
         rng = np.random.default_rng(0)
         if kind == "fp32":
-            a_type, b, y_type, op = TensorProto.FLOAT, rng.standard_normal((k, n)).astype(np.float32), TensorProto.FLOAT, "MatMul"
+            a_type, b, y_type, op = (
+                TensorProto.FLOAT,
+                rng.standard_normal((k, n)).astype(np.float32),
+                TensorProto.FLOAT,
+                "MatMul",
+            )
             self.feed = {"A": rng.standard_normal((m, k)).astype(np.float32)}
         else:
-            a_type, b, y_type, op = TensorProto.UINT8, rng.integers(-127, 128, (k, n)).astype(np.int8), TensorProto.INT32, "MatMulInteger"
+            a_type, b, y_type, op = (
+                TensorProto.UINT8,
+                rng.integers(-127, 128, (k, n)).astype(np.int8),
+                TensorProto.INT32,
+                "MatMulInteger",
+            )
             self.feed = {"A": rng.integers(0, 256, (m, k)).astype(np.uint8)}
         graph = helper.make_graph(
-            [helper.make_node(op, ["A", "B"], ["Y"])], "mm",
-            [helper.make_tensor_value_info("A", a_type, [m, k])], [helper.make_tensor_value_info("Y", y_type, [m, n])],
+            [helper.make_node(op, ["A", "B"], ["Y"])],
+            "mm",
+            [helper.make_tensor_value_info("A", a_type, [m, k])],
+            [helper.make_tensor_value_info("Y", y_type, [m, n])],
             initializer=[numpy_helper.from_array(b, "B")],
-        )  # fmt: skip
+        )
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"probe-{kind}.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -271,7 +288,14 @@ def torchscript_export(model: Any, wrapper: Any, feed: Mapping[str, np.ndarray],
 
     names = [s.name for s in input_specs(model.head)]
     axes = dynamic_axes(model.head)
-    dyn = {n: {i: a for i, a in enumerate(next(s for s in input_specs(model.head) if s.name == n).shape) if a in axes.get(n, ())} for n in names}
+    dyn = {
+        n: {
+            i: a
+            for i, a in enumerate(next(s for s in input_specs(model.head) if s.name == n).shape)
+            if a in axes.get(n, ())
+        }
+        for n in names
+    }
     from d2v_export.console import quiet
 
     with quiet(export_mod.EXPORTER_LOGGERS, python_warnings=True):
@@ -312,7 +336,12 @@ def nncf_default_int8(source: Path, feeds: list[dict[str, np.ndarray]]) -> Any:
     from d2v_export.backends.openvino import _nncf_quiet
 
     with _nncf_quiet():
-        return nncf.quantize(ov.convert_model(str(source)), nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(feeds))
+        return nncf.quantize(
+            ov.convert_model(str(source)),
+            nncf.Dataset(feeds),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(feeds),
+        )
 
 
 @dataclass
@@ -332,12 +361,22 @@ class Path_:
 
 
 def build_paths(
-    model: Any, profile: Any, calib: list[dict[str, np.ndarray]], work: Path, threads: int, *, levers: bool, fusions: bool, log: Callable[[str], None]
+    model: Any,
+    profile: Any,
+    calib: list[dict[str, np.ndarray]],
+    work: Path,
+    threads: int,
+    *,
+    levers: bool,
+    fusions: bool,
+    log: Callable[[str], None],
 ) -> list[Path_]:
     import openvino as ov
 
     wrapper = export_mod.make_wrapper(model)
-    paths: list[Path_] = [Path_(REF, REF, "fp32", TorchRunner(wrapper, model.head.outputs, threads), "eager, attn_implementation=eager")]
+    paths: list[Path_] = [
+        Path_(REF, REF, "fp32", TorchRunner(wrapper, model.head.outputs, threads), "eager, attn_implementation=eager")
+    ]
 
     def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
         t0 = time.perf_counter()
@@ -351,19 +390,51 @@ def build_paths(
     _, s = timed(lambda: torchscript_export(model, wrapper, feed, ts))
     log(f"  torchscript export {s:.1f} s")
     io = ([t.name for t in input_specs(model.head)], list(model.head.outputs))
-    paths.append(Path_("peer: ORT fp32 (TorchScript export)", PEER, "fp32", OrtFile(ts, threads, "peer-ort-fp32"), "torch.onnx dynamo=False, opset 17; ORT defaults", build_s=s))
+    paths.append(
+        Path_(
+            "peer: ORT fp32 (TorchScript export)",
+            PEER,
+            "fp32",
+            OrtFile(ts, threads, "peer-ort-fp32"),
+            "torch.onnx dynamo=False, opset 17; ORT defaults",
+            build_s=s,
+        )
+    )
     q = work / "peer-ort-int8-dynamic.onnx"
     _, s = timed(lambda: optimum_avx512_vnni_dynamic(ts, q))
     paths.append(
-        Path_("peer: ORT INT8 dynamic avx512_vnni", PEER, "int8", OrtFile(q, threads, "peer-ort-int8"),
-              "quantize_dynamic: MatMul+Add, u8/s8 sym, per-channel, no reduce_range", build_s=s)
-    )  # fmt: skip
-    paths.append(Path_("peer: OpenVINO default", PEER, "default (bf16 where the CPU has it)", OvModel(ov.convert_model(str(ts)), threads, "peer-ov", *io), "convert_model(TorchScript ONNX), LATENCY hint"))
+        Path_(
+            "peer: ORT INT8 dynamic avx512_vnni",
+            PEER,
+            "int8",
+            OrtFile(q, threads, "peer-ort-int8"),
+            "quantize_dynamic: MatMul+Add, u8/s8 sym, per-channel, no reduce_range",
+            build_s=s,
+        )
+    )
+    paths.append(
+        Path_(
+            "peer: OpenVINO default",
+            PEER,
+            "default (bf16 where the CPU has it)",
+            OvModel(ov.convert_model(str(ts)), threads, "peer-ov", *io),
+            "convert_model(TorchScript ONNX), LATENCY hint",
+        )
+    )
     qm, s = timed(lambda: nncf_default_int8(ts, calib))
     log(f"  NNCF default INT8 {s:.1f} s")
     ov.save_model(qm, str(work / "peer-nncf" / "openvino_model.xml"))
-    paths.append(Path_("peer: OpenVINO + NNCF INT8", PEER, "int8", OvModel(qm, threads, "peer-ov-int8", *io), f"nncf.quantize(model_type=TRANSFORMER), {len(calib)} samples",
-                       build_s=s, file=work / "peer-nncf" / "openvino_model.xml"))
+    paths.append(
+        Path_(
+            "peer: OpenVINO + NNCF INT8",
+            PEER,
+            "int8",
+            OvModel(qm, threads, "peer-ov-int8", *io),
+            f"nncf.quantize(model_type=TRANSFORMER), {len(calib)} samples",
+            build_s=s,
+            file=work / "peer-nncf" / "openvino_model.xml",
+        )
+    )
 
     # --- d2v-export: exactly the candidates `--pick` builds (Backend.plan), each on the graph the pipeline gives it
     graph, s = timed(lambda: export_mod.export(model, profile, work / "d2v" / "model.onnx"))
@@ -372,8 +443,16 @@ def build_paths(
     from d2v_export.pipeline import RunOptions, plan_context
     from d2v_export.rewrite import describe, for_model
 
-    options = RunOptions(output=work / "unused", targets=("onnxruntime", "openvino"), threads=threads, int8=QuantOptions(samples=len(calib)), pick=True)
-    samples = Samples(feeds=tuple(calib), names=tuple(f"c{i}" for i in range(len(calib))), labels=None, skipped=(), source="bundled")
+    options = RunOptions(
+        output=work / "unused",
+        targets=("onnxruntime", "openvino"),
+        threads=threads,
+        int8=QuantOptions(samples=len(calib)),
+        pick=True,
+    )
+    samples = Samples(
+        feeds=tuple(calib), names=tuple(f"c{i}" for i in range(len(calib))), labels=None, skipped=(), source="bundled"
+    )
     graphs: dict[tuple[str, ...], Any] = {(): (graph, {})}
     for target in options.targets:
         backend = backends.get(target)
@@ -386,13 +465,25 @@ def build_paths(
             artifact, s = timed(lambda: backend.compile(g, work / name, request))  # noqa: B023 - called at once
             log(f"  d2v {name}: built in {s:.1f} s")
             label = f"{D2V}: {name}"
-            paths.append(Path_(label, D2V, request.precision.value, backend.runner(artifact, threads=threads), how, build_s=s, file=artifact.model_file))
+            paths.append(
+                Path_(
+                    label,
+                    D2V,
+                    request.precision.value,
+                    backend.runner(artifact, threads=threads),
+                    how,
+                    build_s=s,
+                    file=artifact.model_file,
+                )
+            )
     if fusions:
         paths.extend(lever_paths(model, graph, calib, work, threads, log))
     return paths
 
 
-def lever_paths(model: Any, graph: Any, calib: list[dict[str, np.ndarray]], work: Path, threads: int, log: Callable[[str], None]) -> list[Path_]:
+def lever_paths(
+    model: Any, graph: Any, calib: list[dict[str, np.ndarray]], work: Path, threads: int, log: Callable[[str], None]
+) -> list[Path_]:
     """d2v_export.optimize's graph levers, when the module exists (fusions before quantization)."""
     try:
         from d2v_export import optimize
@@ -414,7 +505,9 @@ def lever_paths(model: Any, graph: Any, calib: list[dict[str, np.ndarray]], work
 STATIC_FROM = ("d2v: openvino-int8-static", "d2v: openvino-int8-static-sym", "d2v: onnxruntime-int8-dynamic")
 
 
-def static_shape_paths(model: Any, paths: list[Path_], feed: Mapping[str, np.ndarray], work: Path, threads: int, log: Callable[[str], None]) -> list[Path_]:
+def static_shape_paths(
+    model: Any, paths: list[Path_], feed: Mapping[str, np.ndarray], work: Path, threads: int, log: Callable[[str], None]
+) -> list[Path_]:
     """The static-shape lever: the best INT8 artifacts with every input dimension fixed to this point's sizes.
 
     What d2v-export builds when MIN=OPT=MAX (a fixed-size edge deployment). Drift is the dynamic artifact's
@@ -448,7 +541,18 @@ def static_shape_paths(model: Any, paths: list[Path_], feed: Mapping[str, np.nda
         except Exception as exc:  # a lever that does not apply is a result, not a crash
             log(f"  lever {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
             continue
-        out.append(Path_(name, D2V, p.precision, runner, p.how + "; inputs fixed to the point's shape", p.drift, p.passed, p.failed))
+        out.append(
+            Path_(
+                name,
+                D2V,
+                p.precision,
+                runner,
+                p.how + "; inputs fixed to the point's shape",
+                p.drift,
+                p.passed,
+                p.failed,
+            )
+        )
     return out
 
 
@@ -461,20 +565,26 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 # ----------------------------------------------------------------------------------------- one modality
 
 
-def run_modality(modality: Modality, plan: Plan, threads: int, work: Path, *, levers: bool, fusions: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def run_modality(
+    modality: Modality, plan: Plan, threads: int, work: Path, *, levers: bool, fusions: bool, log: Callable[[str], None]
+) -> dict[str, Any]:
     from d2v_export.calibration import load_samples
 
     model = models.load(models.parse_source(f"preset:{plan.preset}", modality, None))
     profile = resolve_profile(model, ShapeRequest())
     calib = [dict(f) for f in load_samples(None, model, profile, split="calibration", count=plan.calib, seed=0).feeds]
     evaluation = load_samples(None, model, profile, split="evaluation", count=plan.evals, seed=0)
-    log(f"{modality.value}: {model.head.class_name} preset:{plan.preset}, profile {profile.dims}, {len(calib)} calibration / {len(evaluation)} evaluation samples")
+    log(
+        f"{modality.value}: {model.head.class_name} preset:{plan.preset}, profile {profile.dims}, {len(calib)} calibration / {len(evaluation)} evaluation samples"
+    )
     paths = build_paths(model, profile, calib, work / modality.value, threads, levers=levers, fusions=fusions, log=log)
     budget = budget_for(model, QuantOptions())
     ref = paths[0].runner
     ref_out = [ref.infer(f) for f in evaluation.feeds]
     for p in paths[1:]:
-        d = task_drift(model, ref_out, p.runner.infer, evaluation.feeds, budget, labels=evaluation.labels, source=evaluation.source)
+        d = task_drift(
+            model, ref_out, p.runner.infer, evaluation.feeds, budget, labels=evaluation.labels, source=evaluation.source
+        )
         p.drift, p.passed, p.failed = dict(d.metrics), d.passed, d.failed
     wrapper = export_mod.make_wrapper(model)
     breakdown = op_breakdowns(model, profile, plan, paths, threads, log)
@@ -490,26 +600,46 @@ def run_modality(modality: Modality, plan: Plan, threads: int, work: Path, *, le
             feed = dummy_inputs(model.head, model.config, sizes, seed=7)
             gflops = model_gflops(wrapper, feed)
             settings = bench.BenchSettings(
-                warmup=2, min_iterations=plan.min_iter_throughput if point.throughput else plan.min_iter, max_iterations=200,
-                seconds=plan.seconds, max_warmup=8, max_warmup_seconds=plan.seconds,
-            )  # fmt: skip
-            statics = static_shape_paths(model, paths, feed, work / modality.value / f"static-{len(results)}", threads, log) if levers else []
+                warmup=2,
+                min_iterations=plan.min_iter_throughput if point.throughput else plan.min_iter,
+                max_iterations=200,
+                seconds=plan.seconds,
+                max_warmup=8,
+                max_warmup_seconds=plan.seconds,
+            )
+            statics = (
+                static_shape_paths(model, paths, feed, work / modality.value / f"static-{len(results)}", threads, log)
+                if levers
+                else []
+            )
             for sp in statics:  # same drift as the dynamic-shape artifact they are made from
                 paths.append(sp)
             load_before = load_average()
             t0 = time.perf_counter()
-            stats = bench.measure({**runners, **{sp.name: sp.runner for sp in statics}}, feed, batch=sizes["batch"], shape=sizes, settings=settings)
+            stats = bench.measure(
+                {**runners, **{sp.name: sp.runner for sp in statics}},
+                feed,
+                batch=sizes["batch"],
+                shape=sizes,
+                settings=settings,
+            )
             for sp in statics:
                 sp.runner.close()
             log(f"  {point.label}: {time.perf_counter() - t0:.0f} s, load {load_before} -> {load_average()}")
-            results.append({
-                "point": point.label, "sizes": sizes, "throughput": point.throughput, "gflops": gflops,
-                "load_before": load_before, "load_after": load_average(),
-                "ceiling": {kind: gops(stats[name].p50) for kind, name in PROBES.items()},
-                "p50_ms": {n: s.p50 for n, s in stats.items() if n not in PROBES.values()},
-                "p90_ms": {n: s.p90 for n, s in stats.items() if n not in PROBES.values()},
-                "n": {n: s.n for n, s in stats.items()},
-            })  # fmt: skip
+            results.append(
+                {
+                    "point": point.label,
+                    "sizes": sizes,
+                    "throughput": point.throughput,
+                    "gflops": gflops,
+                    "load_before": load_before,
+                    "load_after": load_average(),
+                    "ceiling": {kind: gops(stats[name].p50) for kind, name in PROBES.items()},
+                    "p50_ms": {n: s.p50 for n, s in stats.items() if n not in PROBES.values()},
+                    "p90_ms": {n: s.p90 for n, s in stats.items() if n not in PROBES.values()},
+                    "n": {n: s.n for n, s in stats.items()},
+                }
+            )
     return {
         "modality": modality.value,
         "class": model.head.class_name,
@@ -517,19 +647,35 @@ def run_modality(modality: Modality, plan: Plan, threads: int, work: Path, *, le
         "budget": budget,
         "eval_source": evaluation.source,
         "paths": [
-            {"name": p.name, "group": p.group, "precision": p.precision, "how": p.how, "drift": p.drift, "passed": p.passed,
-             "failed": list(p.failed), "build_s": round(p.build_s, 1)}
+            {
+                "name": p.name,
+                "group": p.group,
+                "precision": p.precision,
+                "how": p.how,
+                "drift": p.drift,
+                "passed": p.passed,
+                "failed": list(p.failed),
+                "build_s": round(p.build_s, 1),
+            }
             for p in {p.name: p for p in paths}.values()
         ],
         "points": results,
         "breakdown": breakdown,
-    }  # fmt: skip
+    }
 
 
-BREAKDOWN_OF = ("peer: OpenVINO + NNCF INT8", "d2v: openvino-int8-static", "d2v: openvino-int8-static-raw", "d2v: onnxruntime-int8-static", "d2v: onnxruntime-int8-dynamic")
+BREAKDOWN_OF = (
+    "peer: OpenVINO + NNCF INT8",
+    "d2v: openvino-int8-static",
+    "d2v: openvino-int8-static-raw",
+    "d2v: onnxruntime-int8-static",
+    "d2v: onnxruntime-int8-dynamic",
+)
 
 
-def op_breakdowns(model: Any, profile: Any, plan: Plan, paths: list[Path_], threads: int, log: Callable[[str], None]) -> dict[str, Any]:
+def op_breakdowns(
+    model: Any, profile: Any, plan: Plan, paths: list[Path_], threads: int, log: Callable[[str], None]
+) -> dict[str, Any]:
     """Per-op time groups (d2v_export.opprofile) of the main INT8 paths at the first point, and how OpenVINO runs attention."""
     from d2v_export import opprofile
 
@@ -545,7 +691,9 @@ def op_breakdowns(model: Any, profile: Any, plan: Plan, paths: list[Path_], thre
                 out["paths"][p.name] = opprofile.openvino_breakdown(p.file, feed, threads=threads, runs=plan.min_iter)
                 out["attention"][p.name] = opprofile.runtime_attention_ops(p.file, threads)
             else:
-                out["paths"][p.name] = opprofile.onnxruntime_breakdown(p.file, feed, threads=threads, runs=plan.min_iter)
+                out["paths"][p.name] = opprofile.onnxruntime_breakdown(
+                    p.file, feed, threads=threads, runs=plan.min_iter
+                )
         except Exception as exc:  # a profiler that fails is a gap in the table, not a lost run
             log(f"  breakdown of {p.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
     return out
@@ -582,11 +730,18 @@ def breakdown_table(result: Mapping[str, Any], gflops: float | None) -> list[str
     if gflops:
         lines.append(
             "| GEMM rate (all matmul+conv FLOPs / int8 + float GEMM time) | "
-            + " | ".join(f"{_gemm_rate(gflops, b['paths'][n]):.0f} GOP/s" if b["paths"][n].get(GEMM8) else "-" for n in names)
+            + " | ".join(
+                f"{_gemm_rate(gflops, b['paths'][n]):.0f} GOP/s" if b["paths"][n].get(GEMM8) else "-" for n in names
+            )
             + " |"
         )
     if b.get("attention"):
-        lines += ["", "Attention in OpenVINO's runtime model: " + "; ".join(f"{n}: {a or 'no fused attention'}" for n, a in b["attention"].items()) + "."]
+        lines += [
+            "",
+            "Attention in OpenVINO's runtime model: "
+            + "; ".join(f"{n}: {a or 'no fused attention'}" for n, a in b["attention"].items())
+            + ".",
+        ]
     return lines + [""]
 
 
@@ -616,7 +771,9 @@ def pick_summary(results: Sequence[Mapping[str, Any]]) -> list[str]:
                 continue
             best = min(dyn, key=lambda n: p50[n])
             fb = min(fixed, key=lambda n: p50[n]) if fixed else None
-            fixed_cells = f"{fb.removeprefix('d2v: ')} | {p50[fb]:.1f} | {p50[fastest] / p50[fb]:.2f}" if fb else "- | - | -"
+            fixed_cells = (
+                f"{fb.removeprefix('d2v: ')} | {p50[fb]:.1f} | {p50[fastest] / p50[fb]:.2f}" if fb else "- | - | -"
+            )
             lines.append(
                 f"| {result['modality']} {pt['point']} | {fastest.removeprefix('peer: ')} | {p50[fastest]:.1f} | {best.removeprefix('d2v: ')} | "
                 f"{p50[best]:.1f} | **{p50[fastest] / p50[best]:.2f}** | {p50[best] / floor:.2f} | {fixed_cells} |"
@@ -721,7 +878,10 @@ def render(doc: Mapping[str, Any]) -> str:
         lines += tables(result, c)
         lines += breakdown_table(result, result["points"][0]["gflops"] if result["points"] else None)
         lines += ["How each path was built:", ""]
-        lines += [f"- {p['name']}: {p['how']}" + (f" (build {p['build_s']} s)" if p["build_s"] else "") for p in result["paths"]]
+        lines += [
+            f"- {p['name']}: {p['how']}" + (f" (build {p['build_s']} s)" if p["build_s"] else "")
+            for p in result["paths"]
+        ]
         lines += [""]
     lines += [END]
     return "\n".join(lines) + "\n"
@@ -758,7 +918,9 @@ def environment(threads: int) -> dict[str, Any]:
     from d2v_export import doctor
 
     found = doctor.cpu_flags()
-    flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in found)
+    flags = ", ".join(
+        f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in found
+    )
     isa = doctor._int8_hint(found)  # the INT8 instruction class: decides which path can win (docs/PERFORMANCE.md)
     return {
         "cpu": cpu + (f" ({flags}; INT8: {isa})" if flags else ""),
@@ -770,7 +932,9 @@ def environment(threads: int) -> dict[str, Any]:
     }
 
 
-def save(args: Any, argv: list[str] | None, started: float, load_start: str, ceiling: Mapping[str, Any], results: list[Any]) -> None:
+def save(
+    args: Any, argv: list[str] | None, started: float, load_start: str, ceiling: Mapping[str, Any], results: list[Any]
+) -> None:
     doc = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -789,14 +953,24 @@ def save(args: Any, argv: list[str] | None, started: float, load_start: str, cei
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny presets, few iterations (a smoke run: ~40 s per modality on a quiet machine)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny presets, few iterations (a smoke run: ~40 s per modality on a quiet machine)",
+    )
     ap.add_argument("--modalities", default="vision,text,audio")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="the throughput batch")
     ap.add_argument("--seconds", type=float, default=None, help="timed budget per shape point (default 8, --quick 0.3)")
     ap.add_argument("--no-levers", action="store_true", help="leave out the fixed-shape paths")
-    ap.add_argument("--fusions", action="store_true", help="also time d2v_export.optimize's ORT transformer fusions (measured: no consistent gain)")
+    ap.add_argument(
+        "--fusions",
+        action="store_true",
+        help="also time d2v_export.optimize's ORT transformer fusions (measured: no consistent gain)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "PERFORMANCE.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     ap.add_argument("--render", type=Path, default=None, help="only re-render --out from a --json file written earlier")
@@ -826,9 +1000,15 @@ def main(argv: list[str] | None = None) -> int:
         ceiling["load"] = load_average()
         log(f"ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, int8 {ceiling['int8']:.0f} GOP/s")
         for name in [m.strip() for m in args.modalities.split(",") if m.strip()]:
-            results.append(run_modality(Modality(name), plan, args.threads, work, levers=not args.no_levers, fusions=args.fusions, log=log))
+            results.append(
+                run_modality(
+                    Modality(name), plan, args.threads, work, levers=not args.no_levers, fusions=args.fusions, log=log
+                )
+            )
             print("\n".join(tables(results[-1], ceiling)), flush=True)
-            save(args, argv, started, load_start, ceiling, results)  # after every modality: a long run keeps what it has
+            save(
+                args, argv, started, load_start, ceiling, results
+            )  # after every modality: a long run keeps what it has
     log(f"wrote {args.out}")
     return 0
 

@@ -144,7 +144,7 @@ def run_pipeline(modality: str, preset: str, targets: list[str], int8: bool, ext
             now = time.perf_counter()
             with lock:
                 close_stage(now)
-                stages.append(Stage(line[len("[d2v-export] "):][:90]))
+                stages.append(Stage(line[len("[d2v-export] ") :][:90]))
             stage_start = now
             log(f"  {now - started:7.1f} s  {_status(proc.pid).get('VmRSS', 0) / GB:5.2f} GB  {line[13:110]}")
         with lock:
@@ -200,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="large", help="tiny | base | large (default large)")
     ap.add_argument("--modalities", default="vision,text,audio", help="comma-separated (default vision,text,audio)")
-    ap.add_argument("--targets", default="onnxruntime,openvino", help="comma-separated --target values (default onnxruntime,openvino)")
+    ap.add_argument(
+        "--targets",
+        default="onnxruntime,openvino",
+        help="comma-separated --target values (default onnxruntime,openvino)",
+    )
     ap.add_argument("--no-int8", action="store_true", help="float variants only")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--top", type=int, default=4, help="slowest stages to name")
@@ -210,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for modality in [m.strip() for m in args.modalities.split(",") if m.strip()]:
         print(f"{modality} preset:{args.preset}", flush=True)
-        p = run_pipeline(modality, args.preset, args.targets.split(","), not args.no_int8, args.extra, lambda m: print(m, flush=True))
+        p = run_pipeline(
+            modality, args.preset, args.targets.split(","), not args.no_int8, args.extra, lambda m: print(m, flush=True)
+        )
         print(describe(p, args.top), flush=True)
         results.append(p)
     if args.json:

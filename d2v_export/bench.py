@@ -49,7 +49,9 @@ class BenchSettings:
     settle_window: int = 5  # warm-up: compare the median of the last N timings with the N before
     settle_tolerance: float = 0.05  # ... and call it settled within this fraction
     max_warmup: int = 50  # warm-up rounds at most
-    max_warmup_seconds: float | None = None  # warm-up time at most, all runners together; None: ``seconds``, at least 2 s
+    max_warmup_seconds: float | None = (
+        None  # warm-up time at most, all runners together; None: ``seconds``, at least 2 s
+    )
     disable_gc: bool = True  # no Python garbage collection pauses inside timed runs
     # every artifact opened once more in a child process (d2v_export.cold_start, about a second per variant at
     # tiny size): None measures it unless ``seconds`` is 0 (--bench-seconds 0, the quickest run)
@@ -164,7 +166,9 @@ def measure_pairs(
     """
     ref_name, ref_runner = reference
     if not candidates:
-        return measure_full({ref_name: ref_runner}, feed, batch=batch, shape=shape, settings=settings, progress=progress)
+        return measure_full(
+            {ref_name: ref_runner}, feed, batch=batch, shape=shape, settings=settings, progress=progress
+        )
     share = dataclasses.replace(settings, seconds=settings.seconds * 2 / (len(candidates) + 1))
     stats_by_name: dict[str, LatencyStats] = {}
     pair_reference: dict[str, LatencyStats] = {}
@@ -174,7 +178,9 @@ def measure_pairs(
     elapsed = 0.0
     for name, opener in candidates.items():
         with opener() as runner:
-            one = measure_full({ref_name: ref_runner, name: runner}, feed, batch=batch, shape=shape, settings=share, progress=progress)
+            one = measure_full(
+                {ref_name: ref_runner, name: runner}, feed, batch=batch, shape=shape, settings=share, progress=progress
+            )
         between()
         stats_by_name[name] = one.stats[name]
         pair_reference[name] = one.stats[ref_name]
@@ -191,7 +197,9 @@ def _order(names: list[str], rounds: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def _warm_up(runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], names: list[str], settings: BenchSettings) -> tuple[int, dict[str, bool]]:
+def _warm_up(
+    runners: Mapping[str, Runner], feed: Mapping[str, np.ndarray], names: list[str], settings: BenchSettings
+) -> tuple[int, dict[str, bool]]:
     """Untimed (for the report) rounds until every runner's timings stop drifting, or the cap."""
     history: dict[str, list[float]] = {name: [] for name in names}
     settled = {name: False for name in names}

@@ -38,9 +38,17 @@ PAIR_SEPARATOR = "|||"  # "question ||| context", "text ||| text pair", "prompt 
 
 # Files a Hugging Face tokenizer may write with save_pretrained.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "sentencepiece.bpe.model", "spm.model", "tokenizer.model",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "spm.model",
+    "tokenizer.model",
+)
 _PICKLE_SUFFIXES = frozenset({".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".joblib"})
 _CHUNK = 1 << 20
 
@@ -128,7 +136,11 @@ def _inside(folder: Path, path: Path) -> bool:
 
 def _tensor_doc(spec: Any, dims: Mapping[str, Any], static: Mapping[str, int]) -> dict[str, Any]:
     shape = list(spec.shape)
-    dynamic = {a: {"min": dims[a].min, "opt": dims[a].opt, "max": dims[a].max} for a in shape if isinstance(a, str) and a in dims}
+    dynamic = {
+        a: {"min": dims[a].min, "opt": dims[a].opt, "max": dims[a].max}
+        for a in shape
+        if isinstance(a, str) and a in dims
+    }
     fixed = {a: static["image_size"] for a in shape if a in ("height", "width") and "image_size" in static}
     return {"name": spec.name, "dtype": spec.dtype, "shape": shape, "dynamic": dynamic, "fixed": fixed}
 
@@ -148,8 +160,19 @@ def preprocessing(model: Any, graph: Any, folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"modality": modality.value}
     if modality is Modality.VISION and model.processor is not None:
         p = _processor_dict(model.processor)
-        keys: tuple[str, ...] = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-                "do_normalize", "image_mean", "image_std", "do_reduce_labels")  # fmt: skip
+        keys: tuple[str, ...] = (
+            "do_resize",
+            "size",
+            "resample",
+            "do_center_crop",
+            "crop_size",
+            "do_rescale",
+            "rescale_factor",
+            "do_normalize",
+            "image_mean",
+            "image_std",
+            "do_reduce_labels",
+        )
         out |= {
             "processor": type(model.processor).__name__,
             "config_file": "preprocessor_config.json",
@@ -189,11 +212,15 @@ def _labels(config: Any) -> dict[str, str] | None:
     return {str(int(k)): str(v) for k, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
 
 
-def _devices(variant_verdict: Mapping[str, Any] | None, environment: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _devices(
+    variant_verdict: Mapping[str, Any] | None, environment: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """({device: what the variant was measured on, deploy_device: what it was built for}, from its report entry, null
     without one; the environment with the variant's device in place of the PyTorch reference's)."""
     devices = {k: (variant_verdict or {}).get(k) for k in ("device", "deploy_device")}
-    env = {k: v for k, v in environment.items() if k != "device"} | ({"device": devices["device"]} if devices["device"] else {})
+    env = {k: v for k, v in environment.items() if k != "device"} | (
+        {"device": devices["device"]} if devices["device"] else {}
+    )
     return devices, env
 
 
@@ -287,7 +314,8 @@ def write_manifest(
     }
     _write_readme_and_runner(folder, doc)
     doc["files"] = [
-        {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)
+        {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in _files(folder)
     ]
     path = folder / MANIFEST
     tmp = folder / f".{MANIFEST}.tmp"
@@ -331,7 +359,10 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
         f"Model `{m['class']}` ({m['description']}), exported by d2v-export {doc['tool']['version']}.",
     ]
     if m["random_weights"]:
-        lines += ["", "**RANDOM WEIGHTS**: a preset with the real architecture and untrained weights; its outputs mean nothing."]
+        lines += [
+            "",
+            "**RANDOM WEIGHTS**: a preset with the real architecture and untrained weights; its outputs mean nothing.",
+        ]
     lines += [
         "",
         "`manifest.json` lists every file with its size and sha256, the inputs and outputs, the preprocessing, "
@@ -355,7 +386,11 @@ def readme(doc: Mapping[str, Any], *, folder: Path | None = None) -> str:
     for t in doc["inputs"]:
         ranges = ", ".join(f"{axis} {r['min']}..{r['max']} (best at {r['opt']})" for axis, r in t["dynamic"].items())
         fixed = ", ".join(f"{axis} {n}" for axis, n in t["fixed"].items())
-        lines.append(f"- `{t['name']}` {t['dtype']} {tuple(t['shape'])}" + (f": {ranges}" if ranges else "") + (f"; {fixed}" if fixed else ""))
+        lines.append(
+            f"- `{t['name']}` {t['dtype']} {tuple(t['shape'])}"
+            + (f": {ranges}" if ranges else "")
+            + (f"; {fixed}" if fixed else "")
+        )
     lines += ["", "```python", "import numpy as np"]
     lines += _feed_lines(name, modality, task, doc["preprocessing"])
     lines.append("")
@@ -382,10 +417,16 @@ def _torchfree_lines(doc: Mapping[str, Any]) -> list[str]:
     target, m = doc["target"], doc["model"]
     if not _runs_without_torch(target):
         return []
-    needs = {"vision": "pillow", "audio": "soundfile (and scipy for files not at the bundle's sampling rate)", "text": "tokenizers"}
+    needs = {
+        "vision": "pillow",
+        "audio": "soundfile (and scipy for files not at the bundle's sampling rate)",
+        "text": "tokenizers",
+    }
     lines = ["", "## Run it without torch", ""]
     if m["task"] not in TASKS:
-        return lines + [f"`{SCRIPT}` answers {', '.join(TASKS)}; for {m['task']} use the runtime code above or `d2v-export run`."]
+        return lines + [
+            f"`{SCRIPT}` answers {', '.join(TASKS)}; for {m['task']} use the runtime code above or `d2v-export run`."
+        ]
     example = {"vision": "cat.jpg", "audio": "speech.wav", "text": '"A sentence to classify."'}[m["modality"]]
     return lines + [
         f"`{SCRIPT}` runs this bundle with no torch, transformers or d2v-export: Python 3.10+, numpy, {target}, "
@@ -416,8 +457,9 @@ def _padding_lines(doc: Mapping[str, Any]) -> list[str]:
         "`padding=True`). Each row answers as it would alone, on its own positions; outputs per token are "
         "meaningful only where the mask is 1. d2v-export checks this in every export check.",
         "This variant computes its INT8 scales over the whole batch (dynamic INT8): a row's answer moves a little "
-        "with the other rows (see docs/bundles.md, \"Padding and masks\")." if dynamic else
-        "Each row's answer equals its answer alone within the export check's tolerance.",
+        'with the other rows (see docs/bundles.md, "Padding and masks").'
+        if dynamic
+        else "Each row's answer equals its answer alone within the export check's tolerance.",
     ]
 
 
@@ -439,11 +481,12 @@ def _audio_padding_lines(doc: Mapping[str, Any], dynamic: bool) -> list[str]:
         "outputs (sequence classification, x-vectors) pool those frames only. A single clip takes a mask of ones.",
         "The graph re-zeroes the padded frames before each layer of the positional convolution stack, so a padded row "
         "equals its run alone; transformers' own batched forward does not (its positional convolutions carry the "
-        "padding into the last real frames; see docs/bundles.md, \"Padding and masks\"). d2v-export checks this in "
+        'padding into the last real frames; see docs/bundles.md, "Padding and masks"). d2v-export checks this in '
         "every export check.",
         "This variant computes its INT8 scales over the whole batch (dynamic INT8): a row's answer moves a little "
-        "with the other rows (see docs/bundles.md, \"Padding and masks\")." if dynamic else
-        "Each row's answer equals its answer alone within the export check's tolerance.",
+        'with the other rows (see docs/bundles.md, "Padding and masks").'
+        if dynamic
+        else "Each row's answer equals its answer alone within the export check's tolerance.",
     ]
 
 
@@ -452,7 +495,10 @@ def _long_recording_lines(doc: Mapping[str, Any], run_line: str) -> list[str]:
     (``d2v_export.chunking``, which ``d2v-export run`` uses). ``run_line`` is the snippet's last line: feed -> outputs."""
     from . import chunking
 
-    if doc["model"]["modality"] != "audio" or doc["model"]["task"] not in ("automatic-speech-recognition", "audio-frame-classification"):
+    if doc["model"]["modality"] != "audio" or doc["model"]["task"] not in (
+        "automatic-speech-recognition",
+        "audio-frame-classification",
+    ):
         return []
     samples = next((t["dynamic"]["samples"] for t in doc["inputs"] if "samples" in t.get("dynamic", {})), None)
     if samples is None:
@@ -462,10 +508,17 @@ def _long_recording_lines(doc: Mapping[str, Any], run_line: str) -> list[str]:
     except ValueError:
         return []
     rate = int(doc["preprocessing"].get("sampling_rate") or 16000)
-    decode = (["vocab = {i: t for t, i in json.load(open(\"" + doc["name"] + "/vocab.json\")).items()}  # greedy CTC, once over the whole",
-               "ids = [i for j, i in enumerate(logits.argmax(-1)) if i != 0 and (j == 0 or i != logits.argmax(-1)[j - 1])]",
-               'print(" ".join("".join(vocab[i] for i in ids if vocab[i] not in ("<s>", "</s>", "<unk>")).replace("|", " ").split()))']
-              if doc["model"]["task"] == "automatic-speech-recognition" else ["print(logits.argmax(-1))  # one class per 20 ms frame"])  # fmt: skip
+    decode = (
+        [
+            'vocab = {i: t for t, i in json.load(open("'
+            + doc["name"]
+            + '/vocab.json")).items()}  # greedy CTC, once over the whole',
+            "ids = [i for j, i in enumerate(logits.argmax(-1)) if i != 0 and (j == 0 or i != logits.argmax(-1)[j - 1])]",
+            'print(" ".join("".join(vocab[i] for i in ids if vocab[i] not in ("<s>", "</s>", "<unk>")).replace("|", " ").split()))',
+        ]
+        if doc["model"]["task"] == "automatic-speech-recognition"
+        else ["print(logits.argmax(-1))  # one class per 20 ms frame"]
+    )
     return [
         "",
         "## Long recordings",
@@ -484,7 +537,7 @@ def _long_recording_lines(doc: Mapping[str, Any], run_line: str) -> list[str]:
         "    last = start + window >= n",
         "    if last and n > window:",
         "        start = -(-(n - window) // hop) * hop  # the last window ends with the recording, on a frame boundary",
-        '    part = values[:, start : start + window]',
+        "    part = values[:, start : start + window]",
         '    feed = {"input_values": part, "attention_mask": np.ones(part.shape, dtype=np.int64)}  # a window has no padding',
         f"    {run_line}",
         "    frames = list(outputs.values())[0][0]  # (frames, classes): frame j is frame start // hop + j of the recording",
@@ -530,11 +583,14 @@ def _feed_lines(name: str, modality: str, task: str, pre: Mapping[str, Any]) -> 
             "from transformers import AutoTokenizer",
             "",
             f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-            'enc = tokenizer("A sentence.", return_tensors="np")' + ("  # for QA: tokenizer(question, context, ...)" if task == "question-answering" else ""),
+            'enc = tokenizer("A sentence.", return_tensors="np")'
+            + ("  # for QA: tokenizer(question, context, ...)" if task == "question-answering" else ""),
             'feed = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}',
         ]
         if task == "multiple-choice":
-            lines.append('feed = {k: v[:, None] for k, v in feed.items()}  # (batch, choices, sequence): one row per choice')
+            lines.append(
+                "feed = {k: v[:, None] for k, v in feed.items()}  # (batch, choices, sequence): one row per choice"
+            )
     return lines
 
 
@@ -550,7 +606,10 @@ def _safe_rel(folder: Path, raw: object) -> str:
         raise _fail(folder, f"lists a bad path {raw!r} in {MANIFEST}; rebuild it with d2v-export")
     pure = PurePosixPath(raw)
     if pure.is_absolute() or raw.startswith(("/", "\\")) or "\\" in raw or (len(raw) > 1 and raw[1] == ":"):
-        raise _fail(folder, f"lists an absolute or non-POSIX path '{raw}' in {MANIFEST}; refusing it (paths are relative, '/'-separated, inside the bundle)")
+        raise _fail(
+            folder,
+            f"lists an absolute or non-POSIX path '{raw}' in {MANIFEST}; refusing it (paths are relative, '/'-separated, inside the bundle)",
+        )
     if any(part in ("..", "") for part in raw.split("/")) or pure.parts[0] == ".":
         raise _fail(folder, f"lists the path '{raw}' that escapes the bundle in {MANIFEST}; refusing it")
     if not _inside(folder, folder / raw):
@@ -615,9 +674,13 @@ def _looks_like_pickle(head: bytes) -> bool:
 def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise D2VError(f"bundle '{folder}' is not a folder; pass a variant folder such as out/vision/{backends.DEFAULT}-fp32")
+        raise D2VError(
+            f"bundle '{folder}' is not a folder; pass a variant folder such as out/vision/{backends.DEFAULT}-fp32"
+        )
     if path.is_symlink() or not path.is_file():
-        raise _fail(folder, f"has no {MANIFEST}; pass a variant folder written by d2v-export (not the run's top folder)")
+        raise _fail(
+            folder, f"has no {MANIFEST}; pass a variant folder written by d2v-export (not the run's top folder)"
+        )
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
@@ -626,7 +689,10 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise _fail(folder, f"has a {MANIFEST} that is not a JSON object; rebuild it")
     version = str(doc.get("schema_version", ""))
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise _fail(folder, f"has manifest schema {version or 'none'}, this d2v-export reads {SCHEMA_VERSION}; rebuild or upgrade")
+        raise _fail(
+            folder,
+            f"has manifest schema {version or 'none'}, this d2v-export reads {SCHEMA_VERSION}; rebuild or upgrade",
+        )
     return doc
 
 
@@ -641,16 +707,27 @@ def _field_problem(doc: Mapping[str, Any]) -> str | None:
             return f"'{key}' is not an object"
     for key in ("inputs", "outputs"):
         value = doc.get(key)
-        if value is not None and (not isinstance(value, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in value)):
+        if value is not None and (
+            not isinstance(value, list)
+            or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in value)
+        ):
             return f"'{key}' is not a list of named tensors"
     for t in doc.get("inputs") or ():
         dynamic = t.get("dynamic") or {}
         ranges = dynamic.values() if isinstance(dynamic, dict) else [None]
-        if not all(isinstance(r, dict) and all(_is_int(r.get(k)) for k in ("min", "opt", "max")) and 0 < r["min"] <= r["opt"] <= r["max"] for r in ranges):
+        if not all(
+            isinstance(r, dict)
+            and all(_is_int(r.get(k)) for k in ("min", "opt", "max"))
+            and 0 < r["min"] <= r["opt"] <= r["max"]
+            for r in ranges
+        ):
             return f"input '{t['name']}' has a dynamic axis without 0 < min <= opt <= max"
     if not all(_is_int(v) and v > 0 for v in (doc.get("static") or {}).values()):
         return "'static' holds a size that is not a positive integer"
-    if not all(str(k).lstrip("-").isdecimal() and str(k).isascii() and isinstance(v, str) for k, v in (doc.get("labels") or {}).items()):
+    if not all(
+        str(k).lstrip("-").isdecimal() and str(k).isascii() and isinstance(v, str)
+        for k, v in (doc.get("labels") or {}).items()
+    ):
         return "'labels' maps something other than class ids to names"
     return None
 
@@ -661,7 +738,9 @@ def _check_fields(folder: Path, doc: Mapping[str, Any]) -> None:
         raise _fail(folder, f"has a malformed {MANIFEST}: {problem}; rebuild it with d2v-export")
     for key in ("task", "class"):
         if not isinstance((doc.get("model") or {}).get(key, ""), str):
-            raise _fail(folder, f"has a malformed {MANIFEST}: model '{key}' is not a string; rebuild it with d2v-export")
+            raise _fail(
+                folder, f"has a malformed {MANIFEST}: model '{key}' is not a string; rebuild it with d2v-export"
+            )
     for key in ("target", "precision"):
         if not isinstance(doc.get(key, ""), str):
             raise _fail(folder, f"has a malformed {MANIFEST}: '{key}' is not a string; rebuild it with d2v-export")
@@ -694,7 +773,10 @@ def _check_files(folder: Path, listed: Mapping[str, Mapping[str, Any]]) -> None:
     names = {p.relative_to(folder).as_posix() for p in present}
     extra = sorted(names - set(listed))
     if extra:
-        raise _fail(folder, f"holds {len(extra)} file(s) not in {MANIFEST} (e.g. '{extra[0]}'); remove them or rebuild the bundle")
+        raise _fail(
+            folder,
+            f"holds {len(extra)} file(s) not in {MANIFEST} (e.g. '{extra[0]}'); remove them or rebuild the bundle",
+        )
     missing = sorted(set(listed) - names)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -703,7 +785,10 @@ def _check_files(folder: Path, listed: Mapping[str, Mapping[str, Any]]) -> None:
         path = folder / rel
         size = path.stat().st_size
         if size != entry.get("size"):
-            raise _fail(folder, f"file '{rel}' has {size} bytes, the manifest says {entry.get('size')}: it was changed; refusing it")
+            raise _fail(
+                folder,
+                f"file '{rel}' has {size} bytes, the manifest says {entry.get('size')}: it was changed; refusing it",
+            )
         if sha256_file(path) != str(entry.get("sha256", "")).lower():
             raise _fail(folder, f"file '{rel}' does not match its sha256 in {MANIFEST}: it was changed; refusing it")
 
@@ -720,7 +805,9 @@ def _modality(folder: Path, doc: Mapping[str, Any]) -> Modality:
     try:
         head_for(modality, str(m.get("task", "")))
     except D2VError:  # found by fuzzing: heads' own message named no bundle
-        raise _fail(folder, f"names the task {m.get('task')!r}, which {modality.value} has not, in {MANIFEST}; rebuild it") from None
+        raise _fail(
+            folder, f"names the task {m.get('task')!r}, which {modality.value} has not, in {MANIFEST}; rebuild it"
+        ) from None
     return modality
 
 

@@ -26,7 +26,9 @@ import numpy as np
 
 HOP = 320  # samples per frame of the wav2vec2-style feature encoder: prod(conv_stride) = 5 * 2**6
 RECEPTIVE = 400  # samples the first frame sees: its receptive field with conv_kernel (10, 3, 3, 3, 3, 2, 2)
-STRIDE_FRACTION = 1 / 6  # context dropped on each side of a window: transformers' default stride_length_s = chunk_length_s / 6
+STRIDE_FRACTION = (
+    1 / 6
+)  # context dropped on each side of a window: transformers' default stride_length_s = chunk_length_s / 6
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,14 @@ def windows(length: int, window: int, stride: int, encoder: Encoder = Encoder())
     every frame after the previous window's last kept frame."""
     hop = encoder.hop
     if window % hop or stride % hop or window - 2 * stride < hop:
-        raise ValueError(f"window {window} and stride {stride} must be whole frames ({hop} samples) with window > 2 * stride")
+        raise ValueError(
+            f"window {window} and stride {stride} must be whole frames ({hop} samples) with window > 2 * stride"
+        )
     total = encoder.frames(length)
     if encoder.frames(window) < (window - stride) // hop:
-        raise ValueError(f"stride {stride} is shorter than the encoder's receptive field ({encoder.receptive} samples) allows")
+        raise ValueError(
+            f"stride {stride} is shorter than the encoder's receptive field ({encoder.receptive} samples) allows"
+        )
     if length <= window:
         return [Window(0, length, 0, total)]
     step, margin = window - 2 * stride, stride // hop

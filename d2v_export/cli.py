@@ -56,13 +56,19 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(int(exc.code))
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP (pipeline.Interrupted): exit 128 + the signal
             signum = int(getattr(exc, "signum", signal.SIGINT))
-            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing was written to the output folder", err=True)
+            click.echo(
+                f"error: interrupted ({signal.Signals(signum).name}); nothing was written to the output folder",
+                err=True,
+            )
             sys.exit(128 + signum)
         except Exception as exc:  # a bug: one line, the traceback with D2V_DEBUG=1
             if os.environ.get("D2V_DEBUG"):
                 raise
             first = str(exc).splitlines()[0] if str(exc) else ""
-            click.echo(f"error: internal error {exc.__class__.__name__}: {first} (rerun with D2V_DEBUG=1 for the traceback)", err=True)
+            click.echo(
+                f"error: internal error {exc.__class__.__name__}: {first} (rerun with D2V_DEBUG=1 for the traceback)",
+                err=True,
+            )
             sys.exit(int(ExitCode.INTERNAL))
 
     return wrapper
@@ -95,29 +101,67 @@ def main() -> None:
 def _int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
     """The INT8 knobs, shared by the single run and `matrix` (one definition, one meaning)."""
     return [
-        click.option("--quant", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-                     help="INT8 mode: static (calibrated activations) or dynamic (no calibration: each target's own, e.g. activation "
-                          "ranges at run time or weights only; docs/quantization.md)."),
-        click.option("--calibration", type=click.Path(path_type=Path, exists=True), default=None,
-                     help="Calibration samples: a folder of images/audio (labels from Hugging Face metadata.csv/.jsonl or class folders), "
-                          "a .txt/.jsonl text file, a datasets save_to_disk folder, a .parquet file, .npz feeds, or a calibration-cache.npz."),
-        click.option("--calib-samples", type=click.IntRange(min=1), default=32, show_default=True, help="Calibration samples to use (seeded pick)."),
-        click.option("--calib-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True),
-        click.option("--eval", "eval_path", type=click.Path(path_type=Path, exists=True), default=None,
-                     help="Held-out samples for the drift check, in any --calibration layout; labels give accuracy (CER/WER for speech). "
-                          "Default: the bundled evaluation split."),
+        click.option(
+            "--quant",
+            type=click.Choice(["static", "dynamic"]),
+            default="static",
+            show_default=True,
+            help="INT8 mode: static (calibrated activations) or dynamic (no calibration: each target's own, e.g. activation "
+            "ranges at run time or weights only; docs/quantization.md).",
+        ),
+        click.option(
+            "--calibration",
+            type=click.Path(path_type=Path, exists=True),
+            default=None,
+            help="Calibration samples: a folder of images/audio (labels from Hugging Face metadata.csv/.jsonl or class folders), "
+            "a .txt/.jsonl text file, a datasets save_to_disk folder, a .parquet file, .npz feeds, or a calibration-cache.npz.",
+        ),
+        click.option(
+            "--calib-samples",
+            type=click.IntRange(min=1),
+            default=32,
+            show_default=True,
+            help="Calibration samples to use (seeded pick).",
+        ),
+        click.option(
+            "--calib-method",
+            type=click.Choice(["minmax", "entropy", "percentile"]),
+            default="minmax",
+            show_default=True,
+        ),
+        click.option(
+            "--eval",
+            "eval_path",
+            type=click.Path(path_type=Path, exists=True),
+            default=None,
+            help="Held-out samples for the drift check, in any --calibration layout; labels give accuracy (CER/WER for speech). "
+            "Default: the bundled evaluation split.",
+        ),
         click.option("--eval-samples", type=click.IntRange(min=1), default=16, show_default=True),
-        click.option("--columns", default=None, metavar="ROLE=COLUMN,...",
-                     help="Dataset/metadata columns where the usual names do not fit, e.g. image=img,label=fine_label. "
-                          "Roles: image, audio, text, text_pair, question, context, label, transcription."),
-        click.option("--max-drift", multiple=True, metavar="METRIC=VALUE[@CONFIDENCE]",
-                     help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable. A metric that counts answers "
-                          "(top1_agreement, accuracy_drop, span_exact_match) fails only when over budget with 95 % confidence; "
-                          "@C asks for another confidence (accuracy_drop=0.005@0.8), @0 judges the measured value alone."),
+        click.option(
+            "--columns",
+            default=None,
+            metavar="ROLE=COLUMN,...",
+            help="Dataset/metadata columns where the usual names do not fit, e.g. image=img,label=fine_label. "
+            "Roles: image, audio, text, text_pair, question, context, label, transcription.",
+        ),
+        click.option(
+            "--max-drift",
+            multiple=True,
+            metavar="METRIC=VALUE[@CONFIDENCE]",
+            help="Override a drift budget, e.g. top1_agreement=0.99 or wer=0.02; repeatable. A metric that counts answers "
+            "(top1_agreement, accuracy_drop, span_exact_match) fails only when over budget with 95 % confidence; "
+            "@C asks for another confidence (accuracy_drop=0.005@0.8), @0 judges the measured value alone.",
+        ),
         *_target_int8_options(),
-        click.option("--fallback", type=click.Choice(["auto", "off"]), default="off", show_default=True,
-                     help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds."),
-    ]  # fmt: skip
+        click.option(
+            "--fallback",
+            type=click.Choice(["auto", "off"]),
+            default="off",
+            show_default=True,
+            help="auto: when INT8 breaks the budget, return the most sensitive nodes to float until it holds.",
+        ),
+    ]
 
 
 def _target_int8_options() -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
@@ -141,9 +185,12 @@ def _int8_options_decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _defer_build_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     deferring = _targets_that(lambda b: b.can_defer)
-    return click.option("--defer-build", is_flag=True,
-                        help=f"Targets that can defer their build ({deferring}) where their runtime or device is not here: write the "
-                             "portable half (graph, build recipe, simulated drift) and build on the device later.")  # fmt: skip
+    return click.option(
+        "--defer-build",
+        is_flag=True,
+        help=f"Targets that can defer their build ({deferring}) where their runtime or device is not here: write the "
+        "portable half (graph, build recipe, simulated drift) and build on the device later.",
+    )
 
 
 def _int8_settings(kw: dict[str, Any]) -> Any:
@@ -170,11 +217,19 @@ def _int8_settings(kw: dict[str, Any]) -> Any:
 
 def _device_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--device, shared by the single run and `matrix`; what each target takes comes from its backend."""
-    takes = "; ".join(f"{name}: {b.devices.choices} (default {b.devices.default})" for name, b in ((n, backends.get(n)) for n in backends.names()))
-    return click.option("--device", "device", multiple=True, metavar="[TARGET=]DEVICE",
-                        help="Device to build for and measure on. TARGET=DEVICE sets one target's (repeatable); a plain DEVICE "
-                             f"sets every other target's, and must be one each of them takes. Default: each target's own. {takes}. "
-                             "A device the target does not take: exit 2; one that is not here: exit 6 (both before any work).")  # fmt: skip
+    takes = "; ".join(
+        f"{name}: {b.devices.choices} (default {b.devices.default})"
+        for name, b in ((n, backends.get(n)) for n in backends.names())
+    )
+    return click.option(
+        "--device",
+        "device",
+        multiple=True,
+        metavar="[TARGET=]DEVICE",
+        help="Device to build for and measure on. TARGET=DEVICE sets one target's (repeatable); a plain DEVICE "
+        f"sets every other target's, and must be one each of them takes. Default: each target's own. {takes}. "
+        "A device the target does not take: exit 2; one that is not here: exit 6 (both before any work).",
+    )
 
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -262,7 +317,9 @@ def _variant_options() -> list[Decorator]:
         _device_option(),
         click.option("--fp16", is_flag=True, help=f"Also build fp16 variants on targets that build them ({fp16})."),
         click.option(
-            "--bf16", is_flag=True, help=f"Also build bf16 variants on targets that build them ({bf16}; on devices with bf16)."
+            "--bf16",
+            is_flag=True,
+            help=f"Also build bf16 variants on targets that build them ({bf16}; on devices with bf16).",
         ),
         click.option(
             "--pick",
@@ -362,11 +419,19 @@ def _export_command(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any)
         from .profiles import load_profile
 
         ctx = click.get_current_context()
-        explicit = {name for name, param in _EXPLICIT.items() if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT}
+        explicit = {
+            name
+            for name, param in _EXPLICIT.items()
+            if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT
+        }
         if device is None:  # only a plain --device overrides the profile's device; TARGET=DEVICE applies on top of it
             explicit.discard("device")
-        options, shapes = apply_profile(options, shapes, load_profile(kw["target_profile"]), explicit=explicit, int8=settings)
-    options = dataclasses.replace(options, device=device, devices={**options.devices, **devices})  # checked against the final targets
+        options, shapes = apply_profile(
+            options, shapes, load_profile(kw["target_profile"]), explicit=explicit, int8=settings
+        )
+    options = dataclasses.replace(
+        options, device=device, devices={**options.devices, **devices}
+    )  # checked against the final targets
     require_int8(options.int8, settings, enable="--int8")
     report = pipeline.run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
     close_bar()
@@ -410,9 +475,13 @@ def _progress_printers(quiet: bool) -> tuple[Callable[[str], None], Callable[[in
 
 def _summary(report: Any, output: Path) -> None:
     if report.model.random_weights:
-        click.secho("RANDOM WEIGHTS: latency is real; accuracy numbers only measure conversion drift.", fg="yellow", bold=True)
+        click.secho(
+            "RANDOM WEIGHTS: latency is real; accuracy numbers only measure conversion drift.", fg="yellow", bold=True
+        )
     ref = report.reference_latency
-    click.echo(f"{report.model.modality.value}/{report.model.task} ({report.model.class_name}), report: {output / 'report.md'}")
+    click.echo(
+        f"{report.model.modality.value}/{report.model.task} ({report.model.class_name}), report: {output / 'report.md'}"
+    )
     click.echo(f"  {REFERENCE + ' (reference)':28s} p50 {ref.p50:9.2f} ms")
     for v in report.variants:
         lat = v.latency
@@ -432,64 +501,119 @@ def _summary(report: Any, output: Path) -> None:
                 click.echo(f"  {c['name']:34s} p50 {c['p50_ms']:9.2f} ms  {c['outcome']}")
 
 
-@main.command(epilog="""\b
+@main.command(
+    epilog="""\b
 Examples:
   d2v-export vision                                   # preset:base (data2vec-vision-base-ft1k shape) to ONNX Runtime
   d2v-export vision --model ./ckpt --task semantic-segmentation --batch-size 1:2:4
   d2v-export vision --model preset:tiny --output out/tiny --force --json
-""")  # fmt: skip
+"""
+)
 @_common(Modality.VISION)
-@click.option("--image-size", type=click.IntRange(min=8), default=None, help="Input resolution; must be the checkpoint's (fixed by its position bias).")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    default=None,
+    help="Input resolution; must be the checkpoint's (fixed by its position bias).",
+)
 @_handle_errors
 def vision(image_size: int | None, **kw: Any) -> None:
     """Data2VecVision (BEiT-style 224x224 images)."""
     _export_command(Modality.VISION, {"image_size": image_size}, **kw)
 
 
-@main.command(epilog="""\b
+@main.command(
+    epilog="""\b
 Examples:
   d2v-export text                                     # preset:base (data2vec-text-base shape), text-classification
   d2v-export text --model ./my-checkpoint --task question-answering --sequence-length 16:384:512
   d2v-export text --task multiple-choice --num-choices 4
-""")  # fmt: skip
+"""
+)
 @_common(Modality.TEXT)
-@click.option("--sequence-length", callback=_range(int), default=None, metavar="MIN:OPT:MAX", help="Token range (default 8:128:512).")
-@click.option("--num-choices", callback=_range(int), default=None, metavar="MIN:OPT:MAX", help="Choices per question for multiple-choice (default 2:4:4).")
+@click.option(
+    "--sequence-length",
+    callback=_range(int),
+    default=None,
+    metavar="MIN:OPT:MAX",
+    help="Token range (default 8:128:512).",
+)
+@click.option(
+    "--num-choices",
+    callback=_range(int),
+    default=None,
+    metavar="MIN:OPT:MAX",
+    help="Choices per question for multiple-choice (default 2:4:4).",
+)
 @_handle_errors
 def text(sequence_length: Any, num_choices: Any, **kw: Any) -> None:
     """Data2VecText (RoBERTa-style BPE tokens)."""
     _export_command(Modality.TEXT, {"sequence": sequence_length, "choices": num_choices}, **kw)
 
 
-@main.command(epilog="""\b
+@main.command(
+    epilog="""\b
 Examples:
   d2v-export audio                                    # preset:base (data2vec-audio-base-960h shape), CTC
   d2v-export audio --model ./ckpt --task audio-classification --audio-seconds 1:2:10
-""")  # fmt: skip
+"""
+)
 @_common(Modality.AUDIO)
-@click.option("--audio-seconds", callback=_range(float), default=None, metavar="MIN:OPT:MAX", help="Clip length range in seconds at 16 kHz (default 0.5:1:10).")
+@click.option(
+    "--audio-seconds",
+    callback=_range(float),
+    default=None,
+    metavar="MIN:OPT:MAX",
+    help="Clip length range in seconds at 16 kHz (default 0.5:1:10).",
+)
 @_handle_errors
 def audio(audio_seconds: Any, **kw: Any) -> None:
     """Data2VecAudio (wav2vec2-style 16 kHz waveforms)."""
     _export_command(Modality.AUDIO, {"audio_seconds": audio_seconds}, **kw)
 
 
-@main.command(epilog="""\b
+@main.command(
+    epilog="""\b
 Examples:
   d2v-export compare last/report.json out/report.json --latency-tolerance 10%
   d2v-export compare last/ out/ --json > comparison.json
-""")  # fmt: skip
+"""
+)
 @click.argument("baseline", type=click.Path(path_type=Path, exists=True))
 @click.argument("current", type=click.Path(path_type=Path, exists=True))
 @click.option("--latency-tolerance", default="10%", show_default=True, help="Slowdown allowed (10% or 0.1).")
-@click.option("--drift-tolerance", type=float, default=0.005, show_default=True, help="Worsening of a drift metric allowed.")
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01, show_default=True, help="Significance level of the latency test.")
-@click.option("--relative-to-reference", is_flag=True, help="Compare latency as a ratio to each run's PyTorch reference.")
-@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=None, help="Also write comparison.json and comparison.md here.")
+@click.option(
+    "--drift-tolerance", type=float, default=0.005, show_default=True, help="Worsening of a drift metric allowed."
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="Significance level of the latency test.",
+)
+@click.option(
+    "--relative-to-reference", is_flag=True, help="Compare latency as a ratio to each run's PyTorch reference."
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also write comparison.json and comparison.md here.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @_handle_errors
-def compare(baseline: Path, current: Path, latency_tolerance: str, drift_tolerance: float, alpha: float,
-            relative_to_reference: bool, output: Path | None, as_json: bool) -> None:  # fmt: skip
+def compare(
+    baseline: Path,
+    current: Path,
+    latency_tolerance: str,
+    drift_tolerance: float,
+    alpha: float,
+    relative_to_reference: bool,
+    output: Path | None,
+    as_json: bool,
+) -> None:
     """Compare two reports: per variant, latency (statistical test on the raw timings) and drift. Exit 7 on a regression."""
     import json
 
@@ -510,22 +634,53 @@ def compare(baseline: Path, current: Path, latency_tolerance: str, drift_toleran
     sys.exit(cmp.exit_code(c))
 
 
-@main.command(epilog="""\b
+@main.command(
+    epilog="""\b
 Examples:
   d2v-export matrix --model preset:base --modality vision --target onnxruntime --target openvino --precision fp32 --precision int8
   d2v-export matrix --model preset:tiny --modality vision --modality text --modality audio --shard 1/3 --output out/m1
   d2v-export matrix --modality vision --target tensorrt --defer-build --calib-samples 64 --max-drift top1_agreement=0.99
   d2v-export matrix-merge out/m1 out/m2 out/m3 --output out/matrix [--force]
-""")  # fmt: skip
-@click.option("--model", "-m", default="preset:base", show_default=True, help="preset:NAME (per modality), or a checkpoint for one modality.")
-@click.option("--modality", "modalities", multiple=True, type=click.Choice([m.value for m in Modality]), default=("vision", "text", "audio"), show_default=True)
-@click.option("--target", "targets", multiple=True, default=backends.names(), show_default=True, help="Target; repeat for several (an unknown one: exit 2).")
-@click.option("--precision", "precisions", multiple=True, type=click.Choice([p.value for p in Precision]), default=("fp32", "int8"), show_default=True,
-              help="Precision; repeat for several. A target that cannot build one here skips its cell with the reason.")
+"""
+)
+@click.option(
+    "--model",
+    "-m",
+    default="preset:base",
+    show_default=True,
+    help="preset:NAME (per modality), or a checkpoint for one modality.",
+)
+@click.option(
+    "--modality",
+    "modalities",
+    multiple=True,
+    type=click.Choice([m.value for m in Modality]),
+    default=("vision", "text", "audio"),
+    show_default=True,
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    default=backends.names(),
+    show_default=True,
+    help="Target; repeat for several (an unknown one: exit 2).",
+)
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    type=click.Choice([p.value for p in Precision]),
+    default=("fp32", "int8"),
+    show_default=True,
+    help="Precision; repeat for several. A target that cannot build one here skips its cell with the reason.",
+)
 @_device_option()
 @click.option("--task", default=None, help="Task for every modality (default: the model's own head).")
 @click.option("--shard", default=None, metavar="I/N", help="Run only shard I of N (1-based); merge with matrix-merge.")
-@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("out/matrix"), show_default=True)
+@click.option(
+    "--output", "-o", type=click.Path(path_type=Path, file_okay=False), default=Path("out/matrix"), show_default=True
+)
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--bench-seconds", type=click.FloatRange(min=0), default=8.0, show_default=True)
@@ -533,9 +688,22 @@ Examples:
 @_defer_build_option()
 @_int8_options_decorator
 @_handle_errors
-def matrix(model: str, modalities: tuple[str, ...], targets: tuple[str, ...], precisions: tuple[str, ...], task: str | None,
-           shard: str | None, output: Path, force: bool, threads: int, bench_seconds: float, quiet: bool, defer_build: bool,
-           device: tuple[str, ...], **int8: Any) -> None:  # fmt: skip
+def matrix(
+    model: str,
+    modalities: tuple[str, ...],
+    targets: tuple[str, ...],
+    precisions: tuple[str, ...],
+    task: str | None,
+    shard: str | None,
+    output: Path,
+    force: bool,
+    threads: int,
+    bench_seconds: float,
+    quiet: bool,
+    defer_build: bool,
+    device: tuple[str, ...],
+    **int8: Any,
+) -> None:
     """Run modalities x targets x precisions into one report (matrix.json/.md/.html) naming the latency-vs-drift front.
 
     The INT8 options apply to the int8 cells, as --int8 does in a single run. A matrix in which no cell ran
@@ -550,11 +718,22 @@ def matrix(model: str, modalities: tuple[str, ...], targets: tuple[str, ...], pr
     require_int8(quant, settings, enable="--precision int8")
     plain, per_target = parse_devices(device)
     doc = mx.run_matrix(
-        model, modalities, targets, precisions, output,
-        shard=mx.parse_shard(shard), bench=BenchSettings(seconds=bench_seconds), quant=quant,
-        threads=threads, task=task, force=force, defer_build=defer_build, device=plain, devices=per_target,
+        model,
+        modalities,
+        targets,
+        precisions,
+        output,
+        shard=mx.parse_shard(shard),
+        bench=BenchSettings(seconds=bench_seconds),
+        quant=quant,
+        threads=threads,
+        task=task,
+        force=force,
+        defer_build=defer_build,
+        device=plain,
+        devices=per_target,
         progress=(lambda _m: None) if quiet else (lambda m: click.echo(f"[d2v-export] {m}", err=True)),
-    )  # fmt: skip
+    )
     click.echo(mx.markdown(doc))
     _exit_matrix(doc)
 
@@ -574,12 +753,31 @@ def _exit_matrix(doc: dict[str, Any], code: int | None = None) -> None:
 @click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True)
 @click.option("--force", is_flag=True, help="Replace the matrix report already in the output folder.")
-@click.option("--baseline", type=click.Path(path_type=Path, exists=True), default=None,
-              help="The last merged matrix.json (or its folder, shard folders kept beside it): exit 7 on a regression.")
-@click.option("--latency-tolerance", default="10%", show_default=True, help="Slowdown allowed before --baseline flags it.")
-@click.option("--drift-tolerance", type=float, default=0.005, show_default=True, help="Worsening of a drift metric allowed against --baseline.")
+@click.option(
+    "--baseline",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="The last merged matrix.json (or its folder, shard folders kept beside it): exit 7 on a regression.",
+)
+@click.option(
+    "--latency-tolerance", default="10%", show_default=True, help="Slowdown allowed before --baseline flags it."
+)
+@click.option(
+    "--drift-tolerance",
+    type=float,
+    default=0.005,
+    show_default=True,
+    help="Worsening of a drift metric allowed against --baseline.",
+)
 @_handle_errors
-def matrix_merge(shards: tuple[Path, ...], output: Path, force: bool, baseline: Path | None, latency_tolerance: str, drift_tolerance: float) -> None:
+def matrix_merge(
+    shards: tuple[Path, ...],
+    output: Path,
+    force: bool,
+    baseline: Path | None,
+    latency_tolerance: str,
+    drift_tolerance: float,
+) -> None:
     """Merge the matrix.json of several shards into one matrix report; with --baseline, gate on regressions."""
     from . import matrix as mx
     from .compare import parse_tolerance
@@ -588,19 +786,24 @@ def matrix_merge(shards: tuple[Path, ...], output: Path, force: bool, baseline: 
     click.echo(mx.markdown(doc))
     code = mx.exit_code(doc)
     if baseline is not None:
-        gate = mx.compare_to_baseline(doc, output, baseline, latency_tolerance=parse_tolerance(latency_tolerance), drift_tolerance=drift_tolerance)
+        gate = mx.compare_to_baseline(
+            doc, output, baseline, latency_tolerance=parse_tolerance(latency_tolerance), drift_tolerance=drift_tolerance
+        )
         click.echo((output / "comparison.md").read_text(encoding="utf-8"))
         if code == 0 and not gate["passed"]:
             code = int(ExitCode.REGRESSION)
     _exit_matrix(doc, code)
 
 
-@main.command("run", epilog="""\b
+@main.command(
+    "run",
+    epilog="""\b
 Examples:
   d2v-export run out/vision/onnxruntime-int8-static cat.jpg dog.png     # top-5 labels
   d2v-export run out/audio/openvino-fp32 speech.wav --json             # transcript
   d2v-export run out/text/onnxruntime-fp32 "Who wrote it? ||| It was written by Ada."
-""")  # fmt: skip
+""",
+)
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
@@ -615,19 +818,31 @@ def predict_command(bundle: Path, inputs: tuple[str, ...], top_k: int, threads: 
     click.echo(to_json(results) if as_json else format_text(results), nl=False)
 
 
-@main.command(epilog="""\b
+@main.command(
+    epilog="""\b
 Examples:
   d2v-export deploy out/text/onnxruntime-fp32 --triton models/           # tritonserver --model-repository=models/
   d2v-export deploy out/audio/openvino-int8-static --triton models/ --ovms ovms/ --name asr
   d2v-export deploy out/vision/tensorrt-fp16 --triton models/             # then, on the device: sh models/install_plan_tensorrt-fp16.sh
-""")  # fmt: skip
+"""
+)
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--triton", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="REPOSITORY",
-              help="Write a Triton Inference Server model repository entry: REPOSITORY/NAME/config.pbtxt and REPOSITORY/NAME/1/.")
-@click.option("--ovms", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="FOLDER",
-              help="Write a model-server layout for the targets whose bundles that server loads as they are "
-                   f"({_targets_that(lambda b: getattr(getattr(b, 'serving', None), 'ovms', False))}; docs/deployment.md): "
-                   "FOLDER/NAME/1/ with the model files, and NAME added to FOLDER/config.json.")
+@click.option(
+    "--triton",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="REPOSITORY",
+    help="Write a Triton Inference Server model repository entry: REPOSITORY/NAME/config.pbtxt and REPOSITORY/NAME/1/.",
+)
+@click.option(
+    "--ovms",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="FOLDER",
+    help="Write a model-server layout for the targets whose bundles that server loads as they are "
+    f"({_targets_that(lambda b: getattr(getattr(b, 'serving', None), 'ovms', False))}; docs/deployment.md): "
+    "FOLDER/NAME/1/ with the model files, and NAME added to FOLDER/config.json.",
+)
 @click.option("--name", default=None, help="Model name on the server (default: the bundle folder's name).")
 @click.option("--force", is_flag=True, help="Replace a model of the same name already there.")
 @_handle_errors
@@ -639,10 +854,12 @@ def deploy(bundle: Path, triton: Path | None, ovms: Path | None, name: str | Non
         click.echo(f"wrote {folder}")
 
 
-@main.command(epilog="""\b
+@main.command(
+    epilog="""\b
 Examples:
   d2v-export serve out/text/onnxruntime-fp32 --port 8000 --name text     # then: curl localhost:8000/v2/models/text
-""")  # fmt: skip
+"""
+)
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)

@@ -29,17 +29,31 @@ from .spec import Artifact, ColdStart
 TIMEOUT_S = 600.0  # a large model's OpenVINO compile or TensorRT deserialization takes tens of seconds; a hang does not stall a run forever
 
 
-def measure(artifact: Artifact, feed: Path, *, threads: int, timeout: float = TIMEOUT_S) -> tuple[ColdStart | None, str]:
+def measure(
+    artifact: Artifact, feed: Path, *, threads: int, timeout: float = TIMEOUT_S
+) -> tuple[ColdStart | None, str]:
     """(the cold start of ``artifact`` opened in a child process with ``threads``, "") or (None, why it failed).
 
     ``feed``: an .npz of the inputs of the first inference."""
-    job = {"target": artifact.target, "precision": artifact.precision.value, "path": str(artifact.path),
-           "model_file": str(artifact.model_file), "feed": str(feed), "threads": threads}  # fmt: skip
+    job = {
+        "target": artifact.target,
+        "precision": artifact.precision.value,
+        "path": str(artifact.path),
+        "model_file": str(artifact.model_file),
+        "feed": str(feed),
+        "threads": threads,
+    }
     package_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
     try:
-        done = subprocess.run([sys.executable, "-m", "d2v_export.cold_start", json.dumps(job)], capture_output=True, text=True,
-                              timeout=timeout, env=env, check=False)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "d2v_export.cold_start", json.dumps(job)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return None, f"the child process did not finish in {timeout:g} s"
     lines = done.stdout.strip().splitlines()
@@ -83,15 +97,23 @@ def _child(job: dict[str, object]) -> dict[str, float]:
     import_ms = (time.perf_counter() - t0) * 1000.0
     baseline = _peak_mb()
     folder = Path(str(job["path"]))
-    artifact = Artifact(str(job["target"]), Precision(str(job["precision"])), folder, Path(str(job["model_file"])), files_in(folder))
+    artifact = Artifact(
+        str(job["target"]), Precision(str(job["precision"])), folder, Path(str(job["model_file"])), files_in(folder)
+    )
     t0 = time.perf_counter()
     with backend.runner(artifact, threads=int(str(job["threads"]))) as runner:
         t1 = time.perf_counter()
         runner.infer(feed)
         t2 = time.perf_counter()
         peak = _peak_mb()
-    return {"import_ms": round(import_ms, 3), "open_ms": round((t1 - t0) * 1000.0, 3), "first_inference_ms": round((t2 - t1) * 1000.0, 3),
-            "peak_rss_mb": round(peak, 1), "baseline_rss_mb": round(baseline, 1), "artifact_rss_mb": round(peak - baseline, 1)}  # fmt: skip
+    return {
+        "import_ms": round(import_ms, 3),
+        "open_ms": round((t1 - t0) * 1000.0, 3),
+        "first_inference_ms": round((t2 - t1) * 1000.0, 3),
+        "peak_rss_mb": round(peak, 1),
+        "baseline_rss_mb": round(baseline, 1),
+        "artifact_rss_mb": round(peak - baseline, 1),
+    }
 
 
 if __name__ == "__main__":

@@ -43,9 +43,21 @@ from .confidence import describe
 from .metrics import METRICS, drift_score
 from .spec import REFERENCE, D2VError, ExitCode, jsonable
 
-__all__ = ["compare", "load_report", "parse_tolerance", "exit_code", "to_dict", "markdown", "write", "describe_regressions", "drift_score"]
+__all__ = [
+    "compare",
+    "load_report",
+    "parse_tolerance",
+    "exit_code",
+    "to_dict",
+    "markdown",
+    "write",
+    "describe_regressions",
+    "drift_score",
+]
 
-SUPPORTED_MAJOR = 1  # reads every report.json 1.x (a 1.0 baseline compares with a 1.1 report); tests/test_report_schema.py
+SUPPORTED_MAJOR = (
+    1  # reads every report.json 1.x (a 1.0 baseline compares with a 1.1 report); tests/test_report_schema.py
+)
 
 REGRESSION, IMPROVEMENT, UNCHANGED, NEW, MISSING = "regression", "improvement", "unchanged", "new", "missing"
 NOT_COMPARED = "n/a"
@@ -136,7 +148,9 @@ def load_report(path: str | Path) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise D2VError(f"report '{path}' does not exist; pass the report.json written by d2v-export (or its folder)") from None
+        raise D2VError(
+            f"report '{path}' does not exist; pass the report.json written by d2v-export (or its folder)"
+        ) from None
     except OSError as exc:
         raise D2VError(f"cannot read report '{path}': {exc.strerror or exc}") from None
     except UnicodeDecodeError:
@@ -144,7 +158,9 @@ def load_report(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise D2VError(f"report '{path}' is not valid JSON (line {exc.lineno}: {exc.msg}); pass a report.json written by d2v-export") from None
+        raise D2VError(
+            f"report '{path}' is not valid JSON (line {exc.lineno}: {exc.msg}); pass a report.json written by d2v-export"
+        ) from None
     except RecursionError:
         raise D2VError(f"report '{path}' is JSON nested too deeply; pass a report.json written by d2v-export") from None
     if not isinstance(doc, dict) or "schema_version" not in doc:
@@ -165,14 +181,49 @@ def load_report(path: str | Path) -> dict[str, Any]:
 # "number"/"string"/"bool"/"pair" are leaves; [spec] a list of spec; {"*": spec} a mapping of any keys;
 # {key: spec} an object whose keys are optional unless they end in "!". None stands for an absent value.
 _LATENCY = {"p50": "number", "samples": ["number"]}
-_DRIFT = {"passed": "bool", "budget": {"*": "number"}, "metrics": {"*": "number"}, "bounds": {"*": "pair"}, "confidence": {"*": "number"}, "failed": ["string"]}
-_REPORT = {"model": {}, "environment": {"versions": {}}, "reference": {"latency_ms": _LATENCY},
-           "variants": [{"name!": "string", "latency_ms": _LATENCY, "drift": _DRIFT}]}  # fmt: skip
-_MATRIX_VARIANT = {"name!": "string", "p50_ms": "number", "drift_score": "number", "key_metric": "string", "key_metric_value": "number",
-                   "drift_passed": "bool", "speedup_vs_common_reference": "number"}  # fmt: skip
-_MATRIX = {"model": "string", "warnings": ["string"], "modalities": ["string"], "targets": ["string"], "precisions": ["string"],
-           "cells": [{"modality!": "string", "target!": "string", "precision!": "string", "status!": "string", "report": "string",
-                      "reason": "string", "task": "string", "reference_p50_ms": "number", "variants": [_MATRIX_VARIANT]}]}  # fmt: skip
+_DRIFT = {
+    "passed": "bool",
+    "budget": {"*": "number"},
+    "metrics": {"*": "number"},
+    "bounds": {"*": "pair"},
+    "confidence": {"*": "number"},
+    "failed": ["string"],
+}
+_REPORT = {
+    "model": {},
+    "environment": {"versions": {}},
+    "reference": {"latency_ms": _LATENCY},
+    "variants": [{"name!": "string", "latency_ms": _LATENCY, "drift": _DRIFT}],
+}
+_MATRIX_VARIANT = {
+    "name!": "string",
+    "p50_ms": "number",
+    "drift_score": "number",
+    "key_metric": "string",
+    "key_metric_value": "number",
+    "drift_passed": "bool",
+    "speedup_vs_common_reference": "number",
+}
+_MATRIX = {
+    "model": "string",
+    "warnings": ["string"],
+    "modalities": ["string"],
+    "targets": ["string"],
+    "precisions": ["string"],
+    "cells": [
+        {
+            "modality!": "string",
+            "target!": "string",
+            "precision!": "string",
+            "status!": "string",
+            "report": "string",
+            "reason": "string",
+            "task": "string",
+            "reference_p50_ms": "number",
+            "variants": [_MATRIX_VARIANT],
+        }
+    ],
+}
 _LEAVES: dict[str, Any] = {
     "number": lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
     "string": lambda x: isinstance(x, str),
@@ -224,10 +275,14 @@ def compare(
     base_ref = _lat(baseline.get("reference"))
     cur_ref = _lat(current.get("reference"))
     if relative_to_reference and not (base_ref and cur_ref and base_ref.get("p50") and cur_ref.get("p50")):
-        warnings.append("relative_to_reference: a report has no reference latency; compared absolute milliseconds instead")
+        warnings.append(
+            "relative_to_reference: a report has no reference latency; compared absolute milliseconds instead"
+        )
         relative_to_reference = False
     scale = (
-        (1.0 / float(base_ref["p50"]), 1.0 / float(cur_ref["p50"])) if relative_to_reference and base_ref and cur_ref else (1.0, 1.0)
+        (1.0 / float(base_ref["p50"]), 1.0 / float(cur_ref["p50"]))
+        if relative_to_reference and base_ref and cur_ref
+        else (1.0, 1.0)
     )
 
     rows: list[VariantComparison] = []
@@ -247,12 +302,25 @@ def compare(
     for name, cur in cur_variants.items():
         base = base_variants.get(name)
         if base is None:
-            rows.append(VariantComparison(name, NEW, True, None, passed_now=_passed(cur), notes=("not in the baseline",)))
+            rows.append(
+                VariantComparison(name, NEW, True, None, passed_now=_passed(cur), notes=("not in the baseline",))
+            )
             continue
-        rows.append(_compare_variant(name, base, cur, latency_tolerance, drift_tolerance, alpha, scale, relative_to_reference))
+        rows.append(
+            _compare_variant(name, base, cur, latency_tolerance, drift_tolerance, alpha, scale, relative_to_reference)
+        )
     for name, base in base_variants.items():
         if name not in cur_variants:
-            rows.append(VariantComparison(name, MISSING, False, None, passed_before=_passed(base), notes=("in the baseline, not built this time",)))
+            rows.append(
+                VariantComparison(
+                    name,
+                    MISSING,
+                    False,
+                    None,
+                    passed_before=_passed(base),
+                    notes=("in the baseline, not built this time",),
+                )
+            )
     return Comparison(
         baseline=_label(baseline),
         current=_label(current),
@@ -281,7 +349,9 @@ def _compare_variant(
     passed_before, passed_now = _passed(base), _passed(cur)
     drift_worse = any(m.flagged for m in drift) or (passed_before is True and passed_now is False)
     if passed_before is True and passed_now is False:
-        notes.append("drift budget: passed before, fails now (" + ", ".join((cur.get("drift") or {}).get("failed") or []) + ")")
+        notes.append(
+            "drift budget: passed before, fails now (" + ", ".join((cur.get("drift") or {}).get("failed") or []) + ")"
+        )
     if lat.verdict == REGRESSION or drift_worse:
         verdict = REGRESSION
     elif lat.verdict == IMPROVEMENT:
@@ -302,7 +372,9 @@ def _latency_change(
     b_p50 = _num(base, "p50")
     c_p50 = _num(cur, "p50")
     if b_p50 is None or c_p50 is None or b_p50 <= 0 or c_p50 <= 0:
-        return LatencyChange(b_p50, c_p50, None, None, _n(base), _n(cur), relative, NOT_COMPARED, "no latency in one of the reports")
+        return LatencyChange(
+            b_p50, c_p50, None, None, _n(base), _n(cur), relative, NOT_COMPARED, "no latency in one of the reports"
+        )
     notes = []
     if base and cur and (base.get("shape") != cur.get("shape") or base.get("batch") != cur.get("batch")):
         notes.append(f"measured at different shapes ({base.get('shape')} vs {cur.get('shape')})")
@@ -329,13 +401,19 @@ def _latency_change(
         if ratio > factor:
             p = p_slow
             if not slow_low:
-                notes.append(f"p50 slower by {ratio - 1:.0%} but the fastest runs are not (p10 {(low_ratio or 1.0) - 1:+.0%}): load on the machine, not the model")
+                notes.append(
+                    f"p50 slower by {ratio - 1:.0%} but the fastest runs are not (p10 {(low_ratio or 1.0) - 1:+.0%}): load on the machine, not the model"
+                )
             else:
-                notes.append(f"slower by {ratio - 1:.0%} but not significantly beyond the tolerance (p={p_slow:.2g} >= {alpha:g})")
+                notes.append(
+                    f"slower by {ratio - 1:.0%} but not significantly beyond the tolerance (p={p_slow:.2g} >= {alpha:g})"
+                )
         elif ratio < 1.0 / factor:
             p = p_fast
             if not fast_low:
-                notes.append(f"p50 faster by {1 - ratio:.0%} but the fastest runs are not (p10 {(low_ratio or 1.0) - 1:+.0%})")
+                notes.append(
+                    f"p50 faster by {1 - ratio:.0%} but the fastest runs are not (p10 {(low_ratio or 1.0) - 1:+.0%})"
+                )
             else:
                 notes.append(f"faster by {1 - ratio:.0%} but not significantly (p={p_fast:.2g} >= {alpha:g})")
         else:
@@ -396,7 +474,9 @@ def _context_warnings(baseline: Mapping[str, Any], current: Mapping[str, Any]) -
     be, ce = baseline.get("environment") or {}, current.get("environment") or {}
     for key in ("cpu", "threads", "cores_available"):
         if be.get(key) != ce.get(key):
-            out.append(f"different {key}: {be.get(key)} vs {ce.get(key)}; absolute latency may not compare (try relative_to_reference)")
+            out.append(
+                f"different {key}: {be.get(key)} vs {ce.get(key)}; absolute latency may not compare (try relative_to_reference)"
+            )
     bv, cv = be.get("versions") or {}, ce.get("versions") or {}
     changed = [f"{k} {bv.get(k)} -> {cv.get(k)}" for k in sorted(set(bv) | set(cv)) if bv.get(k) != cv.get(k)]
     if changed:
@@ -472,7 +552,13 @@ def describe_regressions(doc: Mapping[str, Any]) -> list[str]:
     return out
 
 
-_ICON = {REGRESSION: "❌ regression", IMPROVEMENT: "✅ improvement", UNCHANGED: "unchanged", NEW: "🆕 new", MISSING: "missing"}
+_ICON = {
+    REGRESSION: "❌ regression",
+    IMPROVEMENT: "✅ improvement",
+    UNCHANGED: "unchanged",
+    NEW: "🆕 new",
+    MISSING: "missing",
+}
 
 
 def markdown(comparison: Comparison) -> str:

@@ -74,7 +74,7 @@ def bounds(evidence: Count | Paired, confidence: float = DEFAULT_CONFIDENCE) -> 
 
 
 def describe(found: Mapping[str, tuple[float, float]], levels: Mapping[str, float], name: str) -> str:
-    """" [0.962, 0.994] at 95 %": a metric's bounds as reports print them; "" for a metric without bounds."""
+    """ " [0.962, 0.994] at 95 %": a metric's bounds as reports print them; "" for a metric without bounds."""
     pair = found.get(name)
     if not pair:
         return ""

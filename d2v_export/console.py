@@ -10,7 +10,9 @@ from typing import Iterable, Iterator
 
 
 @contextlib.contextmanager
-def quiet(loggers: Iterable[str] = ("",), level: int = logging.ERROR, *, python_warnings: bool = False) -> Iterator[None]:
+def quiet(
+    loggers: Iterable[str] = ("",), level: int = logging.ERROR, *, python_warnings: bool = False
+) -> Iterator[None]:
     """Inside: the named loggers ("" is the root) log from ``level`` up, stdout (progress bars) is swallowed,
     and with ``python_warnings`` so are warnings. Everything is restored after, also on an exception."""
     chosen = [logging.getLogger(name or None) for name in loggers]

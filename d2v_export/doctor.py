@@ -23,8 +23,22 @@ from .cpu import cpu_flags, cpu_name, cpuinfo as _cpuinfo  # one reader of /proc
 CORE_PACKAGES = ("d2v-export", "torch", "transformers", "onnx", "onnxscript")
 PEER_PACKAGES = ("optimum", "optimum-intel", "numpy")  # listed after every target's own (Backend.packages)
 
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
-             "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp")  # fmt: skip
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "neon",
+    "asimd",
+    "asimddp",
+)
 _CORE_KEYS = ("versions", "platform", "cpu", "gpu", "targets")  # a target's diagnose() never replaces these
 
 
@@ -74,15 +88,36 @@ def _targets() -> list[dict[str, Any]]:
         backend = backends.get(name)
         try:
             avail = backend.available()
-            row = {"name": name, "available": bool(avail.ok), "version": avail.version or _version(name),
-                   "devices": list(avail.devices), "reason": avail.reason or None}  # fmt: skip
+            row = {
+                "name": name,
+                "available": bool(avail.ok),
+                "version": avail.version or _version(name),
+                "devices": list(avail.devices),
+                "reason": avail.reason or None,
+            }
         except Exception as exc:  # noqa: BLE001 - doctor reports every failure, it never crashes on one
-            row = {"name": name, "available": False, "version": None, "devices": [], "reason": f"available() failed: {_one_line(exc)}"}
+            row = {
+                "name": name,
+                "available": False,
+                "version": None,
+                "devices": [],
+                "reason": f"available() failed: {_one_line(exc)}",
+            }
         row["precisions"] = [p.value for p in backend.precisions]
         row["extra"] = backend.extra or None
         out.append(row)
     for label, reason in backends.broken().items():  # plug-ins that did not load
-        out.append({"name": label, "available": False, "version": None, "devices": [], "reason": reason, "precisions": [], "extra": None})
+        out.append(
+            {
+                "name": label,
+                "available": False,
+                "version": None,
+                "devices": [],
+                "reason": reason,
+                "precisions": [],
+                "extra": None,
+            }
+        )
     return sorted(out, key=lambda r: r["name"])
 
 
@@ -106,8 +141,13 @@ def _nvidia_gpus() -> list[str]:
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            done = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+            done = subprocess.run(
+                [smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
             if done.returncode == 0:
                 return [line.strip() for line in done.stdout.splitlines() if line.strip()]
         except (OSError, subprocess.SubprocessError):

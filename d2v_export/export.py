@@ -38,7 +38,9 @@ EXTERNAL_DATA_BYTES = 1_000_000_000
 
 # What ``write_onnx`` records before the graph is checked against PyTorch: a failed check, so an
 # unchecked graph can never pass a gate by mistake.
-NOT_CHECKED = Drift(REFERENCE, 0, {}, {}, passed=False, detail="not checked against PyTorch yet (validate.check_export)")
+NOT_CHECKED = Drift(
+    REFERENCE, 0, {}, {}, passed=False, detail="not checked against PyTorch yet (validate.check_export)"
+)
 
 
 def export(
@@ -52,7 +54,13 @@ def export(
     """``write_onnx`` then ``validate.check_export``: the graph with its check against PyTorch in ONNX Runtime."""
     from .validate import check_export
 
-    return check_export(model, write_onnx(model, profile, path, progress=progress), make_wrapper(model), progress=progress, reference_outputs=reference_outputs)
+    return check_export(
+        model,
+        write_onnx(model, profile, path, progress=progress),
+        make_wrapper(model),
+        progress=progress,
+        reference_outputs=reference_outputs,
+    )
 
 
 def write_onnx(
@@ -73,7 +81,9 @@ def write_onnx(
     # An axis whose min equals its max is static: the exporter bakes the size in (fastest for fixed-size edge use).
     dims = {d.name: torch.export.Dim(d.name, min=d.min, max=d.max) if d.min < d.max else None for d in profile.dims}
     dyn = {
-        name: {i: dims[a] for i, a in enumerate(_spec(head, name).shape) if a in axes and a in dims and dims[a] is not None}
+        name: {
+            i: dims[a] for i, a in enumerate(_spec(head, name).shape) if a in axes and a in dims and dims[a] is not None
+        }
         for name, axes in dynamic_axes(head).items()
     }
     started = time.perf_counter()
@@ -83,7 +93,11 @@ def write_onnx(
     if note:
         progress(note)
     large = model.parameters * 4 > EXTERNAL_DATA_BYTES
-    with quiet(EXPORTER_LOGGERS, python_warnings=True), export_layouts(model.module) as layouts, batched_xvector_pooling(model.module):
+    with (
+        quiet(EXPORTER_LOGGERS, python_warnings=True),
+        export_layouts(model.module) as layouts,
+        batched_xvector_pooling(model.module),
+    ):
         try:
             torch.onnx.export(
                 wrapper,
@@ -155,7 +169,9 @@ def _xvector_forward(module: Any) -> Callable[..., Any]:
         if attention_mask is None:
             lengths = torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.long)
         else:
-            lengths = module._get_tdnn_output_lengths(module._get_feat_extract_output_lengths(attention_mask.sum(dim=1)))
+            lengths = module._get_tdnn_output_lengths(
+                module._get_feat_extract_output_lengths(attention_mask.sum(dim=1))
+            )
         valid = (torch.arange(hidden.shape[1])[None, :] < lengths[:, None]).unsqueeze(-1).to(hidden.dtype)
         count = lengths.to(hidden.dtype)[:, None]
         mean = (hidden * valid).sum(dim=1) / count
@@ -199,6 +215,8 @@ def _output_specs(path: Path) -> tuple[TensorSpec, ...]:
     specs = []
     for out in model.graph.output:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type).name
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in out.type.tensor_type.shape.dim)
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in out.type.tensor_type.shape.dim
+        )
         specs.append(TensorSpec(out.name, dtype, shape))
     return tuple(specs)

@@ -58,7 +58,9 @@ class FallbackResult:
 
 
 def summarize(drift: Drift) -> str:
-    shown = [k for k in drift.budget if k in drift.metrics] or [k for k in drift.metrics if k not in ("max_abs_error", "mean_abs_error")]
+    shown = [k for k in drift.budget if k in drift.metrics] or [
+        k for k in drift.metrics if k not in ("max_abs_error", "mean_abs_error")
+    ]
     values = " ".join(f"{k}={drift.metrics[k]:.4g}" for k in shown)
     return f"{values}: " + ("within budget" if drift.passed else f"over budget ({', '.join(drift.failed)})")
 
@@ -133,7 +135,9 @@ def describe(result: FallbackResult) -> tuple[str, ...]:
     )
 
 
-def _search(ranking: Sequence[tuple[str, float]], attempt: Callable[[Sequence[tuple[str, float]], int], Drift], max_steps: int) -> int:
+def _search(
+    ranking: Sequence[tuple[str, float]], attempt: Callable[[Sequence[tuple[str, float]], int], Drift], max_steps: int
+) -> int:
     """Doubling, then bisection between the last failing and the first passing count. Returns the count to keep."""
     total = len(ranking)
     low, high, used = 0, None, 0  # low: largest count known to fail; high: smallest known to pass
@@ -170,13 +174,17 @@ def copy_model(source: Path, target: Path) -> None:
     import onnx
 
     model = onnx.load(str(source))
-    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data")
+    onnx.save_model(
+        model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data"
+    )
 
 
 # ---------------------------------------------------------------------------------- ranking
 
 
-def rank_nodes(session: QuantSession, quantized: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[str, float]]:
+def rank_nodes(
+    session: QuantSession, quantized: Path, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> list[tuple[str, float]]:
     """Quantized nodes with the relative output error their own quantization adds, worst first."""
     import onnx
 
@@ -232,7 +240,11 @@ def _qdq_probes(fp32: Any, qmodel: Any) -> list[_Probe]:
                 return stripped
             raise KeyError(tensor)
         copy = onnx.helper.make_node(
-            node.op_type, [bring(i) if i else "" for i in node.input], [o + _PROBE for o in node.output], name=node.name + _PROBE, domain=node.domain
+            node.op_type,
+            [bring(i) if i else "" for i in node.input],
+            [o + _PROBE for o in node.output],
+            name=node.name + _PROBE,
+            domain=node.domain,
         )
         copy.attribute.extend(node.attribute)
         graph.node.append(copy)
@@ -249,7 +261,9 @@ def _qdq_probes(fp32: Any, qmodel: Any) -> list[_Probe]:
         except KeyError:
             continue
         twin_out = node.output[0] + _PROBE + "_twin"
-        twin = onnx.helper.make_node(node.op_type, inputs, [twin_out], name=node.name + _PROBE + "_twin", domain=node.domain)
+        twin = onnx.helper.make_node(
+            node.op_type, inputs, [twin_out], name=node.name + _PROBE + "_twin", domain=node.domain
+        )
         twin.attribute.extend(node.attribute)
         graph.node.append(twin)
         probes.append(_Probe(node.name, fp32_nodes[node.name].output[0], twin_out))
@@ -301,7 +315,9 @@ def _run_probes(fp32: Any, probes: Sequence[_Probe], feeds: Sequence[Mapping[str
             if p.quantized_output is not None:
                 cand = got[p.quantized_output].astype(np.float64)
             else:
-                cand = _dynamic_matmul(got[p.inputs[0]], weights[p.inputs[1]], ref, got[p.inputs[0]] @ weights[p.inputs[1]])
+                cand = _dynamic_matmul(
+                    got[p.inputs[0]], weights[p.inputs[1]], ref, got[p.inputs[0]] @ weights[p.inputs[1]]
+                )
             noise[p.node] += float(np.sum((cand - ref) ** 2))
             signal[p.node] += float(np.sum(ref**2))
     return {n: noise[n] / signal[n] if signal[n] > 0 else (0.0 if noise[n] == 0 else float("inf")) for n in noise}

@@ -29,8 +29,10 @@ def failure(report: Report, options: Any) -> D2VError | None:
         bad = []
         for v in report.variants:
             if not v.drift.passed:
-                worst = ", ".join(f"{m} {v.drift.metrics.get(m, float('nan')):.4g}{describe(v.drift.bounds, v.drift.confidence, m)} vs {v.drift.budget.get(m, float('nan')):g}"
-                                  for m in v.drift.failed)
+                worst = ", ".join(
+                    f"{m} {v.drift.metrics.get(m, float('nan')):.4g}{describe(v.drift.bounds, v.drift.confidence, m)} vs {v.drift.budget.get(m, float('nan')):g}"
+                    for m in v.drift.failed
+                )
                 bad.append(f"{v.artifact} ({worst})")
         int8 = options.int8
         return D2VError(
@@ -41,7 +43,11 @@ def failure(report: Report, options: Any) -> D2VError | None:
             code,
         )
     if code is ExitCode.LATENCY_BUDGET:
-        over = [f"{v.artifact} {v.latency_budget['detail']}" for v in report.variants if v.latency_budget and v.latency_budget.get("passed") is False]
+        over = [
+            f"{v.artifact} {v.latency_budget['detail']}"
+            for v in report.variants
+            if v.latency_budget and v.latency_budget.get("passed") is False
+        ]
         name = getattr(options.profile, "name", options.profile)
         return D2VError(f"over the latency budget of profile {name}: {'; '.join(over)}", code)
     if code is ExitCode.REGRESSION:

@@ -37,23 +37,97 @@ class Head:
 
 HEADS: tuple[Head, ...] = (
     # vision: BEiT-style 224x224 input
-    Head(Modality.VISION, "feature-extraction", "Data2VecVisionModel", ("last_hidden_state", "pooler_output"), "embedding", init_kwargs=(("add_pooling_layer", True),)),
-    Head(Modality.VISION, "image-classification", "Data2VecVisionForImageClassification", ("logits",), "classification", result="labels"),
-    Head(Modality.VISION, "semantic-segmentation", "Data2VecVisionForSemanticSegmentation", ("logits",), "segmentation", result="mask_classes"),
+    Head(
+        Modality.VISION,
+        "feature-extraction",
+        "Data2VecVisionModel",
+        ("last_hidden_state", "pooler_output"),
+        "embedding",
+        init_kwargs=(("add_pooling_layer", True),),
+    ),
+    Head(
+        Modality.VISION,
+        "image-classification",
+        "Data2VecVisionForImageClassification",
+        ("logits",),
+        "classification",
+        result="labels",
+    ),
+    Head(
+        Modality.VISION,
+        "semantic-segmentation",
+        "Data2VecVisionForSemanticSegmentation",
+        ("logits",),
+        "segmentation",
+        result="mask_classes",
+    ),
     # text: RoBERTa-style BPE input
     Head(Modality.TEXT, "feature-extraction", "Data2VecTextModel", ("last_hidden_state", "pooler_output"), "embedding"),
     Head(Modality.TEXT, "fill-mask", "Data2VecTextForMaskedLM", ("logits",), "language-model", result="masks"),
-    Head(Modality.TEXT, "text-generation", "Data2VecTextForCausalLM", ("logits",), "language-model", result="next_tokens"),
-    Head(Modality.TEXT, "text-classification", "Data2VecTextForSequenceClassification", ("logits",), "classification", result="labels"),
-    Head(Modality.TEXT, "multiple-choice", "Data2VecTextForMultipleChoice", ("logits",), "classification", result="choices"),
-    Head(Modality.TEXT, "token-classification", "Data2VecTextForTokenClassification", ("logits",), "token-classification", result="tags"),
-    Head(Modality.TEXT, "question-answering", "Data2VecTextForQuestionAnswering", ("start_logits", "end_logits"), "question-answering", result="answer"),
+    Head(
+        Modality.TEXT, "text-generation", "Data2VecTextForCausalLM", ("logits",), "language-model", result="next_tokens"
+    ),
+    Head(
+        Modality.TEXT,
+        "text-classification",
+        "Data2VecTextForSequenceClassification",
+        ("logits",),
+        "classification",
+        result="labels",
+    ),
+    Head(
+        Modality.TEXT,
+        "multiple-choice",
+        "Data2VecTextForMultipleChoice",
+        ("logits",),
+        "classification",
+        result="choices",
+    ),
+    Head(
+        Modality.TEXT,
+        "token-classification",
+        "Data2VecTextForTokenClassification",
+        ("logits",),
+        "token-classification",
+        result="tags",
+    ),
+    Head(
+        Modality.TEXT,
+        "question-answering",
+        "Data2VecTextForQuestionAnswering",
+        ("start_logits", "end_logits"),
+        "question-answering",
+        result="answer",
+    ),
     # audio: wav2vec2-style 16 kHz input
     Head(Modality.AUDIO, "feature-extraction", "Data2VecAudioModel", ("last_hidden_state",), "embedding"),
-    Head(Modality.AUDIO, "automatic-speech-recognition", "Data2VecAudioForCTC", ("logits",), "ctc", result="transcript"),
-    Head(Modality.AUDIO, "audio-classification", "Data2VecAudioForSequenceClassification", ("logits",), "classification", result="labels"),
-    Head(Modality.AUDIO, "audio-frame-classification", "Data2VecAudioForAudioFrameClassification", ("logits",), "token-classification", result="frame_classes"),
-    Head(Modality.AUDIO, "audio-xvector", "Data2VecAudioForXVector", ("logits", "embeddings"), "embedding", result="xvector"),
+    Head(
+        Modality.AUDIO, "automatic-speech-recognition", "Data2VecAudioForCTC", ("logits",), "ctc", result="transcript"
+    ),
+    Head(
+        Modality.AUDIO,
+        "audio-classification",
+        "Data2VecAudioForSequenceClassification",
+        ("logits",),
+        "classification",
+        result="labels",
+    ),
+    Head(
+        Modality.AUDIO,
+        "audio-frame-classification",
+        "Data2VecAudioForAudioFrameClassification",
+        ("logits",),
+        "token-classification",
+        result="frame_classes",
+    ),
+    Head(
+        Modality.AUDIO,
+        "audio-xvector",
+        "Data2VecAudioForXVector",
+        ("logits", "embeddings"),
+        "embedding",
+        result="xvector",
+    ),
 )
 
 # The head a preset builds when no --task is given: the head of the real checkpoint it copies.
@@ -74,9 +148,7 @@ def head_for(modality: Modality, task: str) -> Head:
     for h in HEADS:
         if h.modality is modality and h.task == task:
             return h
-    raise D2VError(
-        f"task '{task}' does not exist for {modality.value}; choose one of: {', '.join(tasks(modality))}"
-    )
+    raise D2VError(f"task '{task}' does not exist for {modality.value}; choose one of: {', '.join(tasks(modality))}")
 
 
 def head_for_class(class_name: str) -> Head | None:
@@ -91,7 +163,10 @@ def input_specs(head: Head) -> tuple[TensorSpec, ...]:
     if head.modality is Modality.VISION:
         return (TensorSpec("pixel_values", "float32", ("batch", 3, "height", "width")),)
     if head.modality is Modality.AUDIO:
-        return (TensorSpec("input_values", "float32", ("batch", "samples")), TensorSpec("attention_mask", "int64", ("batch", "samples")))
+        return (
+            TensorSpec("input_values", "float32", ("batch", "samples")),
+            TensorSpec("attention_mask", "int64", ("batch", "samples")),
+        )
     axes: tuple[int | str, ...] = ("batch", "choices", "sequence") if head.multiple_choice else ("batch", "sequence")
     return (TensorSpec("input_ids", "int64", axes), TensorSpec("attention_mask", "int64", axes))
 
@@ -99,9 +174,7 @@ def input_specs(head: Head) -> tuple[TensorSpec, ...]:
 def dynamic_axes(head: Head) -> dict[str, tuple[str, ...]]:
     """For each input, the axes that vary at run time (vision keeps its image size fixed)."""
     static = {"height", "width"}
-    return {
-        t.name: tuple(a for a in t.shape if isinstance(a, str) and a not in static) for t in input_specs(head)
-    }
+    return {t.name: tuple(a for a in t.shape if isinstance(a, str) and a not in static) for t in input_specs(head)}
 
 
 def concrete_shape(spec: TensorSpec, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -140,7 +213,9 @@ def dummy_inputs(head: Head, config: Any, sizes: dict[str, int], seed: int = 0) 
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in input_specs(head):
-        shape = concrete_shape(spec, sizes | {"height": sizes.get("image_size", 0), "width": sizes.get("image_size", 0)})
+        shape = concrete_shape(
+            spec, sizes | {"height": sizes.get("image_size", 0), "width": sizes.get("image_size", 0)}
+        )
         if spec.name == "pixel_values":
             feeds[spec.name] = rng.standard_normal(shape, dtype=np.float32)
         elif spec.name == "input_values":
@@ -202,7 +277,13 @@ def audio_mask_note(config: Any, processor: Any | None) -> str | None:
     no_mask = processor is not None and getattr(processor, "return_attention_mask", True) is False
     if not (group or no_mask):
         return None
-    why = "its config says feat_extract_norm='group'" if group else "its feature extractor has return_attention_mask=False"
-    return (f"warning: this checkpoint is prepared without an attention mask ({why}); the graph takes `attention_mask` "
-            "all the same (Data2Vec audio's feature encoder is layer-norm): pass ones for a single clip, and make the mask "
-            "yourself for a padded batch (return_attention_mask=True)")
+    why = (
+        "its config says feat_extract_norm='group'"
+        if group
+        else "its feature extractor has return_attention_mask=False"
+    )
+    return (
+        f"warning: this checkpoint is prepared without an attention mask ({why}); the graph takes `attention_mask` "
+        "all the same (Data2Vec audio's feature encoder is layer-norm): pass ones for a single clip, and make the mask "
+        "yourself for a padded batch (return_attention_mask=True)"
+    )

@@ -18,8 +18,10 @@ from .metrics import METRICS, drift_score, within
 from .spec import REFERENCE
 
 # What a matrix's speedup column means (matrix.md and matrix.html)
-SPEEDUP_MEANING = ("Speedup = this reference p50 (the median over the modality's runs) / the variant's p50: one footing for every "
-                   "variant, so a faster variant always shows the larger speedup; each run's own ratio is speedup_vs_reference in its report.")
+SPEEDUP_MEANING = (
+    "Speedup = this reference p50 (the median over the modality's runs) / the variant's p50: one footing for every "
+    "variant, so a faster variant always shows the larger speedup; each run's own ratio is speedup_vs_reference in its report."
+)
 
 PASS, FAIL, REF, MUTED, AXIS, GRID = "#1a7f37", "#cf222e", "#57606a", "#8c959f", "#424a53", "#d8dee4"
 PALETTE = ("#0969da", "#bf8700", "#8250df", "#1a7f37", "#cf222e", "#1b7c83", "#953800", "#6639ba")
@@ -109,7 +111,17 @@ def _log_worthwhile(values: Iterable[float], ratio: float = 20.0) -> bool:
     return bool(pos) and max(pos) / min(pos) > ratio
 
 
-def _text(x: float, y: float, s: str, *, size: int = 12, anchor: str = "start", fill: str = AXIS, weight: str = "normal", extra: str = "") -> str:
+def _text(
+    x: float,
+    y: float,
+    s: str,
+    *,
+    size: int = 12,
+    anchor: str = "start",
+    fill: str = AXIS,
+    weight: str = "normal",
+    extra: str = "",
+) -> str:
     return (
         f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}" fill="{fill}" '
         f'font-weight="{weight}"{extra}>{esc(s)}</text>'
@@ -141,7 +153,17 @@ def _y_axis(scale: Scale, x: float, x_right: float, label: str) -> list[str]:
         out.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x_right:.1f}" y2="{y:.1f}" stroke="{GRID}"/>')
         out.append(_text(x - 6, y + 4, fmt_num(t), size=11, anchor="end"))
     cy = (scale.p0 + scale.p1) / 2
-    out.append(_text(x - 48, cy, label, size=12, anchor="middle", weight="600", extra=f' transform="rotate(-90 {x - 48:.1f} {cy:.1f})"'))
+    out.append(
+        _text(
+            x - 48,
+            cy,
+            label,
+            size=12,
+            anchor="middle",
+            weight="600",
+            extra=f' transform="rotate(-90 {x - 48:.1f} {cy:.1f})"',
+        )
+    )
     return out
 
 
@@ -167,28 +189,42 @@ def latency_plot(given: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
         return _svg(width, 60, [_text(20, 35, "no latency measured")], kind="latency", label="latency distribution")
     log = _log_worthwhile(values)
     lo, hi = min(values), max(values)
-    scale = Scale(lo / 1.3, hi * 1.3, left, width - right, log=True) if log else Scale(0.0, hi * 1.08, left, width - right)
-    body = _x_axis(scale, top + row_h * len(rows) + 4, top - 6, "latency per call (ms)" + (", log scale" if log else ""))
+    scale = (
+        Scale(lo / 1.3, hi * 1.3, left, width - right, log=True) if log else Scale(0.0, hi * 1.08, left, width - right)
+    )
+    body = _x_axis(
+        scale, top + row_h * len(rows) + 4, top - 6, "latency per call (ms)" + (", log scale" if log else "")
+    )
     for i, (name, lat) in enumerate(rows):
         cy = top + row_h * i + row_h / 2
         color = REF if i == 0 and name.startswith("pytorch") else PALETTE[i % len(PALETTE)]
         samples = sorted(float(s) for s in (lat.get("samples") or []) if s is not None)
         if i % 2:
-            body.append(f'<rect x="{left}" y="{cy - row_h / 2:.1f}" width="{width - right - left}" height="{row_h}" fill="#f6f8fa"/>')
+            body.append(
+                f'<rect x="{left}" y="{cy - row_h / 2:.1f}" width="{width - right - left}" height="{row_h}" fill="#f6f8fa"/>'
+            )
         body.append(_text(left - 10, cy + 4, name, anchor="end", size=12, weight="600"))
         raw = [float(s) for s in (lat.get("samples") or []) if s is not None]
         step = max(1, math.ceil(len(raw) / MAX_POINTS))
         for j, s in enumerate(raw[::step]):
             jitter = ((j * 0.6180339887) % 1.0 - 0.5) * row_h * 0.55
-            body.append(f'<circle cx="{scale(s):.1f}" cy="{cy + jitter:.1f}" r="2" fill="{color}" fill-opacity="0.35"/>')
+            body.append(
+                f'<circle cx="{scale(s):.1f}" cy="{cy + jitter:.1f}" r="2" fill="{color}" fill-opacity="0.35"/>'
+            )
         if samples:
             q1, q3 = _percentile(samples, 25), _percentile(samples, 75)
             w5, w95 = _percentile(samples, 5), _percentile(samples, 95)
             bh = row_h * 0.62
-            body.append(f'<line x1="{scale(w5):.1f}" y1="{cy:.1f}" x2="{scale(q1):.1f}" y2="{cy:.1f}" stroke="{color}" stroke-width="1.5"/>')
-            body.append(f'<line x1="{scale(q3):.1f}" y1="{cy:.1f}" x2="{scale(w95):.1f}" y2="{cy:.1f}" stroke="{color}" stroke-width="1.5"/>')
+            body.append(
+                f'<line x1="{scale(w5):.1f}" y1="{cy:.1f}" x2="{scale(q1):.1f}" y2="{cy:.1f}" stroke="{color}" stroke-width="1.5"/>'
+            )
+            body.append(
+                f'<line x1="{scale(q3):.1f}" y1="{cy:.1f}" x2="{scale(w95):.1f}" y2="{cy:.1f}" stroke="{color}" stroke-width="1.5"/>'
+            )
             for w in (w5, w95):
-                body.append(f'<line x1="{scale(w):.1f}" y1="{cy - bh / 4:.1f}" x2="{scale(w):.1f}" y2="{cy + bh / 4:.1f}" stroke="{color}" stroke-width="1.5"/>')
+                body.append(
+                    f'<line x1="{scale(w):.1f}" y1="{cy - bh / 4:.1f}" x2="{scale(w):.1f}" y2="{cy + bh / 4:.1f}" stroke="{color}" stroke-width="1.5"/>'
+                )
             body.append(
                 f'<rect x="{scale(q1):.1f}" y="{cy - bh / 2:.1f}" width="{max(1.0, scale(q3) - scale(q1)):.1f}" height="{bh:.1f}" '
                 f'fill="{color}" fill-opacity="0.15" stroke="{color}" stroke-width="1.5"/>'
@@ -196,9 +232,19 @@ def latency_plot(given: Sequence[tuple[str, Mapping[str, Any] | None]]) -> str:
         p50 = lat.get("p50")
         if p50:
             x = scale(float(p50))
-            body.append(f'<line x1="{x:.1f}" y1="{cy - row_h * 0.36:.1f}" x2="{x:.1f}" y2="{cy + row_h * 0.36:.1f}" stroke="{color}" stroke-width="3"/>')
+            body.append(
+                f'<line x1="{x:.1f}" y1="{cy - row_h * 0.36:.1f}" x2="{x:.1f}" y2="{cy + row_h * 0.36:.1f}" stroke="{color}" stroke-width="3"/>'
+            )
             body.append(_text(width - right + 8, cy - 2, f"p50 {fmt_num(float(p50))} ms", size=11, weight="600"))
-            body.append(_text(width - right + 8, cy + 12, f"p99 {fmt_num(lat.get('p99'))} · n={lat.get('n', len(raw))}", size=10, fill=MUTED))
+            body.append(
+                _text(
+                    width - right + 8,
+                    cy + 12,
+                    f"p99 {fmt_num(lat.get('p99'))} · n={lat.get('n', len(raw))}",
+                    size=10,
+                    fill=MUTED,
+                )
+            )
     return _svg(width, height, body, kind="latency", label="latency distribution per variant")
 
 
@@ -254,7 +300,9 @@ def _drift_bar(scale: Scale, y: float, name: str, value: Any, ok: bool, failed: 
     x = scale(float(value))
     width = max(1.5, x - x0)
     color = PASS if ok else FAIL
-    body.append(f'<rect x="{x0:.1f}" y="{y:.1f}" width="{width:.1f}" height="{DRIFT_BAR}" fill="{color}" fill-opacity="0.75"/>')
+    body.append(
+        f'<rect x="{x0:.1f}" y="{y:.1f}" width="{width:.1f}" height="{DRIFT_BAR}" fill="{color}" fill-opacity="0.75"/>'
+    )
     label = fmt_num(float(value), 4) + (" ✓" if ok else " ✗")
     inside = x >= edge
     body.append(
@@ -271,7 +319,9 @@ def _drift_bar(scale: Scale, y: float, name: str, value: Any, ok: bool, failed: 
     return body
 
 
-def _drift_panel(metric: str, variants: Sequence[Mapping[str, Any]], y: float, failed: set[str], judged: set[str]) -> tuple[list[str], float]:
+def _drift_panel(
+    metric: str, variants: Sequence[Mapping[str, Any]], y: float, failed: set[str], judged: set[str]
+) -> tuple[list[str], float]:
     """One budget metric's panel: a bar per variant and the budget as a dashed line; returns (svg, next y)."""
     rows = []
     for v in variants:
@@ -300,7 +350,9 @@ def _drift_panel(metric: str, variants: Sequence[Mapping[str, Any]], y: float, f
             f'<line x1="{bx:.1f}" y1="{plot_top - 6:.1f}" x2="{bx:.1f}" y2="{y + 2:.1f}" '
             f'stroke="{FAIL}" stroke-width="2" stroke-dasharray="6 4"/>'
         )
-        body.append(_text(bx, plot_top - 9, f"budget {fmt_num(limit, 4)}", size=11, anchor="middle", fill=FAIL, weight="600"))
+        body.append(
+            _text(bx, plot_top - 9, f"budget {fmt_num(limit, 4)}", size=11, anchor="middle", fill=FAIL, weight="600")
+        )
     return body, y + 52
 
 
@@ -337,7 +389,13 @@ def scatter_plot(
     left, right, top, bottom = 90, 220, 24, 64
     usable = [p for p in points if p.get("y") is not None and p.get("y", 0) > 0 and p.get("x") is not None]
     if not usable:
-        return _svg(width, 60, [_text(20, 35, "nothing to plot: no variant has both latency and drift")], kind=kind, label=y_label)
+        return _svg(
+            width,
+            60,
+            [_text(20, 35, "nothing to plot: no variant has both latency and drift")],
+            kind=kind,
+            label=y_label,
+        )
     xs = [float(p["x"]) for p in usable if math.isfinite(float(p["x"]))]
     floor = min([x for x in xs if x > 0] + [1e-3]) / 3
     x_hi = max(xs + [1.0]) * 3
@@ -345,15 +403,25 @@ def scatter_plot(
     ys = [float(p["y"]) for p in usable] + ([reference_y] if reference_y else [])
     ylog = _log_worthwhile(ys, 5.0)
     ylo, yhi = min(ys), max(ys)
-    yscale = Scale(ylo / 1.5, yhi * 1.5, height - bottom, top, log=True) if ylog else Scale(0.0, yhi * 1.15, height - bottom, top)
-    body = _x_axis(xscale, height - bottom, top, "drift: share of the budget used (worst metric; 1 = at budget; log scale)")
+    yscale = (
+        Scale(ylo / 1.5, yhi * 1.5, height - bottom, top, log=True)
+        if ylog
+        else Scale(0.0, yhi * 1.15, height - bottom, top)
+    )
+    body = _x_axis(
+        xscale, height - bottom, top, "drift: share of the budget used (worst metric; 1 = at budget; log scale)"
+    )
     body += _y_axis(yscale, left, width - right, y_label)
     bx = xscale(1.0)
-    body.append(f'<line x1="{bx:.1f}" y1="{top}" x2="{bx:.1f}" y2="{height - bottom}" stroke="{FAIL}" stroke-width="2" stroke-dasharray="6 4"/>')
+    body.append(
+        f'<line x1="{bx:.1f}" y1="{top}" x2="{bx:.1f}" y2="{height - bottom}" stroke="{FAIL}" stroke-width="2" stroke-dasharray="6 4"/>'
+    )
     body.append(_text(bx + 4, top + 12, "budget", size=11, fill=FAIL, weight="600"))
     if reference_y:
         ry = yscale(reference_y)
-        body.append(f'<line x1="{left}" y1="{ry:.1f}" x2="{width - right}" y2="{ry:.1f}" stroke="{REF}" stroke-width="1.5" stroke-dasharray="3 3"/>')
+        body.append(
+            f'<line x1="{left}" y1="{ry:.1f}" x2="{width - right}" y2="{ry:.1f}" stroke="{REF}" stroke-width="1.5" stroke-dasharray="3 3"/>'
+        )
         body.append(_text(width - right + 6, ry + 4, "PyTorch fp32 reference", size=11, fill=REF))
     better = "better: left and up" if y_higher_better else "better: left and down"
     body.append(_text(width - right + 6, height - bottom + 36, better, size=11, fill=MUTED))
@@ -409,7 +477,7 @@ def _ok(passed: bool | None, yes: str = "within budget", no: str = "over budget"
 
 def _page(title: str, body: Sequence[str]) -> str:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
@@ -454,7 +522,9 @@ def render(doc: Mapping[str, Any]) -> str:
     body += _cold_start_section(doc.get("variants") or [])
     body += _length_section(doc.get("variants") or [])
     if doc.get("warnings"):
-        body.append("<h2>Warnings</h2><ul class=\"warnings\">" + "".join(f"<li>{esc(w)}</li>" for w in doc["warnings"]) + "</ul>")
+        body.append(
+            '<h2>Warnings</h2><ul class="warnings">' + "".join(f"<li>{esc(w)}</li>" for w in doc["warnings"]) + "</ul>"
+        )
     body += _environment_section(doc)
     return _page(title, body)
 
@@ -467,29 +537,74 @@ def _summary_section(doc: Mapping[str, Any]) -> list[str]:
     out: list[str] = []
     rows: list[list[Any]] = []
     if ref:
-        rows.append([_Raw(f"<b>{REFERENCE}</b> (reference)"), "fp32", "–", fmt_num(ref.get("p50")), fmt_num(ref.get("p90")), fmt_num(ref.get("p99")),
-                     fmt_num(ref.get("throughput_per_s")), "1.00×", "–", _Raw('<span class="muted">reference</span>')])
+        rows.append(
+            [
+                _Raw(f"<b>{REFERENCE}</b> (reference)"),
+                "fp32",
+                "–",
+                fmt_num(ref.get("p50")),
+                fmt_num(ref.get("p90")),
+                fmt_num(ref.get("p99")),
+                fmt_num(ref.get("throughput_per_s")),
+                "1.00×",
+                "–",
+                _Raw('<span class="muted">reference</span>'),
+            ]
+        )
     for v in variants:
         lat = v.get("latency_ms") or {}
         q = v.get("quantization") or {}
         sp = v.get("speedup_vs_reference")
-        rows.append([
-            _Raw(f"<b>{esc(v.get('name'))}</b>"), v.get("precision"), (q.get("mode") or "–") if q else "–", fmt_num(lat.get("p50")),
-            fmt_num(lat.get("p90")), fmt_num(lat.get("p99")), fmt_num(lat.get("throughput_per_s")),
-            f"{sp:.2f}×" if sp else "–", _metrics_text(v.get("drift") or {}), _ok((v.get("drift") or {}).get("passed")),
-        ])
+        rows.append(
+            [
+                _Raw(f"<b>{esc(v.get('name'))}</b>"),
+                v.get("precision"),
+                (q.get("mode") or "–") if q else "–",
+                fmt_num(lat.get("p50")),
+                fmt_num(lat.get("p90")),
+                fmt_num(lat.get("p99")),
+                fmt_num(lat.get("throughput_per_s")),
+                f"{sp:.2f}×" if sp else "–",
+                _metrics_text(v.get("drift") or {}),
+                _ok((v.get("drift") or {}).get("passed")),
+            ]
+        )
     out.append("<h2>Summary</h2>")
-    out.append(_table(["variant", "precision", "quant", "p50 ms", "p90 ms", "p99 ms", "items/s", "speedup vs PyTorch", "drift", ""], rows, numeric=(3, 4, 5, 6, 7)))
+    out.append(
+        _table(
+            [
+                "variant",
+                "precision",
+                "quant",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "items/s",
+                "speedup vs PyTorch",
+                "drift",
+                "",
+            ],
+            rows,
+            numeric=(3, 4, 5, 6, 7),
+        )
+    )
     shape = (ref or {}).get("shape") or {}
     bench = doc.get("bench") or {}
     bench_text = ""
     if bench:
         unsettled = [k for k, ok in (bench.get("settled") or {}).items() if not ok]
-        bench_text = f" Warm-up {bench.get('warmup_rounds')} rounds" + (f" (still drifting: {', '.join(unsettled)})" if unsettled else " (all settled)") + "."
+        bench_text = (
+            f" Warm-up {bench.get('warmup_rounds')} rounds"
+            + (f" (still drifting: {', '.join(unsettled)})" if unsettled else " (all settled)")
+            + "."
+        )
     out.append(
-        f"<p class=\"muted\">Latency at batch {esc((ref or {}).get('batch', '?'))}, shape {esc(shape)}: {esc((ref or {}).get('n', 0))} timed runs per variant, "
-        + ("each variant in a pair with the reference (speedup against its own pair's reference), " if isinstance(bench.get("interleaved"), str)
-           else "interleaved round-robin with the reference, ")
+        f'<p class="muted">Latency at batch {esc((ref or {}).get("batch", "?"))}, shape {esc(shape)}: {esc((ref or {}).get("n", 0))} timed runs per variant, '
+        + (
+            "each variant in a pair with the reference (speedup against its own pair's reference), "
+            if isinstance(bench.get("interleaved"), str)
+            else "interleaved round-robin with the reference, "
+        )
         + f"{esc(env.get('threads'))} threads on {esc(env.get('cpu'))} "
         f"({esc(env.get('cores_available'))} cores available).{esc(bench_text)}</p>"
     )
@@ -502,17 +617,31 @@ def _plot_sections(doc: Mapping[str, Any]) -> list[str]:
     variants = list(doc.get("variants") or [])
     out: list[str] = []
     lat_rows = [(REFERENCE, ref)] + [(v.get("name", "?"), v.get("latency_ms")) for v in variants]
-    out.append("<h2>Latency distribution</h2><figure>" + latency_plot(lat_rows) +
-               "<figcaption>Every timed run is a dot; the box spans the quartiles, whiskers the 5th–95th percentile, the thick bar is the median (p50).</figcaption></figure>")
-    out.append("<h2>Drift against budget</h2><figure>" + drift_plot(variants) +
-               "<figcaption>Each variant against the PyTorch fp32 reference; green within budget, red over it. The dashed line is the budget.</figcaption></figure>")
+    out.append(
+        "<h2>Latency distribution</h2><figure>"
+        + latency_plot(lat_rows)
+        + "<figcaption>Every timed run is a dot; the box spans the quartiles, whiskers the 5th–95th percentile, the thick bar is the median (p50).</figcaption></figure>"
+    )
+    out.append(
+        "<h2>Drift against budget</h2><figure>"
+        + drift_plot(variants)
+        + "<figcaption>Each variant against the PyTorch fp32 reference; green within budget, red over it. The dashed line is the budget.</figcaption></figure>"
+    )
     points = [
-        {"name": v.get("name", "?"), "x": drift_score(v.get("drift")), "y": v.get("speedup_vs_reference"), "ok": (v.get("drift") or {}).get("passed")}
+        {
+            "name": v.get("name", "?"),
+            "x": drift_score(v.get("drift")),
+            "y": v.get("speedup_vs_reference"),
+            "ok": (v.get("drift") or {}).get("passed"),
+        }
         for v in variants
     ]
-    out.append("<h2>Speedup versus drift</h2><figure>" + scatter_plot(points, y_label="speedup vs PyTorch fp32 (×)", y_higher_better=True, reference_y=1.0) +
-               "<figcaption>x: the largest share of any drift budget a variant uses (value / limit for errors, (1 − value) / (1 − limit) for agreements); "
-               "right of the dashed line is over budget. y: reference p50 / variant p50.</figcaption></figure>")
+    out.append(
+        "<h2>Speedup versus drift</h2><figure>"
+        + scatter_plot(points, y_label="speedup vs PyTorch fp32 (×)", y_higher_better=True, reference_y=1.0)
+        + "<figcaption>x: the largest share of any drift budget a variant uses (value / limit for errors, (1 − value) / (1 − limit) for agreements); "
+        "right of the dashed line is over budget. y: reference p50 / variant p50.</figcaption></figure>"
+    )
     return out
 
 
@@ -545,9 +674,13 @@ def _variant_details(doc: Mapping[str, Any]) -> list[str]:
         q = v.get("quantization")
         items = [f"<li>drift: {esc(d.get('detail'))}</li>"] if d.get("detail") else []
         if d.get("failed"):
-            items.append(f"<li class=\"fail\">over budget: {esc(', '.join(d['failed']))}</li>")
+            items.append(f'<li class="fail">over budget: {esc(", ".join(d["failed"]))}</li>')
         if q:
-            items.append("<li>quantization: " + esc(", ".join(f"{k}={val}" for k, val in q.items() if val not in (None, [], ()))) + "</li>")
+            items.append(
+                "<li>quantization: "
+                + esc(", ".join(f"{k}={val}" for k, val in q.items() if val not in (None, [], ())))
+                + "</li>"
+            )
         items += [f"<li>{esc(n)}</li>" for n in v.get("notes") or []]
         if items:
             details.append(f"<h3>{esc(v.get('name'))}</h3><ul>{''.join(items)}</ul>")
@@ -560,8 +693,14 @@ def _environment_section(doc: Mapping[str, Any]) -> list[str]:
     """Where the numbers came from."""
     env = doc.get("environment") or {}
     out: list[str] = []
-    env_rows: list[list[Any]] = [["cpu", env.get("cpu")], ["cpu flags", ", ".join(env.get("cpu_flags") or [])], ["cores available", env.get("cores_available")],
-                ["threads", env.get("threads")], ["device", env.get("device")], ["platform", env.get("platform")]]
+    env_rows: list[list[Any]] = [
+        ["cpu", env.get("cpu")],
+        ["cpu flags", ", ".join(env.get("cpu_flags") or [])],
+        ["cores available", env.get("cores_available")],
+        ["threads", env.get("threads")],
+        ["device", env.get("device")],
+        ["platform", env.get("platform")],
+    ]
     env_rows += [[k, v] for k, v in (env.get("versions") or {}).items()]
     out.append("<h2>Environment</h2>" + _table(["", ""], env_rows))
     return out
@@ -594,7 +733,11 @@ def _length_section(variants: Sequence[Mapping[str, Any]]) -> list[str]:
     rows = [[name, f"{d['seconds']:g}"] + [fmt_num(d["metrics"].get(k), 4) for k in names] for name, d in found]
     what = "One input per length against PyTorch: information, not a gate."
     numeric = tuple(range(1, len(names) + 2))
-    return ["<h2>INT8 drift against input length</h2>", f"<p>{esc(what)}</p>", _table(["variant", "seconds", *names], rows, numeric)]
+    return [
+        "<h2>INT8 drift against input length</h2>",
+        f"<p>{esc(what)}</p>",
+        _table(["variant", "seconds", *names], rows, numeric),
+    ]
 
 
 def render_pick_section(pick: Mapping[str, Any], reference: Mapping[str, Any] | None) -> str:
@@ -605,46 +748,94 @@ def render_pick_section(pick: Mapping[str, Any], reference: Mapping[str, Any] | 
         "<h2>The pick</h2>",
         f"<p><b>{esc(pick.get('name'))}</b> ({esc(pick.get('candidate'))}): {esc(pick.get('why'))}.</p>",
         _table(
-            ["candidate", "recipe", "p50 ms", f"{esc(pick.get('statistic', 'p50'))} ms", "drift score", "key metric", "outcome"],
             [
-                [_Raw(f"<b>{esc(c['name'])}</b>" + (" ★" if c["name"] in front else "")), c.get("candidate"), fmt_num(c.get("p50_ms")),
-                 fmt_num(c.get("compared_ms")), fmt_num(c.get("drift_score"), 3),
-                 f"{c.get('key_metric')} {fmt_num(c.get('key_metric_value'), 4)}" if c.get("key_metric") else "–", c.get("outcome")]
+                "candidate",
+                "recipe",
+                "p50 ms",
+                f"{esc(pick.get('statistic', 'p50'))} ms",
+                "drift score",
+                "key metric",
+                "outcome",
+            ],
+            [
+                [
+                    _Raw(f"<b>{esc(c['name'])}</b>" + (" ★" if c["name"] in front else "")),
+                    c.get("candidate"),
+                    fmt_num(c.get("p50_ms")),
+                    fmt_num(c.get("compared_ms")),
+                    fmt_num(c.get("drift_score"), 3),
+                    f"{c.get('key_metric')} {fmt_num(c.get('key_metric_value'), 4)}" if c.get("key_metric") else "–",
+                    c.get("outcome"),
+                ]
                 for c in cands
             ],
             numeric=(2, 3, 4),
         ),
-    ]  # fmt: skip
-    points = [{"name": c["name"], "x": c.get("drift_score"), "y": c.get("compared_ms"), "ok": c.get("drift_passed")} for c in cands]
+    ]
+    points = [
+        {"name": c["name"], "x": c.get("drift_score"), "y": c.get("compared_ms"), "ok": c.get("drift_passed")}
+        for c in cands
+    ]
     ref = (reference or {}).get(str(pick.get("statistic", "p50")))
-    parts.append("<figure>" + scatter_plot(points, y_label=f"{pick.get('statistic', 'p50')} latency (ms)", y_higher_better=False, reference_y=ref, front=front, kind="pareto") +
-                 "<figcaption>Every candidate --pick built. Blue ring and line: the latency-versus-drift front (★); right of the dashed line is over budget.</figcaption></figure>")  # fmt: skip
+    parts.append(
+        "<figure>"
+        + scatter_plot(
+            points,
+            y_label=f"{pick.get('statistic', 'p50')} latency (ms)",
+            y_higher_better=False,
+            reference_y=ref,
+            front=front,
+            kind="pareto",
+        )
+        + "<figcaption>Every candidate --pick built. Blue ring and line: the latency-versus-drift front (★); right of the dashed line is over budget.</figcaption></figure>"
+    )
     return "".join(parts)
 
 
 def render_comparison_section(c: Mapping[str, Any]) -> str:
     """The ``compare.to_dict`` document as an HTML section (used by report.html with --baseline)."""
-    head = '<span class="pass">no regression</span>' if c.get("passed") else f'<span class="fail">regression: {esc(", ".join(c.get("regressions") or []))}</span>'
+    head = (
+        '<span class="pass">no regression</span>'
+        if c.get("passed")
+        else f'<span class="fail">regression: {esc(", ".join(c.get("regressions") or []))}</span>'
+    )
     rows = []
     for v in c.get("variants") or []:
         lat = v.get("latency") or {}
         ratio = lat.get("ratio")
         drift = "; ".join(
-            f"{m['metric']} {fmt_num(m.get('baseline'), 4)} → {fmt_num(m.get('current'), 4)}" + (" ✗" if m.get("flagged") else "") for m in v.get("drift") or []
+            f"{m['metric']} {fmt_num(m.get('baseline'), 4)} → {fmt_num(m.get('current'), 4)}"
+            + (" ✗" if m.get("flagged") else "")
+            for m in v.get("drift") or []
         )
         verdict = v.get("verdict", "?")
         cls = "fail" if verdict == "regression" and v.get("gating") else ("pass" if verdict == "improvement" else "")
-        rows.append([
-            v.get("name"), _Raw(f'<span class="{cls}">{esc(verdict)}{"" if v.get("gating") else " (info)"}</span>'),
-            fmt_num(lat.get("baseline_p50")), fmt_num(lat.get("current_p50")), f"{ratio - 1:+.1%}" if ratio else "–",
-            fmt_num(lat.get("p_value"), 2), drift or "–", "; ".join([x for x in [lat.get("note")] if x] + list(v.get("notes") or [])),
-        ])
+        rows.append(
+            [
+                v.get("name"),
+                _Raw(f'<span class="{cls}">{esc(verdict)}{"" if v.get("gating") else " (info)"}</span>'),
+                fmt_num(lat.get("baseline_p50")),
+                fmt_num(lat.get("current_p50")),
+                f"{ratio - 1:+.1%}" if ratio else "–",
+                fmt_num(lat.get("p_value"), 2),
+                drift or "–",
+                "; ".join([x for x in [lat.get("note")] if x] + list(v.get("notes") or [])),
+            ]
+        )
     basis = "relative to each run's reference" if c.get("relative_to_reference") else "absolute"
     return (
         f"<h2>Comparison with the baseline</h2><p>{head} — latency tolerance {float(c.get('latency_tolerance') or 0):.0%} ({esc(basis)}, "
         f"one-sided Mann-Whitney U, α={esc(c.get('alpha'))}), drift tolerance {esc(c.get('drift_tolerance'))}. Baseline: {esc(c.get('baseline'))}.</p>"
-        + _table(["variant", "verdict", "p50 baseline ms", "p50 now ms", "change", "p", "drift", "notes"], rows, numeric=(2, 3, 4, 5))
-        + ("<ul class=\"warnings\">" + "".join(f"<li>{esc(w)}</li>" for w in c.get("warnings") or []) + "</ul>" if c.get("warnings") else "")
+        + _table(
+            ["variant", "verdict", "p50 baseline ms", "p50 now ms", "change", "p", "drift", "notes"],
+            rows,
+            numeric=(2, 3, 4, 5),
+        )
+        + (
+            '<ul class="warnings">' + "".join(f"<li>{esc(w)}</li>" for w in c.get("warnings") or []) + "</ul>"
+            if c.get("warnings")
+            else ""
+        )
     )
 
 
@@ -685,7 +876,11 @@ def _cells_section(cells: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def _matrix_variant_row(v: Mapping[str, Any], front: Sequence[str]) -> list[Any]:
-    name = f"<b>{esc(v['name'])}</b>" + (" (simulated)" if v.get("simulated") else "") + (" ★" if v["name"] in front else "")
+    name = (
+        f"<b>{esc(v['name'])}</b>"
+        + (" (simulated)" if v.get("simulated") else "")
+        + (" ★" if v["name"] in front else "")
+    )
     speedup = v.get("speedup_vs_common_reference")
     key = v.get("key_metric")
     return [
@@ -715,7 +910,9 @@ def _modality_section(modality: str, info: Mapping[str, Any]) -> list[str]:
         {"name": v["name"], "x": v.get("drift_score"), "y": v.get("p50_ms"), "ok": v.get("drift_passed")}
         for v in variants
     ]
-    plot = scatter_plot(points, y_label="p50 latency (ms)", y_higher_better=False, reference_y=ref, front=front, kind="pareto")
+    plot = scatter_plot(
+        points, y_label="p50 latency (ms)", y_higher_better=False, reference_y=ref, front=front, kind="pareto"
+    )
     caption = "Blue ring and line: the Pareto front (no other variant is both faster and closer to the reference)."
     body.append(f"<figure>{plot}<figcaption>{caption}</figcaption></figure>")
     return body

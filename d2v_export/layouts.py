@@ -75,7 +75,8 @@ def _frames(hidden: Any, kernel: int, stride: int) -> Any:
     steps = (hidden.shape[1] - kernel) // stride + 1
     whole, rest = divmod(kernel, stride)
     pieces = [
-        hidden[:, j * stride : j * stride + steps * stride].reshape(batch, steps, stride * channels) for j in range(whole)
+        hidden[:, j * stride : j * stride + steps * stride].reshape(batch, steps, stride * channels)
+        for j in range(whole)
     ]
     first = whole * stride
     pieces += [hidden[:, first + i : first + i + stride * (steps - 1) + 1 : stride] for i in range(rest)]
@@ -143,7 +144,11 @@ def _first_token_layer(layer: Any) -> Any:
             scores = torch.matmul(query, key.transpose(2, 3)) * (width**-0.5)  # transformers' eager attention
             if attention_mask is not None:
                 mask = attention_mask[:, :, :1] if attention_mask.dim() == 4 else attention_mask
-                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+                scores = (
+                    scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+                    if mask.dtype == torch.bool
+                    else scores + mask
+                )
             context = torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2).reshape(batch, 1, -1)
             output = layer.feed_forward_chunk(layer.attention.output(context, first))
             return (output,) if tuple_outputs else output

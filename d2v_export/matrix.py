@@ -46,8 +46,13 @@ from .metrics import drift_score
 from .pick import pareto
 from .spec import D2VError, ExitCode, Modality, Precision, jsonable, verdict_code
 
-SCHEMA_VERSION = "1.2"  # 1.1: variants' speedup_vs_common_reference (modalities_detail) and simulated; 1.2: variants' device
-HALF = (Precision.FP16.value, Precision.BF16.value)  # the extra float precisions a run builds on request (RunOptions.half)
+SCHEMA_VERSION = (
+    "1.2"  # 1.1: variants' speedup_vs_common_reference (modalities_detail) and simulated; 1.2: variants' device
+)
+HALF = (
+    Precision.FP16.value,
+    Precision.BF16.value,
+)  # the extra float precisions a run builds on request (RunOptions.half)
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,8 @@ def _cells_of_shard(
     if not cells and shard is not None:
         total = len(plan(modalities, targets, precisions))
         raise D2VError(
-            f"--shard {shard[0]}/{shard[1]} holds no cell: the matrix has {total}; use at most {total} shards", ExitCode.USAGE
+            f"--shard {shard[0]}/{shard[1]} holds no cell: the matrix has {total}; use at most {total} shards",
+            ExitCode.USAGE,
         )
     return cells
 
@@ -183,7 +189,7 @@ def _check_devices(output: Path, targets: Sequence[str], device: str | None, dev
 
 
 def _cell_reports(doc: Mapping[str, Any], root: Path) -> dict[str, Path]:
-    """"modality/target" -> the report.json of each cell that ran (the first of a group)."""
+    """ "modality/target" -> the report.json of each cell that ran (the first of a group)."""
     out: dict[str, Path] = {}
     for c in doc.get("cells") or []:
         if c.get("status") == "ran" and c.get("report"):
@@ -239,9 +245,22 @@ def run_matrix(
     random_weights = False
     for (modality, target), group in groups.items():
         progress(f"{modality}/{target}: running ({', '.join(c.precision for c in group)})")
-        cell_docs, random = _run_group(model, modality, target, group, output, shapes=shapes, bench=bench, quant=quant, threads=threads,
-                                       task=task, defer_build=defer_build, profile=profile, progress=progress,
-                                       device=devices.get(target) or device)  # fmt: skip
+        cell_docs, random = _run_group(
+            model,
+            modality,
+            target,
+            group,
+            output,
+            shapes=shapes,
+            bench=bench,
+            quant=quant,
+            threads=threads,
+            task=task,
+            defer_build=defer_build,
+            profile=profile,
+            progress=progress,
+            device=devices.get(target) or device,
+        )
         results.update(cell_docs)
         random_weights = random_weights or random
     doc = _document(
@@ -259,9 +278,22 @@ def run_matrix(
 
 
 def _run_group(
-    model: str, modality: str, target: str, group: list[Cell], output: Path, *, shapes: Any, bench: BenchSettings, quant: Any,
-    threads: int, task: str | None, defer_build: bool, profile: Any, progress: Callable[[str], None], device: str | None = None,
-) -> tuple[dict[str, dict[str, Any]], bool]:  # fmt: skip
+    model: str,
+    modality: str,
+    target: str,
+    group: list[Cell],
+    output: Path,
+    *,
+    shapes: Any,
+    bench: BenchSettings,
+    quant: Any,
+    threads: int,
+    task: str | None,
+    defer_build: bool,
+    profile: Any,
+    progress: Callable[[str], None],
+    device: str | None = None,
+) -> tuple[dict[str, dict[str, Any]], bool]:
     """The cells of one (modality, target) from one pipeline.run: their documents, and whether the weights were random."""
     from . import backends
     from .models import parse_source
@@ -284,7 +316,9 @@ def _run_group(
             defer_build=defer_build,
             device=device,
         )
-        if profile is not None:  # the matrix names targets and precisions; the profile its device, threads, shapes and budget
+        if (
+            profile is not None
+        ):  # the matrix names targets and precisions; the profile its device, threads, shapes and budget
             explicit = {"targets", "int8"} | ({"device"} if device else set())
             options, shapes = apply_profile(options, shapes, profile, explicit=explicit)
             options = dataclasses.replace(options, half=half, int8=options.int8 if want_int8 else None)
@@ -297,7 +331,9 @@ def _run_group(
         return {cell.key: _cell_doc(cell, "failed", reason, exit_code=code) for cell in group}, False
     random_weights = bool((report.get("model") or {}).get("random_weights"))
     simulated = defer_build and not backends.get(target).available().ok
-    return {cell.key: _cell_from_report(cell, report, folder, output, simulated=simulated) for cell in group}, random_weights
+    return {
+        cell.key: _cell_from_report(cell, report, folder, output, simulated=simulated) for cell in group
+    }, random_weights
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -323,8 +359,12 @@ def exit_code(doc: Mapping[str, Any]) -> int:
     if nothing_measured(doc) is not None:
         return int(ExitCode.TARGET_UNAVAILABLE)
     variants = [v for c in doc.get("cells") or [] for v in c.get("variants") or []]
-    return int(verdict_code(drift_passed=all(v.get("drift_passed") is not False for v in variants),
-                            latency_passed=all(v.get("latency_budget_passed") is not False for v in variants)))  # fmt: skip
+    return int(
+        verdict_code(
+            drift_passed=all(v.get("drift_passed") is not False for v in variants),
+            latency_passed=all(v.get("latency_budget_passed") is not False for v in variants),
+        )
+    )
 
 
 def nothing_measured(doc: Mapping[str, Any]) -> str | None:
@@ -332,28 +372,53 @@ def nothing_measured(doc: Mapping[str, Any]) -> str | None:
     cells = doc.get("cells") or []
     if any(c.get("status") == "ran" for c in cells):
         return None
-    first = next((f"{c['modality']}/{c['target']}/{c['precision']}: {c.get('reason')}" for c in cells if c.get("status") == "skipped"), "")
-    return (f"the matrix measured nothing: {len(cells)} cell(s), none ran" + (f" (e.g. {first})" if first else "") +
-            "; choose targets and precisions that run here (d2v-export doctor lists them), install the missing runtime, "
-            "or pass --defer-build for a target that defers its build")  # fmt: skip
+    first = next(
+        (
+            f"{c['modality']}/{c['target']}/{c['precision']}: {c.get('reason')}"
+            for c in cells
+            if c.get("status") == "skipped"
+        ),
+        "",
+    )
+    return (
+        f"the matrix measured nothing: {len(cells)} cell(s), none ran"
+        + (f" (e.g. {first})" if first else "")
+        + "; choose targets and precisions that run here (d2v-export doctor lists them), install the missing runtime, "
+        "or pass --defer-build for a target that defers its build"
+    )
 
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
-    return first if getattr(exc, "code", None) is not None and first else f"{exc.__class__.__name__}: {first}".rstrip(": ")
+    return (
+        first if getattr(exc, "code", None) is not None and first else f"{exc.__class__.__name__}: {first}".rstrip(": ")
+    )
 
 
 def _cell_doc(cell: Cell, status: str, reason: str = "", **extra: Any) -> dict[str, Any]:
-    return {"modality": cell.modality, "target": cell.target, "precision": cell.precision, "status": status, "reason": reason,
-            "report": None, "task": None, "reference_p50_ms": None, "variants": []} | extra  # fmt: skip
+    return {
+        "modality": cell.modality,
+        "target": cell.target,
+        "precision": cell.precision,
+        "status": status,
+        "reason": reason,
+        "report": None,
+        "task": None,
+        "reference_p50_ms": None,
+        "variants": [],
+    } | extra
 
 
-SIMULATED = ("deferred build: latency and drift were measured on a stand-in for the target's runtime ({device}), not on "
-             "the target; build the artifact on the device and measure it there")
+SIMULATED = (
+    "deferred build: latency and drift were measured on a stand-in for the target's runtime ({device}), not on "
+    "the target; build the artifact on the device and measure it there"
+)
 
 
-def _cell_from_report(cell: Cell, report: Mapping[str, Any], folder: Path, output: Path, *, simulated: bool = False) -> dict[str, Any]:
+def _cell_from_report(
+    cell: Cell, report: Mapping[str, Any], folder: Path, output: Path, *, simulated: bool = False
+) -> dict[str, Any]:
     ref = (report.get("reference") or {}).get("latency_ms") or {}
     variants = [v for v in report.get("variants") or [] if v.get("precision") == cell.precision]
     html = folder / "report.html"
@@ -364,8 +429,15 @@ def _cell_from_report(cell: Cell, report: Mapping[str, Any], folder: Path, outpu
     failed = [e["name"] for e in entries if e["drift_passed"] is False]
     stand_in = SIMULATED.format(device=entries[0].get("device") or "another runtime") if simulated else ""
     reason = "; ".join(r for r in (f"drift over budget: {', '.join(failed)}" if failed else "", stand_in) if r)
-    return _cell_doc(cell, "ran", reason, report=link, task=(report.get("model") or {}).get("task"),
-                     reference_p50_ms=ref.get("p50"), variants=entries)  # fmt: skip
+    return _cell_doc(
+        cell,
+        "ran",
+        reason,
+        report=link,
+        task=(report.get("model") or {}).get("task"),
+        reference_p50_ms=ref.get("p50"),
+        variants=entries,
+    )
 
 
 def _variant_entry(v: Mapping[str, Any], ref_p50: float | None) -> dict[str, Any]:
@@ -402,7 +474,9 @@ def summarize(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if cell.get("reference_p50_ms") is not None:
             info["refs"].append(cell["reference_p50_ms"])
         known = {v["name"] for v in info["variants"]}
-        info["variants"] += [dict(v, report=cell.get("report")) for v in cell.get("variants") or [] if v["name"] not in known]
+        info["variants"] += [
+            dict(v, report=cell.get("report")) for v in cell.get("variants") or [] if v["name"] not in known
+        ]
     for info in out.values():
         refs = info.pop("refs")
         ref = info["reference_p50_ms"] = statistics.median(refs) if refs else None
@@ -413,8 +487,17 @@ def summarize(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _document(*, model: str, cells: list[dict[str, Any]], modalities: list[str], targets: list[str], precisions: list[str],
-              shard: str | None, random_weights: bool, warnings: list[str]) -> dict[str, Any]:  # fmt: skip
+def _document(
+    *,
+    model: str,
+    cells: list[dict[str, Any]],
+    modalities: list[str],
+    targets: list[str],
+    precisions: list[str],
+    shard: str | None,
+    random_weights: bool,
+    warnings: list[str],
+) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "matrix",
@@ -429,13 +512,15 @@ def _document(*, model: str, cells: list[dict[str, Any]], modalities: list[str],
         "cells": cells,
         "modalities_detail": summarize(cells),
         "warnings": warnings,
-        "passed": any(c["status"] == "ran" for c in cells) and all(c["status"] != "failed" for c in cells) and all(
-            v.get("drift_passed") is not False for c in cells for v in c.get("variants") or []
-        ),
+        "passed": any(c["status"] == "ran" for c in cells)
+        and all(c["status"] != "failed" for c in cells)
+        and all(v.get("drift_passed") is not False for c in cells for v in c.get("variants") or []),
     }
 
 
-def merge(docs: Sequence[Mapping[str, Any]], *, relocate: Callable[[Mapping[str, Any], str], str] | None = None) -> dict[str, Any]:
+def merge(
+    docs: Sequence[Mapping[str, Any]], *, relocate: Callable[[Mapping[str, Any], str], str] | None = None
+) -> dict[str, Any]:
     """Join the matrix.json documents of several shards (a cell that ran wins over a skipped/failed copy)."""
     if not docs:
         raise D2VError("nothing to merge: pass the matrix.json of every shard")
@@ -460,9 +545,19 @@ def merge(docs: Sequence[Mapping[str, Any]], *, relocate: Callable[[Mapping[str,
     ordered = [cells[k] for k in order if k in cells] + [c for k, c in cells.items() if k not in order]
     missing = [k for k in order if k not in cells]
     if missing:
-        warnings.append(f"{len(missing)} cell(s) in no shard: {', '.join(missing[:6])}" + (" …" if len(missing) > 6 else ""))
-    return _document(model=str(next(iter(models))), cells=ordered, modalities=mods, targets=tgts, precisions=precs, shard=None,
-                     random_weights=any(d.get("random_weights") for d in docs), warnings=warnings)  # fmt: skip
+        warnings.append(
+            f"{len(missing)} cell(s) in no shard: {', '.join(missing[:6])}" + (" …" if len(missing) > 6 else "")
+        )
+    return _document(
+        model=str(next(iter(models))),
+        cells=ordered,
+        modalities=mods,
+        targets=tgts,
+        precisions=precs,
+        shard=None,
+        random_weights=any(d.get("random_weights") for d in docs),
+        warnings=warnings,
+    )
 
 
 def merge_files(paths: Sequence[Path], output: Path, *, force: bool = False) -> dict[str, Any]:
@@ -479,10 +574,15 @@ def merge_files(paths: Sequence[Path], output: Path, *, force: bool = False) -> 
         p = p / "matrix.json" if p.is_dir() else p
         d = load_report(p)
         if d.get("kind") != "matrix":
-            raise D2VError(f"'{p}' is not a matrix.json (no \"kind\": \"matrix\"); pass the matrix.json of each shard")
-        unknown = sorted(set(d.get("modalities") or ()) - {m.value for m in Modality} | set(d.get("precisions") or ()) - {x.value for x in Precision})
+            raise D2VError(f'\'{p}\' is not a matrix.json (no "kind": "matrix"); pass the matrix.json of each shard')
+        unknown = sorted(
+            set(d.get("modalities") or ()) - {m.value for m in Modality}
+            | set(d.get("precisions") or ()) - {x.value for x in Precision}
+        )
         if unknown:
-            raise D2VError(f"'{p}' names an unknown modality or precision ({', '.join(unknown)}); pass the matrix.json a d2v-export shard wrote")
+            raise D2VError(
+                f"'{p}' names an unknown modality or precision ({', '.join(unknown)}); pass the matrix.json a d2v-export shard wrote"
+            )
         docs.append(d)
         where[id(d)] = p.parent
 
@@ -498,27 +598,41 @@ def merge_files(paths: Sequence[Path], output: Path, *, force: bool = False) -> 
 def markdown(doc: Mapping[str, Any]) -> str:
     lines = [f"# d2v-export matrix: {doc.get('model')}", ""]
     if doc.get("random_weights"):
-        lines += ["> **RANDOM WEIGHTS** — presets have the real architecture but untrained weights: latency is meaningful, "
-                  "accuracy numbers only measure conversion drift.", ""]  # fmt: skip
+        lines += [
+            "> **RANDOM WEIGHTS** — presets have the real architecture but untrained weights: latency is meaningful, "
+            "accuracy numbers only measure conversion drift.",
+            "",
+        ]
     if doc.get("shard"):
         lines += [f"Shard {doc['shard']} of the matrix.", ""]
     lines += ["| modality | target | precision | status | reason |", "|---|---|---|---|---|"]
     for c in doc.get("cells") or []:
-        lines.append(f"| {c['modality']} | {c['target']} | {c['precision']} | {c['status']} | {_md(c.get('reason') or '')} |")
+        lines.append(
+            f"| {c['modality']} | {c['target']} | {c['precision']} | {c['status']} | {_md(c.get('reason') or '')} |"
+        )
     for modality, info in (doc.get("modalities_detail") or {}).items():
         front = info.get("pareto") or []
         lines += ["", f"## {modality}: {info.get('task')}", ""]
         ref = info.get("reference_p50_ms")
         if ref is not None:
             lines += [f"PyTorch fp32 reference p50 {ref:.3f} ms. {SPEEDUP_MEANING}", ""]
-        lines += ["| variant | p50 ms | speedup vs common ref | drift score | key metric | drift | front |", "|---|---:|---:|---:|---|---|---|"]
+        lines += [
+            "| variant | p50 ms | speedup vs common ref | drift score | key metric | drift | front |",
+            "|---|---:|---:|---:|---|---|---|",
+        ]
         for v in info.get("variants") or []:
             p50 = f"{v['p50_ms']:.3f}" if v.get("p50_ms") is not None else "–"
             sp = f"{v['speedup_vs_common_reference']:.2f}×" if v.get("speedup_vs_common_reference") else "–"
             score = f"{v['drift_score']:.3g}" if v.get("drift_score") is not None else "–"
-            key = f"{v['key_metric']} {v['key_metric_value']:.4g}" if v.get("key_metric") and v.get("key_metric_value") is not None else "–"
+            key = (
+                f"{v['key_metric']} {v['key_metric_value']:.4g}"
+                if v.get("key_metric") and v.get("key_metric_value") is not None
+                else "–"
+            )
             ok = {True: "✅", False: "❌"}.get(v.get("drift_passed"), "–")
-            lines.append(f"| {v['name']}{' (simulated)' if v.get('simulated') else ''} | {p50} | {sp} | {score} | {key} | {ok} | {'★' if v['name'] in front else ''} |")
+            lines.append(
+                f"| {v['name']}{' (simulated)' if v.get('simulated') else ''} | {p50} | {sp} | {score} | {key} | {ok} | {'★' if v['name'] in front else ''} |"
+            )
         lines += ["", f"Latency-versus-drift front: {', '.join(front) or 'none'}."]
     if doc.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in doc["warnings"]]
@@ -546,7 +660,12 @@ def write(doc: Mapping[str, Any], output: Path) -> tuple[Path, Path, Path]:
 
 
 def compare_to_baseline(
-    doc: Mapping[str, Any], output: Path, baseline: Path, *, latency_tolerance: float = 0.10, drift_tolerance: float = 0.005
+    doc: Mapping[str, Any],
+    output: Path,
+    baseline: Path,
+    *,
+    latency_tolerance: float = 0.10,
+    drift_tolerance: float = 0.005,
 ) -> dict[str, Any]:
     """Each run of the merged matrix against the same (modality, target) run of a baseline matrix.
 
@@ -562,7 +681,9 @@ def compare_to_baseline(
     base_file = baseline / "matrix.json" if baseline.is_dir() else baseline
     base_doc = cmp.load_report(base_file)
     if base_doc.get("kind") != "matrix":
-        raise D2VError(f"baseline '{base_file}' is not a matrix.json (no \"kind\": \"matrix\"); pass the merged matrix.json of the last run")
+        raise D2VError(
+            f'baseline \'{base_file}\' is not a matrix.json (no "kind": "matrix"); pass the merged matrix.json of the last run'
+        )
 
     cur, base = _cell_reports(doc, Path(output)), _cell_reports(base_doc, base_file.parent)
     runs: list[dict[str, Any]] = []
@@ -572,16 +693,38 @@ def compare_to_baseline(
             notes.append(f"{key}: not in the baseline")
             continue
         if not base[key].is_file():
-            notes.append(f"{key}: the baseline's report {base[key]} is missing; keep the shard folders beside the baseline matrix.json")
+            notes.append(
+                f"{key}: the baseline's report {base[key]} is missing; keep the shard folders beside the baseline matrix.json"
+            )
             continue
-        result = cmp.compare(cmp.load_report(base[key]), cmp.load_report(path), latency_tolerance=latency_tolerance, drift_tolerance=drift_tolerance)
-        runs.append({"run": key, "passed": result.passed, "regressions": [v.name for v in result.regressions], "markdown": cmp.markdown(result)})
+        result = cmp.compare(
+            cmp.load_report(base[key]),
+            cmp.load_report(path),
+            latency_tolerance=latency_tolerance,
+            drift_tolerance=drift_tolerance,
+        )
+        runs.append(
+            {
+                "run": key,
+                "passed": result.passed,
+                "regressions": [v.name for v in result.regressions],
+                "markdown": cmp.markdown(result),
+            }
+        )
     notes += [f"{key}: in the baseline, not run this time" for key in base if key not in cur]
     passed = all(r["passed"] for r in runs)
     summary: dict[str, Any] = {"baseline": str(base_file), "passed": passed, "runs": runs, "notes": notes}
-    lines = ["# Matrix against the baseline", "", f"Baseline: `{base_file}`.", "",
-             "**No regression**" if passed else "**Regression** in " + ", ".join(
-                 f"{r['run']} ({', '.join(r['regressions'])})" for r in runs if not r["passed"]), ""]  # fmt: skip
+    lines = [
+        "# Matrix against the baseline",
+        "",
+        f"Baseline: `{base_file}`.",
+        "",
+        "**No regression**"
+        if passed
+        else "**Regression** in "
+        + ", ".join(f"{r['run']} ({', '.join(r['regressions'])})" for r in runs if not r["passed"]),
+        "",
+    ]
     for r in runs:
         lines += [f"## {r['run']}", "", r["markdown"], ""]
     lines += [f"- {n}" for n in notes]

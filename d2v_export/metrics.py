@@ -146,7 +146,9 @@ def judge(
     return Judgement(not failed, tuple(failed), tuple(unresolved), found, levels)
 
 
-def budgets(kind: str, *, random_weights: bool, overrides: Mapping[str, float] | None = None) -> tuple[dict[str, float], dict[str, str]]:
+def budgets(
+    kind: str, *, random_weights: bool, overrides: Mapping[str, float] | None = None
+) -> tuple[dict[str, float], dict[str, str]]:
     """(the budget that gates, {metric: why it is only information}) for a metric kind.
 
     Defaults from ``DEFAULT_BUDGETS``; on random weights the metrics in ``NOT_MEANINGFUL_ON_RANDOM_WEIGHTS``
@@ -180,9 +182,13 @@ def parse_drift(items: list[str]) -> tuple[dict[str, float], dict[str, float]]:
             continue
         name, sep, text = (s.strip() for s in item.partition("="))
         if not sep or name not in METRICS:
-            raise D2VError(f"bad budget '{item}': use METRIC=LIMIT[@CONFIDENCE] with METRIC one of: {valid}", ExitCode.USAGE)
+            raise D2VError(
+                f"bad budget '{item}': use METRIC=LIMIT[@CONFIDENCE] with METRIC one of: {valid}", ExitCode.USAGE
+            )
         text, at, level = (s.strip() for s in text.partition("@"))
-        budget[name] = _number(text, f"bad budget '{item}': '{text}' is not a number; use METRIC=LIMIT, e.g. {name}=0.99")
+        budget[name] = _number(
+            text, f"bad budget '{item}': '{text}' is not a number; use METRIC=LIMIT, e.g. {name}=0.99"
+        )
         if at:
             levels[name] = _confidence(level, item)
     return budget, levels
@@ -199,9 +205,15 @@ def _number(text: str, problem: str) -> float:
 
 
 def _confidence(text: str, item: str) -> float:
-    value = _number(text, f"bad confidence in '{item}': '{text}' is not a number; use e.g. @0.95, or @0 to judge the measured value alone")
+    value = _number(
+        text,
+        f"bad confidence in '{item}': '{text}' is not a number; use e.g. @0.95, or @0 to judge the measured value alone",
+    )
     if value != 0 and not 0.5 <= value < 1:
-        raise D2VError(f"bad confidence in '{item}': {value:g} is outside 0.5..1; use e.g. @0.95, or @0 to judge the measured value alone", ExitCode.USAGE)
+        raise D2VError(
+            f"bad confidence in '{item}': {value:g} is outside 0.5..1; use e.g. @0.95, or @0 to judge the measured value alone",
+            ExitCode.USAGE,
+        )
     return value
 
 
@@ -261,7 +273,9 @@ def _get(sample: dict[str, np.ndarray], name: str, i: int, side: str) -> np.ndar
     return np.asarray(sample[name])
 
 
-def _pairs(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]], name: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def _pairs(
+    reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]], name: str
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(sample index, reference array, candidate array) for one output, shapes checked."""
     for i, (r, c) in enumerate(zip(reference, candidate)):
         a, b = _get(r, name, i, "reference"), _get(c, name, i, "candidate")
@@ -345,7 +359,9 @@ def _value(m: Measured) -> float:
 # ---------------------------------------------------------------------------------- kinds
 
 
-def _classification(ref: Outputs, cand: Outputs, names: tuple[str, ...], labels: list[Any] | None, **_unused: Any) -> dict[str, Measured]:
+def _classification(
+    ref: Outputs, cand: Outputs, names: tuple[str, ...], labels: list[Any] | None, **_unused: Any
+) -> dict[str, Measured]:
     r = np.concatenate([a.reshape(-1, a.shape[-1]) for _, a, _ in _pairs(ref, cand, names[0])])
     c = np.concatenate([b.reshape(-1, b.shape[-1]) for _, _, b in _pairs(ref, cand, names[0])])
     k = min(5, r.shape[-1])
@@ -359,11 +375,22 @@ def _classification(ref: Outputs, cand: Outputs, names: tuple[str, ...], labels:
         y = np.array([int(v) for v in _labels(labels, len(r))])
         rr, cr = r.argmax(-1) == y, c.argmax(-1) == y
         lost, gained = int((rr & ~cr).sum()), int((cr & ~rr).sum())
-        out |= {"reference_accuracy": float(rr.mean()), "candidate_accuracy": float(cr.mean()), "accuracy_drop": Paired(lost, gained, len(r))}
+        out |= {
+            "reference_accuracy": float(rr.mean()),
+            "candidate_accuracy": float(cr.mean()),
+            "accuracy_drop": Paired(lost, gained, len(r)),
+        }
     return out
 
 
-def _ctc(ref: Outputs, cand: Outputs, names: tuple[str, ...], labels: list[Any] | None, id2char: dict[int, str] | None, **_unused: Any) -> dict[str, float]:
+def _ctc(
+    ref: Outputs,
+    cand: Outputs,
+    names: tuple[str, ...],
+    labels: list[Any] | None,
+    id2char: dict[int, str] | None,
+    **_unused: Any,
+) -> dict[str, float]:
     if id2char is None:  # every id its own symbol; WER then treats a transcript as one word
         vocab = _get(ref[0], names[0], 0, "reference").shape[-1]
         id2char = {i: chr(0xF0000 + i) for i in range(vocab)}
@@ -392,12 +419,16 @@ def _ctc(ref: Outputs, cand: Outputs, names: tuple[str, ...], labels: list[Any] 
     return out
 
 
-def _vs(gold: list[str], rt: list[str], ct: list[str], unit: Callable[[str], list[str]]) -> tuple[list[tuple[list[str], list[str]]], ...]:
+def _vs(
+    gold: list[str], rt: list[str], ct: list[str], unit: Callable[[str], list[str]]
+) -> tuple[list[tuple[list[str], list[str]]], ...]:
     """(reference pairs, candidate pairs) against the label transcripts, split into units."""
     return tuple([(unit(g), unit(h.upper())) for g, h in zip(gold, hyps)] for hyps in (rt, ct))
 
 
-def _token_classification(ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any) -> dict[str, float]:
+def _token_classification(
+    ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any
+) -> dict[str, float]:
     same = n = 0
     cos = 0.0
     for i, a, b in _pairs(ref, cand, names[0]):
@@ -422,7 +453,9 @@ def _best_spans(start: np.ndarray, end: np.ndarray, mask: np.ndarray | None) -> 
     return np.stack([flat // seq, flat % seq], -1)
 
 
-def _question_answering(ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any) -> dict[str, Measured]:
+def _question_answering(
+    ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any
+) -> dict[str, Measured]:
     if len(names) < 2:
         raise D2VError(f"question-answering needs start and end logits, got outputs: {', '.join(names)}")
     s_name, e_name = ("start_logits", "end_logits") if {"start_logits", "end_logits"} <= set(names) else names[:2]
@@ -437,7 +470,9 @@ def _question_answering(ref: Outputs, cand: Outputs, names: tuple[str, ...], mas
     return {"span_exact_match": Count(span, n), "start_agreement": Count(st, n), "end_agreement": Count(en, n)}
 
 
-def _language_model(ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any) -> dict[str, float]:
+def _language_model(
+    ref: Outputs, cand: Outputs, names: tuple[str, ...], masks: _Masks, **_unused: Any
+) -> dict[str, float]:
     same = n = 0
     kl = 0.0
     for i, a, b in _pairs(ref, cand, names[0]):
@@ -516,7 +551,9 @@ def compute_with_evidence(
     if kind not in _KINDS:
         raise D2VError(f"unknown metric kind '{kind}'; choose one of: {', '.join(_KINDS)}")
     if not reference or len(reference) != len(candidate):
-        raise D2VError(f"need the same, non-zero number of samples: reference {len(reference)}, candidate {len(candidate)}")
+        raise D2VError(
+            f"need the same, non-zero number of samples: reference {len(reference)}, candidate {len(candidate)}"
+        )
     if not output_names:
         raise D2VError("no output names to compare; pass the head's outputs")
     worst, total, count = 0.0, 0.0, 0
@@ -536,11 +573,15 @@ def compute_with_evidence(
         id2char=id2char,
         masks=_Masks(attention_masks, len(reference)),
     )
-    values = {"max_abs_error": worst, "mean_abs_error": total / count if count else 0.0} | {k: _value(m) for k, m in measured.items()}
+    values = {"max_abs_error": worst, "mean_abs_error": total / count if count else 0.0} | {
+        k: _value(m) for k, m in measured.items()
+    }
     return values, {k: m for k, m in measured.items() if isinstance(m, (Count, Paired))}
 
 
-def compute(kind: str, reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]], **options: Any) -> dict[str, float]:
+def compute(
+    kind: str, reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]], **options: Any
+) -> dict[str, float]:
     """The values of ``compute_with_evidence`` (same arguments) without the counts behind them."""
     return compute_with_evidence(kind, reference, candidate, **options)[0]
 
@@ -558,7 +599,14 @@ PRIMARY: dict[str, str] = {
 }
 
 
-def primary_score(kind: str, reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]], *, output_names: tuple[str, ...], id2char: dict[int, str] | None = None) -> float:
+def primary_score(
+    kind: str,
+    reference: list[dict[str, np.ndarray]],
+    candidate: list[dict[str, np.ndarray]],
+    *,
+    output_names: tuple[str, ...],
+    id2char: dict[int, str] | None = None,
+) -> float:
     """The task's primary metric as a score: higher is better, 1.0 = identical to the reference."""
     name = PRIMARY[kind]
     value = float(compute(kind, reference, candidate, output_names=output_names, id2char=id2char)[name])

@@ -30,28 +30,123 @@ PRESETS = ("tiny", "base", "large")
 
 # The 32-symbol character vocabulary of facebook/data2vec-audio-base-960h (wav2vec2 LibriSpeech CTC).
 CTC_VOCAB: tuple[str, ...] = (
-    "<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D", "L",
-    "U", "M", "W", "C", "F", "G", "Y", "P", "B", "V", "K", "'", "X", "J", "Q", "Z",
-)  # fmt: skip
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "|",
+    "E",
+    "T",
+    "A",
+    "O",
+    "N",
+    "I",
+    "H",
+    "S",
+    "R",
+    "D",
+    "L",
+    "U",
+    "M",
+    "W",
+    "C",
+    "F",
+    "G",
+    "Y",
+    "P",
+    "B",
+    "V",
+    "K",
+    "'",
+    "X",
+    "J",
+    "Q",
+    "Z",
+)
 
 _ARCH: dict[tuple[Modality, str], dict[str, Any]] = {
-    (Modality.VISION, "base"): dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    (Modality.VISION, "large"): dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, out_indices=[7, 11, 15, 23]),
-    (Modality.VISION, "tiny"): dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8, out_indices=[0, 1, 2, 3], auxiliary_channels=16, pool_scales=[1, 2, 3, 6]),
-    (Modality.TEXT, "base"): dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    (Modality.TEXT, "large"): dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    (Modality.VISION, "base"): dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
+    (Modality.VISION, "large"): dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        out_indices=[7, 11, 15, 23],
+    ),
+    (Modality.VISION, "tiny"): dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        image_size=32,
+        patch_size=8,
+        out_indices=[0, 1, 2, 3],
+        auxiliary_channels=16,
+        pool_scales=[1, 2, 3, 6],
+    ),
+    (Modality.TEXT, "base"): dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
+    (Modality.TEXT, "large"): dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
     (Modality.TEXT, "tiny"): dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37),
-    (Modality.AUDIO, "base"): dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    (Modality.AUDIO, "large"): dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    (Modality.AUDIO, "tiny"): dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, conv_dim=(32, 32, 32, 32, 32, 32, 32), num_conv_pos_embedding_groups=4, conv_pos_kernel_size=5, num_conv_pos_embeddings=3, classifier_proj_size=16, tdnn_dim=(32, 32, 32, 32, 64), xvector_output_dim=16),
-}  # fmt: skip
+    (Modality.AUDIO, "base"): dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    ),
+    (Modality.AUDIO, "large"): dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
+    (Modality.AUDIO, "tiny"): dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        conv_dim=(32, 32, 32, 32, 32, 32, 32),
+        num_conv_pos_embedding_groups=4,
+        conv_pos_kernel_size=5,
+        num_conv_pos_embeddings=3,
+        classifier_proj_size=16,
+        tdnn_dim=(32, 32, 32, 32, 64),
+        xvector_output_dim=16,
+    ),
+}
 
 # Fields shared by every size, as in the real checkpoints' config.json.
 _COMMON: dict[Modality, dict[str, Any]] = {
-    Modality.VISION: dict(use_relative_position_bias=True, use_shared_relative_position_bias=False, use_absolute_position_embeddings=False, use_mean_pooling=True, layer_scale_init_value=0.1, layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.1, use_auxiliary_head=True),
-    Modality.TEXT: dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2),
-    Modality.AUDIO: dict(vocab_size=len(CTC_VOCAB), conv_bias=True, layer_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2, ctc_loss_reduction="sum"),
-}  # fmt: skip
+    Modality.VISION: dict(
+        use_relative_position_bias=True,
+        use_shared_relative_position_bias=False,
+        use_absolute_position_embeddings=False,
+        use_mean_pooling=True,
+        layer_scale_init_value=0.1,
+        layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=0.1,
+        use_auxiliary_head=True,
+    ),
+    Modality.TEXT: dict(
+        vocab_size=50265,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    ),
+    Modality.AUDIO: dict(
+        vocab_size=len(CTC_VOCAB),
+        conv_bias=True,
+        layer_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        ctc_loss_reduction="sum",
+    ),
+}
 
 _CONFIG_CLASS = {
     Modality.VISION: "Data2VecVisionConfig",
@@ -108,7 +203,12 @@ def parse_source(source: str, modality: Modality, task: str | None) -> ModelSpec
     elif Path(source).expanduser().exists():
         kind = SourceKind.LOCAL
         source = str(Path(source).expanduser())
-    elif source.startswith((".", "/", "~")) or source.endswith("/") or os.sep + os.sep in source or not _HUB_ID.match(source):
+    elif (
+        source.startswith((".", "/", "~"))
+        or source.endswith("/")
+        or os.sep + os.sep in source
+        or not _HUB_ID.match(source)
+    ):
         raise D2VError(f"model path '{source}' does not exist; pass a checkpoint folder, a hub id or preset:base")
     else:
         kind = SourceKind.HUB
@@ -172,9 +272,11 @@ def _build_preset(spec: ModelSpec) -> LoadedModel:
         parameters=_count(module),
         checkpoint_dir=None,
         description=f"preset:{preset} (architecture of {real}; RANDOM WEIGHTS)",
-        warnings=(f"RANDOM WEIGHTS: preset:{preset} has the architecture of {real} but untrained weights; "
-                  "latency is real, accuracy numbers only measure export and quantization drift",),
-    )  # fmt: skip
+        warnings=(
+            f"RANDOM WEIGHTS: preset:{preset} has the architecture of {real} but untrained weights; "
+            "latency is real, accuracy numbers only measure export and quantization drift",
+        ),
+    )
 
 
 def preset_processors(modality: Modality, config: Any, head: Head) -> tuple[Any | None, Any | None]:
@@ -184,15 +286,25 @@ def preset_processors(modality: Modality, config: Any, head: Head) -> tuple[Any 
     if modality is Modality.VISION:
         size = int(config.image_size)
         proc = transformers.BeitImageProcessor(
-            do_resize=True, size={"height": size, "width": size}, resample=2, do_center_crop=False,
-            do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+            do_resize=True,
+            size={"height": size, "width": size},
+            resample=2,
+            do_center_crop=False,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
             do_reduce_labels=head.task == "semantic-segmentation",
-        )  # fmt: skip
+        )
         return proc, None
     if modality is Modality.AUDIO:
         extractor = transformers.Wav2Vec2FeatureExtractor(
-            feature_size=1, sampling_rate=SAMPLING_RATE, padding_value=0.0, do_normalize=True, return_attention_mask=True
+            feature_size=1,
+            sampling_rate=SAMPLING_RATE,
+            padding_value=0.0,
+            do_normalize=True,
+            return_attention_mask=True,
         )
         tok = None
         if head.task == "automatic-speech-recognition":
@@ -215,7 +327,9 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise D2VError(f"'{path}' is not valid JSON ({exc.__class__.__name__}: {exc}); fix or re-download the checkpoint") from None
+        raise D2VError(
+            f"'{path}' is not valid JSON ({exc.__class__.__name__}: {exc}); fix or re-download the checkpoint"
+        ) from None
     if not isinstance(data, dict):
         raise D2VError(f"'{path}' must hold a JSON object; fix or re-download the checkpoint")
     return data
@@ -226,8 +340,12 @@ def check_modality(model_type: object, modality: Modality, where: str) -> None:
         return
     for other, name in _MODEL_TYPE.items():
         if model_type == name:
-            raise D2VError(f"{where} is a {name} checkpoint, not {modality.value}; run `d2v-export {other.value}` instead")
-    raise D2VError(f"{where} is not a Data2Vec checkpoint (model_type {model_type!r}); d2v-export takes data2vec-vision, -text or -audio models")
+            raise D2VError(
+                f"{where} is a {name} checkpoint, not {modality.value}; run `d2v-export {other.value}` instead"
+            )
+    raise D2VError(
+        f"{where} is not a Data2Vec checkpoint (model_type {model_type!r}); d2v-export takes data2vec-vision, -text or -audio models"
+    )
 
 
 def _load_checkpoint(spec: ModelSpec) -> LoadedModel:
@@ -243,7 +361,9 @@ def _load_checkpoint(spec: ModelSpec) -> LoadedModel:
         where: str | Path = folder
     else:
         where = spec.source
-        config_try = _hub(lambda: transformers.AutoConfig.from_pretrained(spec.source, trust_remote_code=False), spec.source)
+        config_try = _hub(
+            lambda: transformers.AutoConfig.from_pretrained(spec.source, trust_remote_code=False), spec.source
+        )
         check_modality(getattr(config_try, "model_type", None), spec.modality, f"'{spec.source}'")
         raw = config_try.to_dict()
     own = next((h for h in map(head_for_class, raw.get("architectures") or []) if h is not None), None)
@@ -252,7 +372,9 @@ def _load_checkpoint(spec: ModelSpec) -> LoadedModel:
     try:
         config = config_cls.from_pretrained(where)
     except (ValueError, TypeError, KeyError) as exc:
-        raise D2VError(f"config.json of '{where}' cannot be read as {config_cls.__name__}: {exc}; fix or re-download it") from None
+        raise D2VError(
+            f"config.json of '{where}' cannot be read as {config_cls.__name__}: {exc}; fix or re-download it"
+        ) from None
     if head.task == "text-generation" and not getattr(config, "is_decoder", False):
         config.is_decoder = True
         warnings.append("text-generation: set is_decoder=True on a checkpoint trained as an encoder")
@@ -273,7 +395,9 @@ def _load_checkpoint(spec: ModelSpec) -> LoadedModel:
     try:
         module = _hub(_from_pretrained, spec.source) if spec.kind is SourceKind.HUB else _from_pretrained()
     except OSError as exc:
-        raise D2VError(f"cannot load weights from '{where}': {str(exc).splitlines()[0]}; the folder needs model.safetensors or pytorch_model.bin") from None
+        raise D2VError(
+            f"cannot load weights from '{where}': {str(exc).splitlines()[0]}; the folder needs model.safetensors or pytorch_model.bin"
+        ) from None
     except Exception as exc:  # what torch and safetensors raise on a damaged file that check_weights let through
         if spec.kind is not SourceKind.LOCAL or not _damaged(exc):
             raise
@@ -310,7 +434,9 @@ def check_weights(folder: Path) -> None:
     for path in weight_files(folder):
         why = _safetensors_damage(path) if path.suffix == ".safetensors" else _torch_damage(path)
         if why:
-            raise D2VError(f"weights file '{path}' is truncated or corrupt ({why}); re-download or re-save the checkpoint")
+            raise D2VError(
+                f"weights file '{path}' is truncated or corrupt ({why}); re-download or re-save the checkpoint"
+            )
 
 
 def _safetensors_damage(path: Path) -> str | None:
@@ -355,12 +481,17 @@ def _damaged(exc: BaseException) -> bool:
     import pickle
     import zipfile
 
-    if isinstance(exc, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile)) or type(exc).__name__ == "SafetensorError":
+    if (
+        isinstance(exc, (EOFError, pickle.UnpicklingError, zipfile.BadZipFile))
+        or type(exc).__name__ == "SafetensorError"
+    ):
         return True
     return "PytorchStreamReader" in str(exc)
 
 
-def _checkpoint_processors(modality: Modality, where: str | Path, config: Any, head: Head) -> tuple[Any | None, Any | None, str | None]:
+def _checkpoint_processors(
+    modality: Modality, where: str | Path, config: Any, head: Head
+) -> tuple[Any | None, Any | None, str | None]:
     import transformers
 
     def attempt(fn: Any) -> Any | None:
@@ -381,8 +512,10 @@ def _checkpoint_processors(modality: Modality, where: str | Path, config: Any, h
     # A checkpoint without its own processor files gets the preset's, which may not match its training.
     missing = None
     if modality is Modality.TEXT and tokenizer is None:
-        missing = (f"'{where}' has no tokenizer files: using the bundled GPT-2 byte-level BPE in RoBERTa's layout, "
-                   "whose ids differ from real RoBERTa/data2vec-text vocabularies; copy the checkpoint's tokenizer files in")  # fmt: skip
+        missing = (
+            f"'{where}' has no tokenizer files: using the bundled GPT-2 byte-level BPE in RoBERTa's layout, "
+            "whose ids differ from real RoBERTa/data2vec-text vocabularies; copy the checkpoint's tokenizer files in"
+        )
     elif modality is not Modality.TEXT and processor is None:
         missing = f"'{where}' has no preprocessor_config.json: using the preset's {modality.value} processor settings"
     default_proc, default_tok = preset_processors(modality, config, head)
@@ -395,8 +528,15 @@ def _hub(fn: Any, hub_id: str) -> Any:
         return fn()
     except OSError as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        if "offline" in first.lower() or "connect" in first.lower() or "resolve" in first.lower() or "couldn't" in first.lower():
+        if (
+            "offline" in first.lower()
+            or "connect" in first.lower()
+            or "resolve" in first.lower()
+            or "couldn't" in first.lower()
+        ):
             raise D2VError(
                 f"cannot reach the Hugging Face hub for '{hub_id}' (offline?); download it and pass its local folder, or use preset:base"
             ) from None
-        raise D2VError(f"cannot load '{hub_id}' from the hub: {first}; pass a local checkpoint folder or preset:base") from None
+        raise D2VError(
+            f"cannot load '{hub_id}' from the hub: {first}; pass a local checkpoint folder or preset:base"
+        ) from None

@@ -31,13 +31,53 @@ QDQ = "quantize/dequantize, reorders, layout"
 REST = "rest"
 GROUPS = (GEMM8, GEMM32, ATTENTION, NORMS, QDQ, REST)
 
-_ORT_INT8 = {"MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearConv", "ConvInteger", "DynamicQuantizeMatMul", "QAttention"}
+_ORT_INT8 = {
+    "MatMulInteger",
+    "QLinearMatMul",
+    "MatMulIntegerToFloat",
+    "QGemm",
+    "QLinearConv",
+    "ConvInteger",
+    "DynamicQuantizeMatMul",
+    "QAttention",
+}
 _ORT_FLOAT = {"Gemm", "Conv", "FusedConv", "FusedGemm"}
 _ORT_ATTN = {"Softmax", "Attention", "MultiHeadAttention", "FusedMatMul"}
-_ORT_NORMS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization", "Gelu", "BiasGelu", "FastGelu", "Erf", "Add", "Mul",
-              "Div", "Sub", "Sqrt", "Pow", "ReduceMean", "Tanh", "Where", "BiasAdd"}
-_ORT_QDQ = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Transpose", "Reshape", "Cast", "Concat", "Split", "Slice", "Squeeze",
-            "Unsqueeze", "Expand", "Gather", "Identity"}
+_ORT_NORMS = {
+    "LayerNormalization",
+    "SkipLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "Gelu",
+    "BiasGelu",
+    "FastGelu",
+    "Erf",
+    "Add",
+    "Mul",
+    "Div",
+    "Sub",
+    "Sqrt",
+    "Pow",
+    "ReduceMean",
+    "Tanh",
+    "Where",
+    "BiasAdd",
+}
+_ORT_QDQ = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "Transpose",
+    "Reshape",
+    "Cast",
+    "Concat",
+    "Split",
+    "Slice",
+    "Squeeze",
+    "Unsqueeze",
+    "Expand",
+    "Gather",
+    "Identity",
+}
 
 
 def _ort_group(op: str, weight_matmul: bool) -> str:
@@ -56,7 +96,9 @@ def _ort_group(op: str, weight_matmul: bool) -> str:
     return REST
 
 
-def onnxruntime_breakdown(path: Path, feed: Mapping[str, np.ndarray], *, threads: int, runs: int = 10) -> dict[str, float]:
+def onnxruntime_breakdown(
+    path: Path, feed: Mapping[str, np.ndarray], *, threads: int, runs: int = 10
+) -> dict[str, float]:
     """ms per run in each group, from the reference runtime's profiler (the session its runner builds, plus profiling)."""
     from . import backends
 
@@ -98,7 +140,9 @@ def _weight_matmuls(optimized: Path) -> set[str]:
         model = onnx.load(str(optimized), load_external_data=False)
     except Exception:  # noqa: BLE001 - no optimized file: every float MatMul counts as attention
         return set()
-    consts = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = {t.name for t in model.graph.initializer} | {
+        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
+    }
     return {n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in consts}
 
 
@@ -109,22 +153,60 @@ def _ov_group(node_type: str, exec_type: str, name: str) -> str:
         return GEMM8 if int8 else GEMM32
     if t in ("matmul", "softmax", "scaleddotproductattention") or (t == "subgraph" and "matmul" in name.lower()):
         return ATTENTION
-    if t in ("mvn", "eltwise", "multiply", "add", "subtract", "divide", "powerstatic", "gelu", "subgraph", "sqrt", "reduce", "reducemean", "erf",
-             "normalizel2", "rmsnorm"):
+    if t in (
+        "mvn",
+        "eltwise",
+        "multiply",
+        "add",
+        "subtract",
+        "divide",
+        "powerstatic",
+        "gelu",
+        "subgraph",
+        "sqrt",
+        "reduce",
+        "reducemean",
+        "erf",
+        "normalizel2",
+        "rmsnorm",
+    ):
         return NORMS
-    if t in ("fakequantize", "reorder", "transpose", "reshape", "convert", "concatenation", "concat", "split", "gather", "stridedslice",
-             "broadcast", "interpolate", "slice", "squeeze", "unsqueeze"):
+    if t in (
+        "fakequantize",
+        "reorder",
+        "transpose",
+        "reshape",
+        "convert",
+        "concatenation",
+        "concat",
+        "split",
+        "gather",
+        "stridedslice",
+        "broadcast",
+        "interpolate",
+        "slice",
+        "squeeze",
+        "unsqueeze",
+    ):
         return QDQ
     return REST
 
 
-def openvino_breakdown(model: Any, feed: Mapping[str, np.ndarray], *, threads: int, runs: int = 10, config: Mapping[str, Any] | None = None) -> dict[str, float]:
+def openvino_breakdown(
+    model: Any, feed: Mapping[str, np.ndarray], *, threads: int, runs: int = 10, config: Mapping[str, Any] | None = None
+) -> dict[str, float]:
     """ms per run in each group, from the CPU plugin's performance counters. ``model``: an IR path or an ov.Model."""
     import openvino as ov
 
     core = ov.Core()
     m = core.read_model(str(model)) if isinstance(model, (str, Path)) else model
-    cfg = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": int(threads), "PERF_COUNT": True, **dict(config or {})}
+    cfg = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": 1,
+        "INFERENCE_NUM_THREADS": int(threads),
+        "PERF_COUNT": True,
+        **dict(config or {}),
+    }
     compiled = core.compile_model(m, "CPU", cfg)
     request = compiled.create_infer_request()
     inputs = {p.get_any_name(): feed[p.get_any_name()] for p in compiled.inputs if p.get_any_name() in feed}
@@ -136,7 +218,9 @@ def openvino_breakdown(model: Any, feed: Mapping[str, np.ndarray], *, threads: i
     for _ in range(runs):
         request.infer(inputs)
         for info in request.profiling_info:
-            totals[_ov_group(info.node_type, info.exec_type, info.node_name)] += info.real_time.total_seconds() * 1000.0 / runs
+            totals[_ov_group(info.node_type, info.exec_type, info.node_name)] += (
+                info.real_time.total_seconds() * 1000.0 / runs
+            )
     return {g: round(totals.get(g, 0.0), 3) for g in GROUPS}
 
 

@@ -45,9 +45,13 @@ def fuse(source: Path, target: Path, *, model_type: str, num_heads: int, hidden_
     before = len(onnx.load(str(source), load_external_data=False).graph.node)
     with quiet():  # onnxruntime.transformers logs advice at WARNING
         try:
-            optimized = optimize_model(str(source), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+            optimized = optimize_model(
+                str(source), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=0
+            )
         except Exception as exc:  # the optimizer raises many types; one line is what the user needs
-            raise D2VError(f"transformer fusion of '{source.name}' failed: {str(exc).splitlines()[0][:200]}", ExitCode.INTERNAL) from exc
+            raise D2VError(
+                f"transformer fusion of '{source.name}' failed: {str(exc).splitlines()[0][:200]}", ExitCode.INTERNAL
+            ) from exc
         stats = {k: int(v) for k, v in (optimized.get_fused_operator_statistics() or {}).items() if v}
         target.parent.mkdir(parents=True, exist_ok=True)
         optimized.save_model_to_file(str(target))
@@ -78,11 +82,18 @@ def max_difference(a: Path, b: Path, feeds: Sequence[Mapping[str, np.ndarray]]) 
         for feed in feeds:
             x, y = ra.infer(feed), rb.infer(feed)
             for name in x:
-                worst = max(worst, float(np.max(np.abs(np.asarray(x[name], np.float64) - np.asarray(y[name], np.float64)))) if x[name].size else 0.0)
+                worst = max(
+                    worst,
+                    float(np.max(np.abs(np.asarray(x[name], np.float64) - np.asarray(y[name], np.float64))))
+                    if x[name].size
+                    else 0.0,
+                )
     return worst
 
 
-def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, np.ndarray]], work: Path) -> list[tuple[str, str, str, Callable[[], Path]]]:
+def lever_builds(
+    model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, np.ndarray]], work: Path
+) -> list[tuple[str, str, str, Callable[[], Path]]]:
     """(name, precision, how, build) for each ORT lever variant; ``build()`` writes the file and returns its path."""
     from . import backends  # these levers are the reference runtime's own fusions (onnxruntime.transformers)
     from .quantize import make_recipe, quantize_onnx, saturates
@@ -104,7 +115,9 @@ def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, 
     def int8(mode: str) -> Callable[[], Path]:
         def build() -> Path:
             recipe = make_recipe(backends.reference(), mode, samples=len(calib) if mode == "static" else 0)
-            recipe = dataclasses.replace(recipe, reduce_range=saturates())  # 7-bit weights where the u8 x s8 kernel saturates
+            recipe = dataclasses.replace(
+                recipe, reduce_range=saturates()
+            )  # 7-bit weights where the u8 x s8 kernel saturates
             target = work / f"fused-int8-{mode}.onnx"
             quantize_onnx(fused(), target, recipe, list(calib) if mode == "static" else ())
             return target
@@ -122,4 +135,6 @@ def lever_builds(model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, 
 def op_histogram(path: Path) -> dict[str, int]:
     import onnx
 
-    return dict(collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node).most_common())
+    return dict(
+        collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node).most_common()
+    )

@@ -50,12 +50,18 @@ class QuantOptions:
     samples: int = 32  # calibration samples
     evaluation: Path | None = None  # held-out samples; None: the bundled evaluation split
     eval_samples: int = 16
-    columns: Mapping[str, str] = field(default_factory=dict)  # {role: column} for metadata files and datasets (calibration.hf)
+    columns: Mapping[str, str] = field(
+        default_factory=dict
+    )  # {role: column} for metadata files and datasets (calibration.hf)
     budget: Mapping[str, float] = field(default_factory=dict)  # overrides of metrics.DEFAULT_BUDGETS
-    confidence: Mapping[str, float] = field(default_factory=dict)  # metric -> confidence it must be over budget with to fail
+    confidence: Mapping[str, float] = field(
+        default_factory=dict
+    )  # metric -> confidence it must be over budget with to fail
     fallback: bool = False  # return the most sensitive nodes to float until the budget holds
     seed: int = 0
-    target_options: Mapping[str, str] = field(default_factory=dict)  # a target's own INT8 settings by name (Backend.int8_options)
+    target_options: Mapping[str, str] = field(
+        default_factory=dict
+    )  # a target's own INT8 settings by name (Backend.int8_options)
 
     def __post_init__(self) -> None:
         from .metrics import METRICS
@@ -73,7 +79,9 @@ class QuantOptions:
                 raise _bad(f"INT8 {name} {count!r}: give a whole number of at least 1")
         unknown = sorted((set(self.budget) | set(self.confidence)) - set(METRICS))
         if unknown:
-            raise _bad(f"drift budget for unknown metric(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METRICS))}")
+            raise _bad(
+                f"drift budget for unknown metric(s) {', '.join(unknown)}; choose from: {', '.join(sorted(METRICS))}"
+            )
 
     @property
     def config(self) -> QuantConfig:
@@ -84,10 +92,15 @@ class QuantOptions:
         """The settings given here that only an INT8 build uses (the CLI names them as its flags)."""
         return tuple(
             name
-            for name, given in (("calibration", self.calibration is not None), ("evaluation", self.evaluation is not None),
-                                ("columns", bool(self.columns)), ("budget", bool(self.budget)), ("fallback", self.fallback))
+            for name, given in (
+                ("calibration", self.calibration is not None),
+                ("evaluation", self.evaluation is not None),
+                ("columns", bool(self.columns)),
+                ("budget", bool(self.budget)),
+                ("fallback", self.fallback),
+            )
             if given
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -103,12 +116,18 @@ class RunOptions:
     drift_tolerance: float = 0.005
     relative_to_reference: bool = False
     device: str | None = None  # every target's --device; None: each target's own default (Backend.devices.default)
-    devices: Mapping[str, str] = field(default_factory=dict)  # target -> its device (--device TARGET=DEVICE), over ``device``
+    devices: Mapping[str, str] = field(
+        default_factory=dict
+    )  # target -> its device (--device TARGET=DEVICE), over ``device``
     profile: Any = None  # a profiles.DeviceProfile whose latency budget becomes a verdict (see apply_profile)
     half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
-    defer_build: bool = False  # targets that can defer (Backend.can_defer) write their portable half, without their runtime here
+    defer_build: bool = (
+        False  # targets that can defer (Backend.can_defer) write their portable half, without their runtime here
+    )
     rewrite: bool = True  # the exact graph clean-up (d2v_export.rewrite) for the targets that ask for it
-    pick: bool = False  # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.pick)
+    pick: bool = (
+        False  # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.pick)
+    )
 
     def __post_init__(self) -> None:
         targets = tuple(dict.fromkeys(self.targets))  # a target named twice is built once
@@ -137,8 +156,10 @@ def _check_devices(options: RunOptions) -> None:
     by ``pipeline.run`` before any work."""
     stray = sorted(set(options.devices) - set(options.targets))
     if stray:
-        raise _bad(f"--device {stray[0]}=...: {stray[0]} is not a target of this run ({', '.join(options.targets)}); "
-                   f"add --target {stray[0]} or drop that --device")  # fmt: skip
+        raise _bad(
+            f"--device {stray[0]}=...: {stray[0]} is not a target of this run ({', '.join(options.targets)}); "
+            f"add --target {stray[0]} or drop that --device"
+        )
     for target in options.targets:
         if target in backends.names():
             backend = backends.get(target)
@@ -160,12 +181,18 @@ def parse_devices(values: Collection[str]) -> tuple[str | None, dict[str, str]]:
             plain.append(name)
             continue
         if name not in backends.names():
-            raise _bad(f"--device '{raw}': '{name}' is not a target; use TARGET=DEVICE with TARGET one of: {', '.join(backends.names())}")
+            raise _bad(
+                f"--device '{raw}': '{name}' is not a target; use TARGET=DEVICE with TARGET one of: {', '.join(backends.names())}"
+            )
         if not device or per_target.get(name, device) != device:
-            raise _bad(f"--device '{raw}': give {name} one device, e.g. --device {name}={backends.get(name).devices.default}")
+            raise _bad(
+                f"--device '{raw}': give {name} one device, e.g. --device {name}={backends.get(name).devices.default}"
+            )
         per_target[name] = device
     if len(set(plain)) > 1 or "" in plain:
-        raise _bad(f"--device: one plain device for every target ({', '.join(plain) or 'empty'} given); name the others per target, TARGET=DEVICE")
+        raise _bad(
+            f"--device: one plain device for every target ({', '.join(plain) or 'empty'} given); name the others per target, TARGET=DEVICE"
+        )
     return (plain[0] if plain else None), per_target
 
 

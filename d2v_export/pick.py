@@ -108,7 +108,8 @@ def choose(
     primary = PRIMARY.get(metric_kind)
 
     candidates = [
-        _candidate(v, name[id(v)], _outcome(v, best, statistic, deferred), statistic, described, primary) for v in variants
+        _candidate(v, name[id(v)], _outcome(v, best, statistic, deferred), statistic, described, primary)
+        for v in variants
     ]
     front = pareto(
         [
@@ -138,7 +139,11 @@ def kept(variants: Sequence[Variant], picked: Mapping[str, Any]) -> list[str]:
 
 def pareto(variants: Sequence[Mapping[str, Any]]) -> list[str]:
     """Names on the front (lower p50 and lower drift score both better), fastest first; simulated variants stay off it."""
-    pts = [v for v in variants if v.get("p50_ms") is not None and v.get("drift_score") is not None and not v.get("simulated")]
+    pts = [
+        v
+        for v in variants
+        if v.get("p50_ms") is not None and v.get("drift_score") is not None and not v.get("simulated")
+    ]
     front = []
     for a in pts:
         dominated = any(

@@ -57,8 +57,21 @@ from .spec import (
 )
 from .validate import HALF_TOLERANCE_FACTOR, check_export, shape_check, task_drift
 
-__all__ = ["QuantOptions", "RunOptions", "ShapeRequest", "apply_profile", "require_int8", "run", "resolve_profile",
-           "check_targets", "staging", "default_threads", "plan_context", "budget_for", "Interrupted"]  # fmt: skip
+__all__ = [
+    "QuantOptions",
+    "RunOptions",
+    "ShapeRequest",
+    "apply_profile",
+    "require_int8",
+    "run",
+    "resolve_profile",
+    "check_targets",
+    "staging",
+    "default_threads",
+    "plan_context",
+    "budget_for",
+    "Interrupted",
+]
 
 DEFAULT_BATCH: Range = (1, 1, 8)
 DEFAULT_SEQUENCE: Range = (8, 128, 512)
@@ -78,18 +91,28 @@ def resolve_profile(model: LoadedModel, req: ShapeRequest) -> ShapeProfile:
     if modality is Modality.VISION:
         size = int(cfg.image_size) if not isinstance(cfg.image_size, (list, tuple)) else int(cfg.image_size[0])
         if req.image_size is not None and req.image_size != size:
-            raise D2VError(f"--image-size {req.image_size}: this checkpoint was trained at {size}x{size} and its position bias is fixed; use --image-size {size}")
+            raise D2VError(
+                f"--image-size {req.image_size}: this checkpoint was trained at {size}x{size} and its position bias is fixed; use --image-size {size}"
+            )
         return ShapeProfile((batch,), {"image_size": size})
     if modality is Modality.AUDIO:
         lo, opt, hi = req.audio_seconds or DEFAULT_AUDIO_SECONDS
         if lo < 0.05:
-            raise D2VError(f"--audio-seconds {lo}: the convolutional front end needs at least 0.05 s; use a larger minimum")
+            raise D2VError(
+                f"--audio-seconds {lo}: the convolutional front end needs at least 0.05 s; use a larger minimum"
+            )
         samples = Dim("samples", int(lo * SAMPLING_RATE), int(opt * SAMPLING_RATE), int(hi * SAMPLING_RATE))
         return ShapeProfile((batch, samples))
     longest = int(cfg.max_position_embeddings) - 2  # RoBERTa-style position ids start after the padding index
-    lo, opt, hi = req.sequence or (DEFAULT_SEQUENCE[0], min(DEFAULT_SEQUENCE[1], longest), min(DEFAULT_SEQUENCE[2], longest))
+    lo, opt, hi = req.sequence or (
+        DEFAULT_SEQUENCE[0],
+        min(DEFAULT_SEQUENCE[1], longest),
+        min(DEFAULT_SEQUENCE[2], longest),
+    )
     if hi > longest:
-        raise D2VError(f"--sequence-length max {int(hi)} is longer than this checkpoint accepts ({longest} tokens); lower it")
+        raise D2VError(
+            f"--sequence-length max {int(hi)} is longer than this checkpoint accepts ({longest} tokens); lower it"
+        )
     dims = [batch]
     if model.head.multiple_choice:
         dims.append(_dim("choices", req.choices or DEFAULT_CHOICES))
@@ -131,8 +154,11 @@ def check_devices(options: RunOptions) -> RunOptions:
         for precision in (p for p in options.half if p in backend.precisions):
             problem = backend.precision_problem(precision, device)
             if problem is not None:
-                raise D2VError(f"target {name} cannot build {precision.value} on {device}: {problem}; drop --{precision.value} or "
-                               "choose another --device", ExitCode.TARGET_UNAVAILABLE)  # fmt: skip
+                raise D2VError(
+                    f"target {name} cannot build {precision.value} on {device}: {problem}; drop --{precision.value} or "
+                    "choose another --device",
+                    ExitCode.TARGET_UNAVAILABLE,
+                )
     return dataclasses.replace(options, devices=devices)
 
 
@@ -162,9 +188,13 @@ class _Work:
     threads: int
     folder: Path  # scratch space inside the staging folder, removed before the rename
     progress: Progress
-    checked: dict[Any, Any] = field(default_factory=dict)  # PyTorch's outputs at the export check's shapes (validate.shape_check)
+    checked: dict[Any, Any] = field(
+        default_factory=dict
+    )  # PyTorch's outputs at the export check's shapes (validate.shape_check)
     rewritten: dict[tuple[str, ...], tuple[ExportedGraph, dict[str, int]]] = field(default_factory=dict)
-    export_check: RunnerKey | None = None  # what ran the export check (runner, options, file): graph.check stands for it
+    export_check: RunnerKey | None = (
+        None  # what ran the export check (runner, options, file): graph.check stands for it
+    )
 
     def graph_for(self, names: tuple[str, ...]) -> tuple[ExportedGraph, dict[str, int]]:
         """The export with the named clean-up rewrites applied (made once per set of names), and what they changed."""
@@ -208,7 +238,20 @@ def run(
         release_memory()
         ref_outputs = _reference_outputs(model, reference, evaluation, threads, progress)
         _offload_reference(model, reference, root / ".work", progress)
-        work = _Work(model, profile, graph, reference, ref_outputs, calib, evaluation, options, threads, root / ".work", progress, checked)
+        work = _Work(
+            model,
+            profile,
+            graph,
+            reference,
+            ref_outputs,
+            calib,
+            evaluation,
+            options,
+            threads,
+            root / ".work",
+            progress,
+            checked,
+        )
         work.export_check = _export_check_key(graph)
         built = _build_all(work, root)
         measured = _measure(work, built, bench_progress)
@@ -232,7 +275,9 @@ def _warn_about_profile(options: RunOptions, progress: Progress) -> None:
     from .profiles import missing_cpu_flags
 
     for flag in missing_cpu_flags(options.profile):
-        progress(f"WARNING: profile {options.profile.name} expects the CPU flag {flag}, which this machine lacks: latency here does not predict the device")
+        progress(
+            f"WARNING: profile {options.profile.name} expects the CPU flag {flag}, which this machine lacks: latency here does not predict the device"
+        )
 
 
 def _load_baseline(options: RunOptions) -> dict[str, Any] | None:
@@ -244,7 +289,9 @@ def _load_baseline(options: RunOptions) -> dict[str, Any] | None:
     return load_report(options.baseline)
 
 
-def _load_model(spec: ModelSpec, shapes: ShapeRequest, progress: Progress) -> tuple[LoadedModel, ShapeProfile, list[str]]:
+def _load_model(
+    spec: ModelSpec, shapes: ShapeRequest, progress: Progress
+) -> tuple[LoadedModel, ShapeProfile, list[str]]:
     """Stage "load": the model, its shape profile and the warnings the report carries."""
     progress(f"loading {spec.source}")
     model = load(spec)
@@ -253,7 +300,9 @@ def _load_model(spec: ModelSpec, shapes: ShapeRequest, progress: Progress) -> tu
     return model, resolve_profile(model, shapes), list(model.warnings)
 
 
-def _export_checked(model: LoadedModel, profile: ShapeProfile, work: Path, progress: Progress, checked: dict[Any, Any]) -> tuple[ExportedGraph, Any]:
+def _export_checked(
+    model: LoadedModel, profile: ShapeProfile, work: Path, progress: Progress, checked: dict[Any, Any]
+) -> tuple[ExportedGraph, Any]:
     """Stage "export + check": ONNX, checked against the PyTorch reference in the reference runtime (exit 4 when it does not match).
 
     ``checked`` keeps PyTorch's outputs at the check's shapes, reused by every fp32 artifact's check.
@@ -264,8 +313,11 @@ def _export_checked(model: LoadedModel, profile: ShapeProfile, work: Path, progr
     graph = check_export(model, graph, reference, progress=progress, reference_outputs=checked)
     runtime = backends.reference().display_name
     if "padding_scaled_error" in graph.check.failed and "max_scaled_error" not in graph.check.failed:
-        raise D2VError(f"{runtime} answers a padded batch differently from each input alone: {graph.check.detail.split('; random')[0]} "
-                       f"(tolerance {model.head.tolerance:g}); a bug of the export: report it", ExitCode.EXPORT_MISMATCH)
+        raise D2VError(
+            f"{runtime} answers a padded batch differently from each input alone: {graph.check.detail.split('; random')[0]} "
+            f"(tolerance {model.head.tolerance:g}); a bug of the export: report it",
+            ExitCode.EXPORT_MISMATCH,
+        )
     if not graph.check.passed:
         raise D2VError(
             f"{runtime} does not match PyTorch for {model.head.class_name}: {graph.check.detail.split('worst: ')[-1]} "
@@ -280,7 +332,9 @@ def _export_check_key(graph: ExportedGraph) -> RunnerKey:
     return backends.reference().onnx_runner_key(graph.path)
 
 
-def _reference_outputs(model: LoadedModel, reference: Any, evaluation: Samples | None, threads: int, progress: Progress) -> list[dict[str, Any]]:
+def _reference_outputs(
+    model: LoadedModel, reference: Any, evaluation: Samples | None, threads: int, progress: Progress
+) -> list[dict[str, Any]]:
     """The PyTorch reference's outputs on the evaluation samples (what INT8 drift is judged against)."""
     if evaluation is None:
         return []
@@ -321,13 +375,17 @@ def _build_all(work: _Work, root: Path) -> list[Built]:
     built = []
     for target in work.options.targets:
         backend = backends.get(target)
-        for v in backend.plan(plan_context(backend, work.options, work.calib, work.threads, work.model.head.modality.value)):
+        for v in backend.plan(
+            plan_context(backend, work.options, work.calib, work.threads, work.model.head.modality.value)
+        ):
             built.append(_build_one(work, backend, root / v.name, v.request, v.rewrites, v.what))
             release_memory()  # the build's protobufs, NNCF's copies and the check's session are gone
     return built
 
 
-def _build_one(work: _Work, backend: Any, folder: Path, request: BuildRequest, rewrites: tuple[str, ...], what: str) -> Built:
+def _build_one(
+    work: _Work, backend: Any, folder: Path, request: BuildRequest, rewrites: tuple[str, ...], what: str
+) -> Built:
     work.progress(f"building {folder.name}")
     graph, changed = work.graph_for(rewrites)
     artifact = backend.compile(graph, folder, request)
@@ -354,11 +412,19 @@ def _check(work: _Work, backend: Any, artifact: Artifact, request: BuildRequest)
         if request.quant is not None:
             return _task_drift(work, runner.infer)
         tolerance = model.head.tolerance * HALF_TOLERANCE_FACTOR.get(request.precision.value, 1.0)
-        return shape_check(model, work.reference, runner.infer, work.profile, tolerance=tolerance, reference_outputs=work.checked)
+        return shape_check(
+            model, work.reference, runner.infer, work.profile, tolerance=tolerance, reference_outputs=work.checked
+        )
 
 
 def _judge(
-    work: _Work, backend: Any, graph: ExportedGraph, folder: Path, request: BuildRequest, artifact: Artifact, drift: Drift
+    work: _Work,
+    backend: Any,
+    graph: ExportedGraph,
+    folder: Path,
+    request: BuildRequest,
+    artifact: Artifact,
+    drift: Drift,
 ) -> tuple[Artifact, Drift, tuple[str, ...]]:
     """Stage "judge / fallback": an INT8 variant over budget is handed to ``--fallback auto`` or gets a note saying so.
 
@@ -368,7 +434,13 @@ def _judge(
     if request.quant is None or drift.passed:
         return artifact, drift, ()
     if int8 is None or not int8.fallback:
-        return artifact, drift, (f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",)
+        return (
+            artifact,
+            drift,
+            (
+                f"drift over budget ({', '.join(drift.failed)}); --fallback auto returns the most sensitive nodes to float",
+            ),
+        )
     plain = drift
     artifact, drift, notes = _fall_back(work, backend, graph, folder, request)
     if drift.passed or not _worse(work.model.head.metric, drift, plain):
@@ -395,15 +467,30 @@ def _measure(work: _Work, built: list[Built], bench_progress: BenchProgress) -> 
     restore(work.reference)
     with TorchRunner(work.reference, work.model.head.outputs, threads) as reference:
         if large(work.model):
-            work.progress(f"measuring latency at {opt} with {threads} threads (each variant in a pair with the reference, {settings.seconds:g} s budget)")
+            work.progress(
+                f"measuring latency at {opt} with {threads} threads (each variant in a pair with the reference, {settings.seconds:g} s budget)"
+            )
             openers = {b.artifact.name: functools.partial(b.backend.runner, b.artifact, threads=threads) for b in built}
-            return bench.measure_pairs((REFERENCE_NAME, reference), openers, feed, batch=opt["batch"], shape=opt, settings=settings, progress=bench_progress, between=release_memory)
+            return bench.measure_pairs(
+                (REFERENCE_NAME, reference),
+                openers,
+                feed,
+                batch=opt["batch"],
+                shape=opt,
+                settings=settings,
+                progress=bench_progress,
+                between=release_memory,
+            )
         with contextlib.ExitStack() as stack:
             runners = {REFERENCE_NAME: reference}
             for b in built:
                 runners[b.artifact.name] = stack.enter_context(b.backend.runner(b.artifact, threads=threads))
-            work.progress(f"measuring latency at {opt} with {threads} threads (interleaved, {settings.seconds:g} s budget)")
-            return bench.measure_full(runners, feed, batch=opt["batch"], shape=opt, settings=settings, progress=bench_progress)
+            work.progress(
+                f"measuring latency at {opt} with {threads} threads (interleaved, {settings.seconds:g} s budget)"
+            )
+            return bench.measure_full(
+                runners, feed, batch=opt["batch"], shape=opt, settings=settings, progress=bench_progress
+            )
 
 
 class _Extras(NamedTuple):
@@ -426,7 +513,9 @@ def _cold_starts(work: _Work, built: list[Built], warnings: list[str]) -> dict[s
 
     feed_path = work.folder / "cold-start-feed.npz"
     feed_path.parent.mkdir(parents=True, exist_ok=True)
-    feed: dict[str, Any] = dummy_inputs(work.model.head, work.model.config, work.profile.point("opt"), seed=7)  # the latency stage's
+    feed: dict[str, Any] = dummy_inputs(
+        work.model.head, work.model.config, work.profile.point("opt"), seed=7
+    )  # the latency stage's
     np.savez(feed_path, **feed)
     deferred = _deferred(work.options)
     found: dict[str, ColdStart] = {}
@@ -465,7 +554,13 @@ def _drift_by_length(work: _Work, built: list[Built]) -> dict[str, tuple[LengthD
     return found
 
 
-def _variants(built: list[Built], measured: bench.BenchResult, options: RunOptions, modality: Modality, extras: _Extras | None = None) -> tuple[Variant, ...]:
+def _variants(
+    built: list[Built],
+    measured: bench.BenchResult,
+    options: RunOptions,
+    modality: Modality,
+    extras: _Extras | None = None,
+) -> tuple[Variant, ...]:
     """The report's variants: verdict, latency, speedup (against the reference of its own pair, when timed in pairs),
     the device profile's latency verdict, cold start and INT8 audio drift against length (``extras``)."""
     extras = extras or _Extras({}, {})
@@ -478,10 +573,14 @@ def _variants(built: list[Built], measured: bench.BenchResult, options: RunOptio
             artifact=b.artifact.name,
             drift=b.drift,
             latency=latency[b.artifact.name],
-            speedup_vs_reference=_speedup(measured.pair_reference.get(b.artifact.name, pooled), latency[b.artifact.name]),
+            speedup_vs_reference=_speedup(
+                measured.pair_reference.get(b.artifact.name, pooled), latency[b.artifact.name]
+            ),
             quantization=b.artifact.quantization,
             notes=b.artifact.notes + b.notes,
-            latency_budget=options.profile.latency_verdict(modality, latency[b.artifact.name]) if options.profile else None,
+            latency_budget=options.profile.latency_verdict(modality, latency[b.artifact.name])
+            if options.profile
+            else None,
             device=b.backend.measured_on(b.artifact, b.device),
             deploy_device=b.device,
             cold_start=extras.cold_start.get(b.artifact.name),
@@ -491,14 +590,18 @@ def _variants(built: list[Built], measured: bench.BenchResult, options: RunOptio
     )
 
 
-def _pick(work: _Work, built: list[Built], variants: tuple[Variant, ...]) -> tuple[list[Built], tuple[Variant, ...], dict[str, Any] | None]:
+def _pick(
+    work: _Work, built: list[Built], variants: tuple[Variant, ...]
+) -> tuple[list[Built], tuple[Variant, ...], dict[str, Any] | None]:
     """Stage "pick" (--pick only): choose the variant to ship; the other candidates' folders are removed."""
     if not work.options.pick:
         return built, variants, None
     from . import pick as pick_mod
 
     described = {b.artifact.name: b.what for b in built}
-    picked = pick_mod.choose(variants, described, work.model.head.metric, work.options.profile, deferred=_deferred(work.options))
+    picked = pick_mod.choose(
+        variants, described, work.model.head.metric, work.options.profile, deferred=_deferred(work.options)
+    )
     work.progress(f"picked {picked['artifact']}: {picked['why']}")
     kept = set(pick_mod.kept(variants, picked))
     for b in built:
@@ -508,9 +611,15 @@ def _pick(work: _Work, built: list[Built], variants: tuple[Variant, ...]) -> tup
 
 
 def _assemble(
-    spec: ModelSpec, model: LoadedModel, graph: ExportedGraph, threads: int, measured: bench.BenchResult,
-    variants: tuple[Variant, ...], warnings: list[str], picked: dict[str, Any] | None,
-) -> Report:  # fmt: skip
+    spec: ModelSpec,
+    model: LoadedModel,
+    graph: ExportedGraph,
+    threads: int,
+    measured: bench.BenchResult,
+    variants: tuple[Variant, ...],
+    warnings: list[str],
+    picked: dict[str, Any] | None,
+) -> Report:
     """Stage "report": the Report of this run."""
     return Report(
         schema_version=report_mod.SCHEMA_VERSION,
@@ -535,7 +644,9 @@ def _assemble(
     )
 
 
-def _compare_with_baseline(result: Report, baseline: dict[str, Any] | None, options: RunOptions, root: Path, progress: Progress) -> Report:
+def _compare_with_baseline(
+    result: Report, baseline: dict[str, Any] | None, options: RunOptions, root: Path, progress: Progress
+) -> Report:
     """Stage "compare" (--baseline only): the verdicts against the baseline, in the report and comparison.json/.md."""
     if baseline is None:
         return result
@@ -553,20 +664,31 @@ def _compare_with_baseline(result: Report, baseline: dict[str, Any] | None, opti
     return dataclasses.replace(result, comparison=compare.to_dict(c))
 
 
-def _write_bundles_and_report(result: Report, built: list[Built], model: LoadedModel, graph: ExportedGraph, root: Path) -> None:
+def _write_bundles_and_report(
+    result: Report, built: list[Built], model: LoadedModel, graph: ExportedGraph, root: Path
+) -> None:
     """Stage "manifest": every variant folder's manifest.json (checksums, verdict), then report.json/.md/.html."""
     from .bundle import write_manifest
 
     doc = report_mod.to_dict(result, root)
     for b, entry in zip(built, doc["variants"]):
-        write_manifest(b.artifact.path, artifact=b.artifact, model=model, graph=graph, variant_verdict=entry, environment=doc["environment"])
+        write_manifest(
+            b.artifact.path,
+            artifact=b.artifact,
+            model=model,
+            graph=graph,
+            variant_verdict=entry,
+            environment=doc["environment"],
+        )
     report_mod.write(result, root)
 
 
 # ----------------------------------------------------------------------------------- what the stages use
 
 
-def plan_context(backend: Any, options: RunOptions, calib: Samples | None, threads: int, modality: str = "") -> PlanContext:
+def plan_context(
+    backend: Any, options: RunOptions, calib: Samples | None, threads: int, modality: str = ""
+) -> PlanContext:
     """What ``backend`` plans its variants from (``Backend.plan``): the run's options as they concern it."""
     int8 = options.int8
     return PlanContext(
@@ -594,7 +716,11 @@ def _worse(kind: str, candidate: Drift, plain: Drift) -> bool:
     from .metrics import METRICS, PRIMARY
 
     a, b = candidate.metrics, plain.metrics
-    if a.get("accuracy_drop") is not None and b.get("accuracy_drop") is not None and a["accuracy_drop"] != b["accuracy_drop"]:
+    if (
+        a.get("accuracy_drop") is not None
+        and b.get("accuracy_drop") is not None
+        and a["accuracy_drop"] != b["accuracy_drop"]
+    ):
         return a["accuracy_drop"] > b["accuracy_drop"]
     name = PRIMARY[kind]
     if a.get(name) is None or b.get(name) is None:
@@ -618,11 +744,22 @@ def _task_drift(work: _Work, infer: Callable[..., Any]) -> Drift:
     int8, evaluation = work.options.int8, work.evaluation
     assert evaluation is not None and int8 is not None
     gate, info = budgets_for(work.model, int8)
-    return task_drift(work.model, work.ref_outputs, infer, evaluation.feeds, gate, labels=evaluation.labels, source=evaluation.source,
-                      informational=info, confidence=int8.confidence)
+    return task_drift(
+        work.model,
+        work.ref_outputs,
+        infer,
+        evaluation.feeds,
+        gate,
+        labels=evaluation.labels,
+        source=evaluation.source,
+        informational=info,
+        confidence=int8.confidence,
+    )
 
 
-def _fall_back(work: _Work, backend: Any, graph: ExportedGraph, folder: Path, request: BuildRequest) -> tuple[Artifact, Drift, tuple[str, ...]]:
+def _fall_back(
+    work: _Work, backend: Any, graph: ExportedGraph, folder: Path, request: BuildRequest
+) -> tuple[Artifact, Drift, tuple[str, ...]]:
     """Ask the backend to return the most sensitive parts to float until the budget holds."""
     from .backends.base import Recovery
     from .metrics import allowed_drop, primary_score
@@ -635,11 +772,17 @@ def _fall_back(work: _Work, backend: Any, graph: ExportedGraph, folder: Path, re
         with runner_for(artifact, threads=work.threads) as runner:
             return _task_drift(work, runner.infer)
 
-    id2char = {i: t for t, i in model.tokenizer.get_vocab().items()} if model.head.metric == "ctc" and model.tokenizer else None
+    id2char = (
+        {i: t for t, i in model.tokenizer.get_vocab().items()}
+        if model.head.metric == "ctc" and model.tokenizer
+        else None
+    )
 
     def score(indices: Any, outputs: Any) -> float:
         refs = [work.ref_outputs[i] for i in indices]
-        return primary_score(model.head.metric, refs, [dict(o) for o in outputs], output_names=model.head.outputs, id2char=id2char)
+        return primary_score(
+            model.head.metric, refs, [dict(o) for o in outputs], output_names=model.head.outputs, id2char=id2char
+        )
 
     recovery = Recovery(
         evaluate=evaluate,
@@ -655,7 +798,12 @@ def _fall_back(work: _Work, backend: Any, graph: ExportedGraph, folder: Path, re
 
 
 def _samples(
-    model: LoadedModel, profile: ShapeProfile, int8: QuantOptions | None, root: Path, progress: Progress, warnings: list[str]
+    model: LoadedModel,
+    profile: ShapeProfile,
+    int8: QuantOptions | None,
+    root: Path,
+    progress: Progress,
+    warnings: list[str],
 ) -> tuple[Samples | None, Samples | None]:
     """Calibration and evaluation samples (only when INT8 is asked for), with a reusable cache."""
     if int8 is None:
@@ -664,20 +812,34 @@ def _samples(
 
     calib = None
     if int8.mode == "static" or int8.fallback:  # fallback ranks nodes on calibration samples in both modes
-        calib = _cached(model, profile, int8.calibration, "calibration", int8.samples, int8.seed, progress, int8.columns)
+        calib = _cached(
+            model, profile, int8.calibration, "calibration", int8.samples, int8.seed, progress, int8.columns
+        )
         progress(f"calibration: {len(calib)} samples from {calib.source}")
-    evaluation = load_samples(int8.evaluation, model, profile, split="evaluation", count=int8.eval_samples, seed=int8.seed, columns=int8.columns)
+    evaluation = load_samples(
+        int8.evaluation,
+        model,
+        profile,
+        split="evaluation",
+        count=int8.eval_samples,
+        seed=int8.seed,
+        columns=int8.columns,
+    )
     progress(f"evaluation: {len(evaluation)} samples from {evaluation.source}")
     from .calibration.samples import describe_skipped
 
     for s in (calib, evaluation):
         if s is not None and s.skipped:
-            warnings.append(f"skipped {len(s.skipped)} unreadable sample(s) in {s.source}: {describe_skipped(s.skipped)}")
+            warnings.append(
+                f"skipped {len(s.skipped)} unreadable sample(s) in {s.source}: {describe_skipped(s.skipped)}"
+            )
             progress(f"WARNING: {warnings[-1]}")
     if calib is not None and evaluation is not None and int8.calibration is None and int8.evaluation is None:
         overlap = set(calib.names) & set(evaluation.names)
         if overlap:
-            raise D2VError(f"calibration and evaluation samples overlap ({sorted(overlap)[:3]}); pass a separate --eval set")
+            raise D2VError(
+                f"calibration and evaluation samples overlap ({sorted(overlap)[:3]}); pass a separate --eval set"
+            )
     if calib is not None:
         from .calibration import save_cache
 
@@ -686,7 +848,13 @@ def _samples(
 
 
 def _cached(
-    model: LoadedModel, profile: ShapeProfile, path: Path | None, split: str, count: int, seed: int, progress: Progress,
+    model: LoadedModel,
+    profile: ShapeProfile,
+    path: Path | None,
+    split: str,
+    count: int,
+    seed: int,
+    progress: Progress,
     columns: Mapping[str, str] | None = None,
 ) -> Samples:
     """load_samples through a cache keyed by the source (paths, sizes, mtimes), the processor, the shapes and
@@ -702,7 +870,11 @@ def _cached(
             return load_cache(source)
     files = sorted(source.rglob("*")) if source.is_dir() else [source]
     stamp = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    proc = model.processor.to_json_string() if model.processor is not None and hasattr(model.processor, "to_json_string") else ""
+    proc = (
+        model.processor.to_json_string()
+        if model.processor is not None and hasattr(model.processor, "to_json_string")
+        else ""
+    )
     tok = type(model.tokenizer).__name__ + str(len(model.tokenizer)) if model.tokenizer is not None else ""
     key = cache_key([stamp, proc, tok, model.head.key, str(profile), count, seed, split, dict(columns or {})])
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2v-export" / f"{split}-{key}.npz"

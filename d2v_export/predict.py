@@ -39,7 +39,9 @@ from .heads import with_audio_mask
 from .spec import Artifact, D2VError, Dim, Modality, Precision, ShapeProfile
 
 MAX_ANSWER_TOKENS = 30
-MAX_SECONDS = 3600  # the longest recording run reads (its samples are held in memory): see docs/bundles.md "Long recordings"
+MAX_SECONDS = (
+    3600  # the longest recording run reads (its samples are held in memory): see docs/bundles.md "Long recordings"
+)
 CHUNKED = ("transcript", "frame_classes")  # heads.Head.result of the audio heads whose outputs are per frame: chunked
 
 
@@ -55,7 +57,9 @@ class _Prepared:
     segment: list[int | None] | None = None  # text: sequence id of each token (QA context is 1)
     context: str = ""  # QA: the context text
     choices: list[str] = field(default_factory=list)  # multiple-choice
-    windows: list[Any] = field(default_factory=list)  # audio longer than the longest input: chunking.Window spans of feed
+    windows: list[Any] = field(
+        default_factory=list
+    )  # audio longer than the longest input: chunking.Window spans of feed
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -80,7 +84,9 @@ def open_runtime(manifest: Manifest) -> tuple[Any, Artifact, list[str]]:
     """The backend and artifact that run this bundle, and notes (e.g. a TensorRT bundle run by ONNX Runtime)."""
     from . import backends
 
-    opened = backends.get(manifest.target).open_bundle(manifest.folder, manifest.model_file, [f.path for f in manifest.files])
+    opened = backends.get(manifest.target).open_bundle(
+        manifest.folder, manifest.model_file, [f.path for f in manifest.files]
+    )
     return opened.backend, _artifact(manifest, opened.target, opened.model_file), list(opened.notes)
 
 
@@ -94,14 +100,22 @@ def _load_parts(manifest: Manifest) -> tuple[Any | None, Any | None]:
     processor = tokenizer = None
     try:
         if manifest.modality is Modality.VISION:
-            processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            processor = transformers.AutoImageProcessor.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=False
+            )
         elif manifest.modality is Modality.AUDIO:
-            processor = transformers.AutoFeatureExtractor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            processor = transformers.AutoFeatureExtractor.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=False
+            )
         if pre.get("tokenizer"):
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=False
+            )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise D2VError(f"bundle '{folder}': cannot load its processor or tokenizer ({first[:200]}); rebuild the bundle") from None
+        raise D2VError(
+            f"bundle '{folder}': cannot load its processor or tokenizer ({first[:200]}); rebuild the bundle"
+        ) from None
     return processor, tokenizer
 
 
@@ -123,7 +137,9 @@ def expand_inputs(manifest: Manifest, inputs: list[str]) -> list[tuple[str, Any]
         if manifest.modality is not Modality.TEXT:
             path = _user_path(raw)
             if not path.is_file():
-                raise D2VError(f"input '{raw}' is not a file; pass {'image' if manifest.modality is Modality.VISION else 'audio'} files")
+                raise D2VError(
+                    f"input '{raw}' is not a file; pass {'image' if manifest.modality is Modality.VISION else 'audio'} files"
+                )
             out.append((raw, path))
             continue
         path = _user_path(raw)
@@ -193,7 +209,9 @@ class Preparer:
         prepared = self.read(raw)
         if not prepared.windows:
             prepared.feed = self._graph_inputs(prepared.feed)
-        if self.batch > 1 and not prepared.windows:  # a profile whose smallest batch is above 1: repeat the input, read the first row
+        if (
+            self.batch > 1 and not prepared.windows
+        ):  # a profile whose smallest batch is above 1: repeat the input, read the first row
             prepared.feed = {k: np.repeat(v, self.batch, axis=0) for k, v in prepared.feed.items()}
         return prepared
 
@@ -206,14 +224,18 @@ class Preparer:
         values, parts, name = prepared.feed["input_values"], [], None
         for w in prepared.windows:
             feed = self._graph_inputs(self.read.window(values, w))  # type: ignore[attr-defined]
-            out = runner.infer({k: np.repeat(v, self.batch, axis=0) for k, v in feed.items()} if self.batch > 1 else feed)
+            out = runner.infer(
+                {k: np.repeat(v, self.batch, axis=0) for k, v in feed.items()} if self.batch > 1 else feed
+            )
             name = names[0] if names and names[0] in out else next(iter(out))
             parts.append(np.asarray(out[name])[0, w.keep_from : w.keep_to])
         return {str(name): stitch(parts)[None]}
 
 
 class _ImageReader:
-    def __init__(self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None) -> None:
+    def __init__(
+        self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None
+    ) -> None:
         from .calibration.images import ImagePixels
 
         if processor is None:
@@ -235,12 +257,16 @@ class _ImageReader:
 
 
 class _AudioReader:
-    def __init__(self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None) -> None:
+    def __init__(
+        self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None
+    ) -> None:
         from . import chunking
         from .heads import SAMPLING_RATE, head_for
 
         if processor is None:
-            raise D2VError(f"bundle '{manifest.folder}' has no feature extractor (preprocessor_config.json); rebuild it")
+            raise D2VError(
+                f"bundle '{manifest.folder}' has no feature extractor (preprocessor_config.json); rebuild it"
+            )
         self.processor = processor
         self.profile = profile
         self.rate = int(getattr(processor, "sampling_rate", None) or SAMPLING_RATE)
@@ -275,13 +301,21 @@ class _AudioReader:
         length = len(wave)
         del wave
         values = np.asarray(values, dtype=np.float32).reshape(1, -1)
-        notes = [f"cut to {keep / rate:g} s: " + ("run reads at most this much" if whole else "the bundle's longest input")] if keep < length else []
+        notes = (
+            [f"cut to {keep / rate:g} s: " + ("run reads at most this much" if whole else "the bundle's longest input")]
+            if keep < length
+            else []
+        )
         if whole:
             assert self.sizes is not None
             window, stride = self.sizes
             plan = chunking.windows(keep, window, stride, self.encoder)
-            notes.append(f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side")
-            return _Prepared({"input_values": values}, notes=notes, windows=plan)  # each window gets its mask (``window``)
+            notes.append(
+                f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side"
+            )
+            return _Prepared(
+                {"input_values": values}, notes=notes, windows=plan
+            )  # each window gets its mask (``window``)
         real = values.shape[1]
         if values.shape[1] < target:
             values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=self.pad)
@@ -303,7 +337,9 @@ class _TextReader:
     (question ||| context, with character offsets), "tags" (offsets), "masks" (a mask token required),
     "next_tokens" (no end-of-text marker); every other head encodes the text (or pair) as is."""
 
-    def __init__(self, manifest: Manifest, profile: ShapeProfile, _processor: Any | None, tokenizer: Any | None) -> None:
+    def __init__(
+        self, manifest: Manifest, profile: ShapeProfile, _processor: Any | None, tokenizer: Any | None
+    ) -> None:
         from .calibration.text import TokenEncoder
         from .heads import head_for
 
@@ -318,14 +354,18 @@ class _TextReader:
         enc, tok, task = self.encoder, self.tokenizer, self.manifest.task
         parts = _segments(record)
         if any(not p.strip() for p in parts):
-            raise D2VError(f"empty text in '{_shown(record.get('text', record))}'; pass non-empty text (pairs as 'A {PAIR_SEPARATOR} B')")
+            raise D2VError(
+                f"empty text in '{_shown(record.get('text', record))}'; pass non-empty text (pairs as 'A {PAIR_SEPARATOR} B')"
+            )
         if self.result == "choices":
             return self._choices(parts)
         if len(parts) > 2:
             raise D2VError(f"'{PAIR_SEPARATOR}' splits a text into at most two parts for {task}; got {len(parts)}")
         qa = self.result == "answer"
         if qa and len(parts) != 2:
-            raise D2VError(f"question-answering needs 'question {PAIR_SEPARATOR} context'; got no '{PAIR_SEPARATOR}' in '{_shown(parts[0])}'")
+            raise D2VError(
+                f"question-answering needs 'question {PAIR_SEPARATOR} context'; got no '{PAIR_SEPARATOR}' in '{_shown(parts[0])}'"
+            )
         pair = parts[1] if len(parts) > 1 else None
         offsets = segment = None
         if self.result in ("answer", "tags"):
@@ -335,12 +375,22 @@ class _TextReader:
         if self.result == "next_tokens" and len(row) > 1 and row[-1] == tok.eos_token_id:
             row = row[:-1]  # predict the token after the text, not after the end-of-text marker
         if self.result == "masks" and tok.mask_token_id not in row:
-            raise D2VError(f"fill-mask needs {tok.mask_token} in the text: '{_shown(parts[0])}'; write e.g. 'Paris is the {tok.mask_token} of France.'")
+            raise D2VError(
+                f"fill-mask needs {tok.mask_token} in the text: '{_shown(parts[0])}'; write e.g. 'Paris is the {tok.mask_token} of France.'"
+            )
         notes = [f"truncated to {enc.hi} tokens: the bundle's longest sequence"] if self._too_long(parts) else []
         ids, mask = enc.pad([row])
         start = ids.shape[1] - min(len(row), ids.shape[1]) if enc.left else 0
-        return _Prepared({"input_ids": ids, "attention_mask": mask}, notes=notes, text=parts[-1] if qa else parts[0], ids=row[: ids.shape[1]],
-                         start=start, offsets=offsets, segment=segment, context=parts[1] if qa else "")  # fmt: skip
+        return _Prepared(
+            {"input_ids": ids, "attention_mask": mask},
+            notes=notes,
+            text=parts[-1] if qa else parts[0],
+            ids=row[: ids.shape[1]],
+            start=start,
+            offsets=offsets,
+            segment=segment,
+            context=parts[1] if qa else "",
+        )
 
     def _too_long(self, parts: list[str]) -> bool:
         try:
@@ -349,7 +399,9 @@ class _TextReader:
             return False
         return len(full) > self.encoder.hi
 
-    def _encode_with_offsets(self, text: str, pair: str | None, *, only_second: bool = False) -> tuple[list[int], list[tuple[int, int]] | None, list[int | None] | None]:
+    def _encode_with_offsets(
+        self, text: str, pair: str | None, *, only_second: bool = False
+    ) -> tuple[list[int], list[tuple[int, int]] | None, list[int | None] | None]:
         enc, tok = self.encoder, self.tokenizer
         if not getattr(tok, "is_fast", False):
             return enc.ids(text, pair, only_second=only_second), None, None
@@ -405,7 +457,10 @@ def _fractions(classes: np.ndarray, k: int, labels: Mapping[int, str] | None) ->
     ids, counts = np.unique(classes.reshape(-1), return_counts=True)
     order = np.argsort(-counts, kind="stable")[: max(1, k)]
     total = int(classes.size)
-    return [{"label": _label(labels, ids[i]), "id": int(ids[i]), "fraction": round(float(counts[i]) / total, 6)} for i in order]
+    return [
+        {"label": _label(labels, ids[i]), "id": int(ids[i]), "fraction": round(float(counts[i]) / total, 6)}
+        for i in order
+    ]
 
 
 def _token_text(tok: Any, token_id: int) -> str:
@@ -483,7 +538,10 @@ def _transcript(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared)
     for special in (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id):
         if special is not None and special != blank:
             id2char[int(special)] = ""  # special tokens are not characters
-    return {"transcript": ctc_greedy_decode(logits[:frames], id2char, blank=blank, delimiter=delimiter), "frames": frames}
+    return {
+        "transcript": ctc_greedy_decode(logits[:frames], id2char, blank=blank, delimiter=delimiter),
+        "frames": frames,
+    }
 
 
 def _answer(it: Interpreter, out: Outputs, _first: np.ndarray, p: _Prepared) -> dict[str, Any]:
@@ -535,7 +593,11 @@ def _masks(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared) -> d
     tok = it.tokenizer
     assert tok is not None
     logits = first[0]
-    found = [{"position": i, "tokens": _top_tokens(it, _softmax(logits[p.start + i]))} for i, t in enumerate(p.ids) if t == tok.mask_token_id]
+    found = [
+        {"position": i, "tokens": _top_tokens(it, _softmax(logits[p.start + i]))}
+        for i, t in enumerate(p.ids)
+        if t == tok.mask_token_id
+    ]
     return {"masks": found}
 
 
@@ -630,11 +692,16 @@ def format_text(results: list[dict[str, Any]]) -> str:
             lines.append("  " + " ".join(f"{t['token']}/{t['tag']}" for t in r["tags"]))
         if "masks" in r:
             for m in r["masks"]:
-                lines.append(f"  mask at token {m['position']}: " + ", ".join(f"{t['token']!r} {t['score']:.3f}" for t in m["tokens"]))
+                lines.append(
+                    f"  mask at token {m['position']}: "
+                    + ", ".join(f"{t['token']!r} {t['score']:.3f}" for t in m["tokens"])
+                )
         if "next_tokens" in r:
             lines.append("  next token: " + ", ".join(f"{t['token']!r} {t['score']:.3f}" for t in r["next_tokens"]))
         if "classes" in r:
-            where = f"{r['mask_shape'][0]}x{r['mask_shape'][1]} mask" if "mask_shape" in r else f"{r.get('frames')} frames"
+            where = (
+                f"{r['mask_shape'][0]}x{r['mask_shape'][1]} mask" if "mask_shape" in r else f"{r.get('frames')} frames"
+            )
             lines.append(f"  {where}: " + ", ".join(f"{c['label']} {100 * c['fraction']:.1f}%" for c in r["classes"]))
         if "embedding_norm" in r:
             lines.append(f"  embedding {tuple(r['embedding_shape'])}, L2 norm {r['embedding_norm']:.4f}")

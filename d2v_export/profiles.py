@@ -34,8 +34,20 @@ from typing import Any, Mapping
 from . import backends
 from .spec import D2VError, LatencyStats, Modality, Precision
 
-_TOP_KEYS = {"name", "description", "backend", "precision", "quantize", "device", "threads", "requires_cpu_flags",
-             "notes", "latency_percentile", "shapes", "latency_budget_ms"}  # fmt: skip
+_TOP_KEYS = {
+    "name",
+    "description",
+    "backend",
+    "precision",
+    "quantize",
+    "device",
+    "threads",
+    "requires_cpu_flags",
+    "notes",
+    "latency_percentile",
+    "shapes",
+    "latency_budget_ms",
+}
 _SHAPE_KEYS = {"batch": int, "sequence": int, "choices": int, "audio_seconds": float}
 _PERCENTILES = ("p50", "p90", "p99")
 
@@ -74,14 +86,21 @@ class DeviceProfile:
         from .options import ShapeRequest
 
         given = given if given is not None else ShapeRequest()
-        mine = {"batch": self.batch, "sequence": self.sequence, "choices": self.choices, "audio_seconds": self.audio_seconds}
+        mine = {
+            "batch": self.batch,
+            "sequence": self.sequence,
+            "choices": self.choices,
+            "audio_seconds": self.audio_seconds,
+        }
         values = {k: getattr(given, k) if getattr(given, k) is not None else v for k, v in mine.items()}
         return ShapeRequest(image_size=given.image_size, **values)
 
     def latency_budget(self, modality: Modality | str) -> float | None:
         return self.latency_budget_ms.get(Modality(modality).value)
 
-    def latency_verdict(self, modality: Modality | str, latency: LatencyStats | Mapping[str, Any] | None) -> dict[str, Any]:
+    def latency_verdict(
+        self, modality: Modality | str, latency: LatencyStats | Mapping[str, Any] | None
+    ) -> dict[str, Any]:
         """{"profile", "budget_ms", "percentile", "measured_ms", "passed", "detail"} for report.json.
 
         ``latency`` is a LatencyStats or report.json's ``latency_ms`` dict; ``passed`` is None when
@@ -90,10 +109,22 @@ class DeviceProfile:
         budget = self.latency_budget(modality)
         measured = None
         if latency is not None:
-            measured = getattr(latency, self.latency_percentile, None) if isinstance(latency, LatencyStats) else latency.get(self.latency_percentile)
-        out: dict[str, Any] = {"profile": self.name, "budget_ms": budget, "percentile": self.latency_percentile, "measured_ms": measured}
+            measured = (
+                getattr(latency, self.latency_percentile, None)
+                if isinstance(latency, LatencyStats)
+                else latency.get(self.latency_percentile)
+            )
+        out: dict[str, Any] = {
+            "profile": self.name,
+            "budget_ms": budget,
+            "percentile": self.latency_percentile,
+            "measured_ms": measured,
+        }
         if budget is None:
-            return out | {"passed": None, "detail": f"profile {self.name} sets no latency budget for {Modality(modality).value}"}
+            return out | {
+                "passed": None,
+                "detail": f"profile {self.name} sets no latency budget for {Modality(modality).value}",
+            }
         if measured is None:
             return out | {"passed": None, "detail": "latency was not measured"}
         passed = float(measured) <= budget
@@ -140,20 +171,33 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
     path = Path(text_name).expanduser()
     if text_name.endswith(".toml") or "/" in text_name or "\\" in text_name or (path.is_file() and path.suffix):
         if not path.is_file():
-            raise D2VError(f"device profile '{text_name}' does not exist; pass a .toml file or one of: {', '.join(list_profiles())}")
+            raise D2VError(
+                f"device profile '{text_name}' does not exist; pass a .toml file or one of: {', '.join(list_profiles())}"
+            )
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise D2VError(f"device profile '{path}' cannot be read ({exc.__class__.__name__}); pass a UTF-8 .toml file") from None
+            raise D2VError(
+                f"device profile '{path}' cannot be read ({exc.__class__.__name__}); pass a UTF-8 .toml file"
+            ) from None
         return parse_profile(text, default_name=path.stem, where=str(path), path=path.resolve())
     catalog = _catalog()
     entry = catalog.get(text_name)
     if entry is None:
-        raise D2VError(f"unknown device profile '{text_name}'; choose one of: {', '.join(sorted(catalog)) or 'none installed'}, or pass a .toml file")
+        raise D2VError(
+            f"unknown device profile '{text_name}'; choose one of: {', '.join(sorted(catalog)) or 'none installed'}, or pass a .toml file"
+        )
     where = str(entry) if isinstance(entry, Path) else f"targets/{entry.name}"
-    profile = parse_profile(entry.read_text(encoding="utf-8"), default_name=text_name, where=where, path=entry if isinstance(entry, Path) else None)
+    profile = parse_profile(
+        entry.read_text(encoding="utf-8"),
+        default_name=text_name,
+        where=where,
+        path=entry if isinstance(entry, Path) else None,
+    )
     if profile.name != text_name:
-        raise D2VError(f"device profile {where} says name = '{profile.name}', its file name says '{text_name}'; make them agree")
+        raise D2VError(
+            f"device profile {where} says name = '{profile.name}', its file name says '{text_name}'; make them agree"
+        )
     return profile
 
 
@@ -182,7 +226,7 @@ def parse_profile(text: str, *, default_name: str, where: str, path: Path | None
         raise bad(f"latency_percentile '{percentile}' is unknown; choose one of: {', '.join(_PERCENTILES)}")
     flags = data.get("requires_cpu_flags", [])
     if not isinstance(flags, list) or not all(isinstance(f, str) and f for f in flags):
-        raise bad("requires_cpu_flags must be a list of /proc/cpuinfo flag names, e.g. [\"avx512_vnni\"]")
+        raise bad('requires_cpu_flags must be a list of /proc/cpuinfo flag names, e.g. ["avx512_vnni"]')
 
     shapes = data.get("shapes", {})
     if not isinstance(shapes, dict):
@@ -235,9 +279,13 @@ def _what_builds(data: Mapping[str, Any], bad: Any) -> tuple[str, Precision, str
     try:
         precision = Precision(raw_precision)
     except ValueError:
-        raise bad(f"precision '{raw_precision}' is unknown; choose one of: {', '.join(p.value for p in Precision)}") from None
+        raise bad(
+            f"precision '{raw_precision}' is unknown; choose one of: {', '.join(p.value for p in Precision)}"
+        ) from None
     if precision not in target.precisions:
-        raise bad(f"{backend} does not build {precision.value}; choose one of: {', '.join(p.value for p in target.precisions)}")
+        raise bad(
+            f"{backend} does not build {precision.value}; choose one of: {', '.join(p.value for p in target.precisions)}"
+        )
     quantize = data.get("quantize")
     if precision is Precision.INT8:
         quantize = "static" if quantize is None else quantize
@@ -246,7 +294,9 @@ def _what_builds(data: Mapping[str, Any], bad: Any) -> tuple[str, Precision, str
         if quantize not in target.int8_recipes:
             raise bad(f"{backend} has no {quantize} int8; choose {' or '.join(target.int8_recipes)}")
     elif quantize is not None:
-        raise bad(f"quantize applies to precision = \"int8\" only; remove it or set the precision to int8 (it is {precision.value})")
+        raise bad(
+            f'quantize applies to precision = "int8" only; remove it or set the precision to int8 (it is {precision.value})'
+        )
     device = _string(data, "device", target.devices.default, bad)
     if not target.devices.accepts(device):
         raise bad(f"device '{device}' does not fit backend {backend}; use {target.devices.choices}")
@@ -264,12 +314,18 @@ def _string(data: Mapping[str, Any], key: str, default: str | None, bad: Any) ->
 
 def _range(value: Any, key: str, kind: type, bad: Any) -> tuple[Any, Any, Any]:
     items = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    ok = isinstance(items, list) and len(items) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
+    ok = (
+        isinstance(items, list)
+        and len(items) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
+    )
     if ok and kind is int:
         ok = all(float(v).is_integer() for v in items)
     if not ok or not (0 < items[0] <= items[1] <= items[2]):
         unit = "whole numbers" if kind is int else "numbers"
-        raise bad(f"[shapes] {key} must be [MIN, OPT, MAX] {unit} with 0 < MIN <= OPT <= MAX (or one number), got {value!r}")
+        raise bad(
+            f"[shapes] {key} must be [MIN, OPT, MAX] {unit} with 0 < MIN <= OPT <= MAX (or one number), got {value!r}"
+        )
     return tuple(kind(v) for v in items)  # type: ignore[return-value]
 
 

@@ -34,7 +34,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from .recipe_choice import excluded_for_transformer as excluded_for_transformer  # re-exported: the 'input' rule
-from .spec import CALIBRATION_METHODS, QUANT_MODES, D2VError, ExitCode, ExportedGraph, IgnoredScope, QuantConfig, QuantizedGraph, QuantRecipe
+from .spec import (
+    CALIBRATION_METHODS,
+    QUANT_MODES,
+    D2VError,
+    ExitCode,
+    ExportedGraph,
+    IgnoredScope,
+    QuantConfig,
+    QuantizedGraph,
+    QuantRecipe,
+)
 
 MODES = QUANT_MODES
 METHODS = CALIBRATION_METHODS
@@ -96,7 +106,10 @@ def make_recipe(
         raise D2VError(f"target '{target.name}' builds no INT8; leave out --int8 for it", ExitCode.TARGET_UNAVAILABLE)
     template = templates.get(config.mode)
     if template is None:
-        raise D2VError(f"target '{target.name}' has no {config.mode} INT8; use --quant {next(iter(templates))}", ExitCode.TARGET_UNAVAILABLE)
+        raise D2VError(
+            f"target '{target.name}' has no {config.mode} INT8; use --quant {next(iter(templates))}",
+            ExitCode.TARGET_UNAVAILABLE,
+        )
     choice = choose(target, modality)
     symmetric = template.symmetric_activations if choice.symmetric_activations is None else choice.symmetric_activations
     if config.preset is not None:
@@ -163,7 +176,9 @@ def quantize_onnx(
     if recipe.mode not in MODES:
         raise D2VError(f"unknown quantization mode '{recipe.mode}'; choose one of: {', '.join(MODES)}")
     if recipe.mode == "static" and not calibration:
-        raise D2VError("static INT8 needs calibration samples and got none; pass --calibration DIR (or use --quant dynamic)")
+        raise D2VError(
+            "static INT8 needs calibration samples and got none; pass --calibration DIR (or use --quant dynamic)"
+        )
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="d2v-quant-") as tmp:
@@ -201,9 +216,11 @@ class QuantSession:
     def method(self) -> Any:
         from onnxruntime.quantization import CalibrationMethod
 
-        return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[
-            self.recipe.method
-        ]
+        return {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.recipe.method]
 
     def calibrate(self, feeds: Sequence[Mapping[str, np.ndarray]]) -> None:
         """Measure activation ranges on ``feeds`` (one shape group at a time) into the range cache."""
@@ -244,7 +261,9 @@ class QuantSession:
         names = _node_names(self.prepared)
         unknown = [n for n in excluded if n not in names]
         if unknown:
-            raise D2VError(f"excluded node(s) not in the graph: {', '.join(unknown[:5])}; list node names with `python -m onnx` or Netron")
+            raise D2VError(
+                f"excluded node(s) not in the graph: {', '.join(unknown[:5])}; list node names with `python -m onnx` or Netron"
+            )
         keep_float = tuple(dict.fromkeys([*excluded, *self.rule_excluded]))
         raw = self.workdir / "quantized.onnx"
         if self.recipe.mode != "dynamic" and not self.cache.is_file():
@@ -347,7 +366,9 @@ def _check_ranges(ranges: Any) -> None:
     for name, data in ranges.items():
         values = np.asarray(data.range_value, dtype=np.float64) if hasattr(data, "range_value") else np.asarray(data)
         if not np.all(np.isfinite(values)):
-            raise D2VError(f"calibration gave a non-finite range for tensor '{name}'; check the calibration samples for NaN/inf")
+            raise D2VError(
+                f"calibration gave a non-finite range for tensor '{name}'; check the calibration samples for NaN/inf"
+            )
 
 
 def _preprocess(source: Path, target: Path, large: bool) -> None:
@@ -361,7 +382,10 @@ def _preprocess(source: Path, target: Path, large: bool) -> None:
         try:
             quant_pre_process(str(source), str(target), skip_symbolic_shape=True, save_as_external_data=large)
         except Exception as exc:  # onnxruntime raises many types; one line is what the user needs
-            raise D2VError(f"quantization pre-processing of '{source.name}' failed: {str(exc).splitlines()[0][:200]}", ExitCode.INTERNAL) from exc
+            raise D2VError(
+                f"quantization pre-processing of '{source.name}' failed: {str(exc).splitlines()[0][:200]}",
+                ExitCode.INTERNAL,
+            ) from exc
 
 
 def _finish(raw: Path, target: Path, prepared: Path, quantized_ops: set[str], excluded: set[str], large: bool) -> None:
@@ -372,7 +396,9 @@ def _finish(raw: Path, target: Path, prepared: Path, quantized_ops: set[str], ex
     if not large:  # the checker cannot take a protobuf over 2 GB in memory
         onnx.checker.check_model(model)
     if large:
-        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data")
+        onnx.save_model(
+            model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=target.name + ".data"
+        )
     else:
         onnx.save_model(model, str(target))
 

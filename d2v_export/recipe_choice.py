@@ -40,6 +40,7 @@ class Choice:
 
 BASE = Choice(("input",), "the layer that reads the raw input stays float (every target, every modality)")
 
+
 def choose(backend: Any, modality: str = "") -> Choice:
     """The float-by-rule choice ``backend`` declares for ``modality`` ("vision", "text", "audio")."""
     choices = backend.recipe_choices
@@ -71,7 +72,11 @@ def float_nodes(onnx_path: Path, rules: Sequence[str], op_types: Sequence[str]) 
     for n in graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
-    gemms = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.op_type in op_types and len(n.input) > 1 and n.input[1] in inits]
+    gemms = [
+        n
+        for n in graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.op_type in op_types and len(n.input) > 1 and n.input[1] in inits
+    ]
     if "ffn_out" in rules:
         for n in gemms:
             if _after_gelu(n.input[0], producer, 3):
@@ -113,7 +118,18 @@ def _feeds_output_directly(node: object, readers: dict, outputs: set[str]) -> bo
 
 
 # ops that only move the raw input (the time-major waveform windows: Slice, Reshape, Concat)
-_SHAPE_OPS = ("Unsqueeze", "Squeeze", "Reshape", "Transpose", "Cast", "Identity", "Flatten", "Expand", "Slice", "Concat")
+_SHAPE_OPS = (
+    "Unsqueeze",
+    "Squeeze",
+    "Reshape",
+    "Transpose",
+    "Cast",
+    "Identity",
+    "Flatten",
+    "Expand",
+    "Slice",
+    "Concat",
+)
 
 
 def excluded_for_transformer(onnx_path: Path, op_types: Sequence[str] = ("MatMul", "Gemm", "Conv")) -> tuple[str, ...]:

@@ -11,11 +11,28 @@ from .confidence import describe
 from .cpu import REPORTED_FLAGS, cores_available, cpu_flags, cpu_name
 from .spec import REFERENCE, Drift, LatencyStats, Report, Variant, jsonable
 
-__all__ = ["SCHEMA_VERSION", "environment", "jsonable", "latency_dict", "drift_dict", "variant_name", "to_dict", "write", "markdown"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "environment",
+    "jsonable",
+    "latency_dict",
+    "drift_dict",
+    "variant_name",
+    "to_dict",
+    "write",
+    "markdown",
+]
 
 SCHEMA_VERSION = "1.1"  # docs/report-schema.md: the fields each version added; docs/report.schema.json checks them
 # metrics against the user's labels, listed under each variant in report.md when the evaluation set has labels
-LABELLED = ("reference_accuracy", "candidate_accuracy", "reference_cer", "candidate_cer", "reference_wer", "candidate_wer")
+LABELLED = (
+    "reference_accuracy",
+    "candidate_accuracy",
+    "reference_cer",
+    "candidate_cer",
+    "reference_wer",
+    "candidate_wer",
+)
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -139,7 +156,7 @@ def _ms(lat: Mapping[str, Any] | None, key: str) -> str:
 
 
 def noise(drift: Mapping[str, Any], name: str) -> str:
-    """" [0.962, 0.994] at 95 %, unresolved": a metric's confidence bounds and what they decided; "" without bounds."""
+    """ " [0.962, 0.994] at 95 %, unresolved": a metric's confidence bounds and what they decided; "" without bounds."""
     text = describe(drift.get("bounds") or {}, drift.get("confidence") or {}, name)
     if not text:
         return ""
@@ -173,7 +190,11 @@ def markdown(doc: Mapping[str, Any]) -> str:
     lines += _md_pick(doc.get("pick"))
     comparison = doc.get("comparison")
     if comparison:
-        verdict = "no regression" if comparison.get("passed") else "REGRESSION in " + ", ".join(comparison.get("regressions", []))
+        verdict = (
+            "no regression"
+            if comparison.get("passed")
+            else "REGRESSION in " + ", ".join(comparison.get("regressions", []))
+        )
         lines += ["", "## Against the baseline", "", f"{verdict} — the table is in comparison.md."]
     if doc["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in doc["warnings"]]
@@ -209,7 +230,9 @@ def _md_latency_table(doc: Mapping[str, Any]) -> list[str]:
         speed = f"{v['speedup_vs_reference']:.2f}×" if v["speedup_vs_reference"] else "–"
         ok = "✅" if v["drift"]["passed"] else "❌"
         percentiles = f"{_ms(lat, 'p50')} | {_ms(lat, 'p90')} | {_ms(lat, 'p99')}"
-        lines.append(f"| {v['name']} | {v['precision']} | {percentiles} | {speed} | {_metric_summary(v['drift'])} | {ok} |")
+        lines.append(
+            f"| {v['name']} | {v['precision']} | {percentiles} | {speed} | {_metric_summary(v['drift'])} | {ok} |"
+        )
     shape = (ref or {}).get("shape") or {}
     n = (ref or {}).get("n", 0)
     if isinstance((doc.get("bench") or {}).get("interleaved"), str):
@@ -278,7 +301,9 @@ def _md_pick(pick: Mapping[str, Any] | None) -> list[str]:
         star = " ★" if c["name"] in (pick.get("front") or ()) else ""
         timing = f"{c['p50_ms']:.3f} | {c['compared_ms']:.3f}"
         lines.append(f"| {c['name']}{star} | {c['candidate']} | {timing} | {score} | {c['outcome']} |")
-    star_meaning = "★: on the latency-versus-drift front (no other candidate is both faster and closer to the reference)."
+    star_meaning = (
+        "★: on the latency-versus-drift front (no other candidate is both faster and closer to the reference)."
+    )
     return lines + ["", star_meaning]
 
 
@@ -287,14 +312,22 @@ def _cold_start_lines(variants: list[Mapping[str, Any]]) -> list[str]:
     measured = [v for v in variants if v.get("cold_start")]
     if not measured:
         return []
-    lines = ["", "## Cold start", "",
-             "Each artifact opened in a fresh child process: importing the runtime, opening the artifact (session creation, "
-             "compile_model), the first inference at the latency shape; peak resident memory of that process, and what the "
-             "artifact added to it after the runtime was imported.", "",
-             "| variant | import ms | open ms | first inference ms | peak RSS MB | artifact's share MB |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "",
+        "## Cold start",
+        "",
+        "Each artifact opened in a fresh child process: importing the runtime, opening the artifact (session creation, "
+        "compile_model), the first inference at the latency shape; peak resident memory of that process, and what the "
+        "artifact added to it after the runtime was imported.",
+        "",
+        "| variant | import ms | open ms | first inference ms | peak RSS MB | artifact's share MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for v in measured:
         c = v["cold_start"]
-        lines.append(f"| {v['name']} | {c['import_ms']:.0f} | {c['open_ms']:.0f} | {c['first_inference_ms']:.1f} | {c['peak_rss_mb']:.0f} | {c['artifact_rss_mb']:.0f} |")
+        lines.append(
+            f"| {v['name']} | {c['import_ms']:.0f} | {c['open_ms']:.0f} | {c['first_inference_ms']:.1f} | {c['peak_rss_mb']:.0f} | {c['artifact_rss_mb']:.0f} |"
+        )
     return lines
 
 
@@ -304,10 +337,18 @@ def _length_lines(variants: list[Mapping[str, Any]]) -> list[str]:
     if not rows:
         return []
     names = list(dict.fromkeys(k for _, d in rows for k in d["metrics"]))
-    lines = ["", "## INT8 drift against input length", "",
-             "One input per length (the evaluation samples joined end to end and repeated), against PyTorch: information, not a gate.", "",
-             "| variant | seconds | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]  # fmt: skip
+    lines = [
+        "",
+        "## INT8 drift against input length",
+        "",
+        "One input per length (the evaluation samples joined end to end and repeated), against PyTorch: information, not a gate.",
+        "",
+        "| variant | seconds | " + " | ".join(names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
     for name, d in rows:
         values = [d["metrics"].get(k) for k in names]
-        lines.append(f"| {name} | {d['seconds']:g} | " + " | ".join("–" if x is None else f"{x:.4f}" for x in values) + " |")
+        lines.append(
+            f"| {name} | {d['seconds']:g} | " + " | ".join("–" if x is None else f"{x:.4f}" for x in values) + " |"
+        )
     return lines

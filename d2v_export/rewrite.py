@@ -166,7 +166,9 @@ def fold_constants(model: Any) -> int:
     sub_model = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
     values: dict[str, np.ndarray] = {}
     if boundary:
-        with backends.reference().onnx_runner(sub_model.SerializeToString(), threads=0, name="constant folding", optimize=False) as runner:
+        with backends.reference().onnx_runner(
+            sub_model.SerializeToString(), threads=0, name="constant folding", optimize=False
+        ) as runner:
             values = runner.infer({})
     for name in boundary:
         g.initializer.append(numpy_helper.from_array(np.asarray(values[name]), name))
@@ -181,7 +183,11 @@ def _value_types(model: Any) -> dict[str, int]:
 
     inferred = onnx.shape_inference.infer_shapes(_without_weights(model), strict_mode=False)
     g = inferred.graph
-    return {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.output, *g.input] if v.type.tensor_type.elem_type}
+    return {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*g.value_info, *g.output, *g.input]
+        if v.type.tensor_type.elem_type
+    }
 
 
 def _without_weights(model: Any, limit: int = 4096) -> Any:
@@ -388,7 +394,11 @@ def merge_qkv(model: Any) -> int:
     gr = _Graph(model)
     count = 0
     for x, users in list(gr.consumers.items()):
-        mms = [u for u in users if u.op_type == "MatMul" and u.input[0] == x and (w := gr.value(u.input[1])) is not None and w.ndim == 2]
+        mms = [
+            u
+            for u in users
+            if u.op_type == "MatMul" and u.input[0] == x and (w := gr.value(u.input[1])) is not None and w.ndim == 2
+        ]
         if len(mms) < 3:
             continue
         k_dim = {gr.value(m.input[1]).shape[0] for m in mms}  # type: ignore[union-attr]
@@ -407,11 +417,19 @@ def merge_qkv(model: Any) -> int:
         has_bias = any(a is not None for _, a, _ in parts)
         name = gr.fresh(f"qkv_{count}")
         w_all: np.ndarray = np.concatenate(weights, axis=1)  # type: ignore[arg-type]
-        new_nodes = [helper.make_node("MatMul", [x, gr.set_initializer(f"{name}_w", w_all)], [f"{name}_mm"], name=f"{name}_mm")]
+        new_nodes = [
+            helper.make_node("MatMul", [x, gr.set_initializer(f"{name}_w", w_all)], [f"{name}_mm"], name=f"{name}_mm")
+        ]
         last = f"{name}_mm"
         if has_bias:
-            b_all = np.concatenate([b if b is not None else np.zeros(wd, np.float32) for (_, _, b), wd in zip(parts, widths)]).astype(np.float32)
-            new_nodes.append(helper.make_node("Add", [last, gr.set_initializer(f"{name}_b", b_all)], [f"{name}_add"], name=f"{name}_add"))
+            b_all = np.concatenate(
+                [b if b is not None else np.zeros(wd, np.float32) for (_, _, b), wd in zip(parts, widths)]
+            ).astype(np.float32)
+            new_nodes.append(
+                helper.make_node(
+                    "Add", [last, gr.set_initializer(f"{name}_b", b_all)], [f"{name}_add"], name=f"{name}_add"
+                )
+            )
             last = f"{name}_add"
         outs = [(a.output[0] if a is not None else m.output[0]) for m, a, _ in parts]
         split = gr.set_initializer(f"{name}_split", np.array(widths, np.int64))
@@ -445,7 +463,9 @@ def clean_up(model: Any, names: Iterable[str] = DEFAULT) -> dict[str, int]:
     return done
 
 
-def rewrite_graph(graph: Any, names: Iterable[str], target: Any, feeds: Iterable[Any], tolerance: float) -> tuple[Any, dict[str, int]]:
+def rewrite_graph(
+    graph: Any, names: Iterable[str], target: Any, feeds: Iterable[Any], tolerance: float
+) -> tuple[Any, dict[str, int]]:
     """``graph`` (an ExportedGraph) with the named rewrites, written to ``target``; checked on ``feeds``.
 
     The rewritten file must match the export within ``tolerance`` (scaled like the export check:

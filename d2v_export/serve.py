@@ -62,7 +62,11 @@ class ServedModel:
 
     def metadata(self) -> dict[str, Any]:
         def port(t: Mapping[str, Any]) -> dict[str, Any]:
-            return {"name": str(t["name"]), "datatype": V2_TYPES.get(str(t.get("dtype")), "BYTES"), "shape": tensor_dims(t, skip_first=False)}
+            return {
+                "name": str(t["name"]),
+                "datatype": V2_TYPES.get(str(t.get("dtype")), "BYTES"),
+                "shape": tensor_dims(t, skip_first=False),
+            }
 
         return {
             "name": self.name,
@@ -102,7 +106,9 @@ def _requested(request: Mapping[str, Any], names: list[str]) -> dict[str, bool]:
 def _check_shape(manifest: Manifest, spec: Mapping[str, Any], shape: list[int]) -> None:
     name, axes = spec["name"], list(spec.get("shape") or ())
     if len(shape) != len(axes):
-        raise V2Error(f"input '{name}' has shape {shape}; the model takes rank {len(axes)} ({tensor_dims(spec, skip_first=False)}, -1 dynamic)")
+        raise V2Error(
+            f"input '{name}' has shape {shape}; the model takes rank {len(axes)} ({tensor_dims(spec, skip_first=False)}, -1 dynamic)"
+        )
     ranges = manifest.dims()
     for axis, size, want in zip(axes, shape, tensor_dims(spec, skip_first=False)):
         if want != -1 and size != want:
@@ -110,10 +116,14 @@ def _check_shape(manifest: Manifest, spec: Mapping[str, Any], shape: list[int]) 
         if want == -1 and str(axis) in ranges:
             lo, _opt, hi = ranges[str(axis)]
             if not lo <= size <= hi:
-                raise V2Error(f"input '{name}' axis '{axis}' is {size}; the bundle was exported and checked for {lo}..{hi}")
+                raise V2Error(
+                    f"input '{name}' axis '{axis}' is {size}; the bundle was exported and checked for {lo}..{hi}"
+                )
 
 
-def _tensor(manifest: Manifest, spec: Mapping[str, Any], item: Mapping[str, Any], binary: bytes, offset: int) -> tuple[np.ndarray, int]:
+def _tensor(
+    manifest: Manifest, spec: Mapping[str, Any], item: Mapping[str, Any], binary: bytes, offset: int
+) -> tuple[np.ndarray, int]:
     """One v2 input tensor as a numpy array of the graph's type, and the binary offset after it."""
     name, want = spec["name"], V2_TYPES.get(str(spec.get("dtype")), "")
     if item.get("datatype") != want:
@@ -126,7 +136,9 @@ def _tensor(manifest: Manifest, spec: Mapping[str, Any], item: Mapping[str, Any]
     size = (item.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if size != count * dtype.itemsize or offset + size > len(binary):
-            raise V2Error(f"input '{name}': binary_data_size {size} does not hold shape {shape} of {want} ({count * dtype.itemsize} bytes)")
+            raise V2Error(
+                f"input '{name}': binary_data_size {size} does not hold shape {shape} of {want} ({count * dtype.itemsize} bytes)"
+            )
         return np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape), offset + size
     try:
         array = np.asarray(item.get("data"), dtype=dtype)
@@ -137,7 +149,9 @@ def _tensor(manifest: Manifest, spec: Mapping[str, Any], item: Mapping[str, Any]
     return array.reshape(shape), offset
 
 
-def decode_inputs(manifest: Manifest, specs: Mapping[str, Mapping[str, Any]], request: Mapping[str, Any], binary: bytes) -> dict[str, np.ndarray]:
+def decode_inputs(
+    manifest: Manifest, specs: Mapping[str, Mapping[str, Any]], request: Mapping[str, Any], binary: bytes
+) -> dict[str, np.ndarray]:
     """The feed of a v2 request: every graph input exactly once, checked against the manifest."""
     items = request.get("inputs")
     if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items):
@@ -157,12 +171,18 @@ def decode_inputs(manifest: Manifest, specs: Mapping[str, Mapping[str, Any]], re
     return feed
 
 
-def encode_outputs(model: str, request: Mapping[str, Any], outputs: Mapping[str, np.ndarray], wanted: Mapping[str, bool]) -> tuple[dict[str, Any], bytes]:
+def encode_outputs(
+    model: str, request: Mapping[str, Any], outputs: Mapping[str, np.ndarray], wanted: Mapping[str, bool]
+) -> tuple[dict[str, Any], bytes]:
     """The v2 response JSON, and the binary data that follows it (empty when every output is JSON)."""
     tensors, blobs = [], []
     for name, as_binary in wanted.items():
         array = np.ascontiguousarray(outputs[name])
-        tensor: dict[str, Any] = {"name": name, "datatype": V2_TYPES.get(array.dtype.name, "BYTES"), "shape": list(array.shape)}
+        tensor: dict[str, Any] = {
+            "name": name,
+            "datatype": V2_TYPES.get(array.dtype.name, "BYTES"),
+            "shape": list(array.shape),
+        }
         if as_binary:
             blobs.append(array.tobytes())
             tensor["parameters"] = {"binary_data_size": len(blobs[-1])}
@@ -208,7 +228,9 @@ def create_app(bundle: Path, *, name: str | None = None, threads: int = 0) -> An
 
     app = FastAPI(title=f"d2v-export serve: {model.name}", lifespan=lifespan)
     app.add_exception_handler(V2Error, lambda _r, e: JSONResponse({"error": str(e)}, status_code=e.status))  # type: ignore[arg-type, attr-defined]
-    app.add_exception_handler(HTTPException, lambda _r, e: JSONResponse({"error": str(e.detail)}, status_code=e.status_code))  # type: ignore[arg-type, attr-defined]
+    app.add_exception_handler(
+        HTTPException, lambda _r, e: JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+    )  # type: ignore[arg-type, attr-defined]
 
     def known(model_name: str) -> ServedModel:
         if model_name != model.name:
@@ -269,10 +291,14 @@ def _check_port(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as exc:
-        raise D2VError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host", ExitCode.USAGE) from None
+        raise D2VError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host", ExitCode.USAGE
+        ) from None
 
 
-def serve(bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, threads: int = 0) -> None:
+def serve(
+    bundle: Path, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, threads: int = 0
+) -> None:
     """Serve ``bundle`` until interrupted (Ctrl-C or SIGTERM stop it cleanly)."""
     if not 0 <= port <= 65535:
         raise D2VError(f"--port {port}: give 0..65535", ExitCode.USAGE)

@@ -35,10 +35,20 @@ VERSION = "1"  # the model version folder the writers fill
 OVMS_CONFIG = "config.json"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 TRITON_TYPES = {
-    "float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float64": "TYPE_FP64",
-    "int64": "TYPE_INT64", "int32": "TYPE_INT32", "int16": "TYPE_INT16", "int8": "TYPE_INT8",
-    "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32", "uint64": "TYPE_UINT64", "bool": "TYPE_BOOL",
-}  # fmt: skip
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "bfloat16": "TYPE_BF16",
+    "float64": "TYPE_FP64",
+    "int64": "TYPE_INT64",
+    "int32": "TYPE_INT32",
+    "int16": "TYPE_INT16",
+    "int8": "TYPE_INT8",
+    "uint8": "TYPE_UINT8",
+    "uint16": "TYPE_UINT16",
+    "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64",
+    "bool": "TYPE_BOOL",
+}
 
 
 def _layout(manifest: Manifest, server: str, wants: str = "triton") -> Any:
@@ -49,7 +59,11 @@ def _layout(manifest: Manifest, server: str, wants: str = "triton") -> Any:
         layout = None
     if layout is not None and (wants != "ovms" or layout.ovms):
         return layout
-    offered = [n for n in backends.names() if (lay := getattr(backends.get(n), "serving", None)) is not None and (wants != "ovms" or lay.ovms)]
+    offered = [
+        n
+        for n in backends.names()
+        if (lay := getattr(backends.get(n), "serving", None)) is not None and (wants != "ovms" or lay.ovms)
+    ]
     raise D2VError(
         f"bundle '{manifest.folder}' is for target '{manifest.target}', which has no {server} layout; "
         f"deploy a bundle of {', '.join(offered) or 'no target here'} (export with that --target)",
@@ -61,7 +75,10 @@ def model_name(manifest: Manifest, name: str | None) -> str:
     """``name`` or the bundle folder's name, checked as a model name both servers take (it names a folder)."""
     chosen = name if name is not None else manifest.folder.resolve().name
     if not _NAME.fullmatch(chosen):
-        raise D2VError(f"model name '{chosen}' is not a plain folder name (letters, digits, '_', '.', '-'); pass --name", ExitCode.USAGE)
+        raise D2VError(
+            f"model name '{chosen}' is not a plain folder name (letters, digits, '_', '.', '-'); pass --name",
+            ExitCode.USAGE,
+        )
     return chosen
 
 
@@ -76,7 +93,9 @@ def _batch_axis(manifest: Manifest) -> tuple[str, int] | None:
     axis = first.pop()
     found = [(t.get("dynamic") or {}).get(axis) for t in manifest.inputs]
     ranges = [r for r in found if r is not None]
-    if not ranges or len(ranges) < len(found) or any(int(r["min"]) == int(r["max"]) for r in ranges):  # min == max: baked in
+    if (
+        not ranges or len(ranges) < len(found) or any(int(r["min"]) == int(r["max"]) for r in ranges)
+    ):  # min == max: baked in
         return None
     return axis, min(int(r["max"]) for r in ranges)
 
@@ -85,7 +104,9 @@ def tensor_dims(tensor: Mapping[str, Any], skip_first: bool) -> list[int]:
     """The tensor's dims as Triton writes them: -1 for a dynamic axis, the size of a fixed one (a range with
     min == max is one number the exporter baked in)."""
     fixed = dict(tensor.get("fixed") or {})
-    fixed |= {axis: int(r["min"]) for axis, r in (tensor.get("dynamic") or {}).items() if int(r["min"]) == int(r["max"])}
+    fixed |= {
+        axis: int(r["min"]) for axis, r in (tensor.get("dynamic") or {}).items() if int(r["min"]) == int(r["max"])
+    }
     dims = [axis if isinstance(axis, int) else int(fixed.get(axis, -1)) for axis in tensor.get("shape") or ()]
     return dims[1:] if skip_first else dims
 
@@ -93,7 +114,9 @@ def tensor_dims(tensor: Mapping[str, Any], skip_first: bool) -> list[int]:
 def _triton_type(manifest: Manifest, tensor: Mapping[str, Any]) -> str:
     dtype = str(tensor.get("dtype", ""))
     if dtype not in TRITON_TYPES:
-        raise D2VError(f"bundle '{manifest.folder}' has tensor '{tensor['name']}' of type '{dtype}', which Triton has no type for; rebuild it")
+        raise D2VError(
+            f"bundle '{manifest.folder}' has tensor '{tensor['name']}' of type '{dtype}', which Triton has no type for; rebuild it"
+        )
     return TRITON_TYPES[dtype]
 
 
@@ -101,7 +124,12 @@ def _tensors(manifest: Manifest, key: str, tensors: Sequence[Mapping[str, Any]],
     lines = [f"{key} ["]
     for i, t in enumerate(tensors):
         dims = ", ".join(str(d) for d in tensor_dims(t, skip_first))
-        lines += ["  {", f"    name: {json.dumps(str(t['name']))}", f"    data_type: {_triton_type(manifest, t)}", f"    dims: [ {dims} ]"]
+        lines += [
+            "  {",
+            f"    name: {json.dumps(str(t['name']))}",
+            f"    data_type: {_triton_type(manifest, t)}",
+            f"    dims: [ {dims} ]",
+        ]
         lines.append("  }," if i + 1 < len(tensors) else "  }")
     return lines + ["]"]
 
@@ -239,7 +267,9 @@ def write_ovms(bundle: Path, root: Path, *, name: str | None = None, force: bool
     root = Path(root)
     config = _ovms_config(root, chosen)
     model = Path(manifest.model_file)
-    sources = [f.path for f in manifest.files if Path(f.path).parent == model.parent and Path(f.path).stem == model.stem]
+    sources = [
+        f.path for f in manifest.files if Path(f.path).parent == model.parent and Path(f.path).stem == model.stem
+    ]
     with _model_folder(root, chosen, force) as tmp:
         version = tmp / VERSION
         version.mkdir()
@@ -261,17 +291,25 @@ def _ovms_config(root: Path, name: str) -> dict[str, Any]:
         except (OSError, ValueError, RecursionError):
             doc = {}
         if not isinstance(doc, dict) or not isinstance(doc.get("model_config_list"), list):
-            raise D2VError(f"'{path}' is not an OpenVINO Model Server config (no model_config_list); choose another folder")
-    entries = [e for e in doc["model_config_list"] if not (isinstance(e, dict) and (e.get("config") or {}).get("name") == name)]
+            raise D2VError(
+                f"'{path}' is not an OpenVINO Model Server config (no model_config_list); choose another folder"
+            )
+    entries = [
+        e for e in doc["model_config_list"] if not (isinstance(e, dict) and (e.get("config") or {}).get("name") == name)
+    ]
     entries.append({"config": {"name": name, "base_path": name}})
     return doc | {"model_config_list": entries}
 
 
-def deploy(bundle: Path, *, triton: Path | None = None, ovms: Path | None = None, name: str | None = None, force: bool = False) -> list[Path]:
+def deploy(
+    bundle: Path, *, triton: Path | None = None, ovms: Path | None = None, name: str | None = None, force: bool = False
+) -> list[Path]:
     """Write the layouts asked for (``d2v-export deploy``); every check runs before anything is written, so a
     refused layout leaves no other one half done. Returns the model folders written."""
     if triton is None and ovms is None:
-        raise D2VError("give --triton REPOSITORY and/or --ovms FOLDER: where to write the server layout", ExitCode.USAGE)
+        raise D2VError(
+            "give --triton REPOSITORY and/or --ovms FOLDER: where to write the server layout", ExitCode.USAGE
+        )
     manifest = verify(Path(bundle))
     chosen = model_name(manifest, name)
     for root, server, wants in ((triton, "Triton Inference Server", "triton"), (ovms, "OpenVINO Model Server", "ovms")):

@@ -327,7 +327,9 @@ class Report:
     warnings: tuple[str, ...] = ()
     bench: Mapping[str, object] = field(default_factory=dict)  # how latency was taken (warm-up, rounds)
     comparison: Mapping[str, object] | None = None  # against --baseline (compare.to_dict)
-    pick: Mapping[str, object] | None = None  # --pick: the chosen variant, why, every candidate and the front (pick.choose)
+    pick: Mapping[str, object] | None = (
+        None  # --pick: the chosen variant, why, every candidate and the front (pick.choose)
+    )
 
     @property
     def passed(self) -> bool:
@@ -346,7 +348,9 @@ class Report:
     @property
     def exit_code(self) -> ExitCode:
         """What this report means for a gate (``verdict_code``): 0, 5, 8 or 7."""
-        return verdict_code(drift_passed=self.passed, latency_passed=self.within_latency_budget, regression_passed=self.no_regression)
+        return verdict_code(
+            drift_passed=self.passed, latency_passed=self.within_latency_budget, regression_passed=self.no_regression
+        )
 
 
 def jsonable(value: Any) -> Any:

@@ -93,7 +93,9 @@ def _clear_stale(output: Path, progress: Progress) -> None:
             owner = json.loads((folder / _OWNER).read_text(encoding="utf-8"))
             host, pid = str(owner["host"]), int(owner["pid"])
         except (OSError, ValueError, KeyError, TypeError):
-            progress(f"WARNING: '{folder}' looks like the staging folder of an interrupted run; delete it if no run is writing to '{output}'")
+            progress(
+                f"WARNING: '{folder}' looks like the staging folder of an interrupted run; delete it if no run is writing to '{output}'"
+            )
             continue
         if host == socket.gethostname() and not _alive(pid):
             shutil.rmtree(folder, ignore_errors=True)

@@ -110,8 +110,10 @@ class PaddingResult:
         lengths = ", ".join(map(str, self.lengths))
         if self.frames:
             lengths = f"{lengths} samples = {', '.join(map(str, self.frames))} frames"
-        return (f"padded batch of {len(self.lengths)} (lengths {lengths}; {what}) against each row alone: "
-                f"largest difference {self.error:.3g} scaled, {self.worst}")
+        return (
+            f"padded batch of {len(self.lengths)} (lengths {lengths}; {what}) against each row alone: "
+            f"largest difference {self.error:.3g} scaled, {self.worst}"
+        )
 
 
 def padding_lengths(model: LoadedModel, profile: ShapeProfile) -> tuple[int, ...] | None:
@@ -131,7 +133,9 @@ def padding_lengths(model: LoadedModel, profile: ShapeProfile) -> tuple[int, ...
     return tuple(max(lo, opt[axis] * (rows - i) // rows) for i in range(rows))
 
 
-def padded_batch(model: LoadedModel, profile: ShapeProfile, lengths: Sequence[int], seed: int = 7) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+def padded_batch(
+    model: LoadedModel, profile: ShapeProfile, lengths: Sequence[int], seed: int = 7
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """(the batch padded to the longest, each row alone at its own length): random inputs shaped like real ones.
 
     Rows are padded on the right with a 0 in ``attention_mask``, as a Hugging Face tokenizer or feature extractor does
@@ -154,7 +158,9 @@ def padded_batch(model: LoadedModel, profile: ShapeProfile, lengths: Sequence[in
     for row, n in enumerate(lengths):
         batch[key][row, ..., n:] = pad
         batch["attention_mask"][row, ..., n:] = 0
-    alone = [{k: np.ascontiguousarray(v[row : row + 1, ..., :n]) for k, v in batch.items()} for row, n in enumerate(lengths)]
+    alone = [
+        {k: np.ascontiguousarray(v[row : row + 1, ..., :n]) for k, v in batch.items()} for row, n in enumerate(lengths)
+    ]
     return batch, alone
 
 
@@ -208,7 +214,9 @@ def check_export(
     from . import backends
 
     with backends.reference().onnx_runner(graph.path, threads=0, name="export-check") as runner:
-        check = shape_check(model, wrapper, runner.infer, graph.profile, progress=progress, reference_outputs=reference_outputs)
+        check = shape_check(
+            model, wrapper, runner.infer, graph.profile, progress=progress, reference_outputs=reference_outputs
+        )
         return dataclasses.replace(graph, check=check)
 
 
@@ -237,7 +245,9 @@ def task_drift(
     if head.metric == "ctc" and model.tokenizer is not None:
         id2char = {i: t for t, i in model.tokenizer.get_vocab().items()}
     text_masks = head.modality is Modality.TEXT and "attention_mask" in feeds[0] and not head.multiple_choice
-    masks = [np.asarray(f["attention_mask"]) for f in feeds] if text_masks else None  # audio masks are of samples, not frames
+    masks = (
+        [np.asarray(f["attention_mask"]) for f in feeds] if text_masks else None
+    )  # audio masks are of samples, not frames
     usable_labels = usable_labels_for(model, labels)
     values, evidence = metrics.compute_with_evidence(
         head.metric,
@@ -250,8 +260,19 @@ def task_drift(
     )
     verdict = metrics.judge(values, budget, evidence, confidence)
     info = {m: why for m, why in (informational or {}).items() if m in values}
-    return Drift(REFERENCE, len(feeds), values, dict(budget), verdict.passed, verdict.failed, detail=f"{len(feeds)} real samples from {source}",
-                 informational=info, bounds=verdict.bounds, confidence=verdict.confidence, unresolved=verdict.unresolved)
+    return Drift(
+        REFERENCE,
+        len(feeds),
+        values,
+        dict(budget),
+        verdict.passed,
+        verdict.failed,
+        detail=f"{len(feeds)} real samples from {source}",
+        informational=info,
+        bounds=verdict.bounds,
+        confidence=verdict.confidence,
+        unresolved=verdict.unresolved,
+    )
 
 
 # what ``drift_by_length`` keeps of the task's metrics: the outputs' agreement, meaningful on random weights too
@@ -261,7 +282,11 @@ LENGTH_METRICS = ("logit_cosine", "frame_agreement", "top1_agreement", "token_ag
 def length_feeds(feeds: Sequence[Mapping[str, np.ndarray]], lengths: Sequence[int]) -> list[dict[str, np.ndarray]]:
     """One audio input (batch 1) per length in ``lengths``: the waves of ``feeds`` (the evaluation samples, their trailing
     zero padding dropped) joined end to end, repeated up to the longest length and cut to each."""
-    waves = [np.trim_zeros(np.asarray(row, dtype=np.float32), "b") for f in feeds for row in np.asarray(f["input_values"]).reshape(-1, np.shape(f["input_values"])[-1])]
+    waves = [
+        np.trim_zeros(np.asarray(row, dtype=np.float32), "b")
+        for f in feeds
+        for row in np.asarray(f["input_values"]).reshape(-1, np.shape(f["input_values"])[-1])
+    ]
     wave = np.concatenate(waves) if waves else np.zeros(0, np.float32)
     if not wave.size:  # silence only: a quiet noise instead, so that the lengths still differ in content
         wave = (0.01 * np.random.default_rng(7).standard_normal(max(lengths))).astype(np.float32)
@@ -270,7 +295,11 @@ def length_feeds(feeds: Sequence[Mapping[str, np.ndarray]], lengths: Sequence[in
 
 
 def drift_by_length(
-    model: LoadedModel, reference: Sequence[Mapping[str, np.ndarray]], candidate: Infer, feeds: Sequence[Mapping[str, np.ndarray]], rate: int
+    model: LoadedModel,
+    reference: Sequence[Mapping[str, np.ndarray]],
+    candidate: Infer,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    rate: int,
 ) -> tuple[LengthDrift, ...]:
     """The candidate against the reference outputs on each of ``feeds`` (``length_feeds``), one entry per length:
     the task's output-agreement metrics (``LENGTH_METRICS``) at that length. Information, never a gate."""
@@ -278,9 +307,13 @@ def drift_by_length(
 
     out = []
     for ref, feed in zip(reference, feeds):
-        values = metrics.compute(model.head.metric, [dict(ref)], [dict(candidate(feed))], output_names=model.head.outputs)
+        values = metrics.compute(
+            model.head.metric, [dict(ref)], [dict(candidate(feed))], output_names=model.head.outputs
+        )
         samples = int(np.shape(feed["input_values"])[-1])
-        out.append(LengthDrift(round(samples / rate, 4), samples, {k: values[k] for k in LENGTH_METRICS if k in values}))
+        out.append(
+            LengthDrift(round(samples / rate, 4), samples, {k: values[k] for k in LENGTH_METRICS if k in values})
+        )
     return tuple(out)
 
 
@@ -299,7 +332,15 @@ def usable_labels_for(model: LoadedModel, labels: Sequence[object] | None) -> li
 
 
 def _failed(tolerance: float, why: str, samples: int) -> Drift:
-    return Drift(REFERENCE, samples, {"max_scaled_error": float("inf")}, {"max_scaled_error": tolerance}, False, ("max_scaled_error",), why)
+    return Drift(
+        REFERENCE,
+        samples,
+        {"max_scaled_error": float("inf")},
+        {"max_scaled_error": tolerance},
+        False,
+        ("max_scaled_error",),
+        why,
+    )
 
 
 def fmt_sizes(sizes: Mapping[str, int]) -> str:

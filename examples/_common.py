@@ -20,10 +20,20 @@ HERE = Path(__file__).resolve().parent
 
 def parser(description: str, default_output: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--output", "-o", type=Path, default=HERE / "out" / default_output,
-                   help=f"checkpoint folder (default examples/out/{default_output}); replaced if it exists")
+    p.add_argument(
+        "--output",
+        "-o",
+        type=Path,
+        default=HERE / "out" / default_output,
+        help=f"checkpoint folder (default examples/out/{default_output}); replaced if it exists",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation, shuffling and augmentation")
-    p.add_argument("--threads", type=int, default=1, help="torch threads, fixed so that results repeat (1: on a shared 2-core machine a second thread mostly spins)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, fixed so that results repeat (1: on a shared 2-core machine a second thread mostly spins)",
+    )
     p.add_argument("--quick", action="store_true", help="a handful of steps on a tiny subset (smoke test)")
     return p
 
@@ -102,12 +112,16 @@ def reader_accuracy(model: Any, path: Path) -> tuple[float, int]:
     from d2v_export.pipeline import ShapeRequest, resolve_profile
     from d2v_export.validate import usable_labels_for
 
-    samples = load_samples(Path(path), model, resolve_profile(model, ShapeRequest()), split="evaluation", count=None, seed=0)
+    samples = load_samples(
+        Path(path), model, resolve_profile(model, ShapeRequest()), split="evaluation", count=None, seed=0
+    )
     if samples.skipped:
         raise SystemExit(f"d2v-export skips {len(samples.skipped)} of {path}: {samples.skipped[:3]}")
     labels = usable_labels_for(model, samples.labels)
     if labels is None:
-        raise SystemExit(f"d2v-export finds no usable labels in {path} (got {samples.labels[:3] if samples.labels else None})")
+        raise SystemExit(
+            f"d2v-export finds no usable labels in {path} (got {samples.labels[:3] if samples.labels else None})"
+        )
     right = 0
     with torch.no_grad():
         for feed, y in zip(samples.feeds, labels, strict=True):

@@ -77,31 +77,98 @@ DEFER = {"tensorrt"}
 NO_DYNAMIC = {"tensorrt": "TensorRT has no dynamic INT8 (explicit Q/DQ only)"}
 
 
-def run_one(ref: Ref, folder: Path, target: str, quant: str, fallback: str, work: Path, args: argparse.Namespace, full_range: bool = False) -> dict[str, Any]:
-    out = work / ref.name / f"{target}-int8-{quant}{'-fallback' if fallback == 'auto' else ''}{'-8bit' if full_range else ''}"
+def run_one(
+    ref: Ref,
+    folder: Path,
+    target: str,
+    quant: str,
+    fallback: str,
+    work: Path,
+    args: argparse.Namespace,
+    full_range: bool = False,
+) -> dict[str, Any]:
+    out = (
+        work
+        / ref.name
+        / f"{target}-int8-{quant}{'-fallback' if fallback == 'auto' else ''}{'-8bit' if full_range else ''}"
+    )
     if quant == "dynamic" and target in NO_DYNAMIC:
-        return {"target": target, "quant": quant, "fallback": fallback, "rc": None, "seconds": 0.0, "command": "", "error": NO_DYNAMIC[target]}
-    cmd = [
-        cli(), ref.modality, "--model", str(folder), "--target", target, "--int8", "--quant", quant, "--fallback", fallback,
-        "--calibration", str(folder / ref.calibration), "--calib-samples", str(ref.count(folder, ref.calibration)),
-        "--eval", str(folder / ref.evaluation), "--eval-samples", str(ref.count(folder, ref.evaluation)),
-        "--output", str(out), "--force", "--quiet", "--bench-seconds", str(args.bench_seconds), "--threads", str(args.threads),
-    ] + (["--defer-build"] if target in DEFER else []) + (["--reduce-range", "off"] if full_range else [])  # fmt: skip
-    shown = " ".join(cmd[1:]).replace(str(work), "WORK").replace(str(ROOT) + "/", "")  # no one machine's paths in the doc
+        return {
+            "target": target,
+            "quant": quant,
+            "fallback": fallback,
+            "rc": None,
+            "seconds": 0.0,
+            "command": "",
+            "error": NO_DYNAMIC[target],
+        }
+    cmd = (
+        [
+            cli(),
+            ref.modality,
+            "--model",
+            str(folder),
+            "--target",
+            target,
+            "--int8",
+            "--quant",
+            quant,
+            "--fallback",
+            fallback,
+            "--calibration",
+            str(folder / ref.calibration),
+            "--calib-samples",
+            str(ref.count(folder, ref.calibration)),
+            "--eval",
+            str(folder / ref.evaluation),
+            "--eval-samples",
+            str(ref.count(folder, ref.evaluation)),
+            "--output",
+            str(out),
+            "--force",
+            "--quiet",
+            "--bench-seconds",
+            str(args.bench_seconds),
+            "--threads",
+            str(args.threads),
+        ]
+        + (["--defer-build"] if target in DEFER else [])
+        + (["--reduce-range", "off"] if full_range else [])
+    )
+    shown = (
+        " ".join(cmd[1:]).replace(str(work), "WORK").replace(str(ROOT) + "/", "")
+    )  # no one machine's paths in the doc
     report = out / "report.json"
     if args.reuse and report.is_file() and report.stat().st_mtime > (folder / "model.safetensors").stat().st_mtime:
         print(f"[fidelity] {ref.name} {target} {quant} fallback={fallback}: reusing {report}", file=sys.stderr)
-        return {"target": target, "quant": quant, "fallback": fallback, "rc": 0, "seconds": 0.0, "command": shown,
-                "report": json.loads(report.read_text(encoding="utf-8")), "reused": True}  # fmt: skip
+        return {
+            "target": target,
+            "quant": quant,
+            "fallback": fallback,
+            "rc": 0,
+            "seconds": 0.0,
+            "command": shown,
+            "report": json.loads(report.read_text(encoding="utf-8")),
+            "reused": True,
+        }
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    result: dict[str, Any] = {"target": target, "quant": quant, "fallback": fallback, "rc": proc.returncode,
-                              "seconds": round(time.perf_counter() - started, 1), "command": shown}  # fmt: skip
+    result: dict[str, Any] = {
+        "target": target,
+        "quant": quant,
+        "fallback": fallback,
+        "rc": proc.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        "command": shown,
+    }
     if proc.returncode in (0, EXIT_DRIFT) and report.is_file():
         result["report"] = json.loads(report.read_text(encoding="utf-8"))
     else:
         result["error"] = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-    print(f"[fidelity] {ref.name} {target} {quant} fallback={fallback}: rc {proc.returncode} in {result['seconds']} s", file=sys.stderr)
+    print(
+        f"[fidelity] {ref.name} {target} {quant} fallback={fallback}: rc {proc.returncode} in {result['seconds']} s",
+        file=sys.stderr,
+    )
     return result
 
 
@@ -156,7 +223,7 @@ def summary(per_model: list[tuple[Ref, list[dict[str, Any]]]]) -> list[str]:
         "## Summary",
         "",
         "Per model and target, the INT8 artifact that meets the issue target and runs fastest relative to its own "
-        "fp32 artifact (both timed in the same run); \"none\" when no recipe meets it. Details per model below.",
+        'fp32 artifact (both timed in the same run); "none" when no recipe meets it. Details per model below.',
         "",
         "| model | target | meets the target | recipe | Δ acc (points) | INT8 × fp32 (same run) |",
         "|---|---|---|---|---|---|",
@@ -181,7 +248,11 @@ def summary(per_model: list[tuple[Ref, list[dict[str, Any]]]]) -> list[str]:
                     worst_drop = drop if worst_drop is None else min(worst_drop, drop)
                     if not all(float(val) <= TARGETS_TEXT[k] + 1e-12 for k, val in judged.items()):
                         continue
-                    gain = fp32["latency_ms"]["p50"] / v["latency_ms"]["p50"] if fp32 and fp32.get("latency_ms") and v.get("latency_ms") else 0.0
+                    gain = (
+                        fp32["latency_ms"]["p50"] / v["latency_ms"]["p50"]
+                        if fp32 and fp32.get("latency_ms") and v.get("latency_ms")
+                        else 0.0
+                    )
                     q = v.get("quantization") or {}
                     recipe = f"{q.get('mode', r['quant'])}" + (" + fallback" if r["fallback"] == "auto" else "")
                     if target == "onnxruntime":
@@ -191,7 +262,9 @@ def summary(per_model: list[tuple[Ref, list[dict[str, Any]]]]) -> list[str]:
                     if better:
                         best = (gain, recipe, drop)
             if best is None:
-                lines.append(f"| {ref.name} | {target} | **none** | – | {pts(-worst_drop) if worst_drop is not None else '–'} (best) | – |")
+                lines.append(
+                    f"| {ref.name} | {target} | **none** | – | {pts(-worst_drop) if worst_drop is not None else '–'} (best) | – |"
+                )
             else:
                 speed = "n/a (Q/DQ simulated on ORT, not engine latency)" if target in DEFER else f"{best[0]:.2f}×"
                 lines.append(f"| {ref.name} | {target} | yes | {best[1]} | {pts(-best[2])} | {speed} |")
@@ -204,19 +277,25 @@ def section(ref: Ref, folder: Path, results: list[dict[str, Any]]) -> list[str]:
     lines = [f"## {ref.name} ({ref.modality}, {meta.get('task', '?')})", ""]
     if meta:
         lines += [
-            (f"Trained by `examples/{ref.script}` (seed {meta.get('seed')}): held-out accuracy in training "
-             f"{pct(meta.get('heldout_accuracy'))}; splits {meta.get('splits')}; data: {meta.get('data', '?')}."),
+            (
+                f"Trained by `examples/{ref.script}` (seed {meta.get('seed')}): held-out accuracy in training "
+                f"{pct(meta.get('heldout_accuracy'))}; splits {meta.get('splits')}; data: {meta.get('data', '?')}."
+            ),
             "",
         ]
     ok = [r for r in results if "report" in r]
     if ok:
         rep = ok[0]["report"]
         ref_lat = (rep.get("reference") or {}).get("latency_ms") or {}
-        int8_drift: dict[str, Any] = next((v.get("drift", {}) for v in rep.get("variants", []) if v.get("precision") == "int8"), {})
+        int8_drift: dict[str, Any] = next(
+            (v.get("drift", {}) for v in rep.get("variants", []) if v.get("precision") == "int8"), {}
+        )
         lines += [
-            (f"PyTorch fp32 reference: accuracy {pct(int8_drift.get('metrics', {}).get('reference_accuracy'))} on "
-             f"{int8_drift.get('samples', '?')} held-out samples, p50 {num(ref_lat.get('p50'), '.2f')} ms. "
-             "fp32 rows are judged by the export check (max scaled error), INT8 rows by the task budget."),
+            (
+                f"PyTorch fp32 reference: accuracy {pct(int8_drift.get('metrics', {}).get('reference_accuracy'))} on "
+                f"{int8_drift.get('samples', '?')} held-out samples, p50 {num(ref_lat.get('p50'), '.2f')} ms. "
+                "fp32 rows are judged by the export check (max scaled error), INT8 rows by the task budget."
+            ),
             "",
             "| artifact | recipe | accuracy | Δ acc (points) | top-1 agreement | logit cosine | p50 ms | vs PyTorch | d2v budget | issue target |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -227,8 +306,16 @@ def section(ref: Ref, folder: Path, results: list[dict[str, Any]]) -> list[str]:
         lines.append("")
     for r in results:
         if "report" not in r:
-            why = "not built" if r["rc"] is None else "target not available here" if r["rc"] == EXIT_UNAVAILABLE else f"failed (exit {r['rc']})"
-            lines.append(f"- {r['target']} int8 {r['quant']}{' + fallback' if r['fallback'] == 'auto' else ''}: {why}: {r.get('error', '')}")
+            why = (
+                "not built"
+                if r["rc"] is None
+                else "target not available here"
+                if r["rc"] == EXIT_UNAVAILABLE
+                else f"failed (exit {r['rc']})"
+            )
+            lines.append(
+                f"- {r['target']} int8 {r['quant']}{' + fallback' if r['fallback'] == 'auto' else ''}: {why}: {r.get('error', '')}"
+            )
     lines += ["", "Commands (after `d2v-export`; paths relative to the repository, WORK = `--work`):", ""]
     lines += [f"    {r['command']}" for r in results if r["command"]] + [""]
     return lines
@@ -243,8 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None, help="model names to run (default: all found)")
     p.add_argument("--bench-seconds", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--reuse", action="store_true", help="re-render from the report.json of earlier runs newer than the checkpoint")
-    p.add_argument("--note", default="", help="a sentence added to the document's header (e.g. how loaded the machine was)")
+    p.add_argument(
+        "--reuse", action="store_true", help="re-render from the report.json of earlier runs newer than the checkpoint"
+    )
+    p.add_argument(
+        "--note", default="", help="a sentence added to the document's header (e.g. how loaded the machine was)"
+    )
     args = p.parse_args(argv)
 
     targets = args.targets or targets_available()
@@ -260,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     load_start = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     for ref, folder in found:
         results = [run_one(ref, folder, t, q, f, args.work, args) for t in targets for q, f in RUNS]
-        results += [run_one(ref, folder, t, q, f, args.work, args, full_range=True) for t in targets for q, f in FULL_RANGE.get(t, ())]
+        results += [
+            run_one(ref, folder, t, q, f, args.work, args, full_range=True)
+            for t in targets
+            for q, f in FULL_RANGE.get(t, ())
+        ]
         first_env = first_env or next((r["report"].get("environment", {}) for r in results if "report" in r), {})
         body += section(ref, folder, results)
         every += results
@@ -271,25 +366,32 @@ def main(argv: list[str] | None = None) -> int:
     head = [
         "# Fidelity of INT8 artifacts on real data",
         "",
-        (f"Generated by `examples/fidelity.py` on {time.strftime('%Y-%m-%d', time.gmtime())} "
-         f"({env.get('cpu') or platform.processor() or platform.machine()} with {', '.join(env.get('cpu_flags') or []) or 'no listed SIMD flags'}, "
-         f"{env.get('threads', '?')} threads; versions {json.dumps(env.get('versions', {}))}). "
-         "The CPU's instruction set decides INT8 speed (VNNI or not) and, for ONNX Runtime's u8×s8 kernels on CPUs "
-         "without VNNI, can decide accuracy too (docs/quantization.md). "
-         + (f"Load average (1/5/15 min) at start {load_start}, at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}."
-          if not all_reused else "Rendered with --reuse from the report.json of earlier runs (their load is not recorded in the reports).")
-         + (f" {args.note}" if args.note else "")),
+        (
+            f"Generated by `examples/fidelity.py` on {time.strftime('%Y-%m-%d', time.gmtime())} "
+            f"({env.get('cpu') or platform.processor() or platform.machine()} with {', '.join(env.get('cpu_flags') or []) or 'no listed SIMD flags'}, "
+            f"{env.get('threads', '?')} threads; versions {json.dumps(env.get('versions', {}))}). "
+            "The CPU's instruction set decides INT8 speed (VNNI or not) and, for ONNX Runtime's u8×s8 kernels on CPUs "
+            "without VNNI, can decide accuracy too (docs/quantization.md). "
+            + (
+                f"Load average (1/5/15 min) at start {load_start}, at end {' / '.join(f'{x:.2f}' for x in os.getloadavg())}."
+                if not all_reused
+                else "Rendered with --reuse from the report.json of earlier runs (their load is not recorded in the reports)."
+            )
+            + (f" {args.note}" if args.note else "")
+        ),
         "",
-        ("Models: small Data2Vec classifiers with real trained weights (`examples/README.md`). Each INT8 "
-         "artifact is calibrated on the model's calibration split and judged against the PyTorch fp32 "
-         "reference and the labels on the whole held-out split. Issue targets: accuracy drop ≤ 0.5 points "
-         "(vision, text), WER/CER rise ≤ 0.3 points (audio CTC). Δ acc is candidate − reference. Latency: "
-         "p50 at batch 1, interleaved with the reference in the same run; on a shared machine treat it as indicative. "
-         "TensorRT rows (no TensorRT or GPU here): the deferred bundle's explicit Q/DQ graph, which the engine build "
-         "consumes, run on ONNX Runtime on this CPU; its accuracy is the Q/DQ simulation and its latency is not "
-         "engine latency (`d2v-export build-engine` measures both on the device). Which layers the default recipe "
-         "keeps float per target and modality, and why, measured without fallback: docs/quantization.md, "
-         "\"Default recipe per modality\"."),
+        (
+            "Models: small Data2Vec classifiers with real trained weights (`examples/README.md`). Each INT8 "
+            "artifact is calibrated on the model's calibration split and judged against the PyTorch fp32 "
+            "reference and the labels on the whole held-out split. Issue targets: accuracy drop ≤ 0.5 points "
+            "(vision, text), WER/CER rise ≤ 0.3 points (audio CTC). Δ acc is candidate − reference. Latency: "
+            "p50 at batch 1, interleaved with the reference in the same run; on a shared machine treat it as indicative. "
+            "TensorRT rows (no TensorRT or GPU here): the deferred bundle's explicit Q/DQ graph, which the engine build "
+            "consumes, run on ONNX Runtime on this CPU; its accuracy is the Q/DQ simulation and its latency is not "
+            "engine latency (`d2v-export build-engine` measures both on the device). Which layers the default recipe "
+            "keeps float per target and modality, and why, measured without fallback: docs/quantization.md, "
+            '"Default recipe per modality".'
+        ),
         "",
     ]
     if missing:

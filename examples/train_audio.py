@@ -125,13 +125,29 @@ def speed(x: np.ndarray, factor: float) -> np.ndarray:
 
 def espeak(text: str, voice: str, wpm: int, pitch: int, tmp: Path) -> np.ndarray:
     path = tmp / "espeak.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch), "-w", str(path), text], check=True, capture_output=True)
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch), "-w", str(path), text],
+        check=True,
+        capture_output=True,
+    )
     return read(path)
 
 
 def flite(text: str, voice: str, stretch: float, f0: int, tmp: Path) -> np.ndarray:
     path = tmp / "flite.wav"
-    cmd = ["flite", "-voice", voice, "--setf", f"duration_stretch={stretch:.2f}", "--setf", f"int_f0_target_mean={f0}", "-t", text, "-o", str(path)]
+    cmd = [
+        "flite",
+        "-voice",
+        voice,
+        "--setf",
+        f"duration_stretch={stretch:.2f}",
+        "--setf",
+        f"int_f0_target_mean={f0}",
+        "-t",
+        text,
+        "-o",
+        str(path),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return read(path)
 
@@ -148,7 +164,9 @@ def variant_split(rng: np.random.Generator) -> dict[str, list[str]]:
     return {"eval": sorted(held[:5]), "calibration": sorted(held[5:8]), "train": sorted(set(names) - set(held[:8]))}
 
 
-def build_clips(seed: int, per_class: dict[str, int], flite_settings: dict[str, int], real_copies: int) -> tuple[dict[str, list[tuple[str, np.ndarray, int]]], dict[str, Any]]:
+def build_clips(
+    seed: int, per_class: dict[str, int], flite_settings: dict[str, int], real_copies: int
+) -> tuple[dict[str, list[tuple[str, np.ndarray, int]]], dict[str, Any]]:
     """{split: [(name, trimmed clip, class)]}, and a description of the voices in each split."""
     for tool in ("espeak-ng", "flite"):
         if shutil.which(tool) is None:
@@ -163,7 +181,10 @@ def build_clips(seed: int, per_class: dict[str, int], flite_settings: dict[str, 
         for split, bucket in clips.items():
             for y, letter in enumerate(LETTERS):
                 for k in range(per_class[split]):
-                    accent, var = ACCENTS[rng.integers(len(ACCENTS))], variants[split][rng.integers(len(variants[split]))]
+                    accent, var = (
+                        ACCENTS[rng.integers(len(ACCENTS))],
+                        variants[split][rng.integers(len(variants[split]))],
+                    )
                     wpm, pitch = int(rng.integers(120, 211)), int(rng.integers(15, 86))
                     wave = espeak(letter, f"{accent}+{var}", wpm, pitch, tmp)
                     bucket.append((f"espeak_{accent}+{var}_s{wpm}_p{pitch}_{k}", trim(wave), y))
@@ -176,7 +197,7 @@ def build_clips(seed: int, per_class: dict[str, int], flite_settings: dict[str, 
         clips["eval"].append(("klettres_en_GB", trim(klettres("en_GB", letter)), y))
         real = klettres("en", letter)
         factors = [1.0] + [float(f) for f in np.linspace(0.85, 1.15, real_copies)]
-        for f in factors[: real_copies]:
+        for f in factors[:real_copies]:
             clips["train"].append((f"klettres_en_x{f:.3f}", trim(speed(real, f)), y))
     voices = {
         "espeak_variants": variants,
@@ -214,15 +235,35 @@ def build(hidden: int, layers: int, mask_time_prob: float = 0.05, dropout: float
     from d2v_export.spec import Modality
 
     config = transformers.Data2VecAudioConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
-        conv_dim=(32, 32, 32, 64, 64, 64, 64), conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
-        conv_bias=True, num_conv_pos_embeddings=5, conv_pos_kernel_size=19, num_conv_pos_embedding_groups=16,
-        layer_norm_eps=1e-5, layerdrop=0.0, hidden_dropout=dropout, activation_dropout=0.0, attention_dropout=dropout,
-        feat_proj_dropout=0.0, final_dropout=dropout, mask_time_prob=mask_time_prob, mask_time_length=5,
-        classifier_proj_size=hidden, use_weighted_layer_sum=False,
-        vocab_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        id2label=dict(enumerate(LETTERS)), label2id={name: i for i, name in enumerate(LETTERS)},
-    )  # fmt: skip
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        conv_dim=(32, 32, 32, 64, 64, 64, 64),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_bias=True,
+        num_conv_pos_embeddings=5,
+        conv_pos_kernel_size=19,
+        num_conv_pos_embedding_groups=16,
+        layer_norm_eps=1e-5,
+        layerdrop=0.0,
+        hidden_dropout=dropout,
+        activation_dropout=0.0,
+        attention_dropout=dropout,
+        feat_proj_dropout=0.0,
+        final_dropout=dropout,
+        mask_time_prob=mask_time_prob,
+        mask_time_length=5,
+        classifier_proj_size=hidden,
+        use_weighted_layer_sum=False,
+        vocab_size=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        id2label=dict(enumerate(LETTERS)),
+        label2id={name: i for i, name in enumerate(LETTERS)},
+    )
     model = transformers.Data2VecAudioForSequenceClassification(config)
     extractor, _ = preset_processors(Modality.AUDIO, config, head_for(Modality.AUDIO, "audio-classification"))
     return model, extractor
@@ -233,7 +274,9 @@ def predict(model: Any, x: Any, batch: int = 64) -> np.ndarray:
 
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(input_values=x[i : i + batch]).logits.argmax(-1) for i in range(0, len(x), batch)]).numpy()
+        return torch.cat(
+            [model(input_values=x[i : i + batch]).logits.argmax(-1) for i in range(0, len(x), batch)]
+        ).numpy()
 
 
 def write_split(root: Path, clips: list[tuple[str, np.ndarray, int]]) -> list[np.ndarray]:
@@ -261,19 +304,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--train-per-class", type=int, default=40, help="espeak clips per letter for training")
-    p.add_argument("--mask-time-prob", type=float, default=0.0, help="SpecAugment-style time masking while training (slowed it down)")
+    p.add_argument(
+        "--mask-time-prob",
+        type=float,
+        default=0.0,
+        help="SpecAugment-style time masking while training (slowed it down)",
+    )
     p.add_argument("--dropout", type=float, default=0.0, help="hidden/attention/final dropout (slowed it down)")
     args = p.parse_args(argv)
     seed_everything(args.seed, args.threads)
     timer = Timer()
 
     if args.quick:
-        per_class, flite_n, real_copies, args.epochs = {"train": 2, "eval": 1, "calibration": 1}, {"train": 1, "eval": 1, "calibration": 1}, 1, 1
+        per_class, flite_n, real_copies, args.epochs = (
+            {"train": 2, "eval": 1, "calibration": 1},
+            {"train": 1, "eval": 1, "calibration": 1},
+            1,
+            1,
+        )
     else:
-        per_class, flite_n, real_copies = {"train": args.train_per_class, "eval": 12, "calibration": 5}, {"train": 4, "eval": 3, "calibration": 2}, 6
+        per_class, flite_n, real_copies = (
+            {"train": args.train_per_class, "eval": 12, "calibration": 5},
+            {"train": 4, "eval": 3, "calibration": 2},
+            6,
+        )
     clips, voices = build_clips(args.seed, per_class, flite_n, real_copies)
     synth_s = timer()
-    log(f"{len(LETTERS)} letters: train {len(clips['train'])}, eval {len(clips['eval'])}, calibration {len(clips['calibration'])} clips ({synth_s} s)")
+    log(
+        f"{len(LETTERS)} letters: train {len(clips['train'])}, eval {len(clips['eval'])}, calibration {len(clips['calibration'])} clips ({synth_s} s)"
+    )
 
     model, extractor = build(args.hidden, args.layers, args.mask_time_prob, args.dropout)
     log(f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters")

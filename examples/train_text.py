@@ -129,7 +129,9 @@ def build_model(folder: Path, labels: tuple[str, ...]) -> tuple[Any, Any]:
     bert = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config = data2vec_config(bert, tok, labels)
     model = transformers.Data2VecTextForSequenceClassification(config)
-    missing, unexpected = model.load_state_dict(convert_state_dict(load_file(str(folder / "model.safetensors")), tok.pad_token_id), strict=False)
+    missing, unexpected = model.load_state_dict(
+        convert_state_dict(load_file(str(folder / "model.safetensors")), tok.pad_token_id), strict=False
+    )
     if unexpected or sorted(missing) != sorted(k for k in model.state_dict() if k.startswith("classifier.")):
         raise SystemExit(f"weight copy mismatch: missing {missing}, unexpected {unexpected}")
     return model, tok
@@ -160,7 +162,11 @@ def read_category(name: str) -> list[str]:
     out = []
     for cookie in re.split(r"^%$", raw, flags=re.MULTILINE):
         text = " ".join(cookie.split())
-        if 20 <= len(text) <= 400 and all(32 <= ord(ch) < 127 for ch in text) and sum(ch.isalpha() for ch in text) >= 0.6 * len(text):
+        if (
+            20 <= len(text) <= 400
+            and all(32 <= ord(ch) < 127 for ch in text)
+            and sum(ch.isalpha() for ch in text) >= 0.6 * len(text)
+        ):
             out.append(text)
     return out
 
@@ -260,7 +266,17 @@ def check_split_forward(model: Any, tok: Any, texts: list[str], layers: int) -> 
     return float((full - part).abs().max())
 
 
-def train(model: Any, tok: Any, data: list[tuple[str, int]], *, epochs: int, layers: int, batch: int, seed: int, max_steps: int | None) -> int:
+def train(
+    model: Any,
+    tok: Any,
+    data: list[tuple[str, int]],
+    *,
+    epochs: int,
+    layers: int,
+    batch: int,
+    seed: int,
+    max_steps: int | None,
+) -> int:
     """Fine-tune the head and the top `layers` layers on cached inputs of those layers.
 
     The embeddings and lower layers are frozen, so their output is computed once (without dropout)
@@ -283,7 +299,9 @@ def train(model: Any, tok: Any, data: list[tuple[str, int]], *, epochs: int, lay
     lengths = np.array([len(f) for f in feats])
     steps_per_epoch = -(-len(data) // batch)
     total = min(epochs * steps_per_epoch, max_steps or 10**9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, 1 - s / total)
+    )
     step = 0
     for epoch in range(epochs):
         model.train()
@@ -332,15 +350,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"the weight copy is not exact (max diff {err:.2e})")
 
     data = splits(tok, args.seed, args.train_per_class, args.eval_per_class, args.calib_per_class)
-    log(f"fortunes {', '.join(CATEGORIES)}: train {len(data['train'])}, eval {len(data['eval'])}, calibration {len(data['calibration'])}")
+    log(
+        f"fortunes {', '.join(CATEGORIES)}: train {len(data['train'])}, eval {len(data['eval'])}, calibration {len(data['calibration'])}"
+    )
     eval_texts, eval_y = [t for t, _ in data["eval"]], np.array([y for _, y in data["eval"]])
     before = float((predict(model, tok, eval_texts) == eval_y).mean())
     split_err = check_split_forward(model, tok, eval_texts[:8], args.train_layers)
     if split_err > 1e-4:
         raise SystemExit(f"the cached top-layer path differs from the full model by {split_err:.2e}")
     log("training")
-    steps = train(model, tok, data["train"], epochs=args.epochs, layers=args.train_layers, batch=args.batch,
-                  seed=args.seed, max_steps=3 if args.quick else None)  # fmt: skip
+    steps = train(
+        model,
+        tok,
+        data["train"],
+        epochs=args.epochs,
+        layers=args.train_layers,
+        batch=args.batch,
+        seed=args.seed,
+        max_steps=3 if args.quick else None,
+    )
     train_s = timer()
     log("evaluating")
     preds = predict(model, tok, eval_texts)

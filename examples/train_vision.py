@@ -77,13 +77,26 @@ def build(image_size: int, patch: int, hidden: int, layers: int, heads: int, dro
     from d2v_export.spec import Modality
 
     config = transformers.Data2VecVisionConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * hidden,
-        image_size=image_size, patch_size=patch, num_channels=3,
-        use_relative_position_bias=True, use_shared_relative_position_bias=False, use_absolute_position_embeddings=False,
-        use_mean_pooling=True, layer_scale_init_value=0.1, layer_norm_eps=1e-12,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=drop_path, use_auxiliary_head=True,
-        id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)},
-    )  # fmt: skip
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        image_size=image_size,
+        patch_size=patch,
+        num_channels=3,
+        use_relative_position_bias=True,
+        use_shared_relative_position_bias=False,
+        use_absolute_position_embeddings=False,
+        use_mean_pooling=True,
+        layer_scale_init_value=0.1,
+        layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        drop_path_rate=drop_path,
+        use_auxiliary_head=True,
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+    )
     model = transformers.Data2VecVisionForImageClassification(config)
     processor, _ = preset_processors(Modality.VISION, config, head_for(Modality.VISION, "image-classification"))
     return model, processor
@@ -129,8 +142,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--hidden", type=int, default=192)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (the real checkpoints train with 0.1)")
-    p.add_argument("--shift", type=int, default=0, help="random translation in pixels (the digits come centred; shifts slow training down)")
+    p.add_argument(
+        "--drop-path", type=float, default=0.1, help="stochastic depth rate (the real checkpoints train with 0.1)"
+    )
+    p.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        help="random translation in pixels (the digits come centred; shifts slow training down)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.epochs = 1
@@ -143,8 +163,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, processor = build(args.image_size, args.patch, args.hidden, args.layers, args.heads, args.drop_path)
     x = {k: pixels(processor, [images[i] for i in v]) for k, v in split.items()}
     y = {k: torch.from_numpy(digits.target[v]).long() for k, v in split.items()}
-    log(f"digits: train {len(y['train'])}, eval {len(y['eval'])}, calibration {len(y['calibration'])}; "
-        f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters")  # fmt: skip
+    log(
+        f"digits: train {len(y['train'])}, eval {len(y['eval'])}, calibration {len(y['calibration'])}; "
+        f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f} M parameters"
+    )
 
     rng = np.random.default_rng(args.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -172,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             losses.append(out.loss.item())
             step += 1
         if (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
-            log(f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses):.4f}, held-out acc {accuracy(model, x['eval'], y['eval']):.4f} ({timer()} s)")
+            log(
+                f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses):.4f}, held-out acc {accuracy(model, x['eval'], y['eval']):.4f} ({timer()} s)"
+            )
     train_s = timer()
     acc = accuracy(model, x["eval"], y["eval"])
     train_acc = accuracy(model, x["train"], y["train"])

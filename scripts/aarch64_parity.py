@@ -50,8 +50,19 @@ PYTHON = "/usr/bin/python3.11"  # in the root
 STAGE = "d2v-parity"  # the folder in the root where bundles, inputs and outputs are put for one check
 READY = ".d2v-ready.json"  # written last: a root without it is rebuilt
 # the wheels the probe needs, at the versions this environment runs (dependencies named: installed --no-deps)
-WHEELS = ("onnxruntime", "numpy", "pillow", "soundfile", "tokenizers", "cffi", "pycparser", "flatbuffers", "packaging",
-          "protobuf", "typing_extensions")  # fmt: skip
+WHEELS = (
+    "onnxruntime",
+    "numpy",
+    "pillow",
+    "soundfile",
+    "tokenizers",
+    "cffi",
+    "pycparser",
+    "flatbuffers",
+    "packaging",
+    "protobuf",
+    "typing_extensions",
+)
 PLATFORMS = (
     "manylinux_2_36_aarch64",
     "manylinux_2_28_aarch64",
@@ -61,8 +72,12 @@ PLATFORMS = (
 )
 CPUS = ("cortex-a72", "neoverse-n1", "max")
 TOLERANCE = {"fp32": 1e-4, "int8": 2e-2}  # on max|Δ logit| / max(1, max|logit|)
-TEXTS = ("The only thing better than love is milk.", "Surprise due today. Also the rent.",
-         "Is it raining? ||| No, the sun is out.", " ".join(["a long text"] * 20))  # fmt: skip
+TEXTS = (
+    "The only thing better than love is milk.",
+    "Surprise due today. Also the rent.",
+    "Is it raining? ||| No, the sun is out.",
+    " ".join(["a long text"] * 20),
+)
 IMAGES = ("chelsea.jpg", "rocket.jpg", "coffee.jpg", "astronaut.jpg")
 SPEECH = ("flite_awb_13.wav", "espeak_en-us_15.wav", "klettres_en_no.wav")
 LONG = ("flite_rms_11.wav", "espeak_en-us_15.wav", "flite_kal16_14.wav")  # joined: 5.4 s, run in windows
@@ -139,8 +154,12 @@ def build_root(cache: Path) -> Path:
     _wheels(cache, partial / "usr" / "local" / "lib" / "python3.11" / "dist-packages")
     shutil.copy2(QEMU, partial / "usr" / "bin" / QEMU.name)
     qemu = _run([str(QEMU), "--version"]).stdout.splitlines()[0]
-    seconds = {"debootstrap": round(debootstrap_s, 1), "unpack": round(unpacked_s - debootstrap_s, 1),
-               "wheels": round(time.monotonic() - started - unpacked_s, 1), "total": round(time.monotonic() - started, 1)}  # fmt: skip
+    seconds = {
+        "debootstrap": round(debootstrap_s, 1),
+        "unpack": round(unpacked_s - debootstrap_s, 1),
+        "wheels": round(time.monotonic() - started - unpacked_s, 1),
+        "total": round(time.monotonic() - started, 1),
+    }
     about = {"suite": SUITE, "qemu": qemu, "wheels": _pins(), "seconds": seconds, "built": time.strftime("%Y-%m-%d")}
     (partial / READY).write_text(json.dumps(about, indent=1), encoding="utf-8")
     shutil.rmtree(root, ignore_errors=True)
@@ -165,9 +184,30 @@ def build_bundles(work: Path, modalities: list[str], quants: list[str], reduce_r
     for modality in modalities:
         for quant in quants:
             out = work / f"{modality}-{quant}"
-            cmd = [str(cli), modality, "--model", "preset:tiny", "--target", "onnxruntime", "--int8", "--quant", quant,
-                   "--reduce-range", reduce_range, "--bench-seconds", "0", "--threads", "1", "--batch-size", "1:1:2",
-                   *shapes[modality], "--output", str(out), "--force", "--quiet"]  # fmt: skip
+            cmd = [
+                str(cli),
+                modality,
+                "--model",
+                "preset:tiny",
+                "--target",
+                "onnxruntime",
+                "--int8",
+                "--quant",
+                quant,
+                "--reduce-range",
+                reduce_range,
+                "--bench-seconds",
+                "0",
+                "--threads",
+                "1",
+                "--batch-size",
+                "1:1:2",
+                *shapes[modality],
+                "--output",
+                str(out),
+                "--force",
+                "--quiet",
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
             if done.returncode not in (
                 0,
@@ -251,8 +291,13 @@ def near_tie(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max((top2[..., 1] - top2[..., 0])[flipped]))
 
 
-def compare(bundle: str, fmt: str, cpu: str, native: tuple[dict[str, Any], dict[str, np.ndarray]],
-            arm: tuple[dict[str, Any], dict[str, np.ndarray]]) -> Row:  # fmt: skip
+def compare(
+    bundle: str,
+    fmt: str,
+    cpu: str,
+    native: tuple[dict[str, Any], dict[str, np.ndarray]],
+    arm: tuple[dict[str, Any], dict[str, np.ndarray]],
+) -> Row:
     """One row: the largest output difference, the answers that changed and x86's margin where they did."""
     (x86, x86_out), (a64, a64_out) = native, arm
     tolerance = TOLERANCE["fp32" if fmt == "fp32" else "int8"]
@@ -273,8 +318,10 @@ def compare(bundle: str, fmt: str, cpu: str, native: tuple[dict[str, Any], dict[
             continue
         margin = max(near_tie(a, b) for a, b in pairs) or float("inf")  # a changed answer no output explains: not a tie
         row.tie_margin = max(row.tie_margin, margin)
-        row.differences.append(f"{Path(want['input']).name[:40]}: x86 {_short(answers(want))}, aarch64 {_short(answers(got))} "
-                               f"(x86's top-2 margin where they differ: {margin:.2g})")  # fmt: skip
+        row.differences.append(
+            f"{Path(want['input']).name[:40]}: x86 {_short(answers(want))}, aarch64 {_short(answers(got))} "
+            f"(x86's top-2 margin where they differ: {margin:.2g})"
+        )
     return row
 
 
@@ -331,13 +378,18 @@ def check(root: Path, bundles: dict[str, Path], inputs: dict[str, list[str]], cp
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| bundle | INT8 format | aarch64 CPU model (features) | inputs | max abs diff of logits | max abs logit | "
-             "same answers | within tolerance |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| bundle | INT8 format | aarch64 CPU model (features) | inputs | max abs diff of logits | max abs logit | "
+        "same answers | within tolerance |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         why = "; ".join(r.differences or [f"diff over {r.tolerance:g} x max(1, |logit|)"])
         verdict = f"NO: {why}" if not r.ok else f"yes, near tie: {why}" if r.differences else "yes"
-        lines.append(f"| {r.bundle} | {r.int8_format} | {r.cpu} ({r.features}) | {r.inputs} | {r.max_diff:.2g} | "
-                     f"{r.max_logit:.3g} | {r.same_answers}/{r.inputs} | {verdict} |")  # fmt: skip
+        lines.append(
+            f"| {r.bundle} | {r.int8_format} | {r.cpu} ({r.features}) | {r.inputs} | {r.max_diff:.2g} | "
+            f"{r.max_logit:.3g} | {r.same_answers}/{r.inputs} | {verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -366,8 +418,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         root = build_root(args.cache.expanduser())
         about = json.loads((root / READY).read_text(encoding="utf-8"))
-        print(f"arm64 root: {root} ({about['qemu']}; built {about['built']} in {about['seconds']['total']} s; "
-              f"ready in {time.monotonic() - started:.1f} s now)", file=sys.stderr)  # fmt: skip
+        print(
+            f"arm64 root: {root} ({about['qemu']}; built {about['built']} in {about['seconds']['total']} s; "
+            f"ready in {time.monotonic() - started:.1f} s now)",
+            file=sys.stderr,
+        )
         if args.setup_only:
             return 0
         inputs = make_inputs(root.parent / "inputs")
@@ -386,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(table(rows))
-    print(f"\nemulated with {about['qemu']}, functional only; x86: this machine, onnxruntime "
-          f"{importlib.metadata.version('onnxruntime')}; {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print(
+        f"\nemulated with {about['qemu']}, functional only; x86: this machine, onnxruntime "
+        f"{importlib.metadata.version('onnxruntime')}; {time.strftime('%Y-%m-%d')}"
+    )
     if args.json:
         args.json.write_text(json.dumps([asdict(r) | {"ok": r.ok} for r in rows], indent=1), encoding="utf-8")
     return 0 if all(r.ok for r in rows) else 1

@@ -68,10 +68,17 @@ def main() -> int:
             traceback.print_exc()
             failed.append(name)
             status = "FAILED"
-        outcomes = ", ".join(f"{k.split(':', 1)[1]} {v}" for k, v in sorted(fz.OUTCOMES.items()) if k.startswith(name + ":"))
-        print(f"{name:16s} {fz.COUNTS[name]:7d} cases  {time.perf_counter() - t0:8.1f} s  {status}  ({outcomes})", flush=True)
-    print(f"total {sum(fz.COUNTS.values())} cases in {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu_started:.0f} s CPU; "
-          f"failed: {', '.join(failed) or 'none'}")  # fmt: skip
+        outcomes = ", ".join(
+            f"{k.split(':', 1)[1]} {v}" for k, v in sorted(fz.OUTCOMES.items()) if k.startswith(name + ":")
+        )
+        print(
+            f"{name:16s} {fz.COUNTS[name]:7d} cases  {time.perf_counter() - t0:8.1f} s  {status}  ({outcomes})",
+            flush=True,
+        )
+    print(
+        f"total {sum(fz.COUNTS.values())} cases in {time.perf_counter() - started:.0f} s wall, {time.process_time() - cpu_started:.0f} s CPU; "
+        f"failed: {', '.join(failed) or 'none'}"
+    )
     return 1 if failed else 0
 
 

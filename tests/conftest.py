@@ -79,7 +79,8 @@ def check_report(doc: Any, where: str = "report.json") -> None:
     """Fail when ``doc`` does not match the schema, saying how to add a new field honestly."""
     errors = report_errors(doc)
     assert not errors, (
-        f"{where} does not match docs/report.schema.json:\n  " + "\n  ".join(errors[:20])
+        f"{where} does not match docs/report.schema.json:\n  "
+        + "\n  ".join(errors[:20])
         + "\nA new field goes into docs/report.schema.json and docs/report-schema.md together (see 'Adding a field' there)."
     )
 
@@ -90,7 +91,13 @@ def _reports_written(args: tuple[str, ...], cwd: Path | None, since: float) -> l
     for flag, value in zip(args, args[1:]):
         if flag in ("--output", "-o"):
             out = Path(value) if Path(value).is_absolute() else Path(cwd or Path.cwd()) / value
-            found += [p for p in ([out / "report.json"] if (out / "report.json").is_file() else sorted(out.rglob("report.json"))) if p.stat().st_mtime >= since]
+            found += [
+                p
+                for p in (
+                    [out / "report.json"] if (out / "report.json").is_file() else sorted(out.rglob("report.json"))
+                )
+                if p.stat().st_mtime >= since
+            ]
     return found
 
 

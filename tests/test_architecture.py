@@ -22,7 +22,6 @@ MAX_LINES = 80
 MAX_CLASS_LINES = 200
 
 
-
 def _modules() -> dict[str, tuple[Path, bool]]:
     """Dotted module name -> (file, is a package __init__)."""
     out = {}
@@ -162,7 +161,7 @@ def test_no_import_circles() -> None:
 
 
 def private_imports() -> list[str]:
-    """"importer: module._name" for every private name a module imports from another folder, or from another room of
+    """ "importer: module._name" for every private name a module imports from another folder, or from another room of
     the top level. What two rooms share is public, named for what it does; a subpackage (``backends/tensorrt/``)
     may share its privates among its own modules."""
     modules = _modules()
@@ -183,7 +182,9 @@ def private_imports() -> list[str]:
 
 def test_no_module_imports_another_rooms_private_names() -> None:
     found = private_imports()
-    assert not found, "private names imported across rooms (make them public, named for what they do): " + ", ".join(found)
+    assert not found, "private names imported across rooms (make them public, named for what they do): " + ", ".join(
+        found
+    )
 
 
 def long_units() -> list[tuple[str, int]]:

@@ -73,7 +73,11 @@ def _docstrings(tree: ast.AST) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            is_text = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str)
+            is_text = (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            )
             if is_text and not _is_command(node):
                 found.add(id(first.value))
     return found
@@ -93,7 +97,10 @@ def _dynamic_import(node: ast.AST) -> str:
     if not isinstance(node, ast.Call):
         return ""
     func = node.func
-    if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) not in ("import_module", "__import__"):
+    if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) not in (
+        "import_module",
+        "__import__",
+    ):
         return ""
     texts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
     if len(texts) == 2 and texts[0].startswith("."):
@@ -148,7 +155,9 @@ def test_no_target_names_outside_backends() -> None:
     assert {"onnxruntime", "openvino", "tensorrt", "ONNX Runtime", "OpenVINO", "TensorRT"} <= set(names)
     assert {"onnxruntime", "openvino", "tensorrt"} <= set(modules)
     found = [hit for path in outside_backends() for hit in target_knowledge(path, names, modules)]
-    assert not found, "target knowledge outside d2v_export/backends/ (ask the backend or the registry instead):\n" + "\n".join(found)
+    assert not found, (
+        "target knowledge outside d2v_export/backends/ (ask the backend or the registry instead):\n" + "\n".join(found)
+    )
 
 
 PLANTED = '''"""Docstring naming tensorrt and ONNX Runtime is fine."""
@@ -227,7 +236,9 @@ def test_registry_answers_availability_from_the_backend() -> None:
     if not trt.available().ok:  # no TensorRT here: unavailable, unless the run defers the engine build
         with pytest.raises(D2VError) as info:
             backends.require("tensorrt")
-        assert info.value.code == ExitCode.TARGET_UNAVAILABLE and "target 'tensorrt' is not available here" in str(info.value)
+        assert info.value.code == ExitCode.TARGET_UNAVAILABLE and "target 'tensorrt' is not available here" in str(
+            info.value
+        )
         assert backends.unavailable(trt) and backends.require("tensorrt", defer_build=True) is trt
     with pytest.raises(D2VError, match="unknown target 'nope'"):
         backends.get("nope")
@@ -249,7 +260,10 @@ def test_a_backend_that_cannot_recover_says_so(tmp_path: Path) -> None:
 
     with pytest.raises(D2VError) as info:
         Plain().recover(None, tmp_path, None, None)  # type: ignore[arg-type]
-    assert info.value.code == ExitCode.TARGET_UNAVAILABLE and "--fallback auto is not supported by target 'plain'" in str(info.value)
+    assert (
+        info.value.code == ExitCode.TARGET_UNAVAILABLE
+        and "--fallback auto is not supported by target 'plain'" in str(info.value)
+    )
     (tmp_path / "b").write_text("x")
     (tmp_path / "a").write_text("x")
     (tmp_path / "sub").mkdir()
@@ -271,7 +285,17 @@ def test_backends_conform_to_the_protocol(tmp_path: Path) -> None:
         "follow_imports = silent\n"  # the backends are checked; what they import is read for types only
         "[mypy-torch.*,transformers.*,onnx.*,onnxruntime.*,onnxscript.*,openvino.*,nncf.*,scipy.*,tensorrt.*,cuda.*]\nfollow_imports = skip\n"
     )
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", str(tmp_path / "cache"), "-p", "d2v_export.backends"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(config),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "-p",
+        "d2v_export.backends",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
@@ -290,14 +314,23 @@ def test_copy_onnx_keeps_external_data_loadable_under_any_name(name: str, tmp_pa
 
     weight = np.arange(12, dtype=np.float32).reshape(3, 4)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
         [numpy_helper.from_array(weight, "w")],
-    )  # fmt: skip
+    )
     source = tmp_path / "export" / "model.onnx"
     source.parent.mkdir()
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.save_model(model, str(source), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        model,
+        str(source),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "export" / "model.onnx.data").is_file()
     target = tmp_path / "variant" / name
     target.parent.mkdir()
@@ -320,7 +353,9 @@ def test_a_target_brings_its_own_commands() -> None:
     assert own["build-engine"][0] == "tensorrt" and main.commands["build-engine"] is own["build-engine"][1]
     assert "build-engine" not in (Path(__file__).parents[1] / "d2v_export" / "cli.py").read_text(encoding="utf-8")
     result = CliRunner().invoke(main, ["build-engine", str(Path(__file__).parent)])
-    assert result.exit_code == 3 and result.output.count("\n") == 1 and "holds no TensorRT bundle" in result.output, result.output
+    assert result.exit_code == 3 and result.output.count("\n") == 1 and "holds no TensorRT bundle" in result.output, (
+        result.output
+    )
 
 
 # ---------------------------------------------------------------------------- no single-target field in a shared record
@@ -334,7 +369,9 @@ def _records(tree: ast.Module) -> dict[str, list[str]]:
     found = {}
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
-            found[node.name] = [s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+            found[node.name] = [
+                s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+            ]
     return found
 
 
@@ -373,7 +410,7 @@ def _reads(tree: ast.Module, records: set[str]) -> list[tuple[str, frozenset[str
 
 
 def _group(path: Path, package: Path) -> str:
-    """"" for a module that is no target's; else the target's module or package under backends/."""
+    """ "" for a module that is no target's; else the target's module or package under backends/."""
     parts = path.relative_to(package).with_suffix("").parts
     if parts[0] != "backends" or len(parts) < 2 or parts[1] in NOT_TARGETS:
         return ""
@@ -423,12 +460,16 @@ PROTOCOL_FIELDS = {
 
 def test_no_single_target_field_in_a_shared_record() -> None:
     found = [f for f in one_target_fields(PACKAGE) if f.split(" is read by")[0] not in PROTOCOL_FIELDS]
-    assert not found, "a shared record carries one target's field (move it into the target's own record):\n" + "\n".join(found)
+    assert not found, (
+        "a shared record carries one target's field (move it into the target's own record):\n" + "\n".join(found)
+    )
 
 
 def test_the_excused_fields_are_still_found() -> None:
     found = {f.split(" is read by")[0] for f in one_target_fields(PACKAGE)}
-    assert set(PROTOCOL_FIELDS) <= found, f"PROTOCOL_FIELDS excuses fields the check no longer finds: {set(PROTOCOL_FIELDS) - found}"
+    assert set(PROTOCOL_FIELDS) <= found, (
+        f"PROTOCOL_FIELDS excuses fields the check no longer finds: {set(PROTOCOL_FIELDS) - found}"
+    )
 
 
 def test_the_shared_record_check_finds_a_planted_field(tmp_path: Path) -> None:
@@ -445,14 +486,19 @@ def test_the_shared_record_check_finds_a_planted_field(tmp_path: Path) -> None:
         "def run(o: Options, r):\n    return o.only_alpha, r.common  # a read from Options, not Request\n"
     )
     (package / "backends" / "base.py").write_text("def plan(r):\n    return r.common\n")
-    (package / "backends" / "alpha.py").write_text("def build(r):\n    return r.both + r.only_alpha + getattr(r, 'checked')\n")
+    (package / "backends" / "alpha.py").write_text(
+        "def build(r):\n    return r.both + r.only_alpha + getattr(r, 'checked')\n"
+    )
     (package / "backends" / "beta" / "build.py").write_text("def build(r):\n    return r.both, r.common\n")
-    assert one_target_fields(package) == ["spec.py: Request.checked is read by alpha only", "spec.py: Request.only_alpha is read by alpha only"]
+    assert one_target_fields(package) == [
+        "spec.py: Request.checked is read by alpha only",
+        "spec.py: Request.only_alpha is read by alpha only",
+    ]
 
 
 # ---------------------------------------------------------------------------- a check is reused only for its own runner
 
-DRIFTING = '''
+DRIFTING = """
 from d2v_export.backends.onnxruntime import OnnxRuntimeBackend, OrtRunner
 
 
@@ -470,7 +516,7 @@ class DriftingBackend(OnnxRuntimeBackend):
 
 
 BACKEND = DriftingBackend()
-'''
+"""
 
 
 def test_the_export_check_stands_only_for_its_own_runner_options_and_file(tmp_path: Path) -> None:
@@ -489,16 +535,22 @@ def test_the_export_check_stands_only_for_its_own_runner_options_and_file(tmp_pa
     checked = backends.reference().onnx_runner_key(export)
 
     def key(backend: Backend, folder: str) -> object:
-        return backend.check_key(Artifact(backend.name, Precision.FP32, tmp_path / folder, tmp_path / folder / "model.onnx", ()))
+        return backend.check_key(
+            Artifact(backend.name, Precision.FP32, tmp_path / folder, tmp_path / folder / "model.onnx", ())
+        )
 
     assert key(ort, "linked") == checked
     assert key(ort, "copied") != checked  # the same bytes, another file
     assert backends.reference().onnx_runner_key(export, optimize=False) != checked  # other session options
     assert key(type("Sub", (OnnxRuntimeBackend,), {"name": "sub"})(), "linked") != checked  # another runner class
-    assert BackendBase().check_key(Artifact("x", Precision.FP32, tmp_path, export, ())) is None  # a plug-in: its own check
+    assert (
+        BackendBase().check_key(Artifact("x", Precision.FP32, tmp_path, export, ())) is None
+    )  # a plug-in: its own check
 
 
-def test_a_target_running_the_export_file_differently_sees_its_own_drift(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_target_running_the_export_file_differently_sees_its_own_drift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A plug-in that serves the export's own file (a hard link) through a different runner is checked through that
     runner: its fp32 variant reports the drift it adds, while the reference target's reuses the export check."""
     from d2v_export.bench import BenchSettings
@@ -511,7 +563,9 @@ def test_a_target_running_the_export_file_differently_sees_its_own_drift(tmp_pat
     monkeypatch.setenv(backends.ENV, "drifting_plugin")
     backends._load.cache_clear()
     try:
-        options = RunOptions(output=tmp_path / "out", targets=(backends.REFERENCE, "drifting"), bench=BenchSettings(seconds=0), threads=1)
+        options = RunOptions(
+            output=tmp_path / "out", targets=(backends.REFERENCE, "drifting"), bench=BenchSettings(seconds=0), threads=1
+        )
         report = run(parse_source("preset:tiny", Modality.VISION, None), ShapeRequest(), options)
     finally:
         monkeypatch.delenv(backends.ENV)
@@ -519,5 +573,7 @@ def test_a_target_running_the_export_file_differently_sees_its_own_drift(tmp_pat
     drift = {v.artifact.split("/")[-1]: v.drift for v in report.variants}
     assert drift[f"{backends.REFERENCE}-fp32"] == report.export.check  # the same runner, options and file: reused
     out = tmp_path / "out"
-    assert os.path.samefile(out / "drifting-fp32" / "model.onnx", out / f"{backends.REFERENCE}-fp32" / "model.onnx")  # one file
+    assert os.path.samefile(
+        out / "drifting-fp32" / "model.onnx", out / f"{backends.REFERENCE}-fp32" / "model.onnx"
+    )  # one file
     assert not drift["drifting-fp32"].passed and drift["drifting-fp32"].metrics["max_scaled_error"] > 1e-3

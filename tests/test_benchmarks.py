@@ -22,15 +22,35 @@ def _peers() -> object:
 def test_quick_run_writes_performance_tables(tmp_path: Path) -> None:
     peers = _peers()
     out = tmp_path / "PERFORMANCE.md"
-    out.write_text("# Perf\n\nhand-written intro\n\n" + peers.BEGIN + "\nold\n" + peers.END + "\n\n## Levers\n\nhand-written levers\n")  # type: ignore[attr-defined]
+    out.write_text(
+        "# Perf\n\nhand-written intro\n\n"
+        + peers.BEGIN
+        + "\nold\n"
+        + peers.END
+        + "\n\n## Levers\n\nhand-written levers\n"
+    )  # type: ignore[attr-defined]
     raw = tmp_path / "r.json"
     assert peers.main(["--quick", "--modalities", "text", "--out", str(out), "--json", str(raw)]) == 0  # type: ignore[attr-defined]
     text = out.read_text()
     assert "hand-written intro" in text and "hand-written levers" in text and "\nold\n" not in text
-    for needle in ("pytorch-fp32", "peer: ORT fp32 (TorchScript export)", "peer: ORT INT8 dynamic avx512_vnni", "peer: OpenVINO + NNCF INT8",
-                   "d2v: onnxruntime-int8-static", "d2v: openvino-int8-static", "d2v: openvino-int8-static-raw", "× fastest peer",
-                   "× int8 floor", "Random weights", "Load average", "GOP/s", "Summary: `--pick` against the fastest peer",
-                   "where the time goes", "int8 GEMM (MatMul/FC, Conv)", "fixed shapes"):  # fmt: skip
+    for needle in (
+        "pytorch-fp32",
+        "peer: ORT fp32 (TorchScript export)",
+        "peer: ORT INT8 dynamic avx512_vnni",
+        "peer: OpenVINO + NNCF INT8",
+        "d2v: onnxruntime-int8-static",
+        "d2v: openvino-int8-static",
+        "d2v: openvino-int8-static-raw",
+        "× fastest peer",
+        "× int8 floor",
+        "Random weights",
+        "Load average",
+        "GOP/s",
+        "Summary: `--pick` against the fastest peer",
+        "where the time goes",
+        "int8 GEMM (MatMul/FC, Conv)",
+        "fixed shapes",
+    ):
         assert needle in text, needle
     doc = json.loads(raw.read_text())
     assert doc["ceiling"]["int8"] > 0 and doc["ceiling"]["fp32"] > 0

@@ -36,20 +36,42 @@ def openvino_ok() -> bool:
     return backends.get("openvino").available().ok
 
 
-def build(root: Path, modality: str, task: str | None, targets: tuple[str, ...] = ("onnxruntime",), int8: QuantOptions | None = None) -> dict[str, Path]:
+def build(
+    root: Path,
+    modality: str,
+    task: str | None,
+    targets: tuple[str, ...] = ("onnxruntime",),
+    int8: QuantOptions | None = None,
+) -> dict[str, Path]:
     """Run the real pipeline, then write every variant's manifest; {variant name: folder}."""
     spec = parse_source("preset:tiny", Modality(modality), task)
-    report = run(spec, TINY_SHAPES, RunOptions(output=root, targets=targets, bench=BenchSettings(seconds=0), int8=int8, threads=1))
+    report = run(
+        spec,
+        TINY_SHAPES,
+        RunOptions(output=root, targets=targets, bench=BenchSettings(seconds=0), int8=int8, threads=1),
+    )
     model = load(spec)  # the preset again: same seed, same weights, same processor
     doc = json.loads((root / "report.json").read_text(encoding="utf-8"))
     out = {}
     for variant, entry in zip(report.variants, doc["variants"]):
         folder = root / variant.artifact
         artifact = Artifact(
-            variant.target, variant.precision, folder, folder / MODEL_FILES[variant.target],
-            tuple(sorted(p for p in folder.iterdir() if p.is_file())), variant.quantization, variant.notes,
-        )  # fmt: skip
-        bundle.write_manifest(folder, artifact=artifact, model=model, graph=report.export, variant_verdict=entry, environment=report.environment)
+            variant.target,
+            variant.precision,
+            folder,
+            folder / MODEL_FILES[variant.target],
+            tuple(sorted(p for p in folder.iterdir() if p.is_file())),
+            variant.quantization,
+            variant.notes,
+        )
+        bundle.write_manifest(
+            folder,
+            artifact=artifact,
+            model=model,
+            graph=report.export,
+            variant_verdict=entry,
+            environment=report.environment,
+        )
         out[variant.artifact] = folder
     return out
 
@@ -61,7 +83,9 @@ _BUILT: dict[Any, dict[str, Path]] = {}  # module-level: shared by every module 
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Path]]:
     """build() once per (modality, task, targets, int8) for the whole session."""
 
-    def get(modality: str, task: str | None = None, targets: tuple[str, ...] = ("onnxruntime",), int8: str | None = None) -> dict[str, Path]:
+    def get(
+        modality: str, task: str | None = None, targets: tuple[str, ...] = ("onnxruntime",), int8: str | None = None
+    ) -> dict[str, Path]:
         key = (modality, task, targets, int8)
         if key not in _BUILT or not all(p.is_dir() for p in _BUILT[key].values()):
             root = tmp_path_factory.mktemp(f"{modality}-{task or 'default'}") / "out"
@@ -86,9 +110,14 @@ def relist(folder: Path) -> None:
     """Rewrite the manifest's file list to match the folder (what an attacker with write access could do)."""
     doc = json.loads((folder / "manifest.json").read_text())
     doc["files"] = [
-        {"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"
-    ]  # fmt: skip
+        {
+            "path": p.relative_to(folder).as_posix(),
+            "size": p.stat().st_size,
+            "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+        }
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    ]
     (folder / "manifest.json").write_text(json.dumps(doc))
 
 
@@ -110,8 +139,14 @@ def test_manifest_describes_the_vision_bundle(vision_bundles: dict[str, Path]) -
     folder = vision_bundles["onnxruntime-fp32"]
     doc = json.loads((folder / "manifest.json").read_text())
     assert doc["schema_version"] == "1.1"
-    assert (doc["device"], doc["deploy_device"], doc["environment"]["device"]) == ("CPU", "CPU", "CPU")  # from its report entry
-    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert (doc["device"], doc["deploy_device"], doc["environment"]["device"]) == (
+        "CPU",
+        "CPU",
+        "CPU",
+    )  # from its report entry
+    on_disk = sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"
+    )
     assert [f["path"] for f in doc["files"]] == on_disk
     assert {"model.onnx", "config.json", "preprocessor_config.json", "README.md"} <= set(on_disk)
     for f in doc["files"]:
@@ -119,15 +154,25 @@ def test_manifest_describes_the_vision_bundle(vision_bundles: dict[str, Path]) -
         assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
     assert doc["target"] == "onnxruntime" and doc["precision"] == "fp32" and doc["model_file"] == "model.onnx"
     assert doc["model"] | {"description": None} == doc["model"] | {
-        "modality": "vision", "task": "image-classification", "class": "Data2VecVisionForImageClassification",
-        "random_weights": True, "description": None,
-    }  # fmt: skip
+        "modality": "vision",
+        "task": "image-classification",
+        "class": "Data2VecVisionForImageClassification",
+        "random_weights": True,
+        "description": None,
+    }
     (pixels,) = doc["inputs"]
     assert pixels["name"] == "pixel_values" and pixels["dtype"] == "float32"
-    assert pixels["dynamic"] == {"batch": {"min": 1, "opt": 1, "max": 4}} and pixels["fixed"] == {"height": 32, "width": 32}
+    assert pixels["dynamic"] == {"batch": {"min": 1, "opt": 1, "max": 4}} and pixels["fixed"] == {
+        "height": 32,
+        "width": 32,
+    }
     assert doc["outputs"][0]["name"] == "logits"
     pre = doc["preprocessing"]
-    assert pre["image_mean"] == [0.5, 0.5, 0.5] and pre["image_std"] == [0.5, 0.5, 0.5] and pre["size"] == {"height": 32, "width": 32}
+    assert (
+        pre["image_mean"] == [0.5, 0.5, 0.5]
+        and pre["image_std"] == [0.5, 0.5, 0.5]
+        and pre["size"] == {"height": 32, "width": 32}
+    )
     assert len(doc["labels"]) == 1000 and doc["labels"]["281"].startswith("tabby")
     assert doc["verdict"]["passed"] is True and doc["verdict"]["drift"]["metrics"]
     assert doc["runtime"]["name"] == "onnxruntime" and doc["runtime"]["version"]
@@ -237,7 +282,9 @@ def _torch_checkpoint() -> bytes:
         ("arrays.npz", lambda: _npz(np.array([{"a": 1}], dtype=object))),
     ],
 )
-def test_pickles_are_refused(vision_bundles: dict[str, Path], tmp_path: Path, name: str, content: Callable[[], bytes]) -> None:
+def test_pickles_are_refused(
+    vision_bundles: dict[str, Path], tmp_path: Path, name: str, content: Callable[[], bytes]
+) -> None:
     folder = copy(vision_bundles["onnxruntime-fp32"], tmp_path / "b")
     (folder / name).write_bytes(content())
     relist(folder)  # listed with a correct checksum: only the pickle check can catch it
@@ -272,7 +319,9 @@ def test_write_manifest_refuses_a_symlink(vision_bundles: dict[str, Path], tmp_p
     spec = parse_source("preset:tiny", Modality.VISION, "image-classification")
     artifact = Artifact("onnxruntime", Precision.FP32, folder, folder / "model.onnx", ())
     with pytest.raises(D2VError, match="symbolic link"):
-        bundle.write_manifest(folder, artifact=artifact, model=load(spec), graph=_graph_of(folder), variant_verdict=None, environment={})
+        bundle.write_manifest(
+            folder, artifact=artifact, model=load(spec), graph=_graph_of(folder), variant_verdict=None, environment={}
+        )
 
 
 def _graph_of(folder: Path) -> Any:
@@ -292,7 +341,9 @@ def _graph_of(folder: Path) -> Any:
     )
 
 
-def test_the_openvino_readme_snippet_runs_the_way_it_was_measured(vision_bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_the_openvino_readme_snippet_runs_the_way_it_was_measured(
+    vision_bundles: dict[str, Path], tmp_path: Path
+) -> None:
     """fp32 was measured with INFERENCE_PRECISION_HINT=f32; a snippet without it would run bf16 where the CPU has it."""
     if "openvino-fp32" not in vision_bundles:
         pytest.skip(f"openvino is not available here: {backends.get('openvino').available().reason}")
@@ -300,7 +351,9 @@ def test_the_openvino_readme_snippet_runs_the_way_it_was_measured(vision_bundles
     readme = (folder / "README.md").read_text()
     assert '"INFERENCE_PRECISION_HINT": "f32"' in readme
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    shutil.copy(Path(__file__).parents[1] / "calibration" / "vision" / "calibration" / "china.jpg", tmp_path / "cat.jpg")
+    shutil.copy(
+        Path(__file__).parents[1] / "calibration" / "vision" / "calibration" / "china.jpg", tmp_path / "cat.jpg"
+    )
     snippet += 'print("HINT", compiled.get_property("INFERENCE_PRECISION_HINT"), len(outputs))\n'
     res = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

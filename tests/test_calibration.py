@@ -307,7 +307,9 @@ def test_multiple_choice(tmp_path, mc):
 def test_npz_feeds(tmp_path, vision, text):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "one.npz", pixel_values=rng.standard_normal((3, 32, 32)))  # no batch axis, float64
-    np.savez(tmp_path / "three.npz", pixel_values=rng.standard_normal((3, 3, 32, 32)).astype(np.float32), labels=np.arange(3))
+    np.savez(
+        tmp_path / "three.npz", pixel_values=rng.standard_normal((3, 3, 32, 32)).astype(np.float32), labels=np.arange(3)
+    )
     np.savez(tmp_path / "wrong.npz", images=np.zeros((1, 3, 32, 32)))
     s = load_samples(tmp_path, vision, VISION)
     assert s.names == ("one.npz", "three.npz[0]", "three.npz[1]", "three.npz[2]")
@@ -369,12 +371,14 @@ def test_assets():
 def test_invalid_utf8_lines_are_skipped_and_numbered(tmp_path, text):
     from d2v_export.calibration.samples import describe_skipped
 
-    (tmp_path / "calib.txt").write_bytes(b"a good line\nbad \xff\xfe bytes\nanother good line\n\xc3\x28\n\nlast good line\n")
+    (tmp_path / "calib.txt").write_bytes(
+        b"a good line\nbad \xff\xfe bytes\nanother good line\n\xc3\x28\n\nlast good line\n"
+    )
     s = load_samples(tmp_path / "calib.txt", text, TEXT)
     assert s.names == ("calib.txt:1", "calib.txt:3", "calib.txt:6")
     assert [n for n, _ in s.skipped] == ["calib.txt:2", "calib.txt:4"]
     assert describe_skipped(s.skipped) == "calib.txt lines 2, 4 (not valid UTF-8)"
-    (tmp_path / "rows.jsonl").write_bytes(json.dumps({"text": "fine"}).encode() + b"\n{\"text\": \"caf\xe9\"}\n")
+    (tmp_path / "rows.jsonl").write_bytes(json.dumps({"text": "fine"}).encode() + b'\n{"text": "caf\xe9"}\n')
     j = load_samples(tmp_path / "rows.jsonl", text, TEXT)
     assert j.names == ("rows.jsonl:1",) and j.skipped == (("rows.jsonl:2", "not valid UTF-8"),)
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\nna\xefve\n")
@@ -394,7 +398,10 @@ def test_samples_with_nan_or_inf_are_named_and_skipped(tmp_path, vision):
     assert sorted(n for n, _ in s.skipped) == ["inf.npz", "three.npz[1]"]
     assert all("non-finite" in why and "pixel_values" in why for _, why in s.skipped)
     # a cache is checked too, and nothing usable is refused with the sample names
-    cache = save_cache(Samples(tuple(dict(pixel_values=batch[i : i + 1]) for i in range(3)), ("a", "b", "c"), None, (), "x"), tmp_path / "c" / "cache.npz")
+    cache = save_cache(
+        Samples(tuple(dict(pixel_values=batch[i : i + 1]) for i in range(3)), ("a", "b", "c"), None, (), "x"),
+        tmp_path / "c" / "cache.npz",
+    )
     back = load_cache(cache)
     assert back.names == ("a", "c") and back.skipped == (("b", "holds non-finite values (NaN or inf) in pixel_values"),)
     (tmp_path / "c" / "cache.npz").unlink()

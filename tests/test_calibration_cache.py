@@ -43,7 +43,9 @@ def test_a_new_version_or_new_reader_code_misses_the_cache(tmp_path, monkeypatch
     shutil.copytree(Path(samples.__file__).parent, readers, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(samples, "READER_SOURCES", (readers, *samples.READER_SOURCES[1:]))
     assert reused()  # the same source, byte for byte: the same key
-    (readers / "text.py").write_text((readers / "text.py").read_text(encoding="utf-8") + "\n# a change to a reader\n", encoding="utf-8")
+    (readers / "text.py").write_text(
+        (readers / "text.py").read_text(encoding="utf-8") + "\n# a change to a reader\n", encoding="utf-8"
+    )
     assert not reused() and reused()
     assert len(list((tmp_path / "home-cache" / "d2v-export").glob("calibration-*.npz"))) == 3
 

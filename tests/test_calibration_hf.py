@@ -23,7 +23,9 @@ from d2v_export.validate import usable_labels_for
 
 from .conftest import cli
 
-datasets = pytest.importorskip("datasets", reason="the [datasets] extra is not installed (CI installs it: scripts/setup.sh)")
+datasets = pytest.importorskip(
+    "datasets", reason="the [datasets] extra is not installed (CI installs it: scripts/setup.sh)"
+)
 
 VISION = ShapeProfile(dims=(Dim("batch", 1, 1, 8),), static={"image_size": 32})
 TEXT = ShapeProfile(dims=(Dim("batch", 1, 1, 8), Dim("sequence", 8, 16, 64)))
@@ -74,13 +76,18 @@ def _transcripts() -> dict[str, str]:
 
 def _image_dataset(names: list[str] | None = None):
     feats = datasets.Features({"img": datasets.Image(), "species": datasets.ClassLabel(names=names or NAMES)})
-    return datasets.Dataset.from_dict({"img": [str(p) for p in PHOTOS], "species": list(range(len(PHOTOS)))}, features=feats)
+    return datasets.Dataset.from_dict(
+        {"img": [str(p) for p in PHOTOS], "species": list(range(len(PHOTOS)))}, features=feats
+    )
 
 
 def _audio_dataset():
     """The layout of an Audio column as the hub stores it ({bytes, path}); cast, since encoding needs torchcodec."""
     text = _transcripts()
-    rows = {"audio": [{"bytes": p.read_bytes(), "path": p.name} for p in CLIPS], "transcription": [text[p.name] for p in CLIPS]}
+    rows = {
+        "audio": [{"bytes": p.read_bytes(), "path": p.name} for p in CLIPS],
+        "transcription": [text[p.name] for p in CLIPS],
+    }
     return datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio())
 
 
@@ -109,7 +116,11 @@ def test_imagefolder_metadata_jsonl_in_a_subfolder_with_columns(vision, tmp_path
     rows = [{"file_name": f"b/{f}", "species_id": i + 5} for i, f in enumerate(files)]
     (root / "a" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = load_samples(root, vision, VISION, columns=parse_columns("label=species_id"))
-    assert dict(zip(s.names, s.labels)) == {f"a/b/{files[0]}": 5, f"a/b/{files[1]}": 6, **{f"dog/{p.name}": "dog" for p in PHOTOS[2:]}}
+    assert dict(zip(s.names, s.labels)) == {
+        f"a/b/{files[0]}": 5,
+        f"a/b/{files[1]}": 6,
+        **{f"dog/{p.name}": "dog" for p in PHOTOS[2:]},
+    }
     with pytest.raises(D2VError, match="no such column"):
         load_samples(root, vision, VISION, columns={"label": "nope"})
 
@@ -167,7 +178,9 @@ def test_saved_dataset_with_image_and_class_label(vision, tmp_path: Path) -> Non
 
 def test_saved_dataset_dict_picks_the_split(vision, tmp_path: Path) -> None:
     ds = _image_dataset()
-    datasets.DatasetDict({"train": ds.select([0, 1]), "validation": ds.select([2, 3])}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict({"train": ds.select([0, 1]), "validation": ds.select([2, 3])}).save_to_disk(
+        str(tmp_path / "dd")
+    )
     cal = load_samples(tmp_path / "dd", vision, VISION, split="calibration", columns={"label": "species"})
     ev = load_samples(tmp_path / "dd", vision, VISION, split="evaluation", columns={"label": "species"})
     assert cal.labels == tuple(NAMES[:2]) and ev.labels == tuple(NAMES[2:])
@@ -196,14 +209,18 @@ def test_parquet_text_from_plain_pyarrow(text_cls, qa, tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"sentence": ["a fine day", "rain again", "so so"], "label": [1, 0, 1]}), tmp_path / "sst.parquet")
+    pq.write_table(
+        pa.table({"sentence": ["a fine day", "rain again", "so so"], "label": [1, 0, 1]}), tmp_path / "sst.parquet"
+    )
     s = load_samples(tmp_path / "sst.parquet", text_cls, TEXT)
     assert s.labels == (1, 0, 1) and usable_labels_for(text_cls, s.labels) == [1, 0, 1]
     assert s.feeds[0]["input_ids"][0, 0] == text_cls.tokenizer.bos_token_id
     pq.write_table(pa.table({"review": ["good", "bad"], "stars": [1, 0]}), tmp_path / "odd.parquet")
     with pytest.raises(D2VError, match="--columns"):
         load_samples(tmp_path / "odd.parquet", text_cls, TEXT)
-    assert load_samples(tmp_path / "odd.parquet", text_cls, TEXT, columns=parse_columns("text=review,label=stars")).labels == (1, 0)
+    assert load_samples(
+        tmp_path / "odd.parquet", text_cls, TEXT, columns=parse_columns("text=review,label=stars")
+    ).labels == (1, 0)
     pq.write_table(pa.table({"question": ["who?"], "context": ["Ada wrote it."], "id": ["x"]}), tmp_path / "qa.parquet")
     s = load_samples(tmp_path / "qa.parquet", qa, TEXT)
     assert (s.feeds[0]["input_ids"][0] == qa.tokenizer.eos_token_id).sum() >= 2  # a question/context pair
@@ -239,10 +256,31 @@ def test_labelled_accuracy_reaches_the_report(tmp_path: Path) -> None:
     with (tmp_path / "eval" / "metadata.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows([["file_name", "label"], *([f, n] for f, n in zip(files, NAMES))])
     out = tmp_path / "out"
-    res = cli("vision", "--model", "preset:tiny", "--task", "image-classification", "--int8", "--calibration", str(tmp_path / "calib"),
-              "--columns", "label=species", "--eval", str(tmp_path / "eval"), "--output", str(out), "--bench-seconds", "0", "--quiet",
-              "--max-drift", NO_GATE, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})  # fmt: skip
-    assert res.returncode == 0, res.stderr  # the labels' path is under test here, not the drift of a random model: no gate
+    res = cli(
+        "vision",
+        "--model",
+        "preset:tiny",
+        "--task",
+        "image-classification",
+        "--int8",
+        "--calibration",
+        str(tmp_path / "calib"),
+        "--columns",
+        "label=species",
+        "--eval",
+        str(tmp_path / "eval"),
+        "--output",
+        str(out),
+        "--bench-seconds",
+        "0",
+        "--quiet",
+        "--max-drift",
+        NO_GATE,
+        env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
+    )
+    assert res.returncode == 0, (
+        res.stderr
+    )  # the labels' path is under test here, not the drift of a random model: no gate
     doc = json.loads((out / "report.json").read_text())
     (int8,) = [v for v in doc["variants"] if v["precision"] == "int8"]
     metrics = int8["drift"]["metrics"]

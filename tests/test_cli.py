@@ -49,7 +49,9 @@ def test_end_to_end_json_report(modality: str, extra: tuple[str, ...], tmp_path:
     lat = variant["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] and lat["n"] >= 10 and len(lat["samples"]) == lat["n"]
     assert doc["reference"]["latency_ms"]["n"] == lat["n"]
-    assert variant["speedup_vs_reference"] == pytest.approx(doc["reference"]["latency_ms"]["p50"] / lat["p50"], rel=1e-2)
+    assert variant["speedup_vs_reference"] == pytest.approx(
+        doc["reference"]["latency_ms"]["p50"] / lat["p50"], rel=1e-2
+    )
     md = (out / "report.md").read_text()
     assert "RANDOM WEIGHTS" in md and "onnxruntime-fp32" in md
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folders left behind"
@@ -58,7 +60,18 @@ def test_end_to_end_json_report(modality: str, extra: tuple[str, ...], tmp_path:
 def test_local_checkpoint_with_task(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path / "ckpt", Modality.TEXT, "question-answering")
     out = tmp_path / "out"
-    res = cli("text", "--model", str(ckpt), "--task", "question-answering", "--output", str(out), "--sequence-length", "8:16:32", *FAST)
+    res = cli(
+        "text",
+        "--model",
+        str(ckpt),
+        "--task",
+        "question-answering",
+        "--output",
+        str(out),
+        "--sequence-length",
+        "8:16:32",
+        *FAST,
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads((out / "report.json").read_text())
     assert doc["model"]["class"] == "Data2VecTextForQuestionAnswering"
@@ -143,7 +156,9 @@ def test_failed_run_leaves_the_previous_output_intact(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    res = cli("text", "--model", "preset:tiny", "--output", str(out), "--force", "--sequence-length", "8:16:4096", *FAST)
+    res = cli(
+        "text", "--model", "preset:tiny", "--output", str(out), "--force", "--sequence-length", "8:16:4096", *FAST
+    )
     _one_line_error(res, ExitCode.BAD_INPUT, "--sequence-length", "512")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "a staging folder was left behind"
@@ -161,8 +176,22 @@ def test_help_shows_examples_and_exit_codes() -> None:
 def test_reduce_range_reaches_the_int8_artifact(choice: str, tmp_path: Path) -> None:
     """Budgets no INT8 graph can miss (agreement >= 0, cosine >= -1), so the verdict is decided: exit 0."""
     out = tmp_path / "out"
-    res = cli("text", "--model", "preset:tiny", "--int8", "--quant", "dynamic", "--reduce-range", choice,
-              "--max-drift", "top1_agreement=0,logit_cosine=-1", "--output", str(out), "--json", *FAST)  # fmt: skip
+    res = cli(
+        "text",
+        "--model",
+        "preset:tiny",
+        "--int8",
+        "--quant",
+        "dynamic",
+        "--reduce-range",
+        choice,
+        "--max-drift",
+        "top1_agreement=0,logit_cosine=-1",
+        "--output",
+        str(out),
+        "--json",
+        *FAST,
+    )
     assert res.returncode == 0, res.stderr
     (int8,) = [v for v in json.loads(res.stdout)["variants"] if v["precision"] == "int8"]
     assert int8["quantization"]["reduce_range"] is (choice == "on")
@@ -172,8 +201,20 @@ def test_reduce_range_reaches_the_int8_artifact(choice: str, tmp_path: Path) -> 
 def test_a_budget_no_int8_graph_can_meet_exits_5(tmp_path: Path) -> None:
     """The other side of the gate, decided too: top-1 agreement above 1 (judged on the measured value, @0) fails."""
     out = tmp_path / "out"
-    res = cli("text", "--model", "preset:tiny", "--int8", "--quant", "dynamic", "--max-drift", "top1_agreement=1.01@0",
-              "--output", str(out), "--json", *FAST)  # fmt: skip
+    res = cli(
+        "text",
+        "--model",
+        "preset:tiny",
+        "--int8",
+        "--quant",
+        "dynamic",
+        "--max-drift",
+        "top1_agreement=1.01@0",
+        "--output",
+        str(out),
+        "--json",
+        *FAST,
+    )
     assert res.returncode == int(ExitCode.DRIFT_BUDGET), res.stderr
     (int8,) = [v for v in json.loads(res.stdout)["variants"] if v["precision"] == "int8"]
     assert int8["drift"]["passed"] is False and int8["drift"]["failed"] == ["top1_agreement"]

@@ -26,7 +26,11 @@ QUICK = dict(warmup=1, min_iterations=3, max_warmup=3, seconds=0.0)
 def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("cold") / "out"
     spec = parse_source("preset:tiny", Modality.TEXT, "text-classification")
-    run(spec, TINY_SHAPES, RunOptions(output=out, targets=TARGETS, threads=1, bench=BenchSettings(**QUICK, cold_start=True)))
+    run(
+        spec,
+        TINY_SHAPES,
+        RunOptions(output=out, targets=TARGETS, threads=1, bench=BenchSettings(**QUICK, cold_start=True)),
+    )
     return out, json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
@@ -62,7 +66,9 @@ def test_a_run_with_bench_seconds_0_writes_null(tmp_path: Path) -> None:
     result = run(spec, TINY_SHAPES, RunOptions(output=out, threads=1, bench=BenchSettings(**QUICK)))
     assert [v.cold_start for v in result.variants] == [None]
     doc = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert doc["variants"][0]["cold_start"] is None and "## Cold start" not in (out / "report.md").read_text(encoding="utf-8")
+    assert doc["variants"][0]["cold_start"] is None and "## Cold start" not in (out / "report.md").read_text(
+        encoding="utf-8"
+    )
 
 
 def test_a_child_that_fails_gives_no_numbers_and_says_why(tmp_path: Path) -> None:

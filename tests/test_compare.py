@@ -111,13 +111,17 @@ def test_warm_up_continues_until_timings_settle(monkeypatch: pytest.MonkeyPatch)
             return {}
 
     runner = Slow()
-    settings = bench.BenchSettings(warmup=2, min_iterations=10, max_iterations=10, seconds=0.0, max_warmup_seconds=10.0, settle_tolerance=0.2)
+    settings = bench.BenchSettings(
+        warmup=2, min_iterations=10, max_iterations=10, seconds=0.0, max_warmup_seconds=10.0, settle_tolerance=0.2
+    )
     result = bench.measure_full({"slow": runner}, {}, batch=1, shape={}, settings=settings)
     # the medians of two windows of 5 agree once the earlier window holds at most 2 of the 6 slow calls: round 14
     assert result.warmup_rounds == 6 + settings.settle_window + 3
     assert result.settled == {"slow": True}
     stats = result.stats["slow"]
-    assert stats.n == 10 and stats.samples_ms == pytest.approx((5.0,) * 10), stats.samples_ms  # no slow start in the timed runs
+    assert stats.n == 10 and stats.samples_ms == pytest.approx((5.0,) * 10), (
+        stats.samples_ms
+    )  # no slow start in the timed runs
     assert result.to_dict()["timed_rounds"] == 10
 
 
@@ -150,7 +154,9 @@ def test_is_settled() -> None:
 
 def test_measure_keeps_the_signature(onnx_path: Path, feed: dict[str, np.ndarray]) -> None:
     with OrtRunner(onnx_path, 1) as r:
-        stats = bench.measure({"ort": r}, feed, batch=1, shape={"batch": 1}, settings=bench.BenchSettings(seconds=0.1, min_iterations=5))
+        stats = bench.measure(
+            {"ort": r}, feed, batch=1, shape={"batch": 1}, settings=bench.BenchSettings(seconds=0.1, min_iterations=5)
+        )
     assert stats["ort"].n >= 5 and len(stats["ort"].samples_ms) == stats["ort"].n
 
 
@@ -239,8 +245,14 @@ def test_agreement_metrics_use_their_direction(report_doc: dict[str, Any]) -> No
         return doc
 
     base = with_top1(1.0)
-    assert next(v for v in cmp.compare(base, with_top1(0.99)).variants if v.name == "onnxruntime-fp32").verdict == cmp.REGRESSION
-    assert next(v for v in cmp.compare(base, with_top1(0.998)).variants if v.name == "onnxruntime-fp32").verdict == cmp.UNCHANGED  # within 0.005
+    assert (
+        next(v for v in cmp.compare(base, with_top1(0.99)).variants if v.name == "onnxruntime-fp32").verdict
+        == cmp.REGRESSION
+    )
+    assert (
+        next(v for v in cmp.compare(base, with_top1(0.998)).variants if v.name == "onnxruntime-fp32").verdict
+        == cmp.UNCHANGED
+    )  # within 0.005
     better = cmp.compare(with_top1(0.95), with_top1(1.0))
     assert next(v for v in better.variants if v.name == "onnxruntime-fp32").verdict != cmp.REGRESSION
 
@@ -262,8 +274,12 @@ def test_a_counted_metric_is_a_regression_only_beyond_its_noise(report_doc: dict
     noisy = row(cmp.compare(with_agreement(240, 240), with_agreement(238, 240)))
     change = next(m for m in noisy.drift if m.metric == "top1_agreement")
     assert noisy.verdict == cmp.UNCHANGED and not change.flagged and "within its noise" in change.reason
-    assert row(cmp.compare(with_agreement(2400, 2400), with_agreement(2380, 2400))).verdict == cmp.REGRESSION  # the same share, 10x the items
-    assert row(cmp.compare(with_agreement(240, 240), with_agreement(220, 240))).verdict == cmp.REGRESSION  # 20 answers: real
+    assert (
+        row(cmp.compare(with_agreement(2400, 2400), with_agreement(2380, 2400))).verdict == cmp.REGRESSION
+    )  # the same share, 10x the items
+    assert (
+        row(cmp.compare(with_agreement(240, 240), with_agreement(220, 240))).verdict == cmp.REGRESSION
+    )  # 20 answers: real
 
 
 def test_new_and_missing_variants(report_doc: dict[str, Any]) -> None:
@@ -320,9 +336,16 @@ def test_load_report_errors(tmp_path: Path, report_doc: dict[str, Any]) -> None:
 
 
 def test_drift_score() -> None:
-    assert cmp.drift_score({"metrics": {"max_scaled_error": 1e-5}, "budget": {"max_scaled_error": 1e-4}}) == pytest.approx(0.1)
-    assert cmp.drift_score({"metrics": {"top1_agreement": 0.99}, "budget": {"top1_agreement": 0.98}}) == pytest.approx(0.5)
+    assert cmp.drift_score(
+        {"metrics": {"max_scaled_error": 1e-5}, "budget": {"max_scaled_error": 1e-4}}
+    ) == pytest.approx(0.1)
+    assert cmp.drift_score({"metrics": {"top1_agreement": 0.99}, "budget": {"top1_agreement": 0.98}}) == pytest.approx(
+        0.5
+    )
     # the worst metric decides; a budget metric that was not measured is ignored like metrics.judge does
-    d = {"metrics": {"top1_agreement": 0.97, "logit_cosine": 0.999}, "budget": {"top1_agreement": 0.98, "logit_cosine": 0.99, "accuracy_drop": 0.005}}
+    d = {
+        "metrics": {"top1_agreement": 0.97, "logit_cosine": 0.999},
+        "budget": {"top1_agreement": 0.98, "logit_cosine": 0.99, "accuracy_drop": 0.005},
+    }
     assert cmp.drift_score(d) == pytest.approx(1.5)
     assert cmp.drift_score(None) is None

@@ -29,10 +29,17 @@ def _one_error(res, code: ExitCode, *needles: str) -> str:  # type: ignore[no-un
 
 def test_parse_devices() -> None:
     assert parse_devices([]) == (None, {})
-    assert parse_devices(["CPU", "openvino=GPU", "tensorrt=cuda:1"]) == ("CPU", {"openvino": "GPU", "tensorrt": "cuda:1"})
+    assert parse_devices(["CPU", "openvino=GPU", "tensorrt=cuda:1"]) == (
+        "CPU",
+        {"openvino": "GPU", "tensorrt": "cuda:1"},
+    )
     assert parse_devices(["openvino=AUTO", "openvino=AUTO"]) == (None, {"openvino": "AUTO"})  # the same twice is one
-    for bad, needle in ((["CPU", "GPU"], "one plain device"), (["nope=GPU"], "'nope' is not a target"),
-                        (["openvino=GPU", "openvino=CPU"], "give openvino one device"), (["openvino="], "give openvino one device")):  # fmt: skip
+    for bad, needle in (
+        (["CPU", "GPU"], "one plain device"),
+        (["nope=GPU"], "'nope' is not a target"),
+        (["openvino=GPU", "openvino=CPU"], "give openvino one device"),
+        (["openvino="], "give openvino one device"),
+    ):
         with pytest.raises(D2VError, match=needle) as err:
             parse_devices(bad)
         assert err.value.code is ExitCode.USAGE
@@ -40,7 +47,11 @@ def test_parse_devices() -> None:
 
 def test_each_target_gets_its_own_device() -> None:
     opts = RunOptions(output=Path("o"), targets=("onnxruntime", "openvino", "tensorrt"), devices={"openvino": "GPU"})
-    assert [opts.device_for(t) for t in opts.targets] == ["CPU", "GPU", "cuda:0"]  # the backends' own defaults where silent
+    assert [opts.device_for(t) for t in opts.targets] == [
+        "CPU",
+        "GPU",
+        "cuda:0",
+    ]  # the backends' own defaults where silent
     opts = RunOptions(output=Path("o"), targets=("onnxruntime", "openvino"), device="CPU", devices={"openvino": "AUTO"})
     assert (opts.device_for("onnxruntime"), opts.device_for("openvino")) == ("CPU", "AUTO")
     with pytest.raises(D2VError, match="not a device of target onnxruntime") as err:  # one plain device, every target
@@ -55,7 +66,9 @@ def test_a_profile_device_goes_to_its_own_backend_only() -> None:
     from d2v_export.profiles import load_profile
 
     t4 = load_profile("nvidia-t4")  # tensorrt on cuda:0
-    opts, _ = apply_profile(RunOptions(output=Path("o"), targets=("onnxruntime",)), ShapeRequest(), t4, explicit={"targets"})
+    opts, _ = apply_profile(
+        RunOptions(output=Path("o"), targets=("onnxruntime",)), ShapeRequest(), t4, explicit={"targets"}
+    )
     assert opts.targets == ("onnxruntime",) and opts.devices == {} and opts.device_for("onnxruntime") == "CPU"
     opts, _ = apply_profile(RunOptions(output=Path("o")), ShapeRequest(), t4, explicit=set())
     assert opts.targets == ("tensorrt",) and opts.device_for("tensorrt") == "cuda:0"
@@ -92,12 +105,31 @@ def openvino_here() -> list[str]:
     return list(openvino.Core().available_devices)
 
 
-def test_an_openvino_device_that_is_not_here_is_exit_6_before_any_work(openvino_here: list[str], tmp_path: Path) -> None:
+def test_an_openvino_device_that_is_not_here_is_exit_6_before_any_work(
+    openvino_here: list[str], tmp_path: Path
+) -> None:
     if any(d.startswith("GPU") for d in openvino_here):
         pytest.skip("this machine has an OpenVINO GPU")
     out = tmp_path / "out"
-    res = cli("vision", *FAST, "--target", "onnxruntime", "--target", "openvino", "--device", "openvino=GPU", "--output", str(out))
-    _one_error(res, ExitCode.TARGET_UNAVAILABLE, "'GPU' is not available here", f"found: {', '.join(openvino_here)}", "--device openvino=CPU")
+    res = cli(
+        "vision",
+        *FAST,
+        "--target",
+        "onnxruntime",
+        "--target",
+        "openvino",
+        "--device",
+        "openvino=GPU",
+        "--output",
+        str(out),
+    )
+    _one_error(
+        res,
+        ExitCode.TARGET_UNAVAILABLE,
+        "'GPU' is not available here",
+        f"found: {', '.join(openvino_here)}",
+        "--device openvino=CPU",
+    )
     assert not out.exists()
 
 
@@ -126,8 +158,23 @@ def test_the_device_of_every_number_is_recorded(openvino_here: list[str], tmp_pa
     if trt.available().ok:
         pytest.skip("TensorRT runs here: the deferred case is for machines without it")
     out = tmp_path / "out"
-    res = cli("vision", *FAST, "--target", "onnxruntime", "--target", "openvino", "--target", "tensorrt", "--defer-build",
-              "--device", "openvino=AUTO", "--device", "tensorrt=cuda:1", "--output", str(out))  # fmt: skip
+    res = cli(
+        "vision",
+        *FAST,
+        "--target",
+        "onnxruntime",
+        "--target",
+        "openvino",
+        "--target",
+        "tensorrt",
+        "--defer-build",
+        "--device",
+        "openvino=AUTO",
+        "--device",
+        "tensorrt=cuda:1",
+        "--output",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads((out / "report.json").read_text())
     assert doc["environment"]["device"] == "CPU"  # the PyTorch reference's
@@ -136,8 +183,14 @@ def test_the_device_of_every_number_is_recorded(openvino_here: list[str], tmp_pa
     assert seen["openvino-fp32"] == ("AUTO", "AUTO")
     measured, deploy = seen["tensorrt-fp32"]
     assert deploy == "cuda:1" and measured == "CPU (ONNX Runtime simulation; the engine for cuda:1 is not built yet)"
-    assert json.loads((out / "openvino-fp32" / "openvino_config.json").read_text())["device"] == "AUTO"  # the device reached the build
+    assert (
+        json.loads((out / "openvino-fp32" / "openvino_config.json").read_text())["device"] == "AUTO"
+    )  # the device reached the build
     for name, (measured, deploy) in seen.items():
         manifest = json.loads((out / name / "manifest.json").read_text())
-        assert (manifest["device"], manifest["deploy_device"], manifest["environment"]["device"]) == (measured, deploy, measured)
+        assert (manifest["device"], manifest["deploy_device"], manifest["environment"]["device"]) == (
+            measured,
+            deploy,
+            measured,
+        )
         assert manifest["schema_version"] == "1.1"

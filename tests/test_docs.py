@@ -27,7 +27,9 @@ DESIGN = ROOT / "docs" / "DESIGN.md"
 # the documents whose facts these tests read (docs/tensorrt.md too: paths and options are facts wherever they stand)
 DOCS = sorted([README, *(ROOT / "docs").glob("*.md")])
 # options of other programs that the docs show beside d2v-export's (pip, pytest, the benchmark scripts, trtexec, ...)
-OTHER_COMMANDS = re.compile(r"^\s*(\$ )?(\S*/)?(pip|python3?|pytest|bash|benchmark_app|trtexec|optimum-cli|\.venv\S*/(python|pytest|pip))\b")
+OTHER_COMMANDS = re.compile(
+    r"^\s*(\$ )?(\S*/)?(pip|python3?|pytest|bash|benchmark_app|trtexec|optimum-cli|\.venv\S*/(python|pytest|pip))\b"
+)
 
 
 def section(text: str, heading: str) -> str:
@@ -58,7 +60,7 @@ def test_the_rooms_table_names_every_module_and_only_modules() -> None:
 
 
 def test_every_stage_design_names_is_a_function_of_the_pipeline() -> None:
-    """"The stages of a run": each `_name` there is a function in pipeline.py, and `run` calls each of them."""
+    """ "The stages of a run": each `_name` there is a function in pipeline.py, and `run` calls each of them."""
     from d2v_export import pipeline
 
     text = section(DESIGN.read_text(encoding="utf-8"), "The stages of a run")
@@ -68,12 +70,16 @@ def test_every_stage_design_names_is_a_function_of_the_pipeline() -> None:
     tree = ast.parse((PACKAGE / "pipeline.py").read_text(encoding="utf-8"))
     run = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run")
     called = {c.func.id for c in ast.walk(run) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)}
-    assert named_as_stages <= called, f"DESIGN.md lists stages that pipeline.run does not call: {sorted(named_as_stages - called)}"
+    assert named_as_stages <= called, (
+        f"DESIGN.md lists stages that pipeline.run does not call: {sorted(named_as_stages - called)}"
+    )
 
 
 def test_no_document_has_a_heading_twice() -> None:
     for doc in DOCS:
-        headings = [line.strip() for line in doc.read_text(encoding="utf-8").splitlines() if re.match(r"^#{1,3} ", line)]
+        headings = [
+            line.strip() for line in doc.read_text(encoding="utf-8").splitlines() if re.match(r"^#{1,3} ", line)
+        ]
         twice = sorted({h for h in headings if headings.count(h) > 1})
         assert not twice, f"{doc.relative_to(ROOT)} has these headings twice: {twice}"
 
@@ -83,7 +89,9 @@ def test_the_reference_runtime_design_names_is_the_registrys() -> None:
     from d2v_export import backends
 
     text = section(DESIGN.read_text(encoding="utf-8"), "Adding a target")
-    paragraph = text[text.index("No module outside `backends/` imports a target's module") : text.index("What a backend declares")]
+    paragraph = text[
+        text.index("No module outside `backends/` imports a target's module") : text.index("What a backend declares")
+    ]
     named = set(re.findall(r"`(?:backends\.)?(\w+)(?:\(|`)", paragraph)) - {"backends"}
     runtime = backends.ReferenceRuntime
     offered = set(backends.__all__) | set(runtime.__annotations__) | {m for m in dir(runtime) if not m.startswith("_")}
@@ -121,20 +129,33 @@ def options_named(doc: Path) -> dict[str, int]:
     return found
 
 
-@pytest.mark.parametrize("doc", [README, ROOT / "docs" / "reports.md", ROOT / "docs" / "bundles.md",
-                                 ROOT / "docs" / "calibration.md", ROOT / "docs" / "quantization.md",
-                                 ROOT / "docs" / "deployment.md"], ids=lambda p: p.name)  # fmt: skip
+@pytest.mark.parametrize(
+    "doc",
+    [
+        README,
+        ROOT / "docs" / "reports.md",
+        ROOT / "docs" / "bundles.md",
+        ROOT / "docs" / "calibration.md",
+        ROOT / "docs" / "quantization.md",
+        ROOT / "docs" / "deployment.md",
+    ],
+    ids=lambda p: p.name,
+)
 def test_every_option_the_docs_name_is_an_option_of_the_command(doc: Path) -> None:
     real = click_options()
     unknown = {o: n for o, n in options_named(doc).items() if o not in real}
-    assert not unknown, f"{doc.name} names options that no d2v-export command has: " + ", ".join(f"{o} (line {n})" for o, n in unknown.items())
+    assert not unknown, f"{doc.name} names options that no d2v-export command has: " + ", ".join(
+        f"{o} (line {n})" for o, n in unknown.items()
+    )
 
 
 def test_the_readme_lists_every_exit_code_and_only_those() -> None:
     text = README.read_text(encoding="utf-8")
     table = text[text.index("| code | meaning |") :].split("\n\n", 1)[0]
     listed = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
-    assert listed == {int(c) for c in ExitCode}, f"README's exit codes {sorted(listed)} vs spec.ExitCode {sorted(int(c) for c in ExitCode)}"
+    assert listed == {int(c) for c in ExitCode}, (
+        f"README's exit codes {sorted(listed)} vs spec.ExitCode {sorted(int(c) for c in ExitCode)}"
+    )
     assert "128 + N" in table  # signals: spec.signal_exit_code's rule
     help_text = main.get_help(click.Context(main))
     for code in ExitCode:
@@ -176,14 +197,20 @@ def _exists(path: str) -> bool:
     if (ROOT / path).exists() or (ROOT / "d2v_export" / path).exists() or path.rstrip("/") in _wheel_paths():
         return True
     # an output folder the repository ignores (.gitignore's `examples/out/`): made by running something
-    ignored = [p.strip().lstrip("/") for p in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines() if p.strip().endswith("/")]
+    ignored = [
+        p.strip().lstrip("/")
+        for p in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+        if p.strip().endswith("/")
+    ]
     return any(path.startswith(folder) for folder in ignored if "*" not in folder)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_every_repository_path_the_docs_name_exists(doc: Path) -> None:
     missing = {p: n for p, n in paths_named(doc).items() if not _exists(p)}
-    assert not missing, f"{doc.name} names files that do not exist: " + ", ".join(f"{p} (line {n})" for p, n in missing.items())
+    assert not missing, f"{doc.name} names files that do not exist: " + ", ".join(
+        f"{p} (line {n})" for p, n in missing.items()
+    )
 
 
 def test_the_path_check_finds_what_it_should(tmp_path: Path) -> None:
@@ -205,7 +232,9 @@ def names_in_code_spans(doc: Path) -> list[tuple[int, str, str]]:
     found = []
     for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
         for span in line.split("`")[1::2]:
-            for owner, attr in re.findall(r"(?:d2v_export\.)?\b((?:[a-z_]+\.)*[A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_]\w*)", span):
+            for owner, attr in re.findall(
+                r"(?:d2v_export\.)?\b((?:[a-z_]+\.)*[A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_]\w*)", span
+            ):
                 found.append((number, owner, attr))
     return found
 

@@ -24,7 +24,9 @@ CTC = next(h for h in HEADS if h.modality is Modality.AUDIO and h.metric == "ctc
 
 
 def test_length_feeds_join_the_samples_and_cut_them_to_each_length() -> None:
-    a = np.concatenate([np.arange(1, 6, dtype=np.float32), np.zeros(3, np.float32)])[None]  # 5 samples, zero-padded to 8
+    a = np.concatenate([np.arange(1, 6, dtype=np.float32), np.zeros(3, np.float32)])[
+        None
+    ]  # 5 samples, zero-padded to 8
     b = np.full((1, 4), 9.0, np.float32)
     feeds = length_feeds([{"input_values": a}, {"input_values": b}], [3, 9, 20])
     assert [f["input_values"].shape for f in feeds] == [(1, 3), (1, 9), (1, 20)]
@@ -66,7 +68,9 @@ def test_an_int8_audio_report_carries_drift_by_length(tmp_path: Path) -> None:
     fp32, q = doc["variants"]
     assert fp32["precision"] == "fp32" and fp32["drift_by_length"] == []
     lo, opt, hi = TINY_SHAPES.audio_seconds or ()
-    assert [(d["seconds"], d["samples"]) for d in q["drift_by_length"]] == [(s, int(s * SAMPLING_RATE)) for s in (lo, opt, hi)]
+    assert [(d["seconds"], d["samples"]) for d in q["drift_by_length"]] == [
+        (s, int(s * SAMPLING_RATE)) for s in (lo, opt, hi)
+    ]
     for d in q["drift_by_length"]:
         assert set(d["metrics"]) == {"logit_cosine", "frame_agreement"}
         assert 0.5 < d["metrics"]["logit_cosine"] < 1.0, d  # INT8 against PyTorch: close, never identical

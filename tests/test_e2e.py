@@ -47,7 +47,14 @@ def error_line(res: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def checkpoint(folder: Path, modality: Modality, task: str | None = None, *, edit: Callable[[Any], None] | None = None, **config: Any) -> Path:
+def checkpoint(
+    folder: Path,
+    modality: Modality,
+    task: str | None = None,
+    *,
+    edit: Callable[[Any], None] | None = None,
+    **config: Any,
+) -> Path:
     """A Hugging Face checkpoint folder from the tiny preset's architecture, ``config`` changed, ``edit``ed."""
     import torch
 
@@ -119,19 +126,28 @@ def test_int8_with_defaults(modality: str, extra: tuple[str, ...], tmp_path: Pat
     assert drift["passed"] is True and drift["samples"] > 0
     assert f"calibration/{modality}/evaluation" in drift["detail"]  # the bundled evaluation split
     assert (out / "calibration-cache.npz").is_file()  # the bundled calibration split, cached
-    assert (out / "onnxruntime-int8-static" / "model.onnx").is_file() and (out / "onnxruntime-int8-static" / "manifest.json").is_file()
+    assert (out / "onnxruntime-int8-static" / "model.onnx").is_file() and (
+        out / "onnxruntime-int8-static" / "manifest.json"
+    ).is_file()
     # latency statistics as report.json states them: p50 is the median of the raw timings
     for lat in (int8["latency_ms"], doc["reference"]["latency_ms"]):
         assert lat["p50"] == pytest.approx(statistics.median(lat["samples"]), rel=1e-3, abs=1e-3)
         assert lat["mean"] == pytest.approx(statistics.fmean(lat["samples"]), rel=1e-3, abs=1e-3)
     if modality == "audio":
         # random weights: CER/WER between two noise transcripts gate nothing; the logits' agreement gates
-        assert set(drift["informational"]) == {"cer", "wer", "cer_increase", "wer_increase"} & set(drift["metrics"]) | {"cer", "wer"}
+        assert set(drift["informational"]) == {"cer", "wer", "cer_increase", "wer_increase"} & set(drift["metrics"]) | {
+            "cer",
+            "wer",
+        }
         assert all("random weights" in why for why in drift["informational"].values())
         assert "cer" not in drift["budget"] and "wer" not in drift["budget"]
         assert drift["budget"]["logit_cosine"] == 0.99 and drift["metrics"]["logit_cosine"] >= 0.99
         md = (out / "report.md").read_text(encoding="utf-8")
-        assert "cer" in md and "(information, not gating)" in md and "`wer` is information, not a gate: random weights" in md
+        assert (
+            "cer" in md
+            and "(information, not gating)" in md
+            and "`wer` is information, not a gate: random weights" in md
+        )
     else:
         assert drift["budget"]["top1_agreement"] == 0.98 and "accuracy_drop" not in drift["budget"]
         assert drift["metrics"]["top1_agreement"] >= 0.98
@@ -141,8 +157,21 @@ def test_int8_with_defaults(modality: str, extra: tuple[str, ...], tmp_path: Pat
 def test_an_explicit_budget_on_an_informational_metric_gates(tmp_path: Path) -> None:
     """--max-drift wins over the random-weight rule: CER named explicitly gates again (exit 5)."""
     out = tmp_path / "out"
-    res = ok(cli("audio", "--model", "preset:tiny", "--int8", "--max-drift", "cer=0", "--output", str(out), *FAST, *AUDIO_SHAPES),
-             ExitCode.DRIFT_BUDGET)  # fmt: skip
+    res = ok(
+        cli(
+            "audio",
+            "--model",
+            "preset:tiny",
+            "--int8",
+            "--max-drift",
+            "cer=0",
+            "--output",
+            str(out),
+            *FAST,
+            *AUDIO_SHAPES,
+        ),
+        ExitCode.DRIFT_BUDGET,
+    )
     line = error_line(res)
     assert "onnxruntime-int8-static" in line and "cer" in line and "--fallback auto" in line
     drift = variant(report(out), "onnxruntime-int8-static")["drift"]
@@ -157,14 +186,35 @@ def test_planted_outliers_break_int8_and_fallback_recovers_on_every_target(tmp_p
     (NNCF accuracy control) and the TensorRT Q/DQ graph: within budget, exit 0, what stayed float listed."""
     ckpt = checkpoint(tmp_path / "ckpt", Modality.TEXT, "text-classification", edit=plant_outliers)
     plain = tmp_path / "plain"
-    res = ok(cli("text", "--model", str(ckpt), "--int8", "--output", str(plain), *FAST, *TEXT_SHAPES), ExitCode.DRIFT_BUDGET)
+    res = ok(
+        cli("text", "--model", str(ckpt), "--int8", "--output", str(plain), *FAST, *TEXT_SHAPES), ExitCode.DRIFT_BUDGET
+    )
     assert "onnxruntime-int8-static" in error_line(res) and "try --fallback auto" in error_line(res)
     drift = variant(report(plain), "onnxruntime-int8-static")["drift"]
     assert not drift["passed"] and drift["metrics"]["logit_cosine"] < 0.9
 
     out = tmp_path / "fallback"
-    ok(cli("text", "--model", str(ckpt), "--int8", "--fallback", "auto", "--target", "onnxruntime", "--target", "openvino",
-           "--target", "tensorrt", "--defer-build", "--output", str(out), *FAST, *TEXT_SHAPES))  # fmt: skip
+    ok(
+        cli(
+            "text",
+            "--model",
+            str(ckpt),
+            "--int8",
+            "--fallback",
+            "auto",
+            "--target",
+            "onnxruntime",
+            "--target",
+            "openvino",
+            "--target",
+            "tensorrt",
+            "--defer-build",
+            "--output",
+            str(out),
+            *FAST,
+            *TEXT_SHAPES,
+        )
+    )
     doc = report(out)
     assert doc["passed"] is True
     for name in ("onnxruntime-int8-static", "openvino-int8-static", "tensorrt-int8-static"):
@@ -177,7 +227,10 @@ def test_planted_outliers_break_int8_and_fallback_recovers_on_every_target(tmp_p
     if any(n.startswith("fallback:") for n in trt["notes"]):
         assert trt["quantization"]["excluded_nodes"], trt["notes"]
     # OpenVINO: NNCF's transformer recipe (SmoothQuant) may already absorb the outliers; either way within budget
-    assert json.loads((out / "tensorrt-int8-static" / "build_recipe.json").read_text())["quantization"]["excluded_nodes"] == trt["quantization"]["excluded_nodes"]
+    assert (
+        json.loads((out / "tensorrt-int8-static" / "build_recipe.json").read_text())["quantization"]["excluded_nodes"]
+        == trt["quantization"]["excluded_nodes"]
+    )
 
 
 def test_a_fallback_over_budget_and_worse_than_plain_int8_is_not_shipped(tmp_path: Path) -> None:
@@ -188,8 +241,23 @@ def test_a_fallback_over_budget_and_worse_than_plain_int8_is_not_shipped(tmp_pat
     texts = (REPO / "calibration" / "text" / "evaluation.txt").read_text(encoding="utf-8").splitlines()[:24]
     (tmp_path / "eval.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
     first = tmp_path / "first"
-    ok(cli("text", "--model", str(ckpt), "--int8", "--eval", str(tmp_path / "eval.txt"), "--eval-samples", "24", "--output", str(first),
-           *FAST, *TEXT_SHAPES), ExitCode.DRIFT_BUDGET)  # fmt: skip
+    ok(
+        cli(
+            "text",
+            "--model",
+            str(ckpt),
+            "--int8",
+            "--eval",
+            str(tmp_path / "eval.txt"),
+            "--eval-samples",
+            "24",
+            "--output",
+            str(first),
+            *FAST,
+            *TEXT_SHAPES,
+        ),
+        ExitCode.DRIFT_BUDGET,
+    )
 
     def top1(bundle: str) -> list[str]:
         res = ok(cli("run", str(first / bundle), *texts, "--top-k", "1", "--json"))
@@ -201,12 +269,33 @@ def test_a_fallback_over_budget_and_worse_than_plain_int8_is_not_shipped(tmp_pat
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
     out = tmp_path / "out"
-    res = ok(cli("text", "--model", str(ckpt), "--int8", "--fallback", "auto", "--max-drift", "logit_cosine=1.01", "--eval", str(tmp_path / "eval.jsonl"),
-                 "--eval-samples", "24", "--output", str(out), *FAST, *TEXT_SHAPES), ExitCode.DRIFT_BUDGET)  # fmt: skip
+    res = ok(
+        cli(
+            "text",
+            "--model",
+            str(ckpt),
+            "--int8",
+            "--fallback",
+            "auto",
+            "--max-drift",
+            "logit_cosine=1.01",
+            "--eval",
+            str(tmp_path / "eval.jsonl"),
+            "--eval-samples",
+            "24",
+            "--output",
+            str(out),
+            *FAST,
+            *TEXT_SHAPES,
+        ),
+        ExitCode.DRIFT_BUDGET,
+    )
     v = variant(report(out), "onnxruntime-int8-static")
     assert v["drift"]["metrics"]["candidate_accuracy"] == 1.0  # the plain artifact's own answers: it was kept
     assert v["quantization"]["excluded_nodes"] == []
-    assert any("did not reach the budget and scored worse" in n and "plain INT8 artifact is kept" in n for n in v["notes"]), v["notes"]
+    assert any(
+        "did not reach the budget and scored worse" in n and "plain INT8 artifact is kept" in n for n in v["notes"]
+    ), v["notes"]
     assert "onnxruntime-int8-static" in error_line(res)
 
 
@@ -222,14 +311,48 @@ def test_baseline_and_compare_clean_and_regressed(tmp_path: Path) -> None:
     assert "No regression" in res.stdout
 
     same = tmp_path / "same"  # the same model again: no regression (tolerance for a machine shared with other jobs)
-    ok(cli("vision", "--model", "preset:tiny", "--output", str(same), "--bench-seconds", "1", "--quiet", "--baseline", str(base),
-           "--latency-tolerance", "100%"))  # fmt: skip
+    ok(
+        cli(
+            "vision",
+            "--model",
+            "preset:tiny",
+            "--output",
+            str(same),
+            "--bench-seconds",
+            "1",
+            "--quiet",
+            "--baseline",
+            str(base),
+            "--latency-tolerance",
+            "100%",
+        )
+    )
     assert report(same)["comparison"]["passed"] is True and (same / "comparison.md").is_file()
 
-    big = checkpoint(tmp_path / "big", Modality.VISION, "image-classification", hidden_size=128, intermediate_size=512, num_hidden_layers=8)
+    big = checkpoint(
+        tmp_path / "big",
+        Modality.VISION,
+        "image-classification",
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=8,
+    )
     cur = tmp_path / "cur"
-    res = ok(cli("vision", "--model", str(big), "--output", str(cur), "--bench-seconds", "1", "--quiet", "--baseline", str(base / "report.json")),
-             ExitCode.REGRESSION)  # fmt: skip
+    res = ok(
+        cli(
+            "vision",
+            "--model",
+            str(big),
+            "--output",
+            str(cur),
+            "--bench-seconds",
+            "1",
+            "--quiet",
+            "--baseline",
+            str(base / "report.json"),
+        ),
+        ExitCode.REGRESSION,
+    )
     line = error_line(res)
     assert "regression against" in line and "onnxruntime-fp32 (p50 " in line and "%)" in line, line
     comp = report(cur)["comparison"]
@@ -256,25 +379,69 @@ def test_target_profile_merges_with_explicit_options_and_gates_latency(tmp_path:
         encoding="utf-8",
     )
     out = tmp_path / "out"
-    res = ok(cli("text", "--model", "preset:tiny", "--target-profile", str(profile), "--batch-size", "1:1:2", "--quant", "static",
-                 "--output", str(out), *FAST), ExitCode.LATENCY_BUDGET)  # fmt: skip
+    res = ok(
+        cli(
+            "text",
+            "--model",
+            "preset:tiny",
+            "--target-profile",
+            str(profile),
+            "--batch-size",
+            "1:1:2",
+            "--quant",
+            "static",
+            "--output",
+            str(out),
+            *FAST,
+        ),
+        ExitCode.LATENCY_BUDGET,
+    )
     line = error_line(res)
-    assert "over the latency budget of profile" in line and "openvino-int8-static p50" in line and "0.001 ms budget" in line
+    assert (
+        "over the latency budget of profile" in line
+        and "openvino-int8-static p50" in line
+        and "0.001 ms budget" in line
+    )
     doc = report(out)
     assert doc["environment"]["threads"] == 1  # the profile's
     assert doc["export"]["shapes"]["batch"] == {"min": 1, "opt": 1, "max": 2}  # explicit --batch-size wins
     assert doc["export"]["shapes"]["sequence"] == {"min": 8, "opt": 16, "max": 32}  # the profile's
-    assert [v["name"] for v in doc["variants"]] == ["openvino-fp32", "openvino-int8-static"]  # profile target + int8, explicit --quant static
-    assert all(v["latency_budget"]["passed"] is False and v["latency_budget"]["budget_ms"] == 0.001 for v in doc["variants"])
+    assert [v["name"] for v in doc["variants"]] == [
+        "openvino-fp32",
+        "openvino-int8-static",
+    ]  # profile target + int8, explicit --quant static
+    assert all(
+        v["latency_budget"]["passed"] is False and v["latency_budget"]["budget_ms"] == 0.001 for v in doc["variants"]
+    )
 
     # a bundled profile with an explicit --target and a budget this tiny model meets: exit 0
     out2 = tmp_path / "out2"
-    ok(cli("vision", "--model", "preset:tiny", "--target-profile", "generic-avx2", "--target", "onnxruntime", "--threads", "1",
-           "--output", str(out2), *FAST))  # fmt: skip
+    ok(
+        cli(
+            "vision",
+            "--model",
+            "preset:tiny",
+            "--target-profile",
+            "generic-avx2",
+            "--target",
+            "onnxruntime",
+            "--threads",
+            "1",
+            "--output",
+            str(out2),
+            *FAST,
+        )
+    )
     doc = report(out2)
     assert doc["environment"]["threads"] == 1  # explicit, not the profile's 4
-    assert [v["name"] for v in doc["variants"]] == ["onnxruntime-fp32", "onnxruntime-int8-dynamic"]  # the profile's dynamic INT8
-    assert all(v["latency_budget"]["passed"] is True and v["latency_budget"]["profile"] == "generic-avx2" for v in doc["variants"])
+    assert [v["name"] for v in doc["variants"]] == [
+        "onnxruntime-fp32",
+        "onnxruntime-int8-dynamic",
+    ]  # the profile's dynamic INT8
+    assert all(
+        v["latency_budget"]["passed"] is True and v["latency_budget"]["profile"] == "generic-avx2"
+        for v in doc["variants"]
+    )
 
 
 # ----------------------------------------------------------------------- 5. every exit code
@@ -288,14 +455,20 @@ def test_exit_2_bad_option(tmp_path: Path) -> None:
 
 
 def test_exit_3_bad_input(tmp_path: Path) -> None:
-    res = ok(cli("vision", "--model", "preset:tiny", "--image-size", "64", "--output", str(tmp_path / "o"), *FAST), ExitCode.BAD_INPUT)
+    res = ok(
+        cli("vision", "--model", "preset:tiny", "--image-size", "64", "--output", str(tmp_path / "o"), *FAST),
+        ExitCode.BAD_INPUT,
+    )
     assert "--image-size 32" in error_line(res)  # the checkpoint's size, named as the fix
     assert not (tmp_path / "o").exists()
 
 
 def test_exit_4_export_does_not_match(tmp_path: Path) -> None:
     ckpt = checkpoint(tmp_path / "ckpt", Modality.TEXT, "text-classification", edit=ill_conditioned_head)
-    res = ok(cli("text", "--model", str(ckpt), "--output", str(tmp_path / "o"), *FAST, *TEXT_SHAPES), ExitCode.EXPORT_MISMATCH)
+    res = ok(
+        cli("text", "--model", str(ckpt), "--output", str(tmp_path / "o"), *FAST, *TEXT_SHAPES),
+        ExitCode.EXPORT_MISMATCH,
+    )
     line = error_line(res)
     assert "ONNX Runtime does not match PyTorch" in line and "output 'logits'" in line and "tolerance 0.0001" in line
     assert not (tmp_path / "o").exists()
@@ -306,7 +479,10 @@ def test_exit_6_target_unavailable(tmp_path: Path) -> None:
 
     if backends.get("tensorrt").available().ok:
         pytest.skip("TensorRT works on this machine")
-    res = ok(cli("vision", "--model", "preset:tiny", "--target", "tensorrt", "--output", str(tmp_path / "o"), *FAST), ExitCode.TARGET_UNAVAILABLE)
+    res = ok(
+        cli("vision", "--model", "preset:tiny", "--target", "tensorrt", "--output", str(tmp_path / "o"), *FAST),
+        ExitCode.TARGET_UNAVAILABLE,
+    )
     line = error_line(res)
     assert "target 'tensorrt' is not available here" in line and "--defer-build" in line, line  # the fix, named
     assert not (tmp_path / "o").exists()
@@ -332,7 +508,19 @@ def test_run_doctor_and_fp16_through_the_pipeline(tmp_path: Path) -> None:
     doctor = json.loads(ok(cli("doctor", "--json")).stdout)
     assert {t["name"]: t["available"] for t in doctor["targets"]}["onnxruntime"] is True
     out = tmp_path / "out"
-    args = ("vision", "--model", "preset:tiny", "--image-size", "32", "--target", "openvino", "--fp16", "--output", str(out), *FAST)
+    args = (
+        "vision",
+        "--model",
+        "preset:tiny",
+        "--image-size",
+        "32",
+        "--target",
+        "openvino",
+        "--fp16",
+        "--output",
+        str(out),
+        *FAST,
+    )
     res = cli(*args, "--bf16")
     bf16 = res.returncode == 0
     if not bf16:  # a CPU without bf16: exit 6, named, and nothing written; then fp16 alone
@@ -351,15 +539,32 @@ def test_run_doctor_and_fp16_through_the_pipeline(tmp_path: Path) -> None:
     res = ok(cli("run", str(out / "openvino-fp16"), str(photo), "--top-k", "3", "--json"))
     (result,) = json.loads(res.stdout)
     assert len(result["labels"]) == 3 and result["runtime"]
-    (bundle_json := out / "openvino-fp16" / "manifest.json").write_text(bundle_json.read_text().replace('"sha256": "', '"sha256": "0'))
+    (bundle_json := out / "openvino-fp16" / "manifest.json").write_text(
+        bundle_json.read_text().replace('"sha256": "', '"sha256": "0')
+    )
     res = cli("run", str(out / "openvino-fp16"), str(photo))
     assert res.returncode == int(ExitCode.BAD_INPUT), res.stderr
 
 
 def test_num_choices_reaches_the_graph(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    ok(cli("text", "--model", "preset:tiny", "--task", "multiple-choice", "--num-choices", "2:3:5", "--batch-size", "1:1:2",
-           "--output", str(out), *FAST, *TEXT_SHAPES))  # fmt: skip
+    ok(
+        cli(
+            "text",
+            "--model",
+            "preset:tiny",
+            "--task",
+            "multiple-choice",
+            "--num-choices",
+            "2:3:5",
+            "--batch-size",
+            "1:1:2",
+            "--output",
+            str(out),
+            *FAST,
+            *TEXT_SHAPES,
+        )
+    )
     doc = report(out)
     assert doc["export"]["shapes"]["choices"] == {"min": 2, "opt": 3, "max": 5}
     assert doc["reference"]["latency_ms"]["shape"]["choices"] == 3  # latency at OPT
@@ -368,8 +573,24 @@ def test_num_choices_reaches_the_graph(tmp_path: Path) -> None:
 
 def test_matrix_shards_and_merge(tmp_path: Path) -> None:
     # no drift gate (a budget no build can miss): the shards and their merge are under test, not a random model's drift
-    args = ("matrix", "--model", "preset:tiny", "--modality", "text", "--target", "onnxruntime", "--precision", "fp32", "--precision", "int8",
-            "--bench-seconds", "0", "--quiet", "--max-drift", "top1_agreement=0,logit_cosine=-1")  # fmt: skip
+    args = (
+        "matrix",
+        "--model",
+        "preset:tiny",
+        "--modality",
+        "text",
+        "--target",
+        "onnxruntime",
+        "--precision",
+        "fp32",
+        "--precision",
+        "int8",
+        "--bench-seconds",
+        "0",
+        "--quiet",
+        "--max-drift",
+        "top1_agreement=0,logit_cosine=-1",
+    )
     for i in (1, 2):
         res = ok(cli(*args, "--shard", f"{i}/2", "--output", str(tmp_path / f"m{i}")))
         assert "onnxruntime" in res.stdout

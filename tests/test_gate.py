@@ -79,24 +79,49 @@ def test_library_cli_and_matrix_agree_on_a_latency_budget_breach(tmp_path: Path)
     """The same profile, the same tiny model: pipeline.run's Report.exit_code, the command's exit status and
     the matrix's exit code are all 8, and the library words it as the CLI prints it."""
     path = _profile(tmp_path, STRICT, "strict")
-    options, shapes = apply_profile(RunOptions(output=tmp_path / "lib", bench=BenchSettings(seconds=0)), ShapeRequest(), load_profile(path))
+    options, shapes = apply_profile(
+        RunOptions(output=tmp_path / "lib", bench=BenchSettings(seconds=0)), ShapeRequest(), load_profile(path)
+    )
     report = run(parse_source("preset:tiny", Modality.TEXT, None), shapes, options)
     assert report.passed and not report.within_latency_budget
     assert report.exit_code is ExitCode.LATENCY_BUDGET
     problem = gate.failure(report, options)
     assert problem is not None and problem.code is ExitCode.LATENCY_BUDGET and "onnxruntime-fp32 p50" in str(problem)
 
-    res = cli("text", "--model", "preset:tiny", "--target-profile", str(path), "--output", str(tmp_path / "cli"), "--bench-seconds", "0", "--quiet")
+    res = cli(
+        "text",
+        "--model",
+        "preset:tiny",
+        "--target-profile",
+        str(path),
+        "--output",
+        str(tmp_path / "cli"),
+        "--bench-seconds",
+        "0",
+        "--quiet",
+    )
     assert res.returncode == int(ExitCode.LATENCY_BUDGET), res.stderr[-2000:]
     assert f"error: {problem}".split(" p50 ")[0] in res.stderr
     doc = json.loads((tmp_path / "cli" / "report.json").read_text(encoding="utf-8"))
     assert [v["latency_budget"]["passed"] for v in doc["variants"]] == [False]
 
-    mdoc = matrix.run_matrix("preset:tiny", ["text"], ["onnxruntime"], ["fp32"], tmp_path / "matrix", shapes=ShapeRequest(sequence=(8, 16, 32)),
-                             bench=BenchSettings(seconds=0), profile=load_profile(path))  # fmt: skip
+    mdoc = matrix.run_matrix(
+        "preset:tiny",
+        ["text"],
+        ["onnxruntime"],
+        ["fp32"],
+        tmp_path / "matrix",
+        shapes=ShapeRequest(sequence=(8, 16, 32)),
+        bench=BenchSettings(seconds=0),
+        profile=load_profile(path),
+    )
     assert [v["latency_budget_passed"] for c in mdoc["cells"] for v in c["variants"]] == [False]
     assert matrix.exit_code(mdoc) == int(ExitCode.LATENCY_BUDGET)
 
     # the same run without a budget passes every gate, in the library and in the matrix
-    relaxed = run(parse_source("preset:tiny", Modality.TEXT, None), shapes, RunOptions(output=tmp_path / "free", bench=BenchSettings(seconds=0)))
+    relaxed = run(
+        parse_source("preset:tiny", Modality.TEXT, None),
+        shapes,
+        RunOptions(output=tmp_path / "free", bench=BenchSettings(seconds=0)),
+    )
     assert relaxed.exit_code is ExitCode.OK and gate.failure(relaxed, options) is None

@@ -44,10 +44,23 @@ def test_export_test_covers_every_head() -> None:
     from, so a head left out of the test, filtered or skipped fails here.
     """
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         f"{Path(__file__).name}::test_export_matches_pytorch"],
-        capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:xdist",
+            f"{Path(__file__).name}::test_export_matches_pytorch",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        timeout=300,
+    )
     collected = re.findall(r"::test_export_matches_pytorch\[([^\]]+)\]$", done.stdout, re.M)
     assert sorted(collected) == sorted(h.key for h in HEADS), done.stdout[-3000:] + done.stderr[-2000:]
     marks = {m.name for m in getattr(test_export_matches_pytorch, "pytestmark", [])}

@@ -37,7 +37,18 @@ def doc() -> dict[str, Any]:
 
 def assert_self_contained(page: str) -> None:
     lowered = page.lower()
-    for needle in ("<script", "<link", "<iframe", "<img", "@import", "url(", "src=", "href=\"http", "href='http", "//fonts."):
+    for needle in (
+        "<script",
+        "<link",
+        "<iframe",
+        "<img",
+        "@import",
+        "url(",
+        "src=",
+        'href="http',
+        "href='http",
+        "//fonts.",
+    ):
         assert needle not in lowered, needle
 
 
@@ -80,14 +91,41 @@ def test_matrix_html(doc: dict[str, Any]) -> None:
     from d2v_export.matrix import _variant_entry
 
     cells = [
-        {"modality": "vision", "target": "onnxruntime", "precision": "fp32", "status": "ran", "reason": "", "report": "cells/vision-onnxruntime/report.html",
-         "task": "image-classification", "reference_p50_ms": doc["reference"]["latency_ms"]["p50"],
-         "variants": [_variant_entry(v, doc["reference"]["latency_ms"]["p50"]) for v in doc["variants"]]},
-        {"modality": "vision", "target": "tensorrt", "precision": "fp32", "status": "skipped", "reason": "TensorRT is not installed",
-         "report": None, "task": None, "reference_p50_ms": None, "variants": []},
-    ]  # fmt: skip
-    mdoc = {"schema_version": "1.0", "kind": "matrix", "model": "preset:tiny", "random_weights": True, "modalities": ["vision"],
-            "targets": ["onnxruntime", "tensorrt"], "precisions": ["fp32"], "cells": cells, "modalities_detail": summarize(cells), "warnings": []}  # fmt: skip
+        {
+            "modality": "vision",
+            "target": "onnxruntime",
+            "precision": "fp32",
+            "status": "ran",
+            "reason": "",
+            "report": "cells/vision-onnxruntime/report.html",
+            "task": "image-classification",
+            "reference_p50_ms": doc["reference"]["latency_ms"]["p50"],
+            "variants": [_variant_entry(v, doc["reference"]["latency_ms"]["p50"]) for v in doc["variants"]],
+        },
+        {
+            "modality": "vision",
+            "target": "tensorrt",
+            "precision": "fp32",
+            "status": "skipped",
+            "reason": "TensorRT is not installed",
+            "report": None,
+            "task": None,
+            "reference_p50_ms": None,
+            "variants": [],
+        },
+    ]
+    mdoc = {
+        "schema_version": "1.0",
+        "kind": "matrix",
+        "model": "preset:tiny",
+        "random_weights": True,
+        "modalities": ["vision"],
+        "targets": ["onnxruntime", "tensorrt"],
+        "precisions": ["fp32"],
+        "cells": cells,
+        "modalities_detail": summarize(cells),
+        "warnings": [],
+    }
     page = render_matrix(mdoc)
     assert 'data-plot="pareto"' in page and "skipped" in page and "TensorRT is not installed" in page
     assert "★" in page
@@ -103,7 +141,9 @@ def _chromium() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium here: apt-get install -y chromium to render report.html headless")
+@pytest.mark.skipif(
+    _chromium() is None, reason="no chromium here: apt-get install -y chromium to render report.html headless"
+)
 def test_report_renders_in_a_headless_browser(doc: dict[str, Any], tmp_path: Path) -> None:
     from PIL import Image
 
@@ -124,8 +164,13 @@ def test_report_renders_in_a_headless_browser(doc: dict[str, Any], tmp_path: Pat
 def test_render_script_without_chromium_says_so(tmp_path: Path) -> None:
     page = tmp_path / "r.html"
     page.write_text("<!DOCTYPE html><p>x</p>")
-    proc = subprocess.run([shutil.which("bash") or "/bin/bash", str(SCRIPT), str(page), str(tmp_path / "o.png")], capture_output=True, text=True,
-                          env={"PATH": "/nonexistent", "CHROMIUM": ""}, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [shutil.which("bash") or "/bin/bash", str(SCRIPT), str(page), str(tmp_path / "o.png")],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/nonexistent", "CHROMIUM": ""},
+        timeout=60,
+    )
     assert proc.returncode == 3 and "apt-get install -y chromium" in proc.stderr
 
 
@@ -135,8 +180,15 @@ def test_cold_start_and_length_drift_sections(doc: dict[str, Any]) -> None:
     for v in d["variants"]:
         v["cold_start"], v["drift_by_length"] = None, []
     assert "Cold start" not in render(d) and "against input length" not in render(d)
-    cold = {"import_ms": 412.0, "open_ms": 37.5, "first_inference_ms": 8.25, "peak_rss_mb": 161.0,
-            "baseline_rss_mb": 120.0, "artifact_rss_mb": 41.0, "measured_in": "child process"}  # fmt: skip
+    cold = {
+        "import_ms": 412.0,
+        "open_ms": 37.5,
+        "first_inference_ms": 8.25,
+        "peak_rss_mb": 161.0,
+        "baseline_rss_mb": 120.0,
+        "artifact_rss_mb": 41.0,
+        "measured_in": "child process",
+    }
     d["variants"][1]["cold_start"] = cold
     d["variants"][1]["drift_by_length"] = [
         {"seconds": 1.0, "samples": 4, "metrics": {"logit_cosine": 0.9987, "cer": None}},

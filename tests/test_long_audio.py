@@ -64,7 +64,11 @@ def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def asr(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spec = parse_source("preset:tiny", Modality.AUDIO, "automatic-speech-recognition")
     root = tmp_path_factory.mktemp("asr") / "out"
-    run(spec, ShapeRequest(audio_seconds=SECONDS), RunOptions(output=root, targets=("onnxruntime",), bench=BenchSettings(seconds=0), threads=1))
+    run(
+        spec,
+        ShapeRequest(audio_seconds=SECONDS),
+        RunOptions(output=root, targets=("onnxruntime",), bench=BenchSettings(seconds=0), threads=1),
+    )
     return root / "onnxruntime-fp32"
 
 
@@ -158,7 +162,10 @@ def test_broken_stitching_fails_the_bounds(asr: Path, speech: Path) -> None:
 
     logits, _ = _chunked(asr, speech, every_frame)
     assert len(logits) > len(reference) and metrics.cer(whole, _decode(logits, model.tokenizer)) > 10 * CER_BOUND
-    def shifted(plan: list[chunking.Window]) -> list[chunking.Window]:  # every inner window read one frame (320 samples) late
+
+    def shifted(
+        plan: list[chunking.Window],
+    ) -> list[chunking.Window]:  # every inner window read one frame (320 samples) late
         late = [dataclasses.replace(w, start=w.start + chunking.HOP, stop=w.stop + chunking.HOP) for w in plan[1:-1]]
         return [plan[0], *late, plan[-1]]
 
@@ -175,13 +182,22 @@ def test_the_readme_runs_a_long_recording_with_the_runtime_alone(asr: Path, spee
     readme = (folder / "README.md").read_text()
     assert "## Long recordings" in readme
     blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
-    res = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", "\n".join(blocks)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     (result,) = predict.predict(asr, [str(speech)], threads=1)
     assert res.stdout.strip().splitlines()[-1] == result["transcript"]
 
 
-def test_a_clip_longer_than_run_reads_is_cut_and_says_so(asr: Path, speech: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_clip_longer_than_run_reads_is_cut_and_says_so(
+    asr: Path, speech: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(predict, "MAX_SECONDS", 30)
     (result,) = predict.predict(asr, [str(speech)], threads=1)
     assert any(n.startswith("cut to 30 s: run reads at most") for n in result["notes"])

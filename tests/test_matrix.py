@@ -31,7 +31,10 @@ def test_plan_is_deterministic_whatever_the_option_order() -> None:
 def test_shards_cover_the_plan_exactly_once() -> None:
     full = plan(["vision", "text", "audio"], ["onnxruntime", "openvino", "tensorrt"], ["fp32", "int8"])
     for n in (1, 2, 3, 5, 7, 40):
-        shards = [plan(["vision", "text", "audio"], ["onnxruntime", "openvino", "tensorrt"], ["fp32", "int8"], shard=(i, n)) for i in range(1, n + 1)]
+        shards = [
+            plan(["vision", "text", "audio"], ["onnxruntime", "openvino", "tensorrt"], ["fp32", "int8"], shard=(i, n))
+            for i in range(1, n + 1)
+        ]
         seen = [c for s in shards for c in s]
         assert sorted(seen, key=full.index) == full and len(seen) == len(full)
     first = plan(["vision", "text", "audio"], ["onnxruntime", "openvino", "tensorrt"], ["fp32", "int8"], shard=(1, 4))
@@ -65,8 +68,17 @@ def matrix_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any]
     out = tmp_path_factory.mktemp("matrix") / "m"
     shapes = ShapeRequest(batch=TINY_SHAPES.batch, sequence=(8, 16, 100_000), audio_seconds=TINY_SHAPES.audio_seconds)
     messages: list[str] = []
-    doc = run_matrix("preset:tiny", ["vision", "text"], ["onnxruntime", "tensorrt"], ["fp32", "fp16"], out,
-                     shapes=shapes, bench=QUICK, threads=1, progress=messages.append)  # fmt: skip
+    doc = run_matrix(
+        "preset:tiny",
+        ["vision", "text"],
+        ["onnxruntime", "tensorrt"],
+        ["fp32", "fp16"],
+        out,
+        shapes=shapes,
+        bench=QUICK,
+        threads=1,
+        progress=messages.append,
+    )
     return doc, out
 
 
@@ -76,7 +88,9 @@ def test_matrix_reports_every_cell_with_a_status(matrix_run: tuple[dict[str, Any
     assert len(cells) == 2 * 2 * 2
     assert cells[("vision", "onnxruntime", "fp32")]["status"] == "ran"
     ort_fp16 = cells[("vision", "onnxruntime", "fp16")]
-    assert ort_fp16["status"] == "skipped" and ort_fp16["reason"] == "onnxruntime builds fp32 and int8, not fp16"  # the backend's own reason
+    assert (
+        ort_fp16["status"] == "skipped" and ort_fp16["reason"] == "onnxruntime builds fp32 and int8, not fp16"
+    )  # the backend's own reason
     assert ort_fp16["reason"] == backends.get("onnxruntime").precision_problem(Precision.FP16, "CPU")
     trt = cells[("vision", "tensorrt", "fp32")]
     if "tensorrt" in backends.names() and not backends.get("tensorrt").available().ok:
@@ -88,7 +102,9 @@ def test_matrix_reports_every_cell_with_a_status(matrix_run: tuple[dict[str, Any
     # files
     on_disk = json.loads((out / "matrix.json").read_text())
     assert on_disk["schema_version"] == "1.2" and on_disk["kind"] == "matrix"
-    assert (out / "matrix.md").read_text().count("| skipped |") == sum(c["status"] == "skipped" for c in doc["cells"]) >= 2
+    assert (
+        (out / "matrix.md").read_text().count("| skipped |") == sum(c["status"] == "skipped" for c in doc["cells"]) >= 2
+    )
     page = (out / "matrix.html").read_text()
     assert 'data-plot="pareto"' in page and "<script" not in page
     assert (out / cells[("vision", "onnxruntime", "fp32")]["report"]).exists()  # the cell's own report
@@ -131,21 +147,41 @@ def test_a_matrix_that_measured_nothing_is_not_green(tmp_path: Path) -> None:
     assert [c["status"] for c in doc["cells"]] == ["skipped"] and doc["passed"] is False
     assert exit_code(doc) == int(ExitCode.TARGET_UNAVAILABLE)
     problem = nothing_measured(doc)
-    assert problem is not None and "measured nothing" in problem and "onnxruntime builds fp32 and int8, not fp16" in problem
+    assert (
+        problem is not None
+        and "measured nothing" in problem
+        and "onnxruntime builds fp32 and int8, not fp16" in problem
+    )
     out = tmp_path / "cli"
-    res = cli("matrix", "--model", "preset:tiny", "--modality", "vision", "--target", "onnxruntime", "--precision", "fp16", "--output", str(out))
+    res = cli(
+        "matrix",
+        "--model",
+        "preset:tiny",
+        "--modality",
+        "vision",
+        "--target",
+        "onnxruntime",
+        "--precision",
+        "fp16",
+        "--output",
+        str(out),
+    )
     assert res.returncode == int(ExitCode.TARGET_UNAVAILABLE), res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "measured nothing" in errors[0] and "d2v-export doctor" in errors[0], res.stderr
     assert json.loads((out / "matrix.json").read_text())["passed"] is False  # the record is kept: it says why
-    merged = cli("matrix-merge", str(out), "--output", str(tmp_path / "merged"))  # merging only skipped shards: the same verdict
+    merged = cli(
+        "matrix-merge", str(out), "--output", str(tmp_path / "merged")
+    )  # merging only skipped shards: the same verdict
     assert merged.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "measured nothing" in merged.stderr
 
 
 def test_an_unknown_target_is_a_usage_error(tmp_path: Path) -> None:
     """A misspelt --target: exit 2 before anything runs, one line naming the registry's targets, nothing written."""
     out = tmp_path / "m"
-    res = cli("matrix", "--model", "preset:tiny", "--modality", "vision", "--target", "onnxruntim", "--output", str(out))
+    res = cli(
+        "matrix", "--model", "preset:tiny", "--modality", "vision", "--target", "onnxruntim", "--output", str(out)
+    )
     assert res.returncode == int(ExitCode.USAGE), res.stderr
     (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert "'onnxruntim'" in line and f"choose from: {', '.join(backends.names())}" in line
@@ -162,8 +198,21 @@ def test_a_shard_with_no_cell_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_a_device_the_target_does_not_take_is_a_usage_error(tmp_path: Path) -> None:
-    res = cli("matrix", "--model", "preset:tiny", "--modality", "vision", "--target", "onnxruntime", "--precision", "fp32",
-              "--device", "GPU", "--output", str(tmp_path / "m"))  # fmt: skip
+    res = cli(
+        "matrix",
+        "--model",
+        "preset:tiny",
+        "--modality",
+        "vision",
+        "--target",
+        "onnxruntime",
+        "--precision",
+        "fp32",
+        "--device",
+        "GPU",
+        "--output",
+        str(tmp_path / "m"),
+    )
     assert res.returncode == int(ExitCode.USAGE) and "not a device of target onnxruntime" in res.stderr, res.stderr
     assert not (tmp_path / "m").exists()
 
@@ -174,7 +223,16 @@ def test_half_precision_cells_are_built(tmp_path: Path) -> None:
     ov = backends.get("openvino")
     if not ov.available().ok:
         pytest.skip(ov.available().reason)
-    doc = run_matrix("preset:tiny", ["vision"], ["openvino"], ["fp32", "fp16", "bf16"], tmp_path / "m", shapes=TINY_SHAPES, bench=QUICK, threads=1)
+    doc = run_matrix(
+        "preset:tiny",
+        ["vision"],
+        ["openvino"],
+        ["fp32", "fp16", "bf16"],
+        tmp_path / "m",
+        shapes=TINY_SHAPES,
+        bench=QUICK,
+        threads=1,
+    )
     cells = {c["precision"]: c for c in doc["cells"]}
     assert cells["fp16"]["status"] == "ran" and [v["name"] for v in cells["fp16"]["variants"]] == ["openvino-fp16"]
     assert cells["fp16"]["variants"][0]["drift_passed"] is True and cells["fp16"]["variants"][0]["device"] == "CPU"
@@ -185,7 +243,9 @@ def test_half_precision_cells_are_built(tmp_path: Path) -> None:
         assert cells["bf16"]["status"] == "skipped" and cells["bf16"]["reason"] == bf16_problem
     assert exit_code(doc) == 0 and doc["passed"] is True
     report = json.loads((tmp_path / "m" / "cells" / "vision-openvino" / "report.json").read_text())
-    assert {v["precision"] for v in report["variants"]} == {"fp32", "fp16"} | ({"bf16"} if bf16_problem is None else set())
+    assert {v["precision"] for v in report["variants"]} == {"fp32", "fp16"} | (
+        {"bf16"} if bf16_problem is None else set()
+    )
 
 
 # --------------------------------------------------------------------------- issue 12
@@ -196,22 +256,42 @@ def test_speedup_compares_variants_on_one_footing() -> None:
     from d2v_export.matrix import markdown, summarize
 
     def cell(target: str, ref: float, p50: float) -> dict[str, Any]:
-        v = {"name": f"{target}-fp32", "p50_ms": p50, "drift_score": 0.1, "drift_passed": True, "speedup_vs_reference": round(ref / p50, 3)}
-        return {"modality": "vision", "target": target, "precision": "fp32", "status": "ran", "task": "image-classification",
-                "reference_p50_ms": ref, "variants": [v], "report": None}  # fmt: skip
+        v = {
+            "name": f"{target}-fp32",
+            "p50_ms": p50,
+            "drift_score": 0.1,
+            "drift_passed": True,
+            "speedup_vs_reference": round(ref / p50, 3),
+        }
+        return {
+            "modality": "vision",
+            "target": target,
+            "precision": "fp32",
+            "status": "ran",
+            "task": "image-classification",
+            "reference_p50_ms": ref,
+            "variants": [v],
+            "report": None,
+        }
 
     cells = [cell("fast", 10.0, 5.0), cell("slow", 20.0, 6.0)]  # own-run speedups: 2.0 (faster) < 3.33 (slower)
     info = summarize(cells)["vision"]
     by = {v["name"]: v for v in info["variants"]}
     assert info["reference_p50_ms"] == 15.0
-    assert by["fast-fp32"]["speedup_vs_common_reference"] == 3.0 and by["slow-fp32"]["speedup_vs_common_reference"] == 2.5
-    assert by["slow-fp32"]["speedup_vs_reference"] > by["fast-fp32"]["speedup_vs_reference"]  # the own-run ratio is kept as it was
+    assert (
+        by["fast-fp32"]["speedup_vs_common_reference"] == 3.0 and by["slow-fp32"]["speedup_vs_common_reference"] == 2.5
+    )
+    assert (
+        by["slow-fp32"]["speedup_vs_reference"] > by["fast-fp32"]["speedup_vs_reference"]
+    )  # the own-run ratio is kept as it was
     md = markdown({"model": "m", "cells": cells, "modalities_detail": summarize(cells)})
     assert "speedup vs common ref" in md and "one footing" in md
     assert "| fast-fp32 | 5.000 | 3.00× |" in md and "| slow-fp32 | 6.000 | 2.50× |" in md
 
 
-def test_matrix_merge_needs_force_like_every_writing_command(matrix_run: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+def test_matrix_merge_needs_force_like_every_writing_command(
+    matrix_run: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
     import shutil
 
     shard = tmp_path / "shard"
@@ -223,15 +303,32 @@ def test_matrix_merge_needs_force_like_every_writing_command(matrix_run: tuple[d
     assert cli("matrix-merge", str(shard), "--output", str(out)).returncode == 0
     before = (out / "matrix.json").read_text()
     res = cli("matrix-merge", str(shard), "--output", str(out))
-    assert res.returncode == int(ExitCode.BAD_INPUT) and "--force" in res.stderr and "already holds a matrix.json" in res.stderr
+    assert (
+        res.returncode == int(ExitCode.BAD_INPUT)
+        and "--force" in res.stderr
+        and "already holds a matrix.json" in res.stderr
+    )
     assert (out / "matrix.json").read_text() == before
     res = cli("matrix-merge", str(shard), "--output", str(out), "--force")
     assert res.returncode == 0, res.stderr
 
 
 def test_matrix_int8_knobs_need_an_int8_cell(tmp_path: Path) -> None:
-    res = cli("matrix", "--model", "preset:tiny", "--modality", "vision", "--target", "onnxruntime", "--precision", "fp32",
-              "--max-drift", "top1_agreement=0.5", "--output", str(tmp_path / "m"))  # fmt: skip
+    res = cli(
+        "matrix",
+        "--model",
+        "preset:tiny",
+        "--modality",
+        "vision",
+        "--target",
+        "onnxruntime",
+        "--precision",
+        "fp32",
+        "--max-drift",
+        "top1_agreement=0.5",
+        "--output",
+        str(tmp_path / "m"),
+    )
     assert res.returncode == int(ExitCode.BAD_INPUT) and "--precision int8" in res.stderr
 
 
@@ -241,15 +338,43 @@ def test_matrix_defer_build_and_int8_knobs_reach_the_runs(tmp_path: Path) -> Non
     if trt.available().ok:
         pytest.skip("TensorRT builds here: nothing is deferred")
     out = tmp_path / "m"
-    common = ("matrix", "--model", "preset:tiny", "--modality", "vision", "--target", "tensorrt", "--precision", "fp32",
-              "--precision", "int8", "--bench-seconds", "0", "--quiet", "--threads", "1")  # fmt: skip
+    common = (
+        "matrix",
+        "--model",
+        "preset:tiny",
+        "--modality",
+        "vision",
+        "--target",
+        "tensorrt",
+        "--precision",
+        "fp32",
+        "--precision",
+        "int8",
+        "--bench-seconds",
+        "0",
+        "--quiet",
+        "--threads",
+        "1",
+    )
     plain = cli(*common, "--output", str(out / "plain"))
-    assert plain.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "measured nothing" in plain.stderr  # every cell skipped: not green
+    assert (
+        plain.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "measured nothing" in plain.stderr
+    )  # every cell skipped: not green
     skipped = json.loads((out / "plain" / "matrix.json").read_text())
     assert all(c["status"] == "skipped" and "--defer-build" in c["reason"] for c in skipped["cells"])
     # budgets no INT8 graph can miss (agreement >= 0, cosine >= -1): the verdict is exactly "passed", exit 0
-    res = cli(*common, "--defer-build", "--calib-samples", "4", "--eval-samples", "4", "--max-drift", "top1_agreement=0,logit_cosine=-1",
-              "--output", str(out / "deferred"))  # fmt: skip
+    res = cli(
+        *common,
+        "--defer-build",
+        "--calib-samples",
+        "4",
+        "--eval-samples",
+        "4",
+        "--max-drift",
+        "top1_agreement=0,logit_cosine=-1",
+        "--output",
+        str(out / "deferred"),
+    )
     assert res.returncode == 0, res.stderr
     doc = json.loads((out / "deferred" / "matrix.json").read_text())
     assert [c["status"] for c in doc["cells"]] == ["ran", "ran"]
@@ -281,7 +406,9 @@ def test_merge_gates_on_the_last_baseline(matrix_run: tuple[dict[str, Any], Path
 
     merge_files([shard(tmp_path / "last" / "shard-1")], tmp_path / "last" / "merged")
     cur = shard(tmp_path / "now" / "shard-1")
-    same = compare_to_baseline(merge_files([cur], tmp_path / "now" / "merged"), tmp_path / "now" / "merged", tmp_path / "last" / "merged")
+    same = compare_to_baseline(
+        merge_files([cur], tmp_path / "now" / "merged"), tmp_path / "now" / "merged", tmp_path / "last" / "merged"
+    )
     assert same["passed"] and [r["run"] for r in same["runs"]] == ["vision/onnxruntime"]
 
     report = next(cur.rglob("report.json"))
@@ -294,7 +421,14 @@ def test_merge_gates_on_the_last_baseline(matrix_run: tuple[dict[str, Any], Path
             elif isinstance(value, float):
                 lat[k] = 3 * value
     report.write_text(json.dumps(doc))
-    res = cli("matrix-merge", str(cur), "--output", str(tmp_path / "now" / "gated"), "--baseline", str(tmp_path / "last" / "merged"))
+    res = cli(
+        "matrix-merge",
+        str(cur),
+        "--output",
+        str(tmp_path / "now" / "gated"),
+        "--baseline",
+        str(tmp_path / "last" / "merged"),
+    )
     assert res.returncode == int(ExitCode.REGRESSION), res.stderr
     gate = json.loads((tmp_path / "now" / "gated" / "comparison.json").read_text())
     assert not gate["passed"] and gate["runs"][0]["regressions"] == ["onnxruntime-fp32"]

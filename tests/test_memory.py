@@ -28,7 +28,9 @@ def vision(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any]:
     return model, profile, export(model, profile, tmp_path_factory.mktemp("mem") / "model.onnx")
 
 
-def test_weights_over_the_threshold_are_exported_as_external_data(vision: tuple[Any, Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_over_the_threshold_are_exported_as_external_data(
+    vision: tuple[Any, Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, profile, inline = vision
     assert not inline.path.with_name("model.onnx.data").exists()  # tiny weights: one file, as before
     monkeypatch.setattr(export_mod, "EXTERNAL_DATA_BYTES", 0)
@@ -58,6 +60,7 @@ def test_shape_check_reuses_pytorch_outputs(vision: tuple[Any, Any, Any]) -> Non
 
         again = shape_check(model, NoTorch(), runner.infer, profile, reference_outputs=kept)
     assert again.metrics == first.metrics and again.passed
+
     # a wrong candidate is still caught against the kept outputs
     def off(feed: Any) -> dict[str, np.ndarray]:
         return {k: v + 1.0 for k, v in runner_out(graph, feed).items()}
@@ -141,7 +144,14 @@ def test_latency_in_pairs_opens_one_variant_at_a_time(vision: tuple[Any, Any, An
     settings = bench.BenchSettings(warmup=1, min_iterations=5, max_iterations=50, seconds=0.3, max_warmup_seconds=1.0)
     feed = dummy_inputs(model.head, model.config, profile.point("opt"), seed=7)
     with TorchRunner(make_wrapper(model), model.head.outputs, 1) as ref:
-        result = bench.measure_pairs(("pytorch", ref), {n: (lambda n=n: opener(n)) for n in artifacts}, feed, batch=1, shape={}, settings=settings)
+        result = bench.measure_pairs(
+            ("pytorch", ref),
+            {n: (lambda n=n: opener(n)) for n in artifacts},
+            feed,
+            batch=1,
+            shape={},
+            settings=settings,
+        )
     assert max(most) == 1 and not open_now
     assert set(result.stats) == {"pytorch", "a", "b"} and set(result.pair_reference) == {"a", "b"}
     pooled = result.stats["pytorch"].samples_ms
@@ -161,7 +171,12 @@ def test_a_large_run_offloads_pytorch_and_times_in_pairs(tmp_path: Path, monkeyp
     messages: list[str] = []
     settings = BenchSettings(warmup=1, min_iterations=3, max_iterations=20, seconds=0.2, max_warmup_seconds=1.0)
     options = RunOptions(output=tmp_path / "out", int8=QuantOptions(mode="dynamic"), bench=settings)
-    report = run(parse_source("preset:tiny", Modality.TEXT, None), ShapeRequest(batch=(1, 1, 2), sequence=(8, 16, 32)), options, progress=messages.append)
+    report = run(
+        parse_source("preset:tiny", Modality.TEXT, None),
+        ShapeRequest(batch=(1, 1, 2), sequence=(8, 16, 32)),
+        options,
+        progress=messages.append,
+    )
     assert any("offloading the PyTorch weights" in m for m in messages)
     assert report.bench["interleaved"] == "in pairs with the reference"
     assert {v.artifact for v in report.variants} == set(report.bench["pair_reference_p50_ms"])
@@ -171,7 +186,9 @@ def test_a_large_run_offloads_pytorch_and_times_in_pairs(tmp_path: Path, monkeyp
     # (the tiny preset's dynamic INT8 misses its top-1 budget on random weights with or without the offload)
     assert next(v for v in report.variants if v.quantization is None).drift.passed
     assert not (tmp_path / "out" / ".work").exists()
-    assert "each variant timed in a pair with the reference" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "each variant timed in a pair with the reference" in (tmp_path / "out" / "report.md").read_text(
+        encoding="utf-8"
+    )
     assert "each variant in a pair with the reference" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
 
 
@@ -267,10 +284,17 @@ def test_memory_is_handed_back_after_the_clean_up_and_between_a_build_and_its_ch
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path), str(GARBAGE_MB)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(tmp_path), str(GARBAGE_MB)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["passed"] and seen["rewrites"]
     for freed, next_step in (("clean-up garbage freed", "build starts"), ("build garbage freed", "check starts")):
         handed_back = seen[freed] - seen[next_step]
-        assert handed_back > 0.8 * GARBAGE_MB, f"{freed}: {seen[freed]:.0f} MB resident, {next_step}: {seen[next_step]:.0f} MB ({seen})"
+        assert handed_back > 0.8 * GARBAGE_MB, (
+            f"{freed}: {seen[freed]:.0f} MB resident, {next_step}: {seen[next_step]:.0f} MB ({seen})"
+        )

@@ -21,22 +21,42 @@ SAMPLES = {
     "ctc": ({"logits": RNG.normal(size=(2, 50, 8)).astype(np.float32)}, ("logits",)),
     "token-classification": ({"logits": RNG.normal(size=(2, 12, 5)).astype(np.float32)}, ("logits",)),
     "question-answering": (
-        {"start_logits": RNG.normal(size=(3, 40)).astype(np.float32), "end_logits": RNG.normal(size=(3, 40)).astype(np.float32)},
+        {
+            "start_logits": RNG.normal(size=(3, 40)).astype(np.float32),
+            "end_logits": RNG.normal(size=(3, 40)).astype(np.float32),
+        },
         ("start_logits", "end_logits"),
     ),
     "language-model": ({"logits": RNG.normal(size=(2, 6, 100)).astype(np.float32)}, ("logits",)),
     "segmentation": ({"logits": RNG.normal(size=(2, 4, 8, 8)).astype(np.float32)}, ("logits",)),
     "embedding": (
-        {"last_hidden_state": RNG.normal(size=(2, 7, 16)).astype(np.float32), "pooler_output": RNG.normal(size=(2, 16)).astype(np.float32)},
+        {
+            "last_hidden_state": RNG.normal(size=(2, 7, 16)).astype(np.float32),
+            "pooler_output": RNG.normal(size=(2, 16)).astype(np.float32),
+        },
         ("last_hidden_state", "pooler_output"),
     ),
 }
 
 PERFECT = {
-    "max_abs_error": 0.0, "mean_abs_error": 0.0, "top1_agreement": 1.0, "top5_overlap": 1.0, "logit_cosine": 1.0,
-    "cer": 0.0, "wer": 0.0, "frame_agreement": 1.0, "token_agreement": 1.0, "span_exact_match": 1.0,
-    "start_agreement": 1.0, "end_agreement": 1.0, "top1_token_agreement": 1.0, "kl_divergence": 0.0,
-    "pixel_agreement": 1.0, "miou": 1.0, "embedding_cosine": 1.0, "min_cosine": 1.0,
+    "max_abs_error": 0.0,
+    "mean_abs_error": 0.0,
+    "top1_agreement": 1.0,
+    "top5_overlap": 1.0,
+    "logit_cosine": 1.0,
+    "cer": 0.0,
+    "wer": 0.0,
+    "frame_agreement": 1.0,
+    "token_agreement": 1.0,
+    "span_exact_match": 1.0,
+    "start_agreement": 1.0,
+    "end_agreement": 1.0,
+    "top1_token_agreement": 1.0,
+    "kl_divergence": 0.0,
+    "pixel_agreement": 1.0,
+    "miou": 1.0,
+    "embedding_cosine": 1.0,
+    "min_cosine": 1.0,
 }
 
 
@@ -61,15 +81,26 @@ def test_flipped_argmax_lowers_top1_by_the_right_fraction() -> None:
     ref = np.eye(10, dtype=np.float32)[:8] * 5  # 8 rows, argmax = row index
     cand = ref.copy()
     cand[[1, 6], 9] = 10.0  # two of eight rows now pick class 9
-    got = M.compute("classification", [{"logits": ref[:4]}, {"logits": ref[4:]}], [{"logits": cand[:4]}, {"logits": cand[4:]}],
-                    output_names=("logits",), labels=list(range(8)))
+    got = M.compute(
+        "classification",
+        [{"logits": ref[:4]}, {"logits": ref[4:]}],
+        [{"logits": cand[:4]}, {"logits": cand[4:]}],
+        output_names=("logits",),
+        labels=list(range(8)),
+    )
     assert got["top1_agreement"] == pytest.approx(6 / 8)
     assert got["reference_accuracy"] == 1.0 and got["candidate_accuracy"] == pytest.approx(0.75)
     assert got["accuracy_drop"] == pytest.approx(0.25)
     assert got["max_abs_error"] == pytest.approx(10.0)
     assert got["top5_overlap"] < 1.0 and got["logit_cosine"] < 1.0
-    assert M.judge(got, M.DEFAULT_BUDGETS["classification"]).failed == ("top1_agreement", "logit_cosine", "accuracy_drop")
-    values, evidence = M.compute_with_evidence("classification", [{"logits": ref}], [{"logits": cand}], output_names=("logits",), labels=list(range(8)))
+    assert M.judge(got, M.DEFAULT_BUDGETS["classification"]).failed == (
+        "top1_agreement",
+        "logit_cosine",
+        "accuracy_drop",
+    )
+    values, evidence = M.compute_with_evidence(
+        "classification", [{"logits": ref}], [{"logits": cand}], output_names=("logits",), labels=list(range(8))
+    )
     assert values == got and evidence == {"top1_agreement": Count(6, 8), "accuracy_drop": Paired(2, 0, 8)}
     # with the counts: 6 of 8 agreeing is under 0.98 with 95 % confidence; 2 answers lost of 8 do not show a drop over 0.005
     judged = M.judge(values, M.DEFAULT_BUDGETS["classification"], evidence)
@@ -101,11 +132,21 @@ def test_ctc_greedy_decode_collapses_repeats_and_blanks() -> None:
 def test_ctc_metrics() -> None:
     ref = _ctc_logits("__HHH_EE_LL_L__OO  _WW_OO_RRR_LLL_D__")
     cand = _ctc_logits("__HHH_EE_LL_L__OO  _WW_OO_RRR_LLL_L__")  # D -> L: HELLO WORLL
-    got = M.compute("ctc", [{"logits": ref[None]}], [{"logits": cand[None]}], output_names=("logits",),
-                    id2char=VOCAB, labels=["hello  world"])
+    got = M.compute(
+        "ctc",
+        [{"logits": ref[None]}],
+        [{"logits": cand[None]}],
+        output_names=("logits",),
+        id2char=VOCAB,
+        labels=["hello  world"],
+    )
     assert got["cer"] == pytest.approx(1 / 11) and got["wer"] == pytest.approx(1 / 2)
     assert got["frame_agreement"] == pytest.approx(36 / 37)
-    assert got["reference_wer"] == 0.0 and got["candidate_wer"] == pytest.approx(0.5) and got["wer_increase"] == pytest.approx(0.5)
+    assert (
+        got["reference_wer"] == 0.0
+        and got["candidate_wer"] == pytest.approx(0.5)
+        and got["wer_increase"] == pytest.approx(0.5)
+    )
     assert got["reference_cer"] == 0.0 and got["cer_increase"] == pytest.approx(1 / 11)
     nomap = M.compute("ctc", [{"logits": ref[None]}], [{"logits": ref[None]}], output_names=("logits",))
     assert nomap["cer"] == 0.0 and nomap["wer"] == 0.0
@@ -124,10 +165,24 @@ def test_token_classification_honors_masks() -> None:
     ref[0, :, 0] = 1.0
     cand = ref.copy()
     cand[0, 3, 2] = 5.0  # last position differs, but it is padding
-    assert M.compute("token-classification", [{"logits": ref}], [{"logits": cand}], output_names=("logits",))["token_agreement"] == pytest.approx(0.75)
-    masked = M.compute("token-classification", [{"logits": ref}], [{"logits": cand}], attention_masks=[np.array([[1, 1, 1, 0]])], output_names=("logits",))
+    assert M.compute("token-classification", [{"logits": ref}], [{"logits": cand}], output_names=("logits",))[
+        "token_agreement"
+    ] == pytest.approx(0.75)
+    masked = M.compute(
+        "token-classification",
+        [{"logits": ref}],
+        [{"logits": cand}],
+        attention_masks=[np.array([[1, 1, 1, 0]])],
+        output_names=("logits",),
+    )
     assert masked["token_agreement"] == 1.0 and masked["logit_cosine"] == pytest.approx(1.0)
-    frames = M.compute("token-classification", [{"logits": ref}], [{"logits": cand}], attention_masks=[np.ones((1, 16000))], output_names=("logits",))
+    frames = M.compute(
+        "token-classification",
+        [{"logits": ref}],
+        [{"logits": cand}],
+        attention_masks=[np.ones((1, 16000))],
+        output_names=("logits",),
+    )
     assert frames["token_agreement"] == pytest.approx(0.75)  # an audio mask (samples, not frames) does not apply
 
 
@@ -139,8 +194,12 @@ def test_question_answering_span() -> None:
     assert M._best_spans(start, end, None).tolist() == [[5, 8], [16, 45]]
     cand_s, cand_e = start.copy(), end.copy()
     cand_e[0, 9] = 3.5  # row 0: span (5, 9), argmax end unchanged (3)
-    got = M.compute("question-answering", [{"start_logits": start, "end_logits": end}], [{"start_logits": cand_s, "end_logits": cand_e}],
-                    output_names=("start_logits", "end_logits"))
+    got = M.compute(
+        "question-answering",
+        [{"start_logits": start, "end_logits": end}],
+        [{"start_logits": cand_s, "end_logits": cand_e}],
+        output_names=("start_logits", "end_logits"),
+    )
     assert got["span_exact_match"] == 0.5 and got["start_agreement"] == 1.0 and got["end_agreement"] == 1.0
     mask = np.ones((2, seq), dtype=np.int64)
     mask[0, 8] = 0  # end 8 masked out: (0..3, 3) scores -1, better than (5, 5..) at -6
@@ -156,10 +215,19 @@ def test_kl_divergence() -> None:
     noisy = M.compute("language-model", [{"logits": ref}], [{"logits": ref * 1.5}], output_names=("logits",))
     assert noisy["kl_divergence"] > 0.0
     big = np.array([[[1000.0, 0.0, -1000.0]]])
-    assert math.isfinite(M.compute("language-model", [{"logits": big}], [{"logits": big[..., ::-1].copy()}], output_names=("logits",))["kl_divergence"])
+    assert math.isfinite(
+        M.compute("language-model", [{"logits": big}], [{"logits": big[..., ::-1].copy()}], output_names=("logits",))[
+            "kl_divergence"
+        ]
+    )
     mask = [np.array([[0, 0, 0, 0, 1]])]
-    one = M.compute("language-model", [{"logits": ref}], [{"logits": ref * 1.5}], output_names=("logits",), attention_masks=mask)
-    p, q = (np.exp(x - x.max()) / np.exp(x - x.max()).sum() for x in (ref[0, 4].astype(float), 1.5 * ref[0, 4].astype(float)))
+    one = M.compute(
+        "language-model", [{"logits": ref}], [{"logits": ref * 1.5}], output_names=("logits",), attention_masks=mask
+    )
+    p, q = (
+        np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+        for x in (ref[0, 4].astype(float), 1.5 * ref[0, 4].astype(float))
+    )
     assert one["kl_divergence"] == pytest.approx(float((p * np.log(p / q)).sum()), rel=1e-6)
 
 
@@ -168,7 +236,9 @@ def test_miou_on_hand_built_mask() -> None:
     cand_mask = ref_mask.copy()
     cand_mask[0, 0] = 1  # class 0: I=3 U=4; class 1: I=4 U=5; class 2: I=8 U=8
     onehot = lambda m: np.moveaxis(np.eye(4, dtype=np.float32)[m], -1, 0)[None]  # noqa: E731  (class 3 never present)
-    got = M.compute("segmentation", [{"logits": onehot(ref_mask)}], [{"logits": onehot(cand_mask)}], output_names=("logits",))
+    got = M.compute(
+        "segmentation", [{"logits": onehot(ref_mask)}], [{"logits": onehot(cand_mask)}], output_names=("logits",)
+    )
     assert got["pixel_agreement"] == pytest.approx(15 / 16)
     assert got["miou"] == pytest.approx((3 / 4 + 4 / 5 + 1.0) / 3)
 
@@ -178,13 +248,21 @@ def test_embedding_cosine() -> None:
     cand = hidden.copy()
     cand[0, 2] = -1.0  # one token reversed: per-token mean (1 + 1 - 1) / 3
     pooled = np.array([[1.0, 0.0], [1.0, 1.0]])
-    got = M.compute("embedding", [{"last_hidden_state": hidden, "pooler_output": pooled}],
-                    [{"last_hidden_state": cand, "pooler_output": np.array([[1.0, 0.0], [1.0, 0.0]])}],
-                    output_names=("last_hidden_state", "pooler_output"))
+    got = M.compute(
+        "embedding",
+        [{"last_hidden_state": hidden, "pooler_output": pooled}],
+        [{"last_hidden_state": cand, "pooler_output": np.array([[1.0, 0.0], [1.0, 0.0]])}],
+        output_names=("last_hidden_state", "pooler_output"),
+    )
     assert got["embedding_cosine"] == pytest.approx(1 / 3)
     assert got["min_cosine"] == pytest.approx(1 / 3)
-    masked = M.compute("embedding", [{"last_hidden_state": hidden}], [{"last_hidden_state": cand}],
-                       output_names=("last_hidden_state",), attention_masks=[np.array([[1, 1, 0]])])
+    masked = M.compute(
+        "embedding",
+        [{"last_hidden_state": hidden}],
+        [{"last_hidden_state": cand}],
+        output_names=("last_hidden_state",),
+        attention_masks=[np.array([[1, 1, 0]])],
+    )
     assert masked["embedding_cosine"] == pytest.approx(1.0)
 
 
@@ -195,8 +273,14 @@ def verdict(*args: object) -> tuple[bool, tuple[str, ...]]:
 
 def test_judge_bounds() -> None:
     budget = {"top1_agreement": 0.98, "max_abs_error": 0.1, "wer": 0.05}
-    assert verdict({"top1_agreement": 0.98, "max_abs_error": 0.1}, budget) == (True, ())  # limits are inclusive; wer absent
-    assert verdict({"top1_agreement": 0.97, "max_abs_error": 0.2, "wer": 0.0}, budget) == (False, ("top1_agreement", "max_abs_error"))
+    assert verdict({"top1_agreement": 0.98, "max_abs_error": 0.1}, budget) == (
+        True,
+        (),
+    )  # limits are inclusive; wer absent
+    assert verdict({"top1_agreement": 0.97, "max_abs_error": 0.2, "wer": 0.0}, budget) == (
+        False,
+        ("top1_agreement", "max_abs_error"),
+    )
     assert verdict({"top1_agreement": math.nan}, budget) == (False, ("top1_agreement",))
 
 
@@ -206,7 +290,10 @@ def test_a_metric_exactly_at_its_budget_passes() -> None:
     ra, ca = 174 / n, 173 / n  # one sample's flip: exactly the 0.005 budget
     assert ra - ca > 0.005  # 0.0050000000000000044: what a plain <= got wrong
     assert verdict({"accuracy_drop": ra - ca}, {"accuracy_drop": 0.005}) == (True, ())
-    assert verdict({"accuracy_drop": 175 / n - ca}, {"accuracy_drop": 0.005}) == (False, ("accuracy_drop",))  # two flips fail
+    assert verdict({"accuracy_drop": 175 / n - ca}, {"accuracy_drop": 0.005}) == (
+        False,
+        ("accuracy_drop",),
+    )  # two flips fail
     # lower bounds too: a rounding-sized shortfall passes, one item in a million still fails
     assert verdict({"top1_agreement": 0.98 - 1e-12}, {"top1_agreement": 0.98}) == (True, ())
     assert verdict({"top1_agreement": 0.98 - 1e-6}, {"top1_agreement": 0.98}) == (False, ("top1_agreement",))
@@ -220,17 +307,29 @@ def test_one_answer_does_not_decide_a_verdict_that_counts_answers() -> None:
     values = {k: M._value(v) for k, v in two.items()}
     assert verdict(values, budget) == (False, ("accuracy_drop",))  # on the value alone: red
     judged = M.judge(values, budget, two)
-    assert judged.passed and judged.unresolved == ("accuracy_drop", "top1_agreement")  # with its noise: not shown over budget, nor within
+    assert judged.passed and judged.unresolved == (
+        "accuracy_drop",
+        "top1_agreement",
+    )  # with its noise: not shown over budget, nor within
     low, high = judged.bounds["accuracy_drop"]
     assert low < values["accuracy_drop"] < high and judged.confidence == {"accuracy_drop": 0.95, "top1_agreement": 0.95}
-    assert M.judge(values, budget, two, {"accuracy_drop": 0.0}).failed == ("accuracy_drop",)  # @0: the value alone decides
-    many = {"accuracy_drop": Paired(20, 1, 240), "top1_agreement": Count(222, 240)}  # a real drop: 8 points, 18 answers changed
+    assert M.judge(values, budget, two, {"accuracy_drop": 0.0}).failed == (
+        "accuracy_drop",
+    )  # @0: the value alone decides
+    many = {
+        "accuracy_drop": Paired(20, 1, 240),
+        "top1_agreement": Count(222, 240),
+    }  # a real drop: 8 points, 18 answers changed
     judged = M.judge({k: M._value(v) for k, v in many.items()}, budget, many)
     assert judged.failed == ("accuracy_drop", "top1_agreement")
     # even at 50 % two changed answers cannot show a drop: each bound takes half of the error (Bonferroni)
     assert M.judge(values, budget, two, {"accuracy_drop": 0.5}).failed == ()
-    assert M.judge({"top1_agreement": 1.0}, {"top1_agreement": 0.98}, {"top1_agreement": Count(8, 8)}).unresolved == ("top1_agreement",)
-    assert M.judge({"top1_agreement": 1.0}, {"top1_agreement": 0.98}, {"top1_agreement": Count(300, 300)}).unresolved == ()
+    assert M.judge({"top1_agreement": 1.0}, {"top1_agreement": 0.98}, {"top1_agreement": Count(8, 8)}).unresolved == (
+        "top1_agreement",
+    )
+    assert (
+        M.judge({"top1_agreement": 1.0}, {"top1_agreement": 0.98}, {"top1_agreement": Count(300, 300)}).unresolved == ()
+    )
 
 
 @pytest.mark.parametrize("p", [0.02, 0.5, 0.97])
@@ -259,12 +358,20 @@ def test_paired_drop_bounds_cover_the_true_drop(p_lost: float, p_gained: float) 
         misses[0] += low > drop + 1e-12
         misses[1] += high < drop - 1e-12
     assert misses[0] / draws <= 0.05 and misses[1] / draws <= 0.05
-    width = np.mean([np.subtract(*confidence.bounds(Paired(int((r == 0).sum()), int((r == 1).sum()), n), 0.95)[::-1]) for r in outcome[:50]])
+    width = np.mean(
+        [
+            np.subtract(*confidence.bounds(Paired(int((r == 0).sum()), int((r == 1).sum()), n), 0.95)[::-1])
+            for r in outcome[:50]
+        ]
+    )
     assert width < 0.1  # and not vacuous: a few points wide at 240 items
 
 
 def test_parse_drift_takes_a_confidence_per_metric() -> None:
-    assert M.parse_drift(["accuracy_drop=0.01@0.9", "wer=0.05"]) == ({"accuracy_drop": 0.01, "wer": 0.05}, {"accuracy_drop": 0.9})
+    assert M.parse_drift(["accuracy_drop=0.01@0.9", "wer=0.05"]) == (
+        {"accuracy_drop": 0.01, "wer": 0.05},
+        {"accuracy_drop": 0.9},
+    )
     assert M.parse_drift(["top1_agreement=0.99@0"]) == ({"top1_agreement": 0.99}, {"top1_agreement": 0.0})
     for bad in ("accuracy_drop=0.01@1", "accuracy_drop=0.01@0.3", "accuracy_drop=0.01@high"):
         with pytest.raises(D2VError) as err:
@@ -274,7 +381,11 @@ def test_parse_drift_takes_a_confidence_per_metric() -> None:
 
 
 def test_parse_budget() -> None:
-    assert M.parse_budget(["top1_agreement=0.99", "wer = 0.05,cer=0.02"]) == {"top1_agreement": 0.99, "wer": 0.05, "cer": 0.02}
+    assert M.parse_budget(["top1_agreement=0.99", "wer = 0.05,cer=0.02"]) == {
+        "top1_agreement": 0.99,
+        "wer": 0.05,
+        "cer": 0.02,
+    }
     assert M.parse_budget([]) == {}
     for bad in ("top1=0.9", "top1_agreement", "top1_agreement=high", "kl_divergence=nan"):
         with pytest.raises(D2VError) as err:

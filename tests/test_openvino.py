@@ -101,7 +101,9 @@ def scaled_error(model: LoadedModel, profile: ShapeProfile, infer: Any) -> float
     feed = dummy_inputs(model.head, model.config, profile.point("opt"), seed=5)
     ref = torch_forward(make_wrapper(model), feed, model.head.outputs)
     got = infer(feed)
-    return max(float(np.max(np.abs(got[n] - ref[n]))) / max(1.0, float(np.max(np.abs(ref[n])))) for n in model.head.outputs)
+    return max(
+        float(np.max(np.abs(got[n] - ref[n]))) / max(1.0, float(np.max(np.abs(ref[n])))) for n in model.head.outputs
+    )
 
 
 # ------------------------------------------------------------------------------------ availability
@@ -202,7 +204,9 @@ def test_int8_static_nncf(head: Head, exported: Exported, tmp_path: Path) -> Non
     assert hint == (None if artifact.quantization.symmetric_activations else "f32"), (hint, artifact.quantization)
     assert any("runtime precision hint" in n for n in artifact.notes)
     # SmoothQuant ran in place before NNCF (its own step off): our Multiply nodes, none of NNCF's
-    names = [op.get_friendly_name() for op in ov_model(artifact.model_file).get_ops() if op.get_type_name() == "Multiply"]
+    names = [
+        op.get_friendly_name() for op in ov_model(artifact.model_file).get_ops() if op.get_type_name() == "Multiply"
+    ]
     assert any(n.endswith(smoothing.SUFFIX) for n in names) and not any("nncf_smooth_quant" in n for n in names)
     assert any("SmoothQuant" in n and "by d2v-export" in n for n in artifact.notes)
 
@@ -210,7 +214,9 @@ def test_int8_static_nncf(head: Head, exported: Exported, tmp_path: Path) -> Non
     wrapper = make_wrapper(model)
     reference = [torch_forward(wrapper, dict(f), head.outputs) for f in feeds]
     with BACKEND.runner(artifact, threads=THREADS) as runner:
-        drift = task_drift(model, reference, runner.infer, feeds, DEFAULT_BUDGETS[head.metric], labels=labels, source=source)
+        drift = task_drift(
+            model, reference, runner.infer, feeds, DEFAULT_BUDGETS[head.metric], labels=labels, source=source
+        )
     # random weights: answers against labels mean nothing, but the outputs must still agree (measured: logit cosine
     # 0.989-0.9986 on the tiny presets); a wrong scale or a saturated int8 path gives far less
     assert drift.metrics["logit_cosine"] >= 0.95, drift.metrics

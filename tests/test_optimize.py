@@ -47,7 +47,10 @@ def test_fused_graph_quantizes(text_graph: tuple[object, object, object], tmp_pa
     feeds = _feeds(model, profile)
     # the weight range d2v-export picks on this CPU: 8-bit weights saturate ORT's u8 x s8 kernel on CPUs
     # without VNNI, which broke this check (cosine < 0.98) on an AVX2-only Zen 3
-    recipe = dataclasses.replace(make_recipe(backends.get("onnxruntime"), mode, samples=len(feeds) if mode == "static" else 0), reduce_range=saturates())
+    recipe = dataclasses.replace(
+        make_recipe(backends.get("onnxruntime"), mode, samples=len(feeds) if mode == "static" else 0),
+        reduce_range=saturates(),
+    )
     q = quantize_onnx(fused, tmp_path / "int8.onnx", recipe, feeds if mode == "static" else ())
     ops = optimize.op_histogram(q.path)
     assert ops.get("SkipLayerNormalization", 0) > 0
@@ -56,13 +59,20 @@ def test_fused_graph_quantizes(text_graph: tuple[object, object, object], tmp_pa
         for feed in feeds:
             a, b = ref.infer(feed), got.infer(feed)
             for name in a:
-                cos = float(np.dot(a[name].ravel(), b[name].ravel()) / (np.linalg.norm(a[name]) * np.linalg.norm(b[name]) + 1e-12))
+                cos = float(
+                    np.dot(a[name].ravel(), b[name].ravel())
+                    / (np.linalg.norm(a[name]) * np.linalg.norm(b[name]) + 1e-12)
+                )
                 assert cos > 0.98, (name, cos)
 
 
 def test_lever_builds_name_their_levers(text_graph: tuple[object, object, object], tmp_path: Path) -> None:
     model, profile, graph = text_graph
     builds = optimize.lever_builds(model, graph, _feeds(model, profile)[:2], tmp_path)  # type: ignore[arg-type]
-    assert [b[0] for b in builds] == ["d2v lever: ORT fp32 + fusions", "d2v lever: ORT INT8 static + fusions", "d2v lever: ORT INT8 dynamic + fusions"]
+    assert [b[0] for b in builds] == [
+        "d2v lever: ORT fp32 + fusions",
+        "d2v lever: ORT INT8 static + fusions",
+        "d2v lever: ORT INT8 dynamic + fusions",
+    ]
     path = builds[0][3]()
     assert Path(path).is_file()

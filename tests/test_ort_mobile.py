@@ -151,8 +151,25 @@ def test_run_and_the_readme_answer_what_the_runner_answers(
 
 def test_text_with_dynamic_int8(tmp_path: Path) -> None:
     out = tmp_path / "text"
-    ok(cli("text", "--model", "preset:tiny", "--task", "text-classification", "--int8", "--quant", "dynamic",
-           "--target", TARGET, "--output", str(out), *BENCH, "--sequence-length", "8:16:32"))  # fmt: skip
+    ok(
+        cli(
+            "text",
+            "--model",
+            "preset:tiny",
+            "--task",
+            "text-classification",
+            "--int8",
+            "--quant",
+            "dynamic",
+            "--target",
+            TARGET,
+            "--output",
+            str(out),
+            *BENCH,
+            "--sequence-length",
+            "8:16:32",
+        )
+    )
     found = variants(out)
     assert set(found) == {f"{TARGET}-fp32", f"{TARGET}-int8-dynamic"}, found.keys()
     for v in found.values():

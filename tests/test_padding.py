@@ -33,8 +33,12 @@ AUDIO_HEADS = [h for h in HEADS if h.modality is Modality.AUDIO]
 
 # (target, mode): what the tool ships. None: fp32.
 BUILDS: list[tuple[str, str | None]] = [
-    ("onnxruntime", None), ("onnxruntime", "static"), ("onnxruntime", "dynamic"),
-    ("openvino", None), ("openvino", "static"), ("tensorrt", "static"),
+    ("onnxruntime", None),
+    ("onnxruntime", "static"),
+    ("onnxruntime", "dynamic"),
+    ("openvino", None),
+    ("openvino", "static"),
+    ("tensorrt", "static"),
 ]
 # The padded-vs-alone scaled difference an INT8 build is held to. Static INT8 has fixed scales: rows stay independent,
 # within the export check's tolerance (measured: 0 on ORT, OpenVINO and the TensorRT simulation). Dynamic INT8
@@ -70,8 +74,12 @@ class Built:
             request = BuildRequest()
             if mode is not None:
                 recipe = make_recipe(backend, mode, samples=len(feeds), modality=head.modality.value)
-                request = backend.request(PlanContext(defer_build=True), precision=Precision.INT8, quant=recipe, calibration=feeds, threads=2)
-            self.made[key] = backend.compile(graph, self.root / f"{head.key.replace('/', '-')}-{target}-{mode}", request)
+                request = backend.request(
+                    PlanContext(defer_build=True), precision=Precision.INT8, quant=recipe, calibration=feeds, threads=2
+                )
+            self.made[key] = backend.compile(
+                graph, self.root / f"{head.key.replace('/', '-')}-{target}-{mode}", request
+            )
         return self.made[key]
 
 
@@ -171,7 +179,9 @@ def test_the_check_fails_clearly_when_the_mask_is_dropped(built: Built) -> None:
         assert broken is not None and broken.error > model.head.tolerance, broken.describe()
         drift = shape_check(model, _reference(model), without_mask, profile, reference_outputs={})
     assert not drift.passed and "padding_scaled_error" in drift.failed
-    assert drift.detail.startswith("padded batch of 3 (lengths 16, 10, 8; padded to the longest with the mask)"), drift.detail
+    assert drift.detail.startswith("padded batch of 3 (lengths 16, 10, 8; padded to the longest with the mask)"), (
+        drift.detail
+    )
 
 
 def test_the_check_fails_when_padded_positions_are_compared(built: Built) -> None:
@@ -202,8 +212,14 @@ def test_bundle_readme_says_which_inputs_take_a_mask() -> None:
     masked = [{"name": "input_values"}, {"name": "attention_mask"}]
     text = "\n".join(_padding_lines({"name": "onnxruntime-int8-dynamic", "model": {"modality": "text"}}))
     audio = "\n".join(_padding_lines({"name": "openvino-fp32", "model": {"modality": "audio"}, "inputs": masked}))
-    old_audio = "\n".join(_padding_lines({"name": "openvino-fp32", "model": {"modality": "audio"}, "inputs": masked[:1]}))
+    old_audio = "\n".join(
+        _padding_lines({"name": "openvino-fp32", "model": {"modality": "audio"}, "inputs": masked[:1]})
+    )
     assert "pad id" in text and "`attention_mask`" in text and "whole batch" in text
-    assert "`input_values` and `attention_mask`" in audio and "frame-level mask" in audio and "`padding_value` 0.0" in audio
+    assert (
+        "`input_values` and `attention_mask`" in audio
+        and "frame-level mask" in audio
+        and "`padding_value` 0.0" in audio
+    )
     assert "whole batch" not in audio and "equals its answer alone" in audio
     assert "no attention mask" in old_audio

@@ -104,8 +104,22 @@ def test_a_one_file_target_works_through_the_cli(plugin_dir: Path, tmp_path: Pat
     log = tmp_path / "ort-basic.log"
     env = plugin_env(plugin_dir, D2V_BACKENDS="d2v_ort_basic", ORT_BASIC_LOG=str(log), ORT_BASIC_OFFSET=str(OFFSET))
     out = tmp_path / "text"
-    built = cli("text", "--model", "preset:tiny", "--task", "text-classification", "--target", "ort-basic",
-                "--output", str(out), "--threads", "1", "--bench-seconds", "0.5", env=env)  # fmt: skip
+    built = cli(
+        "text",
+        "--model",
+        "preset:tiny",
+        "--task",
+        "text-classification",
+        "--target",
+        "ort-basic",
+        "--output",
+        str(out),
+        "--threads",
+        "1",
+        "--bench-seconds",
+        "0.5",
+        env=env,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
 
     doc = json.loads((out / "report.json").read_text())
@@ -116,11 +130,17 @@ def test_a_one_file_target_works_through_the_cli(plugin_dir: Path, tmp_path: Pat
     # ... on the plug-in's own runner: it ran at every shape of the check (latency only times one), and the
     # drift is its own (the offset its runner adds), not the export's check on ONNX Runtime
     shapes = set(log.read_text().splitlines())
-    assert len(shapes) >= 4 and any("input_ids=8x" in s for s in shapes), shapes  # min, opt, odd, largest batch, longest
+    assert len(shapes) >= 4 and any("input_ids=8x" in s for s in shapes), (
+        shapes
+    )  # min, opt, odd, largest batch, longest
     error, export_error = v["drift"]["metrics"]["max_abs_error"], doc["export"]["check"]["metrics"]["max_abs_error"]
     assert OFFSET * 0.9 <= error <= OFFSET * 1.1 + export_error and export_error < OFFSET * 0.5, (error, export_error)
     assert v["drift"]["samples"] == doc["export"]["check"]["samples"]
-    assert v["latency_ms"]["p50"] > 0 and v["latency_ms"]["n"] >= 10 and len(v["latency_ms"]["samples"]) == v["latency_ms"]["n"]  # timed beside the reference
+    assert (
+        v["latency_ms"]["p50"] > 0
+        and v["latency_ms"]["n"] >= 10
+        and len(v["latency_ms"]["samples"]) == v["latency_ms"]["n"]
+    )  # timed beside the reference
     assert "plug-in: ONNX Runtime with basic graph optimisations" in v["notes"]
     assert "ort-basic-fp32" in (out / "report.md").read_text()
 
@@ -143,8 +163,12 @@ def test_a_one_file_target_works_through_the_cli(plugin_dir: Path, tmp_path: Pat
     assert row["available"] is True and row["precisions"] == ["fp32"]
 
     # what the plug-in does not build is refused with the target's own answer
-    half = cli("text", "--model", "preset:tiny", "--target", "ort-basic", "--bf16", "--output", str(tmp_path / "half"), env=env)
-    assert half.returncode == 6 and "no requested target builds bf16 (ort-basic); add --target openvino" in half.stderr, half.stderr[-2000:]
+    half = cli(
+        "text", "--model", "preset:tiny", "--target", "ort-basic", "--bf16", "--output", str(tmp_path / "half"), env=env
+    )
+    assert (
+        half.returncode == 6 and "no requested target builds bf16 (ort-basic); add --target openvino" in half.stderr
+    ), half.stderr[-2000:]
 
 
 def test_entry_point_plugins_and_broken_plugins(plugin_dir: Path, tmp_path: Path) -> None:
@@ -154,15 +178,21 @@ def test_entry_point_plugins_and_broken_plugins(plugin_dir: Path, tmp_path: Path
     info = site / "d2v_ort_basic_ep-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: d2v-ort-basic-ep\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(textwrap.dedent("""\
+    (info / "entry_points.txt").write_text(
+        textwrap.dedent("""\
         [d2v_export.backends]
         ort-basic-ep = d2v_ort_basic_ep:BACKEND
-        """))
+        """)
+    )
     doctor = cli("doctor", "--json", env=plugin_env(site, D2V_BACKENDS="no_such_plugin_module"))
     assert doctor.returncode == 0, doctor.stderr[-2000:]
     rows = {t["name"]: t for t in json.loads(doctor.stdout)["targets"]}
     assert rows["ort-basic-ep"]["available"] is True
     broken = rows["no_such_plugin_module"]
-    assert broken["available"] is False and "does not load" in broken["reason"] and "ModuleNotFoundError" in broken["reason"]
+    assert (
+        broken["available"] is False
+        and "does not load" in broken["reason"]
+        and "ModuleNotFoundError" in broken["reason"]
+    )
     text = cli("doctor", env=plugin_env(site, D2V_BACKENDS="no_such_plugin_module"))
     assert "[ok ] ort-basic-ep" in text.stdout and "[no ] no_such_plugin_module" in text.stdout

@@ -93,7 +93,9 @@ def test_speech_gives_a_transcript_at_any_rate_and_channel_count(bundles: Bundle
     # the same speech at 44.1 kHz stereo reads like the 16 kHz mono original (random weights: not identical)
     assert results[2]["frames"] == results[0]["frames"]
     # longer than the bundle's 2 s maximum: run in windows, every frame of the whole clip decoded (tests/test_long_audio.py)
-    assert any("windows of 2 s" in n for n in results[3]["notes"]) and not any("cut to" in n for n in results[3]["notes"])
+    assert any("windows of 2 s" in n for n in results[3]["notes"]) and not any(
+        "cut to" in n for n in results[3]["notes"]
+    )
     assert results[3]["frames"] == (len(np.tile(wave, 4)) - 400) // 320 + 1
     assert "transcript:" in predict.format_text(results)
 
@@ -102,7 +104,9 @@ def test_text_classification_labels_from_text_and_files(bundles: Bundles) -> Non
     built = bundles("text", "text-classification", int8="dynamic")
     for name in ("onnxruntime-fp32", "onnxruntime-int8-dynamic"):
         folder = built[name]
-        results = predict.predict(folder, ["What a lovely day.", "first ||| second part", str(TEXT / "evaluation.txt")], top_k=2)
+        results = predict.predict(
+            folder, ["What a lovely day.", "first ||| second part", str(TEXT / "evaluation.txt")], top_k=2
+        )
         lines = [line for line in (TEXT / "evaluation.txt").read_text().splitlines() if line.strip()]
         assert len(results) == 2 + len(lines)
         assert results[2]["input"].endswith("evaluation.txt:1")
@@ -155,7 +159,9 @@ def test_xvector_gives_an_embedding(bundles: Bundles) -> None:
     assert r["embedding_shape"] == [16] and r["embedding_norm"] > 0
 
 
-def test_a_tensorrt_bundle_without_engine_runs_its_onnx_on_onnxruntime(vision_bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_a_tensorrt_bundle_without_engine_runs_its_onnx_on_onnxruntime(
+    vision_bundles: dict[str, Path], tmp_path: Path
+) -> None:
     source = vision_bundles["onnxruntime-fp32"]
     folder = tmp_path / "tensorrt-fp32"
     folder.mkdir()
@@ -165,7 +171,9 @@ def test_a_tensorrt_bundle_without_engine_runs_its_onnx_on_onnxruntime(vision_bu
 
     spec = parse_source("preset:tiny", Modality.VISION, "image-classification")
     artifact = Artifact("tensorrt", Precision.FP16, folder, folder / "model.onnx", (), notes=("engine not built here",))
-    bundle.write_manifest(folder, artifact=artifact, model=load(spec), graph=_graph_of(source), variant_verdict=None, environment={})
+    bundle.write_manifest(
+        folder, artifact=artifact, model=load(spec), graph=_graph_of(source), variant_verdict=None, environment={}
+    )
     (r,) = predict.predict(folder, [str(CAT)], top_k=1)
     (expected,) = predict.predict(source, [str(CAT)], top_k=1)
     assert r["labels"][0]["label"] == expected["labels"][0]["label"]
@@ -189,10 +197,35 @@ def test_run_verifies_first(vision_bundles: dict[str, Path], tmp_path: Path) -> 
 def test_format_text_covers_every_result_kind() -> None:
     results: list[dict[str, Any]] = [
         {"input": "a", "task": "t", "runtime": "r", "answer": "x", "score": 0.5, "notes": ["n"]},
-        {"input": "b", "task": "t", "runtime": "r", "tags": [{"token": "Ada", "tag": "B-PER", "score": 1.0}], "notes": []},
-        {"input": "c", "task": "t", "runtime": "r", "next_tokens": [{"token": "the", "id": 1, "score": 0.2}], "notes": []},
-        {"input": "d", "task": "t", "runtime": "r", "classes": [{"label": "wall", "id": 0, "fraction": 0.25}], "frames": 9, "notes": []},
-        {"input": "e", "task": "t", "runtime": "r", "choices": [{"choice": "blue", "index": 0, "score": 0.7}], "notes": []},
+        {
+            "input": "b",
+            "task": "t",
+            "runtime": "r",
+            "tags": [{"token": "Ada", "tag": "B-PER", "score": 1.0}],
+            "notes": [],
+        },
+        {
+            "input": "c",
+            "task": "t",
+            "runtime": "r",
+            "next_tokens": [{"token": "the", "id": 1, "score": 0.2}],
+            "notes": [],
+        },
+        {
+            "input": "d",
+            "task": "t",
+            "runtime": "r",
+            "classes": [{"label": "wall", "id": 0, "fraction": 0.25}],
+            "frames": 9,
+            "notes": [],
+        },
+        {
+            "input": "e",
+            "task": "t",
+            "runtime": "r",
+            "choices": [{"choice": "blue", "index": 0, "score": 0.7}],
+            "notes": [],
+        },
     ]
     text = predict.format_text(results)
     for piece in ("answer: 'x'", "Ada/B-PER", "next token: 'the'", "9 frames: wall 25.0%", "'blue'", "note: n"):

@@ -69,7 +69,9 @@ class Cases(dict):  # type: ignore[type-arg]
     def __missing__(self, modality: Modality) -> Case:
         model, profile = tiny(head_for(modality, CASES[modality]))
         graph = export(model, profile, self.root.mktemp(modality.value) / "model.onnx")
-        case = Case(model, graph, _feeds(model, profile, "calibration", 6, 0), _feeds(model, profile, "evaluation", 12, 100))
+        case = Case(
+            model, graph, _feeds(model, profile, "calibration", 6, 0), _feeds(model, profile, "evaluation", 12, 100)
+        )
         self[modality] = case
         return case
 
@@ -112,7 +114,9 @@ def _dq_readers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def test_recipes_are_data() -> None:
-    assert set(backends.get("onnxruntime").int8_recipes) == {"static", "dynamic"} and set(backends.get("tensorrt").int8_recipes) == {"static"}
+    assert set(backends.get("onnxruntime").int8_recipes) == {"static", "dynamic"} and set(
+        backends.get("tensorrt").int8_recipes
+    ) == {"static"}
     trt = make_recipe(backends.get("tensorrt"), "static", method="entropy", samples=8, excluded=("node_x",))
     assert trt.symmetric_activations and trt.per_channel
     assert set(trt.op_types) == {"MatMul", "Gemm", "Conv"}
@@ -161,7 +165,9 @@ def test_static(cases: dict[Modality, Case], modality: Modality, tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     # The node that reads the raw input (the patch convolution; the waveform layer, a MatMul over the time-major
     # windows) stays float; text reads it through Gathers.
-    first = [n for n in model.graph.node if n.op_type in ("Conv", "MatMul")][:1] if modality is not Modality.TEXT else []
+    first = (
+        [n for n in model.graph.node if n.op_type in ("Conv", "MatMul")][:1] if modality is not Modality.TEXT else []
+    )
     assert bool(q.recipe.excluded_nodes) == (modality is not Modality.TEXT), q.recipe
     assert [n.name for n in first] == list(q.recipe.excluded_nodes)
     assert not [i for n in first for i in n.input if i.endswith("_DequantizeLinear_Output")]
@@ -198,7 +204,9 @@ def test_tensorrt_recipe_is_symmetric_per_channel_on_matmul_inputs(cases: dict[M
                 want = 0  # Conv (out, in, k...)
             if slot != 1:
                 continue  # a Gemm / Conv bias
-            assert axis == want and scale.shape == (weight.shape[want],), f"{node.name}: axis {axis}, scale {scale.shape}, weight {weight.shape}"
+            assert axis == want and scale.shape == (weight.shape[want],), (
+                f"{node.name}: axis {axis}, scale {scale.shape}, weight {weight.shape}"
+            )
             checked += 1
     assert checked >= 8
     drift = _drift(case, q.path)
@@ -227,7 +235,11 @@ def test_static_without_calibration_names_the_fix(cases: dict[Modality, Case], t
 def test_unknown_excluded_node_is_a_clear_error(cases: dict[Modality, Case], tmp_path: Path) -> None:
     case = cases[Modality.VISION]
     with pytest.raises(D2VError, match="no_such_node"):
-        quantize_onnx(case.graph, tmp_path / "m.onnx", make_recipe(backends.get("onnxruntime"), "dynamic", excluded=("no_such_node",)))
+        quantize_onnx(
+            case.graph,
+            tmp_path / "m.onnx",
+            make_recipe(backends.get("onnxruntime"), "dynamic", excluded=("no_such_node",)),
+        )
 
 
 # ------------------------------------------------------------------------------------ fallback
@@ -345,28 +357,42 @@ def test_static_int8_never_rounds_a_graph_output(tmp_path: Path) -> None:
 def _int8_weights(path: Path) -> list[np.ndarray]:
     """The int8 weight tensors of a quantized graph (static Q/DQ or dynamic MatMulInteger)."""
     model = onnx.load(str(path))
-    return [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 16]
+    return [
+        numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 16
+    ]
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 def test_reduce_range_writes_7bit_weights(cases: dict[Modality, Case], mode: str, tmp_path: Path) -> None:
     case = cases[Modality.TEXT]
     calib = case.calibration if mode == "static" else ()
-    full = quantize_onnx(case.graph, tmp_path / "full.onnx", make_recipe(backends.get("onnxruntime"), mode, samples=len(calib)), calib)
-    seven_bit = dataclasses.replace(make_recipe(backends.get("onnxruntime"), mode, samples=len(calib)), reduce_range=True)
+    full = quantize_onnx(
+        case.graph, tmp_path / "full.onnx", make_recipe(backends.get("onnxruntime"), mode, samples=len(calib)), calib
+    )
+    seven_bit = dataclasses.replace(
+        make_recipe(backends.get("onnxruntime"), mode, samples=len(calib)), reduce_range=True
+    )
     reduced = quantize_onnx(case.graph, tmp_path / "reduced.onnx", seven_bit, calib)
     assert reduced.recipe.reduce_range and not full.recipe.reduce_range
     full_w, reduced_w = _int8_weights(full.path), _int8_weights(reduced.path)
     assert full_w and len(full_w) == len(reduced_w)
-    assert max(int(np.abs(w.astype(np.int32)).max()) for w in full_w) == 127  # per-channel symmetric: the max maps to 127
-    assert max(int(np.abs(w.astype(np.int32)).max()) for w in reduced_w) <= 64  # 2 x 255 x 64 < 32767: no int16 saturation
+    assert (
+        max(int(np.abs(w.astype(np.int32)).max()) for w in full_w) == 127
+    )  # per-channel symmetric: the max maps to 127
+    assert (
+        max(int(np.abs(w.astype(np.int32)).max()) for w in reduced_w) <= 64
+    )  # 2 x 255 x 64 < 32767: no int16 saturation
     _check_runs(case, reduced.path)
 
 
 def test_reduce_range_only_where_the_kernel_saturates() -> None:
     from d2v_export.quantize import saturates
 
-    assert saturates(["avx2", "fma"], "x86_64") and saturates(["avx512f", "avx2"], "x86_64")  # Skylake-SP: AVX-512 without VNNI
+    assert saturates(["avx2", "fma"], "x86_64") and saturates(
+        ["avx512f", "avx2"], "x86_64"
+    )  # Skylake-SP: AVX-512 without VNNI
     assert not saturates(["avx2", "avx512_vnni"], "x86_64") and not saturates(["avx2", "avx_vnni"], "x86_64")
     assert not saturates([], "aarch64")
 
@@ -377,7 +403,9 @@ def _int8_recipes(target: str, settings: dict[str, str], *, pick: bool = False, 
     from d2v_export.spec import QuantConfig
 
     backend = backends.get(target)
-    ctx = PlanContext(int8=QuantConfig("static"), settings=settings, calibration=({},), pick=pick, profile=profile, modality="text")
+    ctx = PlanContext(
+        int8=QuantConfig("static"), settings=settings, calibration=({},), pick=pick, profile=profile, modality="text"
+    )
     return {v.name: v.request.quant for v in backend.plan(ctx) if v.request.quant is not None}
 
 
@@ -386,8 +414,12 @@ def test_only_the_target_that_owns_reduce_range_applies_it() -> None:
     assert backends.int8_options()["reduce_range"] in backends.get("onnxruntime").int8_options
     assert _int8_recipes("onnxruntime", {"reduce_range": "on"})["onnxruntime-int8-static"].reduce_range
     assert not _int8_recipes("onnxruntime", {"reduce_range": "off"})["onnxruntime-int8-static"].reduce_range
-    assert not _int8_recipes("tensorrt", {"reduce_range": "on"})["tensorrt-int8-static"].reduce_range  # GPU: symmetric int8, no such kernel
-    assert not _int8_recipes("openvino", {"reduce_range": "on"})["openvino-int8-static"].reduce_range  # NNCF has its own overflow fix
+    assert not _int8_recipes("tensorrt", {"reduce_range": "on"})[
+        "tensorrt-int8-static"
+    ].reduce_range  # GPU: symmetric int8, no such kernel
+    assert not _int8_recipes("openvino", {"reduce_range": "on"})[
+        "openvino-int8-static"
+    ].reduce_range  # NNCF has its own overflow fix
     from d2v_export.options import QuantOptions
 
     with pytest.raises(D2VError, match="--reduce-range 'sometimes': choose one of auto, on, off") as bad:
@@ -439,16 +471,22 @@ def test_the_saturation_rule_matches_this_cpu(tmp_path: Path) -> None:
     for bound in (127, 64):
         b = rng.integers(-bound, bound + 1, (k, n)).astype(np.int8)
         graph = helper.make_graph(
-            [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "mm",
-            [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])], [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
+            [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])],
+            "mm",
+            [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
+            [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
             initializer=[numpy_helper.from_array(b, "B")],
-        )  # fmt: skip
-        session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-                                       providers=["CPUExecutionProvider"])  # fmt: skip
+        )
+        session = ort.InferenceSession(
+            helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+            providers=["CPUExecutionProvider"],
+        )
         got = session.run(None, {"A": a})[0]
         results[bound] = bool(np.array_equal(got, a.astype(np.int64) @ b.astype(np.int64)))
     assert results[64], "7-bit weights must be exact on every CPU"
-    assert results[127] is not saturates(cpu_flags()), f"full-range u8 x s8 exact={results[127]} on a CPU with {sorted(cpu_flags())}"
+    assert results[127] is not saturates(cpu_flags()), (
+        f"full-range u8 x s8 exact={results[127]} on a CPU with {sorted(cpu_flags())}"
+    )
 
 
 def test_a_fallback_that_scores_worse_is_not_shipped() -> None:
@@ -460,11 +498,23 @@ def test_a_fallback_that_scores_worse_is_not_shipped() -> None:
         return Drift("pytorch-fp32", 160, m, {}, passed=False)
 
     # measured on the trained audio example: NNCF accuracy control reverted 7 ops and lost 3.1 points, plain lost 1.9
-    assert _worse("classification", drift(accuracy_drop=0.031, top1_agreement=0.95), drift(accuracy_drop=0.019, top1_agreement=0.956))
-    assert not _worse("classification", drift(accuracy_drop=0.01, top1_agreement=0.95), drift(accuracy_drop=0.019, top1_agreement=0.99))
-    assert _worse("classification", drift(top1_agreement=0.95), drift(top1_agreement=0.96))  # no labels: the primary metric
+    assert _worse(
+        "classification",
+        drift(accuracy_drop=0.031, top1_agreement=0.95),
+        drift(accuracy_drop=0.019, top1_agreement=0.956),
+    )
+    assert not _worse(
+        "classification",
+        drift(accuracy_drop=0.01, top1_agreement=0.95),
+        drift(accuracy_drop=0.019, top1_agreement=0.99),
+    )
+    assert _worse(
+        "classification", drift(top1_agreement=0.95), drift(top1_agreement=0.96)
+    )  # no labels: the primary metric
     assert _worse("ctc", drift(cer=0.05), drift(cer=0.03)) and not _worse("ctc", drift(cer=0.02), drift(cer=0.03))
-    assert not _worse("classification", drift(logit_cosine=0.9), drift(logit_cosine=0.99))  # nothing comparable: keep the fallback
+    assert not _worse(
+        "classification", drift(logit_cosine=0.9), drift(logit_cosine=0.99)
+    )  # nothing comparable: keep the fallback
 
 
 def test_the_ort_runner_does_not_spin(cases: dict[Modality, Case]) -> None:

@@ -40,26 +40,50 @@ def _gelu_readers(path: Path) -> list[str]:
 
     def from_erf(t: str, depth: int = 3) -> bool:
         n = producer.get(t)
-        return n is not None and (n.op_type == "Erf" or (depth > 0 and n.op_type in ("Mul", "Add", "Div") and any(from_erf(i, depth - 1) for i in n.input)))
+        return n is not None and (
+            n.op_type == "Erf"
+            or (depth > 0 and n.op_type in ("Mul", "Add", "Div") and any(from_erf(i, depth - 1) for i in n.input))
+        )
 
     return [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits and from_erf(n.input[0])]
 
 
 def test_the_table_is_data_and_make_recipe_records_the_choice() -> None:
     declared = [c for name in backends.names() for c in backends.get(name).recipe_choices.values()]
-    assert declared and all(set(c.float_rules) <= set(RULES) and "input" in c.float_rules and c.why for c in (*declared, BASE))
+    assert declared and all(
+        set(c.float_rules) <= set(RULES) and "input" in c.float_rules and c.why for c in (*declared, BASE)
+    )
     assert choose(backends.get("onnxruntime"), "audio") is BASE
-    assert "head" in choose(backends.get("openvino"), "vision").float_rules and "head" in choose(backends.get("openvino"), "audio").float_rules
-    assert "ffn_out" in choose(backends.get("tensorrt"), "text").float_rules and choose(backends.get("tensorrt"), "audio") is BASE
+    assert (
+        "head" in choose(backends.get("openvino"), "vision").float_rules
+        and "head" in choose(backends.get("openvino"), "audio").float_rules
+    )
+    assert (
+        "ffn_out" in choose(backends.get("tensorrt"), "text").float_rules
+        and choose(backends.get("tensorrt"), "audio") is BASE
+    )
     r = make_recipe(backends.get("tensorrt"), "static", samples=4, modality="text")
-    assert r.float_rules == choose(backends.get("tensorrt"), "text").float_rules and r.choice == choose(backends.get("tensorrt"), "text").why
-    assert make_recipe(backends.get("onnxruntime"), "static", samples=4).float_rules == ("input",)  # no modality: the base rule
+    assert (
+        r.float_rules == choose(backends.get("tensorrt"), "text").float_rules
+        and r.choice == choose(backends.get("tensorrt"), "text").why
+    )
+    assert make_recipe(backends.get("onnxruntime"), "static", samples=4).float_rules == (
+        "input",
+    )  # no modality: the base rule
     assert make_recipe(backends.get("openvino"), "static", samples=4, modality="text").float_rules == ("input", "head")
     # OpenVINO's preset per modality: symmetric activations (PERFORMANCE) for vision and audio, MIXED for text
-    ov_static = {m: make_recipe(backends.get("openvino"), "static", samples=4, modality=m) for m in ("vision", "text", "audio")}
+    ov_static = {
+        m: make_recipe(backends.get("openvino"), "static", samples=4, modality=m) for m in ("vision", "text", "audio")
+    }
     assert {m: r.symmetric_activations for m, r in ov_static.items()} == {"vision": True, "text": False, "audio": True}
-    assert "symmetric" in ov_static["audio"].choice and make_recipe(backends.get("tensorrt"), "static", samples=4, modality="audio").symmetric_activations
-    assert {lv.preset for lv in backends.get("openvino").pick_levers} >= {"performance", "mixed"}  # --pick tries the other preset
+    assert (
+        "symmetric" in ov_static["audio"].choice
+        and make_recipe(backends.get("tensorrt"), "static", samples=4, modality="audio").symmetric_activations
+    )
+    assert {lv.preset for lv in backends.get("openvino").pick_levers} >= {
+        "performance",
+        "mixed",
+    }  # --pick tries the other preset
 
 
 def test_rules_find_the_head_and_the_ffn_output_projections(graphs: dict[str, tuple]) -> None:  # type: ignore[type-arg]
@@ -76,15 +100,24 @@ def test_rules_find_the_head_and_the_ffn_output_projections(graphs: dict[str, tu
     _m, _p, feats = graphs["audio-features"]
     assert float_nodes(feats.path, ("head",), MATMUL_OPS) == ()
     _m, _p, audio = graphs["audio-cls"]
-    assert float_nodes(audio.path, ("input", "head"), MATMUL_OPS)[0] == float_nodes(audio.path, ("input",), MATMUL_OPS)[0]  # the waveform conv
+    assert (
+        float_nodes(audio.path, ("input", "head"), MATMUL_OPS)[0] == float_nodes(audio.path, ("input",), MATMUL_OPS)[0]
+    )  # the waveform conv
     with pytest.raises(ValueError, match="unknown float rule"):
         float_nodes(audio.path, ("classifier",), MATMUL_OPS)
 
 
-def test_tensorrt_text_recipe_leaves_the_ffn_output_projections_unquantized(graphs: dict[str, tuple], tmp_path: Path) -> None:  # type: ignore[type-arg]
+def test_tensorrt_text_recipe_leaves_the_ffn_output_projections_unquantized(
+    graphs: dict[str, tuple], tmp_path: Path
+) -> None:  # type: ignore[type-arg]
     model, profile, graph = graphs["text-cls"]
     calib = load_samples(None, model, profile, split="calibration", count=6).feeds
-    q = quantize_onnx(graph, tmp_path / "int8.onnx", make_recipe(backends.get("tensorrt"), "static", samples=6, modality="text"), calib)
+    q = quantize_onnx(
+        graph,
+        tmp_path / "int8.onnx",
+        make_recipe(backends.get("tensorrt"), "static", samples=6, modality="text"),
+        calib,
+    )
     ffn = _gelu_readers(graph.path)
     assert set(ffn) <= set(q.recipe.excluded_nodes)
     qg = onnx.load(str(q.path)).graph
@@ -93,7 +126,12 @@ def test_tensorrt_text_recipe_leaves_the_ffn_output_projections_unquantized(grap
     assert all(not any(i in dq for i in by_name[n].input) for n in ffn)  # they read float, weights included
     others = [n for n in qg.node if n.op_type == "MatMul" and n.name not in q.recipe.excluded_nodes]
     assert others and all(any(i in dq for i in n.input) for n in others)  # the rest is still INT8
-    plain = quantize_onnx(graph, tmp_path / "plain.onnx", make_recipe(backends.get("tensorrt"), "static", samples=6, modality="vision"), calib)
+    plain = quantize_onnx(
+        graph,
+        tmp_path / "plain.onnx",
+        make_recipe(backends.get("tensorrt"), "static", samples=6, modality="vision"),
+        calib,
+    )
     assert not set(ffn) & set(plain.recipe.excluded_nodes)  # the rule is the text entry's, not every modality's
 
 
@@ -110,11 +148,15 @@ def test_openvino_keeps_the_task_head_float(graphs: dict[str, tuple], tmp_path: 
     recipe = make_recipe(backends.get("openvino"), "static", samples=len(calib), modality="audio")
     art = BACKEND.compile(graph, tmp_path / "ov", BuildRequest(Precision.INT8, recipe, calibration=calib, threads=1))
     (head,) = float_nodes(graph.path, ("head",), MATMUL_OPS)
-    names = _ov_names(ov.convert_model(str(graph.path)), [head], _onnx_outputs(graph.path, [head]))  # its OpenVINO operation
+    names = _ov_names(
+        ov.convert_model(str(graph.path)), [head], _onnx_outputs(graph.path, [head])
+    )  # its OpenVINO operation
     assert names and set(names) <= set(art.quantization.excluded_nodes), (names, art.quantization.excluded_nodes)
     ir = ov.Core().read_model(str(art.model_file))
     op = next(o for o in ir.get_ops() if o.get_friendly_name() in names and o.get_type_name() == "MatMul")
     feeding = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
     assert "FakeQuantize" not in feeding, feeding
     assert sum(o.get_type_name() == "FakeQuantize" for o in ir.get_ops()) > 0  # the rest is quantized
-    assert art.quantization.symmetric_activations and any("preset=PERFORMANCE" in n for n in art.notes)  # audio's preset
+    assert art.quantization.symmetric_activations and any(
+        "preset=PERFORMANCE" in n for n in art.notes
+    )  # audio's preset

@@ -77,7 +77,7 @@ def test_the_schema_is_valid_and_has_the_version_the_code_writes() -> None:
     jsonschema.Draft202012Validator.check_schema(doc)
     assert doc["properties"]["schema_version"] == {"const": report_mod.SCHEMA_VERSION}
     assert DOC.read_text(encoding="utf-8").splitlines()[0] == f"# report.json — schema {report_mod.SCHEMA_VERSION}"
-    assert f"| `schema_version` | string | `\"{report_mod.SCHEMA_VERSION}\"` |" in DOC.read_text(encoding="utf-8")
+    assert f'| `schema_version` | string | `"{report_mod.SCHEMA_VERSION}"` |' in DOC.read_text(encoding="utf-8")
     major = int(report_mod.SCHEMA_VERSION.split(".")[0])
     assert compare.SUPPORTED_MAJOR == major  # compare reads what this version writes
 

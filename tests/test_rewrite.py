@@ -26,7 +26,9 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module", params=list(EXPECTED), ids=lambda k: f"{k[0].value}-{k[1]}")
-def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object, object, tuple[Modality, str]]:
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[object, object, object, tuple[Modality, str]]:
     key = request.param
     model, profile = tiny(head_for(*key))
     graph = export(model, profile, tmp_path_factory.mktemp("rw") / "model.onnx")
@@ -38,7 +40,9 @@ def _feeds(model: object, profile: object) -> list[dict[str, np.ndarray]]:
 
 
 @pytest.mark.parametrize("name", list(rewrite.REWRITES))
-def test_each_rewrite_keeps_the_function(exported: tuple[object, object, object, tuple[Modality, str]], name: str, tmp_path: Path) -> None:
+def test_each_rewrite_keeps_the_function(
+    exported: tuple[object, object, object, tuple[Modality, str]], name: str, tmp_path: Path
+) -> None:
     model, profile, graph, key = exported
     m = onnx.load(str(graph.path))  # type: ignore[attr-defined]
     before = len(m.graph.node)
@@ -53,7 +57,9 @@ def test_each_rewrite_keeps_the_function(exported: tuple[object, object, object,
     assert rewrite.scaled_difference(graph.path, target, _feeds(model, profile)) < 1e-5  # type: ignore[attr-defined]
 
 
-def test_layer_scale_and_query_scale_leave_no_multiply_behind(exported: tuple[object, object, object, tuple[Modality, str]]) -> None:
+def test_layer_scale_and_query_scale_leave_no_multiply_behind(
+    exported: tuple[object, object, object, tuple[Modality, str]],
+) -> None:
     model, _profile, graph, key = exported
     if key[0] is not Modality.VISION:
         pytest.skip("layer scale is a vision (BEiT) feature")
@@ -65,7 +71,9 @@ def test_layer_scale_and_query_scale_leave_no_multiply_behind(exported: tuple[ob
     assert sum(n.op_type == "Mul" for n in m.graph.node) == muls - 2 * layers
 
 
-def test_channel_layernorm_removes_the_transposes(exported: tuple[object, object, object, tuple[Modality, str]]) -> None:
+def test_channel_layernorm_removes_the_transposes(
+    exported: tuple[object, object, object, tuple[Modality, str]],
+) -> None:
     _model, _profile, graph, key = exported
     if key[0] is not Modality.AUDIO:
         pytest.skip("the channel LayerNorm is in the audio feature encoder")
@@ -75,12 +83,18 @@ def test_channel_layernorm_removes_the_transposes(exported: tuple[object, object
     assert sum(n.op_type == "Transpose" for n in m.graph.node) == transposes - 2 * done["channel_layernorm"]
 
 
-def test_a_rewrite_that_changes_the_function_is_refused(exported: tuple[object, object, object, tuple[Modality, str]], tmp_path: Path) -> None:
+def test_a_rewrite_that_changes_the_function_is_refused(
+    exported: tuple[object, object, object, tuple[Modality, str]], tmp_path: Path
+) -> None:
     model, profile, graph, _key = exported
     # a tolerance nothing can meet stands in for a rewrite that is not exact: the export comes back untouched
-    same, done = rewrite.rewrite_graph(graph, rewrite.DEFAULT + ("merge_qkv",), tmp_path / "x.onnx", _feeds(model, profile), -1.0)
+    same, done = rewrite.rewrite_graph(
+        graph, rewrite.DEFAULT + ("merge_qkv",), tmp_path / "x.onnx", _feeds(model, profile), -1.0
+    )
     assert same is graph and done == {}
-    kept, done = rewrite.for_model(graph, rewrite.DEFAULT + ("merge_qkv",), model, profile, tmp_path / "y" / "model.onnx")
+    kept, done = rewrite.for_model(
+        graph, rewrite.DEFAULT + ("merge_qkv",), model, profile, tmp_path / "y" / "model.onnx"
+    )
     assert kept.path == tmp_path / "y" / "model.onnx" and any(done.values())  # type: ignore[attr-defined]
 
 
@@ -97,7 +111,10 @@ def test_fold_constants_computes_constant_subgraphs(tmp_path: Path) -> None:
         helper.make_node("Add", ["x", "bias_t"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(index, "index")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -112,7 +129,9 @@ def test_fold_constants_computes_constant_subgraphs(tmp_path: Path) -> None:
     assert rewrite.scaled_difference(src, dst, [{"x": x}]) == 0.0
 
 
-def test_the_audio_feature_encoder_is_exported_time_major(exported: tuple[object, object, object, tuple[Modality, str]]) -> None:
+def test_the_audio_feature_encoder_is_exported_time_major(
+    exported: tuple[object, object, object, tuple[Modality, str]],
+) -> None:
     """d2v_export.layouts: every feature-encoder convolution, the raw-waveform one included, is a MatMul in the graph,
     the export check (against the original module) held, and the model the user loaded is left as it was."""
     model, _profile, graph, key = exported
@@ -128,7 +147,9 @@ def test_the_audio_feature_encoder_is_exported_time_major(exported: tuple[object
     assert len(encoder.conv_layers) == model.config.num_feat_extract_layers > 1  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("task", ["text-classification", "multiple-choice", "token-classification", "fill-mask", "question-answering"])
+@pytest.mark.parametrize(
+    "task", ["text-classification", "multiple-choice", "token-classification", "fill-mask", "question-answering"]
+)
 def test_the_first_token_layout_only_where_the_head_reads_only_the_first_token(task: str) -> None:
     """d2v_export.layouts: the last text layer runs for the first token only under sequence classification and multiple
     choice (same outputs as the full layer, padded inputs included), never under heads that read every token."""

@@ -46,7 +46,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
     out = {}
     for modality, target in ((Modality.TEXT, "onnxruntime"), (Modality.AUDIO, "openvino")):
-        options = RunOptions(output=root / modality.value, targets=(target,), bench=BenchSettings(seconds=0.0), threads=1)
+        options = RunOptions(
+            output=root / modality.value, targets=(target,), bench=BenchSettings(seconds=0.0), threads=1
+        )
         run(parse_source("preset:tiny", modality, None), ShapeRequest(), options)
         out[modality.value] = root / modality.value / f"{target}-fp32"
     return out
@@ -63,13 +65,20 @@ def served(bundle: Path, name: str) -> Iterator[tuple[Any, str]]:
     """`d2v-export serve` in a subprocess on 127.0.0.1 (bounded wait until it is live, always stopped)."""
     port = free_port()
     exe = shutil.which("d2v-export") or str(Path(sys.executable).parent / "d2v-export")
-    proc = subprocess.Popen([exe, "serve", str(bundle), "--port", str(port), "--name", name, "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))  # fmt: skip
+    proc = subprocess.Popen(
+        [exe, "serve", str(bundle), "--port", str(port), "--name", name, "--threads", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     url = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_S
         while True:
-            assert proc.poll() is None, f"the server exited ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}"
+            assert proc.poll() is None, (
+                f"the server exited ({proc.returncode}): {proc.stdout.read() if proc.stdout else ''}"
+            )
             try:
                 with urllib.request.urlopen(f"http://{url}/v2/health/live", timeout=2) as r:
                     if r.status == 200:
@@ -120,7 +129,9 @@ def assert_error(call: Any, status: str, *words: str) -> None:
 
 
 def post(url: str, body: bytes) -> tuple[int, Any]:
-    request = urllib.request.Request(f"http://{url}/v2/models/text/infer", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/text/infer", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -137,15 +148,25 @@ def test_text_bundle_answers_a_v2_client_as_run_does(bundles: dict[str, Path]) -
         assert client.is_model_ready("text") and not client.is_model_ready("other")
         meta = client.get_model_metadata("text")
         assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [
-            ("input_ids", "INT64", [-1, -1]), ("attention_mask", "INT64", [-1, -1])]  # fmt: skip
+            ("input_ids", "INT64", [-1, -1]),
+            ("attention_mask", "INT64", [-1, -1]),
+        ]
         labels = len(manifest.labels or {}) or 2
         assert [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]] == [("logits", "FP32", [-1, labels])]
         for binary in (True, False):  # the binary tensor extension (tritonclient's default) and plain JSON
-            result = client.infer("text", v2_inputs(feed, binary), outputs=[http.InferRequestedOutput("logits", binary_data=binary)])
+            result = client.infer(
+                "text", v2_inputs(feed, binary), outputs=[http.InferRequestedOutput("logits", binary_data=binary)]
+            )
             np.testing.assert_allclose(result.as_numpy("logits"), expected["logits"], rtol=0, atol=1e-5)
         ids, mask = feed["input_ids"], feed["attention_mask"]
-        assert_error(lambda: client.infer("text", v2_inputs({"token_ids": ids, "attention_mask": mask}, True)), "400", "unknown input 'token_ids'")
-        assert_error(lambda: client.infer("text", v2_inputs({"input_ids": ids}, True)), "400", "missing input 'attention_mask'")
+        assert_error(
+            lambda: client.infer("text", v2_inputs({"token_ids": ids, "attention_mask": mask}, True)),
+            "400",
+            "unknown input 'token_ids'",
+        )
+        assert_error(
+            lambda: client.infer("text", v2_inputs({"input_ids": ids}, True)), "400", "missing input 'attention_mask'"
+        )
         as_float = {"input_ids": ids.astype(np.float32), "attention_mask": mask}
         assert_error(lambda: client.infer("text", v2_inputs(as_float, True)), "400", "datatype 'FP32'", "INT64")
         flat = {"input_ids": ids.ravel(), "attention_mask": mask.ravel()}
@@ -154,7 +175,10 @@ def test_text_bundle_answers_a_v2_client_as_run_does(bundles: dict[str, Path]) -
         assert_error(lambda: client.infer("text", v2_inputs(long, True)), "400", "axis 'sequence'")
         assert_error(lambda: client.get_model_metadata("other"), "404", "unknown model 'other'")
         bad = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 8], "data": [1, 2, 3]}]}
-        assert post(url, json.dumps(bad).encode()) == (400, {"error": "input 'input_ids' has 3 values; shape [1, 8] needs 8"})
+        assert post(url, json.dumps(bad).encode()) == (
+            400,
+            {"error": "input 'input_ids' has 3 values; shape [1, 8] needs 8"},
+        )
         assert post(url, b"{not json")[0] == 400
         result = client.infer("text", v2_inputs(feed, True))  # still serving after the bad requests
         np.testing.assert_allclose(result.as_numpy("logits"), expected["logits"], rtol=0, atol=1e-5)
@@ -185,9 +209,14 @@ def assert_padded_batch_answers_as_each_clip_alone(client: Any, feed: dict[str, 
     shorter = np.pad(values[:, :cut], ((0, 0), (0, n - cut)))
     mask = np.ones((2, n), dtype=np.int64)
     mask[1, cut:] = 0
-    both = client.infer("asr", v2_inputs({"input_values": np.concatenate([values, shorter]), "attention_mask": mask}, True))
+    both = client.infer(
+        "asr", v2_inputs({"input_values": np.concatenate([values, shorter]), "attention_mask": mask}, True)
+    )
     for row, length in enumerate((n, cut)):
-        alone = {"input_values": np.ascontiguousarray(values[:, :length]), "attention_mask": np.ones((1, length), dtype=np.int64)}
+        alone = {
+            "input_values": np.ascontiguousarray(values[:, :length]),
+            "attention_mask": np.ones((1, length), dtype=np.int64),
+        }
         single = client.infer("asr", v2_inputs(alone, True)).as_numpy("logits")[0]
         assert single.shape[0] == (length - 400) // 320 + 1
         np.testing.assert_allclose(both.as_numpy("logits")[row, : single.shape[0]], single, rtol=0, atol=1e-4)

@@ -54,7 +54,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for modality in (Modality.TEXT, Modality.AUDIO):
-        options = RunOptions(output=root / modality.value, targets=TARGETS, defer_build=True, bench=BenchSettings(seconds=0.0), threads=1)
+        options = RunOptions(
+            output=root / modality.value, targets=TARGETS, defer_build=True, bench=BenchSettings(seconds=0.0), threads=1
+        )
         run(parse_source("preset:tiny", modality, None), ShapeRequest(), options)
         out[modality.value] = root / modality.value
     return out
@@ -73,7 +75,9 @@ def onnx_ports(path: Path) -> dict[str, dict[str, tuple[str, list[int | None]]]]
 
     def port(v: Any) -> tuple[str, list[int | None]]:
         t = v.type.tensor_type
-        return np.dtype(tensor_dtype_to_np_dtype(t.elem_type)).name, [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        return np.dtype(tensor_dtype_to_np_dtype(t.elem_type)).name, [
+            d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim
+        ]
 
     return {"inputs": {v.name: port(v) for v in graph.input}, "outputs": {v.name: port(v) for v in graph.output}}
 
@@ -84,12 +88,19 @@ def ir_ports(path: Path) -> dict[str, dict[str, tuple[str, list[int | None]]]]:
     model = ov.Core().read_model(str(path))
 
     def port(p: Any) -> tuple[str, list[int | None]]:
-        return np.dtype(p.get_element_type().to_dtype()).name, [None if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]
+        return np.dtype(p.get_element_type().to_dtype()).name, [
+            None if d.is_dynamic else d.get_length() for d in p.get_partial_shape()
+        ]
 
-    return {"inputs": {p.get_any_name(): port(p) for p in model.inputs}, "outputs": {p.get_any_name(): port(p) for p in model.outputs}}
+    return {
+        "inputs": {p.get_any_name(): port(p) for p in model.inputs},
+        "outputs": {p.get_any_name(): port(p) for p in model.outputs},
+    }
 
 
-def assert_matches_graph(config: Any, ports: dict[str, dict[str, tuple[str, list[int | None]]]], batch_max: int) -> None:
+def assert_matches_graph(
+    config: Any, ports: dict[str, dict[str, tuple[str, list[int | None]]]], batch_max: int
+) -> None:
     assert config.max_batch_size == batch_max and config.HasField("dynamic_batching")
     for kind, tensors in (("inputs", config.input), ("outputs", config.output)):
         assert {t.name for t in tensors} == set(ports[kind]), kind
@@ -101,7 +112,9 @@ def assert_matches_graph(config: Any, ports: dict[str, dict[str, tuple[str, list
 
 
 @pytest.mark.parametrize("modality", ["text", "audio"])
-def test_triton_repository_of_each_target_parses_and_matches_the_graph(runs: dict[str, Path], modality: str, tmp_path: Path) -> None:
+def test_triton_repository_of_each_target_parses_and_matches_the_graph(
+    runs: dict[str, Path], modality: str, tmp_path: Path
+) -> None:
     repo = tmp_path / "models"
     for target in TARGETS:
         bundle = runs[modality] / f"{target}-fp32"
@@ -116,7 +129,11 @@ def test_triton_repository_of_each_target_parses_and_matches_the_graph(runs: dic
             assert config.platform == "onnxruntime_onnx" and version == ["model.onnx"]
             assert_matches_graph(config, onnx_ports(folder / "1" / "model.onnx"), batch_max)
         elif target == "openvino":
-            assert config.backend == "openvino" and config.default_model_filename == "model.xml" and version == ["model.bin", "model.xml"]
+            assert (
+                config.backend == "openvino"
+                and config.default_model_filename == "model.xml"
+                and version == ["model.bin", "model.xml"]
+            )
             assert_matches_graph(config, ir_ports(folder / "1" / "model.xml"), batch_max)
         else:  # the engine is built on the device from the bundle's ONNX graph, with the same names and dynamic axes
             assert config.platform == "tensorrt_plan" and version == []
@@ -134,7 +151,11 @@ def test_tensorrt_install_script_copies_the_engine_built_on_the_device(runs: dic
     serving.write_triton(bundle, repo, name="text")
     script = repo / "install_plan_text.sh"
     missing = subprocess.run(["sh", str(script)], capture_output=True, text=True)
-    assert missing.returncode == 3 and "build_engine.sh" in missing.stderr and not (repo / "text" / "1" / "model.plan").exists()
+    assert (
+        missing.returncode == 3
+        and "build_engine.sh" in missing.stderr
+        and not (repo / "text" / "1" / "model.plan").exists()
+    )
     (bundle / "model.plan").write_bytes(b"engine bytes")  # what build_engine.sh leaves in the bundle
     done = subprocess.run(["sh", str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -152,17 +173,28 @@ def test_ovms_layout_and_multi_model_config(runs: dict[str, Path], tmp_path: Pat
         ports = ir_ports(folder / "1" / "openvino_model.xml")
         assert set(ports["inputs"]) == {t["name"] for t in verify(runs[modality] / "openvino-fp32").inputs}
     doc = json.loads((root / "config.json").read_text())
-    assert doc == {"model_config_list": [{"config": {"name": "text", "base_path": "text"}}, {"config": {"name": "audio", "base_path": "audio"}}]}
+    assert doc == {
+        "model_config_list": [
+            {"config": {"name": "text", "base_path": "text"}},
+            {"config": {"name": "audio", "base_path": "audio"}},
+        ]
+    }
     serving.write_ovms(runs["text"] / "openvino-fp32", root, name="text", force=True)  # replaced, listed once
-    assert [e["config"]["name"] for e in json.loads((root / "config.json").read_text())["model_config_list"]] == ["audio", "text"]
+    assert [e["config"]["name"] for e in json.loads((root / "config.json").read_text())["model_config_list"]] == [
+        "audio",
+        "text",
+    ]
     assert ov.Core().read_model(str(root / "text" / "1" / "openvino_model.xml")).inputs
 
 
 def test_fixed_batch_has_no_batching(tmp_path: Path) -> None:
     """--batch-size 2: the batch axis is static, so max_batch_size is 0 and dims are the full shapes."""
     out = tmp_path / "run"
-    run(parse_source("preset:tiny", Modality.TEXT, None), ShapeRequest(batch=(2, 2, 2)),
-        RunOptions(output=out, targets=("onnxruntime",), bench=BenchSettings(seconds=0.0), threads=1))  # fmt: skip
+    run(
+        parse_source("preset:tiny", Modality.TEXT, None),
+        ShapeRequest(batch=(2, 2, 2)),
+        RunOptions(output=out, targets=("onnxruntime",), bench=BenchSettings(seconds=0.0), threads=1),
+    )
     folder = serving.write_triton(out / "onnxruntime-fp32", tmp_path / "models")
     config = parse(folder / "config.pbtxt")
     ports = onnx_ports(folder / "1" / "model.onnx")
@@ -175,12 +207,19 @@ def test_cli_refusals_write_nothing(runs: dict[str, Path], tmp_path: Path) -> No
     repo, ovms = tmp_path / "models", tmp_path / "ovms"
     ort = runs["text"] / "onnxruntime-fp32"
     r = cli("deploy", str(ort), "--triton", str(repo), "--ovms", str(ovms))  # OVMS serves the OpenVINO IR only
-    assert r.returncode == int(ExitCode.BAD_INPUT) and "no OpenVINO Model Server layout" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert (
+        r.returncode == int(ExitCode.BAD_INPUT)
+        and "no OpenVINO Model Server layout" in r.stderr
+        and len(r.stderr.splitlines()) == 1
+    )
     assert not repo.exists() and not ovms.exists()
     r = cli("deploy", str(runs["text"]), "--triton", str(repo))  # the run's folder, not a bundle
     assert r.returncode == int(ExitCode.BAD_INPUT) and "no manifest.json" in r.stderr and not repo.exists()
     assert cli("deploy", str(ort)).returncode == int(ExitCode.USAGE)
-    assert cli("deploy", str(ort), "--triton", str(repo), "--name", "../x").returncode == int(ExitCode.USAGE) and not repo.exists()
+    assert (
+        cli("deploy", str(ort), "--triton", str(repo), "--name", "../x").returncode == int(ExitCode.USAGE)
+        and not repo.exists()
+    )
     ok = cli("deploy", str(ort), "--triton", str(repo), "--name", "t")
     assert ok.returncode == 0 and parse(repo / "t" / "config.pbtxt").platform == "onnxruntime_onnx"
     again = cli("deploy", str(ort), "--triton", str(repo), "--name", "t")

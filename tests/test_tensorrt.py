@@ -108,7 +108,9 @@ class Built:
             return TensorRTRequest(precision=precision, threads=THREADS, defer_build=defer)
         calib = self.samples(head, "calibration")
         recipe = make_recipe(backends.get("tensorrt"), "static", samples=len(calib))
-        return TensorRTRequest(precision=precision, quant=recipe, calibration=tuple(calib.feeds), threads=THREADS, defer_build=defer)
+        return TensorRTRequest(
+            precision=precision, quant=recipe, calibration=tuple(calib.feeds), threads=THREADS, defer_build=defer
+        )
 
     def deferred(self, head: Head, precision: Precision) -> Artifact:
         if (head.key, precision) not in self._bundles:
@@ -243,11 +245,17 @@ def test_int8_graph_is_explicit_symmetric_qdq_on_matmul_inputs(head: Head, built
     # Every MatMul/Gemm/Conv with a constant weight gets it through Q/DQ, except the nodes the recipe
     # lists as kept float (which then read no dequantized tensor at all).
     excluded = set(artifact.quantization.excluded_nodes if artifact.quantization else ())
-    fp32_weighted = {n.name for n in fp32.graph.node if n.op_type in allowed and len(n.input) > 1 and n.input[1] in {i.name for i in fp32.graph.initializer}}
+    fp32_weighted = {
+        n.name
+        for n in fp32.graph.node
+        if n.op_type in allowed and len(n.input) > 1 and n.input[1] in {i.name for i in fp32.graph.initializer}
+    }
     gemms = [n for n in model.graph.node if n.op_type in allowed]
     assert {n.name for n in gemms} >= fp32_weighted - excluded
     for node in gemms:
-        dequantized = [name for name in node.input if name in producers and producers[name].op_type == "DequantizeLinear"]
+        dequantized = [
+            name for name in node.input if name in producers and producers[name].op_type == "DequantizeLinear"
+        ]
         if node.name in excluded:
             assert not dequantized, node.name
         elif node.name in fp32_weighted:
@@ -286,9 +294,14 @@ def test_simulated_drift_of_the_qdq_graph(head: Head, built: Built) -> None:
     with BACKEND.runner(artifact, threads=THREADS) as runner:
         assert runner.name == "tensorrt-int8 (Q/DQ graph, fp16 remainder, simulated on ONNX Runtime)"
         drift = task_drift(
-            model, reference, runner.infer, evaluation.feeds, DEFAULT_BUDGETS[head.metric],
-            labels=evaluation.labels, source=evaluation.source,
-        )  # fmt: skip
+            model,
+            reference,
+            runner.infer,
+            evaluation.feeds,
+            DEFAULT_BUDGETS[head.metric],
+            labels=evaluation.labels,
+            source=evaluation.source,
+        )
     assert drift.samples == len(evaluation) > 0
     assert drift.metrics and all(math.isfinite(v) for v in drift.metrics.values()), drift.metrics
     assert set(DEFAULT_BUDGETS[head.metric]) & set(drift.metrics)
@@ -302,7 +315,9 @@ def test_deferred_fp32_runs_the_fp32_graph(built: Built) -> None:
     model, profile, graph = built.graph(head)
     artifact = built.deferred(head, Precision.FP32)
     assert artifact.model_file == artifact.path / "model.onnx"
-    assert os.path.samefile(artifact.model_file, graph.path) or artifact.model_file.read_bytes() == graph.path.read_bytes()
+    assert (
+        os.path.samefile(artifact.model_file, graph.path) or artifact.model_file.read_bytes() == graph.path.read_bytes()
+    )
     with BACKEND.runner(artifact, threads=THREADS) as runner:
         assert runner.name == "tensorrt-fp32 (engine not built: fp32 graph on ONNX Runtime)"
         drift = shape_check(model, make_wrapper(model), runner.infer, profile)
@@ -354,7 +369,11 @@ def test_deferred_bundle_recipe_and_script(head: Head, precision: Precision, bui
     assert [i["min"][0] for i in recipe["inputs"]] == [batch.min] * len(graph.inputs)
     assert [i["max"][0] for i in recipe["inputs"]] == [batch.max] * len(graph.inputs)
     # every precision strongly typed, no precision flag: the same bundle builds on TensorRT 10.x and 11.x
-    flags = {Precision.FP32: {"--stronglyTyped", "--noTF32"}, Precision.FP16: {"--stronglyTyped"}, Precision.INT8: {"--stronglyTyped"}}
+    flags = {
+        Precision.FP32: {"--stronglyTyped", "--noTF32"},
+        Precision.FP16: {"--stronglyTyped"},
+        Precision.INT8: {"--stronglyTyped"},
+    }
     assert recipe["strongly_typed"] is True and recipe["builder_flags"] == []
     assert recipe["tensorrt"]["min_version"] == "10.0" and recipe["tensorrt"]["max_version_exclusive"] is None
     assert (recipe["quantization"] is not None) is (precision is Precision.INT8)
@@ -366,7 +385,13 @@ def test_deferred_bundle_recipe_and_script(head: Head, precision: Precision, bui
     assert script.stat().st_mode & stat.S_IXUSR
     subprocess.run(["bash", "-n", str(script)], check=True)
     log = tmp_path / "args.json"
-    env = dict(os.environ, TRTEXEC=str(FAKE_TRTEXEC), FAKE_TRTEXEC_LOG=str(log), FAKE_TRT_VERSION="11.4.0", PYTHON=sys.executable)
+    env = dict(
+        os.environ,
+        TRTEXEC=str(FAKE_TRTEXEC),
+        FAKE_TRTEXEC_LOG=str(log),
+        FAKE_TRT_VERSION="11.4.0",
+        PYTHON=sys.executable,
+    )
     done = subprocess.run([str(script), "--verbose"], env=env, timeout=60, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     cwd, *args = json.loads(log.read_text())
@@ -374,13 +399,26 @@ def test_deferred_bundle_recipe_and_script(head: Head, precision: Precision, bui
     assert "--onnx=model.onnx" in args and f"--saveEngine=.{PLAN_FILE}.partial" in args and args[-1] == "--verbose"
     for flag, which in (("--minShapes", "min"), ("--optShapes", "opt"), ("--maxShapes", "max")):
         assert _shape_arg(args, flag) == expected[which], flag
-    assert flags[precision] <= set(args) and not {"--int8", "--fp16", "--best", "--noTF32"} - flags[precision] & set(args)
-    assert "--timingCacheFile=timing.cache" in args and "--profilingVerbosity=detailed" in args and "--exportLayerInfo=layers.json" in args
+    assert flags[precision] <= set(args) and not {"--int8", "--fp16", "--best", "--noTF32"} - flags[precision] & set(
+        args
+    )
+    assert (
+        "--timingCacheFile=timing.cache" in args
+        and "--profilingVerbosity=detailed" in args
+        and "--exportLayerInfo=layers.json" in args
+    )
     assert any(re.fullmatch(r"--memPoolSize=workspace:\d+M", a) for a in args)
-    assert [a.replace(f".{PLAN_FILE}.partial", PLAN_FILE) for a in recipe["trtexec"].split()[1:]] == [a.replace(f".{PLAN_FILE}.partial", PLAN_FILE) for a in args[:-1]]
-    assert json.loads((work / PLAN_FILE).read_bytes()[len(b"FAKEPLAN"):])["built_with"] == "trtexec" and not (work / f".{PLAN_FILE}.partial").exists()
+    assert [a.replace(f".{PLAN_FILE}.partial", PLAN_FILE) for a in recipe["trtexec"].split()[1:]] == [
+        a.replace(f".{PLAN_FILE}.partial", PLAN_FILE) for a in args[:-1]
+    ]
+    assert (
+        json.loads((work / PLAN_FILE).read_bytes()[len(b"FAKEPLAN") :])["built_with"] == "trtexec"
+        and not (work / f".{PLAN_FILE}.partial").exists()
+    )
     engine = json.loads((work / ENGINE_MANIFEST).read_text())  # recorded by trt_device.py record
-    assert engine["built_with"] == "trtexec" and engine["tensorrt"] == "11.4.0" and engine["layer_info"] == "layers.json"
+    assert (
+        engine["built_with"] == "trtexec" and engine["tensorrt"] == "11.4.0" and engine["layer_info"] == "layers.json"
+    )
     assert engine["verified_on_this_version"] is False and "not verified on this version" in done.stderr
 
     assert find_bundles(folder) == (folder,)
@@ -415,7 +453,9 @@ def test_fp16_bundle_matches_pytorch_within_the_half_tolerance(head: Head, built
     artifact = built.deferred(head, Precision.FP16)
     with BACKEND.runner(artifact, threads=THREADS) as runner:
         assert runner.name == "tensorrt-fp16 (fp16 graph, simulated on ONNX Runtime)"
-        drift = shape_check(model, make_wrapper(model), runner.infer, profile, tolerance=head.tolerance * HALF_TOLERANCE_FACTOR["fp16"])
+        drift = shape_check(
+            model, make_wrapper(model), runner.infer, profile, tolerance=head.tolerance * HALF_TOLERANCE_FACTOR["fp16"]
+        )
     assert drift.passed, drift.detail
     assert drift.metrics["max_scaled_error"] > 1e-5  # really fp16 (the fp32 graph stays near 1e-7)
 
@@ -425,7 +465,9 @@ def test_fp16_bundle_matches_pytorch_within_the_half_tolerance(head: Head, built
 
 @pytest.mark.skipif(GPU.ok, reason="TensorRT and a GPU are here: the engine is built instead")
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.FP16, Precision.INT8], ids=lambda p: p.value)
-def test_without_tensorrt_build_fails_fast_naming_defer_build(precision: Precision, built: Built, tmp_path: Path) -> None:
+def test_without_tensorrt_build_fails_fast_naming_defer_build(
+    precision: Precision, built: Built, tmp_path: Path
+) -> None:
     head = HEADS[1]
     _, _, graph = built.graph(head)
     folder = tmp_path / "out"
@@ -481,7 +523,11 @@ def test_engine_float_matches_pytorch(precision: Precision, built: Built, tmp_pa
     artifact = BACKEND.compile(graph, tmp_path / precision.value, built.request(head, precision, defer=False))
     assert artifact.model_file.name == PLAN_FILE and artifact.model_file.stat().st_size > 0
     manifest = json.loads((artifact.path / ENGINE_MANIFEST).read_text())
-    assert int(manifest["tensorrt"].split(".")[0]) >= 10 and manifest["gpu"] and re.fullmatch(r"\d+\.\d+", manifest["compute_capability"])
+    assert (
+        int(manifest["tensorrt"].split(".")[0]) >= 10
+        and manifest["gpu"]
+        and re.fullmatch(r"\d+\.\d+", manifest["compute_capability"])
+    )
     with BACKEND.runner(artifact, threads=THREADS) as runner:
         assert runner.name == f"tensorrt-{precision.value}"  # the engine, not the ONNX Runtime stand-in
         drift = shape_check(model, make_wrapper(model), runner.infer, profile)
@@ -501,8 +547,12 @@ def test_engine_int8_against_pytorch_and_the_simulation(head: Head, built: Built
         reference = [ref.infer(f) for f in evaluation.feeds]
     with BACKEND.runner(artifact, threads=THREADS) as engine:
         outputs = [engine.infer(f) for f in evaluation.feeds]
-        drift = task_drift(model, reference, engine.infer, evaluation.feeds, DEFAULT_BUDGETS[head.metric], source=evaluation.source)
-    assert drift.metrics["logit_cosine"] >= 0.95, drift.metrics  # as the simulation (test_simulated_drift_of_the_qdq_graph)
+        drift = task_drift(
+            model, reference, engine.infer, evaluation.feeds, DEFAULT_BUDGETS[head.metric], source=evaluation.source
+        )
+    assert drift.metrics["logit_cosine"] >= 0.95, (
+        drift.metrics
+    )  # as the simulation (test_simulated_drift_of_the_qdq_graph)
     simulated = built.deferred(head, Precision.INT8)
     with BACKEND.runner(simulated, threads=THREADS) as ort_runner:
         for feed, got in zip(evaluation.feeds, outputs):
@@ -518,13 +568,21 @@ def test_build_engine_on_a_deferred_bundle(built: Built, tmp_path: Path) -> None
     folder = tmp_path / "bundle"
     shutil.copytree(built.deferred(HEADS[0], Precision.FP32).path, folder)
     cache = tmp_path / "shared.cache"
-    plan = build_engine(folder, workspace_gb=1.0, timing_cache=cache, iterations=50, verify=False)  # compile() writes no manifest.json
+    plan = build_engine(
+        folder, workspace_gb=1.0, timing_cache=cache, iterations=50, verify=False
+    )  # compile() writes no manifest.json
     assert plan == folder / PLAN_FILE and plan.stat().st_size > 0 and cache.stat().st_size > 0
     manifest = json.loads((folder / ENGINE_MANIFEST).read_text())
     assert manifest["precision"] == "fp32" and manifest["workspace_bytes"] == 1 << 30
-    assert manifest["benchmark"]["p50_ms"] > 0 and manifest["benchmark"]["runs"] == 50  # 5 rounds of 10 between one event pair
-    assert all(v["max_scaled_error"] < 1e-3 for v in manifest["check_vs_onnxruntime"].values()), manifest["check_vs_onnxruntime"]
-    again = build_engine(folder, workspace_gb=1.0, timing_cache=cache, iterations=10, verify=False)  # the timing cache is reused
+    assert (
+        manifest["benchmark"]["p50_ms"] > 0 and manifest["benchmark"]["runs"] == 50
+    )  # 5 rounds of 10 between one event pair
+    assert all(v["max_scaled_error"] < 1e-3 for v in manifest["check_vs_onnxruntime"].values()), manifest[
+        "check_vs_onnxruntime"
+    ]
+    again = build_engine(
+        folder, workspace_gb=1.0, timing_cache=cache, iterations=10, verify=False
+    )  # the timing cache is reused
     assert again == plan and json.loads((folder / ENGINE_MANIFEST).read_text())["timing_cache_reused"] is True
 
 
@@ -602,8 +660,19 @@ def test_tensorrt_code_type_checks_against_the_stubs(tmp_path: Path) -> None:
     probe.write_text("import tensorrt as trt\nreveal_type(trt.Builder.create_network)\n")
     files = [str(p) for p in sorted((ROOT / "d2v_export" / "backends" / "tensorrt").glob("*.py"))]
     env = dict(os.environ, MYPYPATH=str(stubs))
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", str(tmp_path / "cache"), "--no-incremental"]
-    seen = subprocess.run([*cmd, str(probe)], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(config),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-incremental",
+    ]
+    seen = subprocess.run(
+        [*cmd, str(probe)], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
     assert "INetworkDefinition" in seen.stdout, seen.stdout[-2000:]
     result = subprocess.run([*cmd, *files], check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -634,8 +703,14 @@ def test_fallback_keeps_nodes_float_in_the_qdq_bundle(built: Built, tmp_path: Pa
         ok = floats[-1] >= floats[0] + 2
         return dataclasses.replace(drift, passed=ok, failed=() if ok else ("planted",))
 
-    recovery = Recovery(evaluate=evaluate, feeds=tuple(evaluation.feeds), reference=tuple(reference),
-                        score=lambda *_: 0.0, max_drop=0.0, calibration=tuple(calib.feeds))  # fmt: skip
+    recovery = Recovery(
+        evaluate=evaluate,
+        feeds=tuple(evaluation.feeds),
+        reference=tuple(reference),
+        score=lambda *_: 0.0,
+        max_drop=0.0,
+        calibration=tuple(calib.feeds),
+    )
     folder = tmp_path / "tensorrt-int8"
     artifact, drift, notes = BACKEND.recover(graph, folder, built.request(head, Precision.INT8), recovery)
     assert drift.passed and len(floats) >= 2 and floats[0] < floats[-1]
@@ -651,7 +726,11 @@ def onnx_float_matmuls(path: Path) -> set[str]:
     """Names of the MatMul/Gemm/Conv nodes that no DequantizeLinear feeds (left float)."""
     model = _onnx(path)
     dq = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    return {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and not any(i in dq for i in n.input)}
+    return {
+        n.name
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "Gemm", "Conv") and not any(i in dq for i in n.input)
+    }
 
 
 def test_tensorrt_extras_stay_on_one_cuda_major_each() -> None:
@@ -664,8 +743,16 @@ def test_tensorrt_extras_stay_on_one_cuda_major_each() -> None:
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra, allowed, refused in (
-        ("tensorrt", {"tensorrt-cu12": "10.3.0", "cuda-python": "12.9.0"}, {"tensorrt-cu12": "11.4.0", "cuda-python": "13.4.4"}),
-        ("tensorrt-cu13", {"tensorrt-cu13": "11.4.0", "cuda-python": "13.4.4"}, {"tensorrt-cu13": "10.13.0", "cuda-python": "12.9.0"}),
+        (
+            "tensorrt",
+            {"tensorrt-cu12": "10.3.0", "cuda-python": "12.9.0"},
+            {"tensorrt-cu12": "11.4.0", "cuda-python": "13.4.4"},
+        ),
+        (
+            "tensorrt-cu13",
+            {"tensorrt-cu13": "11.4.0", "cuda-python": "13.4.4"},
+            {"tensorrt-cu13": "10.13.0", "cuda-python": "12.9.0"},
+        ),
     ):
         reqs = {(r := Requirement(line)).name: r.specifier for line in extras[extra]}
         assert set(reqs) == set(allowed), (extra, reqs)

@@ -38,7 +38,20 @@ no_gpu = pytest.mark.skipif(GPU.ok, reason="TensorRT and a GPU are here: the eng
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The deferred fp16 and INT8 bundles exactly as a user makes them: the CLI on the tiny vision preset."""
     out = tmp_path_factory.mktemp("trt-cli") / "vision"
-    result = cli("vision", "--model", "preset:tiny", "--target", "tensorrt", "--fp16", "--int8", "--defer-build", "--output", str(out), "--threads", "1")
+    result = cli(
+        "vision",
+        "--model",
+        "preset:tiny",
+        "--target",
+        "tensorrt",
+        "--fp16",
+        "--int8",
+        "--defer-build",
+        "--output",
+        str(out),
+        "--threads",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -73,7 +86,9 @@ def test_int8_bundle_has_an_fp16_remainder_with_fp32_io_and_builds_strongly_type
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
     qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    assert qdq and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in qdq)  # scales typed like the remainder
+    assert qdq and all(
+        inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in qdq
+    )  # scales typed like the remainder
     weights_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert weights_dq and all(inits[n.input[0]].data_type == TensorProto.INT8 for n in weights_dq)
     # the float remainder is fp16: the only fp32 constants are the gamma/beta copies of the fp32 ops
@@ -99,7 +114,11 @@ def test_int8_bundle_has_an_fp16_remainder_with_fp32_io_and_builds_strongly_type
     script = (folder / SCRIPT_FILE).read_text()
     assert "--stronglyTyped" in script and "--fp16" not in script and "--int8" not in script
     recipe = json.loads((folder / RECIPE_FILE).read_text())
-    assert recipe["strongly_typed"] is True and recipe["builder_flags"] == [] and recipe["tensorrt"]["min_version"] == "10.0"
+    assert (
+        recipe["strongly_typed"] is True
+        and recipe["builder_flags"] == []
+        and recipe["tensorrt"]["min_version"] == "10.0"
+    )
     assert recipe["float_remainder"] and "fp16" in recipe["float_remainder"]
     assert (folder / DEVICE_SCRIPT).read_bytes() == Path(trt_device.__file__).read_bytes()
     # ModelOpt's GEMV rule, adopted: the classifier on the pooled vector (batch 1) has no Q/DQ and is listed
@@ -127,7 +146,9 @@ def test_fp16_remainder_is_idempotent_and_keeps_outputs_close(run_dir: Path, tmp
     """On the fp32 export: the rewrite alone moves the logits by fp16 rounding only."""
     import onnxruntime as ort
 
-    folder = next(p for p in run_dir.iterdir() if p.name.startswith("tensorrt-fp32") or p.name.startswith("onnxruntime-fp32"))
+    folder = next(
+        p for p in run_dir.iterdir() if p.name.startswith("tensorrt-fp32") or p.name.startswith("onnxruntime-fp32")
+    )
     src = folder / "model.onnx"
     half = tmp_path / "half.onnx"
     shutil.copy(src, half)
@@ -152,8 +173,14 @@ def _clean_venv(root: Path) -> Path:
     """A venv with only numpy and tensorrt-stubs (symlinked from this environment): no torch, no transformers."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=300)
     python = root / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())  # fmt: skip
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     here = Path(sysconfig.get_paths()["purelib"])
     numpy_dir = Path(np.__file__).parent
     names = [numpy_dir.name, *(p.name for p in numpy_dir.parent.glob("numpy.libs"))]
@@ -176,7 +203,12 @@ def _run(python: Path, *args: str, cwd: Path, **extra_env: str) -> subprocess.Co
 @no_gpu
 def test_device_half_runs_in_a_clean_venv_with_only_numpy_and_stubs(int8_bundle: Path, tmp_path: Path) -> None:
     python = _clean_venv(tmp_path / "venv")
-    probe = _run(python, "-c", "import importlib.util as u; print([u.find_spec(m) is None for m in ('torch', 'transformers', 'onnx', 'd2v_export')])", cwd=tmp_path)
+    probe = _run(
+        python,
+        "-c",
+        "import importlib.util as u; print([u.find_spec(m) is None for m in ('torch', 'transformers', 'onnx', 'd2v_export')])",
+        cwd=tmp_path,
+    )
     assert probe.stdout.strip() == "[True, True, True, True]", probe.stdout + probe.stderr
     script = int8_bundle / DEVICE_SCRIPT
 
@@ -188,7 +220,11 @@ def test_device_half_runs_in_a_clean_venv_with_only_numpy_and_stubs(int8_bundle:
 
     np.savez(tmp_path / "inputs.npz", pixel_values=np.zeros((1, 3, 32, 32), np.float32))
     ran = _run(python, str(script), "run", str(tmp_path / "inputs.npz"), cwd=tmp_path)
-    assert ran.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "TensorRT" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
+    assert (
+        ran.returncode == int(ExitCode.TARGET_UNAVAILABLE)
+        and "TensorRT" in ran.stderr
+        and "Traceback" not in ran.stderr
+    ), ran.stderr
 
     # the manifest check really runs on the device side: a changed graph is refused before anything else
     with open(int8_bundle / "model.onnx", "ab") as fh:
@@ -211,13 +247,20 @@ def test_device_half_gates_on_the_tensorrt_version_and_names_cuda_python(int8_bu
         sys.argv = [{str(script)!r}, "build"]
         runpy.run_path({str(script)!r}, run_name="__main__")
     """)
-    cases = (("8.6.2", "TensorRT 8.6.2 is older than 10.0, which this bundle needs; JetPack 6.0 ships TensorRT 8.6: upgrade to JetPack 6.1 or 6.2"),
-             ("10.3.0", "cuda-python is not installed"))  # fmt: skip
+    cases = (
+        (
+            "8.6.2",
+            "TensorRT 8.6.2 is older than 10.0, which this bundle needs; JetPack 6.0 ships TensorRT 8.6: upgrade to JetPack 6.1 or 6.2",
+        ),
+        ("10.3.0", "cuda-python is not installed"),
+    )
     for version, expect in cases:
         (fake / "tensorrt" / "__init__.py").write_text(f"__version__ = {version!r}\nclass Builder: ...\n")
         res = _run(python, "-c", runner, cwd=tmp_path, D2V_CUDART="/nonexistent/libcudart.so")
         assert res.returncode == int(ExitCode.TARGET_UNAVAILABLE), res.stderr
-        assert expect in res.stderr and "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+        assert expect in res.stderr and "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0, (
+            res.stderr
+        )
     assert "pip install 'd2v-export[tensorrt]'" in res.stderr or "JetPack" in res.stderr, res.stderr
 
 
@@ -267,7 +310,7 @@ def test_device_half_builds_and_runs_end_to_end_on_stand_ins(version: str, int8_
     assert calls.count("cudaEventDestroy") == 2  # the timing call's own pair, destroyed after it
     assert "cudaMallocHost" in calls and "pageable copy" not in calls
     plan = (int8_bundle / "model.plan").read_bytes()
-    doc = json.loads(plan[len(b"FAKEPLAN"):])
+    doc = json.loads(plan[len(b"FAKEPLAN") :])
     assert doc["strongly_typed"] is True and doc["flags"] == [] and doc["cleared"] == [7] and doc["version"] == version
     engine = json.loads((int8_bundle / "engine_manifest.json").read_text())
     assert engine["benchmark"]["runs"] == 40 and engine["benchmark"]["n"] == 4 and engine["device_index"] == 0
@@ -280,7 +323,9 @@ def test_device_half_builds_and_runs_end_to_end_on_stand_ins(version: str, int8_
     _runs_the_stand_in_engine(device, tmp_path, seed=0)
 
     other = device("run", str(tmp_path / "inputs.npz"), "--device", "cuda:1")
-    assert other.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "cuda:1 does not exist" in other.stderr, other.stderr
+    assert other.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "cuda:1 does not exist" in other.stderr, (
+        other.stderr
+    )
     oom = device("run", str(tmp_path / "inputs.npz"), FAKE_CUDA_OOM="1")  # a CUDA error: the tool's exit code, one line
     error = [line for line in oom.stderr.splitlines() if line.startswith("error: ")]
     assert oom.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "Traceback" not in oom.stderr, oom.stderr
@@ -294,7 +339,9 @@ def test_device_half_builds_and_runs_end_to_end_on_stand_ins(version: str, int8_
     (int8_bundle / "timing.cache").write_bytes(b"bad")
     failed = device("build", "--no-verify", FAKE_TRT_FAIL_BUILD="1")
     error = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
-    assert failed.returncode == int(ExitCode.BAD_INPUT) and len(error) == 1 and "another device" not in error[0], failed.stderr
+    assert failed.returncode == int(ExitCode.BAD_INPUT) and len(error) == 1 and "another device" not in error[0], (
+        failed.stderr
+    )
 
 
 @no_gpu
@@ -318,7 +365,9 @@ def test_device_half_reaches_cuda_through_libcudart_without_cuda_python(int8_bun
     assert built.returncode == 0, built.stderr
     assert json.loads(built.stderr.strip().splitlines()[-1]) == 0  # no CUDA event left alive
     engine = json.loads((int8_bundle / "engine_manifest.json").read_text())
-    assert engine["cuda_via"] == "libcudart" and engine["compute_capability"] == "8.7" and engine["cuda_runtime"] == "12.6"
+    assert (
+        engine["cuda_via"] == "libcudart" and engine["compute_capability"] == "8.7" and engine["cuda_runtime"] == "12.6"
+    )
     _runs_the_stand_in_engine(device, tmp_path, seed=1)
 
 
@@ -327,7 +376,9 @@ FAKE_TRTEXEC = FAKES / "bin" / "trtexec"
 
 def _build_engine_sh(bundle: Path, version: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environ = dict(os.environ, TRTEXEC=str(FAKE_TRTEXEC), FAKE_TRT_VERSION=version, PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(bundle / SCRIPT_FILE)], env=environ, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    return subprocess.run(
+        ["bash", str(bundle / SCRIPT_FILE)], env=environ, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
 
 
 @no_gpu
@@ -354,7 +405,9 @@ def test_build_engine_sh_leaves_a_bundle_that_verifies_and_runs(precision: str, 
     assert any("TensorRT cannot run its engine here" in n for n in json.loads(res.stdout)[0]["notes"])
     python = _clean_venv(tmp_path / "venv")
     np.savez(tmp_path / "inputs.npz", pixel_values=np.ones((1, 3, 32, 32), np.float32))
-    ran = _run(python, "-c", _device_runner(bundle / DEVICE_SCRIPT, FAKES, "run", str(tmp_path / "inputs.npz")), cwd=tmp_path)
+    ran = _run(
+        python, "-c", _device_runner(bundle / DEVICE_SCRIPT, FAKES, "run", str(tmp_path / "inputs.npz")), cwd=tmp_path
+    )
     assert ran.returncode == 0, ran.stderr
     assert oct((bundle / "engine_manifest.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
@@ -371,7 +424,11 @@ def test_build_engine_sh_refuses_tensorrt_8_in_one_line(int8_bundle: Path, tmp_p
     before = sorted(p.name for p in int8_bundle.iterdir())
     done = _build_engine_sh(int8_bundle, "8.6.2", tmp_path)
     assert done.returncode == int(ExitCode.TARGET_UNAVAILABLE), done.stdout + done.stderr
-    assert done.stderr.strip().count("\n") == 0 and "TensorRT 8.6 is older than 10.0" in done.stderr and "JetPack 6.1" in done.stderr
+    assert (
+        done.stderr.strip().count("\n") == 0
+        and "TensorRT 8.6 is older than 10.0" in done.stderr
+        and "JetPack 6.1" in done.stderr
+    )
     assert sorted(p.name for p in int8_bundle.iterdir()) == before  # nothing written
 
 
@@ -398,7 +455,9 @@ def test_bundle_files_are_readable_by_others_as_the_umask_allows(tmp_path: Path)
         (None, 580, "[tensorrt-cu13] for TensorRT 11"),
     ],
 )
-def test_install_hint_names_what_this_machine_needs(l4t: tuple[int, int] | None, driver: int | None, expect: str) -> None:
+def test_install_hint_names_what_this_machine_needs(
+    l4t: tuple[int, int] | None, driver: int | None, expect: str
+) -> None:
     hint = trt_device.install_hint(l4t, driver, detect=False)
     assert expect in hint and "\n" not in hint
     if l4t is None and driver and driver < 580:
@@ -406,10 +465,21 @@ def test_install_hint_names_what_this_machine_needs(l4t: tuple[int, int] | None,
 
 
 def test_l4t_and_driver_are_read_from_their_files() -> None:
-    assert trt_device.l4t_release("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64") == (36, 4)
+    assert trt_device.l4t_release("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64") == (
+        36,
+        4,
+    )
     assert trt_device.l4t_release("") is None
-    assert trt_device.driver_major("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024") == 550
-    assert trt_device.driver_major("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build") == 580
+    assert (
+        trt_device.driver_major(
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  Thu Feb 22 01:44:30 UTC 2024"
+        )
+        == 550
+    )
+    assert (
+        trt_device.driver_major("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build")
+        == 580
+    )
 
 
 def test_device_module_is_python_3_10(tmp_path: Path) -> None:
@@ -430,8 +500,18 @@ def test_device_module_is_python_3_10(tmp_path: Path) -> None:
         "[mypy]\nignore_missing_imports = True\nwarn_unused_ignores = False\ndisallow_untyped_defs = True\ncheck_untyped_defs = True\n"
         "[mypy-tensorrt.*,tensorrt_bindings.*]\nignore_errors = True\n[mypy-d2v_export.spec]\nignore_errors = True\n"
     )
-    cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--python-version", "3.10",
-           "--cache-dir", str(tmp_path / "cache"), "--no-incremental"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mypy",
+        "--config-file",
+        str(config),
+        "--python-version",
+        "3.10",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-incremental",
+    ]
     for target in (str(ROOT / "d2v_export" / "backends" / "tensorrt" / "device.py"), str(copy)):
         res = subprocess.run([*cmd, target], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
@@ -505,17 +585,27 @@ def test_engine_files_are_written_atomically(tmp_path: Path, monkeypatch: pytest
     tree = ast.parse(source)
     writes = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("write_bytes", "write_text")]
     assert not writes, "trt_device writes a file without atomic_write"
-    calls = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func).startswith("atomic_write")}
+    calls = {
+        ast.unparse(n)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and ast.unparse(n.func).startswith("atomic_write")
+    }
     assert any("plan_path" in c for c in calls) and any("cache_path" in c for c in calls)
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"graph")
     trt_device.write_engine_manifest(tmp_path, {"tensorrt": "10.12"}, onnx_file)
-    assert json.loads((tmp_path / "engine_manifest.json").read_text())["onnx_sha256"] == trt_device.sha256_file(onnx_file)
+    assert json.loads((tmp_path / "engine_manifest.json").read_text())["onnx_sha256"] == trt_device.sha256_file(
+        onnx_file
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_device_index_parses_cuda_n() -> None:
-    assert trt_device.device_index("cuda:1") == 1 and trt_device.device_index(None) == 0 and trt_device.device_index("CPU") == 0
+    assert (
+        trt_device.device_index("cuda:1") == 1
+        and trt_device.device_index(None) == 0
+        and trt_device.device_index("CPU") == 0
+    )
     with pytest.raises(D2VError, match="cuda:N"):
         trt_device.device_index("npu:0")
 
@@ -529,7 +619,10 @@ def test_run_without_an_engine_uses_the_bundles_onnx_on_onnx_runtime(run_dir: Pa
         assert res.returncode == 0, res.stderr[-2000:]
         result = json.loads(res.stdout)[0]
         assert result["runtime"].startswith("onnxruntime ") and "model.onnx" in result["runtime"], result["runtime"]
-        assert any(n.startswith("the bundle has no TensorRT engine: ran its ONNX file 'model.onnx' with ONNX Runtime") for n in result["notes"])
+        assert any(
+            n.startswith("the bundle has no TensorRT engine: ran its ONNX file 'model.onnx' with ONNX Runtime")
+            for n in result["notes"]
+        )
         assert result["labels"]
 
 

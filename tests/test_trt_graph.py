@@ -40,7 +40,9 @@ class Graphs:
         self.root = root
         self.made: dict[tuple[str, str], Any] = {}
 
-    def export(self, head: Head, shapes: ShapeRequest = TINY_SHAPES) -> tuple[ExportedGraph, list[dict[str, np.ndarray]]]:
+    def export(
+        self, head: Head, shapes: ShapeRequest = TINY_SHAPES
+    ) -> tuple[ExportedGraph, list[dict[str, np.ndarray]]]:
         key = (head.key, repr(shapes))
         if key not in self.made:
             model, _ = tiny(head)
@@ -56,7 +58,9 @@ class Graphs:
         if key not in self.made:
             graph, feeds = self.export(head, shapes)
             recipe = make_recipe(backends.get("tensorrt"), "static", samples=len(feeds))
-            request = TensorRTRequest(precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True)
+            request = TensorRTRequest(
+                precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True
+            )
             self.made[key] = BACKEND.compile(graph, graph.path.parent.parent / "tensorrt-int8", request)
         return self.made[key]
 
@@ -118,13 +122,15 @@ def test_moving_the_attention_scale_keeps_the_qdq_graph_outputs(graphs: Graphs, 
         before = tmp_path / f"before-{source.stem}.onnx"
         onnx.save(model, str(before))
         assert trt_graph.move_attention_scale(model) == len(scaled) == len(trt_graph.attention_blocks(model)) > 0
-        for (first, _node, _), out in zip(scaled, model.graph.output[-len(scaled):]):
+        for (first, _node, _), out in zip(scaled, model.graph.output[-len(scaled) :]):
             assert out.name == first.output[0]  # the scores output is the first MatMul's own now
         moved = tmp_path / f"moved-{source.stem}.onnx"
         onnx.save(model, str(moved))
         for a_all, b_all in zip(_simulate(before, feeds), _simulate(moved, feeds)):
             for a, b in zip(a_all, b_all):
-                assert a.shape == b.shape and np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(a)))), source.name
+                assert a.shape == b.shape and np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(a)))), (
+                    source.name
+                )
 
 
 @pytest.mark.parametrize("head", [VISION, TEXT], ids=lambda h: h.key)
@@ -179,7 +185,13 @@ def test_gemv_rule_covers_the_text_classification_dense_layer(graphs: Graphs) ->
     graph, _ = graphs.export(TEXT)
     exported = _load(graph.path)
     readers = {i: n for n in exported.graph.node for i in n.input}
-    dense = next(n for n in exported.graph.node if n.op_type in ("Gemm", "MatMul") and readers.get(n.output[0]) is not None and readers[n.output[0]].op_type == "Tanh")
+    dense = next(
+        n
+        for n in exported.graph.node
+        if n.op_type in ("Gemm", "MatMul")
+        and readers.get(n.output[0]) is not None
+        and readers[n.output[0]].op_type == "Tanh"
+    )
     assert dense.name in trt_graph.gemv_nodes(graph)
     artifact = graphs.int8(TEXT)
     assert artifact.quantization is not None and dense.name in artifact.quantization.excluded_nodes
@@ -218,7 +230,11 @@ def test_tiny_scales_are_raised_to_a_normal_fp16_and_the_check_refuses_the_rest(
     quantize_onnx(graph, raw, recipe, feeds)
     model = onnx.load(str(raw))
     inits = {i.name: i for i in model.graph.initializer}
-    weight_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2)
+    weight_dq = next(
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+    )
     act_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits)
     w_scale = numpy_helper.to_array(inits[weight_dq.input[1]]).copy()
     w_scale[0] = 1e-8  # channel 0 of this weight: values up to 127e-8
@@ -231,7 +247,10 @@ def test_tiny_scales_are_raised_to_a_normal_fp16_and_the_check_refuses_the_rest(
     assert trt_graph.fp16_remainder(half, ())["clamped_scales"] == 2
     assert trt_graph.qdq_problems(half) == []
     fixed = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(half)).graph.initializer}
-    assert float(fixed[weight_dq.input[1]][0]) == trt_graph.MIN_HALF_SCALE and float(fixed[act_q.input[1]]) == trt_graph.MIN_HALF_SCALE
+    assert (
+        float(fixed[weight_dq.input[1]][0]) == trt_graph.MIN_HALF_SCALE
+        and float(fixed[act_q.input[1]]) == trt_graph.MIN_HALF_SCALE
+    )
     for a, b in zip(_simulate(tiny_scales, feeds[:2]), _simulate(half, feeds[:2])):
         assert np.all(np.isfinite(b[0])) and np.max(np.abs(a[0] - b[0])) < 0.05 * max(1.0, float(np.max(np.abs(a[0]))))
     # the check: a zero, a negative and a subnormal fp16 scale are each named
@@ -245,7 +264,9 @@ def test_tiny_scales_are_raised_to_a_normal_fp16_and_the_check_refuses_the_rest(
 
 
 @pytest.mark.parametrize("head", [VISION, TEXT, AUDIO], ids=["vision", "text", "audio"])
-def test_residual_option_quantizes_the_residual_add_inputs_and_the_graph_still_runs(head: Head, graphs: Graphs, tmp_path: Path) -> None:
+def test_residual_option_quantizes_the_residual_add_inputs_and_the_graph_still_runs(
+    head: Head, graphs: Graphs, tmp_path: Path
+) -> None:
     import onnx
 
     graph, feeds = graphs.export(head)
@@ -253,16 +274,24 @@ def test_residual_option_quantizes_the_residual_add_inputs_and_the_graph_still_r
     assert residual  # post-LN text/audio: 2 per layer; pre-LN vision: both Adds of a layer feed a LayerNorm
     lever = next(lv for lv in BACKEND.pick_levers if lv.suffix == "-residual")  # what --pick builds
     assert lever.op_types is not None and trt_graph.RESIDUAL_OP in lever.op_types
-    recipe = dataclasses.replace(make_recipe(backends.get("tensorrt"), "static", samples=len(feeds)), op_types=lever.op_types)
-    request = TensorRTRequest(precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True)
+    recipe = dataclasses.replace(
+        make_recipe(backends.get("tensorrt"), "static", samples=len(feeds)), op_types=lever.op_types
+    )
+    request = TensorRTRequest(
+        precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True
+    )
     artifact = BACKEND.compile(graph, tmp_path / "tensorrt-int8-static-residual", request)
-    assert artifact.quantization is not None and trt_graph.RESIDUAL_OP in artifact.quantization.op_types  # the report says so
+    assert (
+        artifact.quantization is not None and trt_graph.RESIDUAL_OP in artifact.quantization.op_types
+    )  # the report says so
     path = artifact.path / "model.onnx"
     model = onnx.load(str(path))
     producers = {o: n for n in model.graph.node for o in n.output}
 
     def quantized_sum(node: Any) -> bool:
-        return node.op_type == "Add" and all(i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input)
+        return node.op_type == "Add" and all(
+            i in producers and producers[i].op_type == "DequantizeLinear" for i in node.input
+        )
 
     assert sum(quantized_sum(n) for n in model.graph.node) == len(residual)
     assert trt_graph.qdq_problems(path) == []  # positive fp16 scales, int8 zero points, Q feeding DQ only

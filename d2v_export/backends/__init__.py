@@ -27,15 +27,52 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..spec import D2VError, ExitCode, Precision
 from .base import (
-    Availability, Backend, BackendBase, BuildRequest, Devices, Opened, PlanContext, Planned, Runner, RunnerKey, Snippet, TargetOption,
-    files_in, require_available, unavailable,
-)  # fmt: skip
+    Availability,
+    Backend,
+    BackendBase,
+    BuildRequest,
+    Devices,
+    Opened,
+    PlanContext,
+    Planned,
+    Runner,
+    RunnerKey,
+    Snippet,
+    TargetOption,
+    files_in,
+    require_available,
+    unavailable,
+)
 
 __all__ = [
-    "DEFAULT", "ENTRY_POINTS", "ENV", "REFERENCE", "Availability", "Backend", "BackendBase", "BuildRequest", "Devices", "Opened",
-    "PlanContext", "Planned", "ReferenceRuntime", "Runner", "RunnerKey", "Snippet", "TargetOption", "broken", "building", "files_in",
-    "get", "int8_options", "names", "packages", "reference", "require", "unavailable",
-]  # fmt: skip
+    "DEFAULT",
+    "ENTRY_POINTS",
+    "ENV",
+    "REFERENCE",
+    "Availability",
+    "Backend",
+    "BackendBase",
+    "BuildRequest",
+    "Devices",
+    "Opened",
+    "PlanContext",
+    "Planned",
+    "ReferenceRuntime",
+    "Runner",
+    "RunnerKey",
+    "Snippet",
+    "TargetOption",
+    "broken",
+    "building",
+    "files_in",
+    "get",
+    "int8_options",
+    "names",
+    "packages",
+    "reference",
+    "require",
+    "unavailable",
+]
 
 DEFAULT = "onnxruntime"  # the --target when none is given: a core dependency, runs everywhere
 ENTRY_POINTS = "d2v_export.backends"
@@ -50,7 +87,9 @@ class ReferenceRuntime(Backend, Protocol):
 
     display_name: str
 
-    def onnx_runner(self, model: Path | bytes, *, threads: int, name: str = "reference", optimize: bool = True) -> Runner:
+    def onnx_runner(
+        self, model: Path | bytes, *, threads: int, name: str = "reference", optimize: bool = True
+    ) -> Runner:
         """A runner of ``model`` (``optimize=False``: no graph optimisations, a faithful float run of every node)."""
         ...
 
@@ -84,7 +123,9 @@ def _load() -> tuple[dict[str, Backend], dict[str, str]]:
         try:
             backend = _plugin(where)
         except Exception as exc:  # noqa: BLE001 - a broken plug-in must not stop the tool; doctor shows why
-            failed[label] = f"plug-in '{where}' does not load ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})"
+            failed[label] = (
+                f"plug-in '{where}' does not load ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})"
+            )
             continue
         if backend.name in found:
             if found[backend.name] is not backend:

@@ -76,7 +76,9 @@ def find_groups(model: Any) -> list[Group]:
     return groups
 
 
-def activation_maxima(model: Any, groups: Sequence[Group], feeds: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+def activation_maxima(
+    model: Any, groups: Sequence[Group], feeds: Sequence[Mapping[str, np.ndarray]]
+) -> list[np.ndarray]:
     """max |x| per channel (the last axis) of each group's input over all samples, from one compiled pass."""
     import openvino as ov
     import openvino.opset13 as ops

@@ -87,8 +87,12 @@ class TargetOption:
 class PlanContext:
     """What a backend plans its variants from (``Backend.plan``): the run's options as they concern one target."""
 
-    int8: QuantConfig | None = None  # the run's INT8 (mode, method, samples = the calibration samples); None: float only
-    settings: Mapping[str, str] = field(default_factory=dict)  # the targets' own INT8 settings (TargetOption name -> value)
+    int8: QuantConfig | None = (
+        None  # the run's INT8 (mode, method, samples = the calibration samples); None: float only
+    )
+    settings: Mapping[str, str] = field(
+        default_factory=dict
+    )  # the targets' own INT8 settings (TargetOption name -> value)
     calibration: tuple[Mapping[str, np.ndarray], ...] = ()  # calibration feeds (static INT8)
     half: tuple[Precision, ...] = ()  # extra float precisions asked for
     pick: bool = False  # --pick: every candidate (``Backend.pick_levers``), not only the run's recipe
@@ -133,7 +137,9 @@ class Recovery:
     evaluate: Callable[[Artifact], Drift]  # task-aware drift of a built artifact against the reference
     feeds: tuple[Mapping[str, np.ndarray], ...]  # the evaluation samples
     reference: tuple[Mapping[str, np.ndarray], ...]  # PyTorch fp32 outputs on them
-    score: Callable[[Sequence[int], Sequence[Mapping[str, np.ndarray]]], float]  # primary metric on a subset, higher is better
+    score: Callable[
+        [Sequence[int], Sequence[Mapping[str, np.ndarray]]], float
+    ]  # primary metric on a subset, higher is better
     max_drop: float  # how far the score may fall below the reference's (which scores 1.0 against itself)
     calibration: tuple[Mapping[str, np.ndarray], ...] = ()  # calibration samples (also for dynamic mode)
     progress: Callable[[str], None] = lambda _msg: None
@@ -273,7 +279,9 @@ class Backend(Protocol):
     def precision_problem(self, precision: Precision, device: str) -> str | None: ...
     def measured_on(self, artifact: Artifact, device: str) -> str: ...
 
-    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+    def recover(
+        self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery
+    ) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """``--fallback auto``: the INT8 artifact with its most sensitive parts back in float; (artifact, drift, what stayed float)."""
         ...
 
@@ -437,13 +445,20 @@ class BackendBase:
         """The device this run measured ``artifact`` (built for ``device``) on: ``device``, or what stood in for it."""
         return device
 
-    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
-        raise D2VError(f"--fallback auto is not supported by target '{self.name}'; use --fallback off", ExitCode.TARGET_UNAVAILABLE)
+    def recover(
+        self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery
+    ) -> tuple[Artifact, Drift, tuple[str, ...]]:
+        raise D2VError(
+            f"--fallback auto is not supported by target '{self.name}'; use --fallback off", ExitCode.TARGET_UNAVAILABLE
+        )
 
     def open_bundle(self, folder: Path, model_file: str, files: Sequence[str]) -> Opened:
         avail = self.available()
         if not avail.ok:
-            raise D2VError(f"bundle '{folder}' needs {self.name}, which is not available here: {avail.reason}", ExitCode.TARGET_UNAVAILABLE)
+            raise D2VError(
+                f"bundle '{folder}' needs {self.name}, which is not available here: {avail.reason}",
+                ExitCode.TARGET_UNAVAILABLE,
+            )
         return Opened(self, self.name, model_file)  # type: ignore[arg-type]
 
     def readme_snippet(self, bundle: str, model_file: str, folder: Path | None) -> Snippet:
@@ -494,9 +509,13 @@ def _int8_variant(backend: Any, ctx: PlanContext, lever: Lever, default: tuple[s
     )
     recipe = backend.recipe(config, {**ctx.settings, **lever.settings}, ctx)
     feeds = ctx.calibration if static else ()
-    request = backend.request(ctx, precision=Precision.INT8, quant=recipe, calibration=feeds, threads=ctx.threads, device=ctx.device)
+    request = backend.request(
+        ctx, precision=Precision.INT8, quant=recipe, calibration=feeds, threads=ctx.threads, device=ctx.device
+    )
     rewrites = default if lever.rewrites is None else lever.rewrites
-    return Planned(f"{backend.name}-int8-{lever.mode}{lever.suffix}", request, rewrites, lever.description or f"int8 {lever.mode}")
+    return Planned(
+        f"{backend.name}-int8-{lever.mode}{lever.suffix}", request, rewrites, lever.description or f"int8 {lever.mode}"
+    )
 
 
 class RunnerBase:

@@ -59,7 +59,9 @@ def _json(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------- runtimes
 
 
-def open_session(folder: Path, manifest: Mapping[str, Any], threads: int = 0) -> tuple[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], str]:
+def open_session(
+    folder: Path, manifest: Mapping[str, Any], threads: int = 0
+) -> tuple[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], str]:
     """(feed -> outputs, runtime description) for the bundle's target, loaded as d2v-export measured it."""
     target, model = str(manifest.get("target")), folder / str(manifest.get("model_file"))
     if target == "onnxruntime":
@@ -79,7 +81,9 @@ def open_session(folder: Path, manifest: Mapping[str, Any], threads: int = 0) ->
     raise BundleError(f"this runner runs ONNX Runtime and OpenVINO bundles; '{folder}' is a {target} bundle")
 
 
-def _openvino(folder: Path, model: Path, threads: int) -> tuple[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], str]:
+def _openvino(
+    folder: Path, model: Path, threads: int
+) -> tuple[Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], str]:
     try:
         import openvino as ov
     except ImportError as exc:
@@ -95,7 +99,9 @@ def _openvino(folder: Path, model: Path, threads: int) -> tuple[Callable[[dict[s
     request = compiled.create_infer_request()
     inputs = [(p.get_any_name(), p.get_element_type().to_dtype()) for p in compiled.inputs]
     wanted = [str(n) for n in settings.get("outputs") or ()]
-    ports = [(next((n for n in wanted if n in p.get_names()), p.get_any_name()), i) for i, p in enumerate(compiled.outputs)]
+    ports = [
+        (next((n for n in wanted if n in p.get_names()), p.get_any_name()), i) for i, p in enumerate(compiled.outputs)
+    ]
 
     def infer(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         result = request.infer({n: np.ascontiguousarray(feed[n], dtype=t) for n, t in inputs})
@@ -135,7 +141,9 @@ def prepare_image(path: Path, pre: Mapping[str, Any], image_size: int | None) ->
             im.load()
             img = (ImageOps.exif_transpose(im) or im).convert("RGB")
     except Exception as exc:  # noqa: BLE001 - a corrupt file can raise almost anything from a decoder plugin
-        raise BundleError(f"input '{path}': not a readable image ({exc.__class__.__name__}); pass an image file") from None
+        raise BundleError(
+            f"input '{path}': not a readable image ({exc.__class__.__name__}); pass an image file"
+        ) from None
     size, crop = dict(pre.get("size") or {}), bool(pre.get("do_center_crop"))
     crop_size = pre.get("crop_size") or {}
     final = (int(crop_size.get("height", 0)), int(crop_size.get("width", 0))) if crop else None
@@ -164,7 +172,9 @@ def read_mono(path: Path, rate: int) -> np.ndarray:
     try:
         data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # noqa: BLE001 - libsndfile reports corrupt files in several exception types
-        raise BundleError(f"input '{path}': not a readable audio file ({exc.__class__.__name__}); pass wav, flac, ogg, ...") from None
+        raise BundleError(
+            f"input '{path}': not a readable audio file ({exc.__class__.__name__}); pass wav, flac, ogg, ..."
+        ) from None
     if data.shape[0] == 0:
         raise BundleError(f"input '{path}': the audio file holds no samples")
     wave = data.mean(axis=1, dtype=np.float64)
@@ -172,7 +182,9 @@ def read_mono(path: Path, rate: int) -> np.ndarray:
         try:
             from scipy.signal import resample_poly  # only for files not at the bundle's rate
         except ImportError:
-            raise BundleError(f"input '{path}' is at {int(file_rate)} Hz, the bundle takes {rate} Hz: pip install scipy to resample it") from None
+            raise BundleError(
+                f"input '{path}' is at {int(file_rate)} Hz, the bundle takes {rate} Hz: pip install scipy to resample it"
+            ) from None
 
         g = math.gcd(rate, int(file_rate))
         wave = resample_poly(wave, rate // g, int(file_rate) // g)
@@ -228,13 +240,19 @@ class AudioPrep:
         wave = read_mono(path, rate)
         whole = self.sizes is not None and hi is not None and len(wave) > hi
         keep = min(len(wave), MAX_SECONDS * rate) if whole else (len(wave) if hi is None else min(len(wave), hi))
-        notes = [f"cut to {keep / rate:g} s: " + ("run reads at most this much" if whole else "the bundle's longest input")] if keep < len(wave) else []
+        notes = (
+            [f"cut to {keep / rate:g} s: " + ("run reads at most this much" if whole else "the bundle's longest input")]
+            if keep < len(wave)
+            else []
+        )
         x = self._normalize(wave[:keep].astype(np.float32)).astype(np.float32)
         if whole:
             assert self.sizes is not None and self.chunking is not None
             window, stride = self.sizes
             plan = self.chunking.windows(keep, window, stride, self.encoder)
-            notes.append(f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side")
+            notes.append(
+                f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side"
+            )
             return {"input_values": x[None]}, 1.0, notes, plan  # each window gets its mask (``window``)
         target = max(-(-keep // STEP) * STEP, self.lo)
         target = target if hi is None else min(target, hi)
@@ -308,7 +326,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
 def top_labels(logits: np.ndarray, k: int, labels: Mapping[str, str] | None) -> list[dict[str, Any]]:
     probs = softmax(logits)
     order = np.argsort(-probs, kind="stable")[: max(1, k)]
-    return [{"label": (labels or {}).get(str(int(i)), f"LABEL_{int(i)}"), "id": int(i), "score": round(float(probs[i]), 6)} for i in order]
+    return [
+        {"label": (labels or {}).get(str(int(i)), f"LABEL_{int(i)}"), "id": int(i), "score": round(float(probs[i]), 6)}
+        for i in order
+    ]
 
 
 def ctc_vocabulary(folder: Path) -> tuple[dict[int, str], int, str]:
@@ -353,19 +374,27 @@ class BundleRunner:
         model, pre = self.manifest.get("model") or {}, self.manifest.get("preprocessing") or {}
         self.task, self.modality = str(model.get("task")), str(model.get("modality"))
         if self.task not in TASKS:
-            raise BundleError(f"{SCRIPT} answers {', '.join(TASKS)}; this bundle is {self.task}: run it with d2v-export run")
+            raise BundleError(
+                f"{SCRIPT} answers {', '.join(TASKS)}; this bundle is {self.task}: run it with d2v-export run"
+            )
         self.pre = _json(self.folder / "preprocessor_config.json") if self.modality != "text" else {}
         self.pre = {**self.pre, **{k: v for k, v in pre.items() if k not in ("tokenizer", "modality")}}
         self.text = TextPrep(self.folder, self.manifest) if self.modality == "text" else None
         self.ctc = ctc_vocabulary(self.folder) if TASKS[self.task] == "transcript" else None
-        self.audio = AudioPrep(self.folder, self.pre, _dims(self.manifest, "samples"), self.ctc is not None) if self.modality == "audio" else None
+        self.audio = (
+            AudioPrep(self.folder, self.pre, _dims(self.manifest, "samples"), self.ctc is not None)
+            if self.modality == "audio"
+            else None
+        )
         self.k, self.labels = top_k, self.manifest.get("labels")
         self.infer, version = open_session(self.folder, self.manifest, threads)
         batch = _dims(self.manifest, "batch")
         self.batch = batch[0] if batch else 1
         self.runtime = f"{version} ({self.manifest.get('precision')}, {self.manifest.get('model_file')})"
         self.names = [str(o["name"]) for o in self.manifest.get("outputs") or ()]
-        self.inputs = {str(i.get("name")) for i in self.manifest.get("inputs") or ()}  # an older audio graph takes no mask
+        self.inputs = {
+            str(i.get("name")) for i in self.manifest.get("inputs") or ()
+        }  # an older audio graph takes no mask
 
     def _feed(self, raw: str) -> tuple[dict[str, np.ndarray], float, list[str], list[Any]]:
         if self.text is not None:
@@ -373,7 +402,9 @@ class BundleRunner:
             return feed, 1.0, notes, []
         path = Path(raw).expanduser()
         if not path.is_file():
-            raise BundleError(f"input '{raw}' is not a file; pass {'image' if self.modality == 'vision' else 'audio'} files")
+            raise BundleError(
+                f"input '{raw}' is not a file; pass {'image' if self.modality == 'vision' else 'audio'} files"
+            )
         if self.audio is None:
             return prepare_image(path, self.pre, (self.manifest.get("static") or {}).get("image_size")), 1.0, [], []
         return self.audio(path)
@@ -409,11 +440,15 @@ class BundleRunner:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=SCRIPT, description="Run this d2v-export bundle with its runtime only (no torch).")
+    parser = argparse.ArgumentParser(
+        prog=SCRIPT, description="Run this d2v-export bundle with its runtime only (no torch)."
+    )
     parser.add_argument("inputs", nargs="+", help="image or audio files, or texts ('A ||| B' for a pair)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the runtime's default)")
-    parser.add_argument("--bundle", default=str(Path(__file__).resolve().parent), help="the bundle folder (default: this file's)")
+    parser.add_argument(
+        "--bundle", default=str(Path(__file__).resolve().parent), help="the bundle folder (default: this file's)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.top_k < 1:

@@ -12,9 +12,22 @@ from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
 from ..quantize import MATMUL_OPS, TOOL, RecipeTemplate
 from ..rewrite import DEFAULT as CLEAN_UP
 from .base import (
-    Availability, Backend, BackendBase, BuildRequest, Devices, Lever, PlanContext, Recovery, RunnerBase, RunnerKey, ServingLayout,
-    TargetOption, copy_onnx, file_identity, files_in,
-)  # fmt: skip
+    Availability,
+    Backend,
+    BackendBase,
+    BuildRequest,
+    Devices,
+    Lever,
+    PlanContext,
+    Recovery,
+    RunnerBase,
+    RunnerKey,
+    ServingLayout,
+    TargetOption,
+    copy_onnx,
+    file_identity,
+    files_in,
+)
 
 MODEL_FILE = "model.onnx"
 SPINNING = "session.intra_op.allow_spinning"
@@ -39,7 +52,9 @@ def session_options(threads: int, *, optimize: bool = True) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     opts.log_severity_level = 3
     # No busy-waiting workers after a run (ORT's default spins them). Measured on a 2-core Zen 3: alone,
     # 0-3 % slower on the base models; but a spinning session stole 35-60 % from whatever ran next in the
@@ -53,7 +68,9 @@ def open_session(model: Path | bytes, options: Any) -> Any:
     """An ONNX Runtime session of ``model`` (a file, or the serialized graph) on the CPU execution provider."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"]
+    )
 
 
 class OrtRunner(RunnerBase):
@@ -79,18 +96,24 @@ class OnnxRuntimeBackend(BackendBase):
     int8_recipes = {
         "static": RecipeTemplate(
             "QDQ: uint8 activations calibrated per tensor, int8 weights per channel, on MatMul/Gemm/Conv inputs only",
-            "static", MATMUL_OPS, tool=TOOL,
+            "static",
+            MATMUL_OPS,
+            tool=TOOL,
         ),
         "dynamic": RecipeTemplate(
             "MatMulInteger: uint8 activation ranges measured at run time, int8 weights per channel, MatMul/Gemm only "
             "(ConvInteger is slow on CPU)",
-            "dynamic", ("MatMul", "Gemm"), tool=TOOL,
+            "dynamic",
+            ("MatMul", "Gemm"),
+            tool=TOOL,
         ),
-    }  # fmt: skip
+    }
     devices = Devices("CPU", "CPU", "CPU")
     standalone_runner = True  # bundle_run.py runs its bundles with onnxruntime + numpy (backends/bundle_run.py)
     # Triton's ONNX Runtime backend: 1/model.onnx (external weights keep their name: the graph refers to it)
-    serving = ServingLayout(("platform", "onnxruntime_onnx"), (("{name}", "model.onnx"), ("{name}.data", "{name}.data")))
+    serving = ServingLayout(
+        ("platform", "onnxruntime_onnx"), (("{name}", "model.onnx"), ("{name}.data", "{name}.data"))
+    )
     # The graph clean-up (d2v_export.rewrite) is off by default here: ONNX Runtime folds constants itself at
     # load time and the other rewrites measured within noise on its kernels; --pick tries it.
     rewrites: tuple[str, ...] = ()
@@ -100,10 +123,20 @@ class OnnxRuntimeBackend(BackendBase):
         Lever("dynamic", description="MatMulInteger, activation ranges at run time"),
         Lever("static", "-7bit", settings={"reduce_range": "on"}, description="QDQ with 7-bit weights"),
         Lever("dynamic", "-7bit", settings={"reduce_range": "on"}, description="MatMulInteger with 7-bit weights"),
-        Lever("static", "-8bit", settings={"reduce_range": "off"}, description="QDQ with 8-bit weights (CPUs with VNNI/AMX only)"),
-        Lever("dynamic", "-8bit", settings={"reduce_range": "off"}, description="MatMulInteger with 8-bit weights (CPUs with VNNI/AMX only)"),
+        Lever(
+            "static",
+            "-8bit",
+            settings={"reduce_range": "off"},
+            description="QDQ with 8-bit weights (CPUs with VNNI/AMX only)",
+        ),
+        Lever(
+            "dynamic",
+            "-8bit",
+            settings={"reduce_range": "off"},
+            description="MatMulInteger with 8-bit weights (CPUs with VNNI/AMX only)",
+        ),
         Lever("static", "-clean", rewrites=CLEAN_UP, description="QDQ after the graph clean-up"),
-    )  # fmt: skip
+    )
 
     def candidates(self, ctx: PlanContext) -> tuple[Lever, ...]:
         """``pick_levers`` less the 8-bit ones where the CPU the artifact is for saturates them (``quantize.saturates``)."""
@@ -116,7 +149,9 @@ class OnnxRuntimeBackend(BackendBase):
     def recipe(self, config: QuantConfig, settings: Mapping[str, str], ctx: PlanContext) -> QuantRecipe:
         """The shared recipe with the weight width ``--reduce-range`` (or the candidate) asks for."""
         recipe = super().recipe(config, settings, ctx)
-        return dataclasses.replace(recipe, reduce_range=wants_reduce_range(settings.get(REDUCE_RANGE.name, REDUCE_RANGE.default), ctx.profile))
+        return dataclasses.replace(
+            recipe, reduce_range=wants_reduce_range(settings.get(REDUCE_RANGE.name, REDUCE_RANGE.default), ctx.profile)
+        )
 
     def available(self) -> Availability:
         try:
@@ -142,9 +177,13 @@ class OnnxRuntimeBackend(BackendBase):
                 f"onnxruntime builds fp32 or int8 on CPU, not {request.precision.value}; use --target openvino or tensorrt for it",
                 ExitCode.TARGET_UNAVAILABLE,
             )
-        return Artifact(self.name, request.precision, folder, target, files_in(folder), quantization=recipe, notes=notes)
+        return Artifact(
+            self.name, request.precision, folder, target, files_in(folder), quantization=recipe, notes=notes
+        )
 
-    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+    def recover(
+        self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery
+    ) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """Rank nodes by the error their quantization adds; keep the worst in float until the budget holds."""
         from ..fallback import describe, fallback
 
@@ -152,11 +191,22 @@ class OnnxRuntimeBackend(BackendBase):
         target = folder / MODEL_FILE
 
         def evaluate(path: Path) -> Drift:
-            return recovery.evaluate(Artifact(self.name, request.precision, folder, path, files_in(folder), quantization=request.quant))
+            return recovery.evaluate(
+                Artifact(self.name, request.precision, folder, path, files_in(folder), quantization=request.quant)
+            )
 
-        result = fallback(graph, request.quant, recovery.calibration, evaluate, target=target, progress=recovery.progress)
-        artifact = Artifact(self.name, request.precision, folder, target, files_in(folder), quantization=result.quantized.recipe,
-                            notes=_range_notes(result.quantized.recipe))  # fmt: skip
+        result = fallback(
+            graph, request.quant, recovery.calibration, evaluate, target=target, progress=recovery.progress
+        )
+        artifact = Artifact(
+            self.name,
+            request.precision,
+            folder,
+            target,
+            files_in(folder),
+            quantization=result.quantized.recipe,
+            notes=_range_notes(result.quantized.recipe),
+        )
         return artifact, result.drift, describe(result)
 
     def runner(self, artifact: Artifact, *, threads: int) -> OrtRunner:
@@ -174,7 +224,9 @@ class OnnxRuntimeBackend(BackendBase):
         return RunnerKey(runner, options, file_identity(Path(model)))
 
     # The reference runtime (backends.reference()): d2v-export's own checks run plain ONNX graphs with these.
-    def onnx_runner(self, model: Path | bytes, *, threads: int, name: str = "reference", optimize: bool = True) -> OrtRunner:
+    def onnx_runner(
+        self, model: Path | bytes, *, threads: int, name: str = "reference", optimize: bool = True
+    ) -> OrtRunner:
         return OrtRunner(model, threads, name=name, optimize=optimize)
 
     def session_options(self, threads: int, *, optimize: bool = True) -> Any:
@@ -205,11 +257,15 @@ def _range_notes(recipe: Any) -> tuple[str, ...]:
     from ..quantize import saturates
 
     if recipe.reduce_range:
-        return ("7-bit weights (reduce_range): u8 x s8 products stay exact on x86 CPUs without VNNI; "
-                "--reduce-range off gives 8-bit weights for VNNI/AMX CPUs",)  # fmt: skip
+        return (
+            "7-bit weights (reduce_range): u8 x s8 products stay exact on x86 CPUs without VNNI; "
+            "--reduce-range off gives 8-bit weights for VNNI/AMX CPUs",
+        )
     if saturates():
-        return ("8-bit weights on a CPU without VNNI: ONNX Runtime's u8 x s8 kernel here can saturate 16-bit sums; "
-                "the drift above was measured with it. --reduce-range on (7-bit weights) makes it exact",)  # fmt: skip
+        return (
+            "8-bit weights on a CPU without VNNI: ONNX Runtime's u8 x s8 kernel here can saturate 16-bit sums; "
+            "the drift above was measured with it. --reduce-range on (7-bit weights) makes it exact",
+        )
     return ()
 
 

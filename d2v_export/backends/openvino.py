@@ -43,7 +43,20 @@ import numpy as np
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
 from ..quantize import MATMUL_OPS, RecipeTemplate
 from ..recipe_choice import Choice
-from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Recovery, RunnerBase, ServingLayout, Snippet, files_in, require_available
+from .base import (
+    Availability,
+    Backend,
+    BackendBase,
+    BuildRequest,
+    Devices,
+    Lever,
+    Recovery,
+    RunnerBase,
+    ServingLayout,
+    Snippet,
+    files_in,
+    require_available,
+)
 from ._openvino_smooth import ALPHA as SMOOTH_ALPHA, smooth
 
 MODEL_FILE = "openvino_model.xml"  # optimum-intel's OV_XML_FILE_NAME
@@ -79,7 +92,9 @@ class OVRunner(RunnerBase):
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [name for name, _dtype in self._inputs if name not in feed]
         if missing:
-            raise D2VError(f"the feed lacks input(s) {', '.join(missing)} of this model; it has {', '.join(feed) or 'none'}")
+            raise D2VError(
+                f"the feed lacks input(s) {', '.join(missing)} of this model; it has {', '.join(feed) or 'none'}"
+            )
         inputs = {name: np.ascontiguousarray(feed[name], dtype=dtype) for name, dtype in self._inputs}
         # share_outputs: no copy inside OpenVINO; the request reuses those buffers, so copy once here.
         result = self.request.infer(inputs, share_inputs=True, share_outputs=True)
@@ -133,10 +148,10 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 # Measured on the trained example models (docs/quantization.md, "Default recipe per modality").
 HEAD_STAYS_FLOAT = Choice(
-        ("input", "head"),
-        "NNCF: the task head (last GEMM before the outputs) stays float; measured on the trained audio example it carried "
-        "~90 % of the INT8 output error (1 - logit cosine 1.4e-3 -> 1.5e-4, top-1 agreement 0.975 -> 0.994), "
-        "no change on vision and text; one small GEMM",
+    ("input", "head"),
+    "NNCF: the task head (last GEMM before the outputs) stays float; measured on the trained audio example it carried "
+    "~90 % of the INT8 output error (1 - logit cosine 1.4e-3 -> 1.5e-4, top-1 agreement 0.975 -> 0.994), "
+    "no change on vision and text; one small GEMM",
 )
 # Vision and audio also take symmetric int8 activations (NNCF's PERFORMANCE preset): 1.02-1.11x faster than MIXED's
 # asymmetric ones on this session's peers.py run (audio 1 s 29.3 -> 26.4 ms, 2-core EPYC with AVX-512 VNNI) with the
@@ -145,7 +160,8 @@ HEAD_STAYS_FLOAT = Choice(
 # GELU outputs losing half their range (TensorRT text's ffn_out rule is the same mechanism).
 HEAD_STAYS_FLOAT_SYMMETRIC = Choice(
     HEAD_STAYS_FLOAT.float_rules,
-    HEAD_STAYS_FLOAT.why + "; symmetric int8 activations (NNCF PERFORMANCE preset): 1.02-1.11x faster than MIXED, the trained "
+    HEAD_STAYS_FLOAT.why
+    + "; symmetric int8 activations (NNCF PERFORMANCE preset): 1.02-1.11x faster than MIXED, the trained "
     "example's accuracy kept (text keeps MIXED: it lost 2 of 240 answers with symmetric activations)",
     symmetric_activations=True,
 )
@@ -156,7 +172,12 @@ PICK_LEVERS = (
     Lever("static", description="NNCF TRANSFORMER, the modality's preset (recipe_choice), SmoothQuant, graph clean-up"),
     Lever("static", "-raw", rewrites=(), description="NNCF TRANSFORMER, the modality's preset, the export as it is"),
     # the preset the modality's default does not use (a duplicate of the default is dropped)
-    Lever("static", "-sym", preset="performance", description="NNCF TRANSFORMER, PERFORMANCE preset (symmetric activations)"),
+    Lever(
+        "static",
+        "-sym",
+        preset="performance",
+        description="NNCF TRANSFORMER, PERFORMANCE preset (symmetric activations)",
+    ),
     Lever("static", "-asym", preset="mixed", description="NNCF TRANSFORMER, MIXED preset (asymmetric activations)"),
     Lever("dynamic", description="NNCF INT8 weight-only compression"),
 )
@@ -191,8 +212,15 @@ class OpenVinoBackend(BackendBase):
     precisions = (Precision.FP32, Precision.BF16, Precision.FP16, Precision.INT8)
     # OpenVINO never runs quantize_onnx: NNCF quantizes; these templates say what it does, for the report.
     int8_recipes = {
-        "static": RecipeTemplate("NNCF transformer preset: int8 activations and per-channel weights on MatMul/Gemm/Conv", "static", MATMUL_OPS, tool="nncf"),
-        "dynamic": RecipeTemplate("NNCF weight compression: int8 weights only", "dynamic", ("MatMul", "Gemm"), tool="nncf"),
+        "static": RecipeTemplate(
+            "NNCF transformer preset: int8 activations and per-channel weights on MatMul/Gemm/Conv",
+            "static",
+            MATMUL_OPS,
+            tool="nncf",
+        ),
+        "dynamic": RecipeTemplate(
+            "NNCF weight compression: int8 weights only", "dynamic", ("MatMul", "Gemm"), tool="nncf"
+        ),
     }
     # layers its INT8 keeps float by rule, and the activation encoding, per modality (recipe_choice)
     recipe_choices = {"*": HEAD_STAYS_FLOAT, "vision": HEAD_STAYS_FLOAT_SYMMETRIC, "audio": HEAD_STAYS_FLOAT_SYMMETRIC}
@@ -205,7 +233,9 @@ class OpenVinoBackend(BackendBase):
     # vision unchanged; docs/PERFORMANCE.md.
     rewrites = ("fold_constants", "fold_layer_scale", "fold_query_scale", "channel_layernorm")
     pick_levers = PICK_LEVERS
-    resolve_device = _resolve_device  # 'CPU', 'GPU.1', 'AUTO' ...: one openvino.Core().available_devices has (exit 6 when not)
+    resolve_device = (
+        _resolve_device  # 'CPU', 'GPU.1', 'AUTO' ...: one openvino.Core().available_devices has (exit 6 when not)
+    )
     precision_problem = _precision_problem  # the declared precisions; bf16 only where the device lists BF16
 
     def available(self) -> Availability:
@@ -223,15 +253,22 @@ class OpenVinoBackend(BackendBase):
             return Availability(False, f"OpenVINO finds no device ({' '.join(str(exc).split())[:200]})", ov.__version__)
         return Availability(True, version=ov.__version__, devices=devices)
 
-    def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest, *, control: Recovery | None = None) -> Artifact:
+    def compile(
+        self, graph: ExportedGraph, folder: Path, request: BuildRequest, *, control: Recovery | None = None
+    ) -> Artifact:
         """Build the IR; with ``control`` (from ``recover``), static INT8 runs NNCF's accuracy control."""
         require_available(self)
         return _build(self, graph, folder, request, control)
 
-    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+    def recover(
+        self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery
+    ) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """Static INT8 again, through nncf.quantize_with_accuracy_control driven by the task's primary metric."""
         if request.quant is None or request.quant.mode != "static":
-            raise D2VError("openvino fallback applies to static INT8 (weight-only compression has nothing to revert); use --quant static", ExitCode.BAD_INPUT)
+            raise D2VError(
+                "openvino fallback applies to static INT8 (weight-only compression has nothing to revert); use --quant static",
+                ExitCode.BAD_INPUT,
+            )
         artifact = self.compile(graph, folder, request, control=recovery)
         drift = recovery.evaluate(artifact)
         return artifact, drift, ()
@@ -248,13 +285,15 @@ class OpenVinoBackend(BackendBase):
         comment = "  # as d2v-export measured it (openvino_config.json)"
         if config.get("INFERENCE_PRECISION_HINT") == "f32":
             comment = "  # as measured; without the f32 hint OpenVINO may run fp32 in bf16"
-        return Snippet((
-            "import openvino as ov",
-            "",
-            f"config = {json.dumps(dict(config))}{comment}",
-            f'compiled = ov.Core().compile_model("{bundle}/{model_file}", "{device}", config)',
-            "outputs = compiled(feed)",
-        ))  # fmt: skip
+        return Snippet(
+            (
+                "import openvino as ov",
+                "",
+                f"config = {json.dumps(dict(config))}{comment}",
+                f'compiled = ov.Core().compile_model("{bundle}/{model_file}", "{device}", config)',
+                "outputs = compiled(feed)",
+            )
+        )
 
     def diagnose(self) -> dict[str, Any]:
         """Every OpenVINO device with its full name, capabilities and default precision."""
@@ -277,10 +316,18 @@ def _diagnose() -> dict[str, Any]:
     devices = []
     for name in names:
         row: dict[str, Any] = {"name": name}
-        for key, prop in (("full_name", "FULL_DEVICE_NAME"), ("capabilities", "OPTIMIZATION_CAPABILITIES"), ("precision_hint", "INFERENCE_PRECISION_HINT")):
+        for key, prop in (
+            ("full_name", "FULL_DEVICE_NAME"),
+            ("capabilities", "OPTIMIZATION_CAPABILITIES"),
+            ("precision_hint", "INFERENCE_PRECISION_HINT"),
+        ):
             try:
                 value = core.get_property(name, prop)
-                row[key] = [str(v) for v in value] if isinstance(value, (list, tuple)) else str(getattr(value, "type_name", None) or value)
+                row[key] = (
+                    [str(v) for v in value]
+                    if isinstance(value, (list, tuple))
+                    else str(getattr(value, "type_name", None) or value)
+                )
             except Exception:  # noqa: BLE001 - not every device has every property
                 row[key] = None
         devices.append(row)
@@ -293,7 +340,9 @@ def _diagnosis_lines(details: Mapping[str, Any]) -> list[str]:
     lines = ["", "OpenVINO devices:"]
     for dev in details.get("devices") or ():
         caps = ", ".join(dev.get("capabilities") or []) or "unknown"
-        lines.append(f"  {dev['name']}: {dev.get('full_name') or '?'}; capabilities {caps}; default precision {dev.get('precision_hint') or '?'}")
+        lines.append(
+            f"  {dev['name']}: {dev.get('full_name') or '?'}; capabilities {caps}; default precision {dev.get('precision_hint') or '?'}"
+        )
     return lines
 
 
@@ -316,7 +365,12 @@ def _checked(core: Any, request: BuildRequest, precisions: Sequence[Precision]) 
         )
     if precision is Precision.INT8 and (request.quant is None or request.quant.mode not in ("static", "dynamic")):
         raise D2VError("openvino int8 needs a quantization mode, static or dynamic; pass --quant static or dynamic")
-    if precision is Precision.INT8 and request.quant is not None and request.quant.mode == "static" and not request.calibration:
+    if (
+        precision is Precision.INT8
+        and request.quant is not None
+        and request.quant.mode == "static"
+        and not request.calibration
+    ):
         raise D2VError(
             "static int8 for openvino needs calibration samples and got none; pass --calibration DATA, "
             "leave it out to use the bundled samples, or use --quant dynamic"
@@ -326,24 +380,34 @@ def _checked(core: Any, request: BuildRequest, precisions: Sequence[Precision]) 
     caps = _capabilities(core, device)
     problem = _bf16_problem(core, device) if precision is Precision.BF16 else None
     if problem is not None:
-        raise D2VError(f"{problem}; use --precision fp32, or a CPU with AVX512-BF16 or AMX", ExitCode.TARGET_UNAVAILABLE)
+        raise D2VError(
+            f"{problem}; use --precision fp32, or a CPU with AVX512-BF16 or AMX", ExitCode.TARGET_UNAVAILABLE
+        )
     return device, caps
 
 
 def _bf16_problem(core: Any, device: str) -> str | None:
     """Why ``device`` cannot run bf16 (no BF16 in its OPTIMIZATION_CAPABILITIES), or None."""
     caps = _capabilities(core, device)
-    return None if "BF16" in caps else f"{device} has no native bf16 (OPTIMIZATION_CAPABILITIES: {', '.join(caps) or 'unknown'})"
+    return (
+        None
+        if "BF16" in caps
+        else f"{device} has no native bf16 (OPTIMIZATION_CAPABILITIES: {', '.join(caps) or 'unknown'})"
+    )
 
 
-def _build(backend: OpenVinoBackend, graph: ExportedGraph, folder: Path, request: BuildRequest, control: Recovery | None) -> Artifact:
+def _build(
+    backend: OpenVinoBackend, graph: ExportedGraph, folder: Path, request: BuildRequest, control: Recovery | None
+) -> Artifact:
     import openvino as ov
 
     core = ov.Core()
     device, caps = _checked(core, request, backend.precisions)
     precision = request.precision
     hint = _HINT.get(precision)
-    notes = [f"converted from ONNX with openvino.convert_model (OpenVINO {ov.__version__.split('-')[0]}); device {device}"]
+    notes = [
+        f"converted from ONNX with openvino.convert_model (OpenVINO {ov.__version__.split('-')[0]}); device {device}"
+    ]
     if precision is Precision.FP16 and "FP16" not in caps:
         hint = None  # the plugin rejects an f16 hint it cannot run; it decompresses f16 weights instead
         default = _default_hint(core, device) or "precision"
@@ -370,7 +434,13 @@ def _build(backend: OpenVinoBackend, graph: ExportedGraph, folder: Path, request
 
 
 def _int8(
-    model: Any, graph: ExportedGraph, request: BuildRequest, control: Recovery | None, notes: list[str], default: str, device: str
+    model: Any,
+    graph: ExportedGraph,
+    request: BuildRequest,
+    control: Recovery | None,
+    notes: list[str],
+    default: str,
+    device: str,
 ) -> tuple[Any, QuantRecipe, str | None]:
     """NNCF on the converted model: (quantized model, the recipe as applied, the precision hint to run it with)."""
     quant = request.quant
@@ -381,11 +451,22 @@ def _int8(
         keep = float_nodes(graph.path, quant.float_rules, quant.op_types)
         ruled = _ov_names(model, keep, _onnx_outputs(graph.path, keep))  # as without control
         model, reverted = quantize_with_accuracy_control(
-            model, request.calibration, control.feeds, control.score, control.max_drop, max_iterations=8, ignored=ruled,
+            model,
+            request.calibration,
+            control.feeds,
+            control.score,
+            control.max_drop,
+            max_iterations=8,
+            ignored=ruled,
             symmetric_activations=quant.symmetric_activations,
         )
-        quant = dataclasses.replace(quant, excluded_nodes=(*ruled, *reverted), tool="nncf quantize_with_accuracy_control")
-        more = [f"NNCF accuracy control: {len(reverted)} operation(s) reverted to float" + (f": {', '.join(reverted[:12])}" if reverted else "")]
+        quant = dataclasses.replace(
+            quant, excluded_nodes=(*ruled, *reverted), tool="nncf quantize_with_accuracy_control"
+        )
+        more = [
+            f"NNCF accuracy control: {len(reverted)} operation(s) reverted to float"
+            + (f": {', '.join(reverted[:12])}" if reverted else "")
+        ]
     elif quant.mode == "static":
         from ..recipe_choice import float_nodes
 
@@ -404,12 +485,21 @@ def _int8(
         where = f"{default} on {device}" if default else f"whatever {device} picks"
         notes.append(f"runtime precision hint: none set, the device default ({where}) for the parts left in float")
     else:
-        why = "what accuracy control reverted to float" if control is not None else "the parts left in float (MIXED preset: accuracy first)"
-        notes.append(f"runtime precision hint: INFERENCE_PRECISION_HINT={hint} for {why}" + (f"; this device's default is {default}" if default and default != hint else ""))
+        why = (
+            "what accuracy control reverted to float"
+            if control is not None
+            else "the parts left in float (MIXED preset: accuracy first)"
+        )
+        notes.append(
+            f"runtime precision hint: INFERENCE_PRECISION_HINT={hint} for {why}"
+            + (f"; this device's default is {default}" if default and default != hint else "")
+        )
     return model, quant, hint
 
 
-def _write_config(folder: Path, graph: ExportedGraph, precision: Precision, device: str, hint: str | None, threads: int) -> None:
+def _write_config(
+    folder: Path, graph: ExportedGraph, precision: Precision, device: str, hint: str | None, threads: int
+) -> None:
     settings = {
         "format": CONFIG_VERSION,
         "precision": precision.value,
@@ -486,20 +576,29 @@ def _quantize_static(
             model_type=nncf.ModelType.TRANSFORMER,
             # MIXED: NNCF's own choice for transformers; PERFORMANCE (symmetric activations): the vision and
             # audio default (recipe_choices), a --pick candidate for text
-            preset=nncf.QuantizationPreset.PERFORMANCE if quant.symmetric_activations else nncf.QuantizationPreset.MIXED,
+            preset=nncf.QuantizationPreset.PERFORMANCE
+            if quant.symmetric_activations
+            else nncf.QuantizationPreset.MIXED,
             subset_size=len(feeds),
             ignored_scope=nncf.IgnoredScope(names=present) if present else None,
             advanced_parameters=_without_smoothquant(),
         )
     recipe = dataclasses.replace(
-        quant, method="minmax", samples=len(feeds), per_channel=True, tool=f"nncf {nncf.__version__}",
+        quant,
+        method="minmax",
+        samples=len(feeds),
+        per_channel=True,
+        tool=f"nncf {nncf.__version__}",
         excluded_nodes=tuple(dict.fromkeys([*quant.excluded_nodes, *present])),
-    )  # fmt: skip
+    )
     notes = [
         (
             f"NNCF {nncf.__version__} quantize: model_type=TRANSFORMER (attention kept accurate), "
-            + ("preset=PERFORMANCE (symmetric per-channel weights, symmetric activations)" if quant.symmetric_activations
-               else "preset=MIXED (symmetric per-channel weights, asymmetric activations)")
+            + (
+                "preset=PERFORMANCE (symmetric per-channel weights, symmetric activations)"
+                if quant.symmetric_activations
+                else "preset=MIXED (symmetric per-channel weights, asymmetric activations)"
+            )
             + f", {len(feeds)} calibration samples"
         ),
         f"SmoothQuant (alpha {SMOOTH_ALPHA}) on {smoothed} MatMuls by d2v-export, in place before NNCF (its own step off)",
@@ -549,7 +648,12 @@ def _compress_weights(model: Any, quant: QuantRecipe) -> tuple[Any, QuantRecipe,
     with _nncf_quiet():
         compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     recipe = dataclasses.replace(
-        quant, method="weight-only", samples=0, per_channel=True, symmetric_activations=False, tool=f"nncf {nncf.__version__} compress_weights"
+        quant,
+        method="weight-only",
+        samples=0,
+        per_channel=True,
+        symmetric_activations=False,
+        tool=f"nncf {nncf.__version__} compress_weights",
     )
     notes = [
         "INT8 weight-only compression (activations stay float)",

@@ -50,10 +50,16 @@ def make_wrapper(model: LoadedModel) -> Any:
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        def forward(
+            self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, ...]:
             return pick(self.inner(input_values=input_values, attention_mask=attention_mask, return_dict=True))
 
-    cls: type[torch.nn.Module] = {Modality.VISION: VisionWrapper, Modality.TEXT: TextWrapper, Modality.AUDIO: AudioWrapper}[head.modality]
+    cls: type[torch.nn.Module] = {
+        Modality.VISION: VisionWrapper,
+        Modality.TEXT: TextWrapper,
+        Modality.AUDIO: AudioWrapper,
+    }[head.modality]
     if head.modality is Modality.AUDIO:
         mask_positional_convolutions(model.module)
         integer_frame_lengths(model.module)

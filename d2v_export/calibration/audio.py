@@ -62,7 +62,9 @@ def _check_rate(value: Any) -> int:
     except (TypeError, ValueError, OverflowError):
         raise Unreadable(f"its sampling rate {value!r} is not a number") from None
     if not 1 <= file_rate <= MAX_RATE:
-        raise Unreadable(f"its sampling rate {file_rate} Hz is outside 1 Hz..{MAX_RATE // 1000} kHz (a corrupt header?)")
+        raise Unreadable(
+            f"its sampling rate {file_rate} Hz is outside 1 Hz..{MAX_RATE // 1000} kHz (a corrupt header?)"
+        )
     return file_rate
 
 
@@ -155,7 +157,14 @@ def preparer(model: Any, profile: ShapeProfile) -> _Prepare:
 
 
 def read(
-    root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, columns: Mapping[str, str] | None = None
+    root: Path,
+    files: list[Path],
+    model: Any,
+    profile: ShapeProfile,
+    *,
+    count: int | None,
+    seed: int,
+    columns: Mapping[str, str] | None = None,
 ) -> Samples:
     prepare = preparer(model, profile)
     meta = hf.metadata(root)

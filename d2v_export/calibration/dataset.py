@@ -60,7 +60,9 @@ def _table(path: Path, use: str) -> tuple[Any, dict[str, Any], str]:
         try:
             loaded = ds.load_from_disk(str(path))
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for a damaged folder
-            raise D2VError(f"'{path}' cannot be loaded as a saved dataset ({one_line(exc)}); save it again with save_to_disk") from None
+            raise D2VError(
+                f"'{path}' cannot be loaded as a saved dataset ({one_line(exc)}); save it again with save_to_disk"
+            ) from None
         source = str(path)
         if isinstance(loaded, ds.DatasetDict):
             split = _choose(list(loaded), use, path)
@@ -77,7 +79,9 @@ def _table(path: Path, use: str) -> tuple[Any, dict[str, Any], str]:
     try:
         table = pa.concat_tables([pq.read_table(f) for f in groups[split]], promote_options="default")
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
-        raise D2VError(f"'{path}' is not a readable parquet file ({one_line(exc)}); write it with pyarrow or datasets' to_parquet") from None
+        raise D2VError(
+            f"'{path}' is not a readable parquet file ({one_line(exc)}); write it with pyarrow or datasets' to_parquet"
+        ) from None
     try:
         features = dict(ds.Features.from_arrow_schema(table.schema))
     except Exception:  # noqa: BLE001 - a schema datasets cannot map: plain columns still work
@@ -114,12 +118,16 @@ def _media(value: Any, base: Path, what: str) -> Any:
             try:
                 found = candidate.is_file()
             except OSError as exc:  # found by fuzzing: a 5,000-character name (ENAMETOOLONG)
-                raise Unreadable(f"the {what} is stored as a path that cannot be a file here ({one_line(exc)})") from None
+                raise Unreadable(
+                    f"the {what} is stored as a path that cannot be a file here ({one_line(exc)})"
+                ) from None
             if found:
                 try:  # a stored path is read only inside the dataset's folder: a shared dataset must not read /etc
                     return confined(candidate, base)
                 except Unreadable:
-                    raise Unreadable(f"the {what} is stored as a path outside '{base}' ({where}); embed the files (datasets' embed_external_files) or copy them into the folder") from None
+                    raise Unreadable(
+                        f"the {what} is stored as a path outside '{base}' ({where}); embed the files (datasets' embed_external_files) or copy them into the folder"
+                    ) from None
         raise Unreadable(f"the {what} is stored as a path that does not exist here ({where})")
     raise Unreadable(f"no {what} in this row")
 
@@ -181,7 +189,16 @@ def _text_feed(fields: Mapping[str, str | None], label_col: str | None, model: A
     return feed
 
 
-def read(path: Path, model: Any, profile: ShapeProfile, *, split: str, count: int | None, seed: int, columns: Mapping[str, str]) -> Samples:
+def read(
+    path: Path,
+    model: Any,
+    profile: ShapeProfile,
+    *,
+    split: str,
+    count: int | None,
+    seed: int,
+    columns: Mapping[str, str],
+) -> Samples:
     """Samples from a saved dataset folder or parquet file(s), one per row."""
     table, features, source = _table(path, split)
     try:

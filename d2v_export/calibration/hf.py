@@ -60,7 +60,9 @@ def parse_columns(text: str | Sequence[str] | None) -> dict[str, str]:
             role, sep, column = part.partition("=")
             role, column = role.strip(), column.strip()
             if not sep or not column:
-                raise D2VError(f"--columns takes ROLE=COLUMN pairs, got '{part.strip()}'; e.g. --columns image=img,label=fine_label")
+                raise D2VError(
+                    f"--columns takes ROLE=COLUMN pairs, got '{part.strip()}'; e.g. --columns image=img,label=fine_label"
+                )
             if role not in DEFAULTS:
                 raise D2VError(f"unknown --columns role '{role}'; choose from: {', '.join(ROLES)}")
             out[role] = column
@@ -71,7 +73,9 @@ def label_role(model: Any) -> str:
     return "transcription" if model.head.metric == "ctc" else "label"
 
 
-def pick(role: str, available: Sequence[str], columns: Mapping[str, str], features: Mapping[str, Any] | None = None) -> str | None:
+def pick(
+    role: str, available: Sequence[str], columns: Mapping[str, str], features: Mapping[str, Any] | None = None
+) -> str | None:
     """The column for a role: the override, else a usual name, else (media) the feature type.
 
     One --columns applies to --calibration and --eval alike, so an override missing from one source
@@ -122,7 +126,11 @@ def normalize_label(value: Any, model: Any, names: Sequence[str] | None = None) 
 def metadata(root: Path) -> dict[str, dict[str, Any]]:
     """{file path relative to root: metadata row} from every metadata.csv / metadata.jsonl under root."""
     base = root.parent if root.is_file() else root
-    tables = [base / n for n in METADATA_FILES] if root.is_file() else sorted(p for n in METADATA_FILES for p in root.rglob(n))
+    tables = (
+        [base / n for n in METADATA_FILES]
+        if root.is_file()
+        else sorted(p for n in METADATA_FILES for p in root.rglob(n))
+    )
     out: dict[str, dict[str, Any]] = {}
     for table in tables:
         if not table.is_file() or any(part.startswith(".") for part in table.relative_to(base).parts):
@@ -152,7 +160,9 @@ def _metadata_rows(table: Path) -> list[dict[str, Any]]:
         try:
             rows: list[dict[str, Any]] = list(csv.DictReader(io.StringIO(text)))
         except csv.Error as exc:  # a NUL byte, a field over csv's size limit
-            raise D2VError(f"'{table}' is not a readable CSV file ({one_line(exc)}); write it with a CSV writer, one row per file") from None
+            raise D2VError(
+                f"'{table}' is not a readable CSV file ({one_line(exc)}); write it with a CSV writer, one row per file"
+            ) from None
     else:
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -166,7 +176,9 @@ def _metadata_rows(table: Path) -> list[dict[str, Any]]:
             if isinstance(row, dict):
                 rows.append(row)
     if rows and "file_name" not in rows[0]:
-        raise D2VError(f"'{table}' has no file_name column (it has: {', '.join(map(str, rows[0]))}); name the file column file_name")
+        raise D2VError(
+            f"'{table}' has no file_name column (it has: {', '.join(map(str, rows[0]))}); name the file column file_name"
+        )
     return rows
 
 

@@ -40,7 +40,9 @@ def open_rgb(path: Any) -> Any:
     from PIL import Image, ImageOps
 
     try:
-        with warnings.catch_warnings():  # over Pillow's bomb warning (89 megapixels): refused before decoding, not decoded
+        with (
+            warnings.catch_warnings()
+        ):  # over Pillow's bomb warning (89 megapixels): refused before decoding, not decoded
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
         with im:
@@ -110,7 +112,9 @@ class ImagePixels:
 def preparer(model: Any, profile: ShapeProfile) -> Callable[[Any], dict[str, np.ndarray]]:
     """RGB PIL image -> {"pixel_values": (1, 3, size, size)} with the model's processor."""
     if model.processor is None:
-        raise D2VError("the model has no image processor; pass a checkpoint folder with preprocessor_config.json, or .npz feeds")
+        raise D2VError(
+            "the model has no image processor; pass a checkpoint folder with preprocessor_config.json, or .npz feeds"
+        )
     size = profile.static.get("image_size") or getattr(model.config, "image_size", None)
     pixels = ImagePixels(model.processor, int(size) if size else None)
 
@@ -122,7 +126,14 @@ def preparer(model: Any, profile: ShapeProfile) -> Callable[[Any], dict[str, np.
 
 
 def read(
-    root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, columns: Mapping[str, str] | None = None
+    root: Path,
+    files: list[Path],
+    model: Any,
+    profile: ShapeProfile,
+    *,
+    count: int | None,
+    seed: int,
+    columns: Mapping[str, str] | None = None,
 ) -> Samples:
     prepare = preparer(model, profile)
     meta = hf.metadata(root)

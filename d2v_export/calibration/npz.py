@@ -17,7 +17,18 @@ import numpy as np
 
 from ..heads import input_specs, with_audio_mask
 from ..spec import D2VError, TensorSpec
-from .samples import CACHE_KEY, Candidate, Samples, Unreadable, collect, confined, load_cache, one_line, rel_name, visible_files
+from .samples import (
+    CACHE_KEY,
+    Candidate,
+    Samples,
+    Unreadable,
+    collect,
+    confined,
+    load_cache,
+    one_line,
+    rel_name,
+    visible_files,
+)
 
 WHAT = ".npz feeds"
 
@@ -105,7 +116,14 @@ def read(root: Path, files: list[Path], model: Any, *, count: int | None, seed: 
         except Unreadable as exc:
             skipped.append((name, str(exc)))
             continue
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:  # truncated or corrupt zip members
+        except (
+            OSError,
+            ValueError,
+            EOFError,
+            zipfile.BadZipFile,
+            zlib.error,
+            NotImplementedError,
+        ) as exc:  # truncated or corrupt zip members
             skipped.append((name, f"not a readable .npz ({one_line(exc)})"))
             continue
         except D2VError as exc:

@@ -196,7 +196,9 @@ def confined(path: Path, root: Path) -> Path:
         raise Unreadable(f"its path cannot be resolved ({one_line(exc)})") from None
     if path == root or real == top or top in real.parents:
         return path
-    raise Unreadable(f"a symbolic link to a file outside '{base}' ({real}); copy the file into the folder or pass the folder it is in")
+    raise Unreadable(
+        f"a symbolic link to a file outside '{base}' ({real}); copy the file into the folder or pass the folder it is in"
+    )
 
 
 def rel_name(path: Path, root: Path) -> str:
@@ -289,16 +291,30 @@ def load_cache(path: Path) -> Samples:
     try:
         with np.load(path, allow_pickle=False) as data:
             if CACHE_KEY not in data.files:
-                raise D2VError(f"'{path}' is an .npz but not a d2v-export calibration cache; delete it or pass it as plain feeds")
+                raise D2VError(
+                    f"'{path}' is an .npz but not a d2v-export calibration cache; delete it or pass it as plain feeds"
+                )
             meta = json.loads(str(data[CACHE_KEY][()]))
             if meta.get("version") != CACHE_VERSION:
                 raise D2VError(
                     f"calibration cache '{path}' has version {meta.get('version')}, this tool reads {CACHE_VERSION}; delete it to rebuild"
                 )
             # an audio cache from before the audio graphs took a mask: unpadded clips, a mask of ones
-            feeds = tuple(with_audio_mask({name: data[f"s{i:06d}.{name}"] for name in names}) for i, names in enumerate(meta["inputs"]))
+            feeds = tuple(
+                with_audio_mask({name: data[f"s{i:06d}.{name}"] for name in names})
+                for i, names in enumerate(meta["inputs"])
+            )
         labels, names, skipped = _cache_fields(meta, len(feeds))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError, zipfile.BadZipFile, zlib.error) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as exc:
         raise D2VError(f"calibration cache '{path}' cannot be read ({one_line(exc)}); delete it to rebuild") from None
     keep = []
     for i, feed in enumerate(feeds):

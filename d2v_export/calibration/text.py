@@ -169,7 +169,9 @@ def encoder(model: Any, profile: ShapeProfile) -> Callable[[dict[str, Any]], tup
     return encode
 
 
-def read(root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, **_unused: Any) -> Samples:
+def read(
+    root: Path, files: list[Path], model: Any, profile: ShapeProfile, *, count: int | None, seed: int, **_unused: Any
+) -> Samples:
     encode = encoder(model, profile)
 
     def reader(path: Path, line: str) -> Any:

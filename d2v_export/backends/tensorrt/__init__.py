@@ -50,60 +50,126 @@ from ...quantize import MATMUL_OPS, TOOL, RecipeTemplate
 from ...recipe_choice import Choice
 from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
 from ..base import (
-    Availability, Backend, BackendBase, BuildRequest, Devices, Lever, Opened, PlanContext, Recovery, Runner, ServingLayout, Snippet,
+    Availability,
+    Backend,
+    BackendBase,
+    BuildRequest,
+    Devices,
+    Lever,
+    Opened,
+    PlanContext,
+    Recovery,
+    Runner,
+    ServingLayout,
+    Snippet,
     onnx_snippet,
-)  # fmt: skip
+)
 from ..onnxruntime import OrtRunner
 from . import device as trt_device
 from .build import TensorRTRequest, compile_bundle, recover
-from .engine import EngineRunnerAdapter, SimulationRunner, _engine_device, build_engine, build_engines, find_bundles, open_bundle
+from .engine import (
+    EngineRunnerAdapter,
+    SimulationRunner,
+    _engine_device,
+    build_engine,
+    build_engines,
+    find_bundles,
+    open_bundle,
+)
 from .graph import (
-    MIN_GEMM_DIM, RESIDUAL_OP, _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules,
-    fp16_remainder, gemv_nodes, qdq_problems, residual_adds, residual_qdq, tensorrt_fixups,
-)  # fmt: skip
+    MIN_GEMM_DIM,
+    RESIDUAL_OP,
+    _check_recipe,
+    _fix_and_check,
+    _fixups,
+    _fp16_and_check,
+    _with_placement_rules,
+    fp16_remainder,
+    gemv_nodes,
+    qdq_problems,
+    residual_adds,
+    residual_qdq,
+    tensorrt_fixups,
+)
 from .recipe import (
-    BUILDS, DEFAULT_WORKSPACE_GB, FP16_REMAINDER_NOTE, FP32_OPS, DEFER_HINT, DEVICE_SCRIPT, ENGINE_MANIFEST, NAME, NOT_BUILT, ONNX_FILE, PLAN_FILE, RECIPE_FILE,
-    RECIPE_FORMAT, RECIPE_VERSION, SCRIPT_FILE, SIMULATED_FLOAT, SIMULATED_INT8, SIMULATED_LATENCY, TIMING_CACHE, Build,
-    build_script, input_profiles, make_build_recipe, read_recipe, settings_from, trtexec_command,
-)  # fmt: skip
+    BUILDS,
+    DEFAULT_WORKSPACE_GB,
+    FP16_REMAINDER_NOTE,
+    FP32_OPS,
+    DEFER_HINT,
+    DEVICE_SCRIPT,
+    ENGINE_MANIFEST,
+    NAME,
+    NOT_BUILT,
+    ONNX_FILE,
+    PLAN_FILE,
+    RECIPE_FILE,
+    RECIPE_FORMAT,
+    RECIPE_VERSION,
+    SCRIPT_FILE,
+    SIMULATED_FLOAT,
+    SIMULATED_INT8,
+    SIMULATED_LATENCY,
+    TIMING_CACHE,
+    Build,
+    build_script,
+    input_profiles,
+    make_build_recipe,
+    read_recipe,
+    settings_from,
+    trtexec_command,
+)
 
 
 # Measured on the trained example models (docs/quantization.md, "Default recipe per modality").
 FFN_OUT_STAYS_FLOAT = Choice(
-        ("input", "ffn_out"),
-        "TensorRT text: the FFN output projections stay float; symmetric int8 on the one-sided GELU output wastes half "
-        "the range (trained text example: logit cosine 0.989 -> 0.997, top-1 agreement 0.975 -> 0.983)",
+    ("input", "ffn_out"),
+    "TensorRT text: the FFN output projections stay float; symmetric int8 on the one-sided GELU output wastes half "
+    "the range (trained text example: logit cosine 0.989 -> 0.997, top-1 agreement 0.975 -> 0.983)",
 )
 
 
 # What --pick tries besides fp32 (each judged on the evaluation split). Residual-Add Q/DQ is an option, not the default:
 # measured on the trained examples it was no better (docs/tensorrt.md, "Residual-Add Q/DQ").
 PICK_LEVERS = (
-    Lever("static", description="explicit Q/DQ on MatMul/Gemm/Conv inputs (TensorRT's placement rules), fp16 remainder"),
-    Lever("static", "-residual", op_types=(*MATMUL_OPS, RESIDUAL_OP),
-          description="the same plus Q/DQ on both inputs of the residual Adds that feed a LayerNorm (Model Optimizer's placement)"),
-)  # fmt: skip
+    Lever(
+        "static", description="explicit Q/DQ on MatMul/Gemm/Conv inputs (TensorRT's placement rules), fp16 remainder"
+    ),
+    Lever(
+        "static",
+        "-residual",
+        op_types=(*MATMUL_OPS, RESIDUAL_OP),
+        description="the same plus Q/DQ on both inputs of the residual Adds that feed a LayerNorm (Model Optimizer's placement)",
+    ),
+)
 
 
 class TensorRTBackend(BackendBase):
     name = NAME
     display_name = "TensorRT"  # how messages and docs write it
     extra = "tensorrt"
-    install_hint = "pip install 'd2v-export[tensorrt]' --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"
+    install_hint = (
+        "pip install 'd2v-export[tensorrt]' --extra-index-url https://pypi.nvidia.com on a machine with an NVIDIA GPU"
+    )
     packages = ("tensorrt", "tensorrt-cu12", "tensorrt-cu13", "cuda-python")
     precisions = (Precision.FP32, Precision.FP16, Precision.INT8)
     int8_recipes = {
         "static": RecipeTemplate(
             "explicit quantization: symmetric int8 Q/DQ (zero point 0) on MatMul/Gemm/Conv inputs only, int8 weights per channel",
-            "static", MATMUL_OPS, symmetric_activations=True, tool=TOOL,
+            "static",
+            MATMUL_OPS,
+            symmetric_activations=True,
+            tool=TOOL,
         ),
-    }  # fmt: skip
+    }
     recipe_choices = {"text": FFN_OUT_STAYS_FLOAT}  # layers its INT8 keeps float by rule (recipe_choice)
     pick_levers = PICK_LEVERS
     devices = Devices("cuda:0", r"(cuda|gpu)(:\d+)?", "cuda or cuda:N")
     can_defer = True  # with TensorRTRequest.defer_build the portable half is written without TensorRT or a GPU
     # Triton's TensorRT backend: 1/model.plan, the engine build_engine.sh builds on the device (engines are tied to GPU and version)
-    serving = ServingLayout(("platform", "tensorrt_plan"), deferred=("model.plan", "model.plan"), instance_kind="KIND_GPU")
+    serving = ServingLayout(
+        ("platform", "tensorrt_plan"), deferred=("model.plan", "model.plan"), instance_kind="KIND_GPU"
+    )
 
     def available(self) -> Availability:
         p = trt_device.probe()
@@ -118,7 +184,10 @@ class TensorRTBackend(BackendBase):
         index = trt_device.device_index(device.strip())
         probe = None if defer_build else trt_device.probe(index)
         if probe is not None and not probe.ok:
-            raise D2VError(f"target {self.name} cannot use cuda:{index} here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
+            raise D2VError(
+                f"target {self.name} cannot use cuda:{index} here: {probe.reason} — {DEFER_HINT}",
+                ExitCode.TARGET_UNAVAILABLE,
+            )
         return f"cuda:{index}"
 
     def measured_on(self, artifact: Artifact, device: str) -> str:
@@ -135,7 +204,9 @@ class TensorRTBackend(BackendBase):
     def compile(self, graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
         return compile_bundle(graph, folder, request)
 
-    def recover(self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+    def recover(
+        self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery
+    ) -> tuple[Artifact, Drift, tuple[str, ...]]:
         return recover(graph, folder, request, recovery)
 
     def runner(self, artifact: Artifact, *, threads: int) -> Runner:
@@ -145,10 +216,18 @@ class TensorRTBackend(BackendBase):
         if plan.is_file() and trt_device.probe(device).ok:
             return EngineRunnerAdapter(trt_device.EngineRunner(plan, name=label, device=device))
         if artifact.precision is Precision.INT8:
-            return SimulationRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (Q/DQ graph, fp16 remainder, simulated on ONNX Runtime)")
+            return SimulationRunner(
+                artifact.path / ONNX_FILE,
+                threads,
+                name=f"{label} (Q/DQ graph, fp16 remainder, simulated on ONNX Runtime)",
+            )
         if artifact.precision is Precision.FP16:
-            return SimulationRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (fp16 graph, simulated on ONNX Runtime)")
-        return OrtRunner(artifact.path / ONNX_FILE, threads, name=f"{label} (engine not built: fp32 graph on ONNX Runtime)")
+            return SimulationRunner(
+                artifact.path / ONNX_FILE, threads, name=f"{label} (fp16 graph, simulated on ONNX Runtime)"
+            )
+        return OrtRunner(
+            artifact.path / ONNX_FILE, threads, name=f"{label} (engine not built: fp32 graph on ONNX Runtime)"
+        )
 
     def diagnose(self) -> dict[str, str | int | None]:
         """``doctor``: what to install here for TensorRT and CUDA (by Jetson L4T release or driver branch)."""
@@ -171,9 +250,12 @@ class TensorRTBackend(BackendBase):
     def readme_snippet(self, bundle: str, model_file: str, folder: Path | None) -> Snippet:
         return Snippet(
             onnx_snippet(bundle, model_file if model_file.endswith(".onnx") else ONNX_FILE),
-            ("", "A TensorRT engine (`model.plan`) runs only on the GPU model and TensorRT version it was built with; "
-             "without one, `d2v-export run` runs `model.onnx` with ONNX Runtime and says so."),
-        )  # fmt: skip
+            (
+                "",
+                "A TensorRT engine (`model.plan`) runs only on the GPU model and TensorRT version it was built with; "
+                "without one, `d2v-export run` runs `model.onnx` with ONNX Runtime and says so.",
+            ),
+        )
 
 
 def _diagnosis_lines(details: Mapping[str, Any]) -> list[str]:
@@ -185,9 +267,42 @@ def _diagnosis_lines(details: Mapping[str, Any]) -> list[str]:
 BACKEND: Backend = TensorRTBackend()
 
 __all__ = [
-    "BACKEND", "BUILDS", "DEFAULT_WORKSPACE_GB", "DEVICE_SCRIPT", "ENGINE_MANIFEST", "FP16_REMAINDER_NOTE", "FP32_OPS",
-    "MIN_GEMM_DIM", "NAME", "ONNX_FILE", "PICK_LEVERS", "RESIDUAL_OP", "PLAN_FILE", "RECIPE_FILE", "RECIPE_FORMAT", "RECIPE_VERSION", "SCRIPT_FILE",
-    "TIMING_CACHE", "Build", "EngineRunnerAdapter", "TensorRTRequest", "SimulationRunner", "TensorRTBackend", "build_engine", "build_engines", "build_script",
-    "find_bundles", "fp16_remainder", "gemv_nodes", "input_profiles", "make_build_recipe", "qdq_problems", "read_recipe", "residual_adds", "residual_qdq",
-    "settings_from", "tensorrt_fixups", "trtexec_command",
-]  # fmt: skip
+    "BACKEND",
+    "BUILDS",
+    "DEFAULT_WORKSPACE_GB",
+    "DEVICE_SCRIPT",
+    "ENGINE_MANIFEST",
+    "FP16_REMAINDER_NOTE",
+    "FP32_OPS",
+    "MIN_GEMM_DIM",
+    "NAME",
+    "ONNX_FILE",
+    "PICK_LEVERS",
+    "RESIDUAL_OP",
+    "PLAN_FILE",
+    "RECIPE_FILE",
+    "RECIPE_FORMAT",
+    "RECIPE_VERSION",
+    "SCRIPT_FILE",
+    "TIMING_CACHE",
+    "Build",
+    "EngineRunnerAdapter",
+    "TensorRTRequest",
+    "SimulationRunner",
+    "TensorRTBackend",
+    "build_engine",
+    "build_engines",
+    "build_script",
+    "find_bundles",
+    "fp16_remainder",
+    "gemv_nodes",
+    "input_profiles",
+    "make_build_recipe",
+    "qdq_problems",
+    "read_recipe",
+    "residual_adds",
+    "residual_qdq",
+    "settings_from",
+    "tensorrt_fixups",
+    "trtexec_command",
+]

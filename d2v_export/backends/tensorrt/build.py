@@ -12,11 +12,34 @@ from pathlib import Path
 from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
 from ..base import BuildRequest, Recovery, copy_onnx, files_in
 from . import device as trt_device
-from .graph import _check_recipe, _fix_and_check, _fixups, _fp16_and_check, _with_placement_rules, fp16_remainder, split_residual
+from .graph import (
+    _check_recipe,
+    _fix_and_check,
+    _fixups,
+    _fp16_and_check,
+    _with_placement_rules,
+    fp16_remainder,
+    split_residual,
+)
 from .recipe import (
-    BUILDS, DEFER_HINT, DEVICE_SCRIPT, NAME, NOT_BUILT, ONNX_FILE, PLAN_FILE, RECIPE_FILE, SCRIPT_FILE, SIMULATED_FLOAT,
-    SIMULATED_FP16, SIMULATED_INT8, SIMULATED_LATENCY, TIMING_CACHE, build_script, make_build_recipe, settings_from,
-)  # fmt: skip
+    BUILDS,
+    DEFER_HINT,
+    DEVICE_SCRIPT,
+    NAME,
+    NOT_BUILT,
+    ONNX_FILE,
+    PLAN_FILE,
+    RECIPE_FILE,
+    SCRIPT_FILE,
+    SIMULATED_FLOAT,
+    SIMULATED_FP16,
+    SIMULATED_INT8,
+    SIMULATED_LATENCY,
+    TIMING_CACHE,
+    build_script,
+    make_build_recipe,
+    settings_from,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +55,18 @@ def _probe(request: BuildRequest) -> tuple[int, bool]:
     probe = trt_device.probe(device)
     defer = isinstance(request, TensorRTRequest) and request.defer_build
     if not probe.ok and not defer:  # fail before the (slow) quantization
-        raise D2VError(f"tensorrt cannot build an engine here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE)
+        raise D2VError(
+            f"tensorrt cannot build an engine here: {probe.reason} — {DEFER_HINT}", ExitCode.TARGET_UNAVAILABLE
+        )
     return device, probe.ok and not defer
 
 
 def compile_bundle(graph: ExportedGraph, folder: Path, request: BuildRequest) -> Artifact:
     precision = request.precision
     if precision not in BUILDS:
-        raise D2VError(f"tensorrt builds {', '.join(p.value for p in BUILDS)}, not {precision.value}", ExitCode.TARGET_UNAVAILABLE)
+        raise D2VError(
+            f"tensorrt builds {', '.join(p.value for p in BUILDS)}, not {precision.value}", ExitCode.TARGET_UNAVAILABLE
+        )
     device, build_here = _probe(request)
     folder.mkdir(parents=True, exist_ok=True)
     onnx_path = folder / ONNX_FILE
@@ -53,7 +80,9 @@ def compile_bundle(graph: ExportedGraph, folder: Path, request: BuildRequest) ->
     return _bundle(graph, folder, precision, quant, build_here, device)
 
 
-def recover(graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery) -> tuple[Artifact, Drift, tuple[str, ...]]:
+def recover(
+    graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery
+) -> tuple[Artifact, Drift, tuple[str, ...]]:
     """``--fallback auto``: the Q/DQ graph with the most sensitive nodes left float until the budget holds.
 
     Candidates are judged as ``compile`` ships them (TensorRT fix-ups and fp16 remainder applied) on the
@@ -72,11 +101,15 @@ def recover(graph: ExportedGraph, folder: Path, request: BuildRequest, recovery:
     def evaluate(candidate: Path) -> Drift:
         copy_model(candidate, onnx_path)  # the runner reads the bundle's model.onnx
         _fp16_and_check(onnx_path)  # judged as shipped; the candidate itself stays fp32 for the node ranking
-        return recovery.evaluate(Artifact(NAME, Precision.INT8, folder, onnx_path, files_in(folder), quantization=recipe))
+        return recovery.evaluate(
+            Artifact(NAME, Precision.INT8, folder, onnx_path, files_in(folder), quantization=recipe)
+        )
 
     for_ort, residual = split_residual(recipe)
     fixups = functools.partial(_fixups, feeds=recovery.calibration, residual=residual)
-    result = fallback(graph, for_ort, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=fixups)
+    result = fallback(
+        graph, for_ort, recovery.calibration, evaluate, target=onnx_path, progress=recovery.progress, postprocess=fixups
+    )
     _fp16_and_check(onnx_path)  # the chosen candidate, copied to the bundle by fallback(), gets its fp16 remainder
     chosen = dataclasses.replace(result.quantized.recipe, op_types=recipe.op_types)
     artifact = _bundle(graph, folder, Precision.INT8, chosen, build_here, device)
@@ -87,7 +120,14 @@ def recover(graph: ExportedGraph, folder: Path, request: BuildRequest, recovery:
     return artifact, drift, describe(result)
 
 
-def _bundle(graph: ExportedGraph, folder: Path, precision: Precision, quant: QuantRecipe | None, build_here: bool, device: int = 0) -> Artifact:
+def _bundle(
+    graph: ExportedGraph,
+    folder: Path,
+    precision: Precision,
+    quant: QuantRecipe | None,
+    build_here: bool,
+    device: int = 0,
+) -> Artifact:
     """Recipe, script, device module and (with TensorRT here) the engine, around the bundle's model.onnx."""
     onnx_path = folder / ONNX_FILE
     recipe = make_build_recipe(graph, precision, quant)
@@ -99,7 +139,9 @@ def _bundle(graph: ExportedGraph, folder: Path, precision: Precision, quant: Qua
 
     if build_here:
         cache = folder / TIMING_CACHE
-        manifest = trt_device.build(onnx_path, folder / PLAN_FILE, settings_from(recipe, timing_cache=cache, device=device))
+        manifest = trt_device.build(
+            onnx_path, folder / PLAN_FILE, settings_from(recipe, timing_cache=cache, device=device)
+        )
         trt_device.write_engine_manifest(folder, manifest, onnx_path)
         model_file = folder / PLAN_FILE
         notes: tuple[str, ...] = (
@@ -111,7 +153,9 @@ def _bundle(graph: ExportedGraph, folder: Path, precision: Precision, quant: Qua
         )
     else:
         model_file = onnx_path
-        accuracy = {Precision.INT8: SIMULATED_INT8, Precision.FP16: SIMULATED_FP16}.get(precision, SIMULATED_FLOAT.format(p=precision.value.upper()))
+        accuracy = {Precision.INT8: SIMULATED_INT8, Precision.FP16: SIMULATED_FP16}.get(
+            precision, SIMULATED_FLOAT.format(p=precision.value.upper())
+        )
         notes = (NOT_BUILT, accuracy, SIMULATED_LATENCY)
     return Artifact(NAME, precision, folder, model_file, files_in(folder), quantization=quant, notes=notes)
 

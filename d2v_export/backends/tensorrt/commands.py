@@ -20,7 +20,11 @@ Examples:
 @click.command("build-engine", epilog=EXAMPLES)
 @click.argument("bundle", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option(
-    "--workspace-gb", type=click.FloatRange(min=0.1), default=4.0, show_default=True, help="Builder workspace memory limit."
+    "--workspace-gb",
+    type=click.FloatRange(min=0.1),
+    default=4.0,
+    show_default=True,
+    help="Builder workspace memory limit.",
 )
 @click.option(
     "--timing-cache",
@@ -32,7 +36,9 @@ Examples:
     "--iterations", type=click.IntRange(min=1), default=200, show_default=True, help="Timed engine runs after warm-up."
 )
 @click.option("--device", default="cuda:0", show_default=True, help="CUDA device to build on (cuda:N).")
-@click.option("--no-verify", is_flag=True, help="Build a bundle that has no manifest.json (its files are then unchecked).")
+@click.option(
+    "--no-verify", is_flag=True, help="Build a bundle that has no manifest.json (its files are then unchecked)."
+)
 def build_engine(
     bundle: Path, workspace_gb: float, timing_cache: Path | None, iterations: int, device: str, no_verify: bool
 ) -> None:

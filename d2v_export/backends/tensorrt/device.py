@@ -168,7 +168,9 @@ def device_index(device: str | int | None) -> int:
         return 0
     text = str(device).lower().removeprefix("cuda:").removeprefix("gpu:")
     if not text.isdigit():
-        raise D2VError(f"TensorRT device '{device}' is not cuda:N; pass --device cuda:0 (or another GPU index)", ExitCode.USAGE)
+        raise D2VError(
+            f"TensorRT device '{device}' is not cuda:N; pass --device cuda:0 (or another GPU index)", ExitCode.USAGE
+        )
     return int(text)
 
 
@@ -206,8 +208,11 @@ def verified(version: str) -> bool:
 
 def _note_if_unverified(version: str) -> None:
     if not verified(version):
-        print(f"[trt_device] note: TensorRT {version or '(version unknown)'}: not verified on this version (d2v-export's device "
-              "check has not run on it); engine_manifest.json's check against ONNX Runtime is the evidence", file=sys.stderr)  # fmt: skip
+        print(
+            f"[trt_device] note: TensorRT {version or '(version unknown)'}: not verified on this version (d2v-export's device "
+            "check has not run on it); engine_manifest.json's check against ONNX Runtime is the evidence",
+            file=sys.stderr,
+        )
 
 
 def diagnosis() -> dict[str, str | int | None]:
@@ -262,13 +267,17 @@ def _read(path: str) -> str:
 
 def l4t_release(text: str | None = None) -> tuple[int, int] | None:
     """Jetson's L4T release from /etc/nv_tegra_release ("# R36 (release), REVISION: 4.0, ..."): (36, 4); None elsewhere."""
-    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)", _read("/etc/nv_tegra_release") if text is None else text)
+    m = re.search(
+        r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)", _read("/etc/nv_tegra_release") if text is None else text
+    )
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def driver_major(text: str | None = None) -> int | None:
     """The NVIDIA driver branch from /proc/driver/nvidia/version ("... Kernel Module  550.54.14 ..."): 550."""
-    m = re.search(r"Kernel Module(?: for \w+)?\s+(\d+)\.\d+", _read("/proc/driver/nvidia/version") if text is None else text)
+    m = re.search(
+        r"Kernel Module(?: for \w+)?\s+(\d+)\.\d+", _read("/proc/driver/nvidia/version") if text is None else text
+    )
     return int(m.group(1)) if m else None
 
 
@@ -297,9 +306,15 @@ def install_hint(l4t: tuple[int, int] | None = None, driver: int | None = None, 
 # ------------------------------------------------------------------------------------ CUDA helpers
 
 # CUDA runtime error codes (cudaError_t) that mean "this machine cannot run it", not a bug: exit 6.
-_CUDA_UNAVAILABLE = {2: "out of GPU memory: free GPU memory or use smaller shapes", 3: "CUDA could not be initialised",
-                     35: "the NVIDIA driver is older than this CUDA runtime", 46: "the GPU is busy or unavailable",
-                     100: "no CUDA-capable device", 101: "invalid device", 999: "unknown CUDA error"}  # fmt: skip
+_CUDA_UNAVAILABLE = {
+    2: "out of GPU memory: free GPU memory or use smaller shapes",
+    3: "CUDA could not be initialised",
+    35: "the NVIDIA driver is older than this CUDA runtime",
+    46: "the GPU is busy or unavailable",
+    100: "no CUDA-capable device",
+    101: "invalid device",
+    999: "unknown CUDA error",
+}
 
 
 def cuda_failure(code: int, text: str, call: str = "") -> D2VError:
@@ -309,7 +324,6 @@ def cuda_failure(code: int, text: str, call: str = "") -> D2VError:
     if code in _CUDA_UNAVAILABLE:
         return D2VError(f"CUDA error {code}{where}: {text} ({_CUDA_UNAVAILABLE[code]})", ExitCode.TARGET_UNAVAILABLE)
     return D2VError(f"CUDA error {code}{where}: {text}", ExitCode.INTERNAL)
-
 
 
 class CudaApi(Protocol):
@@ -354,7 +368,9 @@ def cuda_api(device: int = 0) -> CudaApi:
         pass  # torch is optional: cuda-python is what the tensorrt extra installs
     except Exception as exc:  # noqa: BLE001 -- torch's own CUDA errors
         reasons.append(f"torch: {_first_line(exc)}")
-    raise D2VError(f"no NVIDIA GPU is usable here ({'; '.join(reasons)}); {install_hint()}", ExitCode.TARGET_UNAVAILABLE)
+    raise D2VError(
+        f"no NVIDIA GPU is usable here ({'; '.join(reasons)}); {install_hint()}", ExitCode.TARGET_UNAVAILABLE
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -362,8 +378,15 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _info(api: Any, gpu: str, compute: str, runtime: str, driver: str, memory: int) -> dict[str, str]:
-    return {"gpu": gpu, "device_index": str(api.device), "compute_capability": compute, "cuda_runtime": runtime,
-            "cuda_driver": driver, "memory_gb": f"{memory / 2**30:.1f}", "via": api.name}  # fmt: skip
+    return {
+        "gpu": gpu,
+        "device_index": str(api.device),
+        "compute_capability": compute,
+        "cuda_runtime": runtime,
+        "cuda_driver": driver,
+        "memory_gb": f"{memory / 2**30:.1f}",
+        "via": api.name,
+    }
 
 
 def _cuda_python_info(api: _CudaPython) -> dict[str, str]:
@@ -371,7 +394,14 @@ def _cuda_python_info(api: _CudaPython) -> dict[str, str]:
     name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
     runtime = int(api._check(api.rt.cudaRuntimeGetVersion()))
     driver = int(api._check(api.rt.cudaDriverGetVersion()))
-    return _info(api, name, f"{prop.major}.{prop.minor}", f"{runtime // 1000}.{runtime % 1000 // 10}", f"{driver // 1000}.{driver % 1000 // 10}", prop.totalGlobalMem)
+    return _info(
+        api,
+        name,
+        f"{prop.major}.{prop.minor}",
+        f"{runtime // 1000}.{runtime % 1000 // 10}",
+        f"{driver // 1000}.{driver % 1000 // 10}",
+        prop.totalGlobalMem,
+    )
 
 
 class _CudaPython:
@@ -493,7 +523,9 @@ class _CudaRuntime:
         if count.value < 1:
             raise RuntimeError("no CUDA device")
         if device >= count.value:
-            raise RuntimeError(f"cuda:{device} does not exist ({count.value} device(s): cuda:0..cuda:{count.value - 1})")
+            raise RuntimeError(
+                f"cuda:{device} does not exist ({count.value} device(s): cuda:0..cuda:{count.value - 1})"
+            )
         self._call("cudaSetDevice", ctypes.c_int(device))
         self.device = device
         self._host: dict[int, int] = {}
@@ -519,7 +551,9 @@ class _CudaRuntime:
         self._call("cudaFree", _VOIDP(ptr))
 
     def host_buffer(self, nbytes: int) -> np.ndarray:
-        return _pinned_array(self._host, int(self._out("cudaMallocHost", _VOIDP, ctypes.c_size_t(max(1, nbytes))) or 0), nbytes)
+        return _pinned_array(
+            self._host, int(self._out("cudaMallocHost", _VOIDP, ctypes.c_size_t(max(1, nbytes))) or 0), nbytes
+        )
 
     def free_host(self, array: np.ndarray) -> None:
         ptr = self._host.pop(array.ctypes.data, 0)
@@ -533,7 +567,9 @@ class _CudaRuntime:
         self._call("cudaStreamDestroy", _VOIDP(stream))
 
     def _copy(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
-        self._call("cudaMemcpyAsync", _VOIDP(dst), _VOIDP(src), ctypes.c_size_t(nbytes), ctypes.c_int(kind), _VOIDP(stream))
+        self._call(
+            "cudaMemcpyAsync", _VOIDP(dst), _VOIDP(src), ctypes.c_size_t(nbytes), ctypes.c_int(kind), _VOIDP(stream)
+        )
 
     def to_device(self, ptr: int, host: np.ndarray, stream: int) -> None:
         self._copy(ptr, host.ctypes.data, host.nbytes, 1, stream)  # cudaMemcpyHostToDevice
@@ -573,8 +609,14 @@ def _cudart_info(api: _CudaRuntime) -> dict[str, str]:
     runtime, driver = api._out("cudaRuntimeGetVersion", ctypes.c_int), api._out("cudaDriverGetVersion", ctypes.c_int)
     free, total = ctypes.c_size_t(), ctypes.c_size_t()
     api._call("cudaMemGetInfo", ctypes.byref(free), ctypes.byref(total))
-    return _info(api, _gpu_name(api.device), f"{major}.{minor}", f"{runtime // 1000}.{runtime % 1000 // 10}",
-                 f"{driver // 1000}.{driver % 1000 // 10}", int(total.value))  # fmt: skip
+    return _info(
+        api,
+        _gpu_name(api.device),
+        f"{major}.{minor}",
+        f"{runtime // 1000}.{runtime % 1000 // 10}",
+        f"{driver // 1000}.{driver % 1000 // 10}",
+        int(total.value),
+    )
 
 
 def _gpu_name(device: int) -> str:
@@ -582,7 +624,11 @@ def _gpu_name(device: int) -> str:
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
         handle, name = ctypes.c_int(), ctypes.create_string_buffer(256)
-        if cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(handle), device) == 0 and cuda.cuDeviceGetName(name, 256, handle) == 0:
+        if (
+            cuda.cuInit(0) == 0
+            and cuda.cuDeviceGet(ctypes.byref(handle), device) == 0
+            and cuda.cuDeviceGetName(name, 256, handle) == 0
+        ):
             return name.value.decode(errors="replace")
     except (OSError, AttributeError):
         pass
@@ -610,7 +656,9 @@ class _TorchCuda:
 
     def device_info(self) -> dict[str, str]:
         prop = self.torch.cuda.get_device_properties(self.device)
-        return _info(self, str(prop.name), f"{prop.major}.{prop.minor}", str(self.torch.version.cuda), "", prop.total_memory)
+        return _info(
+            self, str(prop.name), f"{prop.major}.{prop.minor}", str(self.torch.version.cuda), "", prop.total_memory
+        )
 
     def malloc(self, nbytes: int) -> int:
         t = self.torch.empty(max(1, nbytes), dtype=self.torch.uint8, device=f"cuda:{self.device}")
@@ -711,17 +759,25 @@ def confined(folder: Path, raw: object, what: str) -> Path:
     The same rule as the bundle manifest's paths (``bundle._safe_rel``): no absolute or drive paths,
     no backslashes, no '..' or empty parts, nothing resolving outside the folder (a symbolic link)."""
     if not isinstance(raw, str) or not raw or "\x00" in raw:
-        raise D2VError(f"bundle '{folder}' has a bad {what} path {raw!r} in {RECIPE_FILE}; rebuild the bundle with d2v-export")
+        raise D2VError(
+            f"bundle '{folder}' has a bad {what} path {raw!r} in {RECIPE_FILE}; rebuild the bundle with d2v-export"
+        )
     pure = PurePosixPath(raw)
     if pure.is_absolute() or raw.startswith(("/", "\\")) or "\\" in raw or (len(raw) > 1 and raw[1] == ":"):
-        raise D2VError(f"bundle '{folder}' names the absolute or non-POSIX {what} path '{raw}' in {RECIPE_FILE}; refusing it (paths stay inside the bundle)")
+        raise D2VError(
+            f"bundle '{folder}' names the absolute or non-POSIX {what} path '{raw}' in {RECIPE_FILE}; refusing it (paths stay inside the bundle)"
+        )
     if any(part in ("..", "") for part in raw.split("/")) or pure.parts[0] == ".":
-        raise D2VError(f"bundle '{folder}' names the {what} path '{raw}' that escapes the bundle in {RECIPE_FILE}; refusing it")
+        raise D2VError(
+            f"bundle '{folder}' names the {what} path '{raw}' that escapes the bundle in {RECIPE_FILE}; refusing it"
+        )
     path = Path(folder) / raw
     try:
         path.resolve().relative_to(Path(folder).resolve())
     except ValueError:
-        raise D2VError(f"bundle '{folder}' has the {what} path '{raw}' resolving outside the bundle (a symbolic link?); refusing it") from None
+        raise D2VError(
+            f"bundle '{folder}' has the {what} path '{raw}' resolving outside the bundle (a symbolic link?); refusing it"
+        ) from None
     return path
 
 
@@ -755,11 +811,17 @@ def verify_files(bundle: Path) -> dict[str, Any]:
         if not file.is_file():
             raise D2VError(f"bundle '{bundle}' is missing '{rel}'; copy the whole folder again")
         if file.stat().st_size != entry.get("size") or sha256_file(file) != str(entry.get("sha256", "")).lower():
-            raise D2VError(f"bundle '{bundle}' file '{rel}' does not match its sha256 in {MANIFEST_FILE}: it was changed; refusing it")
-    present = {p.relative_to(bundle).as_posix() for p in Path(bundle).rglob("*") if p.is_file() and not p.name.startswith(".")}
+            raise D2VError(
+                f"bundle '{bundle}' file '{rel}' does not match its sha256 in {MANIFEST_FILE}: it was changed; refusing it"
+            )
+    present = {
+        p.relative_to(bundle).as_posix() for p in Path(bundle).rglob("*") if p.is_file() and not p.name.startswith(".")
+    }
     extra = sorted(present - set(listed) - {MANIFEST_FILE})
     if extra:
-        raise D2VError(f"bundle '{bundle}' holds {len(extra)} file(s) not in {MANIFEST_FILE} (e.g. '{extra[0]}'); remove them or rebuild the bundle")
+        raise D2VError(
+            f"bundle '{bundle}' holds {len(extra)} file(s) not in {MANIFEST_FILE} (e.g. '{extra[0]}'); remove them or rebuild the bundle"
+        )
     return dict(doc)
 
 
@@ -779,13 +841,17 @@ def relist(bundle: Path, names: Sequence[str] = ENGINE_FILES) -> None:
 def read_recipe(bundle: Path) -> dict[str, Any]:
     path = Path(bundle) / RECIPE_FILE
     if not path.is_file():
-        raise D2VError(f"'{bundle}' has no {RECIPE_FILE}; pass a tensorrt variant folder written by d2v-export (e.g. OUTPUT/tensorrt-int8-static)")
+        raise D2VError(
+            f"'{bundle}' has no {RECIPE_FILE}; pass a tensorrt variant folder written by d2v-export (e.g. OUTPUT/tensorrt-int8-static)"
+        )
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise D2VError(f"{path} is not readable JSON ({exc}); rebuild the bundle") from None
     if not isinstance(doc, dict) or doc.get("format") != RECIPE_FORMAT or doc.get("version") != RECIPE_VERSION:
-        raise D2VError(f"{path} is not a version-{RECIPE_VERSION} d2v-export TensorRT recipe; rebuild the bundle with this d2v-export")
+        raise D2VError(
+            f"{path} is not a version-{RECIPE_VERSION} d2v-export TensorRT recipe; rebuild the bundle with this d2v-export"
+        )
     problem = _recipe_problem(doc)
     if problem:
         raise D2VError(f"{path} is malformed ({problem}); rebuild the bundle with this d2v-export")
@@ -794,6 +860,7 @@ def read_recipe(bundle: Path) -> dict[str, Any]:
 
 def _recipe_problem(doc: Mapping[str, Any]) -> str | None:
     """What a recipe's build fields get wrong (found by fuzzing: each once crashed settings_from / trtexec_command), or None."""
+
     def strings(x: Any) -> bool:
         return isinstance(x, list) and all(isinstance(v, str) for v in x)
 
@@ -802,23 +869,47 @@ def _recipe_problem(doc: Mapping[str, Any]) -> str | None:
 
     if doc.get("precision") not in ("fp32", "fp16", "bf16", "int8"):
         return f"precision {doc.get('precision')!r}"
-    if not isinstance(doc.get("strongly_typed"), bool) or not strings(doc.get("builder_flags")) or not strings(doc.get("cleared_flags")):
+    if (
+        not isinstance(doc.get("strongly_typed"), bool)
+        or not strings(doc.get("builder_flags"))
+        or not strings(doc.get("cleared_flags"))
+    ):
         return "strongly_typed, builder_flags or cleared_flags"
-    if not isinstance(doc.get("workspace_bytes"), int) or isinstance(doc["workspace_bytes"], bool) or doc["workspace_bytes"] < 1:
+    if (
+        not isinstance(doc.get("workspace_bytes"), int)
+        or isinstance(doc["workspace_bytes"], bool)
+        or doc["workspace_bytes"] < 1
+    ):
         return f"workspace_bytes {doc.get('workspace_bytes')!r}"
     inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, dict) and isinstance(i.get("name"), str) and isinstance(i.get("dtype"), str) and all(dims(i.get(w)) for w in ("min", "opt", "max")) for i in inputs):
+    if (
+        not isinstance(inputs, list)
+        or not inputs
+        or not all(
+            isinstance(i, dict)
+            and isinstance(i.get("name"), str)
+            and isinstance(i.get("dtype"), str)
+            and all(dims(i.get(w)) for w in ("min", "opt", "max"))
+            for i in inputs
+        )
+    ):
         return "inputs: each needs a name, a dtype and min/opt/max shapes"
-    if not isinstance(doc.get("tensorrt") or {}, dict) or not all(isinstance(doc.get(k), str) for k in ("onnx", "engine", "timing_cache", "why")):
+    if not isinstance(doc.get("tensorrt") or {}, dict) or not all(
+        isinstance(doc.get(k), str) for k in ("onnx", "engine", "timing_cache", "why")
+    ):
         return "tensorrt, onnx, engine, timing_cache or why"
     return None
 
 
-def settings_from(recipe: Mapping[str, Any], *, workspace_bytes: int | None = None, timing_cache: Path | None = None, device: int = 0) -> BuildSettings:
+def settings_from(
+    recipe: Mapping[str, Any], *, workspace_bytes: int | None = None, timing_cache: Path | None = None, device: int = 0
+) -> BuildSettings:
     trt_req = recipe.get("tensorrt") or {}
     return BuildSettings(
         precision=str(recipe["precision"]),
-        inputs=tuple(InputProfile(str(i["name"]), tuple(i["min"]), tuple(i["opt"]), tuple(i["max"])) for i in recipe["inputs"]),
+        inputs=tuple(
+            InputProfile(str(i["name"]), tuple(i["min"]), tuple(i["opt"]), tuple(i["max"])) for i in recipe["inputs"]
+        ),
         strongly_typed=bool(recipe["strongly_typed"]),
         builder_flags=tuple(recipe["builder_flags"]),
         cleared_flags=tuple(recipe["cleared_flags"]),
@@ -832,7 +923,9 @@ def settings_from(recipe: Mapping[str, Any], *, workspace_bytes: int | None = No
 # ------------------------------------------------------------------------------------ build
 
 
-def _builder_config(trt: Any, builder: Any, settings: BuildSettings, onnx_path: Path, errors: Any) -> tuple[Any, list[str]]:
+def _builder_config(
+    trt: Any, builder: Any, settings: BuildSettings, onnx_path: Path, errors: Any
+) -> tuple[Any, list[str]]:
     """The builder config: workspace, the recipe's flags (set and cleared) and one optimization profile."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_bytes))
@@ -901,7 +994,9 @@ def build(onnx_path: Path, plan_path: Path, settings: BuildSettings) -> dict[str
     cache_loaded, refused = _timing_cache(config, cache_path, errors)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise D2VError(f"TensorRT could not build an engine from {onnx_path.name}: {errors.last or 'see the log above'}")
+        raise D2VError(
+            f"TensorRT could not build an engine from {onnx_path.name}: {errors.last or 'see the log above'}"
+        )
     atomic_write(plan_path, memoryview(serialized))
     if cache_path is not None:
         atomic_write(cache_path, memoryview(config.get_timing_cache().serialize()))
@@ -963,7 +1058,15 @@ def _logger() -> tuple[tensorrt.ILogger, _Errors]:
 
 # ------------------------------------------------------------------------------------ runner
 
-_NUMPY_TYPES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+_NUMPY_TYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "UINT8": "uint8",
+}
 
 
 def _nptype(dtype: Any) -> np.dtype[Any]:
@@ -988,7 +1091,10 @@ def _load_engine(runtime: Any, plan: Path, errors: _Errors) -> tuple[Any, Any]:
         )
     context = engine.create_execution_context()
     if context is None:
-        raise D2VError(f"TensorRT could not create an execution context for {plan} ({errors.last or 'out of GPU memory?'}); free GPU memory and retry", ExitCode.TARGET_UNAVAILABLE)
+        raise D2VError(
+            f"TensorRT could not create an execution context for {plan} ({errors.last or 'out of GPU memory?'}); free GPU memory and retry",
+            ExitCode.TARGET_UNAVAILABLE,
+        )
     return engine, context
 
 
@@ -1061,7 +1167,9 @@ class EngineRunner:
             array = np.asarray(feed[name])
             if not self.context.set_input_shape(name, tuple(array.shape)):
                 lo, _opt, hi = self.engine.get_tensor_profile_shape(name, 0)
-                raise D2VError(f"input '{name}' of shape {array.shape} is outside the engine's profile ({lo} .. {hi}); rebuild with a wider range")
+                raise D2VError(
+                    f"input '{name}' of shape {array.shape} is outside the engine's profile ({lo} .. {hi}); rebuild with a wider range"
+                )
             host = self._memory.staging(name, self.dtypes[name], tuple(array.shape))
             host[...] = array
             ptr = self._memory.on_device(name, host.nbytes)
@@ -1078,7 +1186,10 @@ class EngineRunner:
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.stream):
-            raise D2VError(f"TensorRT failed to run the engine: {self._errors.last or 'execute_async_v3 returned False'}", ExitCode.INTERNAL)
+            raise D2VError(
+                f"TensorRT failed to run the engine: {self._errors.last or 'execute_async_v3 returned False'}",
+                ExitCode.INTERNAL,
+            )
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = self._prepare(feed)
@@ -1086,9 +1197,13 @@ class EngineRunner:
         for name, out in outputs.items():
             self.cuda.to_host(out, self._memory.device[name][0], self.stream)
         self.cuda.synchronize(self.stream)
-        return {name: out.astype(np.float32) if out.dtype == np.float16 else out.copy() for name, out in outputs.items()}
+        return {
+            name: out.astype(np.float32) if out.dtype == np.float16 else out.copy() for name, out in outputs.items()
+        }
 
-    def gpu_times_ms(self, feed: Mapping[str, np.ndarray], *, warmup: int = 10, iterations: int = 100, per_round: int = 10) -> list[float]:
+    def gpu_times_ms(
+        self, feed: Mapping[str, np.ndarray], *, warmup: int = 10, iterations: int = 100, per_round: int = 10
+    ) -> list[float]:
         """Engine time alone (no host copies), per run: ``gpu_times_ms``."""
         return gpu_times_ms(self, feed, warmup=warmup, iterations=iterations, per_round=per_round)
 
@@ -1101,7 +1216,14 @@ class EngineRunner:
         self.context = self.engine = self.runtime = None
 
 
-def gpu_times_ms(runner: EngineRunner, feed: Mapping[str, np.ndarray], *, warmup: int = 10, iterations: int = 100, per_round: int = 10) -> list[float]:
+def gpu_times_ms(
+    runner: EngineRunner,
+    feed: Mapping[str, np.ndarray],
+    *,
+    warmup: int = 10,
+    iterations: int = 100,
+    per_round: int = 10,
+) -> list[float]:
     """Engine time alone (no host copies): rounds of ``per_round`` back-to-back execute_async_v3 between one
     pair of CUDA events, no synchronisation inside a round; returns the mean time per run of each round."""
     runner._prepare(feed)
@@ -1154,7 +1276,9 @@ def percentiles(times: Sequence[float]) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------ a bundle on the device
 
-Check = Callable[[Path, Mapping[str, Mapping[str, "np.ndarray"]], Mapping[str, Mapping[str, "np.ndarray"]]], Mapping[str, Any]]
+Check = Callable[
+    [Path, Mapping[str, Mapping[str, "np.ndarray"]], Mapping[str, Mapping[str, "np.ndarray"]]], Mapping[str, Any]
+]
 
 
 def build_bundle(
@@ -1180,7 +1304,11 @@ def build_bundle(
     recipe = read_recipe(bundle)
     onnx_path = confined(bundle, recipe.get("onnx"), "onnx")
     plan = confined(bundle, recipe.get("engine"), "engine")
-    cache = Path(timing_cache) if timing_cache is not None else confined(bundle, recipe.get("timing_cache") or TIMING_CACHE, "timing_cache")
+    cache = (
+        Path(timing_cache)
+        if timing_cache is not None
+        else confined(bundle, recipe.get("timing_cache") or TIMING_CACHE, "timing_cache")
+    )
     settings = settings_from(recipe, workspace_bytes=workspace_bytes, timing_cache=cache, device=device)
     p = require(device, settings.min_version)
     progress(f"building {plan.name} ({recipe['precision']}) with TensorRT {p.version} on {p.device}")
@@ -1246,7 +1374,9 @@ def record(bundle: Path, *, built_with: str = "trtexec", tensorrt_version: str =
     return doc
 
 
-def run_bundle(bundle: Path, feed: Mapping[str, np.ndarray], *, verify: bool = True, device: int = 0) -> dict[str, np.ndarray]:
+def run_bundle(
+    bundle: Path, feed: Mapping[str, np.ndarray], *, verify: bool = True, device: int = 0
+) -> dict[str, np.ndarray]:
     """Run the bundle's engine on model-ready inputs (names as in build_recipe.json)."""
     bundle = Path(bundle)
     if verify:
@@ -1255,7 +1385,9 @@ def run_bundle(bundle: Path, feed: Mapping[str, np.ndarray], *, verify: bool = T
     plan = confined(bundle, recipe.get("engine"), "engine")
     require(device)
     if not plan.is_file():
-        raise D2VError(f"bundle '{bundle}' has no engine yet; build it first: python3 {DEVICE_SCRIPT} build (or d2v-export build-engine)")
+        raise D2VError(
+            f"bundle '{bundle}' has no engine yet; build it first: python3 {DEVICE_SCRIPT} build (or d2v-export build-engine)"
+        )
     with EngineRunner(plan, name=f"tensorrt-{recipe['precision']}", device=device) as engine:
         return engine.infer(feed)
 
@@ -1263,12 +1395,17 @@ def run_bundle(bundle: Path, feed: Mapping[str, np.ndarray], *, verify: bool = T
 def main(argv: Sequence[str] | None = None) -> int:
     """``python3 trt_device.py build|run|probe`` inside a bundle (or with --bundle DIR)."""
     here = Path(__file__).resolve().parent
-    ap = argparse.ArgumentParser(prog=DEVICE_SCRIPT, description="Build and run this TensorRT bundle on the device (TensorRT, cuda-python, numpy).")
+    ap = argparse.ArgumentParser(
+        prog=DEVICE_SCRIPT,
+        description="Build and run this TensorRT bundle on the device (TensorRT, cuda-python, numpy).",
+    )
     ap.add_argument("command", choices=("build", "run", "probe", "record"))
     ap.add_argument("inputs", nargs="?", help="run: an .npz of model inputs named as in build_recipe.json")
     ap.add_argument("--bundle", type=Path, default=here, help="the bundle folder (default: this file's folder)")
     ap.add_argument("--device", default="cuda:0", help="CUDA device, cuda:N")
-    ap.add_argument("--no-verify", action="store_true", help="build or run without checking the bundle against manifest.json")
+    ap.add_argument(
+        "--no-verify", action="store_true", help="build or run without checking the bundle against manifest.json"
+    )
     ap.add_argument("--workspace-gb", type=float, default=None)
     ap.add_argument("--timing-cache", type=Path, default=None)
     ap.add_argument("--iterations", type=int, default=200)
@@ -1282,7 +1419,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"recorded": [n for n in ENGINE_FILES if (args.bundle / n).is_file()]}))
             return 0
         if np is None:
-            raise D2VError(f"{args.command} needs numpy (pip install numpy, or apt install python3-numpy)", ExitCode.TARGET_UNAVAILABLE)
+            raise D2VError(
+                f"{args.command} needs numpy (pip install numpy, or apt install python3-numpy)",
+                ExitCode.TARGET_UNAVAILABLE,
+            )
         index = device_index(args.device)
         if args.command == "probe":
             p = probe(index)
@@ -1290,8 +1430,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if p.ok else int(ExitCode.TARGET_UNAVAILABLE)
         if args.command == "build":
             workspace = int(args.workspace_gb * (1 << 30)) if args.workspace_gb else None
-            plan, manifest = build_bundle(args.bundle, verify=not args.no_verify, workspace_bytes=workspace, timing_cache=args.timing_cache,
-                                          iterations=args.iterations, device=index, progress=lambda m: print(f"[trt_device] {m}", file=sys.stderr))  # fmt: skip
+            plan, manifest = build_bundle(
+                args.bundle,
+                verify=not args.no_verify,
+                workspace_bytes=workspace,
+                timing_cache=args.timing_cache,
+                iterations=args.iterations,
+                device=index,
+                progress=lambda m: print(f"[trt_device] {m}", file=sys.stderr),
+            )
             print(json.dumps({"engine": str(plan), "benchmark": manifest.get("benchmark")}, default=str))
             return 0
         if not args.inputs:

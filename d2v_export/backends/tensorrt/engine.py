@@ -18,6 +18,7 @@ from .recipe import DEFAULT_WORKSPACE_GB, ENGINE_MANIFEST, NAME, ONNX_FILE, RECI
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
+
 def _engine_device(folder: Path) -> int:
     """The CUDA device the bundle's engine was built on (engine_manifest.json), 0 when unknown."""
     try:
@@ -70,7 +71,9 @@ def build_engines(root: Path, **settings: Any) -> Iterator[Path]:
     engine as it is built; ``settings`` are ``build_engine``'s keywords."""
     found = find_bundles(root)
     if not found:
-        raise D2VError(f"'{root}' holds no TensorRT bundle ({RECIPE_FILE}); pass a folder written with --target {NAME} --defer-build")
+        raise D2VError(
+            f"'{root}' holds no TensorRT bundle ({RECIPE_FILE}); pass a folder written with --target {NAME} --defer-build"
+        )
     for folder in found:
         yield build_engine(folder, **settings)
 
@@ -125,7 +128,9 @@ def build_engine(
     return plan
 
 
-def _compare_with_ort(onnx_path: Path, feeds: Mapping[str, Mapping[str, np.ndarray]], engine_out: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+def _compare_with_ort(
+    onnx_path: Path, feeds: Mapping[str, Mapping[str, np.ndarray]], engine_out: Mapping[str, Mapping[str, np.ndarray]]
+) -> dict[str, Any]:
     """Largest |engine - ONNX Runtime| per shape point, absolute and scaled by max(1, max |ORT|)."""
     result: dict[str, Any] = {}
     with SimulationRunner(onnx_path, threads=0, name="onnxruntime") as ort_runner:
@@ -139,7 +144,9 @@ def _compare_with_ort(onnx_path: Path, feeds: Mapping[str, Mapping[str, np.ndarr
                     continue
                 err = float(np.max(np.abs(got - expected))) if expected.size else 0.0
                 worst_abs = max(worst_abs, err)
-                worst_scaled = max(worst_scaled, err / max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0))
+                worst_scaled = max(
+                    worst_scaled, err / max(1.0, float(np.max(np.abs(expected))) if expected.size else 1.0)
+                )
             result[which] = {"max_abs_error": worst_abs, "max_scaled_error": worst_scaled}
     return result
 
@@ -157,10 +164,15 @@ def open_bundle(backend: Backend, folder: Path, files: Sequence[str]) -> Opened:
         return Opened(backend, NAME, engine)
     if onnx is None:
         raise D2VError(
-            f"bundle '{folder}' has " + ("an engine, but TensorRT cannot run here" if engine else "no TensorRT engine")
+            f"bundle '{folder}' has "
+            + ("an engine, but TensorRT cannot run here" if engine else "no TensorRT engine")
             + f" and no ONNX file to run instead ({avail.reason or 'no engine'})",
             ExitCode.TARGET_UNAVAILABLE,
         )
-    reason = "the bundle has no TensorRT engine" if engine is None else f"TensorRT cannot run its engine here ({avail.reason})"
+    reason = (
+        "the bundle has no TensorRT engine"
+        if engine is None
+        else f"TensorRT cannot run its engine here ({avail.reason})"
+    )
     note = f"{reason}: ran its ONNX file '{onnx}' with ONNX Runtime on the CPU instead (not engine accuracy or latency)"
     return Opened(ONNX_RUNTIME, ONNX_RUNTIME.name, onnx, (note,))

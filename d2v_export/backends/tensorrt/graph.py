@@ -16,6 +16,7 @@ from ...quantize import MATMUL_OPS
 from ...spec import D2VError, ExitCode, ExportedGraph, QuantRecipe
 from .recipe import FP32_OPS, input_profiles
 
+
 def qdq_problems(path: Path) -> list[str]:
     """What TensorRT would refuse in a Q/DQ graph: non-zero or non-int8 zero points, a Q not feeding a DQ, a scale
     that is not a positive constant (or, in fp16, not a normal number: ``MIN_HALF_SCALE``)."""
@@ -46,7 +47,9 @@ def qdq_problems(path: Path) -> list[str]:
         problems += _scale_problems(node, inits.get(node.input[1]))
         data = inits.get(node.input[0])
         if node.op_type == "DequantizeLinear" and data is not None and data.data_type != onnx.TensorProto.INT8:
-            problems.append(f"{node.name}: dequantizes {onnx.TensorProto.DataType.Name(data.data_type)}, TensorRT dequantizes int8")
+            problems.append(
+                f"{node.name}: dequantizes {onnx.TensorProto.DataType.Name(data.data_type)}, TensorRT dequantizes int8"
+            )
         if node.op_type == "QuantizeLinear" and any(r != "DequantizeLinear" for r in readers.get(node.output[0], [])):
             problems.append(f"{node.name}: QuantizeLinear output feeds something other than DequantizeLinear")
     return problems
@@ -116,7 +119,9 @@ def tensorrt_fixups(path: Path) -> dict[str, int]:
             continue
         values = numpy_helper.to_array(data).astype(np.float64)
         scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
-        zero = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64) if len(dq.input) > 2 and dq.input[2] else 0.0
+        zero = (
+            numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64) if len(dq.input) > 2 and dq.input[2] else 0.0
+        )
         if scale.ndim == 1 and values.ndim > 1:  # per-axis: broadcast along the DQ's axis
             shape = [1] * values.ndim
             shape[_axis(dq, values.ndim)] = -1
@@ -132,7 +137,9 @@ def tensorrt_fixups(path: Path) -> dict[str, int]:
         external = path.with_name(path.name + ".data")
         if external.exists():  # a model over 2 GB keeps its weights beside it
             external.unlink()
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=external.name)
+            onnx.save_model(
+                model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=external.name
+            )
             onnx.checker.check_model(str(path))
         else:
             onnx.checker.check_model(model)
@@ -151,6 +158,7 @@ _TYPED_INPUTS = {"Resize": (1, 2)}
 # layer's compute precision from stash_type=1), but its gamma/beta must then be fp16 too, and that cost the trained
 # text example 5 of 240 answers' agreement (top-1 0.992 -> 0.971, under the 0.98 budget).
 INT8_FP32_OPS: tuple[str, ...] = ("LayerNormalization",)
+
 
 def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str, int]:
     """Rewrite a Q/DQ graph (in place) so that its float remainder is fp16, for a strongly typed build.
@@ -174,9 +182,14 @@ def fp16_remainder(path: Path, fp32_ops: tuple[str, ...] = FP32_OPS) -> dict[str
         if op.domain in ("", "ai.onnx") and op.version < 19:
             op.version = 19
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    }
     types |= {i.name: i.data_type for i in graph.initializer}
-    fixed = {n.input[i] for n in graph.node for i in _TYPED_INPUTS.get(n.op_type, ()) if i < len(n.input) and n.input[i]}
+    fixed = {
+        n.input[i] for n in graph.node for i in _TYPED_INPUTS.get(n.op_type, ()) if i < len(n.input) and n.input[i]
+    }
     counts = {"initializers": 0, "casts": 0, "fp32_nodes": 0}
     clamped = clamp_half_scales(graph)
     if clamped:
@@ -207,7 +220,11 @@ def clamp_half_scales(graph: Any) -> int:
     changed = 0
     done: set[str] = set()
     for node in graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.input[1] not in inits or node.input[1] in done:
+        if (
+            node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            or node.input[1] not in inits
+            or node.input[1] in done
+        ):
             continue
         done.add(node.input[1])
         scale = inits[node.input[1]]
@@ -225,7 +242,9 @@ def clamp_half_scales(graph: Any) -> int:
                 shape = [1] * len(weight.dims)
                 shape[_axis(node, len(weight.dims))] = -1
                 ratio = ratio.reshape(shape)
-            ints = np.clip(np.round(numpy_helper.to_array(weight).astype(np.float32) * ratio), -127, 127).astype(np.int8)
+            ints = np.clip(np.round(numpy_helper.to_array(weight).astype(np.float32) * ratio), -127, 127).astype(
+                np.int8
+            )
             weight.CopyFrom(numpy_helper.from_array(ints, weight.name))
         scale.CopyFrom(numpy_helper.from_array(new, scale.name))
         changed += int(np.count_nonzero(low))
@@ -243,7 +262,9 @@ def _half_constants(graph: Any, fp32_ops: tuple[str, ...], fixed: set[str], coun
         if init.data_type != FLOAT or init.name in fixed:
             continue
         values = numpy_helper.to_array(init)
-        if any(n.op_type in fp32_ops and init.name in n.input for n in graph.node):  # e.g. LayerNorm gamma/beta: keep fp32 copies
+        if any(
+            n.op_type in fp32_ops and init.name in n.input for n in graph.node
+        ):  # e.g. LayerNorm gamma/beta: keep fp32 copies
             fp32_copies[init.name] = f"{init.name}_fp32"
             graph.initializer.append(numpy_helper.from_array(values, fp32_copies[init.name]))
         init.CopyFrom(numpy_helper.from_array(_to_half(values), init.name))
@@ -258,7 +279,9 @@ def _half_constants(graph: Any, fp32_ops: tuple[str, ...], fixed: set[str], coun
     return fp32_copies
 
 
-def _rewire(graph: Any, fp32_ops: tuple[str, ...], types: dict[str, int], fp32_copies: dict[str, str], counts: dict[str, int]) -> list[Any]:
+def _rewire(
+    graph: Any, fp32_ops: tuple[str, ...], types: dict[str, int], fp32_copies: dict[str, str], counts: dict[str, int]
+) -> list[Any]:
     """The new node list: float inputs cast to fp16 once, ``fp32_ops`` between casts, float outputs cast back."""
     from onnx import TensorProto, helper
 
@@ -268,7 +291,9 @@ def _rewire(graph: Any, fp32_ops: tuple[str, ...], types: dict[str, int], fp32_c
     for inp in graph.input:
         if inp.type.tensor_type.elem_type == FLOAT:
             renamed[inp.name] = f"{inp.name}_fp16"
-            nodes.append(helper.make_node("Cast", [inp.name], [renamed[inp.name]], to=HALF, name=f"{inp.name}_d2v_to_fp16"))
+            nodes.append(
+                helper.make_node("Cast", [inp.name], [renamed[inp.name]], to=HALF, name=f"{inp.name}_d2v_to_fp16")
+            )
             counts["casts"] += 1
     float_outputs = {o.name for o in graph.output if o.type.tensor_type.elem_type == FLOAT}
     done_outputs: set[str] = set()
@@ -296,7 +321,9 @@ def _rewire(graph: Any, fp32_ops: tuple[str, ...], types: dict[str, int], fp32_c
                     nodes.append(helper.make_node("Identity", [node.output[i]], [name], name=f"{node.name}_out{i}"))
                     done_outputs.add(name)
                 else:
-                    nodes.append(helper.make_node("Cast", [node.output[i]], [name], to=HALF, name=f"{node.name}_out{i}_fp16"))
+                    nodes.append(
+                        helper.make_node("Cast", [node.output[i]], [name], to=HALF, name=f"{node.name}_out{i}_fp16")
+                    )
                     counts["casts"] += 1
     for out in graph.output:
         if out.name not in float_outputs or out.name in done_outputs:
@@ -339,7 +366,10 @@ def attention_blocks(model: Any) -> list[tuple[Any, Any, Any]]:
 
     def constant(name: str) -> bool:
         node = producers.get(name)
-        return name in inits or (node is not None and (node.op_type == "Constant" or (node.op_type == "DequantizeLinear" and node.input[0] in inits)))
+        return name in inits or (
+            node is not None
+            and (node.op_type == "Constant" or (node.op_type == "DequantizeLinear" and node.input[0] in inits))
+        )
 
     def bmm1(name: str, depth: int = 0) -> Any:
         node = producers.get(name)
@@ -349,7 +379,9 @@ def attention_blocks(model: Any) -> list[tuple[Any, Any, Any]]:
             return node if not any(constant(i) for i in node.input) else None
         if node.op_type not in _SCORE_OPS:
             return None
-        return next((m for m in (bmm1(i, depth + 1) for i in node.input if i and not constant(i)) if m is not None), None)
+        return next(
+            (m for m in (bmm1(i, depth + 1) for i in node.input if i and not constant(i)) if m is not None), None
+        )
 
     def bmm2(name: str, depth: int = 0) -> Any:
         for node in readers.get(name, []):
@@ -424,8 +456,16 @@ def move_attention_scale(model: Any) -> int:
         graph.initializer.append(s)
         dq = producers.get(first.input[0])
         q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        readers = [n for n in graph.node if q is not None and q.output[0] in n.input] + [n for n in graph.node if dq is not None and dq.output[0] in n.input]
-        if q is not None and dq is not None and q.op_type == "QuantizeLinear" and q.input[1] in inits and readers == [dq, first]:
+        readers = [n for n in graph.node if q is not None and q.output[0] in n.input] + [
+            n for n in graph.node if dq is not None and dq.output[0] in n.input
+        ]
+        if (
+            q is not None
+            and dq is not None
+            and q.op_type == "QuantizeLinear"
+            and q.input[1] in inits
+            and readers == [dq, first]
+        ):
             pair_scale = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32) * np.float32(factor)
             graph.initializer.append(numpy_helper.from_array(pair_scale, f"{q.name}_d2v_scale"))
             q.input[1] = dq.input[1] = f"{q.name}_d2v_scale"
@@ -433,7 +473,10 @@ def move_attention_scale(model: Any) -> int:
         else:
             target, index = first, 0
         scaled = f"{target.input[index]}_d2v_scaled"
-        graph.node.insert(list(graph.node).index(target), helper.make_node("Mul", [target.input[index], s.name], [scaled], name=scaled))
+        graph.node.insert(
+            list(graph.node).index(target),
+            helper.make_node("Mul", [target.input[index], s.name], [scaled], name=scaled),
+        )
         target.input[index] = scaled
         for node in graph.node:  # readers of the scaled scores read the MatMul's output now
             for i, name in enumerate(node.input):
@@ -472,8 +515,12 @@ def residual_adds(model: Any) -> list[Any]:
 
     def activation(name: str) -> bool:
         node = producers.get(name)
-        return bool(name) and name not in inits and not (node is not None and node.op_type == "Constant") and not (
-            node is not None and node.op_type == "DequantizeLinear" and node.input[0] in inits)
+        return (
+            bool(name)
+            and name not in inits
+            and not (node is not None and node.op_type == "Constant")
+            and not (node is not None and node.op_type == "DequantizeLinear" and node.input[0] in inits)
+        )
 
     def from_gemm(name: str, depth: int = 0) -> bool:
         node = producers.get(name)
@@ -485,10 +532,14 @@ def residual_adds(model: Any) -> list[Any]:
         return node.op_type in _BRANCH_OPS and len(moving) == 1 and from_gemm(moving[0], depth + 1)
 
     return [
-        n for n in graph.node
-        if n.op_type == "Add" and len(n.input) == 2 and all(activation(i) for i in n.input)
-        and "LayerNormalization" in readers.get(n.output[0], []) and any(from_gemm(i) for i in n.input)
-    ]  # fmt: skip
+        n
+        for n in graph.node
+        if n.op_type == "Add"
+        and len(n.input) == 2
+        and all(activation(i) for i in n.input)
+        and "LayerNormalization" in readers.get(n.output[0], [])
+        and any(from_gemm(i) for i in n.input)
+    ]
 
 
 def split_residual(recipe: QuantRecipe) -> tuple[QuantRecipe, bool]:
@@ -514,8 +565,13 @@ def residual_qdq(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> int:
     adds = residual_adds(model)
     if not adds:
         return 0
-    quantized = {q.input[0]: dq.output[0] for q in graph.node if q.op_type == "QuantizeLinear"
-                 for dq in graph.node if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]}  # fmt: skip
+    quantized = {
+        q.input[0]: dq.output[0]
+        for q in graph.node
+        if q.op_type == "QuantizeLinear"
+        for dq in graph.node
+        if dq.op_type == "DequantizeLinear" and dq.input[0] == q.output[0]
+    }
     wanted = [i for n in adds for i in n.input if i not in quantized]
     amax = _amax(model, path, list(dict.fromkeys(wanted)), feeds)
     zero = numpy_helper.from_array(np.zeros((), dtype=np.int8), "d2v_residual_zero_point")
@@ -526,10 +582,22 @@ def residual_qdq(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> int:
             if name not in quantized:
                 if not amax.get(name, 0.0) > 0:
                     continue  # never non-zero on the samples: no scale to give it
-                scale = numpy_helper.from_array(np.array(amax[name] / 127.0, dtype=np.float32), f"{name}_d2v_residual_scale")
+                scale = numpy_helper.from_array(
+                    np.array(amax[name] / 127.0, dtype=np.float32), f"{name}_d2v_residual_scale"
+                )
                 graph.initializer.append(scale)
-                q = helper.make_node("QuantizeLinear", [name, scale.name, zero.name], [f"{name}_d2v_residual_q"], name=f"{name}_d2v_residual_q")
-                dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zero.name], [f"{name}_d2v_residual_dq"], name=f"{name}_d2v_residual_dq")
+                q = helper.make_node(
+                    "QuantizeLinear",
+                    [name, scale.name, zero.name],
+                    [f"{name}_d2v_residual_q"],
+                    name=f"{name}_d2v_residual_q",
+                )
+                dq = helper.make_node(
+                    "DequantizeLinear",
+                    [q.output[0], scale.name, zero.name],
+                    [f"{name}_d2v_residual_dq"],
+                    name=f"{name}_d2v_residual_dq",
+                )
                 at = list(graph.node).index(add)
                 graph.node.insert(at, dq)
                 graph.node.insert(at, q)
@@ -617,7 +685,9 @@ def long_attention_nodes(graph: ExportedGraph) -> tuple[str, ...]:
     return tuple(name for first, _, second in blocks for name in (first.name, second.name))
 
 
-def run_shapes(graph: ExportedGraph, which: str, names: list[str], *, batch: str | None = None) -> dict[str, tuple[int, ...]]:
+def run_shapes(
+    graph: ExportedGraph, which: str, names: list[str], *, batch: str | None = None
+) -> dict[str, tuple[int, ...]]:
     """The shapes of the tensors ``names`` in one ONNX Runtime run of the fp32 graph at the profile's ``which`` shapes
     (``batch``: the batch axis at another point), on inputs of ones (only shapes are read)."""
     import onnx
@@ -649,7 +719,9 @@ def run_shapes(graph: ExportedGraph, which: str, names: list[str], *, batch: str
 
 def _with_placement_rules(graph: ExportedGraph, recipe: QuantRecipe) -> QuantRecipe:
     """The TensorRT recipe plus the GEMV / small-GEMM nodes and (past 512 tokens) the attention MatMuls left unquantized."""
-    extra = [n for n in dict.fromkeys([*gemv_nodes(graph), *long_attention_nodes(graph)]) if n not in recipe.excluded_nodes]
+    extra = [
+        n for n in dict.fromkeys([*gemv_nodes(graph), *long_attention_nodes(graph)]) if n not in recipe.excluded_nodes
+    ]
     return dataclasses.replace(recipe, excluded_nodes=(*recipe.excluded_nodes, *extra)) if extra else recipe
 
 
@@ -667,7 +739,10 @@ def _axis(node: Any, rank: int) -> int:
 
 def _check_recipe(recipe: QuantRecipe | None) -> QuantRecipe:
     if recipe is None:
-        raise D2VError("tensorrt int8 needs a quantization recipe; build it with quantize.make_recipe('tensorrt', 'static')", ExitCode.INTERNAL)
+        raise D2VError(
+            "tensorrt int8 needs a quantization recipe; build it with quantize.make_recipe('tensorrt', 'static')",
+            ExitCode.INTERNAL,
+        )
     if recipe.mode != "static" or not recipe.symmetric_activations:
         raise D2VError(
             "TensorRT INT8 is explicit quantization: static, symmetric Q/DQ from calibration samples; use --quant static",
@@ -699,4 +774,7 @@ def _fp16_and_check(path: Path) -> None:
 def _check(path: Path) -> None:
     problems = qdq_problems(path)
     if problems:
-        raise D2VError(f"the Q/DQ graph is not what TensorRT accepts: {problems[0]} (and {len(problems) - 1} more)", ExitCode.INTERNAL)
+        raise D2VError(
+            f"the Q/DQ graph is not what TensorRT accepts: {problems[0]} (and {len(problems) - 1} more)",
+            ExitCode.INTERNAL,
+        )

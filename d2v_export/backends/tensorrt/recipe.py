@@ -39,7 +39,9 @@ SIMULATED_FP16 = (
     "accuracy: the fp16 graph (fp32 I/O) on ONNX Runtime with graph optimisations off, checked against PyTorch with "
     "the half-precision tolerance — not engine accuracy"
 )
-SIMULATED_FLOAT = "accuracy: the fp32 ONNX graph on ONNX Runtime — {p} engine accuracy is measured by build-engine on the device"
+SIMULATED_FLOAT = (
+    "accuracy: the fp32 ONNX graph on ONNX Runtime — {p} engine accuracy is measured by build-engine on the device"
+)
 SIMULATED_LATENCY = "latency: ONNX Runtime on this CPU — not engine latency"
 
 
@@ -77,20 +79,28 @@ class Build:
 
 
 BUILDS: dict[Precision, Build] = {
-    Precision.FP32: Build(True, (), ("TF32",), ("--stronglyTyped", "--noTF32"), "fp32 graph, strongly typed, TF32 off: a true fp32 engine"),
+    Precision.FP32: Build(
+        True, (), ("TF32",), ("--stronglyTyped", "--noTF32"), "fp32 graph, strongly typed, TF32 off: a true fp32 engine"
+    ),
     Precision.FP16: Build(
-        True, (), (), ("--stronglyTyped",),
+        True,
+        (),
+        (),
+        ("--stronglyTyped",),
         "fp16 graph (weights and compute fp16, fp32 I/O with casts at the boundaries, LayerNorm/Softmax in fp32), "
         "strongly typed: every tensor runs in the type the graph gives it (TensorRT 10 and 11 alike)",
     ),
     # TF32 is cleared in the Python build (harmless: no GEMM of this graph stays fp32); trtexec keeps its
     # default, so an fp32 GEMM left by hand in the graph may run in TF32 there.
     Precision.INT8: Build(
-        True, (), ("TF32",), ("--stronglyTyped",),
+        True,
+        (),
+        ("TF32",),
+        ("--stronglyTyped",),
         "explicit Q/DQ graph with an fp16 remainder (fp32 I/O, LayerNorm in fp32), strongly typed: "
         "int8 where the Q/DQ pairs are, fp16 elsewhere (TensorRT docs: no precision flags with Q/DQ)",
     ),
-}  # fmt: skip
+}
 # trtexec flags TensorRT 11 removed (its trtexec migration guide): never in a bundle's script.
 REMOVED_TRTEXEC_FLAGS = ("--fp16", "--int8", "--bf16", "--fp8", "--int4", "--best")
 LAYER_INFO = trt_device.LAYER_INFO
@@ -113,7 +123,9 @@ def input_profiles(graph: ExportedGraph) -> tuple[trt_device.InputProfile, ...]:
     return tuple(out)
 
 
-def make_build_recipe(graph: ExportedGraph, precision: Precision, quant: QuantRecipe | None, *, workspace_gb: float = DEFAULT_WORKSPACE_GB) -> dict[str, Any]:
+def make_build_recipe(
+    graph: ExportedGraph, precision: Precision, quant: QuantRecipe | None, *, workspace_gb: float = DEFAULT_WORKSPACE_GB
+) -> dict[str, Any]:
     """The build recipe as plain JSON data (build_recipe.json)."""
     from ... import __version__
 
@@ -129,7 +141,9 @@ def make_build_recipe(graph: ExportedGraph, precision: Precision, quant: QuantRe
         "tensorrt": {
             # strongly typed networks and Q/DQ with fp16 scales parse from 10.0 (onnx-tensorrt 10.0 GA); no upper bound:
             # no precision flag is used, so TensorRT 11 (no weak typing) builds the same graph
-            "min_version": "{}.{}".format(*(trt_device.INT8_MIN_VERSION if precision is Precision.INT8 else trt_device.MIN_VERSION)),
+            "min_version": "{}.{}".format(
+                *(trt_device.INT8_MIN_VERSION if precision is Precision.INT8 else trt_device.MIN_VERSION)
+            ),
             "max_version_exclusive": None,
             "verified_versions": list(trt_device.VERIFIED_VERSIONS),
         },
@@ -153,13 +167,21 @@ def make_build_recipe(graph: ExportedGraph, precision: Precision, quant: QuantRe
         ],
         "outputs": [t.name for t in graph.outputs],
         "quantization": dataclasses.asdict(quant) if quant is not None else None,
-        "float_remainder": FP16_REMAINDER_NOTE if precision is Precision.INT8 else (FP16_GRAPH_NOTE if precision is Precision.FP16 else None),
+        "float_remainder": FP16_REMAINDER_NOTE
+        if precision is Precision.INT8
+        else (FP16_GRAPH_NOTE if precision is Precision.FP16 else None),
     }
     doc["trtexec"] = shlex.join(trtexec_command(doc))
     return doc
 
 
-def trtexec_command(recipe: Mapping[str, Any], *, workspace_bytes: int | None = None, timing_cache: str | None = None, engine: str | None = None) -> list[str]:
+def trtexec_command(
+    recipe: Mapping[str, Any],
+    *,
+    workspace_bytes: int | None = None,
+    timing_cache: str | None = None,
+    engine: str | None = None,
+) -> list[str]:
     """``trtexec`` arguments equivalent to the Python build of ``recipe`` (it also benchmarks the engine and
     writes each layer's precision and fusion to layers.json)."""
 
@@ -194,11 +216,11 @@ def build_script(recipe: Mapping[str, Any]) -> str:
     return f"""#!/usr/bin/env bash
 # Build (and benchmark) the TensorRT engine of this bundle on the device that will run it:
 # engines are tied to the GPU, the TensorRT and the CUDA version they were built with.
-# Needs TensorRT {recipe['tensorrt']['min_version']} or newer (10.x or 11.x: strongly typed, no precision flag);
+# Needs TensorRT {recipe["tensorrt"]["min_version"]} or newer (10.x or 11.x: strongly typed, no precision flag);
 # trtexec from $TRTEXEC, PATH or /usr/src/tensorrt/bin (JetPack).
 # The same build from Python: python3 {DEVICE_SCRIPT} build  (TensorRT + numpy, Python 3.10+),
 # or d2v-export build-engine <this folder>; both also write {ENGINE_MANIFEST}.
-# Precision {recipe['precision']}: {recipe['why']}.
+# Precision {recipe["precision"]}: {recipe["why"]}.
 set -euo pipefail
 cd "$(dirname "$0")"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"

@@ -5,6 +5,7 @@ precision flag fails to build, as TensorRT refuses it. 11.x: no BuilderFlag.FP16
 strongly typed (the STRONGLY_TYPED creation flag accepted and ignored). 8.x: only the version, to be refused.
 $FAKE_TRT_FAIL_BUILD=1 makes the build fail without a message; a timing cache holding b"bad" is refused with
 an error logged, as a cache from another GPU is."""
+
 import ctypes
 import json
 import os
@@ -158,10 +159,17 @@ class Builder:
         strong = MAJOR >= 11 or bool(network.flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         if os.environ.get("FAKE_TRT_FAIL_BUILD") or (strong and config.flags):
             if config.flags:
-                self.logger.log(ILogger.Severity.ERROR, "precision flags are not allowed with a strongly typed network (fake)")
+                self.logger.log(
+                    ILogger.Severity.ERROR, "precision flags are not allowed with a strongly typed network (fake)"
+                )
             return None
-        doc = {"shapes": config.profiles[0].shapes, "strongly_typed": strong, "flags": sorted(config.flags),
-               "cleared": sorted(config.cleared), "version": __version__}
+        doc = {
+            "shapes": config.profiles[0].shapes,
+            "strongly_typed": strong,
+            "flags": sorted(config.flags),
+            "cleared": sorted(config.cleared),
+            "version": __version__,
+        }
         BUILT.append(doc)
         return memoryview(b"FAKEPLAN" + json.dumps(doc).encode())
 

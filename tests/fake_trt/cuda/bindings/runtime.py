@@ -1,4 +1,5 @@
 """A stand-in for cuda-python's runtime bindings: device memory is bytearrays keyed by fake pointers."""
+
 import ctypes
 import enum
 import itertools
@@ -91,7 +92,11 @@ def cudaStreamSynchronize(stream):
 
 
 def cudaMemcpyAsync(dst, src, n, kind, stream):
-    if src not in _pinned and not any(p <= src < p + ctypes.sizeof(b) for p, b in _pinned.items()) and kind == cudaMemcpyKind.cudaMemcpyHostToDevice:
+    if (
+        src not in _pinned
+        and not any(p <= src < p + ctypes.sizeof(b) for p, b in _pinned.items())
+        and kind == cudaMemcpyKind.cudaMemcpyHostToDevice
+    ):
         CALLS.append(("pageable copy", n))
     if kind == cudaMemcpyKind.cudaMemcpyHostToDevice:
         MEMORY[dst][:n] = ctypes.string_at(src, n)
