@@ -36,11 +36,19 @@ RATE = 16_000
 # stays in one split: the two frames show the same scene.
 VISION_SPLITS = {
     "calibration": (
-        "motorcycle_left", "motorcycle_right", "hubble_deep_field", "china", "grace_hopper",
-        "camera", "coins", "immunohistochemistry", "retina", "brick",
+        "motorcycle_left",
+        "motorcycle_right",
+        "hubble_deep_field",
+        "china",
+        "grace_hopper",
+        "camera",
+        "coins",
+        "immunohistochemistry",
+        "retina",
+        "brick",
     ),
     "evaluation": ("chelsea", "coffee", "flower", "rocket", "astronaut"),
-}  # fmt: skip
+}
 
 
 def _vision_sources() -> dict[str, np.ndarray]:
@@ -112,9 +120,14 @@ SENTENCES = (
 )
 # (engine, voice): espeak-ng writes 22.05 kHz, flite's 16 kHz voices write 16 kHz.
 SYNTH_VOICES = (
-    ("espeak", "en-us"), ("flite", "slt"), ("espeak", "en-gb"), ("flite", "rms"),
-    ("espeak", "en-us+f3"), ("flite", "awb"), ("flite", "kal16"),
-)  # fmt: skip
+    ("espeak", "en-us"),
+    ("flite", "slt"),
+    ("espeak", "en-gb"),
+    ("flite", "rms"),
+    ("espeak", "en-us+f3"),
+    ("flite", "awb"),
+    ("flite", "kal16"),
+)
 AUDIO_COUNTS = {"calibration": (10, 10), "evaluation": (5, 5)}  # (recorded, synthesized) per split
 
 
@@ -213,7 +226,18 @@ def make_audio(out: Path) -> None:
 
 FORTUNES = Path("/usr/share/games/fortunes")
 # Files of the `fortunes` / `fortunes-min` packages with plain prose (never `fortunes-off`).
-FORTUNE_FILES = ("art", "education", "food", "fortunes", "literature", "pets", "platitudes", "science", "wisdom", "work")
+FORTUNE_FILES = (
+    "art",
+    "education",
+    "food",
+    "fortunes",
+    "literature",
+    "pets",
+    "platitudes",
+    "science",
+    "wisdom",
+    "work",
+)
 BLOCK = re.compile(r"\b(sex\w*|damn\w*|hell|god|jesus|kill\w*|drunk\w*|beer|whisk(e)?y|war|gun\w*)\b", re.IGNORECASE)
 STOP = set(
     "about above after again against also always another because been before being below between both "
@@ -330,7 +354,14 @@ def make_assets() -> None:
     shutil.copyfile(data / "vocab.bpe", bpe / "merges.txt")
 
     def tok(content: str, lstrip: bool = False) -> dict:
-        return {"content": content, "lstrip": lstrip, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        return {
+            "content": content,
+            "lstrip": lstrip,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
 
     specials = {
         "bos_token": "<s>",
@@ -341,14 +372,27 @@ def make_assets() -> None:
         "pad_token": "<pad>",
     }
     config = {
-        "tokenizer_class": "RobertaTokenizer", "model_max_length": 512, "add_prefix_space": False,
-        "trim_offsets": True, "errors": "replace", **specials, "mask_token": "<mask>",
+        "tokenizer_class": "RobertaTokenizer",
+        "model_max_length": 512,
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "errors": "replace",
+        **specials,
+        "mask_token": "<mask>",
         "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": {"0": tok("<s>"), "1": tok("<pad>"), "2": tok("</s>"), "3": tok("<unk>"), "50264": tok("<mask>", lstrip=True)},
-    }  # fmt: skip
+        "added_tokens_decoder": {
+            "0": tok("<s>"),
+            "1": tok("<pad>"),
+            "2": tok("</s>"),
+            "3": tok("<unk>"),
+            "50264": tok("<mask>", lstrip=True),
+        },
+    }
     (bpe / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     mask = {k: v for k, v in tok("<mask>", lstrip=True).items() if k != "special"}
-    (bpe / "special_tokens_map.json").write_text(json.dumps({**specials, "mask_token": mask}, indent=2) + "\n", encoding="utf-8")
+    (bpe / "special_tokens_map.json").write_text(
+        json.dumps({**specials, "mask_token": mask}, indent=2) + "\n", encoding="utf-8"
+    )
     print(f"assets: imagenet_classes.txt, roberta_bpe/ ({len(vocab)} tokens)")
 
 
