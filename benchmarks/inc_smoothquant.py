@@ -140,7 +140,7 @@ def inc_smooth(model: Any, feeds: list[dict[str, Any]], alpha: float, folding: b
     """A LoadedModel whose module went through INC SmoothQuant; (model, info)."""
     import torch
 
-    from d2v_export.export import make_wrapper
+    from d2v_export.convert.export import make_wrapper
 
     TorchSmoothQuant = inc_transform_class()
     wrapper = make_wrapper(dataclasses.replace(model, module=copy.deepcopy(model.module)))
@@ -172,11 +172,11 @@ def quantize_and_judge(
     threads: int,
 ) -> dict[str, Any]:
     from d2v_export.backends.onnxruntime import OrtRunner
-    from d2v_export.export import export
-    from d2v_export.metrics import DEFAULT_BUDGETS
+    from d2v_export.convert.export import export
+    from d2v_export.measure.metrics import DEFAULT_BUDGETS
     from d2v_export import backends
-    from d2v_export.quantize import make_recipe, quantize_onnx
-    from d2v_export.validate import task_drift
+    from d2v_export.int8.quantize import make_recipe, quantize_onnx
+    from d2v_export.convert.validate import task_drift
 
     t0 = time.perf_counter()
     graph = export(model, profile, work / name / "model.onnx")
@@ -247,7 +247,7 @@ def run_case(
     import torch
 
     from d2v_export.calibration import load_samples
-    from d2v_export.export import make_wrapper, torch_forward
+    from d2v_export.convert.export import make_wrapper, torch_forward
     from d2v_export.heads import dummy_inputs
     from d2v_export.models import load, parse_source
     from d2v_export.pipeline import ShapeRequest, resolve_profile

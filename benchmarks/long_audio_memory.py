@@ -1,4 +1,4 @@
-"""Peak RSS of `d2v-export run` on recordings of growing length (whole recordings run in windows: d2v_export/chunking.py).
+"""Peak RSS of `d2v-export run` on recordings of growing length (whole recordings run in windows: d2v_export/deploy/chunking.py).
 
     .venv/bin/python benchmarks/long_audio_memory.py BUNDLE speech.wav --seconds 30 120 600
 

@@ -196,7 +196,7 @@ def _defer_build_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 def _int8_settings(kw: dict[str, Any]) -> Any:
     """options.QuantOptions from the shared INT8 flags (parsed here, validated by the library)."""
     from .calibration.hf import parse_columns
-    from .metrics import parse_drift
+    from .measure.metrics import parse_drift
     from .options import QuantOptions
 
     budget, confidence = parse_drift(list(kw["max_drift"]))
@@ -388,9 +388,9 @@ _EXPLICIT = {"targets": "targets", "device": "device", "int8": "int8", "int8.mod
 def _export_command(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any) -> None:
     """`d2v-export vision|text|audio`: flags -> options (the library decides), pipeline.run, then speak the verdict."""
     from . import pipeline
-    from .bench import BenchSettings
-    from .compare import parse_tolerance
-    from .gate import failure
+    from .measure.bench import BenchSettings
+    from .reports.compare import parse_tolerance
+    from .reports.gate import failure
     from .models import parse_source
     from .options import RunOptions, ShapeRequest, apply_profile, parse_devices, require_int8
 
@@ -617,7 +617,7 @@ def compare(
     """Compare two reports: per variant, latency (statistical test on the raw timings) and drift. Exit 7 on a regression."""
     import json
 
-    from . import compare as cmp
+    from .reports import compare as cmp
 
     c = cmp.compare(
         cmp.load_report(baseline),
@@ -709,7 +709,7 @@ def matrix(
     The INT8 options apply to the int8 cells, as --int8 does in a single run. A matrix in which no cell ran
     exits 6 with the reason."""
     from . import matrix as mx
-    from .bench import BenchSettings
+    from .measure.bench import BenchSettings
 
     from .options import parse_devices, require_int8
 
@@ -780,7 +780,7 @@ def matrix_merge(
 ) -> None:
     """Merge the matrix.json of several shards into one matrix report; with --baseline, gate on regressions."""
     from . import matrix as mx
-    from .compare import parse_tolerance
+    from .reports.compare import parse_tolerance
 
     doc = mx.merge_files(list(shards), output, force=force)
     click.echo(mx.markdown(doc))
@@ -812,7 +812,7 @@ Examples:
 @_handle_errors
 def predict_command(bundle: Path, inputs: tuple[str, ...], top_k: int, threads: int, as_json: bool) -> None:
     """Run a bundle on raw inputs (image/audio files, text; pairs as "A ||| B"): checksums verified first."""
-    from .predict import format_text, predict, to_json
+    from .deploy.predict import format_text, predict, to_json
 
     results = predict(bundle, list(inputs), threads=threads, top_k=top_k)
     click.echo(to_json(results) if as_json else format_text(results), nl=False)
@@ -848,7 +848,7 @@ Examples:
 @_handle_errors
 def deploy(bundle: Path, triton: Path | None, ovms: Path | None, name: str | None, force: bool) -> None:
     """Lay out a bundle for a model server (checksums verified first): a Triton model repository, an OVMS folder."""
-    from . import serving
+    from .deploy import serving
 
     for folder in serving.deploy(bundle, triton=triton, ovms=ovms, name=name, force=force):
         click.echo(f"wrote {folder}")
@@ -868,7 +868,7 @@ Examples:
 @_handle_errors
 def serve(bundle: Path, host: str, port: int, name: str | None, threads: int) -> None:
     """Serve a bundle over the KServe v2 REST protocol (the [serve] extra): health, metadata, inference on tensors."""
-    from . import serve as server
+    from .deploy import serve as server
 
     server.serve(bundle, host=host, port=port, name=name, threads=threads)
 

@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import __version__
-from .bench import BenchSettings
-from .html_report import SPEEDUP_MEANING
-from .metrics import drift_score
-from .pick import pareto
+from .measure.bench import BenchSettings
+from .reports.html_report import SPEEDUP_MEANING
+from .measure.metrics import drift_score
+from .int8.pick import pareto
 from .spec import D2VError, ExitCode, Modality, Precision, jsonable, verdict_code
 
 SCHEMA_VERSION = (
@@ -564,7 +564,7 @@ def merge_files(paths: Sequence[Path], output: Path, *, force: bool = False) -> 
     """Read the shards' matrix.json files, merge, write matrix.json/.md/.html into ``output``.
 
     As ``run_matrix``: an ``output`` that already holds a matrix.json needs ``force``."""
-    from .compare import load_report
+    from .reports.compare import load_report
 
     output = Path(output)
     _check_output(output, force)
@@ -646,7 +646,7 @@ def _md(text: str) -> str:
 
 def write(doc: Mapping[str, Any], output: Path) -> tuple[Path, Path, Path]:
     """matrix.json, matrix.md and matrix.html in ``output``."""
-    from .html_report import write_matrix_html
+    from .reports.html_report import write_matrix_html
 
     output = Path(output)
     j, m, h = output / "matrix.json", output / "matrix.md", output / "matrix.html"
@@ -675,7 +675,7 @@ def compare_to_baseline(
     (compare.compare: latency beyond the tolerance with a Mann-Whitney test, or drift worsening).
     Runs missing on either side are listed, never a failure.
     """
-    from . import compare as cmp
+    from .reports import compare as cmp
 
     baseline = Path(baseline)
     base_file = baseline / "matrix.json" if baseline.is_dir() else baseline

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping
 
 from . import backends
-from .bench import BenchSettings
+from .measure.bench import BenchSettings
 from .spec import CALIBRATION_METHODS, QUANT_MODES, D2VError, ExitCode, Precision, QuantConfig
 
 Range = tuple[float, float, float]
@@ -64,7 +64,7 @@ class QuantOptions:
     )  # a target's own INT8 settings by name (Backend.int8_options)
 
     def __post_init__(self) -> None:
-        from .metrics import METRICS
+        from .measure.metrics import METRICS
 
         for name, value, allowed in (("mode", self.mode, QUANT_MODES), ("method", self.method, CALIBRATION_METHODS)):
             if value not in allowed:
@@ -124,9 +124,9 @@ class RunOptions:
     defer_build: bool = (
         False  # targets that can defer (Backend.can_defer) write their portable half, without their runtime here
     )
-    rewrite: bool = True  # the exact graph clean-up (d2v_export.rewrite) for the targets that ask for it
+    rewrite: bool = True  # the exact graph clean-up (d2v_export.int8.rewrite) for the targets that ask for it
     pick: bool = (
-        False  # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.pick)
+        False  # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.int8.pick)
     )
 
     def __post_init__(self) -> None:

@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from . import __version__, backends, bench, report as report_mod
+from . import __version__, backends
+from .measure import bench
+from .reports import report as report_mod
 from .backends.base import BuildRequest, PlanContext, RunnerKey
 from .backends.torch_ref import NAME as REFERENCE_NAME, TorchRunner, make_wrapper
 from .cpu import cores_available
-from .export import write_onnx
-from .memory import release_memory
+from .convert.export import write_onnx
+from .measure.memory import release_memory
 from .heads import SAMPLING_RATE, dummy_inputs
 from .models import LoadedModel, load
 from .calibration.samples import Samples
@@ -55,7 +57,7 @@ from .spec import (
     ShapeProfile,
     Variant,
 )
-from .validate import HALF_TOLERANCE_FACTOR, check_export, shape_check, task_drift
+from .convert.validate import HALF_TOLERANCE_FACTOR, check_export, shape_check, task_drift
 
 __all__ = [
     "QuantOptions",
@@ -201,7 +203,7 @@ class _Work:
         if not names:
             return self.graph, {}
         if names not in self.rewritten:
-            from .rewrite import for_model
+            from .int8.rewrite import for_model
 
             self.progress(f"graph clean-up: {', '.join(names)}")
             path = self.folder / f"clean-{len(self.rewritten) + 1}" / "model.onnx"
@@ -284,7 +286,7 @@ def _load_baseline(options: RunOptions) -> dict[str, Any] | None:
     """The baseline report, read before minutes of work so that a bad one fails first."""
     if options.baseline is None:
         return None
-    from .compare import load_report
+    from .reports.compare import load_report
 
     return load_report(options.baseline)
 
@@ -349,7 +351,7 @@ def large(model: LoadedModel) -> bool:
     PyTorch's weights are offloaded between the evaluation reference and the latency stage, and latency is
     measured in pairs with the reference (``bench.measure_pairs``). Base-size runs do neither.
     """
-    from .export import EXTERNAL_DATA_BYTES
+    from .convert.export import EXTERNAL_DATA_BYTES
 
     return model.parameters * 4 > EXTERNAL_DATA_BYTES
 
@@ -394,7 +396,7 @@ def _build_one(
     drift = _check(work, backend, artifact, request)
     artifact, drift, notes = _judge(work, backend, graph, folder, request, artifact, drift)
     if changed:  # what the graph clean-up changed (the same for a fallback or a rebuilt artifact)
-        from .rewrite import describe
+        from .int8.rewrite import describe
 
         notes = (*notes, describe(changed))
     return Built(backend, artifact, drift, notes, what, request.device)
@@ -446,7 +448,7 @@ def _judge(
     if drift.passed or not _worse(work.model.head.metric, drift, plain):
         return artifact, drift, notes
     # never ship a fallback that made things worse (seen: NNCF accuracy control on audio)
-    from .fallback import summarize
+    from .int8.fallback import summarize
 
     work.progress(f"{folder.name}: the fallback scored worse than plain INT8; rebuilding the plain artifact")
     why = f"--fallback auto did not reach the budget and scored worse ({summarize(drift)}); the plain INT8 artifact is kept"
@@ -501,7 +503,7 @@ class _Extras(NamedTuple):
 
 
 def _cold_starts(work: _Work, built: list[Built], warnings: list[str]) -> dict[str, ColdStart]:
-    """Stage "cold start": each artifact opened and run once in a child process of its own (``d2v_export.cold_start``).
+    """Stage "cold start": each artifact opened and run once in a child process of its own (``d2v_export.measure.cold_start``).
 
     Skipped with ``--bench-seconds 0`` (``BenchSettings.measures_cold_start``) and for deferred builds (nothing
     here runs what the device will); a child that fails leaves a warning instead of numbers."""
@@ -509,7 +511,7 @@ def _cold_starts(work: _Work, built: list[Built], warnings: list[str]) -> dict[s
         return {}
     import numpy as np
 
-    from .cold_start import measure
+    from .measure.cold_start import measure
 
     feed_path = work.folder / "cold-start-feed.npz"
     feed_path.parent.mkdir(parents=True, exist_ok=True)
@@ -535,7 +537,7 @@ def _drift_by_length(work: _Work, built: list[Built]) -> dict[str, tuple[LengthD
     max length (``validate.length_feeds``: the evaluation samples joined and repeated), so that drift growing
     with length shows."""
     from .backends.torch_ref import restore
-    from .validate import drift_by_length, length_feeds
+    from .convert.validate import drift_by_length, length_feeds
 
     int8 = [b for b in built if b.artifact.precision is Precision.INT8]
     if work.model.head.modality is not Modality.AUDIO or not int8 or work.evaluation is None:
@@ -596,7 +598,7 @@ def _pick(
     """Stage "pick" (--pick only): choose the variant to ship; the other candidates' folders are removed."""
     if not work.options.pick:
         return built, variants, None
-    from . import pick as pick_mod
+    from .int8 import pick as pick_mod
 
     described = {b.artifact.name: b.what for b in built}
     picked = pick_mod.choose(
@@ -650,7 +652,7 @@ def _compare_with_baseline(
     """Stage "compare" (--baseline only): the verdicts against the baseline, in the report and comparison.json/.md."""
     if baseline is None:
         return result
-    from . import compare
+    from .reports import compare
 
     progress(f"comparing with the baseline {options.baseline}")
     c = compare.compare(
@@ -668,7 +670,7 @@ def _write_bundles_and_report(
     result: Report, built: list[Built], model: LoadedModel, graph: ExportedGraph, root: Path
 ) -> None:
     """Stage "manifest": every variant folder's manifest.json (checksums, verdict), then report.json/.md/.html."""
-    from .bundle import write_manifest
+    from .deploy.bundle import write_manifest
 
     doc = report_mod.to_dict(result, root)
     for b, entry in zip(built, doc["variants"]):
@@ -713,7 +715,7 @@ def _deferred(options: RunOptions) -> set[str]:
 
 def _worse(kind: str, candidate: Drift, plain: Drift) -> bool:
     """Whether ``candidate`` is worse than ``plain`` on accuracy against labels (when known) or the task's primary metric."""
-    from .metrics import METRICS, PRIMARY
+    from .measure.metrics import METRICS, PRIMARY
 
     a, b = candidate.metrics, plain.metrics
     if (
@@ -734,7 +736,7 @@ def budget_for(model: LoadedModel, int8: QuantOptions) -> dict[str, float]:
 
 
 def budgets_for(model: LoadedModel, int8: QuantOptions) -> tuple[dict[str, float], dict[str, str]]:
-    from .metrics import budgets
+    from .measure.metrics import budgets
 
     return budgets(model.head.metric, random_weights=model.random_weights, overrides=int8.budget)
 
@@ -762,7 +764,7 @@ def _fall_back(
 ) -> tuple[Artifact, Drift, tuple[str, ...]]:
     """Ask the backend to return the most sensitive parts to float until the budget holds."""
     from .backends.base import Recovery
-    from .metrics import allowed_drop, primary_score
+    from .measure.metrics import allowed_drop, primary_score
 
     model, int8, evaluation, calibration = work.model, work.options.int8, work.evaluation, work.calib
     assert evaluation is not None and int8 is not None

@@ -144,7 +144,7 @@ class Drift:
     failed: tuple[str, ...] = ()  # metrics over budget
     detail: str = ""  # one line: the worst output, the shapes compared, where the inputs came from
     informational: Mapping[str, str] = field(default_factory=dict)  # metric -> why it is reported but does not gate
-    # metrics that count answers (d2v_export.confidence): metric -> (lower, upper) bound, each one-sided at the
+    # metrics that count answers (d2v_export.measure.confidence): metric -> (lower, upper) bound, each one-sided at the
     # metric's confidence; a metric fails only when over budget with that confidence
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     confidence: Mapping[str, float] = field(default_factory=dict)  # metric -> the confidence of its bounds
@@ -266,7 +266,7 @@ class Artifact:
 
 @dataclass(frozen=True)
 class ColdStart:
-    """What opening an artifact costs, measured in a fresh child process (``d2v_export.cold_start``)."""
+    """What opening an artifact costs, measured in a fresh child process (``d2v_export.measure.cold_start``)."""
 
     import_ms: float  # importing the runtime (``Backend.available()``)
     open_ms: float  # the runner: session creation / compile_model

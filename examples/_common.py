@@ -110,7 +110,7 @@ def reader_accuracy(model: Any, path: Path) -> tuple[float, int]:
 
     from d2v_export.calibration import load_samples
     from d2v_export.pipeline import ShapeRequest, resolve_profile
-    from d2v_export.validate import usable_labels_for
+    from d2v_export.convert.validate import usable_labels_for
 
     samples = load_samples(
         Path(path), model, resolve_profile(model, ShapeRequest()), split="evaluation", count=None, seed=0

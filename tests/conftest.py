@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-import d2v_export.report
+import d2v_export.reports.report
 
 from d2v_export.heads import HEADS, Head
 from d2v_export.models import LoadedModel, load, parse_source
@@ -104,7 +104,7 @@ def _reports_written(args: tuple[str, ...], cwd: Path | None, since: float) -> l
 @pytest.fixture(scope="session", autouse=True)
 def _every_written_report_matches_the_schema() -> Iterator[None]:
     """Wrap the library's report writer for the session: each report.json written in-process is validated."""
-    real = d2v_export.report.write
+    real = d2v_export.reports.report.write
 
     @functools.wraps(real)
     def write(report: Any, folder: Path) -> Any:
@@ -113,5 +113,5 @@ def _every_written_report_matches_the_schema() -> Iterator[None]:
         return paths
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(d2v_export.report, "write", write)
+        patch.setattr(d2v_export.reports.report, "write", write)
         yield

@@ -15,7 +15,7 @@ import ast
 from pathlib import Path
 
 from d2v_export.heads import HEADS
-from d2v_export.predict import RESULTS
+from d2v_export.deploy.predict import RESULTS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "d2v_export"
 MAX_LINES = 80
@@ -134,7 +134,8 @@ def test_the_cycle_finder_finds_a_circle_and_accepts_a_tree() -> None:
 def test_the_import_graph_sees_function_level_and_relative_imports() -> None:
     graph = import_graph()
     assert "d2v_export.pipeline" in graph["d2v_export.cli"]  # imported inside a function, relatively
-    assert "d2v_export.backends.torch_ref" in graph["d2v_export.validate"]  # from .backends.torch_ref import ...
+    assert "d2v_export.backends.torch_ref" in graph["d2v_export.convert.validate"]  # from ..backends.torch_ref import
+    assert "d2v_export.measure.metrics" in graph["d2v_export.int8.pick"]  # from another stage's folder
     assert "d2v_export.spec" in graph["d2v_export.calibration.hf"]  # from ..spec import ...
 
 
@@ -148,7 +149,7 @@ def test_the_import_graph_counts_dynamic_imports_with_a_literal() -> None:
         "    importlib.import_module(f'd2v_export.{m}')\n"  # not a literal: what it loads is not known here
     )
     modules = set(_modules())
-    assert module_deps(code, "d2v_export.validate", False, modules) == {
+    assert module_deps(code, "d2v_export.pipeline", False, modules) == {
         "d2v_export.spec",
         "d2v_export.backends.onnxruntime",
         "d2v_export.calibration.hf",

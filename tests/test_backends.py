@@ -245,7 +245,8 @@ def test_registry_answers_availability_from_the_backend() -> None:
 
 
 def test_report_and_doctor_record_the_backends_packages() -> None:
-    from d2v_export import doctor, report
+    from d2v_export import doctor
+    from d2v_export.reports import report
 
     for pkg in backends.packages():
         assert pkg in doctor.packages()
@@ -553,7 +554,7 @@ def test_a_target_running_the_export_file_differently_sees_its_own_drift(
 ) -> None:
     """A plug-in that serves the export's own file (a hard link) through a different runner is checked through that
     runner: its fp32 variant reports the drift it adds, while the reference target's reuses the export check."""
-    from d2v_export.bench import BenchSettings
+    from d2v_export.measure.bench import BenchSettings
     from d2v_export.models import parse_source
     from d2v_export.pipeline import RunOptions, ShapeRequest, run
     from d2v_export.spec import Modality

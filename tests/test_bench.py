@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from d2v_export import bench
+from d2v_export.measure import bench
 
 
 def test_percentiles_mean_and_stdev_of_known_samples() -> None:

@@ -21,8 +21,9 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from d2v_export import backends, bundle
-from d2v_export.bench import BenchSettings
+from d2v_export import backends
+from d2v_export.deploy import bundle
+from d2v_export.measure.bench import BenchSettings
 from d2v_export.models import load, parse_source
 from d2v_export.pipeline import QuantOptions, RunOptions, run
 from d2v_export.spec import Artifact, D2VError, ExitCode, Modality, Precision

@@ -19,7 +19,7 @@ import pytest
 from d2v_export.calibration import bundled_path, load_samples, parse_columns
 from d2v_export.models import load, parse_source
 from d2v_export.spec import D2VError, Dim, Modality, ShapeProfile
-from d2v_export.validate import usable_labels_for
+from d2v_export.convert.validate import usable_labels_for
 
 from .conftest import cli
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from d2v_export import backends
-from d2v_export.bench import BenchSettings
-from d2v_export.cold_start import measure
+from d2v_export.measure.bench import BenchSettings
+from d2v_export.measure.cold_start import measure
 from d2v_export.models import parse_source
 from d2v_export.pipeline import RunOptions, run
 from d2v_export.spec import Artifact, Modality, Precision

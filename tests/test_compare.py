@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 import pytest
 
-from d2v_export import bench, compare as cmp
+from d2v_export.measure import bench
+from d2v_export.reports import compare as cmp
 from d2v_export.backends.base import RunnerBase
 from d2v_export.backends.onnxruntime import OrtRunner
 from d2v_export.spec import D2VError, ExitCode
@@ -83,7 +84,7 @@ class Twice(RunnerBase):
 def with_latency(doc: Mapping[str, Any], stats: Any) -> dict[str, Any]:
     """A copy of a real report whose onnxruntime-fp32 latency is replaced by a real measurement."""
     out = copy.deepcopy(dict(doc))
-    from d2v_export.report import latency_dict
+    from d2v_export.reports.report import latency_dict
 
     out["variants"][0]["latency_ms"] = latency_dict(stats)
     return out
@@ -259,7 +260,7 @@ def test_agreement_metrics_use_their_direction(report_doc: dict[str, Any]) -> No
 
 def test_a_counted_metric_is_a_regression_only_beyond_its_noise(report_doc: dict[str, Any]) -> None:
     """Two answers of 240 (0.0083) are worse than the 0.005 tolerance, but not beyond the noise of 240 items."""
-    from d2v_export.confidence import Count, bounds
+    from d2v_export.measure.confidence import Count, bounds
 
     def with_agreement(k: int, n: int) -> dict[str, Any]:
         doc = copy.deepcopy(report_doc)

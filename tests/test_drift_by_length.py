@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from d2v_export.bench import BenchSettings
+from d2v_export.measure.bench import BenchSettings
 from d2v_export.heads import HEADS, SAMPLING_RATE
 from d2v_export.models import parse_source
 from d2v_export.options import QuantOptions
 from d2v_export.pipeline import RunOptions, run
 from d2v_export.spec import Modality
-from d2v_export.validate import drift_by_length, length_feeds
+from d2v_export.convert.validate import drift_by_length, length_feeds
 
 from .conftest import TINY_SHAPES
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from d2v_export.bench import BenchSettings
+from d2v_export.measure.bench import BenchSettings
 from d2v_export.calibration import bundled_path
 from d2v_export.heads import HEADS, Head
 from d2v_export.models import parse_source
@@ -190,8 +190,8 @@ def _same(a: Any, b: Any, where: str = "") -> list[str]:
 
 @pytest.mark.parametrize("head", [pytest.param(h, id=h.key) for h in HEADS])
 def test_bundles_load_in_optimum_and_match_d2v_export_run(head: Head, tmp_path: Path) -> None:
-    from d2v_export.bundle import verify
-    from d2v_export.predict import Interpreter, Preparer, _load_parts, expand_inputs, open_runtime, predict
+    from d2v_export.deploy.bundle import verify
+    from d2v_export.deploy.predict import Interpreter, Preparer, _load_parts, expand_inputs, open_runtime, predict
 
     for runtime in ("onnxruntime", "openvino"):
         _optimum(runtime)  # skip (or, in CI, fail) before the minutes of building

@@ -13,7 +13,7 @@ fp32 reference, logit cosine, and accuracy drop against the labels <= 0.5 points
 What depends on the CPU. Which answers INT8 changes depends on the CPU's kernels (AVX2 with 7-bit weights,
 AVX-512 VNNI, AMX, with or without BF16): measured on the CPU classes the project meets, the same artifact
 changed 0 to 3 of 160-300 answers. Against a 0.5-point budget that is a coin flip, so the verdict counts
-answers with their noise (d2v_export/confidence.py: over budget only with 95 % confidence), and that verdict
+answers with their noise (d2v_export/measure/confidence.py: over budget only with 95 % confidence), and that verdict
 holds on every class. What the test asserts of the measured values holds on all of them too: top-1 agreement
 at least 0.95 and an accuracy drop of at most 2 points (each at least twice the worst measured), which a real
 INT8 defect (a wrong scale, a saturated kernel: tens of answers) still breaks.

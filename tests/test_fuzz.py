@@ -813,7 +813,7 @@ def make_bundle(folder: Path, modality: Modality, doc_edit: Callable[[dict[str, 
 @functools.cache
 def _bundle_parts(modality: Modality) -> tuple[Path, Any, Any]:
     """One verified bundle per modality for the input targets, with its processor and tokenizer loaded once."""
-    from d2v_export import bundle, predict
+    from d2v_export.deploy import bundle, predict
 
     import atexit
     import shutil
@@ -827,7 +827,7 @@ def _bundle_parts(modality: Modality) -> tuple[Path, Any, Any]:
 
 def _run_inputs(manifest: Any, parts: tuple[Any, Any], inputs: list[str]) -> list[Any]:
     """`d2v-export run`'s input side: what predict() does with the arguments before the runtime sees them."""
-    from d2v_export import predict
+    from d2v_export.deploy import predict
 
     prepare = predict.Preparer(manifest, *parts)
     return [prepare(raw) for _name, raw in predict.expand_inputs(manifest, inputs)]
@@ -896,7 +896,7 @@ def _mutate_doc(doc: Any, draw: Any, depth: int = 0) -> Any:
 @example(Modality.TEXT, "task")  # "": heads' error named no bundle
 @example(Modality.AUDIO, "inputs")  # a dynamic axis without min/opt/max
 def test_bundle_manifests(modality: Modality, data: Any) -> None:
-    from d2v_export import bundle, predict
+    from d2v_export.deploy import bundle, predict
 
     base, _manifest, parts = _bundle_parts(modality)
     doc = json.loads((base / "manifest.json").read_text())
@@ -1043,7 +1043,7 @@ MATRIX = {
 @given(st.data(), st.booleans())
 @example(None, False)  # a report nested past the recursion limit
 def test_compare_reports(data: Any, raw: bool) -> None:
-    from d2v_export import compare
+    from d2v_export.reports import compare
 
     with case_dir() as root:
         base, cur = root / "given" / "base.json", root / "given" / "cur.json"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from d2v_export import gate, matrix
-from d2v_export.bench import BenchSettings
+from d2v_export.reports import gate
+from d2v_export import matrix
+from d2v_export.measure.bench import BenchSettings
 from d2v_export.models import parse_source
 from d2v_export.options import QuantOptions, RunOptions, ShapeRequest, apply_profile, require_int8
 from d2v_export.pipeline import run

@@ -13,10 +13,10 @@ import onnx
 import pytest
 import transformers
 
-from d2v_export.export import export, make_wrapper
+from d2v_export.convert.export import export, make_wrapper
 from d2v_export.heads import HEADS, Head, head_for, shape_points, trace_point
 from d2v_export.spec import D2VError, Modality
-from d2v_export.validate import shape_check
+from d2v_export.convert.validate import shape_check
 
 from .conftest import tiny
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from d2v_export import compare as cmp
-from d2v_export.html_report import render, render_matrix, write_html
+from d2v_export.reports import compare as cmp
+from d2v_export.reports.html_report import render, render_matrix, write_html
 from d2v_export.matrix import summarize
 
 from .test_compare import real_doc

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from d2v_export import chunking, metrics, predict
-from d2v_export.bench import BenchSettings
+from d2v_export.deploy import chunking, predict
+from d2v_export.measure import metrics
+from d2v_export.measure.bench import BenchSettings
 from d2v_export.models import load, parse_source
 from d2v_export.options import ShapeRequest
 from d2v_export.pipeline import RunOptions, run

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from d2v_export import backends, bench
+from d2v_export import backends
+from d2v_export.measure import bench
 from d2v_export.matrix import Cell, exit_code, merge, nothing_measured, pareto, parse_shard, plan, run_matrix
 from d2v_export.pipeline import ShapeRequest
 from d2v_export.spec import D2VError, ExitCode, Precision

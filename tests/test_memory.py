@@ -11,13 +11,14 @@ import numpy as np
 import onnx
 import pytest
 
-from d2v_export import export as export_mod, rewrite
+from d2v_export.convert import export as export_mod
+from d2v_export.int8 import rewrite
 from d2v_export.backends import get
 from d2v_export.backends.base import BuildRequest
-from d2v_export.export import export, make_wrapper
+from d2v_export.convert.export import export, make_wrapper
 from d2v_export.heads import head_for
 from d2v_export.spec import Modality
-from d2v_export.validate import shape_check
+from d2v_export.convert.validate import shape_check
 
 from .conftest import tiny
 
@@ -123,7 +124,7 @@ def test_offloaded_reference_frees_its_weights_and_reads_them_back(tmp_path: Pat
 def test_latency_in_pairs_opens_one_variant_at_a_time(vision: tuple[Any, Any, Any], tmp_path: Path) -> None:
     import contextlib
 
-    from d2v_export import bench
+    from d2v_export.measure import bench
     from d2v_export.backends.torch_ref import TorchRunner
     from d2v_export.heads import dummy_inputs
 
@@ -162,7 +163,7 @@ def test_latency_in_pairs_opens_one_variant_at_a_time(vision: tuple[Any, Any, An
 
 def test_a_large_run_offloads_pytorch_and_times_in_pairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny model passed off as large (the threshold at 0): the whole run, offload and pairs included."""
-    from d2v_export.bench import BenchSettings
+    from d2v_export.measure.bench import BenchSettings
     from d2v_export.models import parse_source
     from d2v_export.options import QuantOptions, RunOptions, ShapeRequest
     from d2v_export.pipeline import run
@@ -198,7 +199,7 @@ def test_the_export_keeps_no_reference_to_the_parameters(tmp_path: Path) -> None
     import gc
     import weakref
 
-    from d2v_export.export import write_onnx
+    from d2v_export.convert.export import write_onnx
 
     model, profile = tiny(head_for(Modality.VISION, "image-classification"))
     alive = [weakref.ref(p) for p in model.module.parameters()]
@@ -226,7 +227,7 @@ import json, os, sys
 from pathlib import Path
 from d2v_export import pipeline, rewrite
 from d2v_export.backends import get
-from d2v_export.export import export, make_wrapper
+from d2v_export.convert.export import export, make_wrapper
 from d2v_export.heads import head_for
 from d2v_export.models import load, parse_source
 from d2v_export.options import RunOptions

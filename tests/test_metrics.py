@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from d2v_export import confidence
-from d2v_export import metrics as M
-from d2v_export.confidence import Count, Paired
+from d2v_export.measure import confidence
+from d2v_export.measure import metrics as M
+from d2v_export.measure.confidence import Count, Paired
 from d2v_export.heads import HEADS
 from d2v_export.spec import D2VError
 

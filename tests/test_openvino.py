@@ -31,9 +31,9 @@ from d2v_export.backends.openvino import (
 )
 from d2v_export.backends import _openvino_smooth as smoothing
 from d2v_export.calibration import load_samples
-from d2v_export.export import export, make_wrapper, torch_forward
+from d2v_export.convert.export import export, make_wrapper, torch_forward
 from d2v_export.heads import HEADS, Head, dummy_inputs, head_for
-from d2v_export.metrics import DEFAULT_BUDGETS
+from d2v_export.measure.metrics import DEFAULT_BUDGETS
 from d2v_export.models import LoadedModel
 from d2v_export.spec import (
     Artifact,
@@ -45,7 +45,7 @@ from d2v_export.spec import (
     QuantRecipe,
     ShapeProfile,
 )
-from d2v_export.validate import shape_check, task_drift
+from d2v_export.convert.validate import shape_check, task_drift
 
 from .conftest import tiny
 

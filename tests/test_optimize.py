@@ -1,4 +1,4 @@
-"""d2v_export.optimize: transformer fusions before quantization keep the function and quantize cleanly."""
+"""d2v_export.int8.optimize: transformer fusions before quantization keep the function and quantize cleanly."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2v_export import optimize
-from d2v_export.export import export
+from d2v_export.int8 import optimize
+from d2v_export.convert.export import export
 from d2v_export.heads import dummy_inputs, head_for, shape_points
 from d2v_export import backends
-from d2v_export.quantize import make_recipe, quantize_onnx, saturates
+from d2v_export.int8.quantize import make_recipe, quantize_onnx, saturates
 from d2v_export.spec import Modality
 
 from .conftest import tiny

@@ -22,8 +22,8 @@ import pytest
 
 from d2v_export import backends
 from d2v_export.backends.base import BuildRequest
-from d2v_export.bundle import verify
-from d2v_export.predict import open_runtime
+from d2v_export.deploy.bundle import verify
+from d2v_export.deploy.predict import open_runtime
 from d2v_export.spec import D2VError, ExitCode, ExportedGraph, Precision
 
 from .conftest import cli

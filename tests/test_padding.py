@@ -19,11 +19,11 @@ import pytest
 from d2v_export import backends
 from d2v_export.backends.base import BuildRequest, PlanContext
 from d2v_export.calibration import load_samples
-from d2v_export.export import export
+from d2v_export.convert.export import export
 from d2v_export.heads import HEADS, Head, audio_mask_note, head_for
-from d2v_export.quantize import make_recipe
+from d2v_export.int8.quantize import make_recipe
 from d2v_export.spec import Modality, Precision
-from d2v_export.validate import padding_check, shape_check
+from d2v_export.convert.validate import padding_check, shape_check
 
 from .conftest import tiny
 
@@ -201,13 +201,13 @@ def test_the_check_fails_when_padded_positions_are_compared(built: Built) -> Non
 
 
 def _reference(model: Any) -> Any:
-    from d2v_export.export import make_wrapper
+    from d2v_export.convert.export import make_wrapper
 
     return make_wrapper(model)
 
 
 def test_bundle_readme_says_which_inputs_take_a_mask() -> None:
-    from d2v_export.bundle import _padding_lines
+    from d2v_export.deploy.bundle import _padding_lines
 
     masked = [{"name": "input_values"}, {"name": "attention_mask"}]
     text = "\n".join(_padding_lines({"name": "onnxruntime-int8-dynamic", "model": {"modality": "text"}}))

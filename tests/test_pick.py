@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from d2v_export.pick import choose, kept
+from d2v_export.int8.pick import choose, kept
 from d2v_export.spec import Drift, LatencyStats, Precision, Variant
 
 from .conftest import cli

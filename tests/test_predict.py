@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from d2v_export import bundle, predict
+from d2v_export.deploy import bundle, predict
 from d2v_export.calibration import bundled_path
 from d2v_export.spec import Artifact, D2VError, ExitCode, Modality, Precision
 

@@ -17,19 +17,14 @@ import pytest
 from onnx import numpy_helper
 
 from d2v_export.backends.onnxruntime import OrtRunner
-from d2v_export.export import export
-from d2v_export.fallback import FallbackResult, fallback, rank_nodes
+from d2v_export.convert.export import export
+from d2v_export.int8.fallback import FallbackResult, fallback, rank_nodes
 from d2v_export.heads import dummy_inputs, head_for
-from d2v_export.metrics import DEFAULT_BUDGETS
+from d2v_export.measure.metrics import DEFAULT_BUDGETS
 from d2v_export import backends
-from d2v_export.quantize import (
-    FLOAT_OPS,
-    QuantSession,
-    make_recipe,
-    quantize_onnx,
-)
+from d2v_export.int8.quantize import FLOAT_OPS, QuantSession, make_recipe, quantize_onnx
 from d2v_export.spec import D2VError, ExitCode, ExportedGraph, Modality
-from d2v_export.validate import task_drift
+from d2v_export.convert.validate import task_drift
 
 from .conftest import tiny
 
@@ -339,7 +334,7 @@ def test_dynamic_ranking_finds_planted_outliers(cases: dict[Modality, Case], tmp
 
 def test_static_int8_never_rounds_a_graph_output(tmp_path: Path) -> None:
     """Logits must not come out of a DequantizeLinear: that clamps them to the calibration range."""
-    from d2v_export.quantize import make_recipe, quantize_onnx
+    from d2v_export.int8.quantize import make_recipe, quantize_onnx
 
     model, profile = tiny(head_for(Modality.TEXT, "text-classification"))
     graph = export(model, profile, tmp_path / "model.onnx")
@@ -388,7 +383,7 @@ def test_reduce_range_writes_7bit_weights(cases: dict[Modality, Case], mode: str
 
 
 def test_reduce_range_only_where_the_kernel_saturates() -> None:
-    from d2v_export.quantize import saturates
+    from d2v_export.int8.quantize import saturates
 
     assert saturates(["avx2", "fma"], "x86_64") and saturates(
         ["avx512f", "avx2"], "x86_64"
@@ -447,7 +442,7 @@ def test_reduce_range_auto_follows_the_profile_cpu() -> None:
     from d2v_export.doctor import cpu_flags
     from d2v_export.backends.onnxruntime import wants_reduce_range
     from d2v_export.profiles import load_profile
-    from d2v_export.quantize import saturates
+    from d2v_export.int8.quantize import saturates
 
     assert wants_reduce_range("auto", load_profile("generic-avx2")) is True
     assert wants_reduce_range("auto", load_profile("xeon-vnni")) is False
@@ -462,7 +457,7 @@ def test_the_saturation_rule_matches_this_cpu(tmp_path: Path) -> None:
     from onnx import TensorProto, helper
 
     from d2v_export.doctor import cpu_flags
-    from d2v_export.quantize import saturates
+    from d2v_export.int8.quantize import saturates
 
     rng = np.random.default_rng(0)
     m, k, n = 32, 256, 64

@@ -1,4 +1,4 @@
-"""The per-target, per-modality float-by-rule choices (d2v_export.recipe_choice) on real exported graphs."""
+"""The per-target, per-modality float-by-rule choices (d2v_export.int8.recipe_choice) on real exported graphs."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import onnx
 import pytest
 
 from d2v_export.calibration import load_samples
-from d2v_export.export import export
+from d2v_export.convert.export import export
 from d2v_export.heads import head_for
-from d2v_export.quantize import MATMUL_OPS, make_recipe, quantize_onnx
+from d2v_export.int8.quantize import MATMUL_OPS, make_recipe, quantize_onnx
 from d2v_export import backends
-from d2v_export.recipe_choice import BASE, RULES, choose, float_nodes
+from d2v_export.int8.recipe_choice import BASE, RULES, choose, float_nodes
 from d2v_export.spec import Modality
 
 from .conftest import tiny

@@ -19,8 +19,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from d2v_export import compare, report as report_mod
-from d2v_export.bench import BenchSettings
+from d2v_export.reports import compare, report as report_mod
+from d2v_export.measure.bench import BenchSettings
 from d2v_export.models import parse_source
 from d2v_export.pipeline import RunOptions, run
 from d2v_export.spec import Modality, Report

@@ -1,4 +1,4 @@
-"""d2v_export.rewrite: each Data2Vec clean-up changes the graph where it should and never what it computes."""
+"""d2v_export.int8.rewrite: each Data2Vec clean-up changes the graph where it should and never what it computes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from d2v_export import rewrite
-from d2v_export.export import export
+from d2v_export.int8 import rewrite
+from d2v_export.convert.export import export
 from d2v_export.heads import dummy_inputs, head_for, shape_points
 from d2v_export.spec import Modality
 
@@ -132,7 +132,7 @@ def test_fold_constants_computes_constant_subgraphs(tmp_path: Path) -> None:
 def test_the_audio_feature_encoder_is_exported_time_major(
     exported: tuple[object, object, object, tuple[Modality, str]],
 ) -> None:
-    """d2v_export.layouts: every feature-encoder convolution, the raw-waveform one included, is a MatMul in the graph,
+    """d2v_export.int8.layouts: every feature-encoder convolution, the raw-waveform one included, is a MatMul in the graph,
     the export check (against the original module) held, and the model the user loaded is left as it was."""
     model, _profile, graph, key = exported
     if key[0] is not Modality.AUDIO:
@@ -151,12 +151,12 @@ def test_the_audio_feature_encoder_is_exported_time_major(
     "task", ["text-classification", "multiple-choice", "token-classification", "fill-mask", "question-answering"]
 )
 def test_the_first_token_layout_only_where_the_head_reads_only_the_first_token(task: str) -> None:
-    """d2v_export.layouts: the last text layer runs for the first token only under sequence classification and multiple
+    """d2v_export.int8.layouts: the last text layer runs for the first token only under sequence classification and multiple
     choice (same outputs as the full layer, padded inputs included), never under heads that read every token."""
     import torch
 
-    from d2v_export.export import make_wrapper, torch_forward
-    from d2v_export.layouts import FIRST_TOKEN, export_layouts
+    from d2v_export.convert.export import make_wrapper, torch_forward
+    from d2v_export.int8.layouts import FIRST_TOKEN, export_layouts
 
     model, profile = tiny(head_for(Modality.TEXT, task))
     wrapper = make_wrapper(model)
@@ -179,13 +179,13 @@ def test_the_first_token_layout_only_where_the_head_reads_only_the_first_token(t
 
 @pytest.mark.parametrize("task", ["image-classification", "semantic-segmentation", "feature-extraction"])
 def test_the_mean_pooled_layout_only_where_the_head_reads_only_the_patch_mean(task: str) -> None:
-    """d2v_export.layouts: under image classification with mean pooling (the real checkpoints' head) the last layer's
+    """d2v_export.int8.layouts: under image classification with mean pooling (the real checkpoints' head) the last layer's
     feed-forward output projection runs once on the patch-token mean; same logits as the full layer; never under heads
     that read every token (segmentation, the bare model's hidden states)."""
     import torch
 
-    from d2v_export.export import make_wrapper, torch_forward
-    from d2v_export.layouts import MEAN_POOLED, export_layouts
+    from d2v_export.convert.export import make_wrapper, torch_forward
+    from d2v_export.int8.layouts import MEAN_POOLED, export_layouts
 
     model, profile = tiny(head_for(Modality.VISION, task))
     wrapper = make_wrapper(model)

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from d2v_export.bench import BenchSettings
-from d2v_export.bundle import verify
+from d2v_export.measure.bench import BenchSettings
+from d2v_export.deploy.bundle import verify
 from d2v_export.calibration import bundled_path
 from d2v_export.models import parse_source
 from d2v_export.options import RunOptions, ShapeRequest
 from d2v_export.pipeline import run
-from d2v_export.predict import Preparer, _load_parts, open_runtime
+from d2v_export.deploy.predict import Preparer, _load_parts, open_runtime
 from d2v_export.spec import ExitCode, Modality
 
 from .conftest import cli

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from d2v_export import serving
-from d2v_export.bench import BenchSettings
-from d2v_export.bundle import verify
+from d2v_export.deploy import serving
+from d2v_export.measure.bench import BenchSettings
+from d2v_export.deploy.bundle import verify
 from d2v_export.models import parse_source
 from d2v_export.options import RunOptions, ShapeRequest
 from d2v_export.pipeline import run

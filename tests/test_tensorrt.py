@@ -49,11 +49,11 @@ from d2v_export.backends.tensorrt import (
 from d2v_export.backends.torch_ref import TorchRunner
 from d2v_export.calibration import load_samples
 from d2v_export.calibration.samples import Samples
-from d2v_export.export import export, make_wrapper
+from d2v_export.convert.export import export, make_wrapper
 from d2v_export.heads import Head, head_for
-from d2v_export.metrics import DEFAULT_BUDGETS
+from d2v_export.measure.metrics import DEFAULT_BUDGETS
 from d2v_export.models import LoadedModel
-from d2v_export.quantize import make_recipe
+from d2v_export.int8.quantize import make_recipe
 from d2v_export.spec import (
     Artifact,
     D2VError,
@@ -63,7 +63,7 @@ from d2v_export.spec import (
     Precision,
     ShapeProfile,
 )
-from d2v_export.validate import shape_check, task_drift
+from d2v_export.convert.validate import shape_check, task_drift
 
 from .conftest import tiny
 
@@ -447,7 +447,7 @@ def test_int8_bundle_graph_is_the_qdq_graph_fp16_the_fp16_graph_and_fp32_the_exp
 @pytest.mark.parametrize("head", HEADS, ids=lambda h: h.key)
 def test_fp16_bundle_matches_pytorch_within_the_half_tolerance(head: Head, built: Built) -> None:
     """The fp16 graph on ONNX Runtime (CPU, graph optimisations off) against PyTorch, as every half artifact is checked."""
-    from d2v_export.validate import HALF_TOLERANCE_FACTOR
+    from d2v_export.convert.validate import HALF_TOLERANCE_FACTOR
 
     model, profile, _ = built.graph(head)
     artifact = built.deferred(head, Precision.FP16)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from d2v_export import bundle as bundle_mod
+from d2v_export.deploy import bundle as bundle_mod
 from d2v_export.backends.tensorrt import device as trt_device
 from d2v_export.backends.tensorrt import DEVICE_SCRIPT, RECIPE_FILE, SCRIPT_FILE, build_engine, fp16_remainder
 from d2v_export.spec import D2VError, ExitCode

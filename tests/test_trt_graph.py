@@ -19,10 +19,10 @@ from d2v_export import backends
 from d2v_export.backends.tensorrt import BACKEND, TensorRTRequest
 from d2v_export.backends.tensorrt import graph as trt_graph
 from d2v_export.calibration import load_samples
-from d2v_export.export import export
+from d2v_export.convert.export import export
 from d2v_export.heads import Head, head_for
 from d2v_export.pipeline import ShapeRequest, resolve_profile
-from d2v_export.quantize import make_recipe, quantize_onnx
+from d2v_export.int8.quantize import make_recipe, quantize_onnx
 from d2v_export.spec import Artifact, ExportedGraph, Modality, Precision
 
 from .conftest import TINY_SHAPES, tiny

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..memory import release_memory
+from ..measure.memory import release_memory
 
 ALPHA = 0.95  # NNCF's transformer preset: mostly migrate (activations in transformers carry the outliers)
 QUANTILE = 0.1  # scales below the 10th percentile are raised to it: no channel's weights shrink to nothing

@@ -25,8 +25,8 @@ import numpy as np
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantConfig, QuantRecipe
 
 if TYPE_CHECKING:
-    from ..quantize import RecipeTemplate
-    from ..recipe_choice import Choice
+    from ..int8.quantize import RecipeTemplate
+    from ..int8.recipe_choice import Choice
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,9 @@ class Lever:
 
     mode: str  # "static" | "dynamic"
     suffix: str = ""
-    rewrites: tuple[str, ...] | None = None  # graph clean-up (d2v_export.rewrite) names; None: the backend's default
+    rewrites: tuple[str, ...] | None = (
+        None  # graph clean-up (d2v_export.int8.rewrite) names; None: the backend's default
+    )
     preset: str | None = None  # spec.PRESETS ("performance": symmetric activations, "mixed"); None: the target's choice
     op_types: tuple[str, ...] | None = None  # ops whose inputs are quantized; None: the template's
     settings: Mapping[str, str] = field(default_factory=dict)  # the target's own INT8 settings for this candidate
@@ -179,7 +181,7 @@ class Snippet:
 
 @dataclass(frozen=True)
 class ServingLayout:
-    """How model servers load this target's bundle; ``d2v_export.serving`` writes the layouts (``d2v-export deploy``).
+    """How model servers load this target's bundle; ``d2v_export.deploy.serving`` writes the layouts (``d2v-export deploy``).
 
     ``triton``: the config.pbtxt field and value that pick Triton's backend (("platform", "onnxruntime_onnx"),
     ("backend", "openvino")); ``files``: (bundle file, name in Triton's version folder), where ``{name}`` is the
@@ -396,7 +398,7 @@ class BackendBase:
     devices = Devices("CPU", "CPU", "CPU")
     can_defer = False
     standalone_runner = False  # its bundles ship backends/bundle_run.py as bundle_run.py: they run without torch
-    rewrites: tuple[str, ...] = ()  # the exact graph clean-ups (d2v_export.rewrite) it compiles from by default
+    rewrites: tuple[str, ...] = ()  # the exact graph clean-ups (d2v_export.int8.rewrite) it compiles from by default
     pick_levers: tuple[Lever, ...] = ()  # the INT8 candidates it offers --pick
     int8_options: tuple[TargetOption, ...] = ()
     serving: ServingLayout | None = None  # model-server layouts (d2v-export deploy); None: none
@@ -416,7 +418,7 @@ class BackendBase:
 
     def recipe(self, config: QuantConfig, settings: Mapping[str, str], ctx: PlanContext) -> QuantRecipe:
         """The QuantRecipe for ``config`` (``settings``: this target's own INT8 settings, the run's with a candidate's)."""
-        from ..quantize import make_recipe
+        from ..int8.quantize import make_recipe
 
         return make_recipe(self, config, modality=ctx.modality)
 

@@ -9,13 +9,13 @@ d2v-export copies this file into every ONNX Runtime and OpenVINO bundle as ``bun
 
 It reads only the bundle's own files (manifest.json, config.json, preprocessor_config.json,
 tokenizer.json / vocab.json + tokenizer_config.json, openvino_config.json) and prepares inputs the way
-``d2v-export run`` does (d2v_export/predict.py): images resized / rescaled / normalized as the processor
+``d2v-export run`` does (d2v_export/deploy/predict.py): images resized / rescaled / normalized as the processor
 config says; audio averaged to mono, resampled to the extractor's rate, normalized per clip, padded to
 the 0.1 s bucket; text tokenized with ``tokenizers`` (truncated to the bundle's longest sequence, padded
 to a multiple of 8). Results carry the same keys as ``d2v-export run --json`` for heads whose result is
 "labels" (image, text and audio classification) and "transcript" (speech recognition, CTC greedy
 decoding). A recording longer than the bundle's longest input is transcribed whole in windows, as ``run``
-does, with d2v_export/chunking.py (shipped beside this file as ``bundle_chunking.py``: stdlib + numpy); an
+does, with d2v_export/deploy/chunking.py (shipped beside this file as ``bundle_chunking.py``: stdlib + numpy); an
 audio classifier sees it cut. The bundle's checksums are not verified here (``d2v-export run`` does).
 """
 
@@ -40,7 +40,7 @@ TASKS = {  # task -> result kind (the subset of d2v_export.heads this runner ans
 STEP = 1600  # 0.1 s at 16 kHz: the audio length bucket (d2v_export.calibration.audio.STEP)
 MULTIPLE = 8  # text rows are padded to a multiple of this (d2v_export.calibration.text.MULTIPLE)
 PAIR_SEPARATOR = "|||"
-CHUNKING_SCRIPT = "bundle_chunking.py"  # d2v_export/chunking.py, shipped beside bundle_run.py in audio bundles
+CHUNKING_SCRIPT = "bundle_chunking.py"  # d2v_export/deploy/chunking.py, shipped beside bundle_run.py in audio bundles
 MAX_SECONDS = 3600  # the longest recording read (held in memory), as d2v-export run
 
 
@@ -192,9 +192,9 @@ def read_mono(path: Path, rate: int) -> np.ndarray:
 
 
 def _chunking(folder: Path) -> Any | None:
-    """d2v_export.chunking: the package's, or the copy beside this file in a bundle (``bundle_chunking.py``); None without one."""
+    """d2v_export.deploy.chunking: the package's, or the copy beside this file in a bundle (``bundle_chunking.py``); None without one."""
     if __package__:
-        from .. import chunking
+        from ..deploy import chunking
 
         return chunking
     path = folder / CHUNKING_SCRIPT

@@ -9,8 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantConfig, QuantRecipe
-from ..quantize import MATMUL_OPS, TOOL, RecipeTemplate
-from ..rewrite import DEFAULT as CLEAN_UP
+from ..int8.quantize import MATMUL_OPS, TOOL, RecipeTemplate
+from ..int8.rewrite import DEFAULT as CLEAN_UP
 from .base import (
     Availability,
     Backend,
@@ -114,7 +114,7 @@ class OnnxRuntimeBackend(BackendBase):
     serving = ServingLayout(
         ("platform", "onnxruntime_onnx"), (("{name}", "model.onnx"), ("{name}.data", "{name}.data"))
     )
-    # The graph clean-up (d2v_export.rewrite) is off by default here: ONNX Runtime folds constants itself at
+    # The graph clean-up (d2v_export.int8.rewrite) is off by default here: ONNX Runtime folds constants itself at
     # load time and the other rewrites measured within noise on its kernels; --pick tries it.
     rewrites: tuple[str, ...] = ()
     int8_options = (REDUCE_RANGE,)
@@ -140,7 +140,7 @@ class OnnxRuntimeBackend(BackendBase):
 
     def candidates(self, ctx: PlanContext) -> tuple[Lever, ...]:
         """``pick_levers`` less the 8-bit ones where the CPU the artifact is for saturates them (``quantize.saturates``)."""
-        from ..quantize import saturates
+        from ..int8.quantize import saturates
 
         if not saturates(_deployment_flags(ctx.profile)):
             return self.pick_levers
@@ -168,7 +168,7 @@ class OnnxRuntimeBackend(BackendBase):
         if request.precision is Precision.FP32:
             copy_onnx(graph.path, target)
         elif request.precision is Precision.INT8 and request.quant is not None:
-            from ..quantize import quantize_onnx
+            from ..int8.quantize import quantize_onnx
 
             recipe = quantize_onnx(graph, target, request.quant, request.calibration).recipe  # what really stayed float
             notes = _range_notes(recipe)
@@ -185,7 +185,7 @@ class OnnxRuntimeBackend(BackendBase):
         self, graph: ExportedGraph, folder: Path, request: BuildRequest, recovery: Recovery
     ) -> tuple[Artifact, Drift, tuple[str, ...]]:
         """Rank nodes by the error their quantization adds; keep the worst in float until the budget holds."""
-        from ..fallback import describe, fallback
+        from ..int8.fallback import describe, fallback
 
         assert request.quant is not None
         target = folder / MODEL_FILE
@@ -242,7 +242,7 @@ def wants_reduce_range(setting: str, profile: Any = None) -> bool:
     REDUCE_RANGE.check(setting)
     if setting in ("on", "off"):
         return setting == "on"
-    from ..quantize import saturates
+    from ..int8.quantize import saturates
 
     return saturates(_deployment_flags(profile))
 
@@ -254,7 +254,7 @@ def _deployment_flags(profile: Any) -> tuple[str, ...] | None:
 
 def _range_notes(recipe: Any) -> tuple[str, ...]:
     """Say which weight range the INT8 graph has, and when 8-bit weights may saturate on this CPU."""
-    from ..quantize import saturates
+    from ..int8.quantize import saturates
 
     if recipe.reduce_range:
         return (

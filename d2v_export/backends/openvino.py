@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from ..spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision, QuantRecipe
-from ..quantize import MATMUL_OPS, RecipeTemplate
-from ..recipe_choice import Choice
+from ..int8.quantize import MATMUL_OPS, RecipeTemplate
+from ..int8.recipe_choice import Choice
 from .base import (
     Availability,
     Backend,
@@ -228,7 +228,7 @@ class OpenVinoBackend(BackendBase):
     standalone_runner = True  # bundle_run.py runs its bundles with openvino + numpy (backends/bundle_run.py)
     # Triton's OpenVINO backend reads 1/model.xml + model.bin; OpenVINO Model Server the IR as it is
     serving = ServingLayout(("backend", "openvino"), (("{name}", "model.xml"), ("{stem}.bin", "model.bin")), ovms=True)
-    # Exact graph clean-up before convert_model (d2v_export.rewrite), on by default: measured on the base
+    # Exact graph clean-up before convert_model (d2v_export.int8.rewrite), on by default: measured on the base
     # presets' NNCF INT8 IRs, 1.04x (text) and 1.12x (audio: no transposes around the channel LayerNorms),
     # vision unchanged; docs/PERFORMANCE.md.
     rewrites = ("fold_constants", "fold_layer_scale", "fold_query_scale", "channel_layernorm")
@@ -446,7 +446,7 @@ def _int8(
     quant = request.quant
     assert quant is not None
     if quant.mode == "static" and control is not None:
-        from ..recipe_choice import float_nodes
+        from ..int8.recipe_choice import float_nodes
 
         keep = float_nodes(graph.path, quant.float_rules, quant.op_types)
         ruled = _ov_names(model, keep, _onnx_outputs(graph.path, keep))  # as without control
@@ -468,7 +468,7 @@ def _int8(
             + (f": {', '.join(reverted[:12])}" if reverted else "")
         ]
     elif quant.mode == "static":
-        from ..recipe_choice import float_nodes
+        from ..int8.recipe_choice import float_nodes
 
         keep = float_nodes(graph.path, quant.float_rules, quant.op_types)
         model, quant, more = _quantize_static(model, quant, request.calibration, keep, _onnx_outputs(graph.path, keep))

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..quantize import MATMUL_OPS, RecipeTemplate
+from ..int8.quantize import MATMUL_OPS, RecipeTemplate
 from ..spec import Artifact, D2VError, ExitCode, ExportedGraph, Precision, QuantRecipe
 from .base import Availability, Backend, BackendBase, BuildRequest, Devices, Lever, RunnerBase, Snippet, files_in
 
@@ -132,7 +132,7 @@ class OrtMobileBackend(BackendBase):
             work = Path(tmp)
             source = graph.path
             if request.quant is not None:
-                from ..quantize import quantize_onnx
+                from ..int8.quantize import quantize_onnx
 
                 source = work / "model.onnx"
                 recipe = quantize_onnx(graph, source, request.quant, request.calibration).recipe
@@ -260,7 +260,7 @@ def _build_note(config: Path) -> str:
 
 def _weight_notes(recipe: QuantRecipe | None) -> tuple[str, ...]:
     """8-bit weights are exact on Arm; on an x86 host without VNNI the drift measured here can be worse than the device's."""
-    from ..quantize import saturates
+    from ..int8.quantize import saturates
 
     if recipe is None or not saturates():
         return ()

@@ -46,8 +46,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...quantize import MATMUL_OPS, TOOL, RecipeTemplate
-from ...recipe_choice import Choice
+from ...int8.quantize import MATMUL_OPS, TOOL, RecipeTemplate
+from ...int8.recipe_choice import Choice
 from ...spec import Artifact, D2VError, Drift, ExitCode, ExportedGraph, Precision
 from ..base import (
     Availability,

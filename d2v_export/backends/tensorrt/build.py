@@ -90,7 +90,7 @@ def recover(
     engine is then built once from the chosen graph and the returned drift is judged *on that engine*,
     the same footing as the plain INT8 variant, whose drift the pipeline measured on its engine.
     """
-    from ...fallback import copy_model, describe, fallback
+    from ...int8.fallback import copy_model, describe, fallback
 
     device, build_here = _probe(request)
     recipe = _with_placement_rules(graph, _check_recipe(request.quant))
@@ -175,7 +175,7 @@ def _fp16_graph(source: Path, target: Path) -> None:
 
 
 def _quantize(graph: ExportedGraph, target: Path, request: BuildRequest) -> QuantRecipe:
-    from ...quantize import quantize_onnx
+    from ...int8.quantize import quantize_onnx
 
     recipe = _with_placement_rules(graph, _check_recipe(request.quant))
     for_ort, residual = split_residual(recipe)

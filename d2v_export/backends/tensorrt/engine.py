@@ -107,7 +107,7 @@ def build_engine(
                 f"bundle '{bundle}' has no manifest.json, so what would be built cannot be checked; "
                 "pass a bundle written by d2v-export, or --no-verify to build it unchecked"
             )
-        from ... import bundle as bundle_mod
+        from ...deploy import bundle as bundle_mod
 
         bundle_mod.verify(bundle)
     try:

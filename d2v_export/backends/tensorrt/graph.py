@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ...quantize import MATMUL_OPS
+from ...int8.quantize import MATMUL_OPS
 from ...spec import D2VError, ExitCode, ExportedGraph, QuantRecipe
 from .recipe import FP32_OPS, input_profiles
 

@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .confidence import describe
-from .metrics import METRICS, drift_score
-from .spec import REFERENCE, D2VError, ExitCode, jsonable
+from ..measure.confidence import describe
+from ..measure.metrics import METRICS, drift_score
+from ..spec import REFERENCE, D2VError, ExitCode, jsonable
 
 __all__ = [
     "compare",

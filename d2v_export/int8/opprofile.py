@@ -100,7 +100,7 @@ def onnxruntime_breakdown(
     path: Path, feed: Mapping[str, np.ndarray], *, threads: int, runs: int = 10
 ) -> dict[str, float]:
     """ms per run in each group, from the reference runtime's profiler (the session its runner builds, plus profiling)."""
-    from . import backends
+    from .. import backends
 
     reference = backends.reference()
     with tempfile.TemporaryDirectory(prefix="d2v-prof-") as tmp:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .bundle import Manifest, verify
 from .serving import TRITON_TYPES, model_name, tensor_dims
-from .spec import D2VError, ExitCode
+from ..spec import D2VError, ExitCode
 
 VERSION = "1"
 HEADER = "Inference-Header-Content-Length"  # the binary tensor data extension's JSON length header

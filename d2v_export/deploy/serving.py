@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import backends
+from .. import backends
 from .bundle import Manifest, verify
-from .spec import D2VError, ExitCode
+from ..spec import D2VError, ExitCode
 
 VERSION = "1"  # the model version folder the writers fill
 OVMS_CONFIG = "config.json"

@@ -11,7 +11,7 @@ concatenation — which has as many frames as the model run on the whole recordi
     plan = windows(len(values), window=160000, stride=26560)
     logits = stitch([run(values[w.start:w.stop])[0, w.keep_from:w.keep_to] for w in plan])
 
-Arithmetic on sample counts plus one concatenation; ``d2v_export.predict`` runs it, the bundle README repeats it in a few lines.
+Arithmetic on sample counts plus one concatenation; ``d2v_export.deploy.predict`` runs it, the bundle README repeats it in a few lines.
 """
 
 from __future__ import annotations

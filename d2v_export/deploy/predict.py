@@ -11,7 +11,7 @@ Inputs, per modality (see docs/bundles.md):
   processor's rate with scipy's polyphase resampler), prepared by the bundle's feature extractor.
   Speech recognition and frame classification take a recording of any length (up to ``MAX_SECONDS``):
   longer than the bundle's longest input, it is run in overlapping windows whose frame-level outputs
-  are stitched (``d2v_export.chunking``) and decoded once. Heads that pool the whole clip (audio
+  are stitched (``d2v_export.deploy.chunking``) and decoded once. Heads that pool the whole clip (audio
   classification, x-vector, feature extraction) see its first window: clips longer than the bundle's
   largest shape are cut (said in the result's notes).
 - text: each argument is one text. ``A ||| B`` is a text pair: question ||| context for
@@ -35,8 +35,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .bundle import PAIR_SEPARATOR, Manifest, verify
-from .heads import with_audio_mask
-from .spec import Artifact, D2VError, Dim, Modality, Precision, ShapeProfile
+from ..heads import with_audio_mask
+from ..spec import Artifact, D2VError, Dim, Modality, Precision, ShapeProfile
 
 MAX_ANSWER_TOKENS = 30
 MAX_SECONDS = (
@@ -82,7 +82,7 @@ def _artifact(manifest: Manifest, target: str, model_file: str) -> Artifact:
 
 def open_runtime(manifest: Manifest) -> tuple[Any, Artifact, list[str]]:
     """The backend and artifact that run this bundle, and notes (e.g. a TensorRT bundle run by ONNX Runtime)."""
-    from . import backends
+    from .. import backends
 
     opened = backends.get(manifest.target).open_bundle(
         manifest.folder, manifest.model_file, [f.path for f in manifest.files]
@@ -144,7 +144,7 @@ def expand_inputs(manifest: Manifest, inputs: list[str]) -> list[tuple[str, Any]
             continue
         path = _user_path(raw)
         if path.suffix.lower() in (".txt", ".jsonl") and path.is_file():
-            from .calibration.text import line_record
+            from ..calibration.text import line_record
 
             try:
                 lines = path.read_text(encoding="utf-8").splitlines()
@@ -236,7 +236,7 @@ class _ImageReader:
     def __init__(
         self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None
     ) -> None:
-        from .calibration.images import ImagePixels
+        from ..calibration.images import ImagePixels
 
         if processor is None:
             raise D2VError(f"bundle '{manifest.folder}' has no image processor (preprocessor_config.json); rebuild it")
@@ -244,8 +244,8 @@ class _ImageReader:
         self.pixels = ImagePixels(processor, int(size) if size else None)
 
     def __call__(self, path: Path) -> _Prepared:
-        from .calibration.images import open_rgb
-        from .calibration.samples import Unreadable
+        from ..calibration.images import open_rgb
+        from ..calibration.samples import Unreadable
 
         try:
             value = self.pixels(open_rgb(path))
@@ -261,7 +261,7 @@ class _AudioReader:
         self, manifest: Manifest, profile: ShapeProfile, processor: Any | None, _tokenizer: Any | None
     ) -> None:
         from . import chunking
-        from .heads import SAMPLING_RATE, head_for
+        from ..heads import SAMPLING_RATE, head_for
 
         if processor is None:
             raise D2VError(
@@ -285,8 +285,8 @@ class _AudioReader:
 
     def __call__(self, path: Path) -> _Prepared:
         from . import chunking
-        from .calibration.audio import bucket, read_mono
-        from .calibration.samples import Unreadable
+        from ..calibration.audio import bucket, read_mono
+        from ..calibration.samples import Unreadable
 
         proc, rate, longest = self.processor, self.rate, self.longest
         # read one sample past what is used, to know whether it was cut, not the whole (maybe hours-long) clip
@@ -340,8 +340,8 @@ class _TextReader:
     def __init__(
         self, manifest: Manifest, profile: ShapeProfile, _processor: Any | None, tokenizer: Any | None
     ) -> None:
-        from .calibration.text import TokenEncoder
-        from .heads import head_for
+        from ..calibration.text import TokenEncoder
+        from ..heads import head_for
 
         if tokenizer is None:
             raise D2VError(f"bundle '{manifest.folder}' has no tokenizer files; rebuild it")
@@ -471,7 +471,7 @@ class Interpreter:
     """Outputs of one input -> a JSON-able, task-appropriate result: ``RESULTS[head.result]`` (heads.py)."""
 
     def __init__(self, manifest: Manifest, tokenizer: Any | None, top_k: int) -> None:
-        from .heads import head_for
+        from ..heads import head_for
 
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -525,7 +525,7 @@ def _top_tokens(it: Interpreter, probs: np.ndarray) -> list[dict[str, Any]]:
 
 
 def _transcript(it: Interpreter, _out: Outputs, first: np.ndarray, p: _Prepared) -> dict[str, Any]:
-    from .metrics import ctc_greedy_decode
+    from ..measure.metrics import ctc_greedy_decode
 
     logits = first[0]
     tok = it.tokenizer

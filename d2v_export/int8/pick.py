@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .spec import Precision, Variant
+from ..spec import Precision, Variant
 
 
 def _stat(variant: Variant, statistic: str) -> float:
@@ -47,7 +47,7 @@ def _candidate(
     v: Variant, name: str, outcome: str, statistic: str, described: Mapping[str, str], primary: str | None
 ) -> dict[str, Any]:
     """report.json's entry of one candidate."""
-    from .metrics import drift_score
+    from ..measure.metrics import drift_score
 
     return {
         "name": name,
@@ -95,7 +95,7 @@ def choose(
     ``latency_percentile`` (p50/p90/p99) is the statistic compared. ``deferred``: targets whose artifacts
     did not run on their own runtime here (never picked: their latency is not theirs).
     """
-    from .metrics import PRIMARY
+    from ..measure.metrics import PRIMARY
 
     statistic = str(getattr(profile, "latency_percentile", "") or "p50")
     deferred = set(deferred)

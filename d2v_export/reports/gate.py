@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .confidence import describe
-from .spec import D2VError, ExitCode, Report
+from ..measure.confidence import describe
+from ..spec import D2VError, ExitCode, Report
 
 
 def failure(report: Report, options: Any) -> D2VError | None:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .recipe_choice import excluded_for_transformer as excluded_for_transformer  # re-exported: the 'input' rule
-from .spec import (
+from ..spec import (
     CALIBRATION_METHODS,
     QUANT_MODES,
     D2VError,
@@ -157,7 +157,7 @@ def saturates(flags: Iterable[str] | None = None, machine: str | None = None) ->
     if arch not in ("x86_64", "amd64", "i686", "x86"):
         return False
     if flags is None:
-        from .cpu import cpu_flags
+        from ..cpu import cpu_flags
 
         flags = cpu_flags()
     return not (EXACT_INT8_FLAGS & set(flags))
@@ -466,6 +466,6 @@ def _size(path: Path) -> int:
 
 def _quiet() -> contextlib.AbstractContextManager[None]:
     """onnxruntime.quantization prints progress and logs advice at WARNING; keep the console clean."""
-    from .console import quiet
+    from ..console import quiet
 
     return quiet(("",), logging.ERROR)

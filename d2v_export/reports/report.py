@@ -7,9 +7,9 @@ import platform
 from pathlib import Path
 from typing import Any, Mapping
 
-from .confidence import describe
-from .cpu import REPORTED_FLAGS, cores_available, cpu_flags, cpu_name
-from .spec import REFERENCE, Drift, LatencyStats, Report, Variant, jsonable
+from ..measure.confidence import describe
+from ..cpu import REPORTED_FLAGS, cores_available, cpu_flags, cpu_name
+from ..spec import REFERENCE, Drift, LatencyStats, Report, Variant, jsonable
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -39,8 +39,8 @@ def environment(threads: int) -> dict[str, Any]:
     """Versions, CPU and threads: where the numbers came from."""
     from importlib import metadata
 
-    from . import backends
-    from .backends.torch_ref import DEVICE
+    from .. import backends
+    from ..backends.torch_ref import DEVICE
 
     versions = {"python": platform.python_version()}
     for pkg in dict.fromkeys(("d2v-export", "torch", "transformers", "onnx", *backends.packages(), "numpy")):

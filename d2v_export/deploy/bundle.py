@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
-from . import backends
-from .spec import jsonable
-from .spec import D2VError, Modality
+from .. import backends
+from ..spec import jsonable
+from ..spec import D2VError, Modality
 
 SCHEMA_VERSION = "1.1"  # 1.1: device and deploy_device (what it was measured on, what it was built for)
 MANIFEST = "manifest.json"
@@ -226,7 +226,7 @@ def _devices(
 
 def _runtime(target: str) -> dict[str, Any]:
     """The target's runtime and its version here (None where it is not installed)."""
-    from . import backends
+    from .. import backends
 
     try:
         version = backends.get(target).available().version or None
@@ -274,7 +274,7 @@ def write_manifest(
     ``variant_verdict`` this variant's entry of report.json (``report.to_dict(...)["variants"][i]``,
     or None when there is no report), ``environment`` ``report.environment(threads)``; devices: ``_devices``.
     """
-    from . import __version__
+    from .. import __version__
 
     folder = Path(folder)
     head = model.head
@@ -329,7 +329,7 @@ def _write_readme_and_runner(folder: Path, doc: Mapping[str, Any]) -> None:
     OpenVINO) ``bundle_run.py`` (d2v_export/backends/bundle_run.py)."""
     if _runs_without_torch(doc["target"]):
         from . import chunking
-        from .backends import bundle_run
+        from ..backends import bundle_run
 
         shutil.copyfile(Path(bundle_run.__file__), folder / bundle_run.SCRIPT)
         if doc["model"]["modality"] == "audio":  # long recordings in windows, as `run` does
@@ -412,7 +412,7 @@ def _runs_without_torch(target: str) -> bool:
 
 def _torchfree_lines(doc: Mapping[str, Any]) -> list[str]:
     """README lines on ``bundle_run.py``: running the bundle with its runtime and preprocessing libraries only."""
-    from .backends.bundle_run import CHUNKING_SCRIPT, SCRIPT, TASKS
+    from ..backends.bundle_run import CHUNKING_SCRIPT, SCRIPT, TASKS
 
     target, m = doc["target"], doc["model"]
     if not _runs_without_torch(target):
@@ -492,7 +492,7 @@ def _audio_padding_lines(doc: Mapping[str, Any], dynamic: bool) -> list[str]:
 
 def _long_recording_lines(doc: Mapping[str, Any], run_line: str) -> list[str]:
     """Speech recognition / frame classification: README lines that run a recording of any length in windows
-    (``d2v_export.chunking``, which ``d2v-export run`` uses). ``run_line`` is the snippet's last line: feed -> outputs."""
+    (``d2v_export.deploy.chunking``, which ``d2v-export run`` uses). ``run_line`` is the snippet's last line: feed -> outputs."""
     from . import chunking
 
     if doc["model"]["modality"] != "audio" or doc["model"]["task"] not in (
@@ -795,7 +795,7 @@ def _check_files(folder: Path, listed: Mapping[str, Mapping[str, Any]]) -> None:
 
 def _modality(folder: Path, doc: Mapping[str, Any]) -> Modality:
     """The manifest's modality, and its task known to that modality's heads."""
-    from .heads import head_for
+    from ..heads import head_for
 
     m = doc.get("model") or {}
     try:

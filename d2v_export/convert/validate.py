@@ -17,10 +17,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .backends.torch_ref import torch_forward
-from .heads import dummy_inputs, shape_points, with_audio_mask
-from .models import LoadedModel
-from .spec import REFERENCE, Drift, ExportedGraph, LengthDrift, Modality, ShapeProfile
+from ..backends.torch_ref import torch_forward
+from ..heads import dummy_inputs, shape_points, with_audio_mask
+from ..models import LoadedModel
+from ..spec import REFERENCE, Drift, ExportedGraph, LengthDrift, Modality, ShapeProfile
 
 # The export check's tolerance for half-precision artifacts, as a multiple of the head's fp32 one
 # (fp16 keeps 11 significant bits, bf16 8: rounding alone moves outputs by ~5e-4 and ~4e-3 relative
@@ -211,7 +211,7 @@ def check_export(
 ) -> ExportedGraph:
     """``graph`` with its ``check``: the reference runtime (``backends.reference()``) against the PyTorch ``wrapper``
     at every shape point of its profile."""
-    from . import backends
+    from .. import backends
 
     with backends.reference().onnx_runner(graph.path, threads=0, name="export-check") as runner:
         check = shape_check(
@@ -237,7 +237,7 @@ def task_drift(
     ``informational``: metrics reported but not judged, with the reason (``metrics.budgets``). ``confidence``:
     metric -> the confidence a metric that counts answers must be over budget with to fail (``metrics.judge``).
     """
-    from . import metrics
+    from ..measure import metrics
 
     head = model.head
     cands = [dict(candidate(f)) for f in feeds]
@@ -303,7 +303,7 @@ def drift_by_length(
 ) -> tuple[LengthDrift, ...]:
     """The candidate against the reference outputs on each of ``feeds`` (``length_feeds``), one entry per length:
     the task's output-agreement metrics (``LENGTH_METRICS``) at that length. Information, never a gate."""
-    from . import metrics
+    from ..measure import metrics
 
     out = []
     for ref, feed in zip(reference, feeds):

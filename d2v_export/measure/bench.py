@@ -36,8 +36,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .backends.base import Runner
-from .spec import LatencyStats
+from ..backends.base import Runner
+from ..spec import LatencyStats
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class BenchSettings:
         None  # warm-up time at most, all runners together; None: ``seconds``, at least 2 s
     )
     disable_gc: bool = True  # no Python garbage collection pauses inside timed runs
-    # every artifact opened once more in a child process (d2v_export.cold_start, about a second per variant at
+    # every artifact opened once more in a child process (d2v_export.measure.cold_start, about a second per variant at
     # tiny size): None measures it unless ``seconds`` is 0 (--bench-seconds 0, the quickest run)
     cold_start: bool | None = None
 

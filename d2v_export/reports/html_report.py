@@ -3,7 +3,7 @@
 No JavaScript, no fonts, stylesheets or images from anywhere: the file opens the same offline, in a
 CI artifact viewer or attached to an e-mail. Every piece of text from the report is escaped.
 
-    from d2v_export.html_report import write_html
+    from d2v_export.reports.html_report import write_html
     write_html(doc, folder / "report.html")      # doc: the report.json document (report.to_dict)
 """
 
@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .metrics import METRICS, drift_score, within
-from .spec import REFERENCE
+from ..measure.metrics import METRICS, drift_score, within
+from ..spec import REFERENCE
 
 # What a matrix's speedup column means (matrix.md and matrix.html)
 SPEEDUP_MEANING = (

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .quantize import TOOL, QuantSession
-from .spec import D2VError, Drift, ExportedGraph, QuantizedGraph, QuantRecipe
+from ..spec import D2VError, Drift, ExportedGraph, QuantizedGraph, QuantRecipe
 
 RANKING_FEEDS = 4  # calibration feeds the per-node error is measured on
 _PROBE = "_d2v_probe"

@@ -133,7 +133,7 @@ def fold_constants(model: Any) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
-    from . import backends
+    from .. import backends
 
     g = model.graph
     known = {t.name for t in g.initializer}
@@ -484,7 +484,7 @@ def rewrite_graph(
     if not any(done.values()):
         return graph, done
     target.parent.mkdir(parents=True, exist_ok=True)
-    from .export import EXTERNAL_DATA_BYTES
+    from ..convert.export import EXTERNAL_DATA_BYTES
 
     large = _initializer_bytes(model) > EXTERNAL_DATA_BYTES  # as the export: the inline save holds the weights twice
     onnx.save(model, str(target), save_as_external_data=large, location=target.name + ".data" if large else None)
@@ -511,8 +511,8 @@ def _initializer_bytes(model: Any) -> int:
 
 def scaled_difference(a: Any, b: Any, feeds: list[Any]) -> float:
     """Worst output difference of two ONNX files on ``feeds`` (the reference runtime), scaled by the output's magnitude."""
-    from . import backends
-    from .validate import scaled_error
+    from .. import backends
+    from ..convert.validate import scaled_error
 
     # One session at a time (the outputs are small, each session holds a copy of the weights).
     with backends.reference().onnx_runner(a, threads=1) as ra:
@@ -534,7 +534,7 @@ def describe(done: dict[str, int]) -> str:
 
 def for_model(graph: Any, names: Iterable[str], model: Any, profile: Any, target: Any) -> tuple[Any, dict[str, int]]:
     """``rewrite_graph`` checked on the model's own dummy inputs at the profile's opt and min shapes, within the head's tolerance."""
-    from .heads import dummy_inputs
+    from ..heads import dummy_inputs
 
     feeds = [dummy_inputs(model.head, model.config, profile.point(p), seed=3) for p in ("opt", "min")]
     return rewrite_graph(graph, names, target, feeds, model.head.tolerance)

@@ -2,7 +2,7 @@
 
 In the run's own process the numbers would be polluted by what is already loaded there (PyTorch, the
 other variants' sessions, the runtime's one-time initialisation done by an earlier artifact), so each
-artifact is opened by a new interpreter (``python -m d2v_export.cold_start JOB``) that
+artifact is opened by a new interpreter (``python -m d2v_export.measure.cold_start JOB``) that
 
 1. imports the target's runtime (``Backend.available()``): ``import_ms``, and then reads its peak resident
    memory, the *baseline* (the interpreter, numpy, d2v-export's backend registry, the runtime, the feed);
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from .spec import Artifact, ColdStart
+from ..spec import Artifact, ColdStart
 
 TIMEOUT_S = 600.0  # a large model's OpenVINO compile or TensorRT deserialization takes tens of seconds; a hang does not stall a run forever
 
@@ -47,7 +47,7 @@ def measure(
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "d2v_export.cold_start", json.dumps(job)],
+            [sys.executable, "-m", "d2v_export.measure.cold_start", json.dumps(job)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -85,9 +85,9 @@ def _child(job: dict[str, object]) -> dict[str, float]:
     """Steps 1-4 of the module's docstring, in this (fresh) process."""
     import numpy as np
 
-    from . import backends
-    from .backends.base import files_in
-    from .spec import Precision
+    from .. import backends
+    from ..backends.base import files_in
+    from ..spec import Precision
 
     backend = backends.get(str(job["target"]))
     with np.load(str(job["feed"])) as stored:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .confidence import DEFAULT_CONFIDENCE, Count, Paired, bounds
-from .spec import D2VError, ExitCode
+from ..spec import D2VError, ExitCode
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .console import quiet
-from .spec import D2VError, ExitCode, ExportedGraph, Modality
+from ..console import quiet
+from ..spec import D2VError, ExitCode, ExportedGraph, Modality
 
 # onnxruntime.transformers' model_type per modality: the fusion patterns it tries.
 MODEL_TYPE = {Modality.VISION: "vit", Modality.TEXT: "bert", Modality.AUDIO: "bert"}
@@ -74,7 +74,7 @@ def fuse_graph(graph: ExportedGraph, target: Path, model: Any) -> tuple[Exported
 
 def max_difference(a: Path, b: Path, feeds: Sequence[Mapping[str, np.ndarray]]) -> float:
     """Largest absolute output difference between two ONNX files on ``feeds`` (the reference runtime, 1 thread)."""
-    from . import backends
+    from .. import backends
 
     reference = backends.reference()
     worst = 0.0
@@ -95,7 +95,7 @@ def lever_builds(
     model: Any, graph: ExportedGraph, calib: Sequence[Mapping[str, np.ndarray]], work: Path
 ) -> list[tuple[str, str, str, Callable[[], Path]]]:
     """(name, precision, how, build) for each ORT lever variant; ``build()`` writes the file and returns its path."""
-    from . import backends  # these levers are the reference runtime's own fusions (onnxruntime.transformers)
+    from .. import backends  # these levers are the reference runtime's own fusions (onnxruntime.transformers)
     from .quantize import make_recipe, quantize_onnx, saturates
 
     cache: dict[str, Any] = {}

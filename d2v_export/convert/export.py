@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
-from .backends.torch_ref import make_wrapper, torch_forward
-from .console import quiet
-from .heads import Head, audio_mask_note, dummy_inputs, dynamic_axes, input_specs, trace_point
-from .layouts import export_layouts
-from .models import LoadedModel
-from .spec import REFERENCE, D2VError, Drift, ExitCode, ExportedGraph, ShapeProfile, TensorSpec
+from ..backends.torch_ref import make_wrapper, torch_forward
+from ..console import quiet
+from ..heads import Head, audio_mask_note, dummy_inputs, dynamic_axes, input_specs, trace_point
+from ..int8.layouts import export_layouts
+from ..models import LoadedModel
+from ..spec import REFERENCE, D2VError, Drift, ExitCode, ExportedGraph, ShapeProfile, TensorSpec
 
 __all__ = ["OPSET", "EXPORTER_LOGGERS", "NOT_CHECKED", "export", "make_wrapper", "torch_forward", "write_onnx"]
 

@@ -1,0 +1,1 @@
+"""Stage: the ONNX export and its checks against PyTorch."""

@@ -1,0 +1,1 @@
+"""Stage: measuring — latency, memory, cold start, task metrics and their confidence."""

@@ -1,0 +1,1 @@
+"""Stage: reports — report.json/.md/.html, comparison with a baseline, the gate's words."""
