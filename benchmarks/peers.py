@@ -1008,9 +1008,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print("\n".join(tables(results[-1], ceiling)), flush=True)
-            save(
-                args, argv, started, load_start, ceiling, results
-            )  # after every modality: a long run keeps what it has
+            # after every modality: a long run keeps what it has
+            save(args, argv, started, load_start, ceiling, results)
     log(f"wrote {args.out}")
     return 0
 

@@ -429,9 +429,8 @@ def _export_command(modality: Modality, shape_kwargs: dict[str, Any], **kw: Any)
         options, shapes = apply_profile(
             options, shapes, load_profile(kw["target_profile"]), explicit=explicit, int8=settings
         )
-    options = dataclasses.replace(
-        options, device=device, devices={**options.devices, **devices}
-    )  # checked against the final targets
+    # checked against the final targets
+    options = dataclasses.replace(options, device=device, devices={**options.devices, **devices})
     require_int8(options.int8, settings, enable="--int8")
     report = pipeline.run(spec, shapes, options, progress=progress, bench_progress=bench_progress)
     close_bar()

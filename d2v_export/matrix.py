@@ -46,9 +46,8 @@ from .measure.metrics import drift_score
 from .int8.pick import pareto
 from .spec import D2VError, ExitCode, Modality, Precision, jsonable, verdict_code
 
-SCHEMA_VERSION = (
-    "1.2"  # 1.1: variants' speedup_vs_common_reference (modalities_detail) and simulated; 1.2: variants' device
-)
+# 1.1: variants' speedup_vs_common_reference (modalities_detail) and simulated; 1.2: variants' device
+SCHEMA_VERSION = "1.2"
 HALF = (
     Precision.FP16.value,
     Precision.BF16.value,

@@ -50,18 +50,15 @@ class QuantOptions:
     samples: int = 32  # calibration samples
     evaluation: Path | None = None  # held-out samples; None: the bundled evaluation split
     eval_samples: int = 16
-    columns: Mapping[str, str] = field(
-        default_factory=dict
-    )  # {role: column} for metadata files and datasets (calibration.hf)
+    # {role: column} for metadata files and datasets (calibration.hf)
+    columns: Mapping[str, str] = field(default_factory=dict)
     budget: Mapping[str, float] = field(default_factory=dict)  # overrides of metrics.DEFAULT_BUDGETS
-    confidence: Mapping[str, float] = field(
-        default_factory=dict
-    )  # metric -> confidence it must be over budget with to fail
+    # metric -> confidence it must be over budget with to fail
+    confidence: Mapping[str, float] = field(default_factory=dict)
     fallback: bool = False  # return the most sensitive nodes to float until the budget holds
     seed: int = 0
-    target_options: Mapping[str, str] = field(
-        default_factory=dict
-    )  # a target's own INT8 settings by name (Backend.int8_options)
+    # a target's own INT8 settings by name (Backend.int8_options)
+    target_options: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from .measure.metrics import METRICS
@@ -116,18 +113,15 @@ class RunOptions:
     drift_tolerance: float = 0.005
     relative_to_reference: bool = False
     device: str | None = None  # every target's --device; None: each target's own default (Backend.devices.default)
-    devices: Mapping[str, str] = field(
-        default_factory=dict
-    )  # target -> its device (--device TARGET=DEVICE), over ``device``
+    # target -> its device (--device TARGET=DEVICE), over ``device``
+    devices: Mapping[str, str] = field(default_factory=dict)
     profile: Any = None  # a profiles.DeviceProfile whose latency budget becomes a verdict (see apply_profile)
     half: tuple[Precision, ...] = ()  # extra float precisions (fp16, bf16) for the targets that support them
-    defer_build: bool = (
-        False  # targets that can defer (Backend.can_defer) write their portable half, without their runtime here
-    )
+    # targets that can defer (Backend.can_defer) write their portable half, without their runtime here
+    defer_build: bool = False
     rewrite: bool = True  # the exact graph clean-up (d2v_export.int8.rewrite) for the targets that ask for it
-    pick: bool = (
-        False  # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.int8.pick)
-    )
+    # build every target's candidate recipes, ship the fastest within the drift budget (d2v_export.int8.pick)
+    pick: bool = False
 
     def __post_init__(self) -> None:
         targets = tuple(dict.fromkeys(self.targets))  # a target named twice is built once

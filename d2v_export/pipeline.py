@@ -190,13 +190,11 @@ class _Work:
     threads: int
     folder: Path  # scratch space inside the staging folder, removed before the rename
     progress: Progress
-    checked: dict[Any, Any] = field(
-        default_factory=dict
-    )  # PyTorch's outputs at the export check's shapes (validate.shape_check)
+    # PyTorch's outputs at the export check's shapes (validate.shape_check)
+    checked: dict[Any, Any] = field(default_factory=dict)
     rewritten: dict[tuple[str, ...], tuple[ExportedGraph, dict[str, int]]] = field(default_factory=dict)
-    export_check: RunnerKey | None = (
-        None  # what ran the export check (runner, options, file): graph.check stands for it
-    )
+    # what ran the export check (runner, options, file): graph.check stands for it
+    export_check: RunnerKey | None = None
 
     def graph_for(self, names: tuple[str, ...]) -> tuple[ExportedGraph, dict[str, int]]:
         """The export with the named clean-up rewrites applied (made once per set of names), and what they changed."""
@@ -515,9 +513,8 @@ def _cold_starts(work: _Work, built: list[Built], warnings: list[str]) -> dict[s
 
     feed_path = work.folder / "cold-start-feed.npz"
     feed_path.parent.mkdir(parents=True, exist_ok=True)
-    feed: dict[str, Any] = dummy_inputs(
-        work.model.head, work.model.config, work.profile.point("opt"), seed=7
-    )  # the latency stage's
+    # the latency stage's
+    feed: dict[str, Any] = dummy_inputs(work.model.head, work.model.config, work.profile.point("opt"), seed=7)
     np.savez(feed_path, **feed)
     deferred = _deferred(work.options)
     found: dict[str, ColdStart] = {}

@@ -327,9 +327,8 @@ class Report:
     warnings: tuple[str, ...] = ()
     bench: Mapping[str, object] = field(default_factory=dict)  # how latency was taken (warm-up, rounds)
     comparison: Mapping[str, object] | None = None  # against --baseline (compare.to_dict)
-    pick: Mapping[str, object] | None = (
-        None  # --pick: the chosen variant, why, every candidate and the front (pick.choose)
-    )
+    # --pick: the chosen variant, why, every candidate and the front (pick.choose)
+    pick: Mapping[str, object] | None = None
 
     @property
     def passed(self) -> bool:

@@ -135,9 +135,8 @@ def run_one(
         + (["--defer-build"] if target in DEFER else [])
         + (["--reduce-range", "off"] if full_range else [])
     )
-    shown = (
-        " ".join(cmd[1:]).replace(str(work), "WORK").replace(str(ROOT) + "/", "")
-    )  # no one machine's paths in the doc
+    # no one machine's paths in the doc
+    shown = " ".join(cmd[1:]).replace(str(work), "WORK").replace(str(ROOT) + "/", "")
     report = out / "report.json"
     if args.reuse and report.is_file() and report.stat().st_mtime > (folder / "model.safetensors").stat().st_mtime:
         print(f"[fidelity] {ref.name} {target} {quant} fallback={fallback}: reusing {report}", file=sys.stderr)

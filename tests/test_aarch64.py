@@ -59,9 +59,8 @@ def test_the_comparison_catches_a_changed_answer_and_a_drift_over_tolerance() ->
     flipped = parity.compare(
         "b", "fp32", "max", native, ({"features": [], "results": [_result(0), _result(1)]}, logits)
     )
-    assert (
-        not flipped.ok and flipped.same_answers == 1 and "x86 0, aarch64 1" in flipped.differences[0]
-    )  # no output explains it
+    # no output explains it
+    assert not flipped.ok and flipped.same_answers == 1 and "x86 0, aarch64 1" in flipped.differences[0]
     drifted = {"input0.0": logits["input0.0"] + [0, 3e-4], "input1.0": logits["input1.0"]}
     over = parity.compare("b", "fp32", "max", native, ({"features": [], "results": [_result(0), _result(0)]}, drifted))
     assert not over.ok and over.max_diff == pytest.approx(3e-4) and over.features == "neon"

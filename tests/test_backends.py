@@ -544,9 +544,8 @@ def test_the_export_check_stands_only_for_its_own_runner_options_and_file(tmp_pa
     assert key(ort, "copied") != checked  # the same bytes, another file
     assert backends.reference().onnx_runner_key(export, optimize=False) != checked  # other session options
     assert key(type("Sub", (OnnxRuntimeBackend,), {"name": "sub"})(), "linked") != checked  # another runner class
-    assert (
-        BackendBase().check_key(Artifact("x", Precision.FP32, tmp_path, export, ())) is None
-    )  # a plug-in: its own check
+    # a plug-in: its own check
+    assert BackendBase().check_key(Artifact("x", Precision.FP32, tmp_path, export, ())) is None
 
 
 def test_a_target_running_the_export_file_differently_sees_its_own_drift(
@@ -574,7 +573,6 @@ def test_a_target_running_the_export_file_differently_sees_its_own_drift(
     drift = {v.artifact.split("/")[-1]: v.drift for v in report.variants}
     assert drift[f"{backends.REFERENCE}-fp32"] == report.export.check  # the same runner, options and file: reused
     out = tmp_path / "out"
-    assert os.path.samefile(
-        out / "drifting-fp32" / "model.onnx", out / f"{backends.REFERENCE}-fp32" / "model.onnx"
-    )  # one file
+    # one file
+    assert os.path.samefile(out / "drifting-fp32" / "model.onnx", out / f"{backends.REFERENCE}-fp32" / "model.onnx")
     assert not drift["drifting-fp32"].passed and drift["drifting-fp32"].metrics["max_scaled_error"] > 1e-3

@@ -278,9 +278,8 @@ def test_labelled_accuracy_reaches_the_report(tmp_path: Path) -> None:
         NO_GATE,
         env={"XDG_CACHE_HOME": str(tmp_path / "cache")},
     )
-    assert res.returncode == 0, (
-        res.stderr
-    )  # the labels' path is under test here, not the drift of a random model: no gate
+    # the labels' path is under test here, not the drift of a random model: no gate
+    assert res.returncode == 0, res.stderr
     doc = json.loads((out / "report.json").read_text())
     (int8,) = [v for v in doc["variants"] if v["precision"] == "int8"]
     metrics = int8["drift"]["metrics"]

@@ -34,9 +34,8 @@ def test_the_matrix_workflow_shards_merges_and_gates() -> None:
     assert '--shard "${{ matrix.shard }}/${{ strategy.job-total }}"' in text
     assert "d2v-export matrix-merge shards/shard-*" in text and "--baseline" in text
     assert "name: matrix-shard-${{ matrix.shard }}" in text and "pattern: matrix-shard-*" in text
-    assert (
-        text.count("name: matrix-report") == 1 and "--name matrix-report" in text
-    )  # the baseline is the last run's upload
+    # the baseline is the last run's upload
+    assert text.count("name: matrix-report") == 1 and "--name matrix-report" in text
 
 
 def test_the_linter_catches_a_broken_workflow(tmp_path: Path) -> None:

@@ -120,9 +120,8 @@ def test_warm_up_continues_until_timings_settle(monkeypatch: pytest.MonkeyPatch)
     assert result.warmup_rounds == 6 + settings.settle_window + 3
     assert result.settled == {"slow": True}
     stats = result.stats["slow"]
-    assert stats.n == 10 and stats.samples_ms == pytest.approx((5.0,) * 10), (
-        stats.samples_ms
-    )  # no slow start in the timed runs
+    # no slow start in the timed runs
+    assert stats.n == 10 and stats.samples_ms == pytest.approx((5.0,) * 10), stats.samples_ms
     assert result.to_dict()["timed_rounds"] == 10
 
 
@@ -275,12 +274,10 @@ def test_a_counted_metric_is_a_regression_only_beyond_its_noise(report_doc: dict
     noisy = row(cmp.compare(with_agreement(240, 240), with_agreement(238, 240)))
     change = next(m for m in noisy.drift if m.metric == "top1_agreement")
     assert noisy.verdict == cmp.UNCHANGED and not change.flagged and "within its noise" in change.reason
-    assert (
-        row(cmp.compare(with_agreement(2400, 2400), with_agreement(2380, 2400))).verdict == cmp.REGRESSION
-    )  # the same share, 10x the items
-    assert (
-        row(cmp.compare(with_agreement(240, 240), with_agreement(220, 240))).verdict == cmp.REGRESSION
-    )  # 20 answers: real
+    # the same share, 10x the items
+    assert row(cmp.compare(with_agreement(2400, 2400), with_agreement(2380, 2400))).verdict == cmp.REGRESSION
+    # 20 answers: real
+    assert row(cmp.compare(with_agreement(240, 240), with_agreement(220, 240))).verdict == cmp.REGRESSION
 
 
 def test_new_and_missing_variants(report_doc: dict[str, Any]) -> None:

@@ -183,9 +183,8 @@ def test_the_device_of_every_number_is_recorded(openvino_here: list[str], tmp_pa
     assert seen["openvino-fp32"] == ("AUTO", "AUTO")
     measured, deploy = seen["tensorrt-fp32"]
     assert deploy == "cuda:1" and measured == "CPU (ONNX Runtime simulation; the engine for cuda:1 is not built yet)"
-    assert (
-        json.loads((out / "openvino-fp32" / "openvino_config.json").read_text())["device"] == "AUTO"
-    )  # the device reached the build
+    # the device reached the build
+    assert json.loads((out / "openvino-fp32" / "openvino_config.json").read_text())["device"] == "AUTO"
     for name, (measured, deploy) in seen.items():
         manifest = json.loads((out / name / "manifest.json").read_text())
         assert (manifest["device"], manifest["deploy_device"], manifest["environment"]["device"]) == (

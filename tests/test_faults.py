@@ -136,9 +136,8 @@ def test_two_real_runs_into_one_folder(tmp_path: Path) -> None:
     codes = sorted(code for code, _ in results)
     assert codes == [0, int(ExitCode.BAD_INPUT)], results
     (refused,) = [err for code, err in results if code == int(ExitCode.BAD_INPUT)]
-    assert (
-        "--force" in refused
-    )  # "written by another run" (or "not empty" had the other finished before this one began)
+    # "written by another run" (or "not empty" had the other finished before this one began)
+    assert "--force" in refused
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert json.loads((out / "report.json").read_text())["variants"]
 

@@ -606,12 +606,10 @@ def metadata_files(draw: Any) -> tuple[str, bytes]:
     st.sampled_from(("image-classification", "audio-classification", "automatic-speech-recognition")),
     st.booleans(),
 )
-@example(
-    ("metadata.csv", b"file_name,label\n0.png,\xc2\xb2\n"), "image-classification", False
-)  # int('²') raised ValueError
-@example(
-    ("metadata.csv", b"file_name,label\n0.png," + b"1" * 5000 + b"\n"), "image-classification", False
-)  # past int()'s digit limit
+# int('²') raised ValueError
+@example(("metadata.csv", b"file_name,label\n0.png,\xc2\xb2\n"), "image-classification", False)
+# past int()'s digit limit
+@example(("metadata.csv", b"file_name,label\n0.png," + b"1" * 5000 + b"\n"), "image-classification", False)
 @example(("metadata.csv", b"file_name,label\n0.png\x00x,a\n"), "image-classification", False)  # NUL in a file name
 @example(("metadata.csv", b"file_name,label\n0.png,a\x00b\n"), "image-classification", False)  # NUL in a field
 @example(("metadata.jsonl", b"[" * 100000), "image-classification", False)
@@ -971,9 +969,8 @@ def test_build_recipes(data: Any) -> None:
             recipe = read_recipe(folder)
             for key in ("onnx", "engine", "timing_cache"):
                 trt_device.confined(folder, recipe.get(key) or "x", key)
-            return settings_from(recipe), trtexec_command(
-                recipe
-            )  # build_script writes a recipe it made, never a read one
+            # build_script writes a recipe it made, never a read one
+            return settings_from(recipe), trtexec_command(recipe)
 
         check("build_recipe", read, names=(str(folder), trt_device.RECIPE_FILE), inside=(folder,))
 

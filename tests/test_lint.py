@@ -46,9 +46,8 @@ def test_the_formatter_applies_the_project_line_length(tmp_path: Path) -> None:
     packed.write_text(call, encoding="utf-8")
     res = _ruff("--config", str(ROOT / "pyproject.toml"), "--check", str(packed), cwd=tmp_path, command="format")
     assert res.returncode == 1 and "reformatted" in res.stdout, res.stdout + res.stderr
-    fits = (
-        "f(" + ", ".join(f"argument_{i}" for i in range(9)) + ")\n"
-    )  # 109 characters: within 120, over ruff's default 88
+    # 109 characters: within 120, over ruff's default 88
+    fits = "f(" + ", ".join(f"argument_{i}" for i in range(9)) + ")\n"
     packed.write_text(fits, encoding="utf-8")
     res = _ruff("--config", str(ROOT / "pyproject.toml"), "--check", str(packed), cwd=tmp_path, command="format")
     assert res.returncode == 0 and 88 < len(fits) <= 121, res.stdout + res.stderr

@@ -89,9 +89,8 @@ def test_matrix_reports_every_cell_with_a_status(matrix_run: tuple[dict[str, Any
     assert len(cells) == 2 * 2 * 2
     assert cells[("vision", "onnxruntime", "fp32")]["status"] == "ran"
     ort_fp16 = cells[("vision", "onnxruntime", "fp16")]
-    assert (
-        ort_fp16["status"] == "skipped" and ort_fp16["reason"] == "onnxruntime builds fp32 and int8, not fp16"
-    )  # the backend's own reason
+    # the backend's own reason
+    assert ort_fp16["status"] == "skipped" and ort_fp16["reason"] == "onnxruntime builds fp32 and int8, not fp16"
     assert ort_fp16["reason"] == backends.get("onnxruntime").precision_problem(Precision.FP16, "CPU")
     trt = cells[("vision", "tensorrt", "fp32")]
     if "tensorrt" in backends.names() and not backends.get("tensorrt").available().ok:
@@ -171,9 +170,8 @@ def test_a_matrix_that_measured_nothing_is_not_green(tmp_path: Path) -> None:
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "measured nothing" in errors[0] and "d2v-export doctor" in errors[0], res.stderr
     assert json.loads((out / "matrix.json").read_text())["passed"] is False  # the record is kept: it says why
-    merged = cli(
-        "matrix-merge", str(out), "--output", str(tmp_path / "merged")
-    )  # merging only skipped shards: the same verdict
+    # merging only skipped shards: the same verdict
+    merged = cli("matrix-merge", str(out), "--output", str(tmp_path / "merged"))
     assert merged.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "measured nothing" in merged.stderr
 
 
@@ -282,9 +280,8 @@ def test_speedup_compares_variants_on_one_footing() -> None:
     assert (
         by["fast-fp32"]["speedup_vs_common_reference"] == 3.0 and by["slow-fp32"]["speedup_vs_common_reference"] == 2.5
     )
-    assert (
-        by["slow-fp32"]["speedup_vs_reference"] > by["fast-fp32"]["speedup_vs_reference"]
-    )  # the own-run ratio is kept as it was
+    # the own-run ratio is kept as it was
+    assert by["slow-fp32"]["speedup_vs_reference"] > by["fast-fp32"]["speedup_vs_reference"]
     md = markdown({"model": "m", "cells": cells, "modalities_detail": summarize(cells)})
     assert "speedup vs common ref" in md and "one footing" in md
     assert "| fast-fp32 | 5.000 | 3.00× |" in md and "| slow-fp32 | 6.000 | 2.50× |" in md
@@ -358,9 +355,8 @@ def test_matrix_defer_build_and_int8_knobs_reach_the_runs(tmp_path: Path) -> Non
         "1",
     )
     plain = cli(*common, "--output", str(out / "plain"))
-    assert (
-        plain.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "measured nothing" in plain.stderr
-    )  # every cell skipped: not green
+    # every cell skipped: not green
+    assert plain.returncode == int(ExitCode.TARGET_UNAVAILABLE) and "measured nothing" in plain.stderr
     skipped = json.loads((out / "plain" / "matrix.json").read_text())
     assert all(c["status"] == "skipped" and "--defer-build" in c["reason"] for c in skipped["cells"])
     # budgets no INT8 graph can miss (agreement >= 0, cosine >= -1): the verdict is exactly "passed", exit 0

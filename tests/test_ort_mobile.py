@@ -101,9 +101,8 @@ def test_audio_fp32_and_int8_are_built_judged_timed_and_bundled(audio_run: Path)
         assert manifest["target"] == TARGET and manifest["model_file"] == "model.ort"
         listed = {f["path"] for f in manifest["files"]}
         assert {"model.ort", "required_operators.config", "config.json", "vocab.json"} <= listed
-        assert not any(p.endswith(".onnx") or p.endswith(".data") for p in listed), (
-            listed
-        )  # the device gets the .ort only
+        # the device gets the .ort only
+        assert not any(p.endswith(".onnx") or p.endswith(".data") for p in listed), listed
         assert verify(bundle).target == TARGET
         config = (bundle / "required_operators.config").read_text()
         assert (

@@ -130,9 +130,8 @@ def test_a_one_file_target_works_through_the_cli(plugin_dir: Path, tmp_path: Pat
     # ... on the plug-in's own runner: it ran at every shape of the check (latency only times one), and the
     # drift is its own (the offset its runner adds), not the export's check on ONNX Runtime
     shapes = set(log.read_text().splitlines())
-    assert len(shapes) >= 4 and any("input_ids=8x" in s for s in shapes), (
-        shapes
-    )  # min, opt, odd, largest batch, longest
+    # min, opt, odd, largest batch, longest
+    assert len(shapes) >= 4 and any("input_ids=8x" in s for s in shapes), shapes
     error, export_error = v["drift"]["metrics"]["max_abs_error"], doc["export"]["check"]["metrics"]["max_abs_error"]
     assert OFFSET * 0.9 <= error <= OFFSET * 1.1 + export_error and export_error < OFFSET * 0.5, (error, export_error)
     assert v["drift"]["samples"] == doc["export"]["check"]["samples"]

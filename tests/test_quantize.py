@@ -373,21 +373,18 @@ def test_reduce_range_writes_7bit_weights(cases: dict[Modality, Case], mode: str
     assert reduced.recipe.reduce_range and not full.recipe.reduce_range
     full_w, reduced_w = _int8_weights(full.path), _int8_weights(reduced.path)
     assert full_w and len(full_w) == len(reduced_w)
-    assert (
-        max(int(np.abs(w.astype(np.int32)).max()) for w in full_w) == 127
-    )  # per-channel symmetric: the max maps to 127
-    assert (
-        max(int(np.abs(w.astype(np.int32)).max()) for w in reduced_w) <= 64
-    )  # 2 x 255 x 64 < 32767: no int16 saturation
+    # per-channel symmetric: the max maps to 127
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in full_w) == 127
+    # 2 x 255 x 64 < 32767: no int16 saturation
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in reduced_w) <= 64
     _check_runs(case, reduced.path)
 
 
 def test_reduce_range_only_where_the_kernel_saturates() -> None:
     from d2v_export.int8.quantize import saturates
 
-    assert saturates(["avx2", "fma"], "x86_64") and saturates(
-        ["avx512f", "avx2"], "x86_64"
-    )  # Skylake-SP: AVX-512 without VNNI
+    # Skylake-SP: AVX-512 without VNNI
+    assert saturates(["avx2", "fma"], "x86_64") and saturates(["avx512f", "avx2"], "x86_64")
     assert not saturates(["avx2", "avx512_vnni"], "x86_64") and not saturates(["avx2", "avx_vnni"], "x86_64")
     assert not saturates([], "aarch64")
 
@@ -503,13 +500,11 @@ def test_a_fallback_that_scores_worse_is_not_shipped() -> None:
         drift(accuracy_drop=0.01, top1_agreement=0.95),
         drift(accuracy_drop=0.019, top1_agreement=0.99),
     )
-    assert _worse(
-        "classification", drift(top1_agreement=0.95), drift(top1_agreement=0.96)
-    )  # no labels: the primary metric
+    # no labels: the primary metric
+    assert _worse("classification", drift(top1_agreement=0.95), drift(top1_agreement=0.96))
     assert _worse("ctc", drift(cer=0.05), drift(cer=0.03)) and not _worse("ctc", drift(cer=0.02), drift(cer=0.03))
-    assert not _worse(
-        "classification", drift(logit_cosine=0.9), drift(logit_cosine=0.99)
-    )  # nothing comparable: keep the fallback
+    # nothing comparable: keep the fallback
+    assert not _worse("classification", drift(logit_cosine=0.9), drift(logit_cosine=0.99))
 
 
 def test_the_ort_runner_does_not_spin(cases: dict[Modality, Case]) -> None:

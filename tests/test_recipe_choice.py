@@ -148,15 +148,13 @@ def test_openvino_keeps_the_task_head_float(graphs: dict[str, tuple], tmp_path: 
     recipe = make_recipe(backends.get("openvino"), "static", samples=len(calib), modality="audio")
     art = BACKEND.compile(graph, tmp_path / "ov", BuildRequest(Precision.INT8, recipe, calibration=calib, threads=1))
     (head,) = float_nodes(graph.path, ("head",), MATMUL_OPS)
-    names = _ov_names(
-        ov.convert_model(str(graph.path)), [head], _onnx_outputs(graph.path, [head])
-    )  # its OpenVINO operation
+    # its OpenVINO operation
+    names = _ov_names(ov.convert_model(str(graph.path)), [head], _onnx_outputs(graph.path, [head]))
     assert names and set(names) <= set(art.quantization.excluded_nodes), (names, art.quantization.excluded_nodes)
     ir = ov.Core().read_model(str(art.model_file))
     op = next(o for o in ir.get_ops() if o.get_friendly_name() in names and o.get_type_name() == "MatMul")
     feeding = [op.input_value(i).get_node().get_type_name() for i in range(op.get_input_size())]
     assert "FakeQuantize" not in feeding, feeding
     assert sum(o.get_type_name() == "FakeQuantize" for o in ir.get_ops()) > 0  # the rest is quantized
-    assert art.quantization.symmetric_activations and any(
-        "preset=PERFORMANCE" in n for n in art.notes
-    )  # audio's preset
+    # audio's preset
+    assert art.quantization.symmetric_activations and any("preset=PERFORMANCE" in n for n in art.notes)

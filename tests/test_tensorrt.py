@@ -550,9 +550,8 @@ def test_engine_int8_against_pytorch_and_the_simulation(head: Head, built: Built
         drift = task_drift(
             model, reference, engine.infer, evaluation.feeds, DEFAULT_BUDGETS[head.metric], source=evaluation.source
         )
-    assert drift.metrics["logit_cosine"] >= 0.95, (
-        drift.metrics
-    )  # as the simulation (test_simulated_drift_of_the_qdq_graph)
+    # as the simulation (test_simulated_drift_of_the_qdq_graph)
+    assert drift.metrics["logit_cosine"] >= 0.95, drift.metrics
     simulated = built.deferred(head, Precision.INT8)
     with BACKEND.runner(simulated, threads=THREADS) as ort_runner:
         for feed, got in zip(evaluation.feeds, outputs):
@@ -568,21 +567,18 @@ def test_build_engine_on_a_deferred_bundle(built: Built, tmp_path: Path) -> None
     folder = tmp_path / "bundle"
     shutil.copytree(built.deferred(HEADS[0], Precision.FP32).path, folder)
     cache = tmp_path / "shared.cache"
-    plan = build_engine(
-        folder, workspace_gb=1.0, timing_cache=cache, iterations=50, verify=False
-    )  # compile() writes no manifest.json
+    # compile() writes no manifest.json
+    plan = build_engine(folder, workspace_gb=1.0, timing_cache=cache, iterations=50, verify=False)
     assert plan == folder / PLAN_FILE and plan.stat().st_size > 0 and cache.stat().st_size > 0
     manifest = json.loads((folder / ENGINE_MANIFEST).read_text())
     assert manifest["precision"] == "fp32" and manifest["workspace_bytes"] == 1 << 30
-    assert (
-        manifest["benchmark"]["p50_ms"] > 0 and manifest["benchmark"]["runs"] == 50
-    )  # 5 rounds of 10 between one event pair
+    # 5 rounds of 10 between one event pair
+    assert manifest["benchmark"]["p50_ms"] > 0 and manifest["benchmark"]["runs"] == 50
     assert all(v["max_scaled_error"] < 1e-3 for v in manifest["check_vs_onnxruntime"].values()), manifest[
         "check_vs_onnxruntime"
     ]
-    again = build_engine(
-        folder, workspace_gb=1.0, timing_cache=cache, iterations=10, verify=False
-    )  # the timing cache is reused
+    # the timing cache is reused
+    again = build_engine(folder, workspace_gb=1.0, timing_cache=cache, iterations=10, verify=False)
     assert again == plan and json.loads((folder / ENGINE_MANIFEST).read_text())["timing_cache_reused"] is True
 
 

@@ -100,9 +100,8 @@ def _same(expected: list[dict[str, Any]], got: list[dict[str, Any]], where: str)
         }, where
         if "transcript" in e:
             assert (g["transcript"], g["frames"]) == (e["transcript"], e["frames"]), where
-            assert e["transcript"], (
-                where
-            )  # a random-weight CTC head still spells something: an empty match proves little
+            # a random-weight CTC head still spells something: an empty match proves little
+            assert e["transcript"], where
             continue
         assert [(x["id"], x["label"]) for x in g["labels"]] == [(x["id"], x["label"]) for x in e["labels"]], where
         assert np.allclose([x["score"] for x in g["labels"]], [x["score"] for x in e["labels"]], rtol=0, atol=1e-4), (

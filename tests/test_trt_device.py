@@ -86,9 +86,8 @@ def test_int8_bundle_has_an_fp16_remainder_with_fp32_io_and_builds_strongly_type
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
     qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
-    assert qdq and all(
-        inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in qdq
-    )  # scales typed like the remainder
+    # scales typed like the remainder
+    assert qdq and all(inits[n.input[1]].data_type == TensorProto.FLOAT16 for n in qdq)
     weights_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert weights_dq and all(inits[n.input[0]].data_type == TensorProto.INT8 for n in weights_dq)
     # the float remainder is fp16: the only fp32 constants are the gamma/beta copies of the fp32 ops

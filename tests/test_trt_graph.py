@@ -281,9 +281,8 @@ def test_residual_option_quantizes_the_residual_add_inputs_and_the_graph_still_r
         precision=Precision.INT8, quant=recipe, calibration=tuple(feeds), threads=2, defer_build=True
     )
     artifact = BACKEND.compile(graph, tmp_path / "tensorrt-int8-static-residual", request)
-    assert (
-        artifact.quantization is not None and trt_graph.RESIDUAL_OP in artifact.quantization.op_types
-    )  # the report says so
+    # the report says so
+    assert artifact.quantization is not None and trt_graph.RESIDUAL_OP in artifact.quantization.op_types
     path = artifact.path / "model.onnx"
     model = onnx.load(str(path))
     producers = {o: n for n in model.graph.node for o in n.output}

@@ -59,9 +59,8 @@ class Lever:
 
     mode: str  # "static" | "dynamic"
     suffix: str = ""
-    rewrites: tuple[str, ...] | None = (
-        None  # graph clean-up (d2v_export.int8.rewrite) names; None: the backend's default
-    )
+    # graph clean-up (d2v_export.int8.rewrite) names; None: the backend's default
+    rewrites: tuple[str, ...] | None = None
     preset: str | None = None  # spec.PRESETS ("performance": symmetric activations, "mixed"); None: the target's choice
     op_types: tuple[str, ...] | None = None  # ops whose inputs are quantized; None: the template's
     settings: Mapping[str, str] = field(default_factory=dict)  # the target's own INT8 settings for this candidate
@@ -89,12 +88,10 @@ class TargetOption:
 class PlanContext:
     """What a backend plans its variants from (``Backend.plan``): the run's options as they concern one target."""
 
-    int8: QuantConfig | None = (
-        None  # the run's INT8 (mode, method, samples = the calibration samples); None: float only
-    )
-    settings: Mapping[str, str] = field(
-        default_factory=dict
-    )  # the targets' own INT8 settings (TargetOption name -> value)
+    # the run's INT8 (mode, method, samples = the calibration samples); None: float only
+    int8: QuantConfig | None = None
+    # the targets' own INT8 settings (TargetOption name -> value)
+    settings: Mapping[str, str] = field(default_factory=dict)
     calibration: tuple[Mapping[str, np.ndarray], ...] = ()  # calibration feeds (static INT8)
     half: tuple[Precision, ...] = ()  # extra float precisions asked for
     pick: bool = False  # --pick: every candidate (``Backend.pick_levers``), not only the run's recipe

@@ -233,9 +233,8 @@ class OpenVinoBackend(BackendBase):
     # vision unchanged; docs/PERFORMANCE.md.
     rewrites = ("fold_constants", "fold_layer_scale", "fold_query_scale", "channel_layernorm")
     pick_levers = PICK_LEVERS
-    resolve_device = (
-        _resolve_device  # 'CPU', 'GPU.1', 'AUTO' ...: one openvino.Core().available_devices has (exit 6 when not)
-    )
+    # 'CPU', 'GPU.1', 'AUTO' ...: one openvino.Core().available_devices has (exit 6 when not)
+    resolve_device = _resolve_device
     precision_problem = _precision_problem  # the declared precisions; bf16 only where the device lists BF16
 
     def available(self) -> Availability:

@@ -6,7 +6,7 @@ check runs; ``torch_forward`` runs it once; ``TorchRunner`` is the same as a ``R
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import numpy as np
 
@@ -87,7 +87,7 @@ def mask_positional_convolutions(module: Any) -> bool:
     class PaddingExactPositionalConv(torch.nn.Module):
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
-            self.layers = inner.layers
+            self.layers = cast(torch.nn.ModuleList, inner.layers)
 
         def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [batch, frames, hidden]
             keep = (hidden_states != 0).any(dim=-1).unsqueeze(1).to(hidden_states.dtype)  # [batch, 1, frames]

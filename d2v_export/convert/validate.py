@@ -245,9 +245,8 @@ def task_drift(
     if head.metric == "ctc" and model.tokenizer is not None:
         id2char = {i: t for t, i in model.tokenizer.get_vocab().items()}
     text_masks = head.modality is Modality.TEXT and "attention_mask" in feeds[0] and not head.multiple_choice
-    masks = (
-        [np.asarray(f["attention_mask"]) for f in feeds] if text_masks else None
-    )  # audio masks are of samples, not frames
+    # audio masks are of samples, not frames
+    masks = [np.asarray(f["attention_mask"]) for f in feeds] if text_masks else None
     usable_labels = usable_labels_for(model, labels)
     values, evidence = metrics.compute_with_evidence(
         head.metric,

@@ -26,9 +26,8 @@ import numpy as np
 
 HOP = 320  # samples per frame of the wav2vec2-style feature encoder: prod(conv_stride) = 5 * 2**6
 RECEPTIVE = 400  # samples the first frame sees: its receptive field with conv_kernel (10, 3, 3, 3, 3, 2, 2)
-STRIDE_FRACTION = (
-    1 / 6
-)  # context dropped on each side of a window: transformers' default stride_length_s = chunk_length_s / 6
+# context dropped on each side of a window: transformers' default stride_length_s = chunk_length_s / 6
+STRIDE_FRACTION = 1 / 6
 
 
 @dataclass(frozen=True)

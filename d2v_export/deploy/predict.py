@@ -39,9 +39,8 @@ from ..heads import with_audio_mask
 from ..spec import Artifact, D2VError, Dim, Modality, Precision, ShapeProfile
 
 MAX_ANSWER_TOKENS = 30
-MAX_SECONDS = (
-    3600  # the longest recording run reads (its samples are held in memory): see docs/bundles.md "Long recordings"
-)
+# the longest recording run reads (its samples are held in memory): see docs/bundles.md "Long recordings"
+MAX_SECONDS = 3600
 CHUNKED = ("transcript", "frame_classes")  # heads.Head.result of the audio heads whose outputs are per frame: chunked
 
 
@@ -57,9 +56,8 @@ class _Prepared:
     segment: list[int | None] | None = None  # text: sequence id of each token (QA context is 1)
     context: str = ""  # QA: the context text
     choices: list[str] = field(default_factory=list)  # multiple-choice
-    windows: list[Any] = field(
-        default_factory=list
-    )  # audio longer than the longest input: chunking.Window spans of feed
+    # audio longer than the longest input: chunking.Window spans of feed
+    windows: list[Any] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -313,9 +311,8 @@ class _AudioReader:
             notes.append(
                 f"{keep / rate:g} s in {len(plan)} windows of {window / rate:g} s, {stride / rate:g} s of context dropped on each inner side"
             )
-            return _Prepared(
-                {"input_values": values}, notes=notes, windows=plan
-            )  # each window gets its mask (``window``)
+            # each window gets its mask (``window``)
+            return _Prepared({"input_values": values}, notes=notes, windows=plan)
         real = values.shape[1]
         if values.shape[1] < target:
             values = np.pad(values, ((0, 0), (0, target - values.shape[1])), constant_values=self.pad)

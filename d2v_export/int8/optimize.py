@@ -115,9 +115,8 @@ def lever_builds(
     def int8(mode: str) -> Callable[[], Path]:
         def build() -> Path:
             recipe = make_recipe(backends.reference(), mode, samples=len(calib) if mode == "static" else 0)
-            recipe = dataclasses.replace(
-                recipe, reduce_range=saturates()
-            )  # 7-bit weights where the u8 x s8 kernel saturates
+            # 7-bit weights where the u8 x s8 kernel saturates
+            recipe = dataclasses.replace(recipe, reduce_range=saturates())
             target = work / f"fused-int8-{mode}.onnx"
             quantize_onnx(fused(), target, recipe, list(calib) if mode == "static" else ())
             return target

@@ -49,9 +49,8 @@ class BenchSettings:
     settle_window: int = 5  # warm-up: compare the median of the last N timings with the N before
     settle_tolerance: float = 0.05  # ... and call it settled within this fraction
     max_warmup: int = 50  # warm-up rounds at most
-    max_warmup_seconds: float | None = (
-        None  # warm-up time at most, all runners together; None: ``seconds``, at least 2 s
-    )
+    # warm-up time at most, all runners together; None: ``seconds``, at least 2 s
+    max_warmup_seconds: float | None = None
     disable_gc: bool = True  # no Python garbage collection pauses inside timed runs
     # every artifact opened once more in a child process (d2v_export.measure.cold_start, about a second per variant at
     # tiny size): None measures it unless ``seconds`` is 0 (--bench-seconds 0, the quickest run)

@@ -55,9 +55,8 @@ __all__ = [
     "drift_score",
 ]
 
-SUPPORTED_MAJOR = (
-    1  # reads every report.json 1.x (a 1.0 baseline compares with a 1.1 report); tests/test_report_schema.py
-)
+# reads every report.json 1.x (a 1.0 baseline compares with a 1.1 report); tests/test_report_schema.py
+SUPPORTED_MAJOR = 1
 
 REGRESSION, IMPROVEMENT, UNCHANGED, NEW, MISSING = "regression", "improvement", "unchanged", "new", "missing"
 NOT_COMPARED = "n/a"
