@@ -17,7 +17,7 @@ from pathlib import Path
 
 CHILD = """
 import resource, sys, time
-from d2v_export import predict
+from d2v_export.deploy import predict
 t = time.perf_counter()
 (r,) = predict.predict(sys.argv[1], [sys.argv[2]], threads=int(sys.argv[3]))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t, r["frames"])

@@ -43,7 +43,7 @@ for layer in doc.get("Layers", []):
 print("   layer output types:", dict(kinds))
 EOF
     cp "$bundle/layers.json" "$OUT/$name.layers.json" 2>/dev/null || true
-    python3 -c "import sys; from d2v_export import bundle; bundle.verify(sys.argv[1]); print('   verifies after build_engine.sh')" "$bundle" \
+    python3 -c "import sys; from d2v_export.deploy import bundle; bundle.verify(sys.argv[1]); print('   verifies after build_engine.sh')" "$bundle" \
         | tee -a "$summary"  # the manifest was relisted by trt_device.py record
     python3 "$bundle/trt_device.py" probe | tee -a "$summary"
     d2v-export build-engine "$bundle" --iterations 500 | tee -a "$summary"

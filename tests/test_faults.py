@@ -25,7 +25,16 @@ TEXT = ("text", "--model", "preset:tiny", "--sequence-length", "8:16:32")
 def _start(*args: str) -> subprocess.Popen[str]:
     exe = shutil.which("d2v-export") or str(Path(sys.executable).parent / "d2v-export")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGHUP as a terminal delivers it: a test run started under nohup would hand the tool an ignored SIGHUP, which
+    # the tool rightly keeps ignored (staging._interruptible)
+    return subprocess.Popen(
+        [exe, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
 
 
 def _wait_for(proc: subprocess.Popen[str], needle: str) -> list[str]:

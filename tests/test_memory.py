@@ -225,7 +225,8 @@ def test_clean_up_sizes_its_weights_without_serialising_them(vision: tuple[Any, 
 MEMORY_CHILD = """
 import json, os, sys
 from pathlib import Path
-from d2v_export import pipeline, rewrite
+from d2v_export import pipeline
+from d2v_export.int8 import rewrite
 from d2v_export.backends import get
 from d2v_export.convert.export import export, make_wrapper
 from d2v_export.heads import head_for

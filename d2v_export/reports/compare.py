@@ -1,6 +1,6 @@
 """Compare a report with a baseline report: latency (with a statistical test) and drift, per variant.
 
-    from d2v_export import compare as cmp
+    from d2v_export.reports import compare as cmp
     c = cmp.compare(cmp.load_report("last/report.json"), cmp.load_report("out/report.json"))
     print(cmp.markdown(c)); sys.exit(cmp.exit_code(c))
 
