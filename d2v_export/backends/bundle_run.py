@@ -148,7 +148,8 @@ def prepare_image(path: Path, pre: Mapping[str, Any], image_size: int | None) ->
     crop_size = pre.get("crop_size") or {}
     final = (int(crop_size.get("height", 0)), int(crop_size.get("width", 0))) if crop else None
     if image_size and (final or _resize_size(size, *img.size)[::-1]) != (image_size, image_size):
-        size, crop = {"height": image_size, "width": image_size}, False  # what d2v-export's _Pixels override does
+        # what d2v-export's calibration.images.ImagePixels does
+        size, crop = {"height": image_size, "width": image_size}, False
     if pre.get("do_resize", True):
         img = img.resize(_resize_size(size, *img.size), resample=int(pre.get("resample", 2)))
     x: np.ndarray = np.asarray(img, dtype=np.float32)
